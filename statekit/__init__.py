@@ -1,0 +1,62 @@
+"""statekit: a framework-agnostic state engine.
+
+Global state, per-session state and browser state for any Python web app, with
+lifetimes, change detection and pluggable stores::
+
+    from statekit import StateEngine
+
+    engine = StateEngine()
+    visitors = engine.global_state("visitors", 0)
+    cart = engine.session_state("cart", [])
+
+    sid = engine.open_session()
+    visitors.increment()
+    with engine.event(sid) as ev:
+        ev[cart].append("milk")
+"""
+
+from ._changes import Change, changed, compare
+from ._engine import StateEngine
+from ._events import Event, EventResult, ListenerFailure
+from ._states import GlobalState, SessionState, State
+from .exceptions import (
+    ChangeLoopError,
+    EngineClosed,
+    InvalidDeclaration,
+    SessionExpired,
+    SessionNotFound,
+    StateError,
+    StateNotCopyable,
+    StoreConflict,
+    UsageError,
+    WrongEngine,
+)
+from .stores import DeleteReason, MemoryStore, Store
+
+__all__ = [
+    "Change",
+    "ChangeLoopError",
+    "DeleteReason",
+    "EngineClosed",
+    "Event",
+    "EventResult",
+    "GlobalState",
+    "InvalidDeclaration",
+    "ListenerFailure",
+    "MemoryStore",
+    "SessionExpired",
+    "SessionNotFound",
+    "SessionState",
+    "State",
+    "StateEngine",
+    "StateError",
+    "StateNotCopyable",
+    "Store",
+    "StoreConflict",
+    "UsageError",
+    "WrongEngine",
+    "changed",
+    "compare",
+]
+
+__version__ = "0.1.0"

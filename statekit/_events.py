@@ -1,0 +1,249 @@
+"""Events: one user action on one session.
+
+An :class:`Event` is the working set of one action: the values it read (each a private
+copy, so a failed event cannot have mutated anything stored), the values it wrote, and
+the outputs it emitted for the host to render. The engine opens it, commits it and
+fires listeners; this module only keeps the working set and decides, with the change
+detector, what to write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+
+from ._changes import Change, compare
+from ._copying import copy_value
+from ._states import MISSING, GlobalState, SessionState, State, check_copyable
+from .exceptions import UsageError, WrongEngine, redact
+
+if TYPE_CHECKING:
+    from ._engine import StateEngine
+    from .stores.base import Ended, Loaded
+
+__all__ = ["Event", "EventResult", "ListenerFailure"]
+
+T = TypeVar("T")
+
+
+@attrs.frozen(kw_only=True)
+class ListenerFailure:
+    """A change listener that raised. Its writes were discarded; the event stands.
+
+    Attributes:
+        state: the name of the state whose listener raised.
+        listener: the listener's qualified name.
+        error: the exception it raised.
+    """
+
+    state: str
+    listener: str
+    error: Exception
+
+
+@attrs.frozen(kw_only=True)
+class EventResult:
+    """What an event did, available as ``ev.result`` once the ``with`` block ends.
+
+    Attributes:
+        sid: the session.
+        changed: names of the states whose value changed (by the event or its
+            listeners).
+        outputs: the outputs emitted with :meth:`Event.emit`, by name (last wins).
+        errors: listeners that raised.
+    """
+
+    sid: str = attrs.field(repr=redact)
+    changed: frozenset[str]
+    outputs: Mapping[str, Any]
+    errors: tuple[ListenerFailure, ...] = ()
+
+
+class _Slot:
+    """One session state touched by an event: its value at the start and now."""
+
+    __slots__ = ("before", "fresh", "work")
+
+    def __init__(self, before: Any, work: Any, fresh: bool) -> None:
+        self.before = before
+        self.work = work
+        self.fresh = fresh
+
+
+class Event:
+    """One user action on one session; use as ``with engine.event(sid) as ev:``.
+
+    Inside the block, ``ev[state]`` reads a value and ``ev[state] = value`` writes one;
+    :meth:`emit` records outputs for the host. When the block ends without an exception,
+    what changed is committed all-or-nothing and change listeners fire; when it raises,
+    nothing is written. Events of one session run one at a time; events of different
+    sessions run in parallel.
+
+    An event belongs to the thread or task that opened it and is not thread-safe.
+    Values read through it are private copies: mutate them freely inside the block,
+    and do not keep them for later (write them back through another event).
+    """
+
+    __slots__ = (
+        "_active",
+        "_engine",
+        "_globals",
+        "_loaded",
+        "_outputs",
+        "_pending",
+        "_slots",
+        "_started",
+        "now",
+        "result",
+        "sid",
+    )
+
+    def __init__(self, engine: StateEngine, sid: str) -> None:
+        self._engine = engine
+        self.sid = sid
+        self._active = False
+        self._started = False
+        self._loaded: Loaded | None = None
+        self._slots: dict[SessionState[Any], _Slot] = {}
+        self._globals: dict[GlobalState[Any], Any] = {}
+        self._outputs: dict[str, Any] = {}
+        self._pending: list[Ended] = []
+        self.now = 0.0
+        self.result: EventResult | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._active else "done" if self._started else "new"
+        return f"<Event session={redact(self.sid)} {state}>"
+
+    # -- context manager protocol (the engine does the work) ----------------------
+
+    def __enter__(self) -> Event:
+        self._engine._begin(self)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._engine._end(self, failed=exc_type is not None)
+
+    async def __aenter__(self) -> Event:
+        await self._engine._abegin(self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._engine._end(self, failed=exc_type is not None)
+
+    # -- reading and writing -----------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether the session was closed (it accepts events until its grace ends)."""
+        return self._loaded is not None and self._loaded.closed
+
+    @property
+    def outputs(self) -> Mapping[str, Any]:
+        """The outputs emitted so far, by name."""
+        return self._outputs
+
+    def _check(self, state: object) -> State[Any]:
+        if not self._active:
+            raise UsageError(
+                "this event is not open: use its states inside the "
+                "'with engine.event(sid) as ev:' block"
+            )
+        if not isinstance(state, State):
+            raise UsageError(
+                f"ev[...] takes a state declared on the engine, got {type(state).__name__}"
+            )
+        if state._engine is not self._engine:
+            raise WrongEngine(state.name, state._engine.app, self._engine.app)
+        return state
+
+    def __getitem__(self, state: State[T]) -> T:
+        self._check(state)
+        if isinstance(state, SessionState):
+            slot = self._slots.get(state)
+            if slot is None:
+                slot = self._slots[state] = self._materialize(state)
+            value: T = slot.work
+            return value
+        assert isinstance(state, GlobalState)
+        if state not in self._globals:
+            self._globals[state] = state.get()
+        snapshot: T = self._globals[state]
+        return snapshot
+
+    def get(self, state: State[T]) -> T:
+        """Same as ``ev[state]``."""
+        return self[state]
+
+    def __setitem__(self, state: SessionState[T], value: T) -> None:
+        self._check(state)
+        if not isinstance(state, SessionState):
+            raise UsageError(
+                f"global state {state.name!r} cannot be assigned in an event: global writes "
+                "are immediate and atomic, so call its set(), update() or increment()"
+            )
+        slot = self._slots.get(state)
+        if slot is None:
+            slot = self._slots[state] = self._materialize(state)
+        slot.work = value
+
+    def update(
+        self,
+        values: Mapping[SessionState[Any], Any] | Iterable[tuple[SessionState[Any], Any]] = (),
+    ) -> None:
+        """Assign several states at once, like :meth:`dict.update`."""
+        items = values.items() if isinstance(values, Mapping) else values
+        for state, value in items:
+            self[state] = value
+
+    def emit(self, name: str, value: Any) -> None:
+        """Record an output for the host to render (for example a component's new value)."""
+        if not self._active:
+            raise UsageError("emit() needs an open event")
+        if not isinstance(name, str):
+            raise UsageError(f"output names are strings, got {type(name).__name__}")
+        self._outputs[name] = value
+
+    def _materialize(self, state: SessionState[Any]) -> _Slot:
+        assert self._loaded is not None
+        stored = self._loaded.values.get(state.name, MISSING)
+        if stored is not MISSING:
+            return _Slot(stored, copy_value(stored), fresh=False)
+        work = state.new_value()
+        before = check_copyable(state.name, work)
+        return _Slot(before, work, fresh=True)
+
+    # -- commit support ---------------------------------------------------------
+
+    def _collect(self) -> tuple[dict[str, Any], list[SessionState[Any]]]:
+        """What to write and which states changed, per the change detector.
+
+        A value read for the first time is written even when unchanged, so that a
+        factory's result stays the session's value.
+        """
+        writes: dict[str, Any] = {}
+        changed: list[SessionState[Any]] = []
+        for state, slot in self._slots.items():
+            verdict = compare(slot.before, slot.work)
+            if verdict is Change.CHANGED:
+                changed.append(state)
+            if verdict is not Change.SAME or slot.fresh:
+                writes[state.name] = (
+                    slot.before
+                    if verdict is Change.SAME
+                    else check_copyable(state.name, slot.work)
+                )
+        return writes, changed

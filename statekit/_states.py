@@ -1,0 +1,254 @@
+"""State declarations: what a state is called, its default, lifetime and listeners.
+
+A declaration belongs to one :class:`~statekit.StateEngine` and is made through it
+(``engine.global_state(...)``, ``engine.session_state(...)``). It holds no values:
+values live in the engine's store.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._copying import copy_value
+from .exceptions import InvalidDeclaration, StateNotCopyable
+from .stores.base import DeleteReason
+
+if TYPE_CHECKING:
+    from ._engine import StateEngine
+    from ._events import Event
+
+__all__ = ["GlobalState", "SessionState", "State"]
+
+T = TypeVar("T")
+
+_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+def check_name(name: object, what: str) -> str:
+    """Validate a state name: it becomes a key in stores that leave the process."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidDeclaration(
+            f"{what} name {name!r} is not valid: use 1 to 128 characters among letters, "
+            "digits and _ . : / -"
+        )
+    return name
+
+
+def check_seconds(value: object, what: str, *, allow_none: bool = False) -> float | None:
+    """Validate a duration in seconds: a positive, finite number."""
+    if value is None and allow_none:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidDeclaration(
+            f"{what} must be a positive, finite number of seconds, got {value!r}"
+        )
+    return float(value)
+
+
+def check_copyable(name: str, value: T) -> T:
+    """Return a deep copy of ``value`` or raise :class:`StateNotCopyable` naming the state."""
+    try:
+        return copy_value(value)
+    except Exception as exc:
+        raise StateNotCopyable(name, type(value).__qualname__, exc) from exc
+
+
+class State(Generic[T]):
+    """What every state declaration has: a name, an engine and change listeners.
+
+    Thread-safe: listeners may be added from any thread.
+    """
+
+    __slots__ = ("__weakref__", "_engine", "_listeners", "_lock", "name")
+
+    kind = "state"
+
+    def __init__(self, engine: StateEngine, name: str) -> None:
+        self.name = check_name(name, f"{self.kind} state")
+        self._engine = engine
+        self._listeners: tuple[Callable[..., object], ...] = ()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, app={self._engine.app!r})"
+
+    @property
+    def engine(self) -> StateEngine:
+        """The engine this state was declared on."""
+        return self._engine
+
+    def _add_listener(self, fn: Callable[..., object]) -> None:
+        if not callable(fn):
+            raise InvalidDeclaration(
+                f"on_change() of state {self.name!r} needs a callable, got {type(fn).__name__}"
+            )
+        with self._lock:
+            self._listeners = (*self._listeners, fn)
+
+
+class GlobalState(State[T]):
+    """One value per engine, shared by every session (and, with a shared store, every
+    process).
+
+    Declare with :meth:`StateEngine.global_state`. Every method is atomic on its own and
+    thread-safe. Global writes are immediate: they are not part of an event's
+    all-or-nothing commit. Values returned by :meth:`get` are copies, so mutating them
+    changes nothing stored.
+    """
+
+    __slots__ = ("default",)
+
+    kind = "global"
+
+    def __init__(self, engine: StateEngine, name: str, default: T) -> None:
+        super().__init__(engine, name)
+        self.default: T = check_copyable(name, default)
+        engine._declare(self)
+
+    def get(self) -> T:
+        """The current value (a copy), or a copy of the default if never written."""
+        return self._engine._global_get(self)
+
+    def set(self, value: T) -> None:
+        """Replace the value.
+
+        Raises:
+            StateNotCopyable: the value cannot be deep-copied.
+        """
+        self._engine._global_update(self, lambda _old: value)
+
+    def update(self, fn: Callable[[T], T]) -> T:
+        """Atomically replace the value with ``fn(current)`` and return the new value.
+
+        ``fn`` receives a private copy and may be called more than once when other
+        threads or processes write at the same time, so it must not have side effects.
+        No update is ever lost.
+        """
+        return self._engine._global_update(self, fn)
+
+    def increment(self, n: int | float = 1) -> T:
+        """Atomically add ``n`` to a numeric value and return the new value.
+
+        Raises:
+            TypeError: the state's default or ``n`` is not a number.
+        """
+        return self._engine._global_increment(self, n)
+
+    def on_change(self, fn: Callable[[T], object]) -> Callable[[T], object]:
+        """Call ``fn(new_value)`` after each write that changes the value.
+
+        Listeners run in the thread that wrote, after the write, outside every lock; an
+        exception is logged and does not undo the write. Usable as a decorator.
+        """
+        self._add_listener(fn)
+        return fn
+
+
+class SessionState(State[T]):
+    """A value of which each session has its own copy.
+
+    Declare with :meth:`StateEngine.session_state`. Each session gets a deep copy of
+    the default (or a fresh result of the factory) the first time an event reads the
+    state. Read and write inside events (``ev[state]``); :meth:`get` peeks from outside.
+    Thread-safe.
+    """
+
+    __slots__ = ("_default", "_factory", "_on_delete", "ttl")
+
+    kind = "session"
+
+    def __init__(
+        self,
+        engine: StateEngine,
+        name: str,
+        default: T = MISSING,
+        *,
+        factory: Callable[[], T] | None = None,
+        ttl: float | None = None,
+        on_delete: Callable[[T, DeleteReason], object] | None = None,
+    ) -> None:
+        super().__init__(engine, name)
+        if factory is not None and default is not MISSING:
+            raise InvalidDeclaration(
+                f"session state {name!r} takes a default or a factory, not both"
+            )
+        if factory is not None and not callable(factory):
+            raise InvalidDeclaration(
+                f"factory of session state {name!r} must be a zero-argument callable, "
+                f"got {type(factory).__name__}"
+            )
+        self._factory = factory
+        self._default: T = (
+            None if default is MISSING and factory is None else check_copyable(name, default)
+        )
+        self.ttl = check_seconds(ttl, f"ttl of session state {name!r}", allow_none=True)
+        self._on_delete: tuple[Callable[[T, DeleteReason], object], ...] = ()
+        if on_delete is not None:
+            self.on_delete(on_delete)
+        engine._declare(self)
+
+    def new_value(self) -> T:
+        """A fresh initial value: a deep copy of the default, or the factory's result."""
+        if self._factory is not None:
+            return self._factory()
+        return copy_value(self._default)
+
+    def get(self, sid: str) -> T:
+        """Peek at a session's value from outside an event (a copy; the default if the
+        session has no value yet). Counts as activity for the session's idle timer.
+
+        Raises:
+            SessionNotFound: unknown id.
+            SessionExpired: the session has ended.
+        """
+        return self._engine._peek(sid, self)
+
+    def on_change(
+        self, fn: Callable[[Event, T], object]
+    ) -> Callable[[Event, T], object]:
+        """Call ``fn(ev, value)`` after an event changes this state in a session.
+
+        ``ev`` is a new event of the same session: the listener may read and write
+        states and emit outputs through it, and its writes may trigger further
+        listeners. A listener that raises is logged and listed in the event's result;
+        its own writes are discarded and the committed event stands. Usable as a
+        decorator.
+        """
+        self._add_listener(fn)
+        return fn
+
+    def on_delete(
+        self, fn: Callable[[T, DeleteReason], object]
+    ) -> Callable[[T, DeleteReason], object]:
+        """Call ``fn(value, reason)`` exactly once when a stored value of this state is
+        deleted (session idle, closed grace over, evicted, ttl, engine shutdown).
+
+        Runs outside every lock; an exception is logged and never stops other callbacks
+        or reaping. Usable as a decorator.
+        """
+        if not callable(fn):
+            raise InvalidDeclaration(
+                f"on_delete() of state {self.name!r} needs a callable, got {type(fn).__name__}"
+            )
+        with self._lock:
+            self._on_delete = (*self._on_delete, fn)
+        return fn

@@ -1,0 +1,161 @@
+"""Every error statekit raises.
+
+All errors derive from :class:`StateError`. Each subclass also inherits the builtin
+exception it stands for, so ``except KeyError`` keeps working in code that does not
+know statekit, carries its data as attributes, and says in its message what to do.
+
+Messages never contain a whole session id (ids are bearer secrets) nor a stored value.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChangeLoopError",
+    "EngineClosed",
+    "InvalidDeclaration",
+    "SessionExpired",
+    "SessionNotFound",
+    "StateError",
+    "StateNotCopyable",
+    "StoreConflict",
+    "UsageError",
+    "WrongEngine",
+]
+
+
+def redact(sid: object) -> str:
+    """Return a short, non-secret label for a session id, for messages and logs."""
+    if not isinstance(sid, str):
+        return f"<{type(sid).__name__}>"
+    return repr(sid[:6] + "…") if len(sid) > 6 else repr(sid)
+
+
+class StateError(Exception):
+    """The root of every statekit error."""
+
+
+class SessionNotFound(StateError, KeyError):
+    """The session id was not issued by this engine, or is no longer known.
+
+    Attributes:
+        sid: the id that was used (never shown whole in the message).
+    """
+
+    def __init__(self, sid: object, detail: str = "") -> None:
+        self.sid = sid
+        message = (
+            f"session {redact(sid)} is not a session of this engine"
+            f"{': ' + detail if detail else ''}; "
+            "ids are only issued by open_session(): open a new session"
+        )
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; show the sentence as written.
+        return str(self.args[0])
+
+
+class SessionExpired(SessionNotFound):
+    """The session existed but has ended (idle expiry, closed grace over, eviction).
+
+    A subclass of :class:`SessionNotFound`, so a host that opens a new session on
+    ``SessionNotFound`` handles both.
+
+    Attributes:
+        sid: the id that was used.
+        reason: why it ended, a :class:`statekit.DeleteReason` value.
+        age: seconds since it ended, or ``None`` when unknown.
+    """
+
+    def __init__(self, sid: object, reason: str, age: float | None = None) -> None:
+        self.sid = sid
+        self.reason = reason
+        self.age = age
+        when = f" {age:.0f}s ago" if age is not None else ""
+        message = (
+            f"session {redact(sid)} ended{when} (reason: {reason}); "
+            "open a new one with open_session()"
+        )
+        StateError.__init__(self, message)
+
+
+class StateNotCopyable(StateError, TypeError):
+    """A session value cannot be deep-copied, so it cannot be kept per session.
+
+    Attributes:
+        state: the name of the state.
+        type_name: the type of the value that failed.
+    """
+
+    def __init__(self, state: str, type_name: str, cause: BaseException) -> None:
+        self.state = state
+        self.type_name = type_name
+        super().__init__(
+            f"the value of state {state!r} (type {type_name}) cannot be deep-copied "
+            f"({type(cause).__name__}: {cause}); session values are copied per session, "
+            "so keep objects such as locks, connections or models in a per-session "
+            "registry instead (engine.registry(name, factory, cleanup))"
+        )
+
+
+class WrongEngine(StateError, ValueError):
+    """A state declared on one engine was used with another engine."""
+
+    def __init__(self, state: str, owner_app: str, used_app: str) -> None:
+        self.state = state
+        super().__init__(
+            f"state {state!r} was declared on another StateEngine (app {owner_app!r}) "
+            f"and cannot be used with the engine of app {used_app!r}; declare it on "
+            "the engine whose events use it"
+        )
+
+
+class ChangeLoopError(StateError, RuntimeError):
+    """Change listeners kept changing states past the cascade bound.
+
+    The event itself and the listener rounds before the bound are committed.
+
+    Attributes:
+        depth: the bound that was exceeded.
+        states: names of the states still changing when the cascade stopped.
+    """
+
+    def __init__(self, depth: int, states: tuple[str, ...]) -> None:
+        self.depth = depth
+        self.states = states
+        super().__init__(
+            f"change listeners kept changing {', '.join(map(repr, states))} after "
+            f"{depth} rounds; a listener probably writes a state that triggers "
+            "itself again: make it write only when the value really differs"
+        )
+
+
+class StoreConflict(StateError, RuntimeError):
+    """A commit found the session changed by someone else since it was loaded."""
+
+    def __init__(self, sid: object, expected: int, found: int | None) -> None:
+        self.sid = sid
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"session {redact(sid)} was changed concurrently (expected version "
+            f"{expected}, found {found}); run the event again"
+        )
+
+
+class EngineClosed(StateError, RuntimeError):
+    """The engine was shut down and can no longer be used."""
+
+    def __init__(self, app: str) -> None:
+        self.app = app
+        super().__init__(
+            f"the StateEngine of app {app!r} has been shut down; create a new engine"
+        )
+
+
+class InvalidDeclaration(StateError, ValueError):
+    """A state or engine was declared with arguments that cannot work."""
+
+
+class UsageError(StateError, RuntimeError):
+    """An API was used in a way that cannot work (the message says which way does)."""

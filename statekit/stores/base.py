@@ -1,0 +1,214 @@
+"""The store protocol: what the engine asks of any place that keeps state.
+
+A :class:`Store` hands out one :class:`StoreNamespace` per application name. The
+namespace protocol is shaped for stores that live outside the process:
+
+- one call loads a whole session (its values, version and status) and slides its idle
+  deadline;
+- one call commits an event, all-or-nothing, checked against the version loaded;
+- global values have an atomic compare-and-set and an atomic add;
+- every lifetime is a deadline kept in an index; :meth:`StoreNamespace.reap` removes
+  due entries in deadline order and hands each to exactly one caller (claim-once),
+  so each deletion callback runs once even with many processes;
+- the store enforces the session capacity, evicting the least recently used session.
+
+Times are plain floats from the engine's clock; the store never reads a clock itself.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+__all__ = [
+    "DeleteReason",
+    "Ended",
+    "Gone",
+    "Loaded",
+    "Store",
+    "StoreNamespace",
+]
+
+
+class DeleteReason(str, enum.Enum):
+    """Why a session or a value was deleted; passed to deletion callbacks."""
+
+    IDLE = "idle"
+    """The session was not used for ``idle_ttl`` seconds."""
+    CLOSED = "closed"
+    """The session was closed and its ``closed_ttl`` grace is over."""
+    EVICTED = "evicted"
+    """The engine was at capacity and this was the least recently used session."""
+    TTL = "ttl"
+    """The value's own ``ttl`` passed since it was last written."""
+    SHUTDOWN = "shutdown"
+    """The engine was shut down and its store does not outlive the process."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@attrs.frozen(kw_only=True)
+class Ended:
+    """A session, or one value of it, that the store removed.
+
+    Each ``Ended`` is handed to exactly one caller, who runs its callbacks.
+
+    Attributes:
+        sid: the session id.
+        reason: why it was removed.
+        values: the removed values by state name.
+        state: ``None`` when the whole session ended, else the one state removed.
+        was_closed: whether the session had been closed before (its close hooks ran
+            then, not now).
+        at: when it ended, on the engine's clock.
+    """
+
+    sid: str
+    reason: DeleteReason
+    values: Mapping[str, Any]
+    state: str | None = None
+    was_closed: bool = False
+    at: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class Gone:
+    """The answer for a session that existed but has ended.
+
+    Attributes:
+        reason: why it ended.
+        at: when it ended, on the engine's clock.
+        ended: set when this very call found the session past its deadline and removed
+            it; the caller then runs its callbacks.
+    """
+
+    reason: DeleteReason
+    at: float
+    ended: Ended | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Loaded:
+    """A session as loaded at the start of an event.
+
+    Attributes:
+        sid: the session id.
+        version: increases with every commit; passed back to :meth:`StoreNamespace.commit`.
+        closed: whether the session was closed (it still accepts events during its grace).
+        values: stored values by state name. Treat as read-only.
+        expired: values this load found past their own ``ttl`` and removed; the caller
+            runs their callbacks.
+    """
+
+    sid: str
+    version: int
+    closed: bool
+    values: Mapping[str, Any]
+    expired: tuple[Ended, ...] = ()
+
+
+@runtime_checkable
+class StoreNamespace(Protocol):
+    """The state of one application in a store. Every method is thread-safe."""
+
+    def create_session(
+        self, sid: str, *, now: float, deadline: float, capacity: int
+    ) -> tuple[Ended, ...]:
+        """Add a new open session expiring at ``deadline``.
+
+        When ``capacity`` sessions (open or closed) are already stored, removes the
+        least recently used ones first (closed sessions before open ones) and returns
+        them with reason ``EVICTED`` (or ``IDLE``/``CLOSED`` if already past due).
+        """
+        ...
+
+    def load_session(
+        self, sid: str, *, now: float, touch_until: float | None
+    ) -> Loaded | Gone | None:
+        """Load a session for an event; ``None`` when the store never knew ``sid``.
+
+        An open session's deadline slides to ``touch_until`` (``None``: a look that
+        does not count as use). A session already past its
+        deadline is removed and returned as :class:`Gone` with ``ended`` set. Values
+        past their own ttl are removed and listed in :attr:`Loaded.expired`.
+        """
+        ...
+
+    def commit(
+        self,
+        sid: str,
+        *,
+        version: int,
+        writes: Mapping[str, Any],
+        ttl_deadlines: Mapping[str, float],
+        now: float,
+    ) -> int:
+        """Write ``writes`` all-or-nothing if the session is still at ``version``.
+
+        ``ttl_deadlines`` gives the new deadline of each written value that has a ttl.
+        Returns the new version.
+
+        Raises:
+            StoreConflict: the session was committed by someone else meanwhile.
+            SessionExpired: the session ended meanwhile.
+            SessionNotFound: the session is unknown.
+        """
+        ...
+
+    def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
+        """Mark an open session closed, to be removed at ``deadline``.
+
+        Returns True when this call closed it, False when it was already closed,
+        :class:`Gone` or ``None`` as :meth:`load_session` does.
+        """
+        ...
+
+    def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
+        """Remove at most ``limit`` entries whose deadline is at or before ``now``,
+        earliest first, and return them. Each entry is returned to one caller only."""
+        ...
+
+    def session_count(self) -> int:
+        """How many sessions (open or closed) are stored."""
+        ...
+
+    def global_get(self, name: str) -> tuple[Any, int] | None:
+        """The value of a global and its version, or ``None`` if never written."""
+        ...
+
+    def global_cas(self, name: str, *, version: int | None, value: Any) -> int | None:
+        """Set a global if its version is still ``version`` (``None``: never written).
+
+        Returns the new version, or ``None`` if the version had moved on.
+        """
+        ...
+
+    def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
+        """Atomically add ``amount`` to a numeric global (``default`` if never written)
+        and return the new value."""
+        ...
+
+    def shutdown(self) -> tuple[Ended, ...]:
+        """Release resources. A store whose data dies with the process returns every
+        session it held (reason ``SHUTDOWN``); a durable store returns ``()``."""
+        ...
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A place that keeps the state of one or more applications.
+
+    Attributes:
+        shared: whether other processes can see this store's data. Engines on a shared
+            store default to the wall clock, the only clock processes share.
+    """
+
+    shared: bool
+
+    def namespace(self, app: str) -> StoreNamespace:
+        """The state of application ``app``; the same name gives the same state."""
+        ...

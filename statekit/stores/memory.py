@@ -1,0 +1,271 @@
+"""The in-memory store: the default, for one process.
+
+Values are kept as Python objects, never serialized. Lifetimes need no heap: the
+engine uses one idle ttl, one closed grace and one ttl per state, so in each of these
+queues deadlines arrive in the order entries are touched. Each queue is an
+``OrderedDict`` (touching moves an entry to the end, in O(1)), and reaping looks only
+at the queue fronts. The open-session queue doubles as the least-recently-used order
+for capacity eviction.
+
+If deadlines were ever given out of order (a wall clock stepping back), an entry is
+reaped late, never early, and a load still refuses anything past its own deadline.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from ..exceptions import SessionExpired, SessionNotFound, StateError, StoreConflict
+from .base import DeleteReason, Ended, Gone, Loaded
+
+__all__ = ["MemoryStore"]
+
+# How many ended session ids are remembered, to answer "expired" rather than
+# "unknown". Bounded, so that churn cannot grow memory without limit.
+TOMBSTONES = 100_000
+
+
+class _Record:
+    __slots__ = ("closed", "deadline", "sid", "value_deadlines", "values", "version")
+
+    def __init__(self, sid: str, deadline: float) -> None:
+        self.sid = sid
+        self.version = 0
+        self.closed = False
+        self.deadline = deadline
+        self.values: dict[str, Any] = {}
+        self.value_deadlines: dict[str, float] | None = None
+
+
+class MemoryStore:
+    """Keeps every application's state in this process's memory.
+
+    The default store. Fastest; nothing is serialized, so any deep-copyable value can be
+    stored. Its data dies with the process, so :meth:`StateEngine.shutdown` runs the
+    deletion callbacks of every value it held. Thread-safe.
+    """
+
+    shared = False
+
+    def __init__(self) -> None:
+        self._namespaces: dict[str, _MemoryNamespace] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(apps={sorted(self._namespaces)!r})"
+
+    def namespace(self, app: str) -> _MemoryNamespace:
+        """The state of application ``app``; the same name gives the same state."""
+        with self._lock:
+            ns = self._namespaces.get(app)
+            if ns is None:
+                ns = self._namespaces[app] = _MemoryNamespace()
+            return ns
+
+
+class _MemoryNamespace:
+    """One application's state in a :class:`MemoryStore`. Thread-safe: one lock
+    guards every structure, and no user code runs under it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, _Record] = OrderedDict()
+        self._closed: OrderedDict[str, _Record] = OrderedDict()
+        self._ttl: dict[str, OrderedDict[str, float]] = {}
+        self._gone: OrderedDict[str, tuple[DeleteReason, float]] = OrderedDict()
+        self._globals: dict[str, tuple[Any, int]] = {}
+
+    # -- sessions ---------------------------------------------------------------
+
+    def create_session(
+        self, sid: str, *, now: float, deadline: float, capacity: int
+    ) -> tuple[Ended, ...]:
+        evicted: list[Ended] = []
+        with self._lock:
+            if sid in self._open or sid in self._closed:
+                raise StateError("session id already in use")
+            while self._open or self._closed:
+                if len(self._open) + len(self._closed) < capacity:
+                    break
+                queue = self._closed if self._closed else self._open
+                victim = next(iter(queue.values()))
+                if victim.deadline <= now:
+                    reason = DeleteReason.CLOSED if victim.closed else DeleteReason.IDLE
+                    at = victim.deadline
+                else:
+                    reason, at = DeleteReason.EVICTED, now
+                evicted.append(self._remove(victim, reason, at))
+            self._open[sid] = _Record(sid, deadline)
+        return tuple(evicted)
+
+    def load_session(
+        self, sid: str, *, now: float, touch_until: float | None
+    ) -> Loaded | Gone | None:
+        with self._lock:
+            rec = self._open.get(sid) or self._closed.get(sid)
+            if rec is None:
+                return self._gone_answer(sid)
+            if rec.deadline <= now:
+                reason = DeleteReason.CLOSED if rec.closed else DeleteReason.IDLE
+                ended = self._remove(rec, reason, rec.deadline)
+                return Gone(reason=reason, at=rec.deadline, ended=ended)
+            expired = self._claim_values(rec, now) if rec.value_deadlines else ()
+            if not rec.closed and touch_until is not None:
+                rec.deadline = touch_until
+                self._open.move_to_end(sid)
+            return Loaded(
+                sid=sid, version=rec.version, closed=rec.closed, values=rec.values, expired=expired
+            )
+
+    def commit(
+        self,
+        sid: str,
+        *,
+        version: int,
+        writes: Mapping[str, Any],
+        ttl_deadlines: Mapping[str, float],
+        now: float,
+    ) -> int:
+        with self._lock:
+            rec = self._open.get(sid) or self._closed.get(sid)
+            if rec is None:
+                gone = self._gone.get(sid)
+                if gone is None:
+                    raise SessionNotFound(sid)
+                raise SessionExpired(sid, gone[0].value, max(0.0, now - gone[1]))
+            if rec.version != version:
+                raise StoreConflict(sid, version, rec.version)
+            rec.values.update(writes)
+            if ttl_deadlines:
+                if rec.value_deadlines is None:
+                    rec.value_deadlines = {}
+                for name, deadline in ttl_deadlines.items():
+                    rec.value_deadlines[name] = deadline
+                    queue = self._ttl.get(name)
+                    if queue is None:
+                        queue = self._ttl[name] = OrderedDict()
+                    queue[sid] = deadline
+                    queue.move_to_end(sid)
+            rec.version += 1
+            return rec.version
+
+    def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
+        with self._lock:
+            rec = self._open.get(sid)
+            if rec is None:
+                if sid in self._closed:
+                    return False
+                return self._gone_answer(sid)
+            if rec.deadline <= now:
+                ended = self._remove(rec, DeleteReason.IDLE, rec.deadline)
+                return Gone(reason=DeleteReason.IDLE, at=rec.deadline, ended=ended)
+            del self._open[sid]
+            rec.closed = True
+            rec.deadline = deadline
+            self._closed[sid] = rec
+            return True
+
+    def session_count(self) -> int:
+        return len(self._open) + len(self._closed)
+
+    # -- lifetimes ---------------------------------------------------------------
+
+    def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
+        out: list[Ended] = []
+        with self._lock:
+            while len(out) < limit:
+                best: float = now
+                pick: Any = None
+                for queue in (self._open, self._closed):
+                    if queue:
+                        rec = next(iter(queue.values()))
+                        if rec.deadline <= best:
+                            best, pick = rec.deadline, rec
+                for name, ttl_queue in self._ttl.items():
+                    if ttl_queue:
+                        sid, deadline = next(iter(ttl_queue.items()))
+                        if deadline <= best:
+                            best, pick = deadline, (name, sid)
+                if pick is None:
+                    break
+                if isinstance(pick, _Record):
+                    reason = DeleteReason.CLOSED if pick.closed else DeleteReason.IDLE
+                    out.append(self._remove(pick, reason, pick.deadline))
+                else:
+                    name, sid = pick
+                    rec = self._open.get(sid) or self._closed[sid]
+                    out.append(self._claim_value(rec, name, best))
+        return tuple(out)
+
+    def _claim_values(self, rec: _Record, now: float) -> tuple[Ended, ...]:
+        assert rec.value_deadlines is not None
+        due = [name for name, deadline in rec.value_deadlines.items() if deadline <= now]
+        return tuple(self._claim_value(rec, name, rec.value_deadlines[name]) for name in due)
+
+    def _claim_value(self, rec: _Record, name: str, at: float) -> Ended:
+        assert rec.value_deadlines is not None
+        del rec.value_deadlines[name]
+        del self._ttl[name][rec.sid]
+        value = rec.values.pop(name)
+        return Ended(sid=rec.sid, reason=DeleteReason.TTL, values={name: value}, state=name, at=at)
+
+    def _remove(self, rec: _Record, reason: DeleteReason, at: float) -> Ended:
+        (self._closed if rec.closed else self._open).pop(rec.sid)
+        if rec.value_deadlines:
+            for name in rec.value_deadlines:
+                del self._ttl[name][rec.sid]
+        self._gone[rec.sid] = (reason, at)
+        if len(self._gone) > TOMBSTONES:
+            self._gone.popitem(last=False)
+        return Ended(
+            sid=rec.sid, reason=reason, values=rec.values, was_closed=rec.closed, at=at
+        )
+
+    def _gone_answer(self, sid: str) -> Gone | None:
+        gone = self._gone.get(sid)
+        return None if gone is None else Gone(reason=gone[0], at=gone[1])
+
+    # -- globals -----------------------------------------------------------------
+
+    def global_get(self, name: str) -> tuple[Any, int] | None:
+        return self._globals.get(name)
+
+    def global_cas(self, name: str, *, version: int | None, value: Any) -> int | None:
+        with self._lock:
+            current = self._globals.get(name)
+            found = None if current is None else current[1]
+            if found != version:
+                return None
+            new_version = 1 if found is None else found + 1
+            self._globals[name] = (value, new_version)
+            return new_version
+
+    def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
+        with self._lock:
+            current = self._globals.get(name)
+            value, version = (default, 0) if current is None else current
+            value = value + amount
+            self._globals[name] = (value, version + 1)
+            return value
+
+    # -- end ---------------------------------------------------------------------
+
+    def shutdown(self) -> tuple[Ended, ...]:
+        with self._lock:
+            records = [*self._open.values(), *self._closed.values()]
+            self._open.clear()
+            self._closed.clear()
+            self._ttl.clear()
+            self._globals.clear()
+        return tuple(
+            Ended(
+                sid=rec.sid,
+                reason=DeleteReason.SHUTDOWN,
+                values=rec.values,
+                was_closed=rec.closed,
+            )
+            for rec in records
+        )
