@@ -55,9 +55,7 @@ _EQ_ATOMS: frozenset[type] = frozenset(
     {type(None), bool, int, str, bytes, bytearray, range, fractions.Fraction, uuid.UUID}
 )
 _TZ_ATOMS: frozenset[type] = frozenset({datetime.datetime, datetime.time})
-_PLAIN_DATES: frozenset[type] = frozenset(
-    {datetime.date, datetime.timedelta, datetime.timezone}
-)
+_PLAIN_DATES: frozenset[type] = frozenset({datetime.date, datetime.timedelta, datetime.timezone})
 # What copy.deepcopy keeps as it is (besides value atoms): same only when identical.
 _IDENTITY_TYPES: tuple[type, ...] = (
     type,
@@ -200,11 +198,7 @@ def compare(before: Any, after: Any) -> Change:
         if a is b:
             continue
         t = type(a)
-        same: bool | None
-        if t is not type(b):
-            same = False
-        else:
-            same = _same_atom(t, a, b)
+        same: bool | None = False if t is not type(b) else _same_atom(t, a, b)
         if same is None:
             key = (id(a), id(b))
             if key in seen:

@@ -34,7 +34,6 @@ from .exceptions import (
     SessionExpired,
     SessionNotFound,
     StateError,
-    WrongEngine,
 )
 from .stores.base import DeleteReason, Ended, Gone, Loaded, Store
 from .stores.memory import MemoryStore
@@ -97,7 +96,9 @@ class StateEngine:
             raise InvalidDeclaration(f"capacity must be a positive int, got {capacity!r}")
         self.capacity = capacity
         self.store: Store = MemoryStore() if store is None else store
-        self.clock: Clock = clock if clock is not None else wall if self.store.shared else monotonic
+        self.clock: Clock = (
+            clock if clock is not None else wall if self.store.shared else monotonic
+        )
         self._ns = self.store.namespace(self.app)
         self._locks = SessionLocks()
         self._states: dict[str, State[Any]] = {}
@@ -415,8 +416,6 @@ class StateEngine:
     def _peek(self, sid: str, state: SessionState[T]) -> T:
         self._check_usable()
         self._check_sid(sid)
-        if state._engine is not self:
-            raise WrongEngine(state.name, state._engine.app, self.app)
         pending: list[Ended] = []
         now = self.clock()
         try:

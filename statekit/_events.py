@@ -202,9 +202,10 @@ class Event:
 
     def update(
         self,
-        values: Mapping[SessionState[Any], Any] | Iterable[tuple[SessionState[Any], Any]] = (),
+        values: Mapping[Any, Any] | Iterable[tuple[Any, Any]] = (),
     ) -> None:
-        """Assign several states at once, like :meth:`dict.update`."""
+        """Assign several session states at once, like :meth:`dict.update`: from a
+        mapping of state to value, or from (state, value) pairs."""
         items = values.items() if isinstance(values, Mapping) else values
         for state, value in items:
             self[state] = value

@@ -48,10 +48,8 @@ def check_name(name: object, what: str) -> str:
     return name
 
 
-def check_seconds(value: object, what: str, *, allow_none: bool = False) -> float | None:
+def check_seconds(value: object, what: str) -> float:
     """Validate a duration in seconds: a positive, finite number."""
-    if value is None and allow_none:
-        return None
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
@@ -197,10 +195,9 @@ class SessionState(State[T]):
                 f"got {type(factory).__name__}"
             )
         self._factory = factory
-        self._default: T = (
-            None if default is MISSING and factory is None else check_copyable(name, default)
-        )
-        self.ttl = check_seconds(ttl, f"ttl of session state {name!r}", allow_none=True)
+        initial: Any = None if default is MISSING else default
+        self._default: T = check_copyable(name, initial)
+        self.ttl = None if ttl is None else check_seconds(ttl, f"ttl of session state {name!r}")
         self._on_delete: tuple[Callable[[T, DeleteReason], object], ...] = ()
         if on_delete is not None:
             self.on_delete(on_delete)
@@ -222,9 +219,7 @@ class SessionState(State[T]):
         """
         return self._engine._peek(sid, self)
 
-    def on_change(
-        self, fn: Callable[[Event, T], object]
-    ) -> Callable[[Event, T], object]:
+    def on_change(self, fn: Callable[[Event, T], object]) -> Callable[[Event, T], object]:
         """Call ``fn(ev, value)`` after an event changes this state in a session.
 
         ``ev`` is a new event of the same session: the listener may read and write

@@ -148,9 +148,7 @@ class EngineClosed(StateError, RuntimeError):
 
     def __init__(self, app: str) -> None:
         self.app = app
-        super().__init__(
-            f"the StateEngine of app {app!r} has been shut down; create a new engine"
-        )
+        super().__init__(f"the StateEngine of app {app!r} has been shut down; create a new engine")
 
 
 class InvalidDeclaration(StateError, ValueError):

@@ -169,7 +169,12 @@ class StoreNamespace(Protocol):
 
     def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
         """Remove at most ``limit`` entries whose deadline is at or before ``now``,
-        earliest first, and return them. Each entry is returned to one caller only."""
+        earliest first, and return them. Each entry is returned to one caller only.
+
+        The engine gives the deadlines of one kind (idle, closed grace, one state's
+        ttl) as ``now`` plus a fixed span, so within a kind they arrive in order; a
+        store may rely on that.
+        """
         ...
 
     def session_count(self) -> int:

@@ -18,7 +18,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from ..exceptions import SessionExpired, SessionNotFound, StateError, StoreConflict
+from statekit.exceptions import SessionExpired, SessionNotFound, StateError, StoreConflict
+
 from .base import DeleteReason, Ended, Gone, Loaded
 
 __all__ = ["MemoryStore"]
@@ -220,9 +221,7 @@ class _MemoryNamespace:
         self._gone[rec.sid] = (reason, at)
         if len(self._gone) > TOMBSTONES:
             self._gone.popitem(last=False)
-        return Ended(
-            sid=rec.sid, reason=reason, values=rec.values, was_closed=rec.closed, at=at
-        )
+        return Ended(sid=rec.sid, reason=reason, values=rec.values, was_closed=rec.closed, at=at)
 
     def _gone_answer(self, sid: str) -> Gone | None:
         gone = self._gone.get(sid)

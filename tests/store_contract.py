@@ -1,0 +1,254 @@
+"""The contract every store implements, run against each store by subclassing.
+
+A subclass provides ``make_store()``; every test then talks to the store's namespace
+directly, through the :class:`~statekit.stores.StoreNamespace` protocol only.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from statekit import SessionExpired, SessionNotFound, StoreConflict
+from statekit.stores import DeleteReason, Ended, Gone, Loaded, Store, StoreNamespace
+
+
+class StoreContract:
+    def make_store(self) -> Store:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def store(self) -> Store:
+        return self.make_store()
+
+    @pytest.fixture
+    def ns(self, store: Store) -> StoreNamespace:
+        return store.namespace(f"contract-{uuid.uuid4().hex[:8]}")
+
+    @staticmethod
+    def new(ns: StoreNamespace, sid: str = "s1", *, now: float = 0.0, ttl: float = 10) -> str:
+        assert ns.create_session(sid, now=now, deadline=now + ttl, capacity=100) == ()
+        return sid
+
+    @staticmethod
+    def load(ns: StoreNamespace, sid: str, now: float = 1.0) -> Loaded:
+        loaded = ns.load_session(sid, now=now, touch_until=now + 10)
+        assert isinstance(loaded, Loaded)
+        return loaded
+
+    # -- sessions ---------------------------------------------------------------
+
+    def test_store_satisfies_protocol(self, store: Store, ns: StoreNamespace) -> None:
+        assert isinstance(store, Store)
+        assert isinstance(ns, StoreNamespace)
+
+    def test_new_session_loads_empty_at_version_zero(self, ns: StoreNamespace) -> None:
+        self.new(ns)
+        loaded = self.load(ns, "s1")
+        assert (loaded.sid, loaded.version, loaded.closed, dict(loaded.values)) == (
+            "s1",
+            0,
+            False,
+            {},
+        )
+
+    def test_unknown_session_is_none(self, ns: StoreNamespace) -> None:
+        assert ns.load_session("nope", now=0, touch_until=10) is None
+
+    def test_commit_writes_all_and_bumps_version(self, ns: StoreNamespace) -> None:
+        self.new(ns)
+        version = ns.commit("s1", version=0, writes={"a": [1], "b": "x"}, ttl_deadlines={}, now=1)
+        assert version == 1
+        loaded = self.load(ns, "s1")
+        assert loaded.version == 1
+        assert dict(loaded.values) == {"a": [1], "b": "x"}
+
+    def test_stale_version_is_refused_and_writes_nothing(self, ns: StoreNamespace) -> None:
+        self.new(ns)
+        ns.commit("s1", version=0, writes={"a": 1}, ttl_deadlines={}, now=1)
+        with pytest.raises(StoreConflict):
+            ns.commit("s1", version=0, writes={"a": 2, "b": 3}, ttl_deadlines={}, now=1)
+        assert dict(self.load(ns, "s1").values) == {"a": 1}
+
+    def test_commit_to_unknown_session_raises(self, ns: StoreNamespace) -> None:
+        with pytest.raises(SessionNotFound):
+            ns.commit("ghost", version=0, writes={"a": 1}, ttl_deadlines={}, now=1)
+
+    def test_load_slides_the_deadline(self, ns: StoreNamespace) -> None:
+        self.new(ns, ttl=10)
+        ns.load_session("s1", now=9, touch_until=19)
+        assert isinstance(ns.load_session("s1", now=18, touch_until=None), Loaded)
+        assert ns.reap(now=18.5, limit=10) == ()
+
+    def test_look_without_touch_does_not_slide(self, ns: StoreNamespace) -> None:
+        self.new(ns, ttl=10)
+        ns.load_session("s1", now=9, touch_until=None)
+        assert [e.sid for e in ns.reap(now=10, limit=10)] == ["s1"]
+
+    def test_expired_session_is_claimed_once_on_load(self, ns: StoreNamespace) -> None:
+        self.new(ns, ttl=10)
+        ns.commit("s1", version=0, writes={"a": 1}, ttl_deadlines={}, now=1)
+        first = ns.load_session("s1", now=10, touch_until=20)
+        assert isinstance(first, Gone)
+        assert first.reason is DeleteReason.IDLE
+        assert first.ended is not None
+        assert dict(first.ended.values) == {"a": 1}
+        second = ns.load_session("s1", now=11, touch_until=21)
+        assert isinstance(second, Gone)
+        assert second.ended is None
+        assert ns.reap(now=100, limit=10) == ()
+
+    def test_commit_after_expiry_raises_expired(self, ns: StoreNamespace) -> None:
+        self.new(ns, ttl=10)
+        ns.reap(now=10, limit=10)
+        with pytest.raises(SessionExpired) as info:
+            ns.commit("s1", version=0, writes={"a": 1}, ttl_deadlines={}, now=12)
+        assert info.value.reason == "idle"
+
+    def test_close_keeps_values_until_grace_ends(self, ns: StoreNamespace) -> None:
+        self.new(ns, ttl=10)
+        ns.commit("s1", version=0, writes={"a": 1}, ttl_deadlines={}, now=1)
+        assert ns.close_session("s1", now=2, deadline=7) is True
+        assert ns.close_session("s1", now=3, deadline=8) is False
+        loaded = ns.load_session("s1", now=6, touch_until=16)
+        assert isinstance(loaded, Loaded)
+        assert loaded.closed
+        assert dict(loaded.values) == {"a": 1}
+        (ended,) = ns.reap(now=7, limit=10)
+        assert (ended.sid, ended.reason, ended.was_closed) == ("s1", DeleteReason.CLOSED, True)
+        assert dict(ended.values) == {"a": 1}
+
+    def test_close_unknown_or_expired(self, ns: StoreNamespace) -> None:
+        assert ns.close_session("ghost", now=0, deadline=5) is None
+        self.new(ns, ttl=10)
+        gone = ns.close_session("s1", now=10, deadline=15)
+        assert isinstance(gone, Gone)
+        assert gone.ended is not None
+        assert gone.ended.reason is DeleteReason.IDLE
+
+    # -- lifetimes ---------------------------------------------------------------
+
+    def test_reap_in_deadline_order_with_limit(self, ns: StoreNamespace) -> None:
+        # As the engine does: one idle ttl (10), deadlines given in time order.
+        for i in range(4):
+            self.new(ns, f"s{i}", now=i, ttl=10)
+        ns.load_session("s0", now=4, touch_until=14)  # s0 now expires last
+        ns.load_session("s2", now=5, touch_until=15)
+        first = ns.reap(now=20, limit=2)
+        rest = ns.reap(now=20, limit=10)
+        assert [e.sid for e in first] == ["s1", "s3"]
+        assert [e.sid for e in rest] == ["s0", "s2"]
+        assert ns.session_count() == 0
+
+    def test_reap_takes_only_what_is_due(self, ns: StoreNamespace) -> None:
+        for i in range(3):
+            self.new(ns, f"s{i}", now=i, ttl=10)
+        assert [e.sid for e in ns.reap(now=11, limit=10)] == ["s0", "s1"]
+        assert ns.session_count() == 1
+
+    def test_reap_mixes_value_ttls_and_sessions_in_order(self, ns: StoreNamespace) -> None:
+        self.new(ns, "s1", now=0, ttl=10)
+        self.new(ns, "s2", now=1, ttl=10)
+        ns.commit("s2", version=0, writes={"tok": "t", "keep": 1}, ttl_deadlines={"tok": 3}, now=1)
+        assert [(e.sid, e.state) for e in ns.reap(now=5, limit=10)] == [("s2", "tok")]
+        assert dict(self.load(ns, "s2", now=5).values) == {"keep": 1}
+        self.new(ns, "s3", now=6, ttl=10)
+        ns.commit("s3", version=0, writes={"tok": "u"}, ttl_deadlines={"tok": 12}, now=6)
+        reaped = ns.reap(now=50, limit=10)
+        assert [(e.sid, e.state, e.reason) for e in reaped] == [
+            ("s1", None, DeleteReason.IDLE),
+            ("s3", "tok", DeleteReason.TTL),
+            ("s2", None, DeleteReason.IDLE),
+            ("s3", None, DeleteReason.IDLE),
+        ]
+        assert dict(reaped[1].values) == {"tok": "u"}
+        assert dict(reaped[2].values) == {"keep": 1}
+
+    def test_value_ttl_expires_on_load_and_rewrite_extends_it(self, ns: StoreNamespace) -> None:
+        self.new(ns, ttl=100)
+        version = ns.commit("s1", version=0, writes={"t": 1}, ttl_deadlines={"t": 5}, now=0)
+        ns.commit("s1", version=version, writes={"t": 2}, ttl_deadlines={"t": 9}, now=4)
+        assert dict(self.load(ns, "s1", now=6).values) == {"t": 2}
+        loaded = self.load(ns, "s1", now=9)
+        assert dict(loaded.values) == {}
+        assert [(e.state, dict(e.values)) for e in loaded.expired] == [("t", {"t": 2})]
+        assert ns.reap(now=18, limit=10) == ()  # claimed once, by that load
+
+    def test_each_expired_entry_is_claimed_by_one_reaper(self, ns: StoreNamespace) -> None:
+        for i in range(400):
+            ns.create_session(f"s{i}", now=0, deadline=float(i % 7), capacity=10_000)
+        claimed: list[Ended] = []
+        lock = threading.Lock()
+        start = threading.Barrier(8)
+
+        def reaper() -> None:
+            start.wait()
+            while batch := ns.reap(now=10, limit=3):
+                with lock:
+                    claimed.extend(batch)
+
+        threads = [threading.Thread(target=reaper) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert sorted(e.sid for e in claimed) == sorted(f"s{i}" for i in range(400))
+        assert ns.session_count() == 0
+
+    # -- capacity ----------------------------------------------------------------
+
+    def test_capacity_evicts_closed_then_least_recently_used(self, ns: StoreNamespace) -> None:
+        for sid in ("a", "b", "c"):
+            ns.create_session(sid, now=0, deadline=100, capacity=3)
+        ns.load_session("a", now=1, touch_until=101)  # b is now least recently used
+        ns.close_session("c", now=1, deadline=50)
+        first = ns.create_session("d", now=2, deadline=102, capacity=3)
+        second = ns.create_session("e", now=2, deadline=102, capacity=3)
+        assert [(e.sid, e.reason, e.was_closed) for e in first] == [
+            ("c", DeleteReason.EVICTED, True)
+        ]
+        assert [(e.sid, e.reason) for e in second] == [("b", DeleteReason.EVICTED)]
+        assert ns.session_count() == 3
+        evicted = ns.load_session("b", now=3, touch_until=None)
+        assert isinstance(evicted, Gone)
+        assert evicted.reason is DeleteReason.EVICTED
+
+    def test_capacity_victim_already_due_keeps_its_true_reason(self, ns: StoreNamespace) -> None:
+        ns.create_session("old", now=0, deadline=5, capacity=1)
+        (ended,) = ns.create_session("new", now=6, deadline=16, capacity=1)
+        assert (ended.sid, ended.reason) == ("old", DeleteReason.IDLE)
+
+    # -- globals -----------------------------------------------------------------
+
+    def test_global_compare_and_set(self, ns: StoreNamespace) -> None:
+        assert ns.global_get("g") is None
+        assert ns.global_cas("g", version=None, value=[1]) == 1
+        assert ns.global_cas("g", version=None, value=[2]) is None
+        assert ns.global_get("g") == ([1], 1)
+        assert ns.global_cas("g", version=1, value=[3]) == 2
+        assert ns.global_get("g") == ([3], 2)
+
+    def test_global_add_is_atomic_under_threads(self, ns: StoreNamespace) -> None:
+        def work() -> None:
+            for _ in range(2000):
+                ns.global_add("n", 1, default=0)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        found = ns.global_get("n")
+        assert found is not None
+        assert found[0] == 16_000
+
+    def test_namespaces_are_separate(self, store: Store) -> None:
+        one = store.namespace(f"one-{uuid.uuid4().hex[:6]}")
+        two = store.namespace(f"two-{uuid.uuid4().hex[:6]}")
+        self.new(one)
+        one.global_add("n", 5, default=0)
+        assert two.load_session("s1", now=0, touch_until=None) is None
+        assert two.global_get("n") is None
+        assert two.session_count() == 0

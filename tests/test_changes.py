@@ -1,0 +1,192 @@
+"""The change detector: exact for builtins, safe for any value, never recursing."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import decimal
+import sys
+from typing import Any
+
+import attrs
+import pytest
+
+from statekit import Change, changed, compare
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: list[int]
+
+
+@attrs.define
+class AttrsPoint:
+    x: int
+    tags: list[str] = attrs.Factory(list)
+
+
+class Slotted:
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Any, b: Any = None) -> None:
+        self.a = a
+        self.b = b
+
+
+class HashedById:
+    """Defines its own hash over ``key`` only: the guide's rule applies."""
+
+    def __init__(self, key: int, note: str) -> None:
+        self.key = key
+        self.note = note
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HashedById) and other.key == self.key
+
+
+class Opaque:
+    """No fields, no hash of its own: compared by its pickle."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Opaque, ())
+
+
+class Unpicklable:
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("no pickling")
+
+
+NAN = float("nan")
+
+
+class TestExactBuiltins:
+    @pytest.mark.parametrize(
+        ("before", "after"),
+        [
+            ([1, 2], (1, 2)),
+            (1, 1.0),
+            (1, True),
+            (0, False),
+            ([1], [1.0]),
+            ({"a": 1}, {"a": True}),
+            ({1: "x"}, {1.0: "x"}),
+            ({1, 2}, {1.0, 2}),
+            (frozenset({1}), {1}),
+            (0.0, -0.0),
+            ("a", b"a"),
+            (decimal.Decimal("1.0"), decimal.Decimal("1.00")),
+            ([[1, [2, [3]]]], [[1, [2, [4]]]]),
+            ({"k": [1, {"z": 2}]}, {"k": [1, {"z": 3}]}),
+        ],
+    )
+    def test_these_differ(self, before: Any, after: Any) -> None:
+        assert compare(before, after) is Change.CHANGED
+        assert changed(after, before)
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            None,
+            [1, "a", None, 2.5, b"x"],
+            {"b": 1, "a": [1, 2, {3, 4}]},
+            (1, (2, (3,))),
+            NAN,
+            [NAN],
+            frozenset({1, "a", (2, 3)}),
+            datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+            decimal.Decimal("NaN"),
+        ],
+    )
+    def test_equal_deep_copy_is_unchanged(self, value: Any) -> None:
+        assert compare(value, value) is Change.SAME
+        assert compare(value, copy.deepcopy(value)) is Change.SAME
+
+    def test_dict_key_order_does_not_matter(self) -> None:
+        assert compare({"a": 1, "b": 2}, {"b": 2, "a": 1}) is Change.SAME
+
+    def test_aware_datetimes_in_other_zones_differ(self) -> None:
+        utc = datetime.datetime(2026, 1, 1, 12, tzinfo=datetime.timezone.utc)
+        plus1 = utc.astimezone(datetime.timezone(datetime.timedelta(hours=1)))
+        assert utc == plus1
+        assert changed(utc, plus1)
+
+
+class TestObjects:
+    def test_in_place_mutation_of_dataclass_is_seen(self) -> None:
+        before = Point(1, [1])
+        after = copy.deepcopy(before)
+        assert compare(before, after) is Change.SAME
+        after.y.append(2)
+        assert changed(before, after)
+
+    def test_attrs_and_slots_fields_are_compared(self) -> None:
+        assert changed(AttrsPoint(1), AttrsPoint(1, ["x"]))
+        assert not changed(AttrsPoint(1, ["x"]), AttrsPoint(1, ["x"]))
+        assert changed(Slotted(1), Slotted(2))
+        assert not changed(Slotted([1]), Slotted([1]))
+        unset = Slotted.__new__(Slotted)
+        assert changed(unset, Slotted(1))
+
+    def test_own_hash_decides_listeners_and_field_changes_are_quiet(self) -> None:
+        before = HashedById(1, "a")
+        assert compare(before, HashedById(2, "a")) is Change.CHANGED
+        assert compare(before, HashedById(1, "a")) is Change.SAME
+        # the guide's rule: same hash, no change event, but the write is kept
+        assert compare(before, HashedById(1, "b")) is Change.QUIET
+        assert compare([before, 1], [HashedById(1, "b"), 2]) is Change.CHANGED
+
+    def test_opaque_objects_fall_back_to_pickle_and_never_raise(self) -> None:
+        assert compare(Opaque(), Opaque()) is Change.SAME
+        assert compare(Unpicklable(), Unpicklable()) is Change.CHANGED
+
+    def test_functions_and_classes_compare_by_identity(self) -> None:
+        assert not changed(len, len)
+        assert changed(len, abs)
+        assert changed(Point, AttrsPoint)
+
+
+class TestSafety:
+    def test_cycles_compare_without_recursion(self) -> None:
+        a: list[Any] = [1]
+        a.append(a)
+        b: list[Any] = [1]
+        b.append(b)
+        assert compare(a, b) is Change.SAME
+        c: list[Any] = [2]
+        c.append(c)
+        assert changed(a, c)
+
+    def test_very_deep_nesting_compares_without_recursion(self) -> None:
+        def nest(depth: int, leaf: int) -> list[Any]:
+            value: list[Any] = [leaf]
+            for _ in range(depth):
+                value = [value]
+            return value
+
+        depth = sys.getrecursionlimit() * 20
+        assert compare(nest(depth, 1), nest(depth, 1)) is Change.SAME
+        assert changed(nest(depth, 1), nest(depth, 2))
+
+    def test_shared_sub_objects(self) -> None:
+        shared = [1, 2]
+        before = [shared, shared]
+        after = copy.deepcopy(before)
+        assert compare(before, after) is Change.SAME
+        after[0].append(3)
+        assert changed(before, after)
+
+    def test_raising_hash_counts_as_change(self) -> None:
+        class Bad:
+            def __hash__(self) -> int:
+                raise RuntimeError("no")
+
+        assert changed(Bad(), Bad())

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from statekit._copying import copy_value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [1, "a", [2, {"k": (3, [4])}], {5, 6}],
+        {"a": {"b": {"c": []}}},
+        (1, 2, "x"),
+        ((1,), [2]),
+        [],
+    ],
+)
+def test_fast_copy_matches_deepcopy(value: Any) -> None:
+    copied = copy_value(value)
+    assert copied == copy.deepcopy(value)
+    assert type(copied) is type(value)
+
+
+def test_fast_copy_shares_nothing_mutable() -> None:
+    value: dict[str, Any] = {"a": [1, [2]], "t": ([3],)}
+    copied = copy_value(value)
+    copied["a"][1].append(9)
+    copied["t"][0].append(9)
+    assert value == {"a": [1, [2]], "t": ([3],)}
+
+
+def test_tuple_of_atoms_is_not_copied_like_deepcopy() -> None:
+    value = (1, "a")
+    assert copy_value(value) is value is copy.deepcopy(value)
+
+
+def test_sharing_and_cycles_are_preserved() -> None:
+    shared = [1]
+    copied = copy_value([shared, shared])
+    assert copied[0] is copied[1]
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    again = copy_value(cycle)
+    assert again[0] is again
+
+
+def test_deep_trees_and_other_types_fall_back() -> None:
+    deep: list[Any] = [0]
+    for _ in range(300):
+        deep = [deep]
+    assert copy_value(deep) == deep
+
+    class Thing:
+        def __init__(self) -> None:
+            self.x = [1]
+
+    thing = Thing()
+    assert copy_value(thing).x == [1]
+    assert copy_value(thing) is not thing
+    assert copy_value({(1, 2): 3, frozenset(): 4}) == {(1, 2): 3, frozenset(): 4}

@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+import pytest
+
+from statekit.testing import FakeClock
+
+
+def test_fake_clock_moves_only_when_told() -> None:
+    clock = FakeClock(10)
+    assert clock() == 10
+    assert clock.advance(2.5) == 12.5
+    assert clock() == 12.5
+    assert repr(clock) == "FakeClock(12.5)"
+
+
+def test_fake_clock_refuses_to_go_back() -> None:
+    with pytest.raises(ValueError, match="non-negative"):
+        FakeClock().advance(-1)
