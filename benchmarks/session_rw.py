@@ -1,0 +1,64 @@
+"""Write then read one session value: statekit inside an event, against a
+``cachetools.TTLCache`` set+get and a plain dict set+get keyed by session id."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+
+import cachetools
+
+from statekit import SessionState, StateEngine
+
+from ._timing import Measure, best_per_op
+
+TITLE = "session value write+read"
+BASELINE = "TTLCache set+get"
+
+
+def contenders(sessions: int = 1000) -> dict[str, Callable[[int], None]]:
+    engine = StateEngine(capacity=sessions * 2)
+    counter: SessionState[int] = engine.session_state("counter", 0)
+    sids = [engine.open_session() for _ in range(sessions)]
+    cache: cachetools.TTLCache[str, int] = cachetools.TTLCache(
+        maxsize=sessions * 2, ttl=3600, timer=time.monotonic
+    )
+    plain: dict[str, int] = {}
+
+    def statekit_event(ops: int) -> None:
+        for sid, i in zip(itertools.cycle(sids), range(ops), strict=False):
+            with engine.event(sid) as ev:
+                ev[counter] = i
+                ev[counter]
+
+    def statekit_peek(ops: int) -> None:
+        for sid, _ in zip(itertools.cycle(sids), range(ops), strict=False):
+            counter.get(sid)
+
+    def ttlcache(ops: int) -> None:
+        for sid, i in zip(itertools.cycle(sids), range(ops), strict=False):
+            cache[sid] = i
+            cache[sid]
+
+    def ttlcache_get(ops: int) -> None:
+        for sid, _ in zip(itertools.cycle(sids), range(ops), strict=False):
+            cache.get(sid)
+
+    def dict_rw(ops: int) -> None:
+        for sid, i in zip(itertools.cycle(sids), range(ops), strict=False):
+            plain[sid] = i
+            plain[sid]
+
+    ttlcache(sessions)
+    return {
+        "statekit event (write+read)": statekit_event,
+        BASELINE: ttlcache,
+        "dict set+get": dict_rw,
+        "statekit read outside an event": statekit_peek,
+        "TTLCache get": ttlcache_get,
+    }
+
+
+def run(ops: int = 20_000) -> list[Measure]:
+    return best_per_op(contenders(), ops=ops)

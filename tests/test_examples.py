@@ -1,0 +1,23 @@
+"""The documented examples run and say what the docs say they say."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+
+
+def test_console_demo_walks_through_the_guide(capsys: pytest.CaptureFixture[str]) -> None:
+    runpy.run_path(str(EXAMPLES / "console_demo.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "tab A: visitor #1" in out
+    assert "tab A adds Milk, Water      -> outputs {'cart_size': 2}" in out
+    assert "tab B's cart: ['Cereal']" in out
+    assert "tab A's cart is still ['Milk', 'Water', 'Orange Juice']" in out
+    assert "deleted: closed" in out
+    assert "deleted: idle" in out
+    assert "deleted: evicted" in out
+    assert "visitors: 7, live sessions: 3" in out
