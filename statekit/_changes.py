@@ -37,7 +37,9 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["Change", "changed", "compare"]
+from ._copying import Image, Sealed, image_of, seal
+
+__all__ = ["Change", "changed", "compare", "judge"]
 
 
 class Change(enum.IntEnum):
@@ -183,8 +185,35 @@ def compare(before: Any, after: Any) -> Change:
     """Compare two values exactly; see the module docstring for the rules.
 
     Never raises for any input (errors inside user-defined ``__hash__``, ``__eq__`` or
-    pickling count as a change) and never recurses.
+    pickling count as a change) and never recurses. Two builtin-only values are first
+    compared by their sealed images, in C; the walk runs only when those differ.
     """
+    if before is after:
+        return Change.SAME
+    blob = seal(before)
+    if blob is not None and blob == seal(after):
+        return Change.SAME
+    return _walk(before, after)
+
+
+def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
+    """Compare a stored value (an atom, a :class:`Sealed` image or a private copy) with
+    the value an event ends with.
+
+    Returns the verdict and, when it was computed, the image of ``after`` (which the
+    caller passes on to ``stored_form`` rather than computing it again).
+    """
+    if type(stored) is Sealed:
+        image = image_of(after)
+        if image is not None and image[0] == stored.blob:
+            return Change.SAME, image
+        return _walk(stored.open(), after), image
+    if stored is after:
+        return Change.SAME, None
+    return _walk(stored, after), None
+
+
+def _walk(before: Any, after: Any) -> Change:
     result = Change.SAME
     stack: list[tuple[Any, Any, bool]] = [(before, after, False)]
     seen: set[tuple[int, int]] = set()

@@ -1,9 +1,21 @@
-"""Deep copies of session values.
+"""Deep copies of session values, and sealed images of them.
 
 A session value is copied when a session first materializes its default, when an
 event reads it (so that a failed event cannot have mutated the stored value), and
-when an event commits it (so that a reference kept by the caller cannot mutate the
-store afterwards). Immutable atoms are returned as they are.
+when it is written (so that a reference kept by the caller cannot reach the store).
+
+Values made only of builtin types (``None``, ``bool``, ``int``, ``float``, ``complex``,
+``str``, ``bytes``, ``bytearray``, ``list``, ``tuple``, ``dict``, ``set``,
+``frozenset``) are kept *sealed*: as their pickle, made by a pickler that refuses every
+other type. A sealed image is exact (``1``, ``1.0`` and ``True`` differ; so do lists and
+tuples), keeps sharing and cycles, is made and opened in C, and doubles as the snapshot
+the change detector compares against: a value whose new image equals the stored one
+has not changed.
+
+:func:`copy_value` gives the same result as :func:`copy.deepcopy`, faster and at any
+depth: atoms are returned as they are, builtin-only trees go through their sealed
+image, and anything else is copied by an iterative walk over builtin containers that
+hands other objects to :func:`copy.deepcopy` with a shared memo.
 """
 
 from __future__ import annotations
@@ -12,8 +24,22 @@ import copy
 import datetime
 import decimal
 import fractions
+import io
+import pickle
 import uuid
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeAlias, TypeVar
+
+__all__ = [
+    "IMMUTABLE_ATOMS",
+    "Image",
+    "Sealed",
+    "copy_value",
+    "image_of",
+    "open_value",
+    "seal",
+    "stored_form",
+]
 
 T = TypeVar("T")
 
@@ -41,61 +67,209 @@ IMMUTABLE_ATOMS: frozenset[type] = frozenset(
     }
 )
 
-
-# Trees of builtin containers deeper than this are left to copy.deepcopy.
-_MAX_FAST_DEPTH = 100
+_CONTAINERS: frozenset[type] = frozenset({list, dict, tuple, set, frozenset})
 
 
-class _Fallback(Exception):
-    """The value is not a plain tree of builtins: let copy.deepcopy handle it."""
+class _NotFaithful(Exception):
+    pass
 
 
-def copy_value(value: T) -> T:
-    """Return a deep copy of ``value``, exactly as :func:`copy.deepcopy` would.
+class _FaithfulPickler(pickle.Pickler):
+    """Pickles a value only where unpickling gives what ``copy.deepcopy`` would.
 
-    Immutable atoms come back unchanged. Trees of builtin containers (list, dict,
-    tuple, set) holding atoms are copied by a fast path; anything else, and any value
-    in which a container appears twice (shared or cyclic), goes to ``copy.deepcopy``,
-    which preserves sharing.
+    Builtin containers and atoms take pickle's own fast paths; every other object comes
+    through :meth:`reducer_override`, which refuses classes with a ``__deepcopy__`` of
+    their own (deepcopy would call it, pickle would not) and lets the rest use the same
+    ``__reduce_ex__`` protocol that deepcopy uses.
+    """
+
+    custom = False
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, type) and getattr(type(obj), "__deepcopy__", None) is not None:
+            raise _NotFaithful
+        self.custom = True
+        return NotImplemented
+
+
+Image: TypeAlias = tuple[bytes, bool]
+"""A value's pickle, and whether it holds objects of user-defined classes."""
+
+
+def image_of(value: Any) -> Image | None:
+    """The image of a value and whether user classes are inside, or None. Never raises."""
+    if type(value) in IMMUTABLE_ATOMS:
+        return None
+    buffer = io.BytesIO()
+    pickler = _FaithfulPickler(buffer, protocol=5)
+    try:
+        pickler.dump(value)
+    except Exception:  # not picklable, nested too deep, a __reduce__ that fails ...
+        return None
+    return buffer.getvalue(), pickler.custom
+
+
+def seal(value: Any) -> bytes | None:
+    """The image of a value, or None when it has none (see :class:`Sealed`).
+
+    Two values with equal images are equal in type and value all the way down. Atoms
+    have no image: compare them directly. Never raises.
+    """
+    image = image_of(value)
+    return None if image is None else image[0]
+
+
+class Sealed:
+    """A stored value kept as its image: its pickle, made so that unpickling it gives
+    exactly what ``copy.deepcopy`` would. Immutable; :meth:`open` gives a new copy.
+
+    Images are made on the server from server-side values and never leave the process
+    (stores that leave it use their own codec); nothing from a client is unpickled.
+    """
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def __repr__(self) -> str:
+        return f"<Sealed value, {len(self.blob)} bytes>"
+
+    def open(self) -> Any:
+        """A new deep copy of the value."""
+        return pickle.loads(self.blob)
+
+
+def stored_form(value: Any, image: Image | None = None) -> Any:
+    """What a store keeps for ``value``: an atom as it is, else a :class:`Sealed` image,
+    else (no image) a private deep copy. ``image``, if given, is ``image_of(value)``.
 
     Raises:
         whatever :func:`copy.deepcopy` raises for a value it cannot copy.
     """
     if type(value) in IMMUTABLE_ATOMS:
         return value
-    try:
-        return _fast_copy(value, set(), 0)  # type: ignore[no-any-return]
-    except _Fallback:
-        return copy.deepcopy(value)
+    if image is None:
+        image = image_of(value)
+    if image is not None:
+        blob, custom = image
+        if not custom:
+            return Sealed(blob)
+        try:  # a user-defined __reduce__ may pickle fine and fail to unpickle
+            pickle.loads(blob)
+        except Exception:
+            pass
+        else:
+            return Sealed(blob)
+    return copy_value(value)
 
 
-def _fast_copy(value: Any, seen: set[int], depth: int) -> Any:
+def open_value(stored: Any) -> Any:
+    """A private copy of a stored value (the inverse of :func:`stored_form`)."""
+    if type(stored) is Sealed:
+        return stored.open()
+    return copy_value(stored)
+
+
+def copy_value(value: T) -> T:
+    """Return a deep copy of ``value``, equal to what :func:`copy.deepcopy` returns.
+
+    Works at any nesting depth for builtin containers. Thread-safe (pure).
+
+    Raises:
+        whatever :func:`copy.deepcopy` raises for an object it cannot copy (for
+        example ``TypeError`` for a lock).
+    """
     cls = type(value)
     if cls in IMMUTABLE_ATOMS:
         return value
-    if depth > _MAX_FAST_DEPTH:
-        raise _Fallback
-    key = id(value)
-    if key in seen:
-        raise _Fallback
-    seen.add(key)
+    if cls is tuple and all(type(item) in IMMUTABLE_ATOMS for item in value):  # type: ignore[attr-defined]
+        return value  # immutable all the way down, as deepcopy sees it
+    image = image_of(value)
+    if image is not None:
+        try:
+            return pickle.loads(image[0])  # type: ignore[no-any-return]
+        except Exception:  # a user-defined __reduce__ that cannot be undone
+            pass
+    if cls in _CONTAINERS:
+        return _copy_tree(value)  # type: ignore[no-any-return]
+    return copy.deepcopy(value)
+
+
+class _Building:
+    """A tuple or frozenset whose items are still being copied."""
+
+    __slots__ = ("items", "source")
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.items: list[Any] = []
+
+
+def _copy_tree(root: Any) -> Any:
+    """Deep-copy with an explicit stack: builtin containers are walked, anything else
+    goes to ``copy.deepcopy`` with the same memo (which keeps sharing intact)."""
+    memo: dict[int, Any] = {}
+    result: list[Any] = [None]
+    # A task is (source object, function storing its copy). A _Building marker on the
+    # stack finishes a tuple or frozenset once its items are all copied.
+    stack: list[tuple[Any, Callable[[Any], None]] | _Building] = [(root, _setter(result, 0))]
     atoms = IMMUTABLE_ATOMS
-    depth += 1
-    if cls is list:
-        return [x if type(x) in atoms else _fast_copy(x, seen, depth) for x in value]
-    if cls is dict:
-        out = {}
-        for k, x in value.items():
-            if type(k) not in atoms:
-                raise _Fallback
-            out[k] = x if type(x) in atoms else _fast_copy(x, seen, depth)
-        return out
-    if cls is tuple:
-        items = [x if type(x) in atoms else _fast_copy(x, seen, depth) for x in value]
-        # deepcopy returns the very tuple when no item needed copying
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else tuple(items)
-    if cls is set:
-        if all(type(x) in atoms for x in value):
-            return set(value)
-        raise _Fallback
-    raise _Fallback
+    while stack:
+        task = stack.pop()
+        if isinstance(task, _Building):
+            source = task.source
+            if all(a is b for a, b in zip(task.items, source, strict=True)):
+                built = source  # as deepcopy: nothing inside needed copying
+            else:
+                built = tuple(task.items) if type(source) is tuple else frozenset(task.items)
+            memo[id(source)] = built
+            for store_built in memo.pop(-id(source) - 1):
+                store_built(built)
+            continue
+        obj, store = task
+        cls = type(obj)
+        if cls in atoms:
+            store(obj)
+            continue
+        key = id(obj)
+        if key in memo:
+            store(memo[key])
+        elif cls is list:
+            new_list: list[Any] = [None] * len(obj)
+            memo[key] = new_list
+            store(new_list)
+            stack.extend((item, _setter(new_list, i)) for i, item in enumerate(obj))
+        elif cls is dict:
+            new_dict: dict[Any, Any] = {}
+            memo[key] = new_dict
+            store(new_dict)
+            for k, v in obj.items():
+                new_key = k if type(k) in atoms else copy.deepcopy(k, memo)
+                new_dict[new_key] = None  # keeps the key order; the value comes below
+                stack.append((v, _setter(new_dict, new_key)))
+        elif cls is set:
+            new_set: set[Any] = set()
+            memo[key] = new_set
+            store(new_set)
+            new_set.update(x if type(x) in atoms else copy.deepcopy(x, memo) for x in obj)
+        elif cls is tuple or cls is frozenset:
+            waiting = -key - 1
+            if waiting in memo:  # a cycle back into a tuple being built
+                memo[waiting].append(store)
+                continue
+            memo[waiting] = [store]
+            building = _Building(obj)
+            building.items = [None] * len(obj)
+            stack.append(building)
+            stack.extend((item, _setter(building.items, i)) for i, item in enumerate(obj))
+        else:
+            store(copy.deepcopy(obj, memo))
+    return result[0]
+
+
+def _setter(target: Any, index: Any) -> Callable[[Any], None]:
+    def store(value: Any) -> None:
+        target[index] = value
+
+    return store

@@ -13,9 +13,9 @@ import secrets
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
-from ._changes import Change, compare
+from ._changes import Change, judge
 from ._clock import Clock, monotonic, wall
-from ._copying import copy_value
+from ._copying import Sealed, open_value
 from ._events import Event, EventResult, ListenerFailure
 from ._locks import SessionLocks
 from ._states import (
@@ -23,9 +23,9 @@ from ._states import (
     GlobalState,
     SessionState,
     State,
-    check_copyable,
     check_name,
     check_seconds,
+    to_stored,
 )
 from .exceptions import (
     ChangeLoopError,
@@ -425,7 +425,7 @@ class StateEngine:
         stored = loaded.values.get(state.name, MISSING)
         if stored is MISSING:
             return state.new_value()
-        value: T = copy_value(stored)
+        value: T = open_value(stored)
         return value
 
     # -- globals -----------------------------------------------------------------
@@ -433,32 +433,33 @@ class StateEngine:
     def _global_get(self, state: GlobalState[T]) -> T:
         self._check_usable()
         found = self._ns.global_get(state.name)
-        value: T = copy_value(state.default if found is None else found[0])
+        value: T = open_value(state._default if found is None else found[0])
         return value
 
     def _global_update(self, state: GlobalState[T], fn: Callable[[T], T]) -> T:
         self._check_usable()
         while True:
             found = self._ns.global_get(state.name)
-            old, version = (state.default, None) if found is None else found
-            new = fn(copy_value(old))
-            stored = check_copyable(state.name, new)
+            old, version = (state._default, None) if found is None else found
+            new = fn(open_value(old))
+            verdict, image = judge(old, new)
+            stored = to_stored(state.name, new, image)
             if self._ns.global_cas(state.name, version=version, value=stored) is not None:
                 break
-        if compare(old, stored) is Change.CHANGED:
+        if verdict is Change.CHANGED:
             self._fire_global(state, stored)
         return new
 
     def _global_increment(self, state: GlobalState[T], n: int | float) -> T:
         self._check_usable()
-        default = state.default
+        default = state._default
         for what, number in (("default", default), ("increment", n)):
             if isinstance(number, bool) or not isinstance(number, (int, float)):
                 raise TypeError(
                     f"increment() of global state {state.name!r} needs numbers, but its "
                     f"{what} is a {type(number).__name__}; use update(fn) instead"
                 )
-        value: T = self._ns.global_add(state.name, n, default=default)  # type: ignore[arg-type]
+        value: T = self._ns.global_add(state.name, n, default=default)
         if n:
             self._fire_global(state, value)
         return value
@@ -466,7 +467,7 @@ class StateEngine:
     def _fire_global(self, state: GlobalState[Any], value: Any) -> None:
         for listener in state._listeners:
             try:
-                listener(copy_value(value))
+                listener(open_value(value))
             except Exception:
                 logger.exception(
                     "change listener %s of global state %r raised",
@@ -507,6 +508,10 @@ class StateEngine:
                 state = self._session_states.get(name)
                 if state is None:
                     continue
+                if not state._on_delete:
+                    continue
+                if type(value) is Sealed:
+                    value = value.open()
                 for callback in state._on_delete:
                     try:
                         callback(value, item.reason)

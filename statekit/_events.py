@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from ._changes import Change, compare
-from ._copying import copy_value
-from ._states import MISSING, GlobalState, SessionState, State, check_copyable
+from ._changes import Change, judge
+from ._copying import open_value
+from ._states import MISSING, GlobalState, SessionState, State, to_stored
 from .exceptions import UsageError, WrongEngine, redact
 
 if TYPE_CHECKING:
@@ -63,7 +63,8 @@ class EventResult:
 
 
 class _Slot:
-    """One session state touched by an event: its value at the start and now."""
+    """One session state touched by an event: its stored form at the start (the
+    snapshot the change detector compares against) and its working value now."""
 
     __slots__ = ("before", "fresh", "work")
 
@@ -222,10 +223,9 @@ class Event:
         assert self._loaded is not None
         stored = self._loaded.values.get(state.name, MISSING)
         if stored is not MISSING:
-            return _Slot(stored, copy_value(stored), fresh=False)
+            return _Slot(stored, open_value(stored), fresh=False)
         work = state.new_value()
-        before = check_copyable(state.name, work)
-        return _Slot(before, work, fresh=True)
+        return _Slot(to_stored(state.name, work), work, fresh=True)
 
     # -- commit support ---------------------------------------------------------
 
@@ -238,13 +238,11 @@ class Event:
         writes: dict[str, Any] = {}
         changed: list[SessionState[Any]] = []
         for state, slot in self._slots.items():
-            verdict = compare(slot.before, slot.work)
+            verdict, image = judge(slot.before, slot.work)
             if verdict is Change.CHANGED:
                 changed.append(state)
-            if verdict is not Change.SAME or slot.fresh:
-                writes[state.name] = (
-                    slot.before
-                    if verdict is Change.SAME
-                    else check_copyable(state.name, slot.work)
-                )
+            if verdict is not Change.SAME:
+                writes[state.name] = to_stored(state.name, slot.work, image)
+            elif slot.fresh:
+                writes[state.name] = slot.before
         return writes, changed

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._copying import copy_value
+from ._copying import Image, open_value, stored_form
 from .exceptions import InvalidDeclaration, StateNotCopyable
 from .stores.base import DeleteReason
 
@@ -62,10 +62,14 @@ def check_seconds(value: object, what: str) -> float:
     return float(value)
 
 
-def check_copyable(name: str, value: T) -> T:
-    """Return a deep copy of ``value`` or raise :class:`StateNotCopyable` naming the state."""
+def to_stored(name: str, value: Any, image: Image | None = None) -> Any:
+    """The form in which ``value`` is stored (see :func:`statekit._copying.stored_form`).
+
+    Raises:
+        StateNotCopyable: naming the state, when the value cannot be deep-copied.
+    """
     try:
-        return copy_value(value)
+        return stored_form(value, image)
     except Exception as exc:
         raise StateNotCopyable(name, type(value).__qualname__, exc) from exc
 
@@ -113,13 +117,13 @@ class GlobalState(State[T]):
     changes nothing stored.
     """
 
-    __slots__ = ("default",)
+    __slots__ = ("_default",)
 
     kind = "global"
 
     def __init__(self, engine: StateEngine, name: str, default: T) -> None:
         super().__init__(engine, name)
-        self.default: T = check_copyable(name, default)
+        self._default: Any = to_stored(name, default)
         engine._declare(self)
 
     def get(self) -> T:
@@ -195,8 +199,7 @@ class SessionState(State[T]):
                 f"got {type(factory).__name__}"
             )
         self._factory = factory
-        initial: Any = None if default is MISSING else default
-        self._default: T = check_copyable(name, initial)
+        self._default: Any = to_stored(name, None if default is MISSING else default)
         self.ttl = None if ttl is None else check_seconds(ttl, f"ttl of session state {name!r}")
         self._on_delete: tuple[Callable[[T, DeleteReason], object], ...] = ()
         if on_delete is not None:
@@ -207,7 +210,8 @@ class SessionState(State[T]):
         """A fresh initial value: a deep copy of the default, or the factory's result."""
         if self._factory is not None:
             return self._factory()
-        return copy_value(self._default)
+        value: T = open_value(self._default)
+        return value
 
     def get(self, sid: str) -> T:
         """Peek at a session's value from outside an event (a copy; the default if the
