@@ -23,6 +23,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 EXTRAS = "dev"
+BENCH_EXTRAS = "dev,bench"
 
 
 def run(*cmd: str | Path) -> None:
@@ -49,16 +50,16 @@ def make_venv() -> None:
             )
 
 
-def ensure_env() -> None:
+def ensure_env(extras: str = EXTRAS) -> None:
     """Create .venv and install the project, once per change of pyproject.toml."""
-    stamp = VENV / ".statekit-installed"
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + EXTRAS.encode()).hexdigest()
+    stamp = VENV / f".statekit-installed-{extras.replace(',', '-')}"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if stamp.exists() and stamp.read_text() == digest and PY.exists():
         return
     if not PY.exists():
         make_venv()
     run(PY, "-m", "pip", "install", "-q", "--upgrade", "pip")
-    run(PY, "-m", "pip", "install", "-q", "-e", f".[{EXTRAS}]")
+    run(PY, "-m", "pip", "install", "-q", "-e", f".[{extras}]")
     stamp.write_text(digest)
 
 
@@ -76,7 +77,7 @@ def test(args: list[str]) -> None:
 
 
 def bench(args: list[str]) -> None:
-    ensure_env()
+    ensure_env(BENCH_EXTRAS)
     run(PY, "-m", "benchmarks", *args)
 
 

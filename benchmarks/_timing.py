@@ -4,28 +4,44 @@ interleaved rounds, and the best round is kept (the least disturbed by the machi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import attrs
 
 
 @attrs.frozen(kw_only=True)
 class Measure:
-    """The best time per operation of one contender, in seconds."""
+    """The best time per operation of one contender, in seconds, or why it failed."""
 
     name: str
-    per_op: float
+    per_op: float | None
+    error: str | None = None
 
 
 def best_per_op(
-    contenders: dict[str, Callable[[int], None]], *, ops: int, rounds: int = 7
+    contenders: Mapping[str, Callable[[int], object]], *, ops: int, rounds: int = 7
 ) -> list[Measure]:
-    """Time ``fn(ops)`` for each contender, ``rounds`` times interleaved; keep the best."""
+    """Time ``fn(ops)`` for each contender, ``rounds`` times interleaved; keep the best.
+
+    A contender that raises is reported with its error and not timed again.
+    """
     best = dict.fromkeys(contenders, float("inf"))
+    errors: dict[str, str] = {}
     for _ in range(rounds):
         for name, fn in contenders.items():
+            if name in errors:
+                continue
             start = time.perf_counter()
-            fn(ops)
+            try:
+                fn(ops)
+            except Exception as exc:
+                errors[name] = type(exc).__name__
+                continue
             elapsed = time.perf_counter() - start
             best[name] = min(best[name], elapsed / ops)
-    return [Measure(name=name, per_op=best[name]) for name in contenders]
+    return [
+        Measure(name=name, per_op=None, error=errors[name])
+        if name in errors
+        else Measure(name=name, per_op=best[name])
+        for name in contenders
+    ]

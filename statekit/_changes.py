@@ -148,37 +148,71 @@ def _own_hash(t: type) -> bool:
     return h is not None and h is not object.__hash__
 
 
-def _pairs_of_dict(a: dict[Any, Any], b: dict[Any, Any]) -> Iterator[tuple[Any, Any]] | None:
-    """Pairs to compare for two dicts, or None when their key sets differ."""
-    if len(a) != len(b):
-        return None
-    pairs: list[tuple[Any, Any]] = []
+class _Mismatch:
+    """Yielded by a pair generator when the two containers cannot be equal."""
+
+    __slots__ = ()
+
+
+_MISMATCH = _Mismatch()
+
+_Pairs = Iterator["tuple[Any, Any] | _Mismatch"]
+
+
+def _dict_pairs(a: dict[Any, Any], b: dict[Any, Any]) -> _Pairs:
+    """Pairs to compare for two dicts of equal length, lazily."""
     exact_keys: dict[Any, Any] | None = None
+    unmatched: list[Any] = []
     for key, va in a.items():
         try:
             vb = b[key]
         except KeyError:
-            return None
+            unmatched.append(key)
+            continue
         if type(key) is not str:
             # 1, 1.0 and True are one dict key: make sure b holds the same kind.
             if exact_keys is None:
                 exact_keys = {k: k for k in b}
-            pairs.append((key, exact_keys[key]))
-        pairs.append((va, vb))
-    return iter(pairs)
+            yield key, exact_keys[key]
+        yield va, vb
+    if unmatched:
+        matches = _match_leftovers(unmatched, [k for k in b if k not in a])
+        if matches is None:
+            yield _MISMATCH
+            return
+        for key_a, key_b in matches:
+            yield a[key_a], b[key_b]
 
 
-def _pairs_of_set(a: Any, b: Any) -> Iterator[tuple[Any, Any]] | None:
-    if len(a) != len(b):
-        return None
+def _set_pairs(a: Any, b: Any) -> _Pairs:
+    """Pairs to compare for two sets of equal length: members matched by equality."""
     members = {x: x for x in b}
-    pairs: list[tuple[Any, Any]] = []
+    unmatched: list[Any] = []
     for x in a:
         try:
-            pairs.append((x, members[x]))
+            yield x, members[x]
         except KeyError:
+            unmatched.append(x)
+    if unmatched and _match_leftovers(unmatched, [y for y in b if y not in a]) is None:
+        yield _MISMATCH
+
+
+def _match_leftovers(left: list[Any], right: list[Any]) -> list[tuple[Any, Any]] | None:
+    """Match keys or members that lookup could not pair, such as NaN, which is not
+    equal to itself; None when some cannot be matched."""
+    if len(left) != len(right):
+        return None
+    pairs = []
+    remaining = list(right)
+    for x in left:
+        for i, y in enumerate(remaining):
+            if _walk(x, y) is Change.SAME:
+                pairs.append((x, y))
+                del remaining[i]
+                break
+        else:
             return None
-    return iter(pairs)
+    return pairs
 
 
 def compare(before: Any, after: Any) -> Change:
@@ -214,48 +248,60 @@ def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
 
 
 def _walk(before: Any, after: Any) -> Change:
+    """The exact comparison: a depth-first walk over pairs, with a stack of lazy pair
+    iterators (memory grows with depth, not width) and a memo of visited pairs."""
     result = Change.SAME
-    stack: list[tuple[Any, Any, bool]] = [(before, after, False)]
+    stack: list[tuple[Iterator[Any], bool]] = [(iter(((before, after),)), False)]
     seen: set[tuple[int, int]] = set()
     # Field dicts built during the walk stay referenced until it ends, so that their
     # ids in ``seen`` cannot be reused by later temporaries.
     keep: list[Any] = []
-    push = stack.append
-    pop = stack.pop
     while stack:
-        a, b, quiet = pop()
-        if a is b:
+        pairs_iter, quiet = stack[-1]
+        pair = next(pairs_iter, None)
+        if pair is None:
+            stack.pop()
             continue
-        t = type(a)
-        same: bool | None = False if t is not type(b) else _same_atom(t, a, b)
+        same: bool | None
+        if pair is _MISMATCH:
+            same = False
+            stack.pop()
+        else:
+            a, b = pair
+            if a is b:
+                continue
+            t = type(a)
+            same = False if t is not type(b) else _same_atom(t, a, b)
         if same is None:
             key = (id(a), id(b))
             if key in seen:
                 continue
             seen.add(key)
-            pairs: Iterator[tuple[Any, Any]] | None
+            pairs: Iterator[Any] | None
+            inner_quiet = quiet
+            container = True
             if isinstance(a, (list, tuple)):
-                pairs = zip(a, b, strict=False) if len(a) == len(b) else None
+                pairs = zip(a, b, strict=True) if len(a) == len(b) else None
             elif isinstance(a, dict):
-                pairs = _pairs_of_dict(a, b)
+                pairs = _dict_pairs(a, b) if len(a) == len(b) else None
             elif isinstance(a, (set, frozenset)):
-                pairs = _pairs_of_set(a, b)
+                pairs = _set_pairs(a, b) if len(a) == len(b) else None
             elif isinstance(a, (_IDENTITY_TYPES, enum.Enum)):
                 pairs = None  # identical ones were handled above
             else:
-                pairs, quiet, same = _custom_pairs(t, a, b, quiet, keep)
+                container = False
+                pairs, inner_quiet, same = _custom_pairs(t, a, b, quiet, keep)
             if same is None:
                 if pairs is None:
                     same = False
                 else:
-                    # Builtin subclasses may carry attributes of their own.
-                    if t not in _PLAIN_CONTAINERS:
+                    stack.append((pairs, inner_quiet))
+                    # Subclasses of builtin containers may carry attributes too.
+                    if container and t not in _PLAIN_CONTAINERS:
                         fa, fb = _fields(a), _fields(b)
                         if fa is not None or fb is not None:
                             keep.append((fa, fb))
-                            push((fa, fb, quiet))
-                    for pa, pb in pairs:
-                        push((pa, pb, quiet))
+                            stack.append((iter(((fa, fb),)), quiet))
                     continue
         if not same:
             if not quiet:
@@ -269,7 +315,7 @@ _PLAIN_CONTAINERS: frozenset[type] = frozenset({list, tuple, dict, set, frozense
 
 def _custom_pairs(
     t: type, a: Any, b: Any, quiet: bool, keep: list[Any]
-) -> tuple[Iterator[tuple[Any, Any]] | None, bool, bool | None]:
+) -> tuple[Iterator[Any] | None, bool, bool | None]:
     """How to compare two instances of a user-defined class.
 
     Returns the pairs to walk, whether differences below are quiet, and a verdict

@@ -190,3 +190,122 @@ class TestSafety:
                 raise RuntimeError("no")
 
         assert changed(Bad(), Bad())
+
+
+class TestHashCollisions:
+    def test_colliding_builtin_hashes_never_hide_a_change(self) -> None:
+        assert hash(-1) == hash(-2)  # a real collision in CPython
+        assert changed([-1], [-2])
+        assert changed({-1: "x"}, {-2: "x"})
+        assert changed({-1}, {-2})
+        assert changed(frozenset({(-1, "a")}), frozenset({(-2, "a")}))
+
+    def test_set_members_are_matched_by_equality_not_hash(self) -> None:
+        class Same:
+            def __init__(self, v: int) -> None:
+                self.v = v
+
+            def __hash__(self) -> int:
+                return 0
+
+            def __eq__(self, other: object) -> bool:
+                return isinstance(other, Same) and other.v == self.v
+
+        assert changed({Same(1)}, {Same(2)})
+        assert not changed({Same(1)}, {Same(1)})
+
+
+class TestSnapshots:
+    def test_snapshot_preserves_sharing_and_cycles(self) -> None:
+        from statekit._copying import open_value, stored_form
+
+        shared = [1]
+        cyclic: list[Any] = [shared, shared]
+        cyclic.append(cyclic)
+        opened = open_value(stored_form(cyclic))
+        assert opened[0] is opened[1]
+        assert opened[2] is opened
+        assert compare(cyclic, opened) is Change.SAME
+
+    def test_snapshot_is_no_larger_than_the_value(self) -> None:
+        import tracemalloc
+
+        from statekit._copying import Sealed, stored_form
+
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            value = [f"item-{i}" for i in range(20_000)] + list(range(20_000))
+            value_size = tracemalloc.get_traced_memory()[0] - base
+            before = tracemalloc.get_traced_memory()[0]
+            stored = stored_form(value)
+            snapshot_size = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert isinstance(stored, Sealed)
+        assert snapshot_size <= value_size
+
+    @pytest.mark.parametrize(("mutate", "bound"), [(False, 1.6), (True, 2.5)])
+    def test_an_event_holds_little_more_than_the_working_copy(
+        self, mutate: bool, bound: float
+    ) -> None:
+        import tracemalloc
+
+        from statekit import StateEngine
+
+        engine = StateEngine()
+        big = engine.session_state("big", list(range(100_000)))
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[big]  # materialized and stored sealed
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            value = list(range(100_000, 200_000))
+            value_size = tracemalloc.get_traced_memory()[0] - base
+            del value
+            tracemalloc.reset_peak()
+            start = tracemalloc.get_traced_memory()[0]
+            with engine.event(sid) as ev:
+                if mutate:
+                    ev[big][-1] = -1
+                else:
+                    ev[big]
+            peak = tracemalloc.get_traced_memory()[1] - start
+        finally:
+            tracemalloc.stop()
+        assert ev.result is not None
+        assert ev.result.changed == ({"big"} if mutate else set())
+        # Unchanged: the working copy and its image. Changed: also the stored value,
+        # opened for the exact walk.
+        assert peak <= bound * value_size
+
+    def test_values_100000_levels_deep_work_in_events(self) -> None:
+        from statekit import StateEngine
+
+        def nest(depth: int, leaf: int) -> list[Any]:
+            value: list[Any] = [leaf]
+            for _ in range(depth):
+                value = [value]
+            return value
+
+        engine = StateEngine()
+        deep = engine.session_state("deep", nest(100_000, 1))
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            inner = ev[deep]
+            while len(inner) == 1 and isinstance(inner[0], list):
+                inner = inner[0]
+            inner[0] = 2
+        assert ev.result is not None
+        assert ev.result.changed == {"deep"}
+        assert compare(deep.get(sid), nest(100_000, 2)) is Change.SAME
+
+
+def test_nan_members_and_keys_match_across_copies() -> None:
+    from statekit._copying import open_value, stored_form
+
+    for value in ({float("nan"), 1}, {float("nan"): 1, "a": 2}, {(float("nan"), 1)}):
+        assert compare(value, open_value(stored_form(value))) is Change.SAME
+    assert changed({float("nan"), 1}, {float("nan"), 2})
+    assert changed({float("nan"): 1}, {float("nan"): 2})

@@ -61,3 +61,44 @@ def test_deep_trees_and_other_types_fall_back() -> None:
     assert copy_value(thing).x == [1]
     assert copy_value(thing) is not thing
     assert copy_value({(1, 2): 3, frozenset(): 4}) == {(1, 2): 3, frozenset(): 4}
+
+
+def test_opening_a_large_image_leaves_gc_as_it_was() -> None:
+    import gc
+
+    from statekit._copying import open_value, stored_form
+
+    stored = stored_form({f"k{i}": [i] for i in range(20_000)})
+    assert gc.isenabled()
+    assert len(open_value(stored)) == 20_000
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        open_value(stored)
+        assert not gc.isenabled()  # a host's choice is respected
+    finally:
+        gc.enable()
+
+
+def test_classes_with_their_own_deepcopy_are_copied_with_it() -> None:
+    from statekit._copying import Sealed, open_value, stored_form
+
+    value = [BadReduce(3)]
+    stored = stored_form(value)
+    assert not isinstance(stored, Sealed)
+    assert open_value(stored)[0].n == 3
+
+
+def _fail(n: int) -> object:
+    raise RuntimeError("cannot rebuild")
+
+
+class BadReduce:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_fail, (self.n,))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BadReduce:
+        return BadReduce(self.n)
