@@ -42,10 +42,10 @@ def print_case(case: dict[str, Any]) -> None:
         print(f"  {group['label']}")
         for row in group["results"]:
             if "error" in row:
-                print(f"    {row['name']:<34} {'fails: ' + row['error']:>17}")
+                print(f"    {row['name']:<34} {'fails: ' + row['error']:>19}")
             else:
                 times = row.get("times_baseline", float("nan"))
-                print(f"    {row['name']:<34} {row['us_per_op']:>11.1f} µs {times:>7.2f}x")
+                print(f"    {row['name']:<34} {row['us_per_op']:>13,.3f} µs {times:>7.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -244,6 +244,11 @@ def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
         return _walk(stored.open(), after), image
     if stored is after:
         return Change.SAME, None
+    cls = type(stored)
+    if cls is type(after):
+        same = _same_atom(cls, stored, after)
+        if same is not None:
+            return (Change.SAME if same else Change.CHANGED), None
     return _walk(stored, after), None
 
 
