@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -49,10 +50,12 @@ VALUES: dict[str, Callable[[], Any]] = {
 
 
 def peer_deep_hash() -> Callable[[Any], str] | None:
+    """The peer's ``deep_hash``, or None when gradio is not installed."""
     try:
-        from gradio.utils import deep_hash
+        utils = importlib.import_module("gradio.utils")
     except ImportError:
         return None
+    deep_hash: Callable[[Any], str] = utils.deep_hash
     return deep_hash
 
 
