@@ -1,0 +1,295 @@
+"""Value <-> bytes, for stores that keep values outside the process.
+
+:class:`JSONCodec` (the default) writes tagged JSON: JSON's own types as they are, and
+single-key objects whose key starts with ``$`` for the rest:
+
+==================  ===========================================
+``tuple``           ``{"$tuple": [...]}``
+``set``             ``{"$set": [...]}``
+``frozenset``       ``{"$frozenset": [...]}``
+``bytes``           ``{"$bytes": "<base64>"}``
+``float`` nan/inf   ``{"$float": "nan"}``
+``datetime``        ``{"$datetime": "<ISO 8601>"}`` (date, time alike;
+                    ``["<ISO 8601>", 1]`` for ``fold=1``)
+``timedelta``       ``{"$timedelta": [days, seconds, microseconds]}``
+``UUID``            ``{"$uuid": "<hex>"}``
+``Decimal``         ``{"$decimal": "<str>"}``
+dataclass / attrs   ``{"$object": ["module:QualName", {field: value}]}``
+enum member         ``{"$enum": ["module:QualName", value]}``
+other dicts         ``{"$map": [[key, value], ...]}`` (non-str keys, or a key
+                    starting with ``$``)
+==================  ===========================================
+
+Types are exact: a value of any other type (or a subclass of a builtin) cannot be
+encoded and raises :class:`CodecError` naming the type. Decoding only rebuilds classes
+already imported by the process and never imports a module.
+
+:class:`SignedPickleCodec` is the opt-in for values JSON cannot carry: pickle, with an
+HMAC-SHA256 signature checked before anything is unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import decimal
+import enum
+import hashlib
+import hmac
+import json
+import math
+import pickle
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+from .exceptions import StateError
+
+__all__ = ["Codec", "CodecError", "JSONCodec", "SignedPickleCodec"]
+
+
+class CodecError(StateError, TypeError):
+    """A value cannot be encoded, or bytes cannot be decoded.
+
+    Attributes:
+        type_name: the type that could not be encoded, when that was the problem.
+    """
+
+    def __init__(self, message: str, type_name: str | None = None) -> None:
+        self.type_name = type_name
+        super().__init__(message)
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Turns values into bytes and back. Implementations are thread-safe."""
+
+    name: str
+
+    def encode(self, value: Any) -> bytes:
+        """The bytes for ``value``. Raises :class:`CodecError` if it has none."""
+        ...
+
+    def decode(self, data: bytes) -> Any:
+        """The value for ``data``. Raises :class:`CodecError` if ``data`` is invalid."""
+        ...
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _find_class(path: object) -> type:
+    """The class at ``module:QualName``, among modules already imported."""
+    if not isinstance(path, str) or ":" not in path:
+        raise CodecError(f"invalid class reference {path!r} in stored data")
+    module_name, qualname = path.split(":", 1)
+    module = sys.modules.get(module_name)
+    if module is None:
+        raise CodecError(
+            f"stored data refers to class {path!r}, but module {module_name!r} is not "
+            "imported in this process; import it before reading this state"
+        )
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if not isinstance(obj, type):
+        raise CodecError(f"stored data refers to {path!r}, which is not a class here")
+    return obj
+
+
+_DATES: dict[type, str] = {
+    datetime.datetime: "$datetime",
+    datetime.date: "$date",
+    datetime.time: "$time",
+}
+
+
+def _encode(value: Any) -> Any:
+    cls = type(value)
+    if cls is str or cls is int or cls is bool or value is None:
+        return value
+    if cls is float:
+        return value if math.isfinite(value) else {"$float": repr(value)}
+    if cls is list:
+        return [_encode(item) for item in value]
+    if cls is dict:
+        if all(type(k) is str and not k.startswith("$") for k in value):
+            return {k: _encode(v) for k, v in value.items()}
+        return {"$map": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    if cls is tuple:
+        return {"$tuple": [_encode(item) for item in value]}
+    if cls is set:
+        return {"$set": [_encode(item) for item in value]}
+    if cls is frozenset:
+        return {"$frozenset": [_encode(item) for item in value]}
+    if cls is bytes:
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if cls in _DATES:
+        if getattr(value, "fold", 0):
+            return {_DATES[cls]: [value.isoformat(), 1]}
+        return {_DATES[cls]: value.isoformat()}
+    if cls is datetime.timedelta:
+        return {"$timedelta": [value.days, value.seconds, value.microseconds]}
+    if cls is uuid.UUID:
+        return {"$uuid": value.hex}
+    if cls is decimal.Decimal:
+        return {"$decimal": str(value)}
+    if isinstance(value, enum.Enum):
+        return {"$enum": [_class_path(cls), _encode(value.value)]}
+    if dataclasses.is_dataclass(value) or attrs.has(cls):
+        names = (
+            [f.name for f in dataclasses.fields(value)]
+            if dataclasses.is_dataclass(value)
+            else [a.name for a in attrs.fields(cls)]
+        )
+        fields = {name: _encode(getattr(value, name)) for name in names}
+        return {"$object": [_class_path(cls), fields]}
+    raise CodecError(
+        f"a value of type {cls.__qualname__} cannot be stored as JSON; store JSON-typed "
+        "values (dict, list, str, int, float, bool, None), tuple, set, bytes, dates, "
+        "UUID, Decimal, enums, dataclasses or attrs classes — or choose "
+        "SignedPickleCodec for the store",
+        type_name=cls.__qualname__,
+    )
+
+
+def _tagged(items: Sequence[Any]) -> Any:
+    """Decode one single-key tagged object, given as its (tag, payload) item."""
+    tag, payload = items[0]
+    if tag == "$tuple":
+        return tuple(payload)
+    if tag == "$set":
+        return set(payload)
+    if tag == "$frozenset":
+        return frozenset(payload)
+    if tag == "$map":
+        return {k: v for k, v in payload}
+    if tag == "$bytes":
+        return base64.b64decode(payload, validate=True)
+    if tag == "$float":
+        return float(payload)
+    if tag == "$datetime":
+        return _with_fold(datetime.datetime.fromisoformat, payload)
+    if tag == "$date":
+        return datetime.date.fromisoformat(payload)
+    if tag == "$time":
+        return _with_fold(datetime.time.fromisoformat, payload)
+    if tag == "$timedelta":
+        days, seconds, micros = payload
+        return datetime.timedelta(days=days, seconds=seconds, microseconds=micros)
+    if tag == "$uuid":
+        return uuid.UUID(hex=payload)
+    if tag == "$decimal":
+        return decimal.Decimal(payload)
+    if tag == "$enum":
+        path, raw = payload
+        return _find_class(path)(raw)
+    if tag == "$object":
+        path, fields = payload
+        cls = _find_class(path)
+        if not (dataclasses.is_dataclass(cls) or attrs.has(cls)):
+            raise CodecError(f"stored class {path!r} is not a dataclass or attrs class")
+        return _rebuild(cls, fields)
+    raise CodecError(f"unknown tag {tag!r} in stored data")
+
+
+def _with_fold(parse: Any, payload: Any) -> Any:
+    """A datetime or time from ISO text, with ``fold=1`` when it was stored as
+    ``[text, 1]`` (ISO 8601 cannot say which of two repeated wall times is meant)."""
+    if isinstance(payload, list):
+        return parse(payload[0]).replace(fold=1)
+    return parse(payload)
+
+
+def _rebuild(cls: type, fields: dict[str, Any]) -> Any:
+    """An instance of ``cls`` with exactly ``fields``, whatever its ``__init__`` takes."""
+    obj = cls.__new__(cls)
+    for name, value in fields.items():
+        object.__setattr__(obj, name, value)  # also for frozen classes
+    return obj
+
+
+def _object_hook(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1:
+        items = list(obj.items())
+        if items[0][0].startswith("$"):
+            return _tagged(items)
+    return obj
+
+
+class JSONCodec:
+    """Tagged JSON (the default for stores that leave the process). Thread-safe."""
+
+    name = "json"
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return json.dumps(
+                _encode(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode("utf-8")
+        except RecursionError:
+            raise CodecError(
+                "the value is nested too deeply to store as JSON; flatten it, or keep "
+                "it in the memory store"
+            ) from None
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return json.loads(data, object_hook=_object_hook)
+        except CodecError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
+            raise CodecError(f"stored data is not valid tagged JSON ({exc})") from exc
+
+
+class SignedPickleCodec:
+    """Pickle with an HMAC-SHA256 signature: for values JSON cannot carry.
+
+    Only data signed with one of ``secrets`` is ever unpickled, so a party that can
+    write to the store but does not know a secret cannot make the process run code.
+    Give the same secrets to every process; to rotate, put the new secret first.
+
+    Args:
+        secrets: one or more secrets (bytes or str, at least 32 bytes), newest first.
+    """
+
+    name = "signed-pickle"
+
+    def __init__(self, secrets: Sequence[bytes | str] | bytes | str) -> None:
+        if isinstance(secrets, (bytes, str)):
+            secrets = [secrets]
+        keys = [s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in secrets]
+        if not keys or any(len(k) < 32 for k in keys):
+            raise ValueError(
+                "SignedPickleCodec needs one or more secrets of at least 32 bytes, newest "
+                "first; generate one with secrets.token_bytes(32)"
+            )
+        self._keys = keys
+
+    def __repr__(self) -> str:
+        return f"SignedPickleCodec(<{len(self._keys)} secret(s)>)"
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            data = pickle.dumps(value, protocol=5)
+        except Exception as exc:
+            raise CodecError(
+                f"a value of type {type(value).__qualname__} cannot be pickled ({exc})",
+                type_name=type(value).__qualname__,
+            ) from exc
+        return hmac.new(self._keys[0], data, hashlib.sha256).digest() + data
+
+    def decode(self, data: bytes) -> Any:
+        signature, body = data[:32], data[32:]
+        for key in self._keys:
+            if hmac.compare_digest(signature, hmac.new(key, body, hashlib.sha256).digest()):
+                return pickle.loads(body)
+        raise CodecError(
+            "stored pickle has no valid signature; it was written with another secret "
+            "or tampered with, and was not unpickled"
+        )
