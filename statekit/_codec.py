@@ -168,7 +168,7 @@ def _tagged(items: Sequence[Any]) -> Any:
     if tag == "$frozenset":
         return frozenset(payload)
     if tag == "$map":
-        return {k: v for k, v in payload}
+        return dict(payload)
     if tag == "$bytes":
         return base64.b64decode(payload, validate=True)
     if tag == "$float":
@@ -208,7 +208,7 @@ def _with_fold(parse: Any, payload: Any) -> Any:
 
 def _rebuild(cls: type, fields: dict[str, Any]) -> Any:
     """An instance of ``cls`` with exactly ``fields``, whatever its ``__init__`` takes."""
-    obj = cls.__new__(cls)
+    obj: Any = object.__new__(cls)
     for name, value in fields.items():
         object.__setattr__(obj, name, value)  # also for frozen classes
     return obj

@@ -8,14 +8,17 @@ they are part of the event, and deletion callbacks run after every lock is relea
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, overload
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable
+from typing import Any, TypeAlias, TypeVar, overload
 
-from ._changes import Change, judge
+from ._changes import Change, compare
 from ._clock import Clock, monotonic, wall
-from ._copying import Sealed, open_value
+from ._copying import copy_value, open_value
 from ._events import Event, EventResult, ListenerFailure
 from ._locks import SessionLocks
 from ._states import (
@@ -25,17 +28,18 @@ from ._states import (
     State,
     check_name,
     check_seconds,
-    to_stored,
 )
+from ._values import policy_for
 from .exceptions import (
     ChangeLoopError,
     EngineClosed,
     InvalidDeclaration,
+    SessionBusy,
     SessionExpired,
     SessionNotFound,
     StateError,
 )
-from .stores.base import DeleteReason, Ended, Gone, Loaded, Store
+from .stores.base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Store
 from .stores.memory import MemoryStore
 
 __all__ = ["StateEngine"]
@@ -43,6 +47,10 @@ __all__ = ["StateEngine"]
 logger = logging.getLogger("statekit")
 
 T = TypeVar("T")
+
+Call: TypeAlias = tuple[str, dict[str, Any]]
+"""A store call an event step asks for: the namespace method's name, its arguments."""
+Steps: TypeAlias = Generator[Call, Any, Any]
 
 #: How many rounds of change listeners may follow one event.
 MAX_CASCADE = 16
@@ -71,6 +79,10 @@ class StateEngine:
             evicts the least recently used, closed ones first, with reason ``evicted``.
         clock: the lifetime clock; :func:`time.monotonic` for a store of this process
             only, :func:`time.time` for a shared store.
+        lease_ttl: with a shared store, seconds an event may hold its session before
+            another process may take it (the slow event's commit is then refused).
+        lease_wait: with a shared store, seconds an event waits for a session another
+            process holds before raising :class:`SessionBusy`.
 
     Thread-safe: any method may be called from any thread. Use one engine per app per
     process; several engines may live in one process.
@@ -88,6 +100,8 @@ class StateEngine:
         closed_ttl: float = 3600,
         capacity: int = 10_000,
         clock: Clock | None = None,
+        lease_ttl: float = 30,
+        lease_wait: float = 30,
     ) -> None:
         self.app = check_name(app, "app")
         self.idle_ttl = check_seconds(idle_ttl, "idle_ttl")
@@ -95,7 +109,10 @@ class StateEngine:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise InvalidDeclaration(f"capacity must be a positive int, got {capacity!r}")
         self.capacity = capacity
+        self.lease_ttl = check_seconds(lease_ttl, "lease_ttl")
+        self.lease_wait = check_seconds(lease_wait, "lease_wait")
         self.store: Store = MemoryStore() if store is None else store
+        self._values = policy_for(self.store.codec, type(self.store).__name__)
         self.clock: Clock = (
             clock if clock is not None else wall if self.store.shared else monotonic
         )
@@ -104,6 +121,8 @@ class StateEngine:
         self._states: dict[str, State[Any]] = {}
         self._session_states: dict[str, SessionState[Any]] = {}
         self._end_hooks: tuple[Callable[[str, DeleteReason], object], ...] = ()
+        self._unsubscribe: Callable[[], None] | None = None
+        self._subscribe_lock = threading.Lock()
         self._shut = False
 
     def __repr__(self) -> str:
@@ -180,6 +199,9 @@ class StateEngine:
                 f"a state named {state.name!r} is already declared on this engine "
                 f"(app {self.app!r}); state names must be unique"
             )
+        if self.store.codec is not None:
+            # A store that encodes values must be able to encode the default.
+            self._values.store(state.name, open_value(state._default))
         self._states[state.name] = state
         if isinstance(state, SessionState):
             self._session_states[state.name] = state
@@ -253,7 +275,7 @@ class StateEngine:
         if isinstance(outcome, Loaded):
             self._run_ended(outcome.expired)
             return True
-        if outcome is not None and outcome.ended is not None:
+        if isinstance(outcome, Gone) and outcome.ended is not None:
             self._run_ended((outcome.ended,))
         return False
 
@@ -266,28 +288,45 @@ class StateEngine:
         return sid
 
     def _load(self, sid: str, now: float, pending: list[Ended]) -> Loaded:
-        """Load a session or raise why not; callbacks due are appended to ``pending``."""
-        outcome = self._ns.load_session(sid, now=now, touch_until=now + self.idle_ttl)
+        """Load a session (no lease) or raise why not; due callbacks go to ``pending``."""
+        return self._loaded_or_raise(
+            sid, now, self._ns.load_session(sid, now=now, touch_until=now + self.idle_ttl), pending
+        )
+
+    @staticmethod
+    def _loaded_or_raise(
+        sid: str, now: float, outcome: Loaded | Gone | Busy | None, pending: list[Ended]
+    ) -> Loaded:
         if isinstance(outcome, Loaded):
             pending.extend(outcome.expired)
             return outcome
         if outcome is None:
             raise SessionNotFound(sid)
+        if isinstance(outcome, Busy):  # only answered to a lease request
+            raise StateError("store answered Busy to a load without a lease")
         if outcome.ended is not None:
             pending.append(outcome.ended)
         raise SessionExpired(sid, outcome.reason.value, max(0.0, now - outcome.at))
 
     # -- events ------------------------------------------------------------------
+    #
+    # An event's store work is written once, as generators that yield store calls
+    # (method name and keyword arguments) and receive their results; ``_drive`` runs
+    # them with the store's blocking methods, ``_adrive`` with its async methods (or in
+    # a worker thread), so that sync and async events share every rule.
 
     def event(self, sid: str) -> Event:
         """One user action on session ``sid``: ``with engine.event(sid) as ev: ...``.
 
-        Entering the block waits for other events of the same session and loads it.
+        Entering the block waits for other events of the same session (in this process,
+        and with a shared store in every process) and loads it.
 
         Raises (on entering):
             SessionNotFound: the id was not issued by this engine.
             SessionExpired: the session has ended.
+            SessionBusy: another process held the session longer than ``lease_wait``.
             UsageError: an event of this session is already open in this thread/task.
+            StoreUnavailable: the store cannot be reached.
         """
         self._check_sid(sid)
         return Event(self, sid)
@@ -295,52 +334,125 @@ class StateEngine:
     def aevent(self, sid: str) -> Event:
         """The async form of :meth:`event`: ``async with engine.aevent(sid) as ev: ...``.
 
-        Waiting for the session's other events does not block the event loop.
+        Neither waiting for the session nor store I/O blocks the event loop.
         """
         return self.event(sid)
 
-    def _begin(self, ev: Event) -> None:
+    def _start(self, ev: Event) -> None:
         self._check_usable()
         if ev._started:
             raise StateError("an Event can be entered only once; open a new one")
         ev._started = True
+
+    def _begin(self, ev: Event) -> None:
+        self._start(ev)
         self._locks.acquire(ev.sid)
-        self._load_into(ev)
+        self._entered(ev, self._drive, self._begin_steps(ev))
 
     async def _abegin(self, ev: Event) -> None:
-        self._check_usable()
-        if ev._started:
-            raise StateError("an Event can be entered only once; open a new one")
-        ev._started = True
+        self._start(ev)
         await self._locks.aacquire(ev.sid)
-        self._load_into(ev)
-
-    def _load_into(self, ev: Event) -> None:
-        """Load the session into an event whose lock is held; release it on failure."""
-        ev.now = self.clock()
         try:
-            ev._loaded = self._load(ev.sid, ev.now, ev._pending)
+            await self._adrive(self._begin_steps(ev))
         except BaseException:
             self._locks.release(ev.sid)
             self._run_ended(ev._pending)
             raise
         ev._active = True
 
+    def _entered(self, ev: Event, drive: Callable[[Steps], Any], steps: Steps) -> None:
+        try:
+            drive(steps)
+        except BaseException:
+            self._locks.release(ev.sid)
+            self._run_ended(ev._pending)
+            raise
+        ev._active = True
+
+    def _begin_steps(self, ev: Event) -> Steps:
+        """Load the session; on a shared store, lease it first, waiting while busy."""
+        if not self.store.shared:
+            ev.now = self.clock()
+            outcome = yield (
+                "load_session",
+                {
+                    "sid": ev.sid,
+                    "now": ev.now,
+                    "touch_until": ev.now + self.idle_ttl,
+                },
+            )
+            ev._loaded = self._loaded_or_raise(ev.sid, ev.now, outcome, ev._pending)
+            return None
+        token = secrets.token_hex(12)
+        started = time.monotonic()
+        delay = 0.0005
+        while True:
+            ev.now = self.clock()
+            outcome = yield (
+                "load_session",
+                {
+                    "sid": ev.sid,
+                    "now": ev.now,
+                    "touch_until": ev.now + self.idle_ttl,
+                    "lease": Lease(token=token, until=ev.now + self.lease_ttl),
+                },
+            )
+            if not isinstance(outcome, Busy):
+                break
+            waited = time.monotonic() - started
+            if waited > self.lease_wait:
+                raise SessionBusy(ev.sid, waited)
+            yield "sleep", {"seconds": delay * (0.5 + secrets.randbelow(1000) / 1000)}
+            delay = min(delay * 2, 0.02)
+        ev._loaded = self._loaded_or_raise(ev.sid, ev.now, outcome, ev._pending)
+        ev._lease = token
+        return None
+
     def _end(self, ev: Event, *, failed: bool) -> None:
-        """Commit (unless the block failed), run listeners, release, run callbacks."""
+        self._finish(ev, self._drive, self._end_steps(ev, failed))
+
+    async def _aend(self, ev: Event, *, failed: bool) -> None:
         ev._active = False
         loop_error: ChangeLoopError | None = None
         try:
-            if not failed:
-                loop_error = self._commit_with_listeners(ev)
+            loop_error = await self._adrive(self._end_steps(ev, failed))
         finally:
-            self._locks.release(ev.sid)
-            self._run_ended(ev._pending)
-            self._reap_some(ev.now)
+            self._released(ev)
         if loop_error is not None:
             raise loop_error
 
-    def _commit(self, ev: Event) -> list[SessionState[Any]]:
+    def _finish(self, ev: Event, drive: Callable[[Steps], Any], steps: Steps) -> None:
+        ev._active = False
+        loop_error: ChangeLoopError | None = None
+        try:
+            loop_error = drive(steps)
+        finally:
+            self._released(ev)
+        if loop_error is not None:
+            raise loop_error
+
+    def _released(self, ev: Event) -> None:
+        self._locks.release(ev.sid)
+        self._run_ended(ev._pending)
+        self._reap_some(ev.now)
+
+    def _end_steps(self, ev: Event, failed: bool) -> Steps:
+        """Commit (unless the block failed), run listener rounds, release the lease."""
+        try:
+            if failed:
+                return None
+            return (yield from self._commit_with_listeners(ev))
+        finally:
+            if ev._lease is not None and not ev._lease_released:
+                try:
+                    yield "release", {"sid": ev.sid, "lease": ev._lease}
+                except Exception:
+                    # The lease lapses by itself; an event that failed already says why.
+                    logger.warning("could not release the lease of an event", exc_info=True)
+
+    def _commit_steps(
+        self, ev: Event, lease: str | None, release: Callable[[list[SessionState[Any]]], bool]
+    ) -> Generator[Call, Any, list[SessionState[Any]]]:
         """Write an event's changes in one store commit; return the states that changed."""
         writes, changed = ev._collect()
         if writes:
@@ -350,18 +462,28 @@ class StateEngine:
                 for name in writes
                 if (ttl := self._session_states[name].ttl) is not None
             }
-            self._ns.commit(
-                ev.sid,
-                version=ev._loaded.version,
-                writes=writes,
-                ttl_deadlines=ttl_deadlines,
-                now=ev.now,
+            releasing = lease is not None and release(changed)
+            yield (
+                "commit",
+                {
+                    "sid": ev.sid,
+                    "version": ev._loaded.version,
+                    "writes": writes,
+                    "ttl_deadlines": ttl_deadlines,
+                    "now": ev.now,
+                    "lease": lease,
+                    "release": releasing,
+                },
             )
+            if releasing:
+                ev._lease_released = True
         return changed
 
-    def _commit_with_listeners(self, ev: Event) -> ChangeLoopError | None:
+    def _commit_with_listeners(self, ev: Event) -> Steps:
         """Commit the event, then run rounds of listeners, each in its own event."""
-        changed = self._commit(ev)
+        changed = yield from self._commit_steps(
+            ev, ev._lease, lambda states: not any(s._listeners for s in states)
+        )
         all_changed = {state.name for state in changed}
         outputs = dict(ev._outputs)
         errors: list[ListenerFailure] = []
@@ -379,12 +501,22 @@ class StateEngine:
                     sub = Event(self, ev.sid)
                     sub._started = True
                     sub.now = ev.now
-                    sub._loaded = self._load(ev.sid, ev.now, ev._pending)
+                    outcome = yield (
+                        "load_session",
+                        {
+                            "sid": ev.sid,
+                            "now": ev.now,
+                            "touch_until": ev.now + self.idle_ttl,
+                        },
+                    )
+                    sub._loaded = self._loaded_or_raise(ev.sid, ev.now, outcome, ev._pending)
                     sub._active = True
                     try:
                         listener(sub, sub[state])
                         sub._active = False
-                        sub_changed = self._commit(sub)
+                        sub_changed = yield from self._commit_steps(
+                            sub, ev._lease, lambda states: False
+                        )
                     except Exception as exc:
                         sub._active = False
                         logger.exception(
@@ -413,6 +545,52 @@ class StateEngine:
         )
         return loop_error
 
+    def _drive(self, steps: Steps) -> Any:
+        """Run store-call steps with the store's blocking methods."""
+        ns = self._ns
+        try:
+            call = next(steps)
+            while True:
+                name, kwargs = call
+                try:
+                    if name == "sleep":
+                        time.sleep(kwargs["seconds"])
+                        result = None
+                    else:
+                        result = getattr(ns, name)(**kwargs)
+                except BaseException as exc:
+                    call = steps.throw(exc)
+                    continue
+                call = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+    async def _adrive(self, steps: Steps) -> Any:
+        """Run store-call steps without blocking the event loop: the store's async
+        methods (``a`` + name) when it has them, a worker thread for another shared
+        store, a direct call for the memory store."""
+        ns = self._ns
+        try:
+            call = next(steps)
+            while True:
+                name, kwargs = call
+                try:
+                    if name == "sleep":
+                        await asyncio.sleep(kwargs["seconds"])
+                        result = None
+                    elif (async_method := getattr(ns, "a" + name, None)) is not None:
+                        result = await async_method(**kwargs)
+                    elif self.store.shared:
+                        result = await asyncio.to_thread(getattr(ns, name), **kwargs)
+                    else:
+                        result = getattr(ns, name)(**kwargs)
+                except BaseException as exc:
+                    call = steps.throw(exc)
+                    continue
+                call = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+
     def _peek(self, sid: str, state: SessionState[T]) -> T:
         self._check_usable()
         self._check_sid(sid)
@@ -425,7 +603,7 @@ class StateEngine:
         stored = loaded.values.get(state.name, MISSING)
         if stored is MISSING:
             return state.new_value()
-        value: T = open_value(stored)
+        value: T = self._values.open(stored)
         return value
 
     # -- globals -----------------------------------------------------------------
@@ -433,21 +611,29 @@ class StateEngine:
     def _global_get(self, state: GlobalState[T]) -> T:
         self._check_usable()
         found = self._ns.global_get(state.name)
-        value: T = open_value(state._default if found is None else found[0])
+        value: T = open_value(state._default) if found is None else self._values.open(found[0])
         return value
 
     def _global_update(self, state: GlobalState[T], fn: Callable[[T], T]) -> T:
         self._check_usable()
+        name = state.name
         while True:
-            found = self._ns.global_get(state.name)
-            old, version = (state._default, None) if found is None else found
-            new = fn(open_value(old))
-            verdict, image = judge(old, new)
-            stored = to_stored(state.name, new, image)
-            if self._ns.global_cas(state.name, version=version, value=stored) is not None:
+            found = self._ns.global_get(name)
+            if found is None:
+                version = None
+                new = fn(open_value(state._default))
+                verdict = compare(open_value(state._default), new)
+                stored = self._values.store(name, new)
+            else:
+                old, version = found
+                new = fn(self._values.open(old))
+                verdict, stored = self._values.judge(name, old, new)
+                if stored is None:
+                    return new  # nothing to write
+            if self._ns.global_cas(name, version=version, value=stored) is not None:
                 break
         if verdict is Change.CHANGED:
-            self._fire_global(state, stored)
+            self._fire_global(state, self._values.open(stored))
         return new
 
     def _global_increment(self, state: GlobalState[T], n: int | float) -> T:
@@ -467,7 +653,7 @@ class StateEngine:
     def _fire_global(self, state: GlobalState[Any], value: Any) -> None:
         for listener in state._listeners:
             try:
-                listener(open_value(value))
+                listener(copy_value(value))
             except Exception:
                 logger.exception(
                     "change listener %s of global state %r raised",
@@ -510,8 +696,11 @@ class StateEngine:
                     continue
                 if not state._on_delete:
                     continue
-                if type(value) is Sealed:
-                    value = value.open()
+                try:
+                    value = self._values.open(value)
+                except Exception:
+                    logger.exception("stored value of state %r could not be read", name)
+                    continue
                 for callback in state._on_delete:
                     try:
                         callback(value, item.reason)

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from ._changes import Change, judge
-from ._copying import open_value
-from ._states import MISSING, GlobalState, SessionState, State, to_stored
+from ._changes import Change
+from ._states import MISSING, GlobalState, SessionState, State
 from .exceptions import UsageError, WrongEngine, redact
 
 if TYPE_CHECKING:
@@ -92,6 +91,8 @@ class Event:
         "_active",
         "_engine",
         "_globals",
+        "_lease",
+        "_lease_released",
         "_loaded",
         "_outputs",
         "_pending",
@@ -112,6 +113,8 @@ class Event:
         self._globals: dict[GlobalState[Any], Any] = {}
         self._outputs: dict[str, Any] = {}
         self._pending: list[Ended] = []
+        self._lease: str | None = None
+        self._lease_released = False
         self.now = 0.0
         self.result: EventResult | None = None
 
@@ -143,7 +146,7 @@ class Event:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._engine._end(self, failed=exc_type is not None)
+        await self._engine._aend(self, failed=exc_type is not None)
 
     # -- reading and writing -----------------------------------------------------
 
@@ -221,11 +224,12 @@ class Event:
 
     def _materialize(self, state: SessionState[Any]) -> _Slot:
         assert self._loaded is not None
+        values = self._engine._values
         stored = self._loaded.values.get(state.name, MISSING)
         if stored is not MISSING:
-            return _Slot(stored, open_value(stored), fresh=False)
+            return _Slot(stored, values.open(stored), fresh=False)
         work = state.new_value()
-        return _Slot(to_stored(state.name, work), work, fresh=True)
+        return _Slot(values.store(state.name, work), work, fresh=True)
 
     # -- commit support ---------------------------------------------------------
 
@@ -237,12 +241,13 @@ class Event:
         """
         writes: dict[str, Any] = {}
         changed: list[SessionState[Any]] = []
+        values = self._engine._values
         for state, slot in self._slots.items():
-            verdict, image = judge(slot.before, slot.work)
+            verdict, stored = values.judge(state.name, slot.before, slot.work)
             if verdict is Change.CHANGED:
                 changed.append(state)
-            if verdict is not Change.SAME:
-                writes[state.name] = to_stored(state.name, slot.work, image)
+            if stored is not None:
+                writes[state.name] = stored
             elif slot.fresh:
                 writes[state.name] = slot.before
         return writes, changed

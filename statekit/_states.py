@@ -80,7 +80,7 @@ class State(Generic[T]):
     Thread-safe: listeners may be added from any thread.
     """
 
-    __slots__ = ("__weakref__", "_engine", "_listeners", "_lock", "name")
+    __slots__ = ("__weakref__", "_default", "_engine", "_listeners", "_lock", "name")
 
     kind = "state"
 
@@ -89,6 +89,7 @@ class State(Generic[T]):
         self._engine = engine
         self._listeners: tuple[Callable[..., object], ...] = ()
         self._lock = threading.Lock()
+        self._default: Any = None  # the default's stored form, set by subclasses
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, app={self._engine.app!r})"
@@ -117,13 +118,13 @@ class GlobalState(State[T]):
     changes nothing stored.
     """
 
-    __slots__ = ("_default",)
+    __slots__ = ()
 
     kind = "global"
 
     def __init__(self, engine: StateEngine, name: str, default: T) -> None:
         super().__init__(engine, name)
-        self._default: Any = to_stored(name, default)
+        self._default = to_stored(name, default)
         engine._declare(self)
 
     def get(self) -> T:
@@ -174,7 +175,7 @@ class SessionState(State[T]):
     Thread-safe.
     """
 
-    __slots__ = ("_default", "_factory", "_on_delete", "ttl")
+    __slots__ = ("_factory", "_on_delete", "ttl")
 
     kind = "session"
 
@@ -199,7 +200,7 @@ class SessionState(State[T]):
                 f"got {type(factory).__name__}"
             )
         self._factory = factory
-        self._default: Any = to_stored(name, None if default is MISSING else default)
+        self._default = to_stored(name, None if default is MISSING else default)
         self.ttl = None if ttl is None else check_seconds(ttl, f"ttl of session state {name!r}")
         self._on_delete: tuple[Callable[[T, DeleteReason], object], ...] = ()
         if on_delete is not None:

@@ -13,12 +13,15 @@ __all__ = [
     "ChangeLoopError",
     "EngineClosed",
     "InvalidDeclaration",
+    "SessionBusy",
     "SessionExpired",
     "SessionNotFound",
     "StateError",
     "StateNotCopyable",
     "StoreConflict",
+    "StoreUnavailable",
     "UsageError",
+    "ValueNotStorable",
     "WrongEngine",
 ]
 
@@ -157,3 +160,44 @@ class InvalidDeclaration(StateError, ValueError):
 
 class UsageError(StateError, RuntimeError):
     """An API was used in a way that cannot work (the message says which way does)."""
+
+
+class ValueNotStorable(StateError, TypeError):
+    """A value cannot be encoded by the store's codec.
+
+    Attributes:
+        state: the name of the state.
+        type_name: the type that could not be encoded, when known.
+    """
+
+    def __init__(self, state: str, type_name: str | None, store: str, detail: str) -> None:
+        self.state = state
+        self.type_name = type_name
+        super().__init__(f"state {state!r} cannot be written to {store}: {detail}")
+
+
+class StoreUnavailable(StateError, ConnectionError):
+    """The store cannot be reached or written (server down, file not writable).
+
+    Nothing was written by the operation that raised it; retry once the store is back.
+    Attributes:
+        store: a description of the store (never its password).
+    """
+
+    def __init__(self, store: str, detail: str) -> None:
+        self.store = store
+        super().__init__(
+            f"{store} is unavailable ({detail}); nothing was written — retry when it is back"
+        )
+
+
+class SessionBusy(StateError, TimeoutError):
+    """Another process held the session's lease for longer than the engine waits."""
+
+    def __init__(self, sid: object, waited: float) -> None:
+        self.sid = sid
+        self.waited = waited
+        super().__init__(
+            f"session {redact(sid)} stayed busy in another process for {waited:.1f}s; "
+            "retry the request, or raise lease_wait if handlers are that slow"
+        )

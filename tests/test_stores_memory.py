@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 import statekit.stores.memory as memory
-from statekit.stores import DeleteReason, Gone, MemoryStore, Store
+from statekit.stores import DeleteReason, Gone, Loaded, MemoryStore, Notice, Store
 
 from .store_contract import StoreContract
 
@@ -13,10 +13,21 @@ class TestMemoryStore(StoreContract):
         return MemoryStore()
 
 
-def test_same_app_name_gives_same_namespace() -> None:
+def test_handles_of_one_app_share_state_and_notify_each_other() -> None:
     store = MemoryStore()
-    assert store.namespace("a") is store.namespace("a")
-    assert store.namespace("a") is not store.namespace("b")
+    one, two, other = store.namespace("a"), store.namespace("a"), store.namespace("b")
+    seen: list[Notice] = []
+    two.subscribe(seen.append)
+    other.subscribe(seen.append)
+    one.create_session("s", now=0, deadline=10, capacity=10)
+    assert isinstance(two.load_session("s", now=1, touch_until=None), Loaded)
+    one.commit("s", version=0, writes={"x": 1}, ttl_deadlines={}, now=1)
+    two.commit("s", version=1, writes={"y": 1}, ttl_deadlines={}, now=1)  # own: not seen
+    one.close_session("s", now=2, deadline=5)
+    assert [(n.kind, n.sid, n.names, n.reason) for n in seen] == [
+        ("changed", "s", ("x",), None),
+        ("ended", "s", (), DeleteReason.CLOSED),
+    ]
 
 
 def test_shutdown_hands_back_every_session_once() -> None:

@@ -4,15 +4,28 @@
 passes the same contract test suite.
 """
 
-from .base import DeleteReason, Ended, Gone, Loaded, Store, StoreNamespace
+from .base import (
+    Busy,
+    DeleteReason,
+    Ended,
+    Gone,
+    Lease,
+    Loaded,
+    Notice,
+    Store,
+    StoreNamespace,
+)
 from .memory import MemoryStore
 
 __all__ = [
+    "Busy",
     "DeleteReason",
     "Ended",
     "Gone",
+    "Lease",
     "Loaded",
     "MemoryStore",
+    "Notice",
     "Store",
     "StoreNamespace",
 ]

@@ -10,24 +10,35 @@ namespace protocol is shaped for stores that live outside the process:
 - every lifetime is a deadline kept in an index; :meth:`StoreNamespace.reap` removes
   due entries in deadline order and hands each to exactly one caller (claim-once),
   so each deletion callback runs once even with many processes;
-- the store enforces the session capacity, evicting the least recently used session.
+- the store enforces the session capacity, evicting the least recently used session;
+- a shared store grants a per-session *lease* with the load, so that events of one
+  session in different processes run one at a time; the commit is fenced by it;
+- a shared store publishes a :class:`Notice` for every commit and every ended session,
+  which other processes receive through :meth:`StoreNamespace.subscribe`.
 
-Times are plain floats from the engine's clock; the store never reads a clock itself.
+Values are opaque to the store: Python objects for a store without a codec, bytes made
+by the store's :attr:`Store.codec` otherwise. Times are plain floats from the engine's
+clock; the store never reads a clock itself.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
 
+from statekit._codec import Codec
+
 __all__ = [
+    "Busy",
     "DeleteReason",
     "Ended",
     "Gone",
+    "Lease",
     "Loaded",
+    "Notice",
     "Store",
     "StoreNamespace",
 ]
@@ -111,6 +122,47 @@ class Loaded:
     expired: tuple[Ended, ...] = ()
 
 
+@attrs.frozen(kw_only=True)
+class Lease:
+    """A request to hold a session for one event, across processes.
+
+    Attributes:
+        token: unique to the event; the commit is refused unless it still holds.
+        until: when the lease lapses if never released (engine clock).
+    """
+
+    token: str
+    until: float
+
+
+@attrs.frozen(kw_only=True)
+class Busy:
+    """The answer for a session whose lease another event holds until ``until``."""
+
+    until: float
+
+
+@attrs.frozen(kw_only=True)
+class Notice:
+    """What another process did to a session, as published by a shared store.
+
+    Attributes:
+        kind: ``"changed"`` (a commit), ``"ended"`` (closed, expired, evicted) or
+            ``"resync"`` (notices may have been lost, for example while reconnecting:
+            re-check what you care about; ``sid`` is empty).
+        sid: the session.
+        names: for ``"changed"``, the states written.
+        reason: for ``"ended"``, why.
+        origin: the namespace handle that caused it; a handle does not receive its own.
+    """
+
+    kind: Literal["changed", "ended", "resync"]
+    sid: str
+    names: tuple[str, ...] = ()
+    reason: DeleteReason | None = None
+    origin: str = ""
+
+
 @runtime_checkable
 class StoreNamespace(Protocol):
     """The state of one application in a store. Every method is thread-safe."""
@@ -127,14 +179,16 @@ class StoreNamespace(Protocol):
         ...
 
     def load_session(
-        self, sid: str, *, now: float, touch_until: float | None
-    ) -> Loaded | Gone | None:
+        self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
+    ) -> Loaded | Gone | Busy | None:
         """Load a session for an event; ``None`` when the store never knew ``sid``.
 
         An open session's deadline slides to ``touch_until`` (``None``: a look that
-        does not count as use). A session already past its
-        deadline is removed and returned as :class:`Gone` with ``ended`` set. Values
-        past their own ttl are removed and listed in :attr:`Loaded.expired`.
+        does not count as use). A session already past its deadline is removed and
+        returned as :class:`Gone` with ``ended`` set. Values past their own ttl are
+        removed and listed in :attr:`Loaded.expired`. With ``lease`` (shared stores),
+        the session is also leased to the caller, or :class:`Busy` is returned when
+        another unexpired lease holds it (and nothing else is done).
         """
         ...
 
@@ -146,17 +200,26 @@ class StoreNamespace(Protocol):
         writes: Mapping[str, Any],
         ttl_deadlines: Mapping[str, float],
         now: float,
+        lease: str | None = None,
+        release: bool = True,
     ) -> int:
-        """Write ``writes`` all-or-nothing if the session is still at ``version``.
+        """Write ``writes`` all-or-nothing if the session is still at ``version`` (and,
+        with ``lease``, still leased with that token), and publish a ``changed`` notice.
 
         ``ttl_deadlines`` gives the new deadline of each written value that has a ttl.
-        Returns the new version.
+        With ``release``, the lease is released in the same step. Returns the new
+        version.
 
         Raises:
-            StoreConflict: the session was committed by someone else meanwhile.
+            StoreConflict: the session was committed by someone else meanwhile, or the
+                lease lapsed and another event took it.
             SessionExpired: the session ended meanwhile.
             SessionNotFound: the session is unknown.
         """
+        ...
+
+    def release(self, sid: str, *, lease: str) -> None:
+        """Drop the lease ``lease`` of ``sid`` if it still holds; write nothing."""
         ...
 
     def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
@@ -197,6 +260,13 @@ class StoreNamespace(Protocol):
         and return the new value."""
         ...
 
+    def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
+        """Call ``callback(notice)`` for every notice published by *other* handles of
+        this namespace (other engines, other processes), from a thread of the store's.
+        Returns a function that unsubscribes. Delivery is best effort: after a gap the
+        store sends a ``resync`` notice."""
+        ...
+
     def shutdown(self) -> tuple[Ended, ...]:
         """Release resources. A store whose data dies with the process returns every
         session it held (reason ``SHUTDOWN``); a durable store returns ``()``."""
@@ -209,11 +279,16 @@ class Store(Protocol):
 
     Attributes:
         shared: whether other processes can see this store's data. Engines on a shared
-            store default to the wall clock, the only clock processes share.
+            store default to the wall clock, the only clock processes share, and lease
+            sessions for the length of each event.
+        codec: how values are turned into bytes, or ``None`` for a store that keeps
+            Python objects.
     """
 
     shared: bool
+    codec: Codec | None
 
     def namespace(self, app: str) -> StoreNamespace:
-        """The state of application ``app``; the same name gives the same state."""
+        """A handle on the state of application ``app``: the same name gives the same
+        state; each handle has its own identity as the origin of notices."""
         ...

@@ -13,14 +13,19 @@ reaped late, never early, and a load still refuses anything past its own deadlin
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from statekit._codec import Codec
 from statekit.exceptions import SessionExpired, SessionNotFound, StateError, StoreConflict
 
-from .base import DeleteReason, Ended, Gone, Loaded
+from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice
+
+logger = logging.getLogger("statekit")
 
 __all__ = ["MemoryStore"]
 
@@ -50,34 +55,91 @@ class MemoryStore:
     """
 
     shared = False
+    codec: Codec | None = None
 
     def __init__(self) -> None:
-        self._namespaces: dict[str, _MemoryNamespace] = {}
+        self._apps: dict[str, _AppState] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"MemoryStore(apps={sorted(self._namespaces)!r})"
+        return f"MemoryStore(apps={sorted(self._apps)!r})"
 
     def namespace(self, app: str) -> _MemoryNamespace:
-        """The state of application ``app``; the same name gives the same state."""
+        """A handle on application ``app``; handles of one name share their state."""
         with self._lock:
-            ns = self._namespaces.get(app)
-            if ns is None:
-                ns = self._namespaces[app] = _MemoryNamespace()
-            return ns
+            state = self._apps.get(app)
+            if state is None:
+                state = self._apps[app] = _AppState()
+            return _MemoryNamespace(state)
+
+
+class _AppState:
+    """The data of one application, shared by its handles."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open: OrderedDict[str, _Record] = OrderedDict()
+        self.closed: OrderedDict[str, _Record] = OrderedDict()
+        self.ttl: dict[str, OrderedDict[str, float]] = {}
+        self.gone: OrderedDict[str, tuple[DeleteReason, float]] = OrderedDict()
+        self.globals: dict[str, tuple[Any, int]] = {}
+        self.subscribers: dict[int, tuple[str, Callable[[Notice], None]]] = {}
+
+
+_handles = itertools.count(1)
 
 
 class _MemoryNamespace:
-    """One application's state in a :class:`MemoryStore`. Thread-safe: one lock
-    guards every structure, and no user code runs under it."""
+    """A handle on one application's state in a :class:`MemoryStore`. Thread-safe: one
+    lock guards every structure, and no user code runs under it. Notices go, after the
+    lock is released, to the subscribers of the application's other handles."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: OrderedDict[str, _Record] = OrderedDict()
-        self._closed: OrderedDict[str, _Record] = OrderedDict()
-        self._ttl: dict[str, OrderedDict[str, float]] = {}
-        self._gone: OrderedDict[str, tuple[DeleteReason, float]] = OrderedDict()
-        self._globals: dict[str, tuple[Any, int]] = {}
+    def __init__(self, state: _AppState) -> None:
+        self._state = state
+        self.origin = f"memory-{next(_handles)}"
+        self._lock = state.lock
+        self._open = state.open
+        self._closed = state.closed
+        self._ttl = state.ttl
+        self._gone = state.gone
+        self._globals = state.globals
+
+    # -- notices -----------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
+        key = next(_handles)
+        with self._lock:
+            self._state.subscribers[key] = (self.origin, callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._state.subscribers.pop(key, None)
+
+        return unsubscribe
+
+    def _publish(self, notices: Iterable[Notice]) -> None:
+        """Deliver notices to other handles' subscribers; call without the lock."""
+        subscribers = list(self._state.subscribers.values())
+        if not subscribers:
+            return
+        for notice in notices:
+            for origin, callback in subscribers:
+                if origin == notice.origin:
+                    continue
+                try:
+                    callback(notice)
+                except Exception:
+                    logger.exception("store notice subscriber raised")
+
+    def _ended_notices(self, ended: Iterable[Ended]) -> list[Notice]:
+        return [
+            Notice(kind="ended", sid=e.sid, reason=e.reason, origin=self.origin)
+            for e in ended
+            if e.state is None
+        ]
+
+    def release(self, sid: str, *, lease: str) -> None:
+        """Leases are for shared stores; within one process the engine's locks serve."""
 
     # -- sessions ---------------------------------------------------------------
 
@@ -100,11 +162,13 @@ class _MemoryNamespace:
                     reason, at = DeleteReason.EVICTED, now
                 evicted.append(self._remove(victim, reason, at))
             self._open[sid] = _Record(sid, deadline)
+        if evicted:
+            self._publish(self._ended_notices(evicted))
         return tuple(evicted)
 
     def load_session(
-        self, sid: str, *, now: float, touch_until: float | None
-    ) -> Loaded | Gone | None:
+        self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
+    ) -> Loaded | Gone | Busy | None:
         with self._lock:
             rec = self._open.get(sid) or self._closed.get(sid)
             if rec is None:
@@ -112,14 +176,19 @@ class _MemoryNamespace:
             if rec.deadline <= now:
                 reason = DeleteReason.CLOSED if rec.closed else DeleteReason.IDLE
                 ended = self._remove(rec, reason, rec.deadline)
-                return Gone(reason=reason, at=rec.deadline, ended=ended)
-            expired = self._claim_values(rec, now) if rec.value_deadlines else ()
-            if not rec.closed and touch_until is not None:
-                rec.deadline = touch_until
-                self._open.move_to_end(sid)
-            return Loaded(
-                sid=sid, version=rec.version, closed=rec.closed, values=rec.values, expired=expired
-            )
+                gone = Gone(reason=reason, at=rec.deadline, ended=ended)
+            else:
+                gone = None
+                expired = self._claim_values(rec, now) if rec.value_deadlines else ()
+                if not rec.closed and touch_until is not None:
+                    rec.deadline = touch_until
+                    self._open.move_to_end(sid)
+        if gone is not None:
+            self._publish(self._ended_notices((ended,)))
+            return gone
+        return Loaded(
+            sid=sid, version=rec.version, closed=rec.closed, values=rec.values, expired=expired
+        )
 
     def commit(
         self,
@@ -129,6 +198,8 @@ class _MemoryNamespace:
         writes: Mapping[str, Any],
         ttl_deadlines: Mapping[str, float],
         now: float,
+        lease: str | None = None,
+        release: bool = True,
     ) -> int:
         with self._lock:
             rec = self._open.get(sid) or self._closed.get(sid)
@@ -151,7 +222,9 @@ class _MemoryNamespace:
                     queue[sid] = deadline
                     queue.move_to_end(sid)
             rec.version += 1
-            return rec.version
+            version = rec.version
+        self._publish([Notice(kind="changed", sid=sid, names=tuple(writes), origin=self.origin)])
+        return version
 
     def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
         with self._lock:
@@ -162,12 +235,16 @@ class _MemoryNamespace:
                 return self._gone_answer(sid)
             if rec.deadline <= now:
                 ended = self._remove(rec, DeleteReason.IDLE, rec.deadline)
-                return Gone(reason=DeleteReason.IDLE, at=rec.deadline, ended=ended)
-            del self._open[sid]
-            rec.closed = True
-            rec.deadline = deadline
-            self._closed[sid] = rec
-            return True
+                outcome: bool | Gone = Gone(reason=DeleteReason.IDLE, at=rec.deadline, ended=ended)
+            else:
+                del self._open[sid]
+                rec.closed = True
+                rec.deadline = deadline
+                self._closed[sid] = rec
+                ended = Ended(sid=sid, reason=DeleteReason.CLOSED, values={}, at=now)
+                outcome = True
+        self._publish(self._ended_notices((ended,)))
+        return outcome
 
     def session_count(self) -> int:
         return len(self._open) + len(self._closed)
@@ -199,6 +276,8 @@ class _MemoryNamespace:
                     name, sid = pick
                     rec = self._open.get(sid) or self._closed[sid]
                     out.append(self._claim_value(rec, name, best))
+        if out:
+            self._publish(self._ended_notices(e for e in out if not e.was_closed))
         return tuple(out)
 
     def _claim_values(self, rec: _Record, now: float) -> tuple[Ended, ...]:
