@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, TypeAlias, TypeVar, overload
 
+import cachetools
+
 from ._changes import Change, compare
 from ._clock import Clock, monotonic, wall
 from ._copying import copy_value, open_value
@@ -39,7 +41,7 @@ from .exceptions import (
     SessionNotFound,
     StateError,
 )
-from .stores.base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Store
+from .stores.base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, Store
 from .stores.memory import MemoryStore
 
 __all__ = ["StateEngine"]
@@ -123,6 +125,8 @@ class StateEngine:
         self._end_hooks: tuple[Callable[[str, DeleteReason], object], ...] = ()
         self._unsubscribe: Callable[[], None] | None = None
         self._subscribe_lock = threading.Lock()
+        # Versions of sessions this engine used lately, to re-check after lost notices.
+        self._seen_versions: cachetools.LRUCache[str, int] = cachetools.LRUCache(10_000)
         self._shut = False
 
     def __repr__(self) -> str:
@@ -406,6 +410,7 @@ class StateEngine:
             delay = min(delay * 2, 0.02)
         ev._loaded = self._loaded_or_raise(ev.sid, ev.now, outcome, ev._pending)
         ev._lease = token
+        self._seen_versions[ev.sid] = ev._loaded.version
         return None
 
     def _end(self, ev: Event, *, failed: bool) -> None:
@@ -714,6 +719,61 @@ class StateEngine:
             if item.state is None and not item.was_closed:
                 self._run_end_hooks(item.sid, item.reason)
 
+    # -- notices from other engines ---------------------------------------------
+
+    def _subscribe(self) -> None:
+        """Receive the store's notices (once), for remote listeners and end hooks."""
+        with self._subscribe_lock:
+            if self._unsubscribe is None and not self._shut:
+                self._unsubscribe = self._ns.subscribe(self._on_notice)
+
+    def _on_notice(self, notice: Notice) -> None:
+        """Handle what another engine did. Runs in the store's notification thread."""
+        if self._shut:
+            return
+        if notice.kind == "ended":
+            assert notice.reason is not None
+            self._run_end_hooks(notice.sid, notice.reason)
+        elif notice.kind == "changed":
+            states = [
+                state
+                for name in notice.names
+                if (state := self._session_states.get(name)) is not None
+                and state._remote_listeners
+            ]
+            if states:
+                self._fire_remote(notice.sid, states)
+        else:  # resync: notices may have been lost
+            for sid, version in list(self._seen_versions.items()):
+                outcome = self._ns.load_session(sid, now=self.clock(), touch_until=None)
+                if isinstance(outcome, Loaded) and outcome.version != version:
+                    self._seen_versions[sid] = outcome.version
+                    self._fire_remote(
+                        sid, [s for s in self._session_states.values() if s._remote_listeners]
+                    )
+
+    def _fire_remote(self, sid: str, states: list[SessionState[Any]]) -> None:
+        try:
+            outcome = self._ns.load_session(sid, now=self.clock(), touch_until=None)
+        except Exception:
+            logger.exception("could not load a session changed by another process")
+            return
+        if not isinstance(outcome, Loaded):
+            return
+        self._seen_versions[sid] = outcome.version
+        for state in states:
+            stored = outcome.values.get(state.name, MISSING)
+            for listener in state._remote_listeners:
+                try:
+                    value = state.new_value() if stored is MISSING else self._values.open(stored)
+                    listener(sid, value)
+                except Exception:
+                    logger.exception(
+                        "remote change listener %s of state %r raised",
+                        _qualname(listener),
+                        state.name,
+                    )
+
     def _run_end_hooks(self, sid: str, reason: DeleteReason) -> None:
         for hook in self._end_hooks:
             try:
@@ -731,4 +791,8 @@ class StateEngine:
         if self._shut:
             return
         self._shut = True
+        with self._subscribe_lock:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
         self._run_ended(self._ns.shutdown())

@@ -175,7 +175,7 @@ class SessionState(State[T]):
     Thread-safe.
     """
 
-    __slots__ = ("_factory", "_on_delete", "ttl")
+    __slots__ = ("_factory", "_on_delete", "_remote_listeners", "ttl")
 
     kind = "session"
 
@@ -203,6 +203,7 @@ class SessionState(State[T]):
         self._default = to_stored(name, None if default is MISSING else default)
         self.ttl = None if ttl is None else check_seconds(ttl, f"ttl of session state {name!r}")
         self._on_delete: tuple[Callable[[T, DeleteReason], object], ...] = ()
+        self._remote_listeners: tuple[Callable[[str, T], object], ...] = ()
         if on_delete is not None:
             self.on_delete(on_delete)
         engine._declare(self)
@@ -234,6 +235,26 @@ class SessionState(State[T]):
         decorator.
         """
         self._add_listener(fn)
+        return fn
+
+    def on_remote_change(self, fn: Callable[[str, T], object]) -> Callable[[str, T], object]:
+        """Call ``fn(sid, value)`` when *another* engine on the same shared store and app
+        (typically another worker process) commits a change to this state.
+
+        For pushing updates to a client connected to this process: the change itself,
+        and its :meth:`on_change` listeners, ran where it was made. Runs in the store's
+        notification thread, outside every lock, within about a second of the commit
+        (best effort: after a lost connection, listeners fire for every session this
+        engine used whose version moved). An exception is logged. Usable as a decorator.
+        """
+        if not callable(fn):
+            raise InvalidDeclaration(
+                f"on_remote_change() of state {self.name!r} needs a callable, "
+                f"got {type(fn).__name__}"
+            )
+        with self._lock:
+            self._remote_listeners = (*self._remote_listeners, fn)
+        self._engine._subscribe()
         return fn
 
     def on_delete(

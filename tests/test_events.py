@@ -431,3 +431,39 @@ class TestAsync:
             await task
 
         asyncio.run(main())
+
+
+class TestRemoteListeners:
+    def test_change_made_by_another_engine_fires_remote_listener(self) -> None:
+        from statekit import MemoryStore
+
+        store = MemoryStore()
+        worker_a = StateEngine(store, app="shop")
+        worker_b = StateEngine(store, app="shop")
+        cart_a: SessionState[list[str]] = worker_a.session_state("cart", [])
+        cart_b: SessionState[list[str]] = worker_b.session_state("cart", [])
+        seen_b: list[tuple[str, list[str]]] = []
+        seen_a: list[tuple[str, list[str]]] = []
+        cart_b.on_remote_change(lambda sid, value: seen_b.append((sid, value)))
+        cart_a.on_remote_change(lambda sid, value: seen_a.append((sid, value)))
+        sid = worker_a.open_session()
+        with worker_a.event(sid) as ev:
+            ev[cart_a].append("milk")
+        assert seen_b == [(sid, ["milk"])]
+        assert seen_a == []  # a worker is not told of its own changes
+        with worker_b.event(sid) as ev:
+            ev[cart_b].append("tea")
+        assert seen_a == [(sid, ["milk", "tea"])]
+
+    def test_session_ended_elsewhere_runs_end_hooks_here(self) -> None:
+        from statekit import MemoryStore
+
+        store = MemoryStore()
+        worker_a = StateEngine(store, app="shop")
+        worker_b = StateEngine(store, app="shop")
+        ended: list[tuple[str, str]] = []
+        worker_b._on_session_end(lambda sid, reason: ended.append((sid, reason.value)))
+        worker_b._subscribe()
+        sid = worker_a.open_session()
+        worker_a.close_session(sid)
+        assert ended == [(sid, "closed")]
