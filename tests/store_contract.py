@@ -8,11 +8,74 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
+import attrs
 import pytest
 
+from statekit._codec import Codec
+
 from statekit import SessionExpired, SessionNotFound, StoreConflict
-from statekit.stores import DeleteReason, Ended, Gone, Loaded, Store, StoreNamespace
+from statekit.stores import (
+    Busy,
+    DeleteReason,
+    Ended,
+    Gone,
+    Lease,
+    Loaded,
+    Notice,
+    Store,
+    StoreNamespace,
+)
+
+
+class _Decoded:
+    """A namespace seen through its store's codec, so that one contract reads the same
+    for stores that keep objects and stores that keep bytes."""
+
+    def __init__(self, ns: StoreNamespace, codec: Codec) -> None:
+        self._ns = ns
+        self._codec = codec
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ns, name)
+
+    def _ended(self, ended: Ended) -> Ended:
+        values = {k: self._codec.decode(v) for k, v in ended.values.items()}
+        return attrs.evolve(ended, values=values)
+
+    def _outcome(self, outcome: Any) -> Any:
+        if isinstance(outcome, Loaded):
+            values = {k: self._codec.decode(v) for k, v in outcome.values.items()}
+            expired = tuple(self._ended(e) for e in outcome.expired)
+            return attrs.evolve(outcome, values=values, expired=expired)
+        if isinstance(outcome, Gone) and outcome.ended is not None:
+            return attrs.evolve(outcome, ended=self._ended(outcome.ended))
+        return outcome
+
+    def create_session(self, sid: str, **kw: Any) -> tuple[Ended, ...]:
+        return tuple(self._ended(e) for e in self._ns.create_session(sid, **kw))
+
+    def load_session(self, sid: str, **kw: Any) -> Any:
+        return self._outcome(self._ns.load_session(sid, **kw))
+
+    def close_session(self, sid: str, **kw: Any) -> Any:
+        return self._outcome(self._ns.close_session(sid, **kw))
+
+    def commit(self, sid: str, *, writes: Mapping[str, Any], **kw: Any) -> int:
+        encoded = {k: self._codec.encode(v) for k, v in writes.items()}
+        return self._ns.commit(sid, writes=encoded, **kw)
+
+    def reap(self, **kw: Any) -> tuple[Ended, ...]:
+        return tuple(self._ended(e) for e in self._ns.reap(**kw))
+
+    def global_get(self, name: str) -> tuple[Any, int] | None:
+        found = self._ns.global_get(name)
+        return None if found is None else (self._codec.decode(found[0]), found[1])
+
+    def global_cas(self, name: str, *, version: int | None, value: Any) -> int | None:
+        return self._ns.global_cas(name, version=version, value=self._codec.encode(value))
 
 
 class StoreContract:
@@ -25,7 +88,10 @@ class StoreContract:
 
     @pytest.fixture
     def ns(self, store: Store) -> StoreNamespace:
-        return store.namespace(f"contract-{uuid.uuid4().hex[:8]}")
+        ns = store.namespace(f"contract-{uuid.uuid4().hex[:8]}")
+        if store.codec is None:
+            return ns
+        return _Decoded(ns, store.codec)  # type: ignore[return-value]
 
     @staticmethod
     def new(ns: StoreNamespace, sid: str = "s1", *, now: float = 0.0, ttl: float = 10) -> str:
@@ -40,9 +106,9 @@ class StoreContract:
 
     # -- sessions ---------------------------------------------------------------
 
-    def test_store_satisfies_protocol(self, store: Store, ns: StoreNamespace) -> None:
+    def test_store_satisfies_protocol(self, store: Store) -> None:
         assert isinstance(store, Store)
-        assert isinstance(ns, StoreNamespace)
+        assert isinstance(store.namespace("protocol"), StoreNamespace)
 
     def test_new_session_loads_empty_at_version_zero(self, ns: StoreNamespace) -> None:
         self.new(ns)
@@ -248,7 +314,83 @@ class StoreContract:
         one = store.namespace(f"one-{uuid.uuid4().hex[:6]}")
         two = store.namespace(f"two-{uuid.uuid4().hex[:6]}")
         self.new(one)
-        one.global_add("n", 5, default=0)
+        assert one.global_add("n", 5, default=0) == 5
         assert two.load_session("s1", now=0, touch_until=None) is None
         assert two.global_get("n") is None
         assert two.session_count() == 0
+
+
+class SharedStoreContract(StoreContract):
+    """What stores shared by several processes add: leases and notices. Values are
+    bytes made by the store's codec."""
+
+    def test_store_is_shared_with_a_codec(self, store: Store) -> None:
+        assert store.shared
+        assert store.codec is not None
+
+    def test_lease_excludes_other_events_until_released(self, ns: StoreNamespace) -> None:
+        self.new(ns, ttl=100)
+        first = ns.load_session("s1", now=1, touch_until=101, lease=Lease(token="a", until=31))
+        assert isinstance(first, Loaded)
+        busy = ns.load_session("s1", now=2, touch_until=102, lease=Lease(token="b", until=32))
+        assert busy == Busy(until=31)
+        assert isinstance(ns.load_session("s1", now=2, touch_until=None), Loaded)  # a peek
+        ns.release("s1", lease="a")
+        again = ns.load_session("s1", now=3, touch_until=103, lease=Lease(token="b", until=33))
+        assert isinstance(again, Loaded)
+
+    def test_lapsed_lease_can_be_taken_and_fences_the_slow_commit(
+        self, ns: StoreNamespace
+    ) -> None:
+        self.new(ns, ttl=100)
+        ns.load_session("s1", now=1, touch_until=101, lease=Lease(token="slow", until=5))
+        taken = ns.load_session("s1", now=6, touch_until=106, lease=Lease(token="fast", until=36))
+        assert isinstance(taken, Loaded)
+        with pytest.raises(StoreConflict):
+            ns.commit(
+                "s1", version=0, writes={"a": b"1"}, ttl_deadlines={}, now=7, lease="slow"
+            )
+        assert ns.commit(
+            "s1", version=0, writes={"a": b"2"}, ttl_deadlines={}, now=7, lease="fast"
+        ) == 1
+        assert dict(self.load(ns, "s1", now=8).values) == {"a": b"2"}
+
+    def test_commit_without_release_keeps_the_lease(self, ns: StoreNamespace) -> None:
+        self.new(ns, ttl=100)
+        ns.load_session("s1", now=1, touch_until=101, lease=Lease(token="a", until=31))
+        ns.commit(
+            "s1", version=0, writes={"x": b"1"}, ttl_deadlines={}, now=2, lease="a", release=False
+        )
+        busy = ns.load_session("s1", now=3, touch_until=103, lease=Lease(token="b", until=33))
+        assert isinstance(busy, Busy)
+        ns.commit("s1", version=1, writes={"y": b"1"}, ttl_deadlines={}, now=3, lease="a")
+        free = ns.load_session("s1", now=4, touch_until=104, lease=Lease(token="b", until=34))
+        assert isinstance(free, Loaded)
+
+    def test_other_handles_receive_notices(self, store: Store) -> None:
+        import threading
+        import uuid
+
+        app = f"notices-{uuid.uuid4().hex[:6]}"
+        writer, reader = store.namespace(app), store.namespace(app)
+        received: list[Notice] = []
+        got_all = threading.Event()
+
+        def on_notice(notice: Notice) -> None:
+            received.append(notice)
+            if len(received) >= 2:
+                got_all.set()
+
+        unsubscribe = reader.subscribe(on_notice)
+        try:
+            writer.create_session("s1", now=0, deadline=100, capacity=10)
+            writer.commit("s1", version=0, writes={"cart": b"[]"}, ttl_deadlines={}, now=1)
+            writer.close_session("s1", now=2, deadline=50)
+            assert got_all.wait(5)
+        finally:
+            unsubscribe()
+        assert [(n.kind, n.sid, n.names, n.reason) for n in received[:2]] == [
+            ("changed", "s1", ("cart",), None),
+            ("ended", "s1", (), DeleteReason.CLOSED),
+        ]
+        assert all(n.origin != reader.origin for n in received)  # type: ignore[attr-defined]

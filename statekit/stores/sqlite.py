@@ -1,0 +1,606 @@
+"""The SQLite store: durable on one host, shared by its processes.
+
+Standard library only (:mod:`sqlite3`), in WAL mode so that readers never wait for the
+writer. Every operation is one transaction; those that write take the write lock at
+once (``BEGIN IMMEDIATE``), so concurrent processes are serialized by SQLite itself —
+which also makes every claim (reaping, eviction, leases) happen exactly once. Commits
+of events are synced to disk (``synchronous=FULL``); touches and leases, which only
+move deadlines, are not (a crash forgets at most the last few touches).
+
+Each thread of each process gets its own connection; a forked child opens new ones.
+Notices for other processes go to a table that subscribers poll.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from statekit._codec import Codec, JSONCodec
+from statekit.exceptions import (
+    SessionExpired,
+    SessionNotFound,
+    StateError,
+    StoreConflict,
+    StoreUnavailable,
+)
+
+from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice
+
+__all__ = ["SQLiteStore"]
+
+logger = logging.getLogger("statekit")
+
+#: How long notices and tombstones are kept, in seconds of the engine's clock.
+NOTICE_HORIZON = 120.0
+TOMBSTONE_HORIZON = 86_400.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sk_sessions (
+    app TEXT NOT NULL, sid TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    closed INTEGER NOT NULL DEFAULT 0,
+    deadline REAL NOT NULL,
+    touched REAL NOT NULL,
+    lease TEXT, lease_until REAL,
+    PRIMARY KEY (app, sid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sk_sessions_deadline ON sk_sessions (app, deadline);
+CREATE INDEX IF NOT EXISTS sk_sessions_lru ON sk_sessions (app, closed DESC, touched);
+CREATE TABLE IF NOT EXISTS sk_values (
+    app TEXT NOT NULL, sid TEXT NOT NULL, name TEXT NOT NULL,
+    value BLOB NOT NULL, deadline REAL,
+    PRIMARY KEY (app, sid, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sk_values_deadline ON sk_values (app, deadline)
+    WHERE deadline IS NOT NULL;
+CREATE TABLE IF NOT EXISTS sk_counts (app TEXT PRIMARY KEY, sessions INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sk_gone (
+    app TEXT NOT NULL, sid TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (app, sid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sk_gone_at ON sk_gone (app, at);
+CREATE TABLE IF NOT EXISTS sk_globals (
+    app TEXT NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL, version INTEGER NOT NULL,
+    PRIMARY KEY (app, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sk_notices (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    app TEXT NOT NULL, origin TEXT NOT NULL, kind TEXT NOT NULL, sid TEXT NOT NULL,
+    names TEXT NOT NULL DEFAULT '', reason TEXT, at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sk_notices_app ON sk_notices (app, seq);
+"""
+
+
+class SQLiteStore:
+    """Keeps state in an SQLite database file, shared by the processes of one host.
+
+    Args:
+        path: the database file (created if missing, with its folder's permissions).
+        codec: how values become bytes; :class:`~statekit.JSONCodec` by default.
+        timeout: seconds to wait for another process's write before giving up with
+            :class:`~statekit.StoreUnavailable`.
+        poll_interval: seconds between two looks for other processes' notices, while
+            some engine listens for them.
+
+    Thread-safe and process-safe. Do not put the file on a network file system: SQLite's
+    locking is not reliable there.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        codec: Codec | None = None,
+        timeout: float = 10.0,
+        poll_interval: float = 0.1,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.codec: Codec = JSONCodec() if codec is None else codec
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self._local = threading.local()
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._closed = False
+        try:
+            self._connection().executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(self._label(), str(exc)) from exc
+
+    def __repr__(self) -> str:
+        return self._label()
+
+    def _label(self) -> str:
+        return f"SQLiteStore({Path(self.path).name!r})"
+
+    def namespace(self, app: str) -> _SQLiteNamespace:
+        """A handle on application ``app`` in this database."""
+        return _SQLiteNamespace(self, app)
+
+    # -- connections ------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        held: _Connection | None = getattr(self._local, "conn", None)
+        if held is not None and held.pid == os.getpid():
+            return held.db
+        try:
+            db = sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(self._label(), str(exc)) from exc
+        held = _Connection(db)
+        self._local.conn = held
+        self._connections.add(held)
+        return db
+
+    @contextlib.contextmanager
+    def transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``); rolled back if the body raises.
+
+        Raises:
+            StoreUnavailable: the database cannot be opened, locked, or written.
+        """
+        if self._closed:
+            raise StoreUnavailable(self._label(), "the store was shut down")
+        db = self._connection()
+        try:
+            if durable:
+                db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(self._label(), str(exc)) from exc
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreUnavailable(self._label(), str(exc)) from exc
+            raise
+        finally:
+            if durable:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("PRAGMA synchronous=NORMAL")
+
+    def read(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        """Run one query outside a write transaction."""
+        if self._closed:
+            raise StoreUnavailable(self._label(), "the store was shut down")
+        try:
+            return self._connection().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(self._label(), str(exc)) from exc
+
+    def close(self) -> None:
+        """Close every connection this store opened. The store cannot be used after."""
+        self._closed = True
+        for held in list(self._connections):
+            if held.pid == os.getpid():
+                with contextlib.suppress(sqlite3.Error):
+                    held.db.close()
+
+
+class _Connection:
+    __slots__ = ("__weakref__", "db", "pid")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.pid = os.getpid()
+
+
+_SESSION_ROW = "SELECT version, closed, deadline, lease, lease_until FROM sk_sessions "
+
+
+class _SQLiteNamespace:
+    """One application's state in an :class:`SQLiteStore`. Thread-safe."""
+
+    def __init__(self, store: SQLiteStore, app: str) -> None:
+        self._store = store
+        self._app = app
+        self.origin = f"sqlite-{uuid.uuid4().hex[:12]}"
+        self._subscribers: dict[int, Callable[[Notice], None]] = {}
+        self._keys = itertools.count(1)
+        self._poller: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    # -- helpers (inside a transaction) ------------------------------------------
+
+    def _row(self, db: sqlite3.Connection, sid: str) -> Any:
+        return db.execute(_SESSION_ROW + "WHERE app=? AND sid=?", (self._app, sid)).fetchone()
+
+    def _gone(self, db: sqlite3.Connection, sid: str) -> Gone | None:
+        row = db.execute(
+            "SELECT reason, at FROM sk_gone WHERE app=? AND sid=?", (self._app, sid)
+        ).fetchone()
+        return None if row is None else Gone(reason=DeleteReason(row[0]), at=row[1])
+
+    def _notice(
+        self,
+        db: sqlite3.Connection,
+        kind: str,
+        sid: str,
+        now: float,
+        names: tuple[str, ...] = (),
+        reason: DeleteReason | None = None,
+    ) -> None:
+        db.execute(
+            "INSERT INTO sk_notices (app, origin, kind, sid, names, reason, at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                self._app,
+                self.origin,
+                kind,
+                sid,
+                "\n".join(names),
+                None if reason is None else reason.value,
+                now,
+            ),
+        )
+
+    def _claim_session(
+        self,
+        db: sqlite3.Connection,
+        sid: str,
+        closed: bool,
+        reason: DeleteReason,
+        at: float,
+        now: float,
+    ) -> Ended:
+        values = dict(
+            db.execute(
+                "SELECT name, value FROM sk_values WHERE app=? AND sid=?", (self._app, sid)
+            ).fetchall()
+        )
+        db.execute("DELETE FROM sk_values WHERE app=? AND sid=?", (self._app, sid))
+        db.execute("DELETE FROM sk_sessions WHERE app=? AND sid=?", (self._app, sid))
+        db.execute(
+            "UPDATE sk_counts SET sessions = sessions - 1 WHERE app=?", (self._app,)
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO sk_gone (app, sid, reason, at) VALUES (?, ?, ?, ?)",
+            (self._app, sid, reason.value, at),
+        )
+        if not closed:
+            self._notice(db, "ended", sid, now, reason=reason)
+        return Ended(sid=sid, reason=reason, values=values, was_closed=closed, at=at)
+
+    def _claim_value(
+        self, db: sqlite3.Connection, sid: str, name: str, value: bytes, at: float
+    ) -> Ended:
+        db.execute(
+            "DELETE FROM sk_values WHERE app=? AND sid=? AND name=?", (self._app, sid, name)
+        )
+        return Ended(sid=sid, reason=DeleteReason.TTL, values={name: value}, state=name, at=at)
+
+    # -- sessions ---------------------------------------------------------------
+
+    def create_session(
+        self, sid: str, *, now: float, deadline: float, capacity: int
+    ) -> tuple[Ended, ...]:
+        evicted: list[Ended] = []
+        with self._store.transaction() as db:
+            row = db.execute(
+                "SELECT sessions FROM sk_counts WHERE app=?", (self._app,)
+            ).fetchone()
+            count = 0 if row is None else row[0]
+            if row is None:
+                db.execute("INSERT INTO sk_counts (app, sessions) VALUES (?, 0)", (self._app,))
+            while count >= capacity:
+                victim = db.execute(
+                    "SELECT sid, closed, deadline FROM sk_sessions WHERE app=? "
+                    "ORDER BY closed DESC, touched LIMIT 1",
+                    (self._app,),
+                ).fetchone()
+                if victim is None:
+                    break
+                victim_sid, closed, victim_deadline = victim
+                if victim_deadline <= now:
+                    reason = DeleteReason.CLOSED if closed else DeleteReason.IDLE
+                    at = victim_deadline
+                else:
+                    reason, at = DeleteReason.EVICTED, now
+                evicted.append(self._claim_session(db, victim_sid, bool(closed), reason, at, now))
+                count -= 1
+            try:
+                db.execute(
+                    "INSERT INTO sk_sessions (app, sid, deadline, touched) VALUES (?, ?, ?, ?)",
+                    (self._app, sid, deadline, now),
+                )
+            except sqlite3.IntegrityError:
+                raise StateError("session id already in use") from None
+            db.execute("UPDATE sk_counts SET sessions = sessions + 1 WHERE app=?", (self._app,))
+        return tuple(evicted)
+
+    def load_session(
+        self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
+    ) -> Loaded | Gone | Busy | None:
+        with self._store.transaction() as db:
+            row = self._row(db, sid)
+            if row is None:
+                return self._gone(db, sid)
+            version, closed, deadline, held, held_until = row
+            if deadline <= now:
+                reason = DeleteReason.CLOSED if closed else DeleteReason.IDLE
+                ended = self._claim_session(db, sid, bool(closed), reason, deadline, now)
+                return Gone(reason=reason, at=deadline, ended=ended)
+            if lease is not None:
+                if held is not None and held != lease.token and held_until > now:
+                    return Busy(until=held_until)
+                db.execute(
+                    "UPDATE sk_sessions SET lease=?, lease_until=? WHERE app=? AND sid=?",
+                    (lease.token, lease.until, self._app, sid),
+                )
+            expired = tuple(
+                self._claim_value(db, sid, name, value, at)
+                for name, value, at in db.execute(
+                    "SELECT name, value, deadline FROM sk_values "
+                    "WHERE app=? AND sid=? AND deadline <= ?",
+                    (self._app, sid, now),
+                ).fetchall()
+            )
+            if not closed and touch_until is not None:
+                db.execute(
+                    "UPDATE sk_sessions SET deadline=?, touched=? WHERE app=? AND sid=?",
+                    (touch_until, now, self._app, sid),
+                )
+            values = dict(
+                db.execute(
+                    "SELECT name, value FROM sk_values WHERE app=? AND sid=?", (self._app, sid)
+                ).fetchall()
+            )
+        return Loaded(sid=sid, version=version, closed=bool(closed), values=values, expired=expired)
+
+    def commit(
+        self,
+        sid: str,
+        *,
+        version: int,
+        writes: Mapping[str, Any],
+        ttl_deadlines: Mapping[str, float],
+        now: float,
+        lease: str | None = None,
+        release: bool = True,
+    ) -> int:
+        with self._store.transaction(durable=True) as db:
+            row = self._row(db, sid)
+            if row is None:
+                gone = self._gone(db, sid)
+                if gone is None:
+                    raise SessionNotFound(sid)
+                raise SessionExpired(sid, gone.reason.value, max(0.0, now - gone.at))
+            found, _closed, _deadline, held, _until = row
+            if found != version:
+                raise StoreConflict(sid, version, found)
+            if lease is not None and held != lease:
+                raise StoreConflict(sid, version, found)
+            db.executemany(
+                "INSERT OR REPLACE INTO sk_values (app, sid, name, value, deadline) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (self._app, sid, name, value, ttl_deadlines.get(name))
+                    for name, value in writes.items()
+                ],
+            )
+            if lease is not None and release:
+                db.execute(
+                    "UPDATE sk_sessions SET version=?, lease=NULL, lease_until=NULL "
+                    "WHERE app=? AND sid=?",
+                    (version + 1, self._app, sid),
+                )
+            else:
+                db.execute(
+                    "UPDATE sk_sessions SET version=? WHERE app=? AND sid=?",
+                    (version + 1, self._app, sid),
+                )
+            self._notice(db, "changed", sid, now, names=tuple(writes))
+        return version + 1
+
+    def release(self, sid: str, *, lease: str) -> None:
+        with self._store.transaction() as db:
+            db.execute(
+                "UPDATE sk_sessions SET lease=NULL, lease_until=NULL "
+                "WHERE app=? AND sid=? AND lease=?",
+                (self._app, sid, lease),
+            )
+
+    def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
+        with self._store.transaction() as db:
+            row = self._row(db, sid)
+            if row is None:
+                return self._gone(db, sid)
+            _version, closed, old_deadline, _held, _until = row
+            if closed:
+                return False
+            if old_deadline <= now:
+                ended = self._claim_session(db, sid, False, DeleteReason.IDLE, old_deadline, now)
+                return Gone(reason=DeleteReason.IDLE, at=old_deadline, ended=ended)
+            db.execute(
+                "UPDATE sk_sessions SET closed=1, deadline=?, touched=? WHERE app=? AND sid=?",
+                (deadline, now, self._app, sid),
+            )
+            self._notice(db, "ended", sid, now, reason=DeleteReason.CLOSED)
+        return True
+
+    def session_count(self) -> int:
+        rows = self._store.read("SELECT sessions FROM sk_counts WHERE app=?", (self._app,))
+        return int(rows[0][0]) if rows else 0
+
+    # -- lifetimes ---------------------------------------------------------------
+
+    def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
+        # A cheap look first: most calls find nothing due and need no write lock.
+        due_sessions = self._store.read(
+            "SELECT 1 FROM sk_sessions WHERE app=? AND deadline <= ? LIMIT 1", (self._app, now)
+        )
+        due_values = self._store.read(
+            "SELECT 1 FROM sk_values WHERE app=? AND deadline <= ? LIMIT 1", (self._app, now)
+        )
+        if not due_sessions and not due_values:
+            return ()
+        out: list[Ended] = []
+        with self._store.transaction() as db:
+            sessions = db.execute(
+                "SELECT deadline, sid, closed FROM sk_sessions "
+                "WHERE app=? AND deadline <= ? ORDER BY deadline LIMIT ?",
+                (self._app, now, limit),
+            ).fetchall()
+            values = db.execute(
+                "SELECT deadline, sid, name, value FROM sk_values "
+                "WHERE app=? AND deadline <= ? ORDER BY deadline LIMIT ?",
+                (self._app, now, limit),
+            ).fetchall()
+            claimed: set[str] = set()
+            due = sorted(
+                [(d, 0, (sid, closed)) for d, sid, closed in sessions]
+                + [(d, 1, (sid, name, value)) for d, sid, name, value in values],
+                key=lambda item: (item[0], item[1]),
+            )
+            for deadline, kind, item in due[:limit]:
+                if kind == 0:
+                    sid, closed = item
+                    reason = DeleteReason.CLOSED if closed else DeleteReason.IDLE
+                    out.append(self._claim_session(db, sid, bool(closed), reason, deadline, now))
+                    claimed.add(sid)
+                else:
+                    sid, name, value = item
+                    if sid not in claimed:
+                        out.append(self._claim_value(db, sid, name, value, deadline))
+            db.execute(
+                "DELETE FROM sk_notices WHERE app=? AND at < ?", (self._app, now - NOTICE_HORIZON)
+            )
+            db.execute(
+                "DELETE FROM sk_gone WHERE app=? AND at < ?", (self._app, now - TOMBSTONE_HORIZON)
+            )
+        return tuple(out)
+
+    # -- globals -----------------------------------------------------------------
+
+    def global_get(self, name: str) -> tuple[Any, int] | None:
+        rows = self._store.read(
+            "SELECT value, version FROM sk_globals WHERE app=? AND name=?", (self._app, name)
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def global_cas(self, name: str, *, version: int | None, value: Any) -> int | None:
+        with self._store.transaction(durable=True) as db:
+            row = db.execute(
+                "SELECT version FROM sk_globals WHERE app=? AND name=?", (self._app, name)
+            ).fetchone()
+            found = None if row is None else row[0]
+            if found != version:
+                return None
+            new_version = 1 if found is None else found + 1
+            db.execute(
+                "INSERT OR REPLACE INTO sk_globals (app, name, value, version) "
+                "VALUES (?, ?, ?, ?)",
+                (self._app, name, value, new_version),
+            )
+        return new_version
+
+    def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
+        codec = self._store.codec
+        with self._store.transaction(durable=True) as db:
+            row = db.execute(
+                "SELECT value, version FROM sk_globals WHERE app=? AND name=?", (self._app, name)
+            ).fetchone()
+            current, version = (default, 0) if row is None else (codec.decode(row[0]), row[1])
+            value = current + amount
+            db.execute(
+                "INSERT OR REPLACE INTO sk_globals (app, name, value, version) "
+                "VALUES (?, ?, ?, ?)",
+                (self._app, name, codec.encode(value), version + 1),
+            )
+        return value
+
+    # -- notices -----------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
+        key = next(self._keys)
+        with self._lock:
+            self._subscribers[key] = callback
+            if self._poller is None:
+                rows = self._store.read(
+                    "SELECT COALESCE(MAX(seq), 0) FROM sk_notices WHERE app=?", (self._app,)
+                )
+                self._stop.clear()
+                self._poller = threading.Thread(
+                    target=self._poll,
+                    args=(int(rows[0][0]),),
+                    name=f"statekit-sqlite-notices-{self._app}",
+                    daemon=True,
+                )
+                self._poller.start()
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._subscribers.pop(key, None)
+                if not self._subscribers:
+                    self._stop.set()
+                    self._poller = None
+
+        return unsubscribe
+
+    def _poll(self, cursor: int) -> None:
+        lost = False
+        last_ok = time.monotonic()
+        while not self._stop.wait(self._store.poll_interval):
+            try:
+                rows = self._store.read(
+                    "SELECT seq, origin, kind, sid, names, reason FROM sk_notices "
+                    "WHERE app=? AND seq > ? ORDER BY seq",
+                    (self._app, cursor),
+                )
+            except Exception:
+                lost = True
+                continue
+            if time.monotonic() - last_ok > NOTICE_HORIZON / 2:
+                lost = True  # this thread was stalled long enough to miss trimmed notices
+            last_ok = time.monotonic()
+            notices: list[Notice] = []
+            if lost:
+                notices.append(Notice(kind="resync", sid="", origin="sqlite"))
+                lost = False
+            for seq, origin, kind, sid, names, reason in rows:
+                cursor = seq
+                if origin == self.origin:
+                    continue
+                notices.append(
+                    Notice(
+                        kind=kind,
+                        sid=sid,
+                        names=tuple(names.split("\n")) if names else (),
+                        reason=None if reason is None else DeleteReason(reason),
+                        origin=origin,
+                    )
+                )
+            for notice in notices:
+                for callback in list(self._subscribers.values()):
+                    try:
+                        callback(notice)
+                    except Exception:
+                        logger.exception("store notice subscriber raised")
+
+    def shutdown(self) -> tuple[Ended, ...]:
+        with self._lock:
+            self._subscribers.clear()
+            self._stop.set()
+            self._poller = None
+        return ()
