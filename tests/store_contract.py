@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
 import pytest
 
-from statekit._codec import Codec
-
 from statekit import SessionExpired, SessionNotFound, StoreConflict
+from statekit._codec import Codec
 from statekit.stores import (
     Busy,
     DeleteReason,
@@ -83,15 +82,19 @@ class StoreContract:
         raise NotImplementedError
 
     @pytest.fixture
-    def store(self) -> Store:
-        return self.make_store()
+    def store(self) -> Iterator[Store]:
+        store = self.make_store()
+        yield store
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
 
     @pytest.fixture
     def ns(self, store: Store) -> StoreNamespace:
         ns = store.namespace(f"contract-{uuid.uuid4().hex[:8]}")
         if store.codec is None:
             return ns
-        return _Decoded(ns, store.codec)  # type: ignore[return-value]
+        return _Decoded(ns, store.codec)
 
     @staticmethod
     def new(ns: StoreNamespace, sid: str = "s1", *, now: float = 0.0, ttl: float = 10) -> str:
@@ -347,12 +350,11 @@ class SharedStoreContract(StoreContract):
         taken = ns.load_session("s1", now=6, touch_until=106, lease=Lease(token="fast", until=36))
         assert isinstance(taken, Loaded)
         with pytest.raises(StoreConflict):
-            ns.commit(
-                "s1", version=0, writes={"a": b"1"}, ttl_deadlines={}, now=7, lease="slow"
-            )
-        assert ns.commit(
-            "s1", version=0, writes={"a": b"2"}, ttl_deadlines={}, now=7, lease="fast"
-        ) == 1
+            ns.commit("s1", version=0, writes={"a": b"1"}, ttl_deadlines={}, now=7, lease="slow")
+        assert (
+            ns.commit("s1", version=0, writes={"a": b"2"}, ttl_deadlines={}, now=7, lease="fast")
+            == 1
+        )
         assert dict(self.load(ns, "s1", now=8).values) == {"a": b"2"}
 
     def test_commit_without_release_keeps_the_lease(self, ns: StoreNamespace) -> None:

@@ -286,7 +286,11 @@ class Store(Protocol):
     """
 
     shared: bool
-    codec: Codec | None
+
+    @property
+    def codec(self) -> Codec | None:
+        """How values become bytes; None for a store that keeps Python objects."""
+        ...
 
     def namespace(self, app: str) -> StoreNamespace:
         """A handle on the state of application ``app``: the same name gives the same

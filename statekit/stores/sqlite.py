@@ -271,9 +271,7 @@ class _SQLiteNamespace:
         )
         db.execute("DELETE FROM sk_values WHERE app=? AND sid=?", (self._app, sid))
         db.execute("DELETE FROM sk_sessions WHERE app=? AND sid=?", (self._app, sid))
-        db.execute(
-            "UPDATE sk_counts SET sessions = sessions - 1 WHERE app=?", (self._app,)
-        )
+        db.execute("UPDATE sk_counts SET sessions = sessions - 1 WHERE app=?", (self._app,))
         db.execute(
             "INSERT OR REPLACE INTO sk_gone (app, sid, reason, at) VALUES (?, ?, ?, ?)",
             (self._app, sid, reason.value, at),
@@ -297,9 +295,7 @@ class _SQLiteNamespace:
     ) -> tuple[Ended, ...]:
         evicted: list[Ended] = []
         with self._store.transaction() as db:
-            row = db.execute(
-                "SELECT sessions FROM sk_counts WHERE app=?", (self._app,)
-            ).fetchone()
+            row = db.execute("SELECT sessions FROM sk_counts WHERE app=?", (self._app,)).fetchone()
             count = 0 if row is None else row[0]
             if row is None:
                 db.execute("INSERT INTO sk_counts (app, sessions) VALUES (?, 0)", (self._app,))
@@ -366,7 +362,9 @@ class _SQLiteNamespace:
                     "SELECT name, value FROM sk_values WHERE app=? AND sid=?", (self._app, sid)
                 ).fetchall()
             )
-        return Loaded(sid=sid, version=version, closed=bool(closed), values=values, expired=expired)
+        return Loaded(
+            sid=sid, version=version, closed=bool(closed), values=values, expired=expired
+        )
 
     def commit(
         self,
@@ -468,21 +466,19 @@ class _SQLiteNamespace:
                 (self._app, now, limit),
             ).fetchall()
             claimed: set[str] = set()
-            due = sorted(
-                [(d, 0, (sid, closed)) for d, sid, closed in sessions]
-                + [(d, 1, (sid, name, value)) for d, sid, name, value in values],
+            # (deadline, 0 for a session / 1 for a value, sid, closed or name, value)
+            due: list[tuple[float, int, str, Any, Any]] = sorted(
+                [(d, 0, sid, closed, None) for d, sid, closed in sessions]
+                + [(d, 1, sid, name, value) for d, sid, name, value in values],
                 key=lambda item: (item[0], item[1]),
             )
-            for deadline, kind, item in due[:limit]:
+            for deadline, kind, sid, detail, value in due[:limit]:
                 if kind == 0:
-                    sid, closed = item
-                    reason = DeleteReason.CLOSED if closed else DeleteReason.IDLE
-                    out.append(self._claim_session(db, sid, bool(closed), reason, deadline, now))
+                    reason = DeleteReason.CLOSED if detail else DeleteReason.IDLE
+                    out.append(self._claim_session(db, sid, bool(detail), reason, deadline, now))
                     claimed.add(sid)
-                else:
-                    sid, name, value = item
-                    if sid not in claimed:
-                        out.append(self._claim_value(db, sid, name, value, deadline))
+                elif sid not in claimed:
+                    out.append(self._claim_value(db, sid, detail, value, deadline))
             db.execute(
                 "DELETE FROM sk_notices WHERE app=? AND at < ?", (self._app, now - NOTICE_HORIZON)
             )

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from statekit.stores import Store
+from statekit.stores.redis import RedisStore
+
+from .redis_server import RedisServer
+from .store_contract import SharedStoreContract
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+class TestRedisStore(SharedStoreContract):
+    @pytest.fixture(autouse=True)
+    def _server(self, redis_server: RedisServer) -> None:
+        self.server = redis_server
+
+    def make_store(self) -> Store:
+        return RedisStore(self.server.url, prefix=f"t{uuid.uuid4().hex[:6]}")
