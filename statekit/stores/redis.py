@@ -18,6 +18,7 @@ import json
 import logging
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -123,13 +124,16 @@ class RedisStore:
             )
         }
         self._async_scripts: dict[str, Any] | None = None
+        self._handles: weakref.WeakSet[_RedisNamespace] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return self._label
 
     def namespace(self, app: str) -> _RedisNamespace:
         """A handle on application ``app`` on this server."""
-        return _RedisNamespace(self, app)
+        handle = _RedisNamespace(self, app)
+        self._handles.add(handle)
+        return handle
 
     def async_client(self) -> aioredis.Redis | None:
         """The asyncio client, made from the URL on first use (None without a URL)."""
@@ -176,7 +180,9 @@ class RedisStore:
             raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
-        """Close the connection pools."""
+        """Stop notice listeners and close the connection pool."""
+        for handle in list(self._handles):
+            handle.shutdown()
         self.client.close()
 
 
@@ -196,6 +202,20 @@ def _num(value: float) -> str:
 
 class _RedisNamespace:
     """One application's state in a :class:`RedisStore`. Thread-safe."""
+
+    __slots__ = (
+        "P",
+        "__weakref__",
+        "_app",
+        "_keys",
+        "_listener",
+        "_lock",
+        "_stop",
+        "_store",
+        "_subscribers",
+        "channel",
+        "origin",
+    )
 
     def __init__(self, store: RedisStore, app: str) -> None:
         self._store = store
@@ -498,9 +518,12 @@ class _RedisNamespace:
         def unsubscribe() -> None:
             with self._lock:
                 self._subscribers.pop(key, None)
-                if not self._subscribers:
-                    self._stop.set()
-                    self._listener = None
+                if self._subscribers:
+                    return
+                self._stop.set()
+                listener, self._listener = self._listener, None
+            if listener is not None and listener is not threading.current_thread():
+                listener.join(timeout=2)
 
         return unsubscribe
 
@@ -533,7 +556,9 @@ class _RedisNamespace:
                     notice = self._notice(message["data"])
                     if notice is not None:
                         self._deliver(notice)
-            except (*_UNAVAILABLE, RedisError):
+            except Exception:  # a lost connection, or the store being closed
+                if self._stop.is_set():
+                    break
                 lost = True
                 self._stop.wait(delay)
                 delay = min(delay * 2, 2.0)
@@ -561,5 +586,7 @@ class _RedisNamespace:
         with self._lock:
             self._subscribers.clear()
             self._stop.set()
-            self._listener = None
+            listener, self._listener = self._listener, None
+        if listener is not None and listener is not threading.current_thread():
+            listener.join(timeout=2)
         return ()

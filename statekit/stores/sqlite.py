@@ -548,9 +548,12 @@ class _SQLiteNamespace:
         def unsubscribe() -> None:
             with self._lock:
                 self._subscribers.pop(key, None)
-                if not self._subscribers:
-                    self._stop.set()
-                    self._poller = None
+                if self._subscribers:
+                    return
+                self._stop.set()
+                poller, self._poller = self._poller, None
+            if poller is not None and poller is not threading.current_thread():
+                poller.join(timeout=2)
 
         return unsubscribe
 
@@ -598,5 +601,7 @@ class _SQLiteNamespace:
         with self._lock:
             self._subscribers.clear()
             self._stop.set()
-            self._poller = None
+            poller, self._poller = self._poller, None
+        if poller is not None and poller is not threading.current_thread():
+            poller.join(timeout=2)
         return ()
