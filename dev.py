@@ -68,8 +68,24 @@ def demo(args: list[str]) -> None:
     run(PY, ROOT / "docs" / "examples" / "console_demo.py", *args)
 
 
+def ensure_redis_server() -> None:
+    """The Redis tests start private redis-server processes: install the binary."""
+    if shutil.which("redis-server"):
+        return
+    apt = shutil.which("apt-get")
+    if apt and hasattr(os, "geteuid") and os.geteuid() == 0:
+        run(apt, "update", "-q")
+        run(apt, "install", "-y", "-q", "redis-server")
+        return
+    sys.exit(
+        "the tests need redis-server: install it (on Debian: sudo apt-get install "
+        "redis-server) and run again"
+    )
+
+
 def test(args: list[str]) -> None:
     ensure_env()
+    ensure_redis_server()
     run(PY, "-m", "ruff", "check", ".")
     run(PY, "-m", "ruff", "format", "--check", ".")
     run(PY, "-m", "mypy")

@@ -16,6 +16,7 @@ lifetimes, change detection and pluggable stores::
 """
 
 from ._changes import Change, changed, compare
+from ._codec import Codec, CodecError, JSONCodec, SignedPickleCodec
 from ._engine import StateEngine
 from ._events import Event, EventResult, ListenerFailure
 from ._states import GlobalState, SessionState, State
@@ -23,37 +24,48 @@ from .exceptions import (
     ChangeLoopError,
     EngineClosed,
     InvalidDeclaration,
+    SessionBusy,
     SessionExpired,
     SessionNotFound,
     StateError,
     StateNotCopyable,
     StoreConflict,
+    StoreUnavailable,
     UsageError,
+    ValueNotStorable,
     WrongEngine,
 )
-from .stores import DeleteReason, MemoryStore, Store
+from .stores import DeleteReason, MemoryStore, SQLiteStore, Store
 
 __all__ = [
     "Change",
     "ChangeLoopError",
+    "Codec",
+    "CodecError",
     "DeleteReason",
     "EngineClosed",
     "Event",
     "EventResult",
     "GlobalState",
     "InvalidDeclaration",
+    "JSONCodec",
     "ListenerFailure",
     "MemoryStore",
+    "SQLiteStore",
+    "SessionBusy",
     "SessionExpired",
     "SessionNotFound",
     "SessionState",
+    "SignedPickleCodec",
     "State",
     "StateEngine",
     "StateError",
     "StateNotCopyable",
     "Store",
     "StoreConflict",
+    "StoreUnavailable",
     "UsageError",
+    "ValueNotStorable",
     "WrongEngine",
     "changed",
     "compare",

@@ -127,6 +127,7 @@ class StateEngine:
         self._subscribe_lock = threading.Lock()
         # Versions of sessions this engine used lately, to re-check after lost notices.
         self._seen_versions: cachetools.LRUCache[str, int] = cachetools.LRUCache(10_000)
+        self._orphan_leases: cachetools.LRUCache[str, str] = cachetools.LRUCache(10_000)
         self._shut = False
 
     def __repr__(self) -> str:
@@ -387,7 +388,9 @@ class StateEngine:
             )
             ev._loaded = self._loaded_or_raise(ev.sid, ev.now, outcome, ev._pending)
             return None
-        token = secrets.token_hex(12)
+        # A lease this engine failed to release (the store was down) is taken back
+        # rather than waited out.
+        token = self._orphan_leases.get(ev.sid) or secrets.token_hex(12)
         started = time.monotonic()
         delay = 0.0005
         while True:
@@ -408,6 +411,7 @@ class StateEngine:
                 raise SessionBusy(ev.sid, waited)
             yield "sleep", {"seconds": delay * (0.5 + secrets.randbelow(1000) / 1000)}
             delay = min(delay * 2, 0.02)
+        self._orphan_leases.pop(ev.sid, None)
         ev._loaded = self._loaded_or_raise(ev.sid, ev.now, outcome, ev._pending)
         ev._lease = token
         self._seen_versions[ev.sid] = ev._loaded.version
@@ -451,9 +455,11 @@ class StateEngine:
             if ev._lease is not None and not ev._lease_released:
                 try:
                     yield "release", {"sid": ev.sid, "lease": ev._lease}
-                except Exception:
-                    # The lease lapses by itself; an event that failed already says why.
-                    logger.warning("could not release the lease of an event", exc_info=True)
+                except Exception as exc:
+                    # Other processes wait until the lease lapses; this engine's next
+                    # event of the session takes it back at once.
+                    self._orphan_leases[ev.sid] = ev._lease
+                    logger.warning("could not release the lease of an event: %s", exc)
 
     def _commit_steps(
         self, ev: Event, lease: str | None, release: Callable[[list[SessionState[Any]]], bool]

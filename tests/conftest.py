@@ -1,13 +1,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
 from statekit import StateEngine
+from statekit.stores import MemoryStore, Store
+from statekit.stores.redis import RedisStore
+from statekit.stores.sqlite import SQLiteStore
 from statekit.testing import FakeClock
+
+from .redis_server import RedisServer
 
 settings.register_profile("default", max_examples=300)
 settings.register_profile("thorough", max_examples=5000)
@@ -24,3 +31,41 @@ def engine(clock: FakeClock) -> Iterator[StateEngine]:
     eng = StateEngine(clock=clock, idle_ttl=60, closed_ttl=30, capacity=1000)
     yield eng
     eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server for the whole run (fails, never skips, without one)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+StoreFactory = Callable[[], Store]
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def make_store(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[StoreFactory]:
+    """Makes stores of one kind; stores made for one test share their data."""
+    made: list[Store] = []
+    memory = MemoryStore()
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    def make() -> Store:
+        store: Store
+        if request.param == "memory":
+            store = memory
+        elif request.param == "sqlite":
+            store = SQLiteStore(tmp_path / "state.db")
+        else:
+            store = RedisStore(redis_server.url, prefix=prefix)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()

@@ -20,7 +20,7 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server on 127.0.0.1 that keeps nothing on disk."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, persist: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -31,6 +31,9 @@ class RedisServer:
         self.port = port or free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="statekit-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
+        # With persist, every write is in an fsynced append-only file in self.folder,
+        # so a restart on the same folder gets it back.
+        self.persist = persist
 
     @property
     def url(self) -> str:
@@ -47,7 +50,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persist else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.folder),
             ],

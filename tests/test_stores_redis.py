@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -10,13 +9,6 @@ from statekit.stores.redis import RedisStore
 
 from .redis_server import RedisServer
 from .store_contract import SharedStoreContract
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 class TestRedisStore(SharedStoreContract):

@@ -12,6 +12,7 @@ connection, subscribers get a ``resync`` notice).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -73,8 +74,11 @@ class RedisStore:
         url: the server, e.g. ``redis://127.0.0.1:6379/0`` (``rediss://`` for TLS).
         client: a ``redis.Redis`` to use instead of one made from ``url``; it must not
             decode responses.
-        async_client: a ``redis.asyncio.Redis`` for async events (made from ``url`` when
-            omitted and ``url`` is given).
+        async_client: a ``redis.asyncio.Redis`` that async events (``engine.aevent``) use
+            for their loads and commits. An asyncio client belongs to one event loop:
+            pass the one your server's loop uses, and close it when the server stops.
+            Without it, async events run the blocking client in a worker thread, so the
+            event loop never waits either way.
         prefix: the first part of every key.
         codec: how values become bytes; :class:`~statekit.JSONCodec` by default.
         socket_timeout: seconds before a silent server counts as unavailable.
@@ -135,16 +139,6 @@ class RedisStore:
         self._handles.add(handle)
         return handle
 
-    def async_client(self) -> aioredis.Redis | None:
-        """The asyncio client, made from the URL on first use (None without a URL)."""
-        if self._async_client is None and self.url is not None:
-            self._async_client = aioredis.Redis.from_url(
-                self.url,
-                socket_timeout=self._socket_timeout,
-                socket_connect_timeout=self._socket_timeout,
-            )
-        return self._async_client
-
     def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script, mapping connection failures to StoreUnavailable."""
         try:
@@ -157,10 +151,10 @@ class RedisStore:
             raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
 
     async def arun(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """The async form of :meth:`run`."""
-        client = self.async_client()
+        """The async form of :meth:`run`: on the asyncio client, else in a thread."""
+        client = self._async_client
         if client is None:
-            return await _in_thread(self.run, name, keys, args)
+            return await asyncio.to_thread(self.run, name, keys, args)
         if self._async_scripts is None:
             self._async_scripts = {
                 key: client.register_script(script.script) for key, script in self._scripts.items()
@@ -184,12 +178,6 @@ class RedisStore:
         for handle in list(self._handles):
             handle.shutdown()
         self.client.close()
-
-
-async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    import asyncio
-
-    return await asyncio.to_thread(fn, *args)
 
 
 def _text(value: bytes | str) -> str:

@@ -1,0 +1,78 @@
+"""Worker processes for test_multiprocess.py (importable, so that they can be spawned)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from statekit import DeleteReason, SessionState, StateEngine
+from statekit.stores import Store
+
+
+def make_store(kind: str, where: str, prefix: str) -> Store:
+    if kind == "sqlite":
+        from statekit.stores.sqlite import SQLiteStore
+
+        return SQLiteStore(where)
+    from statekit.stores.redis import RedisStore
+
+    return RedisStore(where, prefix=prefix)
+
+
+def engine(kind: str, where: str, prefix: str, shift: float = 0.0, **kw: Any) -> StateEngine:
+    clock = (lambda: time.time() + shift) if shift else None
+    return StateEngine(make_store(kind, where, prefix), app="mp", clock=clock, **kw)
+
+
+def increment(kind: str, where: str, prefix: str, times: int) -> None:
+    eng = engine(kind, where, prefix)
+    visitors = eng.global_state("visitors", 0)
+    for _ in range(times):
+        visitors.increment()
+
+
+def append(kind: str, where: str, prefix: str, sid: str, worker: int, times: int) -> None:
+    eng = engine(kind, where, prefix)
+    log: SessionState[list[int]] = eng.session_state("log", [])
+    for i in range(times):
+        with eng.event(sid) as ev:
+            ev[log].append(worker * 10_000 + i)
+
+
+def reap(kind: str, where: str, prefix: str, shift: float, out: Any, start: Any) -> None:
+    """Reap with a clock ``shift`` seconds ahead; report each deletion callback."""
+
+    def record(value: str, reason: DeleteReason) -> None:
+        out.put((value, reason.value))
+
+    eng = engine(kind, where, prefix, shift=shift)
+    eng.session_state("note", "", on_delete=record)
+    start.wait()
+    eng.reap()
+
+
+def listen(kind: str, where: str, prefix: str, ready: Any, out: Any) -> None:
+    """Report each remote change to ``cart`` as (sid, value, time received)."""
+    eng = engine(kind, where, prefix)
+    cart: SessionState[list[str]] = eng.session_state("cart", [])
+    cart.on_remote_change(lambda sid, value: out.put((sid, value, time.time())))
+    ready.set()
+    time.sleep(30)  # the parent terminates this process when done
+
+
+def count_forever(kind: str, where: str, prefix: str, sid: str) -> None:
+    """Commit events forever, printing the counter after each acknowledged commit."""
+    eng = engine(kind, where, prefix)
+    counter = eng.session_state("counter", 0)
+    while True:
+        with eng.event(sid) as ev:
+            ev[counter] += 1
+            value = ev[counter]
+        sys.stdout.write(f"{value}\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    kind, where, prefix, sid = sys.argv[1:5]
+    count_forever(kind, where, prefix, sid)

@@ -1,0 +1,230 @@
+"""The engine's semantics, the same on every store: memory, SQLite and Redis.
+
+Two engines on one store and app stand for two worker processes (the multi-process
+tests in test_multiprocess.py use real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from statekit import (
+    DeleteReason,
+    Event,
+    SessionExpired,
+    SessionState,
+    StateEngine,
+    ValueNotStorable,
+)
+from statekit.testing import FakeClock
+
+from .conftest import StoreFactory
+
+
+@dataclasses.dataclass
+class Line:
+    sku: str
+    qty: int
+
+
+def engine_on(make_store: StoreFactory, clock: FakeClock, **kw: Any) -> StateEngine:
+    settings: dict[str, Any] = {"idle_ttl": 60, "closed_ttl": 30, "capacity": 100, **kw}
+    return StateEngine(make_store(), app="shop", clock=clock, **settings)
+
+
+def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+class TestSemantics:
+    def test_cart_with_size_listener(self, make_store: StoreFactory, clock: FakeClock) -> None:
+        engine = engine_on(make_store, clock)
+        cart: SessionState[list[Line]] = engine.session_state("cart", [])
+        size = engine.session_state("size", 0)
+
+        @cart.on_change
+        def count(ev: Event, value: list[Line]) -> None:
+            ev[size] = sum(line.qty for line in value)
+            ev.emit("size", ev[size])
+
+        alice, bob = engine.open_session(), engine.open_session()
+        with engine.event(alice) as ev:
+            ev[cart].append(Line("milk", 2))
+        assert ev.result is not None
+        assert ev.result.outputs == {"size": 2}
+        with engine.event(alice) as ev:
+            ev[cart][0].qty = 3  # in-place mutation of a stored dataclass
+        assert ev.result is not None
+        assert ev.result.outputs == {"size": 3}
+        assert cart.get(alice) == [Line("milk", 3)]
+        assert cart.get(bob) == []
+
+    def test_exception_writes_nothing(self, make_store: StoreFactory, clock: FakeClock) -> None:
+        engine = engine_on(make_store, clock)
+        cart: SessionState[list[str]] = engine.session_state("cart", ["a"])
+        sid = engine.open_session()
+        with pytest.raises(RuntimeError), engine.event(sid) as ev:
+            ev[cart].append("b")
+            raise RuntimeError("handler failed")
+        assert cart.get(sid) == ["a"]
+        with engine.event(sid) as ev:  # the session (and its lease) was released
+            ev[cart].append("c")
+        assert cart.get(sid) == ["a", "c"]
+
+    def test_lifetimes_and_callbacks(self, make_store: StoreFactory, clock: FakeClock) -> None:
+        engine = engine_on(make_store, clock, capacity=3)
+        deleted: list[tuple[Any, str]] = []
+        note = engine.session_state(
+            "note", "", on_delete=lambda v, r: deleted.append((v, r.value))
+        )
+        token = engine.session_state(
+            "token", "", ttl=10, on_delete=lambda v, r: deleted.append((v, r.value))
+        )
+        sids = [engine.open_session() for _ in range(3)]
+        for i, sid in enumerate(sids):
+            with engine.event(sid) as ev:
+                ev[note] = f"n{i}"
+        with engine.event(sids[1]) as ev:
+            ev[token] = "t1"
+        clock.advance(10)
+        assert token.get(sids[1]) == ""  # expired value is never returned
+        engine.close_session(sids[2])
+        engine.open_session()  # capacity: the closed session goes first
+        clock.advance(61)
+        engine.reap()
+        assert sorted(deleted) == [
+            ("n0", "idle"),
+            ("n1", "idle"),
+            ("n2", "evicted"),
+            ("t1", "ttl"),
+        ]
+        with pytest.raises(SessionExpired):
+            note.get(sids[0])
+
+    def test_globals_are_exact_under_threads(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        engine = engine_on(make_store, clock)
+        visitors = engine.global_state("visitors", 0)
+        names = engine.global_state("names", [])
+
+        def work(k: int) -> None:
+            for i in range(100):
+                visitors.increment()
+                names.update(lambda v, i=i: [*v, f"{k}-{i}"])  # type: ignore[misc]
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert visitors.get() == 400
+        assert len(names.get()) == 400
+        assert visitors.increment(0.5) == 400.5
+
+    def test_async_events(self, make_store: StoreFactory, clock: FakeClock) -> None:
+        engine = engine_on(make_store, clock)
+        log: SessionState[list[int]] = engine.session_state("log", [])
+        sid = engine.open_session()
+
+        async def writer(i: int) -> None:
+            async with engine.aevent(sid) as ev:
+                ev[log].append(i)
+
+        async def main() -> None:
+            await asyncio.wait_for(asyncio.gather(*(writer(i) for i in range(20))), 30)
+
+        asyncio.run(main())
+        assert sorted(log.get(sid)) == list(range(20))
+
+
+class TestSharedStores:
+    def test_values_must_be_storable(self, make_store: StoreFactory, clock: FakeClock) -> None:
+        engine = engine_on(make_store, clock)
+        holder: SessionState[Any] = engine.session_state("holder", None)
+        sid = engine.open_session()
+        if not engine.store.shared:
+            with engine.event(sid) as ev:
+                ev[holder] = object()  # the memory store keeps any copyable object
+            return
+        with pytest.raises(ValueNotStorable, match=r"'holder'.*object"), engine.event(sid) as ev:
+            ev[holder] = object()
+        assert holder.get(sid) is None
+        with pytest.raises(ValueNotStorable):
+            engine.session_state("bad_default", {"when": object()})
+
+    def test_session_opened_in_one_worker_is_used_in_another(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        worker_a = engine_on(make_store, clock)
+        worker_b = engine_on(make_store, clock)
+        cart_a: SessionState[list[str]] = worker_a.session_state("cart", [])
+        cart_b: SessionState[list[str]] = worker_b.session_state("cart", [])
+        seen: list[tuple[str, list[str]]] = []
+        cart_b.on_remote_change(lambda sid, value: seen.append((sid, value)))
+        sid = worker_a.open_session()
+        with worker_b.event(sid) as ev:
+            ev[cart_b].append("from b")
+        with worker_a.event(sid) as ev:
+            ev[cart_a].append("from a")
+        assert cart_b.get(sid) == ["from b", "from a"]
+        assert wait_until(lambda: seen == [(sid, ["from b", "from a"])], timeout=1.0)
+
+    def test_events_of_one_session_in_two_workers_lose_nothing(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        workers = [engine_on(make_store, clock) for _ in range(2)]
+        logs = [w.session_state("log", []) for w in workers]
+        sid = workers[0].open_session()
+
+        def work(k: int) -> None:
+            engine, log = workers[k % 2], logs[k % 2]
+            for i in range(50):
+                with engine.event(sid) as ev:
+                    ev[log].append(k * 100 + i)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(logs[0].get(sid)) == sorted(k * 100 + i for k in range(4) for i in range(50))
+
+    def test_expired_session_is_reaped_once_across_workers(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        workers = [engine_on(make_store, clock) for _ in range(4)]
+        deleted: list[tuple[str, DeleteReason]] = []
+        lock = threading.Lock()
+
+        def record(value: str, reason: DeleteReason) -> None:
+            with lock:
+                deleted.append((value, reason))
+
+        notes = [w.session_state("note", "", on_delete=record) for w in workers]
+        sid = workers[0].open_session()
+        with workers[0].event(sid) as ev:
+            ev[notes[0]] = "x"
+        clock.advance(61)
+        start = threading.Barrier(4)
+
+        def reap(w: StateEngine) -> None:
+            start.wait()
+            w.reap()
+
+        threads = [threading.Thread(target=reap, args=(w,)) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert deleted == [("x", DeleteReason.IDLE)]
