@@ -16,6 +16,7 @@ import pytest
 from statekit import (
     DeleteReason,
     Event,
+    GlobalState,
     SessionExpired,
     SessionState,
     StateEngine,
@@ -116,7 +117,7 @@ class TestSemantics:
     ) -> None:
         engine = engine_on(make_store, clock)
         visitors = engine.global_state("visitors", 0)
-        names = engine.global_state("names", [])
+        names: GlobalState[list[str]] = engine.global_state("names", [])
 
         def work(k: int) -> None:
             for i in range(100):
@@ -184,7 +185,7 @@ class TestSharedStores:
         self, make_store: StoreFactory, clock: FakeClock
     ) -> None:
         workers = [engine_on(make_store, clock) for _ in range(2)]
-        logs = [w.session_state("log", []) for w in workers]
+        logs: list[SessionState[list[int]]] = [w.session_state("log", []) for w in workers]
         sid = workers[0].open_session()
 
         def work(k: int) -> None:
