@@ -13,9 +13,13 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from . import detector, session_rw
+from . import detector, session_rw, stores
 
-CASES: dict[str, ModuleType] = {"session": session_rw, "detector": detector}
+CASES: dict[str, ModuleType] = {
+    "session": session_rw,
+    "detector": detector,
+    "stores": stores,
+}
 
 
 def run_case(case: ModuleType, quick: bool) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from .exceptions import (
     SessionExpired,
     SessionNotFound,
     StateError,
+    StoreUnavailable,
 )
 from .stores.base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, Store
 from .stores.memory import MemoryStore
@@ -58,6 +59,8 @@ Steps: TypeAlias = Generator[Call, Any, Any]
 MAX_CASCADE = 16
 #: How many expired entries one ordinary operation reaps at most.
 REAP_BATCH = 8
+#: On a shared store, an engine reaps during ordinary operations at most this often.
+SHARED_REAP_INTERVAL = 1.0
 #: Session ids are this many random bytes (192 bits), URL-safe base64 encoded.
 SID_BYTES = 24
 _MAX_SID_LENGTH = 256
@@ -128,6 +131,7 @@ class StateEngine:
         # Versions of sessions this engine used lately, to re-check after lost notices.
         self._seen_versions: cachetools.LRUCache[str, int] = cachetools.LRUCache(10_000)
         self._orphan_leases: cachetools.LRUCache[str, str] = cachetools.LRUCache(10_000)
+        self._last_reap = float("-inf")
         self._shut = False
 
     def __repr__(self) -> str:
@@ -694,7 +698,22 @@ class StateEngine:
         return done
 
     def _reap_some(self, now: float) -> None:
-        ended = self._ns.reap(now=now, limit=REAP_BATCH)
+        """Reap a few due entries, as part of an ordinary operation.
+
+        On a shared store each look costs a round trip, so an engine looks at most once
+        per ``SHARED_REAP_INTERVAL`` seconds there; the memory store looks every time.
+        A failing store is not this operation's concern: the next look retries.
+        """
+        if self.store.shared:
+            if now - self._last_reap < SHARED_REAP_INTERVAL:
+                return
+            self._last_reap = now
+            try:
+                ended = self._ns.reap(now=now, limit=REAP_BATCH)
+            except StoreUnavailable:
+                return
+        else:
+            ended = self._ns.reap(now=now, limit=REAP_BATCH)
         if ended:
             self._run_ended(ended)
 

@@ -12,9 +12,7 @@ from statekit import StateEngine
 from statekit.stores import MemoryStore, Store
 from statekit.stores.redis import RedisStore
 from statekit.stores.sqlite import SQLiteStore
-from statekit.testing import FakeClock
-
-from .redis_server import RedisServer
+from statekit.testing import FakeClock, RedisServer
 
 settings.register_profile("default", max_examples=300)
 settings.register_profile("thorough", max_examples=5000)

@@ -14,8 +14,7 @@ import pytest
 from statekit import SessionState, StateEngine, StoreUnavailable
 from statekit.stores.redis import RedisStore
 from statekit.stores.sqlite import SQLiteStore
-
-from .redis_server import RedisServer
+from statekit.testing import RedisServer
 
 
 @pytest.fixture

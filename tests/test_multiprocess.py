@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from statekit import SessionState
+from statekit.testing import RedisServer
 
 from . import _workers
-from .redis_server import RedisServer
 
 SPAWN = multiprocessing.get_context("spawn")
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,8 +6,8 @@ import pytest
 
 from statekit.stores import Store
 from statekit.stores.redis import RedisStore
+from statekit.testing import RedisServer
 
-from .redis_server import RedisServer
 from .store_contract import SharedStoreContract
 
 

@@ -7,22 +7,26 @@ tag puts them in one cluster slot. ``s:<sid>`` is a session hash (``_v`` version
 ``s\\0<sid>`` and ``v\\0<sid>\\0<name>``); ``lru`` and ``closed`` order open sessions by
 last use and closed ones by close time; ``gone:<sid>`` remembers why a session ended;
 ``g:<name>`` is a global (``v`` value, ``n`` version). Times travel as the strings
-Python wrote, so Lua never rounds them.
+Python wrote, so Lua never rounds them. The per-application constants are written
+into each script's text (``@P@`` the key prefix, ``@ORIGIN@`` the handle, ``@CHANNEL@``
+the notice channel, ``@TOMBSTONE@`` the seconds an ended id is remembered), so that a
+call sends only what changes.
 """
 
 from __future__ import annotations
 
 # Shared helpers, prepended to the scripts that need them.
 _CLAIM = r"""
-local function notice(channel, kind, sid, reason, origin, names)
-  local msg = {k = kind, s = sid, o = origin}
+local P = [==[@P@]==]
+local function notice(kind, sid, reason, names)
+  local msg = {k = kind, s = sid, o = [==[@ORIGIN@]==]}
   if reason then msg.r = reason end
   if names then msg.n = names end
-  redis.call('PUBLISH', channel, cjson.encode(msg))
+  redis.call('PUBLISH', [==[@CHANNEL@]==], cjson.encode(msg))
 end
 
 -- Remove a whole session; return {sid, reason, at, closed, {name, value, ...}}.
-local function claim(P, sid, reason, at, origin, channel, tombstone_ttl)
+local function claim(sid, reason, at)
   local key = P .. 's:' .. sid
   local h = redis.call('HGETALL', key)
   local closed = '0'
@@ -43,15 +47,15 @@ local function claim(P, sid, reason, at, origin, channel, tombstone_ttl)
   redis.call('ZREM', P .. 'dl', 's\0' .. sid)
   redis.call('ZREM', P .. 'lru', sid)
   redis.call('ZREM', P .. 'closed', sid)
-  redis.call('SET', P .. 'gone:' .. sid, reason .. '\0' .. at, 'EX', tombstone_ttl)
+  redis.call('SET', P .. 'gone:' .. sid, reason .. '\0' .. at, 'EX', @TOMBSTONE@)
   if closed ~= '1' then
-    notice(channel, 'ended', sid, reason, origin, nil)
+    notice('ended', sid, reason, nil)
   end
   return {sid, reason, at, closed, vals}
 end
 
 -- Remove one value past its ttl; return {sid, 'ttl', at, name, value}.
-local function claim_value(P, sid, name, at)
+local function claim_value(sid, name, at)
   local key = P .. 's:' .. sid
   local value = redis.call('HGET', key, 'v:' .. name)
   redis.call('HDEL', key, 'v:' .. name, 't:' .. name)
@@ -60,18 +64,16 @@ local function claim_value(P, sid, name, at)
 end
 """
 
-# KEYS: session, dl, lru, closed.
-# ARGV: sid, now, deadline, capacity, prefix, origin, channel, tombstone_ttl, backstop_ms
+# KEYS: session.  ARGV: sid, now, deadline, capacity, backstop_ms
 CREATE = (
     _CLAIM
     + r"""
-local P = ARGV[5]
 local now = tonumber(ARGV[2])
-local count = redis.call('ZCARD', KEYS[3]) + redis.call('ZCARD', KEYS[4])
+local count = redis.call('ZCARD', P .. 'lru') + redis.call('ZCARD', P .. 'closed')
 local evicted = {}
 while count >= tonumber(ARGV[4]) do
-  local victim = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
-  if not victim then victim = redis.call('ZRANGE', KEYS[3], 0, 0)[1] end
+  local victim = redis.call('ZRANGE', P .. 'closed', 0, 0)[1]
+  if not victim then victim = redis.call('ZRANGE', P .. 'lru', 0, 0)[1] end
   if not victim then break end
   local meta = redis.call('HMGET', P .. 's:' .. victim, '_c', '_d')
   local reason = 'evicted'
@@ -80,39 +82,36 @@ while count >= tonumber(ARGV[4]) do
     at = meta[2]
     if meta[1] == '1' then reason = 'closed' else reason = 'idle' end
   end
-  evicted[#evicted + 1] = claim(P, victim, reason, at, ARGV[6], ARGV[7], ARGV[8])
+  evicted[#evicted + 1] = claim(victim, reason, at)
   count = count - 1
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return redis.error_reply('session id already in use')
 end
 redis.call('HSET', KEYS[1], '_v', 0, '_c', 0, '_d', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[9])
-redis.call('ZADD', KEYS[2], ARGV[3], 's\0' .. ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', P .. 'dl', ARGV[3], 's\0' .. ARGV[1])
+redis.call('ZADD', P .. 'lru', ARGV[2], ARGV[1])
 return evicted
 """
 )
 
-# KEYS: session, dl, lru, gone.
-# ARGV: sid, now, touch_until|'', lease|'', lease_until, prefix, origin, channel,
-#       tombstone_ttl, backstop_ms
+# KEYS: session.  ARGV: sid, now, touch_until|'', lease|'', lease_until, backstop_ms
 LOAD = (
     _CLAIM
     + r"""
-local P = ARGV[6]
 local sid = ARGV[1]
 local now = tonumber(ARGV[2])
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local gone = redis.call('GET', KEYS[4])
+local meta = redis.call('HMGET', KEYS[1], '_v', '_c', '_d', '_l', '_lu')
+if not meta[3] then
+  local gone = redis.call('GET', P .. 'gone:' .. sid)
   if gone then return {'gone', gone} end
   return {'none'}
 end
-local meta = redis.call('HMGET', KEYS[1], '_v', '_c', '_d', '_l', '_lu')
 if tonumber(meta[3]) <= now then
   local reason = 'idle'
   if meta[2] == '1' then reason = 'closed' end
-  return {'expired', claim(P, sid, reason, meta[3], ARGV[7], ARGV[8], ARGV[9])}
+  return {'expired', claim(sid, reason, meta[3])}
 end
 if ARGV[4] ~= '' then
   if meta[4] and meta[4] ~= ARGV[4] and tonumber(meta[5]) > now then
@@ -135,7 +134,7 @@ for i = 1, #h, 2 do
   if string.sub(f, 1, 2) == 'v:' then
     local name = string.sub(f, 3)
     if due[name] then
-      expired[#expired + 1] = claim_value(P, sid, name, due[name])
+      expired[#expired + 1] = claim_value(sid, name, due[name])
     else
       values[#values + 1] = name
       values[#values + 1] = h[i + 1]
@@ -144,49 +143,47 @@ for i = 1, #h, 2 do
 end
 if meta[2] ~= '1' and ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], '_d', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[10])
-  redis.call('ZADD', KEYS[2], ARGV[3], 's\0' .. sid)
-  redis.call('ZADD', KEYS[3], ARGV[2], sid)
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  redis.call('ZADD', P .. 'dl', ARGV[3], 's\0' .. sid)
+  redis.call('ZADD', P .. 'lru', ARGV[2], sid)
 end
 return {'ok', meta[1], meta[2] or '0', values, expired}
 """
 )
 
-# KEYS: session, dl, gone.
-# ARGV: sid, version, lease|'', release '1'|'0', now, origin, channel, then
+# KEYS: session.  ARGV: sid, version, lease|'', release '1'|'0', then
 #       name, value, deadline|'' for each write.
 COMMIT = (
     _CLAIM
     + r"""
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local gone = redis.call('GET', KEYS[3])
+local meta = redis.call('HMGET', KEYS[1], '_v', '_l')
+if not meta[1] then
+  local gone = redis.call('GET', P .. 'gone:' .. ARGV[1])
   if gone then return {'gone', gone} end
   return {'none'}
 end
-local meta = redis.call('HMGET', KEYS[1], '_v', '_l')
 if meta[1] ~= ARGV[2] or (ARGV[3] ~= '' and meta[2] ~= ARGV[3]) then
   return {'conflict', meta[1]}
 end
 local sid = ARGV[1]
 local names = {}
-for i = 8, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local name = ARGV[i]
   names[#names + 1] = name
   redis.call('HSET', KEYS[1], 'v:' .. name, ARGV[i + 1])
   local member = 'v\0' .. sid .. '\0' .. name
   if ARGV[i + 2] ~= '' then
     redis.call('HSET', KEYS[1], 't:' .. name, ARGV[i + 2])
-    redis.call('ZADD', KEYS[2], ARGV[i + 2], member)
-  else
-    redis.call('HDEL', KEYS[1], 't:' .. name)
-    redis.call('ZREM', KEYS[2], member)
+    redis.call('ZADD', P .. 'dl', ARGV[i + 2], member)
+  elseif redis.call('HDEL', KEYS[1], 't:' .. name) == 1 then
+    redis.call('ZREM', P .. 'dl', member)
   end
 end
 local version = redis.call('HINCRBY', KEYS[1], '_v', 1)
 if ARGV[3] ~= '' and ARGV[4] == '1' then
   redis.call('HDEL', KEYS[1], '_l', '_lu')
 end
-notice(ARGV[7], 'changed', sid, nil, ARGV[6], names)
+notice('changed', sid, nil, names)
 return {'ok', tostring(version)}
 """
 )
@@ -199,38 +196,35 @@ end
 return 1
 """
 
-# KEYS: session, dl, lru, closed, gone.
-# ARGV: sid, now, deadline, prefix, origin, channel, tombstone_ttl, backstop_ms
+# KEYS: session.  ARGV: sid, now, deadline, backstop_ms
 CLOSE = (
     _CLAIM
     + r"""
-local P = ARGV[4]
 local sid = ARGV[1]
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local gone = redis.call('GET', KEYS[5])
+local meta = redis.call('HMGET', KEYS[1], '_c', '_d')
+if not meta[2] then
+  local gone = redis.call('GET', P .. 'gone:' .. sid)
   if gone then return {'gone', gone} end
   return {'none'}
 end
-local meta = redis.call('HMGET', KEYS[1], '_c', '_d')
 if meta[1] == '1' then return {'already'} end
 if tonumber(meta[2]) <= tonumber(ARGV[2]) then
-  return {'expired', claim(P, sid, 'idle', meta[2], ARGV[5], ARGV[6], ARGV[7])}
+  return {'expired', claim(sid, 'idle', meta[2])}
 end
 redis.call('HSET', KEYS[1], '_c', 1, '_d', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[8])
-redis.call('ZADD', KEYS[2], ARGV[3], 's\0' .. sid)
-redis.call('ZREM', KEYS[3], sid)
-redis.call('ZADD', KEYS[4], ARGV[2], sid)
-notice(ARGV[6], 'ended', sid, 'closed', ARGV[5], nil)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', P .. 'dl', ARGV[3], 's\0' .. sid)
+redis.call('ZREM', P .. 'lru', sid)
+redis.call('ZADD', P .. 'closed', ARGV[2], sid)
+notice('ended', sid, 'closed', nil)
 return {'closed'}
 """
 )
 
-# KEYS: dl.  ARGV: now, limit, prefix, origin, channel, tombstone_ttl
+# KEYS: dl.  ARGV: now, limit
 REAP = (
     _CLAIM
     + r"""
-local P = ARGV[3]
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0,
                        tonumber(ARGV[2]))
 local out = {}
@@ -241,12 +235,12 @@ for i = 1, #due, 2 do
     local closed = redis.call('HGET', P .. 's:' .. sid, '_c')
     local reason = 'idle'
     if closed == '1' then reason = 'closed' end
-    out[#out + 1] = claim(P, sid, reason, due[i + 1], ARGV[4], ARGV[5], ARGV[6])
+    out[#out + 1] = claim(sid, reason, due[i + 1])
   else
     local cut = string.find(member, '\0', 3, true)
     local sid = string.sub(member, 3, cut - 1)
     local name = string.sub(member, cut + 1)
-    out[#out + 1] = claim_value(P, sid, name, due[i + 1])
+    out[#out + 1] = claim_value(sid, name, due[i + 1])
   end
 end
 return out
@@ -277,3 +271,16 @@ end
 redis.call('HINCRBY', KEYS[1], 'n', 1)
 return result
 """
+
+
+def render(script: str, *, prefix: str, origin: str, channel: str, tombstone_ttl: int) -> str:
+    """A script with its per-application constants written in."""
+    for text in (prefix, origin, channel):
+        if "]==]" in text or "\n" in text:
+            raise ValueError(f"{text!r} cannot be used in a Redis key prefix")
+    return (
+        script.replace("@P@", prefix)
+        .replace("@ORIGIN@", origin)
+        .replace("@CHANNEL@", channel)
+        .replace("@TOMBSTONE@", str(int(tombstone_ttl)))
+    )

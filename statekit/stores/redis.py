@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import threading
 import uuid
 import weakref
@@ -55,6 +56,8 @@ TOMBSTONE_TTL = 86_400
 BACKSTOP = 86_400.0
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_SCRIPTS = ("CREATE", "LOAD", "COMMIT", "RELEASE", "CLOSE", "REAP", "GLOBAL_CAS", "GLOBAL_ADD")
 
 
 def _safe_url(url: str) -> str:
@@ -114,21 +117,12 @@ class RedisStore:
         )
         self._async_client = async_client
         self._socket_timeout = socket_timeout
-        self._scripts = {
-            name: self.client.register_script(getattr(scripts, name))
-            for name in (
-                "CREATE",
-                "LOAD",
-                "COMMIT",
-                "RELEASE",
-                "CLOSE",
-                "REAP",
-                "GLOBAL_CAS",
-                "GLOBAL_ADD",
-            )
-        }
-        self._async_scripts: dict[str, Any] | None = None
         self._handles: weakref.WeakSet[_RedisNamespace] = weakref.WeakSet()
+        if not _PREFIX.fullmatch(prefix):
+            raise ValueError(
+                f"Redis key prefix {prefix!r} is not valid: use 1 to 64 characters among "
+                "letters, digits and _ . : -"
+            )
 
     def __repr__(self) -> str:
         return self._label
@@ -139,10 +133,10 @@ class RedisStore:
         self._handles.add(handle)
         return handle
 
-    def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run one script, mapping connection failures to StoreUnavailable."""
         try:
-            return self._scripts[name](keys=keys, args=args)
+            return script(keys=keys, args=args)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
         except RedisError as exc:
@@ -150,20 +144,11 @@ class RedisStore:
                 raise StateError("session id already in use") from exc
             raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
 
-    async def arun(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """The async form of :meth:`run`: on the asyncio client, else in a thread."""
-        client = self._async_client
-        if client is None:
-            return await asyncio.to_thread(self.run, name, keys, args)
-        if self._async_scripts is None:
-            self._async_scripts = {
-                key: client.register_script(script.script) for key, script in self._scripts.items()
-            }
+    async def arun(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """The async form of :meth:`run`, for a script of the asyncio client."""
         try:
-            return await self._async_scripts[name](keys=keys, args=args)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
-        except RedisError as exc:
+            return await script(keys=keys, args=args)
+        except (*_UNAVAILABLE, RedisError) as exc:
             raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
 
     def command(self, fn: Callable[[], Any]) -> Any:
@@ -195,12 +180,15 @@ class _RedisNamespace:
         "P",
         "__weakref__",
         "_app",
+        "_async_scripts",
         "_keys",
         "_listener",
         "_lock",
+        "_scripts",
         "_stop",
         "_store",
         "_subscribers",
+        "_texts",
         "channel",
         "origin",
     )
@@ -216,6 +204,33 @@ class _RedisNamespace:
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._texts = {
+            name: scripts.render(
+                getattr(scripts, name),
+                prefix=self.P,
+                origin=self.origin,
+                channel=self.channel,
+                tombstone_ttl=TOMBSTONE_TTL,
+            )
+            for name in _SCRIPTS
+        }
+        self._scripts = {
+            name: store.client.register_script(text) for name, text in self._texts.items()
+        }
+        self._async_scripts: dict[str, Any] | None = None
+
+    def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return self._store.run(self._scripts[name], keys, args)
+
+    async def _arun(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        client = self._store._async_client
+        if client is None:  # no asyncio client: the blocking one, in a worker thread
+            return await asyncio.to_thread(self._run, name, keys, args)
+        if self._async_scripts is None:
+            self._async_scripts = {
+                key: client.register_script(text) for key, text in self._texts.items()
+            }
+        return await self._store.arun(self._async_scripts[name], keys, args)
 
     # -- decoding script replies --------------------------------------------------
 
@@ -260,40 +275,24 @@ class _RedisNamespace:
     def create_session(
         self, sid: str, *, now: float, deadline: float, capacity: int
     ) -> tuple[Ended, ...]:
-        P = self.P
-        reply = self._store.run(
+        reply = self._run(
             "CREATE",
-            [P + "s:" + sid, P + "dl", P + "lru", P + "closed"],
-            [
-                sid,
-                _num(now),
-                _num(deadline),
-                capacity,
-                P,
-                self.origin,
-                self.channel,
-                TOMBSTONE_TTL,
-                self._backstop(now, deadline),
-            ],
+            [self.P + "s:" + sid],
+            [sid, _num(now), _num(deadline), capacity, self._backstop(now, deadline)],
         )
         return tuple(self._ended(item) for item in reply)
 
     def _load_call(
         self, sid: str, now: float, touch_until: float | None, lease: Lease | None
     ) -> tuple[list[str], list[Any]]:
-        P = self.P
         return (
-            [P + "s:" + sid, P + "dl", P + "lru", P + "gone:" + sid],
+            [self.P + "s:" + sid],
             [
                 sid,
                 _num(now),
                 "" if touch_until is None else _num(touch_until),
                 "" if lease is None else lease.token,
                 "" if lease is None else _num(lease.until),
-                P,
-                self.origin,
-                self.channel,
-                TOMBSTONE_TTL,
                 self._backstop(now, now if touch_until is None else touch_until),
             ],
         )
@@ -322,13 +321,13 @@ class _RedisNamespace:
         self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
     ) -> Loaded | Gone | Busy | None:
         keys, args = self._load_call(sid, now, touch_until, lease)
-        return self._loaded(sid, self._store.run("LOAD", keys, args))
+        return self._loaded(sid, self._run("LOAD", keys, args))
 
     async def aload_session(
         self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
     ) -> Loaded | Gone | Busy | None:
         keys, args = self._load_call(sid, now, touch_until, lease)
-        return self._loaded(sid, await self._store.arun("LOAD", keys, args))
+        return self._loaded(sid, await self._arun("LOAD", keys, args))
 
     def _commit_call(
         self,
@@ -340,20 +339,11 @@ class _RedisNamespace:
         release: bool,
         now: float,
     ) -> tuple[list[str], list[Any]]:
-        P = self.P
-        args: list[Any] = [
-            sid,
-            str(version),
-            lease or "",
-            "1" if release else "0",
-            _num(now),
-            self.origin,
-            self.channel,
-        ]
+        args: list[Any] = [sid, str(version), lease or "", "1" if release else "0"]
         for name, value in writes.items():
             deadline = ttl_deadlines.get(name)
             args += [name, value, "" if deadline is None else _num(deadline)]
-        return [P + "s:" + sid, P + "dl", P + "gone:" + sid], args
+        return [self.P + "s:" + sid], args
 
     def _committed(self, sid: str, version: int, now: float, reply: list[Any]) -> int:
         kind = _text(reply[0])
@@ -378,7 +368,7 @@ class _RedisNamespace:
         release: bool = True,
     ) -> int:
         keys, args = self._commit_call(sid, version, writes, ttl_deadlines, lease, release, now)
-        return self._committed(sid, version, now, self._store.run("COMMIT", keys, args))
+        return self._committed(sid, version, now, self._run("COMMIT", keys, args))
 
     async def acommit(
         self,
@@ -392,29 +382,19 @@ class _RedisNamespace:
         release: bool = True,
     ) -> int:
         keys, args = self._commit_call(sid, version, writes, ttl_deadlines, lease, release, now)
-        return self._committed(sid, version, now, await self._store.arun("COMMIT", keys, args))
+        return self._committed(sid, version, now, await self._arun("COMMIT", keys, args))
 
     def release(self, sid: str, *, lease: str) -> None:
-        self._store.run("RELEASE", [self.P + "s:" + sid], [lease])
+        self._run("RELEASE", [self.P + "s:" + sid], [lease])
 
     async def arelease(self, sid: str, *, lease: str) -> None:
-        await self._store.arun("RELEASE", [self.P + "s:" + sid], [lease])
+        await self._arun("RELEASE", [self.P + "s:" + sid], [lease])
 
     def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
-        P = self.P
-        reply = self._store.run(
+        reply = self._run(
             "CLOSE",
-            [P + "s:" + sid, P + "dl", P + "lru", P + "closed", P + "gone:" + sid],
-            [
-                sid,
-                _num(now),
-                _num(deadline),
-                P,
-                self.origin,
-                self.channel,
-                TOMBSTONE_TTL,
-                self._backstop(now, deadline),
-            ],
+            [self.P + "s:" + sid],
+            [sid, _num(now), _num(deadline), self._backstop(now, deadline)],
         )
         kind = _text(reply[0])
         if kind == "closed":
@@ -444,11 +424,7 @@ class _RedisNamespace:
 
     def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
         P = self.P
-        reply = self._store.run(
-            "REAP",
-            [P + "dl"],
-            [_num(now), limit, P, self.origin, self.channel, TOMBSTONE_TTL],
-        )
+        reply = self._run("REAP", [P + "dl"], [_num(now), limit])
         return tuple(self._reaped(item) for item in reply)
 
     # -- globals -----------------------------------------------------------------
@@ -460,7 +436,7 @@ class _RedisNamespace:
         return None if value is None else (value, int(version))
 
     def global_cas(self, name: str, *, version: int | None, value: Any) -> int | None:
-        reply = self._store.run(
+        reply = self._run(
             "GLOBAL_CAS", [self.P + "g:" + name], ["" if version is None else str(version), value]
         )
         return None if reply is None else int(reply)
@@ -477,7 +453,7 @@ class _RedisNamespace:
                 if self.global_cas(name, version=version, value=codec.encode(value)) is not None:
                     return value
         floating = isinstance(amount, float) or isinstance(default, float)
-        raw = self._store.run(
+        raw = self._run(
             "GLOBAL_ADD",
             [self.P + "g:" + name],
             [repr(amount), json.dumps(default), "1" if floating else "0"],
