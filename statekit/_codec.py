@@ -222,6 +222,10 @@ def _object_hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder(object_hook=_object_hook)
+
+
 class JSONCodec:
     """Tagged JSON (the default for stores that leave the process). Thread-safe."""
 
@@ -229,9 +233,7 @@ class JSONCodec:
 
     def encode(self, value: Any) -> bytes:
         try:
-            return json.dumps(
-                _encode(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False
-            ).encode("utf-8")
+            return _ENCODER.encode(_encode(value)).encode("utf-8")
         except RecursionError:
             raise CodecError(
                 "the value is nested too deeply to store as JSON; flatten it, or keep "
@@ -240,10 +242,17 @@ class JSONCodec:
 
     def decode(self, data: bytes) -> Any:
         try:
-            return json.loads(data, object_hook=_object_hook)
+            return _DECODER.decode(data.decode("utf-8"))
         except CodecError:
             raise
-        except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            RecursionError,
+            AttributeError,
+        ) as exc:
             raise CodecError(f"stored data is not valid tagged JSON ({exc})") from exc
 
 
