@@ -184,8 +184,9 @@ class StoreNamespace(Protocol):
         """Load a session for an event; ``None`` when the store never knew ``sid``.
 
         An open session's deadline slides to ``touch_until`` (``None``: a look that
-        does not count as use); a store may skip a slide of less than one second. A session already past its deadline is removed and
-        returned as :class:`Gone` with ``ended`` set. Values past their own ttl are
+        does not count as use); a store may skip a slide of less than one second. A
+        session already past its deadline is removed and returned as :class:`Gone` with
+        ``ended`` set. Values past their own ttl are
         removed and listed in :attr:`Loaded.expired`. With ``lease`` (shared stores),
         the session is also leased to the caller, or :class:`Busy` is returned when
         another unexpired lease holds it (and nothing else is done).
