@@ -109,7 +109,7 @@ def run(quick: bool = False) -> list[tuple[str, list[Measure]]]:
     server = RedisServer().start()
     try:
         redis_measures = best_per_op(
-            redis_contenders(server), ops=300 if quick else 2000, rounds=3 if quick else 5
+            redis_contenders(server), ops=200 if quick else 400, rounds=3 if quick else 15
         )
     finally:
         server.stop()

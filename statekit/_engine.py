@@ -612,9 +612,11 @@ class StateEngine:
         pending: list[Ended] = []
         now = self.clock()
         try:
-            loaded = self._load(sid, now, pending)
+            outcome = self._ns.peek(sid, state.name, now=now, touch_until=now + self.idle_ttl)
+            loaded = self._loaded_or_raise(sid, now, outcome, pending)
         finally:
-            self._run_ended(pending)
+            if pending:
+                self._run_ended(pending)
         stored = loaded.values.get(state.name, MISSING)
         if stored is MISSING:
             return state.new_value()

@@ -59,6 +59,9 @@ class _Decoded:
     def load_session(self, sid: str, **kw: Any) -> Any:
         return self._outcome(self._ns.load_session(sid, **kw))
 
+    def peek(self, sid: str, name: str, **kw: Any) -> Any:
+        return self._outcome(self._ns.peek(sid, name, **kw))
+
     def close_session(self, sid: str, **kw: Any) -> Any:
         return self._outcome(self._ns.close_session(sid, **kw))
 
@@ -150,6 +153,18 @@ class StoreContract:
         ns.load_session("s1", now=9, touch_until=19)
         assert isinstance(ns.load_session("s1", now=18, touch_until=None), Loaded)
         assert ns.reap(now=18.5, limit=10) == ()
+
+    def test_peek_reads_one_value_and_claims_it_when_expired(self, ns: StoreNamespace) -> None:
+        self.new(ns, ttl=100)
+        ns.commit("s1", version=0, writes={"a": 1, "t": 2}, ttl_deadlines={"t": 5}, now=0)
+        peeked = ns.peek("s1", "a", now=1, touch_until=101)
+        assert isinstance(peeked, Loaded)
+        assert peeked.values["a"] == 1
+        late = ns.peek("s1", "t", now=6, touch_until=106)
+        assert isinstance(late, Loaded)
+        assert "t" not in late.values
+        assert [(e.state, dict(e.values)) for e in late.expired] == [("t", {"t": 2})]
+        assert ns.peek("ghost", "a", now=6, touch_until=None) is None
 
     def test_look_without_touch_does_not_slide(self, ns: StoreNamespace) -> None:
         self.new(ns, ttl=10)

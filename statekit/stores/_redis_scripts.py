@@ -153,6 +153,41 @@ return {'ok', meta[1], meta[2] or '0', values, expired}
 """
 )
 
+# KEYS: session.  ARGV: sid, now, touch_until|'', name, backstop_ms
+PEEK = (
+    _CLAIM
+    + r"""
+local sid = ARGV[1]
+local now = tonumber(ARGV[2])
+local name = ARGV[4]
+local meta = redis.call('HMGET', KEYS[1], '_v', '_c', '_d', 'v:' .. name, 't:' .. name)
+if not meta[3] then
+  local gone = redis.call('GET', P .. 'gone:' .. sid)
+  if gone then return {'gone', gone} end
+  return {'none'}
+end
+if tonumber(meta[3]) <= now then
+  local reason = 'idle'
+  if meta[2] == '1' then reason = 'closed' end
+  return {'expired', claim(sid, reason, meta[3])}
+end
+local values = {}
+local expired = {}
+if meta[5] and tonumber(meta[5]) <= now then
+  expired[1] = claim_value(sid, name, meta[5])
+elseif meta[4] then
+  values = {name, meta[4]}
+end
+if meta[2] ~= '1' and ARGV[3] ~= '' and tonumber(ARGV[3]) - tonumber(meta[3]) >= 1 then
+  redis.call('HSET', KEYS[1], '_d', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  redis.call('ZADD', P .. 'dl', ARGV[3], 's\0' .. sid)
+  redis.call('ZADD', P .. 'lru', ARGV[2], sid)
+end
+return {'ok', meta[1], meta[2] or '0', values, expired}
+"""
+)
+
 # KEYS: session.  ARGV: sid, version, lease|'', release '1'|'0', then
 #       name, value, deadline|'' for each write.
 COMMIT = (

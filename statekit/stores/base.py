@@ -193,6 +193,13 @@ class StoreNamespace(Protocol):
         """
         ...
 
+    def peek(
+        self, sid: str, name: str, *, now: float, touch_until: float | None
+    ) -> Loaded | Gone | None:
+        """Like :meth:`load_session` without a lease, for reading one state: the
+        returned values hold ``name`` if it is stored (and may hold others)."""
+        ...
+
     def commit(
         self,
         sid: str,

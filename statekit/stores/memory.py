@@ -190,6 +190,13 @@ class _MemoryNamespace:
             sid=sid, version=rec.version, closed=rec.closed, values=rec.values, expired=expired
         )
 
+    def peek(
+        self, sid: str, name: str, *, now: float, touch_until: float | None
+    ) -> Loaded | Gone | None:
+        outcome = self.load_session(sid, now=now, touch_until=touch_until)
+        assert not isinstance(outcome, Busy)
+        return outcome
+
     def commit(
         self,
         sid: str,

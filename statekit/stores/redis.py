@@ -57,7 +57,17 @@ BACKSTOP = 86_400.0
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_SCRIPTS = ("CREATE", "LOAD", "COMMIT", "RELEASE", "CLOSE", "REAP", "GLOBAL_CAS", "GLOBAL_ADD")
+_SCRIPTS = (
+    "CREATE",
+    "LOAD",
+    "PEEK",
+    "COMMIT",
+    "RELEASE",
+    "CLOSE",
+    "REAP",
+    "GLOBAL_CAS",
+    "GLOBAL_ADD",
+)
 
 
 def _safe_url(url: str) -> str:
@@ -322,6 +332,24 @@ class _RedisNamespace:
     ) -> Loaded | Gone | Busy | None:
         keys, args = self._load_call(sid, now, touch_until, lease)
         return self._loaded(sid, self._run("LOAD", keys, args))
+
+    def peek(
+        self, sid: str, name: str, *, now: float, touch_until: float | None
+    ) -> Loaded | Gone | None:
+        reply = self._run(
+            "PEEK",
+            [self.P + "s:" + sid],
+            [
+                sid,
+                _num(now),
+                "" if touch_until is None else _num(touch_until),
+                name,
+                self._backstop(now, now if touch_until is None else touch_until),
+            ],
+        )
+        outcome = self._loaded(sid, reply)
+        assert not isinstance(outcome, Busy)
+        return outcome
 
     async def aload_session(
         self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None

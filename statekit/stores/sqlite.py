@@ -366,6 +366,13 @@ class _SQLiteNamespace:
             sid=sid, version=version, closed=bool(closed), values=values, expired=expired
         )
 
+    def peek(
+        self, sid: str, name: str, *, now: float, touch_until: float | None
+    ) -> Loaded | Gone | None:
+        outcome = self.load_session(sid, now=now, touch_until=touch_until)
+        assert not isinstance(outcome, Busy)
+        return outcome
+
     def commit(
         self,
         sid: str,
