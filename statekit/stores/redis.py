@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import re
@@ -44,6 +43,7 @@ from statekit.exceptions import (
 )
 
 from . import _redis_scripts as scripts
+from ._notices import NoticeFeed
 from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice
 
 __all__ = ["RedisStore"]
@@ -191,13 +191,9 @@ class _RedisNamespace:
         "__weakref__",
         "_app",
         "_async_scripts",
-        "_keys",
-        "_listener",
-        "_lock",
+        "_feed",
         "_scripts",
-        "_stop",
         "_store",
-        "_subscribers",
         "_texts",
         "channel",
         "origin",
@@ -209,11 +205,9 @@ class _RedisNamespace:
         self.P = f"{store.prefix}:{{{app}}}:"
         self.channel = f"{store.prefix}:{{{app}}}:notices"
         self.origin = f"redis-{uuid.uuid4().hex[:12]}"
-        self._subscribers: dict[int, Callable[[Notice], None]] = {}
-        self._keys = itertools.count(1)
-        self._listener: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._feed = NoticeFeed(
+            f"statekit-redis-notices-{app}", self._listen, ready_timeout=store._socket_timeout
+        )
         self._texts = {
             name: scripts.render(
                 getattr(scripts, name),
@@ -492,45 +486,18 @@ class _RedisNamespace:
     # -- notices -----------------------------------------------------------------
 
     def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
-        key = next(self._keys)
-        with self._lock:
-            self._subscribers[key] = callback
-            if self._listener is None:
-                self._stop.clear()
-                ready = threading.Event()
-                self._listener = threading.Thread(
-                    target=self._listen,
-                    args=(ready,),
-                    name=f"statekit-redis-notices-{self._app}",
-                    daemon=True,
-                )
-                self._listener.start()
-                ready.wait(self._store._socket_timeout)
+        return self._feed.subscribe(callback)
 
-        def unsubscribe() -> None:
-            with self._lock:
-                self._subscribers.pop(key, None)
-                if self._subscribers:
-                    return
-                self._stop.set()
-                listener, self._listener = self._listener, None
-            if listener is not None and listener is not threading.current_thread():
-                listener.join(timeout=2)
-
-        return unsubscribe
-
-    def _deliver(self, notice: Notice) -> None:
-        for callback in list(self._subscribers.values()):
-            try:
-                callback(notice)
-            except Exception:
-                logger.exception("store notice subscriber raised")
-
-    def _listen(self, ready: threading.Event) -> None:
+    def _listen(
+        self,
+        stop: threading.Event,
+        ready: threading.Event,
+        deliver: Callable[[Notice], None],
+    ) -> None:
         """Receive notices; after a lost connection, reconnect and send ``resync``."""
         lost = False
         delay = 0.05
-        while not self._stop.is_set():
+        while not stop.is_set():
             pubsub = self._store.client.pubsub(  # type: ignore[no-untyped-call]
                 ignore_subscribe_messages=True
             )
@@ -538,21 +505,21 @@ class _RedisNamespace:
                 pubsub.subscribe(self.channel)
                 ready.set()
                 if lost:
-                    self._deliver(Notice(kind="resync", sid="", origin="redis"))
+                    deliver(Notice(kind="resync", sid="", origin="redis"))
                     lost = False
                 delay = 0.05
-                while not self._stop.is_set():
+                while not stop.is_set():
                     message = pubsub.get_message(timeout=0.2)
                     if message is None or message.get("type") != "message":
                         continue
                     notice = self._notice(message["data"])
                     if notice is not None:
-                        self._deliver(notice)
+                        deliver(notice)
             except Exception:  # a lost connection, or the store being closed
-                if self._stop.is_set():
+                if stop.is_set():
                     break
                 lost = True
-                self._stop.wait(delay)
+                stop.wait(delay)
                 delay = min(delay * 2, 2.0)
             finally:
                 with contextlib.suppress(Exception):
@@ -575,10 +542,5 @@ class _RedisNamespace:
         )
 
     def shutdown(self) -> tuple[Ended, ...]:
-        with self._lock:
-            self._subscribers.clear()
-            self._stop.set()
-            listener, self._listener = self._listener, None
-        if listener is not None and listener is not threading.current_thread():
-            listener.join(timeout=2)
+        self._feed.stop()
         return ()

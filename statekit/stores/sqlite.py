@@ -14,8 +14,6 @@ Notices for other processes go to a table that subscribers poll.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import logging
 import os
 import sqlite3
 import threading
@@ -35,11 +33,10 @@ from statekit.exceptions import (
     StoreUnavailable,
 )
 
+from ._notices import NoticeFeed
 from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice
 
 __all__ = ["SQLiteStore"]
-
-logger = logging.getLogger("statekit")
 
 #: How long notices and tombstones are kept, in seconds of the engine's clock.
 NOTICE_HORIZON = 120.0
@@ -215,11 +212,7 @@ class _SQLiteNamespace:
         self._store = store
         self._app = app
         self.origin = f"sqlite-{uuid.uuid4().hex[:12]}"
-        self._subscribers: dict[int, Callable[[Notice], None]] = {}
-        self._keys = itertools.count(1)
-        self._poller: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._feed = NoticeFeed(f"statekit-sqlite-notices-{app}", self._poll)
 
     # -- helpers (inside a transaction) ------------------------------------------
 
@@ -536,38 +529,25 @@ class _SQLiteNamespace:
     # -- notices -----------------------------------------------------------------
 
     def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
-        key = next(self._keys)
-        with self._lock:
-            self._subscribers[key] = callback
-            if self._poller is None:
-                rows = self._store.read(
-                    "SELECT COALESCE(MAX(seq), 0) FROM sk_notices WHERE app=?", (self._app,)
-                )
-                self._stop.clear()
-                self._poller = threading.Thread(
-                    target=self._poll,
-                    args=(int(rows[0][0]),),
-                    name=f"statekit-sqlite-notices-{self._app}",
-                    daemon=True,
-                )
-                self._poller.start()
+        return self._feed.subscribe(callback)
 
-        def unsubscribe() -> None:
-            with self._lock:
-                self._subscribers.pop(key, None)
-                if self._subscribers:
-                    return
-                self._stop.set()
-                poller, self._poller = self._poller, None
-            if poller is not None and poller is not threading.current_thread():
-                poller.join(timeout=2)
-
-        return unsubscribe
-
-    def _poll(self, cursor: int) -> None:
+    def _poll(
+        self,
+        stop: threading.Event,
+        ready: threading.Event,
+        deliver: Callable[[Notice], None],
+    ) -> None:
+        """Read new notices every ``poll_interval``; ``resync`` after a gap."""
+        try:
+            rows = self._store.read(
+                "SELECT COALESCE(MAX(seq), 0) FROM sk_notices WHERE app=?", (self._app,)
+            )
+            cursor = int(rows[0][0])
+        finally:
+            ready.set()
         lost = False
         last_ok = time.monotonic()
-        while not self._stop.wait(self._store.poll_interval):
+        while not stop.wait(self._store.poll_interval):
             try:
                 rows = self._store.read(
                     "SELECT seq, origin, kind, sid, names, reason FROM sk_notices "
@@ -580,15 +560,14 @@ class _SQLiteNamespace:
             if time.monotonic() - last_ok > NOTICE_HORIZON / 2:
                 lost = True  # this thread was stalled long enough to miss trimmed notices
             last_ok = time.monotonic()
-            notices: list[Notice] = []
             if lost:
-                notices.append(Notice(kind="resync", sid="", origin="sqlite"))
+                deliver(Notice(kind="resync", sid="", origin="sqlite"))
                 lost = False
             for seq, origin, kind, sid, names, reason in rows:
                 cursor = seq
                 if origin == self.origin:
                     continue
-                notices.append(
+                deliver(
                     Notice(
                         kind=kind,
                         sid=sid,
@@ -597,18 +576,7 @@ class _SQLiteNamespace:
                         origin=origin,
                     )
                 )
-            for notice in notices:
-                for callback in list(self._subscribers.values()):
-                    try:
-                        callback(notice)
-                    except Exception:
-                        logger.exception("store notice subscriber raised")
 
     def shutdown(self) -> tuple[Ended, ...]:
-        with self._lock:
-            self._subscribers.clear()
-            self._stop.set()
-            poller, self._poller = self._poller, None
-        if poller is not None and poller is not threading.current_thread():
-            poller.join(timeout=2)
+        self._feed.stop()
         return ()
