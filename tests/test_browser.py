@@ -1,0 +1,204 @@
+"""Browser state tokens: round trips, every failure reason, rotation, binding, expiry,
+and a fuzz of 100,000 random and mutated tokens that never raises."""
+
+from __future__ import annotations
+
+import datetime
+import random
+import string
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from statekit import Change, compare
+from statekit._browser import BrowserKeys, TokenProblem, TokenTooLarge
+from statekit._codec import CodecError
+
+SECRET = "s" * 32
+OLD = "o" * 32
+keys = BrowserKeys([SECRET])
+signed = BrowserKeys([SECRET], encrypt=False)
+
+
+def roundtrip(value: Any, k: BrowserKeys = keys) -> Any:
+    token = k.encode(value, storage_key="login", now=100)
+    decoded = k.decode(token, storage_key="login", now=101)
+    assert decoded.problem is None
+    return decoded.value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ["", ""],
+        "",
+        0,
+        0.0,
+        False,
+        None,
+        [],
+        {},
+        ["ann", "pw"],
+        {"theme": "dark", "n": 3, "tags": ("a", "b"), "seen": {1, 2}},
+        datetime.datetime(2026, 11, 25, tzinfo=datetime.timezone.utc),
+        "é" * 50,
+    ],
+)
+@pytest.mark.parametrize("k", [keys, signed], ids=["encrypted", "signed"])
+def test_every_json_typed_value_roundtrips_falsy_ones_too(value: Any, k: BrowserKeys) -> None:
+    assert compare(value, roundtrip(value, k)) is Change.SAME
+
+
+def test_tokens_are_url_safe_opaque_and_unique() -> None:
+    first = keys.encode(["ann", "hunter2"], storage_key="login", now=1)
+    second = keys.encode(["ann", "hunter2"], storage_key="login", now=1)
+    assert first != second  # a fresh nonce each time
+    assert set(first) <= set(string.ascii_letters + string.digits + "-_.")
+    assert "hunter2" not in first
+    assert SECRET not in first
+
+
+def test_signed_tokens_are_readable_but_not_forgeable() -> None:
+    token = signed.encode(["ann"], storage_key="login", now=1)
+    assert token.startswith("sk1s.")
+    body = token.split(".")[3]
+    tampered = token.replace(body, body[:-2] + ("AA" if body[-2:] != "AA" else "BB"))
+    assert signed.decode(tampered, storage_key="login", now=2).problem is TokenProblem.TAMPERED
+
+
+def test_each_failure_reason() -> None:
+    good = keys.encode({"a": 1}, storage_key="login", now=100, ttl=10)
+
+    def problem(token: object, **kw: Any) -> TokenProblem | None:
+        args: dict[str, Any] = {"storage_key": "login", "now": 101, **kw}
+        return keys.decode(token, **args).problem
+
+    body = good.split(".")[3]
+    flipped = good[: -len(body)] + body[:5] + ("A" if body[5] != "A" else "B") + body[6:]
+    foreign = BrowserKeys(["x" * 32]).encode({"a": 1}, storage_key="login", now=100)
+    assert problem(None) is TokenProblem.MISSING
+    assert problem("") is TokenProblem.MISSING
+    assert problem(12) is TokenProblem.MALFORMED
+    assert problem("garbage") is TokenProblem.MALFORMED
+    assert problem(good[:20]) is TokenProblem.MALFORMED
+    assert problem(good.replace("sk1.", "sk1s.", 1)) is TokenProblem.MALFORMED
+    assert problem(foreign) is TokenProblem.UNKNOWN_KEY
+    assert problem(good, storage_key="other") is TokenProblem.WRONG_STORAGE_KEY
+    assert problem(flipped) is TokenProblem.TAMPERED
+    assert problem(good, now=110) is TokenProblem.EXPIRED
+    assert problem(good, max_bytes=10) is TokenProblem.OVERSIZED
+    assert problem(good) is None
+
+
+def test_authentic_payload_that_is_not_json_is_reported() -> None:
+    import os
+
+    key = keys._keys[0]
+    where = keys._where(key, "login", "")
+    aad = f"sk1.{key.kid}.{where}.login\0".encode()
+    nonce = os.urandom(12)
+    sealed = nonce + key.aead.encrypt(nonce, b"jnot json", aad)
+    from statekit._browser import _b64
+
+    token = f"sk1.{key.kid}.{where}.{_b64(sealed)}"
+    assert keys.decode(token, storage_key="login", now=1).problem is TokenProblem.NOT_JSON
+
+
+def test_rotation_reads_old_tokens_and_asks_for_reencoding() -> None:
+    old_keys = BrowserKeys([OLD])
+    rotated = BrowserKeys([SECRET, OLD])
+    old_token = old_keys.encode(["ann"], storage_key="login", now=1)
+    decoded = rotated.decode(old_token, storage_key="login", now=2)
+    assert decoded.value == ["ann"]
+    assert decoded.reencode
+    fresh = rotated.encode(["ann"], storage_key="login", now=2)
+    assert not rotated.decode(fresh, storage_key="login", now=3).reencode
+    assert BrowserKeys([SECRET]).decode(fresh, storage_key="login", now=3).value == ["ann"]
+    retired = BrowserKeys([SECRET]).decode(old_token, storage_key="login", now=3)
+    assert retired.problem is TokenProblem.UNKNOWN_KEY
+
+
+def test_binding_to_a_user() -> None:
+    token = keys.encode(["x"], storage_key="prefs", now=1, bind="user-1")
+    assert keys.decode(token, storage_key="prefs", now=2, bind="user-1").value == ["x"]
+    other = keys.decode(token, storage_key="prefs", now=2, bind="user-2")
+    assert other.problem is TokenProblem.WRONG_STORAGE_KEY
+    assert "user-1" not in token
+
+
+def test_size_budget_is_checked_at_encode_time_naming_the_state() -> None:
+    with pytest.raises(TokenTooLarge, match=r"'notes'.*over its budget of 200") as info:
+        keys.encode(os_random_text(5000), storage_key="n", now=1, state="notes", max_bytes=200)
+    assert info.value.size > 200
+
+
+def test_compression_keeps_repetitive_values_small() -> None:
+    token = keys.encode(["a" * 4000], storage_key="n", now=1)
+    assert len(token) < 300
+
+
+def test_non_json_values_fail_at_encode_time() -> None:
+    with pytest.raises(CodecError, match="object"):
+        keys.encode(object(), storage_key="n", now=1)
+
+
+def test_keys_need_real_secrets_and_never_show_them() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        BrowserKeys("short")
+    with pytest.raises(ValueError, match="32 bytes"):
+        BrowserKeys([])
+    assert SECRET not in repr(keys)
+
+
+def test_ephemeral_keys_warn_that_values_die_with_the_process() -> None:
+    with pytest.warns(RuntimeWarning, match="restart"):
+        ephemeral = BrowserKeys.ephemeral()
+    token = ephemeral.encode(1, storage_key="k", now=1)
+    assert ephemeral.decode(token, storage_key="k", now=2).value == 1
+    with pytest.warns(RuntimeWarning):
+        other_process = BrowserKeys.ephemeral()
+    assert other_process.decode(token, storage_key="k", now=2).problem is TokenProblem.UNKNOWN_KEY
+
+
+def os_random_text(n: int) -> str:
+    rng = random.Random(7)
+    return "".join(rng.choice(string.printable) for _ in range(n))
+
+
+def mutate(token: str, rng: random.Random) -> str:
+    kind = rng.randrange(6)
+    if kind == 0 and token:  # flip a character
+        i = rng.randrange(len(token))
+        return token[:i] + rng.choice(string.printable) + token[i + 1 :]
+    if kind == 1:  # truncate
+        return token[: rng.randrange(len(token) + 1)]
+    if kind == 2:  # extend
+        return token + "".join(
+            rng.choice(string.ascii_letters) for _ in range(rng.randrange(1, 9))
+        )
+    if kind == 3:  # swap parts
+        parts = token.split(".")
+        rng.shuffle(parts)
+        return ".".join(parts)
+    if kind == 4:  # random bytes as text
+        return "".join(chr(rng.randrange(0, 0x3000)) for _ in range(rng.randrange(0, 80)))
+    return "sk1." + ".".join(
+        "".join(rng.choice(string.ascii_letters + "-_") for _ in range(rng.randrange(0, 20)))
+        for _ in range(3)
+    )
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([keys, signed]))
+def test_fuzz_100000_random_and_mutated_tokens_never_raise(seed: int, k: BrowserKeys) -> None:
+    rng = random.Random(seed)
+    good = k.encode({"user": "ann", "n": seed}, storage_key="login", now=100, ttl=1000)
+    for _ in range(1000):  # 100 examples x 1,000 tokens
+        token = mutate(good, rng)
+        decoded = k.decode(token, storage_key="login", now=101)
+        if token == good:
+            assert decoded.value == {"user": "ann", "n": seed}
+        else:
+            assert decoded.problem is not None or decoded.value == {"user": "ann", "n": seed}
