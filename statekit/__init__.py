@@ -19,6 +19,7 @@ from ._changes import Change, changed, compare
 from ._codec import Codec, CodecError, JSONCodec, SignedPickleCodec
 from ._engine import StateEngine
 from ._events import Event, EventResult, ListenerFailure
+from ._registry import SessionRegistry
 from ._states import GlobalState, SessionState, State
 from .exceptions import (
     ChangeLoopError,
@@ -27,6 +28,7 @@ from .exceptions import (
     SessionBusy,
     SessionExpired,
     SessionNotFound,
+    SessionNotInitialized,
     StateError,
     StateNotCopyable,
     StoreConflict,
@@ -55,6 +57,8 @@ __all__ = [
     "SessionBusy",
     "SessionExpired",
     "SessionNotFound",
+    "SessionNotInitialized",
+    "SessionRegistry",
     "SessionState",
     "SignedPickleCodec",
     "State",

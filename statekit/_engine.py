@@ -9,11 +9,12 @@ they are part of the event, and deletion callbacks run after every lock is relea
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from typing import Any, TypeAlias, TypeVar, overload
 
 import cachetools
@@ -23,6 +24,7 @@ from ._clock import Clock, monotonic, wall
 from ._copying import copy_value, open_value
 from ._events import Event, EventResult, ListenerFailure
 from ._locks import SessionLocks
+from ._registry import SessionRegistry
 from ._states import (
     MISSING,
     GlobalState,
@@ -126,6 +128,11 @@ class StateEngine:
         self._states: dict[str, State[Any]] = {}
         self._session_states: dict[str, SessionState[Any]] = {}
         self._end_hooks: tuple[Callable[[str, DeleteReason], object], ...] = ()
+        self._open_hooks: tuple[Callable[[str], object], ...] = ()
+        self._shutdown_hooks: tuple[Callable[[], object], ...] = ()
+        self._resync_hooks: tuple[Callable[[], object], ...] = ()
+        self._registries: dict[str, SessionRegistry[Any]] = {}
+        self._hooks_lock = threading.Lock()
         self._unsubscribe: Callable[[], None] | None = None
         self._subscribe_lock = threading.Lock()
         # Versions of sessions this engine used lately, to re-check after lost notices.
@@ -215,9 +222,116 @@ class StateEngine:
         if isinstance(state, SessionState):
             self._session_states[state.name] = state
 
+    @overload
+    def registry(
+        self,
+        name: str,
+        factory: Callable[[str], Coroutine[Any, Any, T]],
+        cleanup: Callable[[T], object] | None = None,
+    ) -> SessionRegistry[T]: ...
+
+    @overload
+    def registry(
+        self,
+        name: str,
+        factory: Callable[[str], T],
+        cleanup: Callable[[T], object] | None = None,
+    ) -> SessionRegistry[T]: ...
+
+    def registry(
+        self,
+        name: str,
+        factory: Callable[[str], Any],
+        cleanup: Callable[[Any], object] | None = None,
+    ) -> SessionRegistry[Any]:
+        """Declare a per-session registry, for objects that cannot be deep-copied or
+        serialized (locks, connections, models). See :class:`SessionRegistry`.
+
+        Args:
+            name: unique among this engine's registries (1 to 128 of
+                ``A-Z a-z 0-9 _ . : / -``).
+            factory: ``factory(sid)`` makes a session's object; may be a coroutine
+                function (open with ``await registry.aopen(sid)``).
+            cleanup: ``cleanup(obj)`` runs exactly once per object when its session
+                ends or the registry closes it; may be a coroutine function.
+
+        With a shared store the engine starts receiving the store's notices, so that
+        objects here are cleaned up when their session ends in another process.
+
+        Raises:
+            InvalidDeclaration: invalid or duplicate name, or a factory or cleanup that
+                is not callable.
+            EngineClosed: the engine was shut down.
+        """
+        return SessionRegistry(self, name, factory, cleanup)
+
+    def _declare_registry(self, registry: SessionRegistry[Any]) -> None:
+        self._check_usable()
+        with self._hooks_lock:
+            if registry.name in self._registries:
+                raise InvalidDeclaration(
+                    f"a registry named {registry.name!r} is already declared on this engine "
+                    f"(app {self.app!r}); registry names must be unique"
+                )
+            self._registries[registry.name] = registry
+            self._end_hooks = (*self._end_hooks, registry._session_ended)
+            self._shutdown_hooks = (*self._shutdown_hooks, registry._engine_shutdown)
+            self._resync_hooks = (*self._resync_hooks, registry._resync)
+        self._subscribe()
+
+    def on_open(self, fn: Callable[[str], object]) -> Callable[[str], object]:
+        """Call ``fn(sid)`` after :meth:`open_session` starts a session: the guide's page
+        load event (``engine.on_open(registry.open)`` makes a registry's objects then).
+
+        Runs in the thread that opened the session, outside every lock, in this process
+        only. An exception is logged (logger ``statekit``) and does not stop the other
+        hooks nor the opening. Usable as a decorator.
+
+        Raises:
+            InvalidDeclaration: ``fn`` is not callable or is a coroutine function
+                (async hosts await ``registry.aopen(sid)`` after ``open_session()``).
+        """
+        self._check_hook(fn, "on_open")
+        with self._hooks_lock:
+            self._open_hooks = (*self._open_hooks, fn)
+        return fn
+
+    def on_close(
+        self, fn: Callable[[str, DeleteReason], object]
+    ) -> Callable[[str, DeleteReason], object]:
+        """Call ``fn(sid, reason)`` once when a session is closed (reason ``closed``, at
+        :meth:`close_session` time) or ends without being closed (``idle``,
+        ``evicted``, ``shutdown``): the guide's close event.
+
+        Runs outside every lock, in the thread that closed or reaped the session. With a
+        shared store it also runs in every other process whose engine has this app,
+        from the store's notification thread, when the session ends elsewhere: use it
+        for what each process holds. An exception is logged and never stops the other
+        hooks or reaping. Usable as a decorator.
+
+        Raises:
+            InvalidDeclaration: ``fn`` is not callable or is a coroutine function.
+        """
+        self._check_hook(fn, "on_close")
+        self._on_session_end(fn)
+        self._subscribe()
+        return fn
+
+    @staticmethod
+    def _check_hook(fn: object, what: str) -> None:
+        if not callable(fn):
+            raise InvalidDeclaration(f"{what}() needs a callable, got {type(fn).__name__}")
+        if inspect.iscoroutinefunction(fn):
+            raise InvalidDeclaration(
+                f"{what}() needs a plain function, got the coroutine function "
+                f"{_qualname(fn)}: hooks run in synchronous code; async hosts await their "
+                "async work (such as registry.aopen(sid)) after open_session() themselves"
+            )
+
     def _on_session_end(self, hook: Callable[[str, DeleteReason], object]) -> None:
         """Run ``hook(sid, reason)`` once when a session closes or ends without closing."""
-        self._end_hooks = (*self._end_hooks, hook)
+        with self._hooks_lock:
+            self._end_hooks = (*self._end_hooks, hook)
 
     # -- sessions ----------------------------------------------------------------
 
@@ -239,6 +353,11 @@ class StateEngine:
         )
         self._run_ended(evicted)
         self._reap_some(now)
+        for hook in self._open_hooks:
+            try:
+                hook(sid)
+            except Exception:
+                logger.exception("session-open hook %s raised", _qualname(hook))
         return sid
 
     def close_session(self, sid: str) -> bool:
@@ -295,6 +414,42 @@ class StateEngine:
         if not sid or len(sid) > _MAX_SID_LENGTH:
             raise SessionNotFound(sid, f"a session id has 1 to {_MAX_SID_LENGTH} characters")
         return sid
+
+    def _open_steps(self, sid: str, touch: bool) -> Steps:
+        """Load a session (no lease) and raise unless it is open, not closed."""
+        pending: list[Ended] = []
+        now = self.clock()
+        try:
+            outcome = yield (
+                "load_session",
+                {"sid": sid, "now": now, "touch_until": now + self.idle_ttl if touch else None},
+            )
+            loaded = self._loaded_or_raise(sid, now, outcome, pending)
+        finally:
+            if pending:
+                self._run_ended(pending)
+        if loaded.closed:
+            raise SessionExpired(sid, DeleteReason.CLOSED.value)
+
+    def _require_open(self, sid: str) -> None:
+        """Touch ``sid``; raise SessionNotFound/SessionExpired unless it is open."""
+        self._check_usable()
+        self._check_sid(sid)
+        self._drive(self._open_steps(sid, touch=True))
+
+    async def _arequire_open(self, sid: str) -> None:
+        """:meth:`_require_open` without blocking the event loop."""
+        self._check_usable()
+        self._check_sid(sid)
+        await self._adrive(self._open_steps(sid, touch=True))
+
+    def _is_open(self, sid: str) -> bool:
+        """Whether ``sid`` is open (not closed, not ended), without touching it."""
+        try:
+            self._drive(self._open_steps(sid, touch=False))
+        except SessionNotFound:
+            return False
+        return True
 
     def _load(self, sid: str, now: float, pending: list[Ended]) -> Loaded:
         """Load a session (no lease) or raise why not; due callbacks go to ``pending``."""
@@ -771,6 +926,11 @@ class StateEngine:
             if states:
                 self._fire_remote(notice.sid, states)
         else:  # resync: notices may have been lost
+            for hook in self._resync_hooks:
+                try:
+                    hook()
+                except Exception:
+                    logger.exception("resync hook %s raised", _qualname(hook))
             for sid, version in list(self._seen_versions.items()):
                 outcome = self._ns.load_session(sid, now=self.clock(), touch_until=None)
                 if isinstance(outcome, Loaded) and outcome.version != version:
@@ -812,8 +972,10 @@ class StateEngine:
         """Stop the engine: later calls raise :class:`EngineClosed`.
 
         With a store that dies with the process (the memory store), every session ends
-        now and every deletion callback runs with reason ``shutdown``. Call it after the
-        host has stopped serving requests. Calling it twice does nothing.
+        now and every deletion callback runs with reason ``shutdown``. With any store,
+        every registry object this engine holds is cleaned up (they are process-local).
+        Call it after the host has stopped serving requests. Calling it twice does
+        nothing.
         """
         if self._shut:
             return
@@ -823,3 +985,8 @@ class StateEngine:
                 self._unsubscribe()
                 self._unsubscribe = None
         self._run_ended(self._ns.shutdown())
+        for hook in self._shutdown_hooks:
+            try:
+                hook()
+            except Exception:
+                logger.exception("shutdown hook %s raised", _qualname(hook))

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 
 from ._changes import Change
+from ._registry import SessionRegistry
 from ._states import MISSING, GlobalState, SessionState, State
-from .exceptions import UsageError, WrongEngine, redact
+from .exceptions import SessionNotInitialized, UsageError, WrongEngine, redact
 
 if TYPE_CHECKING:
     from ._engine import StateEngine
@@ -77,10 +78,11 @@ class Event:
     """One user action on one session; use as ``with engine.event(sid) as ev:``.
 
     Inside the block, ``ev[state]`` reads a value and ``ev[state] = value`` writes one;
-    :meth:`emit` records outputs for the host. When the block ends without an exception,
-    what changed is committed all-or-nothing and change listeners fire; when it raises,
-    nothing is written. Events of one session run one at a time; events of different
-    sessions run in parallel.
+    ``ev[registry]`` is the session's object in a :class:`~statekit.SessionRegistry`
+    (the object itself, not a copy); :meth:`emit` records outputs for the host. When the
+    block ends without an exception, what changed is committed all-or-nothing and change
+    listeners fire; when it raises, nothing is written. Events of one session run one at
+    a time; events of different sessions run in parallel.
 
     An event belongs to the thread or task that opened it and is not thread-safe.
     Values read through it are private copies: mutate them freely inside the block,
@@ -160,22 +162,30 @@ class Event:
         """The outputs emitted so far, by name."""
         return self._outputs
 
-    def _check(self, state: object) -> State[Any]:
+    def _check(self, state: object) -> None:
         if not self._active:
             raise UsageError(
                 "this event is not open: use its states inside the "
                 "'with engine.event(sid) as ev:' block"
             )
-        if not isinstance(state, State):
+        # A registry is not a State: it holds objects, not values.
+        if not isinstance(state, (State, SessionRegistry)):
             raise UsageError(
-                f"ev[...] takes a state declared on the engine, got {type(state).__name__}"
+                "ev[...] takes a state or a registry declared on the engine, "
+                f"got {type(state).__name__}"
             )
         if state._engine is not self._engine:
             raise WrongEngine(state.name, state._engine.app, self._engine.app)
-        return state
 
-    def __getitem__(self, state: State[T]) -> T:
+    def __getitem__(self, state: State[T] | SessionRegistry[T]) -> T:
         self._check(state)
+        if isinstance(state, SessionRegistry):
+            try:
+                return state.get(self.sid)
+            except SessionNotInitialized as exc:
+                if self.closed:
+                    raise SessionNotInitialized(state.name, self.sid, closed=True) from exc
+                raise
         if isinstance(state, SessionState):
             slot = self._slots.get(state)
             if slot is None:
@@ -188,12 +198,21 @@ class Event:
         snapshot: T = self._globals[state]
         return snapshot
 
-    def get(self, state: State[T]) -> T:
-        """Same as ``ev[state]``."""
+    def get(self, state: State[T] | SessionRegistry[T]) -> T:
+        """Same as ``ev[state]``.
+
+        Raises:
+            SessionNotInitialized: for a registry without an object for this session.
+        """
         return self[state]
 
     def __setitem__(self, state: SessionState[T], value: T) -> None:
         self._check(state)
+        if isinstance(state, SessionRegistry):
+            raise UsageError(
+                f"registry {state.name!r} cannot be assigned in an event: its objects are "
+                "made by registry.open(sid) and removed by registry.close(sid)"
+            )
         if not isinstance(state, SessionState):
             raise UsageError(
                 f"global state {state.name!r} cannot be assigned in an event: global writes "

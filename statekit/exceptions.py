@@ -16,6 +16,7 @@ __all__ = [
     "SessionBusy",
     "SessionExpired",
     "SessionNotFound",
+    "SessionNotInitialized",
     "StateError",
     "StateNotCopyable",
     "StoreConflict",
@@ -80,6 +81,42 @@ class SessionExpired(SessionNotFound):
             "open a new one with open_session()"
         )
         StateError.__init__(self, message)
+
+
+class SessionNotInitialized(StateError, KeyError):
+    """A per-session registry holds no object for the session.
+
+    The object is made by ``registry.open(sid)``, normally on page load, and is gone
+    once the session was closed or ended (its cleanup ran then).
+
+    Attributes:
+        registry: the name of the registry.
+        sid: the session id (never shown whole in the message).
+        closed: whether the session is known to be closed (its objects were cleaned
+            up at close).
+    """
+
+    def __init__(self, registry: str, sid: object, *, closed: bool = False) -> None:
+        self.registry = registry
+        self.sid = sid
+        self.closed = closed
+        if closed:
+            message = (
+                f"registry {registry!r} has no object for session {redact(sid)}: the "
+                "session was closed and its objects were cleaned up; a new page load "
+                "opens a new session with open_session() and calls open() for it"
+            )
+        else:
+            message = (
+                f"registry {registry!r} has no object for session {redact(sid)}; call "
+                "registry.open(sid) on page load (for example with "
+                "engine.on_open(registry.open)) before using it"
+            )
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; show the sentence as written.
+        return str(self.args[0])
 
 
 class StateNotCopyable(StateError, TypeError):
