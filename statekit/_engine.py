@@ -124,7 +124,10 @@ class StateEngine:
             clock if clock is not None else wall if self.store.shared else monotonic
         )
         self._ns = self.store.namespace(self.app)
-        self._locks = SessionLocks()
+        # Engines sharing a memory store's app share its session locks too, so their
+        # events of one session take turns like those of one engine.
+        shared_locks = getattr(self._ns, "locks", None)
+        self._locks = shared_locks if isinstance(shared_locks, SessionLocks) else SessionLocks()
         self._states: dict[str, State[Any]] = {}
         self._session_states: dict[str, SessionState[Any]] = {}
         self._end_hooks: tuple[Callable[[str, DeleteReason], object], ...] = ()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from statekit._codec import Codec
+from statekit._locks import SessionLocks
 from statekit.exceptions import SessionExpired, SessionNotFound, StateError, StoreConflict
 
 from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice
@@ -84,6 +85,8 @@ class _AppState:
         self.gone: OrderedDict[str, tuple[DeleteReason, float]] = OrderedDict()
         self.globals: dict[str, tuple[Any, int]] = {}
         self.subscribers: dict[int, tuple[str, Callable[[Notice], None]]] = {}
+        # Events of one session serialize on these in every engine of the app.
+        self.locks = SessionLocks()
 
 
 _handles = itertools.count(1)
@@ -97,6 +100,7 @@ class _MemoryNamespace:
     def __init__(self, state: _AppState) -> None:
         self._state = state
         self.origin = f"memory-{next(_handles)}"
+        self.locks = state.locks
         self._lock = state.lock
         self._open = state.open
         self._closed = state.closed
