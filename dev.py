@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Developer commands for statekit. Needs only Python 3.10+.
 
-    python3 dev.py demo    run the demo
+    python3 dev.py demo    serve the demo web app on 127.0.0.1 and print its address
     python3 dev.py test    run every check: ruff, mypy --strict, pytest with coverage
     python3 dev.py bench   run the benchmarks (optional)
 
@@ -11,6 +11,7 @@ its development extras into it; later runs reuse it until pyproject.toml changes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -65,27 +66,34 @@ def ensure_env(extras: str = EXTRAS) -> None:
 
 def demo(args: list[str]) -> None:
     ensure_env()
-    run(PY, ROOT / "docs" / "examples" / "console_demo.py", *args)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C stops the server
+        run(PY, ROOT / "docs" / "examples" / "web_app.py", *args)
 
 
-def ensure_redis_server() -> None:
-    """The Redis tests start private redis-server processes: install the binary."""
-    if shutil.which("redis-server"):
+# Programs the tests start, and the Debian package of each.
+TEST_PROGRAMS = {"redis-server": "redis-server", "chromium": "chromium"}
+
+
+def ensure_test_programs() -> None:
+    """The tests start private redis-server processes and drive Debian's Chromium:
+    install whichever is missing (as root, with apt-get), or say how."""
+    missing = [pkg for program, pkg in TEST_PROGRAMS.items() if not shutil.which(program)]
+    if not missing:
         return
     apt = shutil.which("apt-get")
     if apt and hasattr(os, "geteuid") and os.geteuid() == 0:
         run(apt, "update", "-q")
-        run(apt, "install", "-y", "-q", "redis-server")
+        run(apt, "install", "-y", "-q", *missing)
         return
     sys.exit(
-        "the tests need redis-server: install it (on Debian: sudo apt-get install "
-        "redis-server) and run again"
+        f"the tests need {', '.join(missing)}: install them (on Debian: sudo apt-get "
+        f"install {' '.join(missing)}) and run again"
     )
 
 
 def test(args: list[str]) -> None:
     ensure_env()
-    ensure_redis_server()
+    ensure_test_programs()
     run(PY, "-m", "ruff", "check", ".")
     run(PY, "-m", "ruff", "format", "--check", ".")
     run(PY, "-m", "mypy")

@@ -15,12 +15,13 @@ lifetimes, change detection and pluggable stores::
         ev[cart].append("milk")
 """
 
+from ._browser import BrowserKeys, DecodedToken, TokenProblem, TokenTooLarge
 from ._changes import Change, changed, compare
 from ._codec import Codec, CodecError, JSONCodec, SignedPickleCodec
 from ._engine import StateEngine
 from ._events import Event, EventResult, ListenerFailure
 from ._registry import SessionRegistry
-from ._states import GlobalState, SessionState, State
+from ._states import BrowserState, GlobalState, SessionState, State
 from .exceptions import (
     ChangeLoopError,
     EngineClosed,
@@ -40,10 +41,13 @@ from .exceptions import (
 from .stores import DeleteReason, MemoryStore, SQLiteStore, Store
 
 __all__ = [
+    "BrowserKeys",
+    "BrowserState",
     "Change",
     "ChangeLoopError",
     "Codec",
     "CodecError",
+    "DecodedToken",
     "DeleteReason",
     "EngineClosed",
     "Event",
@@ -68,6 +72,8 @@ __all__ = [
     "Store",
     "StoreConflict",
     "StoreUnavailable",
+    "TokenProblem",
+    "TokenTooLarge",
     "UsageError",
     "ValueNotStorable",
     "WrongEngine",

@@ -14,11 +14,12 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Coroutine, Generator, Iterable
+from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from typing import Any, TypeAlias, TypeVar, overload
 
 import cachetools
 
+from ._browser import DEFAULT_MAX_BYTES, BrowserKeys
 from ._changes import Change, compare
 from ._clock import Clock, monotonic, wall
 from ._copying import copy_value, open_value
@@ -27,6 +28,7 @@ from ._locks import SessionLocks
 from ._registry import SessionRegistry
 from ._states import (
     MISSING,
+    BrowserState,
     GlobalState,
     SessionState,
     State,
@@ -43,6 +45,7 @@ from .exceptions import (
     SessionNotFound,
     StateError,
     StoreUnavailable,
+    UsageError,
 )
 from .stores.base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, Store
 from .stores.memory import MemoryStore
@@ -56,6 +59,7 @@ T = TypeVar("T")
 Call: TypeAlias = tuple[str, dict[str, Any]]
 """A store call an event step asks for: the namespace method's name, its arguments."""
 Steps: TypeAlias = Generator[Call, Any, Any]
+Changeable: TypeAlias = "SessionState[Any] | BrowserState[Any]"
 
 #: How many rounds of change listeners may follow one event.
 MAX_CASCADE = 16
@@ -211,6 +215,45 @@ class StateEngine:
                 belong in a per-session registry.
         """
         return SessionState(self, name, default, factory=factory, ttl=ttl, on_delete=on_delete)
+
+    def browser_state(
+        self,
+        name: str,
+        default: T,
+        *,
+        keys: BrowserKeys,
+        storage_key: str | None = None,
+        ttl: float | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        clock: Clock = wall,
+    ) -> BrowserState[T]:
+        """Declare a value kept in the browser (``localStorage``), as an opaque token.
+
+        Args:
+            name: unique in this engine.
+            default: the value when the browser has none (or sends a bad token).
+            keys: the secrets that make and read tokens, newest first; they never reach
+                the browser.
+            storage_key: the ``localStorage`` key (``name`` if omitted); tokens are bound
+                to it.
+            ttl: seconds a token stays valid after it is made; ``None``: no expiry.
+            max_bytes: the largest token allowed.
+            clock: the wall clock tokens are dated with (tokens cross processes).
+
+        Raises:
+            InvalidDeclaration: bad name, storage key, ttl or max_bytes, or no keys.
+            ValueNotStorable: the default is not JSON-typed.
+        """
+        return BrowserState(
+            self,
+            name,
+            default,
+            keys=keys,
+            storage_key=storage_key,
+            ttl=ttl,
+            max_bytes=max_bytes,
+            clock=clock,
+        )
 
     def _declare(self, state: State[Any]) -> None:
         if state.name in self._states:
@@ -482,11 +525,19 @@ class StateEngine:
     # them with the store's blocking methods, ``_adrive`` with its async methods (or in
     # a worker thread), so that sync and async events share every rule.
 
-    def event(self, sid: str) -> Event:
+    def event(
+        self, sid: str, *, browser: Mapping[str, object] | None = None, bind: str = ""
+    ) -> Event:
         """One user action on session ``sid``: ``with engine.event(sid) as ev: ...``.
 
         Entering the block waits for other events of the same session (in this process,
         and with a shared store in every process) and loads it.
+
+        Args:
+            browser: the browser-state tokens the page sent, by storage key (what
+                ``statekit.js`` puts in its request header). Entries that are not
+                strings are ignored: they read as missing.
+            bind: the host's binding for browser tokens (a user id, say), if any.
 
         Raises (on entering):
             SessionNotFound: the id was not issued by this engine.
@@ -496,14 +547,26 @@ class StateEngine:
             StoreUnavailable: the store cannot be reached.
         """
         self._check_sid(sid)
-        return Event(self, sid)
+        tokens: dict[str, str | None] = {}
+        if browser is not None:
+            if not isinstance(browser, Mapping):
+                raise UsageError(
+                    f"browser= takes a mapping of storage key to token, got "
+                    f"{type(browser).__name__}"
+                )
+            tokens = {
+                k: v for k, v in browser.items() if isinstance(k, str) and isinstance(v, str)
+            }
+        return Event(self, sid, tokens, bind)
 
-    def aevent(self, sid: str) -> Event:
+    def aevent(
+        self, sid: str, *, browser: Mapping[str, object] | None = None, bind: str = ""
+    ) -> Event:
         """The async form of :meth:`event`: ``async with engine.aevent(sid) as ev: ...``.
 
         Neither waiting for the session nor store I/O blocks the event loop.
         """
-        return self.event(sid)
+        return self.event(sid, browser=browser, bind=bind)
 
     def _start(self, ev: Event) -> None:
         self._check_usable()
@@ -624,10 +687,12 @@ class StateEngine:
                     logger.warning("could not release the lease of an event: %s", exc)
 
     def _commit_steps(
-        self, ev: Event, lease: str | None, release: Callable[[list[SessionState[Any]]], bool]
-    ) -> Generator[Call, Any, list[SessionState[Any]]]:
-        """Write an event's changes in one store commit; return the states that changed."""
-        writes, changed = ev._collect()
+        self, ev: Event, lease: str | None, release: Callable[[list[Changeable]], bool]
+    ) -> Generator[Call, Any, list[Changeable]]:
+        """Write an event's changes in one store commit; return the states that changed.
+
+        Browser tokens are handed out only once the commit succeeded."""
+        writes, tokens, changed = ev._collect()
         if writes:
             assert ev._loaded is not None
             ttl_deadlines = {
@@ -650,6 +715,9 @@ class StateEngine:
             )
             if releasing:
                 ev._lease_released = True
+        if tokens:
+            ev._browser_tokens.update(tokens)
+            ev._browser_out.update(tokens)
         return changed
 
     def _commit_with_listeners(self, ev: Event) -> Steps:
@@ -668,10 +736,10 @@ class StateEngine:
             if rounds > MAX_CASCADE:
                 loop_error = ChangeLoopError(MAX_CASCADE, tuple(s.name for s in pending))
                 break
-            next_round: dict[SessionState[Any], None] = {}
+            next_round: dict[Changeable, None] = {}
             for state in pending:
                 for listener in state._listeners:
-                    sub = Event(self, ev.sid)
+                    sub = Event(self, ev.sid, ev._browser_tokens, ev._bind)
                     sub._started = True
                     sub.now = ev.now
                     outcome = yield (
@@ -705,6 +773,9 @@ class StateEngine:
                         )
                         continue
                     outputs.update(sub._outputs)
+                    ev._browser_out.update(sub._browser_out)
+                    for name, problem in sub._browser_problems.items():
+                        ev._browser_problems.setdefault(name, problem)
                     for changed_state in sub_changed:
                         all_changed.add(changed_state.name)
                         if changed_state._listeners:
@@ -715,6 +786,8 @@ class StateEngine:
             changed=frozenset(all_changed),
             outputs=outputs,
             errors=tuple(errors),
+            browser=dict(ev._browser_out),
+            browser_problems=dict(ev._browser_problems),
         )
         return loop_error
 

@@ -15,10 +15,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from ._changes import Change
+from ._browser import TokenProblem
+from ._changes import Change, _walk
+from ._codec import JSONCodec
 from ._registry import SessionRegistry
-from ._states import MISSING, GlobalState, SessionState, State
+from ._states import MISSING, BrowserState, GlobalState, SessionState, State
 from .exceptions import SessionNotInitialized, UsageError, WrongEngine, redact
+
+_JSON = JSONCodec()
 
 if TYPE_CHECKING:
     from ._engine import StateEngine
@@ -54,17 +58,25 @@ class EventResult:
             listeners).
         outputs: the outputs emitted with :meth:`Event.emit`, by name (last wins).
         errors: listeners that raised.
+        browser: new browser-state tokens by storage key, for the host to send back
+            (``statekit.js`` stores them).
+        browser_problems: for each browser state whose token was refused, why (the
+            state then read as its default).
     """
 
     sid: str = attrs.field(repr=redact)
     changed: frozenset[str]
     outputs: Mapping[str, Any]
     errors: tuple[ListenerFailure, ...] = ()
+    browser: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    browser_problems: Mapping[str, TokenProblem] = attrs.field(factory=dict)
 
 
 class _Slot:
-    """One session state touched by an event: its stored form at the start (the
-    snapshot the change detector compares against) and its working value now."""
+    """One session or browser state touched by an event: its stored form at the start
+    (the snapshot the change detector compares against; for a browser state, its JSON
+    encoding) and its working value now. ``fresh``: write even if unchanged (a first
+    read; for a browser state, a token made with a retired key)."""
 
     __slots__ = ("before", "fresh", "work")
 
@@ -91,6 +103,10 @@ class Event:
 
     __slots__ = (
         "_active",
+        "_bind",
+        "_browser_out",
+        "_browser_problems",
+        "_browser_tokens",
         "_engine",
         "_globals",
         "_lease",
@@ -105,13 +121,25 @@ class Event:
         "sid",
     )
 
-    def __init__(self, engine: StateEngine, sid: str) -> None:
+    def __init__(
+        self,
+        engine: StateEngine,
+        sid: str,
+        browser: dict[str, str | None] | None = None,
+        bind: str = "",
+    ) -> None:
         self._engine = engine
         self.sid = sid
+        # Tokens by storage key; listener events share the dict, so they see the tokens
+        # their event made.
+        self._browser_tokens: dict[str, str | None] = {} if browser is None else browser
+        self._browser_out: dict[str, str] = {}
+        self._browser_problems: dict[str, TokenProblem] = {}
+        self._bind = bind
         self._active = False
         self._started = False
         self._loaded: Loaded | None = None
-        self._slots: dict[SessionState[Any], _Slot] = {}
+        self._slots: dict[SessionState[Any] | BrowserState[Any], _Slot] = {}
         self._globals: dict[GlobalState[Any], Any] = {}
         self._outputs: dict[str, Any] = {}
         self._pending: list[Ended] = []
@@ -186,7 +214,7 @@ class Event:
                 if self.closed:
                     raise SessionNotInitialized(state.name, self.sid, closed=True) from exc
                 raise
-        if isinstance(state, SessionState):
+        if isinstance(state, (SessionState, BrowserState)):
             slot = self._slots.get(state)
             if slot is None:
                 slot = self._slots[state] = self._materialize(state)
@@ -206,14 +234,14 @@ class Event:
         """
         return self[state]
 
-    def __setitem__(self, state: SessionState[T], value: T) -> None:
+    def __setitem__(self, state: SessionState[T] | BrowserState[T], value: T) -> None:
         self._check(state)
         if isinstance(state, SessionRegistry):
             raise UsageError(
                 f"registry {state.name!r} cannot be assigned in an event: its objects are "
                 "made by registry.open(sid) and removed by registry.close(sid)"
             )
-        if not isinstance(state, SessionState):
+        if not isinstance(state, (SessionState, BrowserState)):
             raise UsageError(
                 f"global state {state.name!r} cannot be assigned in an event: global writes "
                 "are immediate and atomic, so call its set(), update() or increment()"
@@ -241,7 +269,13 @@ class Event:
             raise UsageError(f"output names are strings, got {type(name).__name__}")
         self._outputs[name] = value
 
-    def _materialize(self, state: SessionState[Any]) -> _Slot:
+    def _materialize(self, state: SessionState[Any] | BrowserState[Any]) -> _Slot:
+        if isinstance(state, BrowserState):
+            decoded = state.decode(self._browser_tokens.get(state.storage_key), bind=self._bind)
+            if decoded.problem is not None:
+                self._browser_problems[state.name] = decoded.problem
+            value = decoded.value
+            return _Slot(state.canonical(value), value, fresh=decoded.reencode)
         assert self._loaded is not None
         values = self._engine._values
         stored = self._loaded.values.get(state.name, MISSING)
@@ -252,16 +286,33 @@ class Event:
 
     # -- commit support ---------------------------------------------------------
 
-    def _collect(self) -> tuple[dict[str, Any], list[SessionState[Any]]]:
-        """What to write and which states changed, per the change detector.
+    def _collect(
+        self,
+    ) -> tuple[dict[str, Any], dict[str, str], list[SessionState[Any] | BrowserState[Any]]]:
+        """What to write, which browser tokens to send, and which states changed, per
+        the change detector.
 
         A value read for the first time is written even when unchanged, so that a
-        factory's result stays the session's value.
+        factory's result stays the session's value; a browser value read from a token of
+        a retired key gets a new token.
         """
         writes: dict[str, Any] = {}
-        changed: list[SessionState[Any]] = []
+        tokens: dict[str, str] = {}
+        changed: list[SessionState[Any] | BrowserState[Any]] = []
         values = self._engine._values
         for state, slot in self._slots.items():
+            if isinstance(state, BrowserState):
+                encoded = state.canonical(slot.work)
+                verdict = (
+                    Change.SAME
+                    if encoded == slot.before
+                    else _walk(_JSON.decode(slot.before), slot.work)
+                )
+                if verdict is Change.CHANGED:
+                    changed.append(state)
+                if verdict is not Change.SAME or slot.fresh:
+                    tokens[state.storage_key] = state.encode(slot.work, bind=self._bind)
+                continue
             verdict, stored = values.judge(state.name, slot.before, slot.work)
             if verdict is Change.CHANGED:
                 changed.append(state)
@@ -269,4 +320,4 @@ class Event:
                 writes[state.name] = stored
             elif slot.fresh:
                 writes[state.name] = slot.before
-        return writes, changed
+        return writes, tokens, changed

@@ -13,15 +13,18 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ._browser import DEFAULT_MAX_BYTES, BrowserKeys, DecodedToken
+from ._clock import Clock, wall
+from ._codec import CodecError, JSONCodec
 from ._copying import Image, open_value, stored_form
-from .exceptions import InvalidDeclaration, StateNotCopyable
+from .exceptions import InvalidDeclaration, StateNotCopyable, ValueNotStorable
 from .stores.base import DeleteReason
 
 if TYPE_CHECKING:
     from ._engine import StateEngine
     from ._events import Event
 
-__all__ = ["GlobalState", "SessionState", "State"]
+__all__ = ["BrowserState", "GlobalState", "SessionState", "State"]
 
 T = TypeVar("T")
 
@@ -272,4 +275,114 @@ class SessionState(State[T]):
             )
         with self._lock:
             self._on_delete = (*self._on_delete, fn)
+        return fn
+
+
+_JSON = JSONCodec()
+
+
+class BrowserState(State[T]):
+    """A value that lives in the browser, under a ``localStorage`` key.
+
+    Declare with :meth:`StateEngine.browser_state`. The server only ever sees a token
+    (:mod:`statekit._browser`): the host passes the tokens the page sent to
+    ``engine.event(sid, browser=...)``, reads and writes the value like a session state
+    (``ev[state]``), and sends back the tokens of ``ev.result.browser``. A missing,
+    tampered, expired or foreign token reads as the default, and the reason is in
+    ``ev.result.browser_problems``. Values are JSON-typed (tagged JSON: tuples, sets,
+    dates... keep their type). Change listeners work as for session states.
+    Thread-safe.
+    """
+
+    __slots__ = ("_clock", "keys", "max_bytes", "storage_key", "ttl")
+
+    kind = "browser"
+
+    def __init__(
+        self,
+        engine: StateEngine,
+        name: str,
+        default: T,
+        *,
+        keys: BrowserKeys,
+        storage_key: str | None = None,
+        ttl: float | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        clock: Clock = wall,
+    ) -> None:
+        super().__init__(engine, name)
+        if not isinstance(keys, BrowserKeys):
+            raise InvalidDeclaration(
+                f"browser state {name!r} needs keys=BrowserKeys([secret, ...]) (or "
+                f"BrowserKeys.ephemeral() for development), got {type(keys).__name__}"
+            )
+        self.keys = keys
+        self.storage_key = check_name(storage_key or name, "storage key")
+        self.ttl = None if ttl is None else check_seconds(ttl, f"ttl of browser state {name!r}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 64:
+            raise InvalidDeclaration(f"max_bytes must be an int of at least 64, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._default = to_stored(name, default)
+        self.canonical(default)  # a default that cannot live in the browser fails now
+        engine._declare(self)
+
+    def new_value(self) -> T:
+        """A fresh copy of the default."""
+        value: T = open_value(self._default)
+        return value
+
+    def canonical(self, value: Any) -> bytes:
+        """The value's JSON encoding, which change detection compares.
+
+        Raises:
+            ValueNotStorable: the value is not JSON-typed.
+        """
+        try:
+            return _JSON.encode(value)
+        except CodecError as exc:
+            raise ValueNotStorable(self.name, exc.type_name, "the browser", str(exc)) from exc
+
+    def encode(self, value: T, *, bind: str = "") -> str:
+        """The token for ``value``, for the browser to keep.
+
+        ``bind`` ties the token to a value of the host's (a user id, say): it then reads
+        only with the same ``bind``.
+
+        Raises:
+            ValueNotStorable: the value is not JSON-typed.
+            TokenTooLarge: the token would exceed ``max_bytes``.
+        """
+        self.canonical(value)
+        return self.keys.encode(
+            value,
+            storage_key=self.storage_key,
+            now=self._clock(),
+            ttl=self.ttl,
+            bind=bind,
+            state=self.name,
+            max_bytes=self.max_bytes,
+        )
+
+    def decode(self, token: object, *, bind: str = "") -> DecodedToken:
+        """Read a token the browser sent. Never raises: on any problem the value is a
+        copy of the default and ``problem`` says why (``reencode`` asks for a new token
+        after a key rotation)."""
+        decoded = self.keys.decode(
+            token,
+            storage_key=self.storage_key,
+            now=self._clock(),
+            bind=bind,
+            max_bytes=self.max_bytes,
+        )
+        if decoded.problem is not None:
+            return DecodedToken(
+                value=self.new_value(), problem=decoded.problem, issued_at=decoded.issued_at
+            )
+        return decoded
+
+    def on_change(self, fn: Callable[[Event, T], object]) -> Callable[[Event, T], object]:
+        """Call ``fn(ev, value)`` after an event changes this value; as
+        :meth:`SessionState.on_change`. Usable as a decorator."""
+        self._add_listener(fn)
         return fn

@@ -202,3 +202,122 @@ def test_fuzz_100000_random_and_mutated_tokens_never_raise(seed: int, k: Browser
             assert decoded.value == {"user": "ann", "n": seed}
         else:
             assert decoded.problem is not None or decoded.value == {"user": "ann", "n": seed}
+
+
+class TestBrowserStateInEvents:
+    def make(self) -> tuple[Any, Any]:
+        from statekit import StateEngine
+        from statekit.testing import FakeClock
+
+        clock = FakeClock(1_000_000)
+        engine = StateEngine(clock=clock)
+        creds = engine.browser_state(
+            "credentials", ["", ""], keys=keys, storage_key="login", ttl=3600, clock=clock
+        )
+        return engine, creds
+
+    def test_missing_token_reads_default_and_a_write_returns_a_token(self) -> None:
+        engine, creds = self.make()
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            assert ev[creds] == ["", ""]
+            ev[creds] = ["ann", "hunter2"]
+        assert ev.result is not None
+        assert ev.result.browser_problems == {"credentials": TokenProblem.MISSING}
+        token = ev.result.browser["login"]
+        assert "hunter2" not in token
+        with engine.event(engine.open_session(), browser={"login": token}) as ev2:
+            assert ev2[creds] == ["ann", "hunter2"]  # a refresh: a new session, same value
+        assert ev2.result is not None
+        assert ev2.result.browser == {}  # unchanged: nothing to send back
+
+    @pytest.mark.parametrize("falsy", ["", 0, False, None, [], {}])
+    def test_falsy_values_are_saved_like_any_other(self, falsy: Any) -> None:
+        engine, _ = self.make()
+        flag = engine.browser_state("flag", "default", keys=keys)
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[flag] = falsy
+        assert ev.result is not None
+        token = ev.result.browser["flag"]
+        with engine.event(sid, browser={"flag": token}) as ev:
+            assert compare(ev[flag], falsy) is Change.SAME
+
+    def test_listeners_see_in_place_changes(self) -> None:
+        engine, creds = self.make()
+        seen: list[Any] = []
+        creds.on_change(lambda ev, value: seen.append(list(value)))
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[creds][0] = "bob"
+        assert seen == [["bob", ""]]
+        assert ev.result is not None
+        assert ev.result.changed == {"credentials"}
+
+    def test_bad_tokens_read_as_default_with_a_reason_and_never_raise(self) -> None:
+        engine, creds = self.make()
+        sid = engine.open_session()
+        for bad, problem in [
+            ("nonsense", TokenProblem.MALFORMED),
+            (
+                BrowserKeys(["z" * 32]).encode(["x"], storage_key="login", now=1),
+                TokenProblem.UNKNOWN_KEY,
+            ),
+        ]:
+            with engine.event(sid, browser={"login": bad, 5: "ignored"}) as ev:
+                assert ev[creds] == ["", ""]
+            assert ev.result is not None
+            assert ev.result.browser_problems == {"credentials": problem}
+
+    def test_expired_token_reads_as_default(self) -> None:
+        engine, creds = self.make()
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[creds] = ["ann", "pw"]
+        assert ev.result is not None
+        token = ev.result.browser["login"]
+        creds._clock.advance(3601)
+        with engine.event(engine.open_session(), browser={"login": token}) as ev:
+            assert ev[creds] == ["", ""]
+        assert ev.result is not None
+        assert ev.result.browser_problems == {"credentials": TokenProblem.EXPIRED}
+
+    def test_a_token_of_a_retired_key_is_reissued(self) -> None:
+        from statekit import StateEngine
+
+        old = StateEngine().browser_state("p", "dark", keys=BrowserKeys([OLD]))
+        engine = StateEngine()
+        prefs = engine.browser_state("p", "light", keys=BrowserKeys([SECRET, OLD]))
+        token = old.encode("dark")
+        sid = engine.open_session()
+        with engine.event(sid, browser={"p": token}) as ev:
+            assert ev[prefs] == "dark"
+        assert ev.result is not None
+        fresh = ev.result.browser["p"]
+        assert BrowserKeys([SECRET]).decode(fresh, storage_key="p", now=0).value == "dark"
+
+    def test_non_json_values_and_bad_declarations_are_refused(self) -> None:
+        from statekit import InvalidDeclaration, ValueNotStorable
+
+        engine, creds = self.make()
+        sid = engine.open_session()
+        with pytest.raises(ValueNotStorable, match="'credentials'"), engine.event(sid) as ev:
+            ev[creds] = [object()]
+        with pytest.raises(ValueNotStorable):
+            engine.browser_state("bad", object(), keys=keys)
+        with pytest.raises(InvalidDeclaration, match="BrowserKeys"):
+            engine.browser_state("nokeys", 1, keys="secret")
+        with pytest.raises(InvalidDeclaration, match="storage key"):
+            engine.browser_state("sk", 1, keys=keys, storage_key="has space")
+
+    def test_oversized_value_fails_at_write_time_and_writes_nothing(self) -> None:
+        from statekit import StateEngine
+
+        engine = StateEngine()
+        notes = engine.browser_state("notes", "", keys=keys, max_bytes=256)
+        cart = engine.session_state("cart", 0)
+        sid = engine.open_session()
+        with pytest.raises(TokenTooLarge, match="'notes'"), engine.event(sid) as ev:
+            ev[cart] = 1
+            ev[notes] = os_random_text(2000)
+        assert cart.get(sid) == 0
