@@ -67,3 +67,11 @@ def make_store(
         close = getattr(store, "close", None)
         if close is not None:
             close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """Keep each phase's report on the test item (browser tests screenshot failures)."""
+    report = yield
+    setattr(item, "rep_" + report.when, report)  # type: ignore[attr-defined]
+    return report

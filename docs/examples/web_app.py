@@ -39,6 +39,7 @@ from statekit import (
     Event,
     EventResult,
     SessionNotFound,
+    SessionNotInitialized,
     SessionState,
     StateEngine,
 )
@@ -187,7 +188,7 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
             Route("/api/credentials", save_credentials, methods=["POST"]),
             Route("/api/close", close, methods=["POST"]),
         ],
-        exception_handlers={SessionNotFound: expired},
+        exception_handlers={SessionNotFound: expired, SessionNotInitialized: expired},
         lifespan=lifespan,
     )
 
@@ -271,9 +272,11 @@ def main() -> None:
     import uvicorn
 
     parser = argparse.ArgumentParser(description="Serve the statekit demo on 127.0.0.1.")
-    parser.add_argument("--port", type=int, default=8000, help="(a free one if taken)")
+    parser.add_argument(
+        "--port", type=int, default=None, help="the port (default: 8000, or a free one)"
+    )
     args = parser.parse_args()
-    port = free_port(args.port)
+    port = args.port if args.port is not None else free_port(8000)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"statekit demo: http://127.0.0.1:{port}/  (Ctrl+C to stop)", flush=True)
     uvicorn.run(build_app(), host="127.0.0.1", port=port, log_level="warning")
