@@ -212,6 +212,10 @@ class BrowserKeys:
         tag = hmac.new(key.mac_key, f"{storage_key}\0{bind}".encode(), hashlib.sha256)
         return _b64(tag.digest()[:6])
 
+    # ``storage_key`` as given to encode/decode is the caller's full context: the
+    # engine passes "<app>/<state>/<localStorage key>", so that a token of one state
+    # or app is never read as another's, even under shared secrets.
+
     def encode(
         self,
         value: Any,
@@ -262,6 +266,8 @@ class BrowserKeys:
             return DecodedToken(problem=TokenProblem.MALFORMED)
         if len(token) > max_bytes:
             return DecodedToken(problem=TokenProblem.OVERSIZED)
+        if not token.isascii():  # tokens are URL-safe ASCII; compare_digest needs it
+            return DecodedToken(problem=TokenProblem.MALFORMED)
         parts = token.split(".")
         if len(parts) != 4 or parts[0] != self.prefix:
             return DecodedToken(problem=TokenProblem.MALFORMED)

@@ -130,6 +130,14 @@ def _encode(value: Any) -> Any:
     if cls is bytes:
         return {"$bytes": base64.b64encode(value).decode("ascii")}
     if cls in _DATES:
+        tz = getattr(value, "tzinfo", None)
+        if tz is not None and type(tz) is not datetime.timezone:
+            raise CodecError(
+                f"a {cls.__name__} with tzinfo {type(tz).__qualname__} cannot be stored as "
+                "JSON without losing its zone rules (only a fixed offset would survive); "
+                "store it in UTC, or the zone name beside a naive time",
+                type_name=f"{cls.__name__}[{type(tz).__qualname__}]",
+            )
         if getattr(value, "fold", 0):
             return {_DATES[cls]: [value.isoformat(), 1]}
         return {_DATES[cls]: value.isoformat()}

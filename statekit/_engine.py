@@ -9,6 +9,7 @@ they are part of the event, and deletion callbacks run after every lock is relea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import secrets
@@ -70,6 +71,20 @@ SHARED_REAP_INTERVAL = 1.0
 #: Session ids are this many random bytes (192 bits), URL-safe base64 encoded.
 SID_BYTES = 24
 _MAX_SID_LENGTH = 256
+
+
+async def _to_the_end(call: Coroutine[Any, Any, Any]) -> Any:
+    """Await a store call that, once sent, finishes even if the awaiting task is
+    cancelled: the task waits for it (keeping the session's lock meanwhile), then takes
+    the cancellation. Otherwise a cancelled commit could land after the lock was given
+    to the next event."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise
 
 
 def _qualname(fn: object) -> str:
@@ -143,6 +158,8 @@ class StateEngine:
         self._unsubscribe: Callable[[], None] | None = None
         self._subscribe_lock = threading.Lock()
         # Versions of sessions this engine used lately, to re-check after lost notices.
+        # Both caches are touched by request threads and the notice thread: one lock.
+        self._caches_lock = threading.Lock()
         self._seen_versions: cachetools.LRUCache[str, int] = cachetools.LRUCache(10_000)
         self._orphan_leases: cachetools.LRUCache[str, str] = cachetools.LRUCache(10_000)
         self._last_reap = float("-inf")
@@ -256,6 +273,13 @@ class StateEngine:
         )
 
     def _declare(self, state: State[Any]) -> None:
+        if isinstance(state, BrowserState):
+            for other in self._states.values():
+                if isinstance(other, BrowserState) and other.storage_key == state.storage_key:
+                    raise InvalidDeclaration(
+                        f"browser states {other.name!r} and {state.name!r} would share the "
+                        f"localStorage key {state.storage_key!r}; give each its own"
+                    )
         if state.name in self._states:
             raise InvalidDeclaration(
                 f"a state named {state.name!r} is already declared on this engine "
@@ -459,6 +483,8 @@ class StateEngine:
             raise SessionNotFound(sid, f"a session id is a str, got {type(sid).__name__}")
         if not sid or len(sid) > _MAX_SID_LENGTH:
             raise SessionNotFound(sid, f"a session id has 1 to {_MAX_SID_LENGTH} characters")
+        if not (sid.isascii() and sid.isprintable()):
+            raise SessionNotFound(sid, "a session id has printable ASCII characters only")
         return sid
 
     def _open_steps(self, sid: str, touch: bool) -> Steps:
@@ -586,6 +612,9 @@ class StateEngine:
             await self._adrive(self._begin_steps(ev))
         except BaseException:
             self._locks.release(ev.sid)
+            release = self._abandon_lease(ev)
+            if release is not None:  # do not wait: this task may be being cancelled
+                asyncio.get_running_loop().run_in_executor(None, release)
             self._run_ended(ev._pending)
             raise
         ev._active = True
@@ -595,6 +624,9 @@ class StateEngine:
             drive(steps)
         except BaseException:
             self._locks.release(ev.sid)
+            release = self._abandon_lease(ev)
+            if release is not None:
+                release()
             self._run_ended(ev._pending)
             raise
         ev._active = True
@@ -615,7 +647,11 @@ class StateEngine:
             return None
         # A lease this engine failed to release (the store was down) is taken back
         # rather than waited out.
-        token = self._orphan_leases.get(ev.sid) or secrets.token_hex(12)
+        with self._caches_lock:
+            token = self._orphan_leases.get(ev.sid) or secrets.token_hex(12)
+        # Known before the load is sent: if the caller is cancelled while the store
+        # grants the lease, the failure path still knows what to give back.
+        ev._lease = token
         started = time.monotonic()
         delay = 0.0005
         while True:
@@ -636,10 +672,11 @@ class StateEngine:
                 raise SessionBusy(ev.sid, waited)
             yield "sleep", {"seconds": delay * (0.5 + secrets.randbelow(1000) / 1000)}
             delay = min(delay * 2, 0.02)
-        self._orphan_leases.pop(ev.sid, None)
+        with self._caches_lock:
+            self._orphan_leases.pop(ev.sid, None)
         ev._loaded = self._loaded_or_raise(ev.sid, ev.now, outcome, ev._pending)
-        ev._lease = token
-        self._seen_versions[ev.sid] = ev._loaded.version
+        with self._caches_lock:
+            self._seen_versions[ev.sid] = ev._loaded.version
         return None
 
     def _end(self, ev: Event, *, failed: bool) -> None:
@@ -651,7 +688,12 @@ class StateEngine:
         try:
             loop_error = await self._adrive(self._end_steps(ev, failed))
         finally:
-            self._released(ev)
+            self._locks.release(ev.sid)
+            self._run_ended(ev._pending)
+        if self.store.shared:  # a round trip: not on the event loop
+            await asyncio.to_thread(self._reap_some, ev.now)
+        else:
+            self._reap_some(ev.now)
         if loop_error is not None:
             raise loop_error
 
@@ -664,6 +706,28 @@ class StateEngine:
             self._released(ev)
         if loop_error is not None:
             raise loop_error
+
+    def _orphan_lease(self, sid: str, token: str) -> None:
+        with self._caches_lock:
+            self._orphan_leases[sid] = token
+
+    def _abandon_lease(self, ev: Event) -> Callable[[], None] | None:
+        """After an event failed to start: the lease it asked for may have been granted
+        (its caller was cancelled mid-load, say). Return a release to run; if that fails
+        too, the lease is remembered so that this engine's next event takes it back."""
+        token, ev._lease = ev._lease, None
+        if token is None:
+            return None
+        sid = ev.sid
+
+        def release() -> None:
+            try:
+                self._ns.release(sid, lease=token)
+            except Exception:
+                # It lapses by itself; meanwhile this engine's next event takes it back.
+                self._orphan_lease(sid, token)
+
+        return release
 
     def _released(self, ev: Event) -> None:
         self._locks.release(ev.sid)
@@ -680,10 +744,12 @@ class StateEngine:
             if ev._lease is not None and not ev._lease_released:
                 try:
                     yield "release", {"sid": ev.sid, "lease": ev._lease}
-                except Exception as exc:
+                except BaseException as exc:
                     # Other processes wait until the lease lapses; this engine's next
                     # event of the session takes it back at once.
-                    self._orphan_leases[ev.sid] = ev._lease
+                    self._orphan_lease(ev.sid, ev._lease)
+                    if not isinstance(exc, Exception):
+                        raise
                     logger.warning("could not release the lease of an event: %s", exc)
 
     def _commit_steps(
@@ -825,9 +891,9 @@ class StateEngine:
                         await asyncio.sleep(kwargs["seconds"])
                         result = None
                     elif (async_method := getattr(ns, "a" + name, None)) is not None:
-                        result = await async_method(**kwargs)
+                        result = await _to_the_end(async_method(**kwargs))
                     elif self.store.shared:
-                        result = await asyncio.to_thread(getattr(ns, name), **kwargs)
+                        result = await _to_the_end(asyncio.to_thread(getattr(ns, name), **kwargs))
                     else:
                         result = getattr(ns, name)(**kwargs)
                 except BaseException as exc:
@@ -1007,23 +1073,35 @@ class StateEngine:
                     hook()
                 except Exception:
                     logger.exception("resync hook %s raised", _qualname(hook))
-            for sid, version in list(self._seen_versions.items()):
-                outcome = self._ns.load_session(sid, now=self.clock(), touch_until=None)
+            with self._caches_lock:
+                seen = list(self._seen_versions.items())
+            for sid, version in seen:
+                outcome = self._look(sid)
                 if isinstance(outcome, Loaded) and outcome.version != version:
-                    self._seen_versions[sid] = outcome.version
                     self._fire_remote(
                         sid, [s for s in self._session_states.values() if s._remote_listeners]
                     )
 
-    def _fire_remote(self, sid: str, states: list[SessionState[Any]]) -> None:
+    def _look(self, sid: str) -> Loaded | Gone | Busy | None:
+        """Load a session without touching it, for notices; run the callbacks of what
+        the load claimed (it is their only caller). None if the store failed."""
         try:
             outcome = self._ns.load_session(sid, now=self.clock(), touch_until=None)
         except Exception:
             logger.exception("could not load a session changed by another process")
-            return
+            return None
+        if isinstance(outcome, Loaded):
+            self._run_ended(outcome.expired)
+        elif isinstance(outcome, Gone) and outcome.ended is not None:
+            self._run_ended((outcome.ended,))
+        return outcome
+
+    def _fire_remote(self, sid: str, states: list[SessionState[Any]]) -> None:
+        outcome = self._look(sid)
         if not isinstance(outcome, Loaded):
             return
-        self._seen_versions[sid] = outcome.version
+        with self._caches_lock:
+            self._seen_versions[sid] = outcome.version
         for state in states:
             stored = outcome.values.get(state.name, MISSING)
             for listener in state._remote_listeners:

@@ -248,7 +248,9 @@ class Event:
             )
         slot = self._slots.get(state)
         if slot is None:
-            slot = self._slots[state] = self._materialize(state)
+            # Assigning needs no copy of the old value, and must work even when the old
+            # value no longer decodes.
+            slot = self._slots[state] = self._materialize(state, read=False)
         slot.work = value
 
     def update(
@@ -269,7 +271,9 @@ class Event:
             raise UsageError(f"output names are strings, got {type(name).__name__}")
         self._outputs[name] = value
 
-    def _materialize(self, state: SessionState[Any] | BrowserState[Any]) -> _Slot:
+    def _materialize(
+        self, state: SessionState[Any] | BrowserState[Any], *, read: bool = True
+    ) -> _Slot:
         if isinstance(state, BrowserState):
             decoded = state.decode(self._browser_tokens.get(state.storage_key), bind=self._bind)
             if decoded.problem is not None:
@@ -280,7 +284,7 @@ class Event:
         values = self._engine._values
         stored = self._loaded.values.get(state.name, MISSING)
         if stored is not MISSING:
-            return _Slot(stored, values.open(stored), fresh=False)
+            return _Slot(stored, values.open(stored) if read else MISSING, fresh=False)
         work = state.new_value()
         return _Slot(values.store(state.name, work), work, fresh=True)
 

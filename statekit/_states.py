@@ -7,6 +7,7 @@ values live in the engine's store.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import threading
@@ -65,6 +66,18 @@ def check_seconds(value: object, what: str) -> float:
     return float(value)
 
 
+def check_listener(fn: object, what: str) -> None:
+    """Listeners and callbacks are plain callables: a coroutine function would only
+    make a coroutine that nobody awaits."""
+    if not callable(fn):
+        raise InvalidDeclaration(f"{what} needs a callable, got {type(fn).__name__}")
+    if inspect.iscoroutinefunction(fn):
+        raise InvalidDeclaration(
+            f"{what} needs a plain function, got a coroutine function: listeners run "
+            "inside the event; start async work from the host instead"
+        )
+
+
 def to_stored(name: str, value: Any, image: Image | None = None) -> Any:
     """The form in which ``value`` is stored (see :func:`statekit._copying.stored_form`).
 
@@ -102,11 +115,8 @@ class State(Generic[T]):
         """The engine this state was declared on."""
         return self._engine
 
-    def _add_listener(self, fn: Callable[..., object]) -> None:
-        if not callable(fn):
-            raise InvalidDeclaration(
-                f"on_change() of state {self.name!r} needs a callable, got {type(fn).__name__}"
-            )
+    def _add_listener(self, fn: Callable[..., object], what: str = "on_change") -> None:
+        check_listener(fn, f"{what}() of state {self.name!r}")
         with self._lock:
             self._listeners = (*self._listeners, fn)
 
@@ -250,11 +260,7 @@ class SessionState(State[T]):
         (best effort: after a lost connection, listeners fire for every session this
         engine used whose version moved). An exception is logged. Usable as a decorator.
         """
-        if not callable(fn):
-            raise InvalidDeclaration(
-                f"on_remote_change() of state {self.name!r} needs a callable, "
-                f"got {type(fn).__name__}"
-            )
+        check_listener(fn, f"on_remote_change() of state {self.name!r}")
         with self._lock:
             self._remote_listeners = (*self._remote_listeners, fn)
         self._engine._subscribe()
@@ -269,10 +275,7 @@ class SessionState(State[T]):
         Runs outside every lock; an exception is logged and never stops other callbacks
         or reaping. Usable as a decorator.
         """
-        if not callable(fn):
-            raise InvalidDeclaration(
-                f"on_delete() of state {self.name!r} needs a callable, got {type(fn).__name__}"
-            )
+        check_listener(fn, f"on_delete() of state {self.name!r}")
         with self._lock:
             self._on_delete = (*self._on_delete, fn)
         return fn
@@ -294,7 +297,7 @@ class BrowserState(State[T]):
     Thread-safe.
     """
 
-    __slots__ = ("_clock", "keys", "max_bytes", "storage_key", "ttl")
+    __slots__ = ("_clock", "_context", "keys", "max_bytes", "storage_key", "ttl")
 
     kind = "browser"
 
@@ -318,6 +321,8 @@ class BrowserState(State[T]):
             )
         self.keys = keys
         self.storage_key = check_name(storage_key or name, "storage key")
+        # What a token is bound to: this app, this state, this localStorage key.
+        self._context = f"{engine.app}/{name}/{self.storage_key}"
         self.ttl = None if ttl is None else check_seconds(ttl, f"ttl of browser state {name!r}")
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 64:
             raise InvalidDeclaration(f"max_bytes must be an int of at least 64, got {max_bytes!r}")
@@ -356,7 +361,7 @@ class BrowserState(State[T]):
         self.canonical(value)
         return self.keys.encode(
             value,
-            storage_key=self.storage_key,
+            storage_key=self._context,
             now=self._clock(),
             ttl=self.ttl,
             bind=bind,
@@ -370,7 +375,7 @@ class BrowserState(State[T]):
         after a key rotation)."""
         decoded = self.keys.decode(
             token,
-            storage_key=self.storage_key,
+            storage_key=self._context,
             now=self._clock(),
             bind=bind,
             max_bytes=self.max_bytes,

@@ -52,7 +52,10 @@ class ObjectValues:
             raise StateNotCopyable(name, type(value).__qualname__, exc) from exc
 
     def judge(self, name: str, stored: Any, value: Any) -> tuple[Change, Any]:
-        verdict, image = judge(stored, value)
+        try:
+            verdict, image = judge(stored, value)
+        except Exception:  # the stored value no longer opens (a class moved): replace it
+            verdict, image = Change.CHANGED, None
         if verdict is Change.SAME:
             return verdict, None
         try:
@@ -81,7 +84,11 @@ class EncodedValues:
         data = self.store(name, value)
         if data == stored:
             return Change.SAME, None
-        verdict = _walk(self.codec.decode(stored), value)
+        try:
+            before = self.codec.decode(stored)
+        except CodecError:  # the stored value no longer decodes (a class moved): replace it
+            return Change.CHANGED, data
+        verdict = _walk(before, value)
         return verdict, (None if verdict is Change.SAME else data)
 
 

@@ -216,16 +216,26 @@ class ValueNotStorable(StateError, TypeError):
 class StoreUnavailable(StateError, ConnectionError):
     """The store cannot be reached or written (server down, file not writable).
 
-    Nothing was written by the operation that raised it; retry once the store is back.
+    Unless ``outcome_unknown``, nothing was written by the operation that raised it:
+    retry once the store is back. With ``outcome_unknown`` (a timeout after the request
+    was sent), the operation may have been applied.
+
     Attributes:
         store: a description of the store (never its password).
+        outcome_unknown: whether the request may have been applied.
     """
 
-    def __init__(self, store: str, detail: str) -> None:
+    def __init__(self, store: str, detail: str, *, outcome_unknown: bool = False) -> None:
         self.store = store
-        super().__init__(
-            f"{store} is unavailable ({detail}); nothing was written — retry when it is back"
-        )
+        self.outcome_unknown = outcome_unknown
+        if outcome_unknown:
+            tail = (
+                "the request was sent but no answer came, so it may or may not have been "
+                "applied — check the state before retrying"
+            )
+        else:
+            tail = "nothing was written — retry when it is back"
+        super().__init__(f"{store} is unavailable ({detail}); {tail}")
 
 
 class SessionBusy(StateError, TimeoutError):

@@ -294,7 +294,8 @@ class TestBrowserStateInEvents:
             assert ev[prefs] == "dark"
         assert ev.result is not None
         fresh = ev.result.browser["p"]
-        assert BrowserKeys([SECRET]).decode(fresh, storage_key="p", now=0).value == "dark"
+        new_only = StateEngine().browser_state("p", "light", keys=BrowserKeys([SECRET]))
+        assert new_only.decode(fresh).value == "dark"
 
     def test_non_json_values_and_bad_declarations_are_refused(self) -> None:
         from statekit import InvalidDeclaration, ValueNotStorable
@@ -321,3 +322,39 @@ class TestBrowserStateInEvents:
             ev[cart] = 1
             ev[notes] = os_random_text(2000)
         assert cart.get(sid) == 0
+
+
+class TestBrowserStateIsolation:
+    def test_a_token_of_one_state_or_app_is_never_read_as_another(self) -> None:
+        from statekit import InvalidDeclaration, StateEngine
+
+        shop = StateEngine(app="shop")
+        admin = StateEngine(app="admin")
+        nickname = shop.browser_state("nickname", "", keys=keys, storage_key="n")
+        role = shop.browser_state("role", "user", keys=keys, storage_key="r")
+        admin_role = admin.browser_state("role", "user", keys=keys, storage_key="r")
+        token = nickname.encode("admin")
+        assert role.decode(token).problem is TokenProblem.WRONG_STORAGE_KEY
+        assert admin_role.decode(role.encode("superuser")).problem is (
+            TokenProblem.WRONG_STORAGE_KEY
+        )
+        with pytest.raises(InvalidDeclaration, match="share the localStorage key"):
+            shop.browser_state("other", "", keys=keys, storage_key="n")
+
+    def test_non_ascii_tokens_are_malformed_not_a_crash(self) -> None:
+        good = keys.encode(1, storage_key="k", now=1)
+        kid = good.split(".")[1]
+        for bad in (f"sk1.{kid}.\u00e9.AAAA", "sk1.\u00e9.\u00e9.\u00e9", "\ud800"):
+            assert keys.decode(bad, storage_key="k", now=2).problem is TokenProblem.MALFORMED
+
+    def test_async_listeners_are_refused(self) -> None:
+        from statekit import InvalidDeclaration, StateEngine
+
+        engine = StateEngine()
+        state = engine.session_state("s", 0)
+
+        async def listener(ev: Any, value: int) -> None:
+            pass
+
+        with pytest.raises(InvalidDeclaration, match="coroutine"):
+            state.on_change(listener)

@@ -185,3 +185,12 @@ class TestSignedPickle:
         with pytest.raises(ValueError, match="32 bytes"):
             SignedPickleCodec("short")
         assert "k" * 32 not in repr(SignedPickleCodec("k" * 32))
+
+
+def test_zone_rules_are_not_silently_lost() -> None:
+    import zoneinfo
+
+    paris = datetime.datetime(2024, 3, 1, 9, tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))
+    with pytest.raises(CodecError, match="zone rules"):
+        codec.encode([paris])
+    assert roundtrip(paris.astimezone(datetime.timezone.utc)).tzinfo is datetime.timezone.utc

@@ -6,6 +6,7 @@ tests in test_multiprocess.py use real processes)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -229,3 +230,111 @@ class TestSharedStores:
         for t in threads:
             t.join(timeout=30)
         assert deleted == [("x", DeleteReason.IDLE)]
+
+
+class TestHardening:
+    """Regressions found in review: each failed before its fix."""
+
+    def test_increments_are_exact_for_big_ints_and_floats(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        engine = engine_on(make_store, clock)
+        big = engine.global_state("big", 2**60)
+        assert big.increment(1) == 2**60 + 1
+        assert big.get() == 2**60 + 1
+        sum_ = engine.global_state("sum", 0.1)
+        assert sum_.increment(0.2) == 0.1 + 0.2
+        half = engine.global_state("half", 0.5)
+        assert half.increment(0.5) == 1.0
+        assert type(half.get()) is float
+        huge = engine.global_state("huge", 2**70)
+        assert huge.increment(1) == 2**70 + 1
+
+    def test_a_stored_value_that_no_longer_opens_can_be_overwritten(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        import sys
+        import types
+
+        module = types.ModuleType("statekit_test_moved")
+        sys.modules["statekit_test_moved"] = module
+        exec(
+            "import dataclasses\n@dataclasses.dataclass\nclass Old:\n    a: int\n",
+            module.__dict__,
+        )
+        engine = engine_on(make_store, clock)
+        holder: SessionState[Any] = engine.session_state("holder", None)
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[holder] = [module.Old(1)]
+        del sys.modules["statekit_test_moved"]  # a deploy moved the class away
+        with engine.event(sid) as ev:
+            ev[holder] = ["migrated"]
+        assert holder.get(sid) == ["migrated"]
+
+    @pytest.mark.parametrize("sid", ["\ud800abc", "tab\there", "é" * 10])
+    def test_odd_session_ids_are_simply_not_found(
+        self, make_store: StoreFactory, clock: FakeClock, sid: str
+    ) -> None:
+        from statekit import SessionNotFound
+
+        engine = engine_on(make_store, clock)
+        state = engine.session_state("s", 0)
+        assert not engine.exists(sid)
+        with pytest.raises(SessionNotFound):
+            state.get(sid)
+        with pytest.raises(SessionNotFound), engine.event(sid):
+            pass
+
+    def test_cancelled_async_events_leave_no_lease_or_late_commit(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        engine = engine_on(make_store, clock, lease_ttl=5, lease_wait=1)
+        x = engine.session_state("x", 0)
+        sid = engine.open_session()
+        failures: list[str] = []
+
+        async def handler() -> None:
+            async with engine.aevent(sid) as ev:
+                ev[x] += 1
+
+        async def main() -> None:
+            for n in range(30):
+                task = asyncio.create_task(handler())
+                for _ in range(n % 10):
+                    await asyncio.sleep(0)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                try:
+                    await handler()  # the next request of the session
+                except Exception as exc:
+                    failures.append(type(exc).__name__)
+
+        asyncio.run(main())
+        assert failures == []
+
+    def test_values_claimed_by_a_remote_look_still_get_their_callbacks(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        deleted: list[tuple[int, str]] = []
+        a = engine_on(make_store, clock)
+        b = engine_on(make_store, clock)
+        a_x = a.session_state("x", 0)
+        a.session_state("y", 0, ttl=10, on_delete=lambda v, r: deleted.append((v, r.value)))
+        b_x = b.session_state("x", 0)
+        b_y = b.session_state("y", 0, ttl=10, on_delete=lambda v, r: deleted.append((v, r.value)))
+        seen: list[int] = []
+        b_x.on_remote_change(lambda sid, value: seen.append(value))
+        sid = a.open_session()
+        with a.event(sid) as ev:
+            ev[a_x] = 1
+        with b.event(sid) as ev:
+            ev[b_y] = 42
+        clock.advance(11)  # y is due; the next remote look claims it
+        with a.event(sid) as ev:
+            ev[a_x] = 2
+        assert wait_until(lambda: seen and seen[-1] == 2, timeout=2)
+        a.reap()
+        b.reap()
+        assert deleted == [(42, "ttl")]

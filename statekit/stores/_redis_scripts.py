@@ -293,20 +293,22 @@ redis.call('HSET', KEYS[1], 'v', ARGV[2])
 return version
 """
 
-# KEYS: global.  ARGV: amount, default, float '1'|'0'
+# KEYS: global.  ARGV: amount, default
+# Adds on the server only when the stored value and the amount are plain integers (the
+# reply is the stored string, never a Lua number, which would round past 2**53); else
+# returns false and the caller adds in Python with a compare-and-set.
 GLOBAL_ADD = r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'v', ARGV[2], 'n', 0)
 end
 local current = redis.call('HGET', KEYS[1], 'v')
-local result
-if ARGV[3] == '1' or string.find(current, '[%.eE]') then
-  result = redis.call('HINCRBYFLOAT', KEYS[1], 'v', ARGV[1])
-else
-  result = tostring(redis.call('HINCRBY', KEYS[1], 'v', ARGV[1]))
+if string.find(current, '^-?%d+$') == nil or string.find(ARGV[1], '^-?%d+$') == nil then
+  return false
 end
+local added = redis.pcall('HINCRBY', KEYS[1], 'v', ARGV[1])
+if type(added) == 'table' and added.err then return false end
 redis.call('HINCRBY', KEYS[1], 'n', 1)
-return result
+return redis.call('HGET', KEYS[1], 'v')
 """
 
 

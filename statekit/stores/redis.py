@@ -144,9 +144,14 @@ class RedisStore:
         return handle
 
     def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run one script, mapping connection failures to StoreUnavailable."""
+        """Run one script, mapping connection failures to StoreUnavailable (with
+        ``outcome_unknown`` when the request went out and no answer came back)."""
         try:
             return script(keys=keys, args=args)
+        except RedisTimeoutError as exc:
+            raise StoreUnavailable(
+                self._label, f"{type(exc).__name__}: {exc}", outcome_unknown=True
+            ) from exc
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
         except RedisError as exc:
@@ -158,6 +163,10 @@ class RedisStore:
         """The async form of :meth:`run`, for a script of the asyncio client."""
         try:
             return await script(keys=keys, args=args)
+        except RedisTimeoutError as exc:
+            raise StoreUnavailable(
+                self._label, f"{type(exc).__name__}: {exc}", outcome_unknown=True
+            ) from exc
         except (*_UNAVAILABLE, RedisError) as exc:
             raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
 
@@ -465,23 +474,18 @@ class _RedisNamespace:
 
     def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
         codec = self._store.codec
-        if not isinstance(codec, JSONCodec):
-            # Only JSON numbers can be added on the server: read, add, compare-and-set.
-            while True:
-                found = self.global_get(name)
-                current = default if found is None else codec.decode(found[0])
-                value = current + amount
-                version = None if found is None else found[1]
-                if self.global_cas(name, version=version, value=codec.encode(value)) is not None:
-                    return value
-        floating = isinstance(amount, float) or isinstance(default, float)
-        raw = self._run(
-            "GLOBAL_ADD",
-            [self.P + "g:" + name],
-            [repr(amount), json.dumps(default), "1" if floating else "0"],
-        )
-        value = json.loads(raw)
-        return float(value) if floating else value
+        if isinstance(codec, JSONCodec) and type(amount) is int and type(default) is int:
+            raw = self._run("GLOBAL_ADD", [self.P + "g:" + name], [str(amount), str(default)])
+            if raw is not None:
+                return int(raw)
+        # Floats, huge integers, other codecs: read, add, compare-and-set.
+        while True:
+            found = self.global_get(name)
+            current = default if found is None else codec.decode(found[0])
+            value = current + amount
+            version = None if found is None else found[1]
+            if self.global_cas(name, version=version, value=codec.encode(value)) is not None:
+                return value
 
     # -- notices -----------------------------------------------------------------
 
