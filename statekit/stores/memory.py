@@ -166,7 +166,7 @@ class _MemoryNamespace:
                     reason, at = DeleteReason.EVICTED, now
                 evicted.append(self._remove(victim, reason, at))
             self._open[sid] = _Record(sid, deadline)
-        if evicted:
+        if evicted and self._state.subscribers:
             self._publish(self._ended_notices(evicted))
         return tuple(evicted)
 
@@ -188,7 +188,8 @@ class _MemoryNamespace:
                     rec.deadline = touch_until
                     self._open.move_to_end(sid)
         if gone is not None:
-            self._publish(self._ended_notices((ended,)))
+            if self._state.subscribers:
+                self._publish(self._ended_notices((ended,)))
             return gone
         return Loaded(
             sid=sid, version=rec.version, closed=rec.closed, values=rec.values, expired=expired
@@ -234,7 +235,10 @@ class _MemoryNamespace:
                     queue.move_to_end(sid)
             rec.version += 1
             version = rec.version
-        self._publish([Notice(kind="changed", sid=sid, names=tuple(writes), origin=self.origin)])
+        if self._state.subscribers:  # notices are built only for someone to read them
+            self._publish(
+                [Notice(kind="changed", sid=sid, names=tuple(writes), origin=self.origin)]
+            )
         return version
 
     def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
@@ -254,7 +258,8 @@ class _MemoryNamespace:
                 self._closed[sid] = rec
                 ended = Ended(sid=sid, reason=DeleteReason.CLOSED, values={}, at=now)
                 outcome = True
-        self._publish(self._ended_notices((ended,)))
+        if self._state.subscribers:
+            self._publish(self._ended_notices((ended,)))
         return outcome
 
     def session_count(self) -> int:
@@ -287,7 +292,7 @@ class _MemoryNamespace:
                     name, sid = pick
                     rec = self._open.get(sid) or self._closed[sid]
                     out.append(self._claim_value(rec, name, best))
-        if out:
+        if out and self._state.subscribers:
             self._publish(self._ended_notices(e for e in out if not e.was_closed))
         return tuple(out)
 
