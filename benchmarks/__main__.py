@@ -13,13 +13,14 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from . import detector, lifecycle, session_rw, stores
+from . import detector, lifecycle, scaling, session_rw, stores
 
 CASES: dict[str, ModuleType] = {
     "session": session_rw,
     "detector": detector,
     "stores": stores,
     "lifecycle": lifecycle,
+    "scaling": scaling,
 }
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import time
 from collections.abc import Callable
@@ -51,13 +52,41 @@ def contenders(sessions: int = 1000) -> dict[str, Callable[[int], None]]:
             plain[sid]
 
     ttlcache(sessions)
-    return {
+    found: dict[str, Callable[[int], None]] = {}
+    peer = gradio_write_read()
+    if peer is not None:
+        found["gradio session value write+read"] = peer
+    return found | {
         "statekit event (write+read)": statekit_event,
         BASELINE: ttlcache,
         "dict set+get": dict_rw,
         "statekit read outside an event": statekit_peek,
         "TTLCache get": ttlcache_get,
     }
+
+
+def gradio_write_read() -> Callable[[int], None] | None:
+    """The peer: a value written then read in gradio's own per-session state holder
+    (an app with one ``gr.State`` and a textbox), or None without gradio."""
+    try:
+        gr = importlib.import_module("gradio")
+        state_holder = importlib.import_module("gradio.state_holder")
+    except ImportError:
+        return None
+    with gr.Blocks() as demo:
+        state = gr.State(0)
+        gr.Textbox()
+    holder = state_holder.StateHolder()
+    holder.set_blocks(demo)
+    session = holder["bench"]
+    key = state._id
+
+    def write_read(ops: int) -> None:
+        for i in range(ops):
+            session[key] = i
+            session[key]
+
+    return write_read
 
 
 def run(quick: bool = False) -> list[tuple[str, list[Measure]]]:
