@@ -4,35 +4,11 @@ update is lost and nothing deadlocks. Every join is bounded in time."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 
 from statekit import Event, SessionState, StateEngine
 from statekit.testing import FakeClock
 
-THREADS = 8
-JOIN_TIMEOUT = 60
-
-
-def run_threads(target: Callable[[int], None]) -> None:
-    start = threading.Barrier(THREADS)
-    errors: list[BaseException] = []
-
-    def wrapped(k: int) -> None:
-        start.wait()
-        try:
-            target(k)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrapped, args=(k,)) for k in range(THREADS)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "deadlock: threads still running"
-    assert errors == []
+from .threads import THREADS, run_threads
 
 
 def test_one_session_from_8_threads_loses_no_update(engine: StateEngine) -> None:

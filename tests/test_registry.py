@@ -39,9 +39,7 @@ from statekit.stores.base import Notice
 from statekit.testing import FakeClock
 
 from .conftest import StoreFactory
-
-THREADS = 8
-JOIN_TIMEOUT = 60
+from .threads import THREADS, run_threads
 
 
 class NonDeepCopyable:
@@ -104,27 +102,6 @@ class Ledger:
         assert len(self.made) == len(set(self.made))
         assert set(self.cleaned) == set(self.made)
         assert set(self.cleaned.values()) <= {1}
-
-
-def run_threads(target: Callable[[int], None], n: int = THREADS) -> None:
-    start = threading.Barrier(n)
-    errors: list[BaseException] = []
-
-    def wrapped(k: int) -> None:
-        start.wait()
-        try:
-            target(k)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrapped, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "deadlock: threads still running"
-    assert errors == []
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
