@@ -21,3 +21,10 @@ def test_console_demo_walks_through_the_guide(capsys: pytest.CaptureFixture[str]
     assert "deleted: idle" in out
     assert "deleted: evicted" in out
     assert "visitors: 7, live sessions: 3" in out
+
+
+def test_readme_example_runs_and_prints_what_it_says(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (EXAMPLES.parent.parent / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    assert capsys.readouterr().out.strip() == "{'cart_size': 1}"
