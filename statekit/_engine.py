@@ -68,6 +68,8 @@ MAX_CASCADE = 16
 REAP_BATCH = 8
 #: On a shared store, an engine reaps during ordinary operations at most this often.
 SHARED_REAP_INTERVAL = 1.0
+#: On the memory store, seconds during which a look that found nothing is not repeated.
+LOCAL_REAP_QUIET = 0.001
 #: Session ids are this many random bytes (192 bits), URL-safe base64 encoded.
 SID_BYTES = 24
 _MAX_SID_LENGTH = 256
@@ -163,6 +165,7 @@ class StateEngine:
         self._seen_versions: cachetools.LRUCache[str, int] = cachetools.LRUCache(10_000)
         self._orphan_leases: cachetools.LRUCache[str, str] = cachetools.LRUCache(10_000)
         self._last_reap = float("-inf")
+        self._last_empty_reap = float("-inf")
         self._shut = False
 
     def __repr__(self) -> str:
@@ -1012,7 +1015,14 @@ class StateEngine:
             except StoreUnavailable:
                 return
         else:
+            # After a look that found nothing, the next within a millisecond is skipped:
+            # an entry falling due meanwhile is reaped a little later, and a load
+            # refuses it anyway.
+            if now - self._last_empty_reap < LOCAL_REAP_QUIET:
+                return
             ended = self._ns.reap(now=now, limit=REAP_BATCH)
+            if not ended:
+                self._last_empty_reap = now
         if ended:
             self._run_ended(ended)
 
