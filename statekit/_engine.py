@@ -449,6 +449,7 @@ class StateEngine:
         now = self.clock()
         outcome = self._ns.close_session(sid, now=now, deadline=now + self.closed_ttl)
         if outcome is None:
+            self._check_usable()  # a shutdown meanwhile emptied the store: say so
             raise SessionNotFound(sid)
         if isinstance(outcome, Gone):
             if outcome.ended is not None:
@@ -532,14 +533,14 @@ class StateEngine:
             sid, now, self._ns.load_session(sid, now=now, touch_until=now + self.idle_ttl), pending
         )
 
-    @staticmethod
     def _loaded_or_raise(
-        sid: str, now: float, outcome: Loaded | Gone | Busy | None, pending: list[Ended]
+        self, sid: str, now: float, outcome: Loaded | Gone | Busy | None, pending: list[Ended]
     ) -> Loaded:
         if isinstance(outcome, Loaded):
             pending.extend(outcome.expired)
             return outcome
         if outcome is None:
+            self._check_usable()  # a shutdown meanwhile emptied the store: say so
             raise SessionNotFound(sid)
         if isinstance(outcome, Busy):  # only answered to a lease request
             raise StateError("store answered Busy to a load without a lease")

@@ -381,3 +381,15 @@ class TestConfiguration:
 
         assert StateEngine().clock is time.monotonic
         assert StateEngine(Shared()).clock is time.time
+
+
+def test_calls_racing_a_shutdown_say_the_engine_closed(clock: FakeClock) -> None:
+    engine = StateEngine(clock=clock)
+    sid = engine.open_session()
+    event = engine.event(sid)
+    engine._check_usable()  # the call has passed its own check ...
+    engine.shutdown()  # ... when another thread shuts the engine down
+    with pytest.raises(EngineClosed):
+        engine._loaded_or_raise(sid, clock(), None, [])
+    with pytest.raises(EngineClosed), event:
+        pass

@@ -30,4 +30,4 @@ def run_threads(target: Callable[[int], None], n: int = THREADS) -> None:
     for t in threads:
         t.join(timeout=max(0.0, deadline - time.monotonic()))
     assert not any(t.is_alive() for t in threads), "deadlock: threads still running"
-    assert errors == []
+    assert errors == [], [f"{type(e).__name__}: {e}" for e in errors]
