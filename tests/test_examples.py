@@ -28,3 +28,16 @@ def test_readme_example_runs_and_prints_what_it_says(capsys: pytest.CaptureFixtu
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert capsys.readouterr().out.strip() == "{'cart_size': 1}"
+
+
+def test_import_statekit_loads_no_optional_dependency() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, statekit, statekit.stores, statekit.testing; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'redis', 'cryptography', 'starlette', 'uvicorn', 'playwright'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
