@@ -607,13 +607,31 @@ class StateEngine:
     def _begin(self, ev: Event) -> None:
         self._start(ev)
         self._locks.acquire(ev.sid)
-        self._entered(ev, self._drive, self._begin_steps(ev))
+        if self.store.shared:
+            self._entered(ev, self._drive, self._begin_steps(ev))
+            return
+        # A store of this process is called directly: no lease, no steps to drive.
+        try:
+            self._load_local(ev)
+        except BaseException:
+            self._locks.release(ev.sid)
+            self._run_ended(ev._pending)
+            raise
+        ev._active = True
+
+    def _load_local(self, ev: Event) -> None:
+        ev.now = now = self.clock()
+        outcome = self._ns.load_session(ev.sid, now=now, touch_until=now + self.idle_ttl)
+        ev._loaded = self._loaded_or_raise(ev.sid, now, outcome, ev._pending)
 
     async def _abegin(self, ev: Event) -> None:
         self._start(ev)
         await self._locks.aacquire(ev.sid)
         try:
-            await self._adrive(self._begin_steps(ev))
+            if self.store.shared:
+                await self._adrive(self._begin_steps(ev))
+            else:
+                self._load_local(ev)
         except BaseException:
             self._locks.release(ev.sid)
             release = self._abandon_lease(ev)
@@ -636,19 +654,7 @@ class StateEngine:
         ev._active = True
 
     def _begin_steps(self, ev: Event) -> Steps:
-        """Load the session; on a shared store, lease it first, waiting while busy."""
-        if not self.store.shared:
-            ev.now = self.clock()
-            outcome = yield (
-                "load_session",
-                {
-                    "sid": ev.sid,
-                    "now": ev.now,
-                    "touch_until": ev.now + self.idle_ttl,
-                },
-            )
-            ev._loaded = self._loaded_or_raise(ev.sid, ev.now, outcome, ev._pending)
-            return None
+        """Lease and load the session from a shared store, waiting while it is busy."""
         # A lease this engine failed to release (the store was down) is taken back
         # rather than waited out.
         with self._caches_lock:
@@ -684,7 +690,35 @@ class StateEngine:
         return None
 
     def _end(self, ev: Event, *, failed: bool) -> None:
-        self._finish(ev, self._drive, self._end_steps(ev, failed))
+        if self.store.shared or failed:
+            self._finish(ev, self._drive, self._end_steps(ev, failed))
+            return
+        # A store of this process, and (usually) no listener to run: commit directly.
+        ev._active = False
+        loop_error: ChangeLoopError | None = None
+        try:
+            collected = ev._collect()
+            writes, tokens, changed = collected
+            if any(state._listeners for state in changed):
+                ev._collected = collected
+                loop_error = self._drive(self._end_steps(ev, failed))
+            else:
+                if writes:
+                    self._ns.commit(**self._commit_args(ev, writes, None, False))
+                if tokens:
+                    ev._browser_tokens.update(tokens)
+                    ev._browser_out.update(tokens)
+                ev.result = EventResult(
+                    sid=ev.sid,
+                    changed=frozenset(state.name for state in changed),
+                    outputs=dict(ev._outputs),
+                    browser=dict(ev._browser_out),
+                    browser_problems=dict(ev._browser_problems),
+                )
+        finally:
+            self._released(ev)
+        if loop_error is not None:
+            raise loop_error
 
     async def _aend(self, ev: Event, *, failed: bool) -> None:
         ev._active = False
@@ -762,33 +796,36 @@ class StateEngine:
         """Write an event's changes in one store commit; return the states that changed.
 
         Browser tokens are handed out only once the commit succeeded."""
-        writes, tokens, changed = ev._collect()
+        collected, ev._collected = ev._collected, None
+        writes, tokens, changed = collected if collected is not None else ev._collect()
         if writes:
-            assert ev._loaded is not None
-            ttl_deadlines = {
-                name: ev.now + ttl
-                for name in writes
-                if (ttl := self._session_states[name].ttl) is not None
-            }
             releasing = lease is not None and release(changed)
-            yield (
-                "commit",
-                {
-                    "sid": ev.sid,
-                    "version": ev._loaded.version,
-                    "writes": writes,
-                    "ttl_deadlines": ttl_deadlines,
-                    "now": ev.now,
-                    "lease": lease,
-                    "release": releasing,
-                },
-            )
+            yield "commit", self._commit_args(ev, writes, lease, releasing)
             if releasing:
                 ev._lease_released = True
         if tokens:
             ev._browser_tokens.update(tokens)
             ev._browser_out.update(tokens)
         return changed
+
+    def _commit_args(
+        self, ev: Event, writes: dict[str, Any], lease: str | None, release: bool
+    ) -> dict[str, Any]:
+        """The arguments of the store commit of an event's ``writes``."""
+        assert ev._loaded is not None
+        return {
+            "sid": ev.sid,
+            "version": ev._loaded.version,
+            "writes": writes,
+            "ttl_deadlines": {
+                name: ev.now + ttl
+                for name in writes
+                if (ttl := self._session_states[name].ttl) is not None
+            },
+            "now": ev.now,
+            "lease": lease,
+            "release": release,
+        }
 
     def _commit_with_listeners(self, ev: Event) -> Steps:
         """Commit the event, then run rounds of listeners, each in its own event."""

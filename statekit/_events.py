@@ -107,6 +107,7 @@ class Event:
         "_browser_out",
         "_browser_problems",
         "_browser_tokens",
+        "_collected",
         "_engine",
         "_globals",
         "_lease",
@@ -134,6 +135,8 @@ class Event:
         # their event made.
         self._browser_tokens: dict[str, str | None] = {} if browser is None else browser
         self._browser_out: dict[str, str] = {}
+        # What _collect() found, when the engine already asked before a commit step.
+        self._collected: Any = None
         self._browser_problems: dict[str, TokenProblem] = {}
         self._bind = bind
         self._active = False
