@@ -54,6 +54,19 @@ local function claim(sid, reason, at)
   return {sid, reason, at, closed, vals}
 end
 
+-- Slide an open session's deadline to new_deadline ('' = a look, not a use). A touch that
+-- would move it by less than a second is skipped: it saves four writes on busy
+-- sessions and changes an expiry by less than a second.
+local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
+  if closed == '1' or new_deadline == '' or tonumber(new_deadline) - tonumber(deadline) < 1 then
+    return
+  end
+  redis.call('HSET', key, '_d', new_deadline)
+  redis.call('PEXPIRE', key, backstop_ms)
+  redis.call('ZADD', P .. 'dl', new_deadline, 's\0' .. sid)
+  redis.call('ZADD', P .. 'lru', now, sid)
+end
+
 -- Remove one value past its ttl; return {sid, 'ttl', at, name, value}.
 local function claim_value(sid, name, at)
   local key = P .. 's:' .. sid
@@ -141,14 +154,7 @@ for i = 1, #h, 2 do
     end
   end
 end
--- A touch that would move the deadline by less than a second is skipped: it saves
--- four writes on busy sessions and changes an expiry by less than a second.
-if meta[2] ~= '1' and ARGV[3] ~= '' and tonumber(ARGV[3]) - tonumber(meta[3]) >= 1 then
-  redis.call('HSET', KEYS[1], '_d', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  redis.call('ZADD', P .. 'dl', ARGV[3], 's\0' .. sid)
-  redis.call('ZADD', P .. 'lru', ARGV[2], sid)
-end
+touch(KEYS[1], sid, meta[2], meta[3], ARGV[2], ARGV[3], ARGV[6])
 return {'ok', meta[1], meta[2] or '0', values, expired}
 """
 )
@@ -178,12 +184,7 @@ if meta[5] and tonumber(meta[5]) <= now then
 elseif meta[4] then
   values = {name, meta[4]}
 end
-if meta[2] ~= '1' and ARGV[3] ~= '' and tonumber(ARGV[3]) - tonumber(meta[3]) >= 1 then
-  redis.call('HSET', KEYS[1], '_d', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  redis.call('ZADD', P .. 'dl', ARGV[3], 's\0' .. sid)
-  redis.call('ZADD', P .. 'lru', ARGV[2], sid)
-end
+touch(KEYS[1], sid, meta[2], meta[3], ARGV[2], ARGV[3], ARGV[5])
 return {'ok', meta[1], meta[2] or '0', values, expired}
 """
 )
