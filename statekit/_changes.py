@@ -35,7 +35,7 @@ import types
 import uuid
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 from ._copying import Image, Sealed, image_of, seal
 
@@ -52,6 +52,12 @@ class Change(enum.IntEnum):
     CHANGED = 2
     """Different: listeners fire."""
 
+
+# The members as plain names: reading an enum member through its class costs a
+# descriptor call, which the hot paths of events and of the walk avoid.
+SAME: Final = Change.SAME
+QUIET: Final = Change.QUIET
+CHANGED: Final = Change.CHANGED
 
 _EQ_ATOMS: frozenset[type] = frozenset(
     {type(None), bool, int, str, bytes, bytearray, range, fractions.Fraction, uuid.UUID}
@@ -206,7 +212,7 @@ def _match_leftovers(left: list[Any], right: list[Any]) -> list[tuple[Any, Any]]
     remaining = list(right)
     for x in left:
         for i, y in enumerate(remaining):
-            if _walk(x, y) is Change.SAME:
+            if _walk(x, y) is SAME:
                 pairs.append((x, y))
                 del remaining[i]
                 break
@@ -223,10 +229,10 @@ def compare(before: Any, after: Any) -> Change:
     compared by their sealed images, in C; the walk runs only when those differ.
     """
     if before is after:
-        return Change.SAME
+        return SAME
     blob = seal(before)
     if blob is not None and blob == seal(after):
-        return Change.SAME
+        return SAME
     return _walk(before, after)
 
 
@@ -240,22 +246,22 @@ def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
     if type(stored) is Sealed:
         image = image_of(after)
         if image is not None and image[0] == stored.blob:
-            return Change.SAME, image
+            return SAME, image
         return _walk(stored.open(), after), image
     if stored is after:
-        return Change.SAME, None
+        return SAME, None
     cls = type(stored)
     if cls is type(after):
         same = _same_atom(cls, stored, after)
         if same is not None:
-            return (Change.SAME if same else Change.CHANGED), None
+            return (SAME if same else CHANGED), None
     return _walk(stored, after), None
 
 
 def _walk(before: Any, after: Any) -> Change:
     """The exact comparison: a depth-first walk over pairs, with a stack of lazy pair
     iterators (memory grows with depth, not width) and a memo of visited pairs."""
-    result = Change.SAME
+    result = SAME
     stack: list[tuple[Iterator[Any], bool]] = [(iter(((before, after),)), False)]
     seen: set[tuple[int, int]] = set()
     # Field dicts built during the walk stay referenced until it ends, so that their
@@ -310,8 +316,8 @@ def _walk(before: Any, after: Any) -> Change:
                     continue
         if not same:
             if not quiet:
-                return Change.CHANGED
-            result = Change.QUIET
+                return CHANGED
+            result = QUIET
     return result
 
 
@@ -341,5 +347,5 @@ def _custom_pairs(
 
 
 def changed(before: Any, after: Any) -> bool:
-    """Whether listeners should fire: ``compare(before, after) is Change.CHANGED``."""
-    return compare(before, after) is Change.CHANGED
+    """Whether listeners should fire: ``compare(before, after) is CHANGED``."""
+    return compare(before, after) is CHANGED

@@ -184,7 +184,10 @@ def stored_form(value: Any, image: Image | None = None) -> Any:
 
 def open_value(stored: Any) -> Any:
     """A private copy of a stored value (the inverse of :func:`stored_form`)."""
-    if type(stored) is Sealed:
+    cls = type(stored)
+    if cls in IMMUTABLE_ATOMS:
+        return stored
+    if cls is Sealed:
         return stored.open()
     return copy_value(stored)
 

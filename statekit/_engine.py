@@ -21,11 +21,11 @@ from typing import Any, TypeAlias, TypeVar, overload
 import cachetools
 
 from ._browser import DEFAULT_MAX_BYTES, BrowserKeys
-from ._changes import Change, compare
+from ._changes import CHANGED, SAME, compare
 from ._clock import Clock, monotonic, wall
 from ._copying import copy_value, open_value
-from ._events import Event, EventResult, ListenerFailure
-from ._locks import SessionLocks
+from ._events import Event, EventResult, ListenerFailure, _BrowserIO
+from ._locks import SessionLocks, current_owner
 from ._registry import SessionRegistry
 from ._states import (
     MISSING,
@@ -49,11 +49,14 @@ from .exceptions import (
     UsageError,
 )
 from .stores.base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, Store
-from .stores.memory import MemoryStore
+from .stores.memory import MemoryStore, Queued, _MemoryNamespace, _Record
 
 __all__ = ["StateEngine"]
 
 logger = logging.getLogger("statekit")
+
+_get_running_loop = asyncio._get_running_loop
+_get_ident = threading.get_ident
 
 T = TypeVar("T")
 
@@ -61,6 +64,8 @@ Call: TypeAlias = tuple[str, dict[str, Any]]
 """A store call an event step asks for: the namespace method's name, its arguments."""
 Steps: TypeAlias = Generator[Call, Any, Any]
 Changeable: TypeAlias = "SessionState[Any] | BrowserState[Any]"
+Collected: TypeAlias = "tuple[dict[str, Any], dict[str, str] | None, list[Changeable]]"
+"""What :meth:`Event._collect` found: writes, browser tokens and changed states."""
 
 #: How many rounds of change listeners may follow one event.
 MAX_CASCADE = 16
@@ -145,10 +150,13 @@ class StateEngine:
             clock if clock is not None else wall if self.store.shared else monotonic
         )
         self._ns = self.store.namespace(self.app)
-        # Engines sharing a memory store's app share its session locks too, so their
-        # events of one session take turns like those of one engine.
-        shared_locks = getattr(self._ns, "locks", None)
-        self._locks = shared_locks if isinstance(shared_locks, SessionLocks) else SessionLocks()
+        # The memory store keeps each session's lock in its record (so the engines of
+        # one app share them) and an event enters and leaves it in one call each; with
+        # any other store, events take this engine's session locks, then a lease.
+        self._local = self._ns if isinstance(self._ns, _MemoryNamespace) else None
+        self._locks = SessionLocks()
+        # Names of the session states with a ttl of their own.
+        self._ttl_states: dict[str, float] = {}
         self._states: dict[str, State[Any]] = {}
         self._session_states: dict[str, SessionState[Any]] = {}
         self._end_hooks: tuple[Callable[[str, DeleteReason], object], ...] = ()
@@ -294,6 +302,8 @@ class StateEngine:
         self._states[state.name] = state
         if isinstance(state, SessionState):
             self._session_states[state.name] = state
+            if state.ttl is not None:
+                self._ttl_states[state.name] = state.ttl
 
     @overload
     def registry(
@@ -576,7 +586,12 @@ class StateEngine:
             UsageError: an event of this session is already open in this thread/task.
             StoreUnavailable: the store cannot be reached.
         """
-        self._check_sid(sid)
+        # The memory store is only asked for ids it issued: it checks the rest of an
+        # unknown id once it finds no such session (see _entered_locally).
+        if sid.__class__ is not str or not 0 < len(sid) <= _MAX_SID_LENGTH or not self._local:
+            self._check_sid(sid)  # raises, saying what is wrong with the id
+        if browser is None and not bind:
+            return Event(self, sid)
         tokens: dict[str, str | None] = {}
         if browser is not None:
             if not isinstance(browser, Mapping):
@@ -587,7 +602,7 @@ class StateEngine:
             tokens = {
                 k: v for k, v in browser.items() if isinstance(k, str) and isinstance(v, str)
             }
-        return Event(self, sid, tokens, bind)
+        return Event(self, sid, _BrowserIO(tokens, bind))
 
     def aevent(
         self, sid: str, *, browser: Mapping[str, object] | None = None, bind: str = ""
@@ -599,46 +614,80 @@ class StateEngine:
         return self.event(sid, browser=browser, bind=bind)
 
     def _start(self, ev: Event) -> None:
-        self._check_usable()
+        if self._shut:
+            raise EngineClosed(self.app)
         if ev._started:
             raise StateError("an Event can be entered only once; open a new one")
         ev._started = True
 
     def _begin(self, ev: Event) -> None:
-        self._start(ev)
-        self._locks.acquire(ev.sid)
-        if self.store.shared:
+        if self._shut or ev._started:
+            self._start(ev)  # raises
+        ev._started = True
+        local = self._local
+        if local is None:
+            self._locks.acquire(ev.sid)
             self._entered(ev, self._drive, self._begin_steps(ev))
             return
-        # A store of this process is called directly: no lease, no steps to drive.
-        try:
-            self._load_local(ev)
-        except BaseException:
-            self._locks.release(ev.sid)
-            self._run_ended(ev._pending)
-            raise
-        ev._active = True
-
-    def _load_local(self, ev: Event) -> None:
+        owner = _get_ident() if _get_running_loop() is None else current_owner()
         ev.now = now = self.clock()
-        outcome = self._ns.load_session(ev.sid, now=now, touch_until=now + self.idle_ttl)
-        ev._loaded = self._loaded_or_raise(ev.sid, now, outcome, ev._pending)
+        entered = local.enter(ev.sid, owner, ev._pending, True, now, now + self.idle_ttl)
+        if type(entered) is _Record:
+            ev._loaded = entered
+            ev._active = True
+            return
+        if type(entered) is Queued:
+            entered.wait()
+            ev.now = now = self.clock()
+            entered = local.enter_after_wait(
+                entered, owner, ev._pending, now=now, touch_until=now + self.idle_ttl
+            )
+        self._entered_locally(ev, entered)
 
     async def _abegin(self, ev: Event) -> None:
         self._start(ev)
-        await self._locks.aacquire(ev.sid)
-        try:
-            if self.store.shared:
+        local = self._local
+        if local is None:
+            await self._locks.aacquire(ev.sid)
+            try:
                 await self._adrive(self._begin_steps(ev))
-            else:
-                self._load_local(ev)
-        except BaseException:
-            self._locks.release(ev.sid)
-            release = self._abandon_lease(ev)
-            if release is not None:  # do not wait: this task may be being cancelled
-                asyncio.get_running_loop().run_in_executor(None, release)
-            self._run_ended(ev._pending)
-            raise
+            except BaseException:
+                self._locks.release(ev.sid)
+                release = self._abandon_lease(ev)
+                if release is not None:  # do not wait: this task may be being cancelled
+                    asyncio.get_running_loop().run_in_executor(None, release)
+                self._run_ended(ev._pending)
+                raise
+            ev._active = True
+            return
+        owner = current_owner()
+        ev.now = now = self.clock()
+        entered = local.enter(ev.sid, owner, ev._pending, False, now, now + self.idle_ttl)
+        if type(entered) is Queued:
+            await local.await_turn(entered)
+            ev.now = now = self.clock()
+            entered = local.enter_after_wait(
+                entered, owner, ev._pending, now=now, touch_until=now + self.idle_ttl
+            )
+        self._entered_locally(ev, entered)
+
+    def _held_sessions(self) -> int:
+        """How many sessions events hold or wait for (for diagnostics and tests)."""
+        return len(self._locks) + (self._local.entered_count() if self._local else 0)
+
+    def _entered_locally(self, ev: Event, entered: object) -> None:
+        """Open an event on what the memory store's ``enter_after_wait`` answered, or
+        raise (after running the callbacks of what ended) if it could not be entered."""
+        if type(entered) is not _Record:
+            assert entered is None or isinstance(entered, Gone)
+            if entered is None:
+                self._check_sid(ev.sid)  # a malformed id: say what is wrong with it
+            try:
+                self._loaded_or_raise(ev.sid, ev.now, entered, ev._pending)
+            finally:
+                self._run_ended(ev._pending)
+        assert isinstance(entered, _Record)
+        ev._loaded = entered
         ev._active = True
 
     def _entered(self, ev: Event, drive: Callable[[Steps], Any], steps: Steps) -> None:
@@ -689,38 +738,62 @@ class StateEngine:
             self._seen_versions[ev.sid] = ev._loaded.version
         return None
 
-    def _end(self, ev: Event, *, failed: bool) -> None:
-        if self.store.shared or failed:
+    def _end(self, ev: Event, failed: bool) -> None:
+        local = self._local
+        if local is None:
             self._finish(ev, self._drive, self._end_steps(ev, failed))
             return
-        # A store of this process, and (usually) no listener to run: commit directly.
+        # The memory store: commit and release the session in one call, unless a
+        # listener is due (listener events then run first, under the session's lock).
         ev._active = False
-        loop_error: ChangeLoopError | None = None
         try:
-            collected = ev._collect()
-            writes, tokens, changed = collected
-            if any(state._listeners for state in changed):
-                ev._collected = collected
-                loop_error = self._drive(self._end_steps(ev, failed))
+            if failed or not ev._work:
+                local.release_entered(ev._loaded)  # type: ignore[arg-type]
+                if not failed:
+                    ev._changed = []
             else:
-                if writes:
-                    self._ns.commit(**self._commit_args(ev, writes, None, False))
-                if tokens:
-                    ev._browser_tokens.update(tokens)
-                    ev._browser_out.update(tokens)
-                ev.result = EventResult(
-                    sid=ev.sid,
-                    changed=frozenset(state.name for state in changed),
-                    outputs=dict(ev._outputs),
-                    browser=dict(ev._browser_out),
-                    browser_problems=dict(ev._browser_problems),
-                )
+                self._commit_locally(ev, local)
         finally:
-            self._released(ev)
-        if loop_error is not None:
-            raise loop_error
+            if ev._pending:
+                self._run_ended(ev._pending)
+            if ev.now - self._last_empty_reap >= LOCAL_REAP_QUIET:
+                self._reap_some(ev.now)
+
+    def _commit_locally(self, ev: Event, local: _MemoryNamespace) -> None:
+        rec: Any = ev._loaded
+        listening = False
+        try:
+            writes, tokens, changed = collected = ev._collect()
+            for state in changed:
+                if state._listeners:
+                    listening = True
+                    loop_error = self._drive(self._end_steps(ev, False, collected))
+                    break
+        except BaseException:
+            local.release_entered(rec)
+            raise
+        if listening:
+            local.release_entered(rec)
+            if loop_error is not None:
+                raise loop_error
+            return
+        try:
+            local.leave(
+                rec, writes, self._ttl_states and self._ttl_deadlines(ev.now, writes), ev.now
+            )
+        except SessionNotFound:
+            self._check_usable()  # a shutdown emptied the store: say so
+            raise
+        if tokens:
+            browser = ev._browser_io()
+            browser.tokens.update(tokens)
+            browser.out.update(tokens)
+        ev._changed = changed  # the result is made when asked for
 
     async def _aend(self, ev: Event, *, failed: bool) -> None:
+        if self._local is not None:  # direct calls: nothing to wait for
+            self._end(ev, failed=failed)
+            return
         ev._active = False
         loop_error: ChangeLoopError | None = None
         try:
@@ -741,7 +814,9 @@ class StateEngine:
         try:
             loop_error = drive(steps)
         finally:
-            self._released(ev)
+            self._locks.release(ev.sid)
+            self._run_ended(ev._pending)
+            self._reap_some(ev.now)
         if loop_error is not None:
             raise loop_error
 
@@ -767,19 +842,15 @@ class StateEngine:
 
         return release
 
-    def _released(self, ev: Event) -> None:
-        self._locks.release(ev.sid)
-        self._run_ended(ev._pending)
-        self._reap_some(ev.now)
-
-    def _end_steps(self, ev: Event, failed: bool) -> Steps:
-        """Commit (unless the block failed), run listener rounds, release the lease."""
+    def _end_steps(self, ev: Event, failed: bool, collected: Collected | None = None) -> Steps:
+        """Commit (unless the block failed), run listener rounds, release the lease.
+        ``collected``: what ``ev._collect()`` found, if the caller already asked."""
         try:
             if failed:
                 return None
-            return (yield from self._commit_with_listeners(ev))
+            return (yield from self._commit_with_listeners(ev, collected))
         finally:
-            if ev._lease is not None and not ev._lease_released:
+            if ev._lease is not None:
                 try:
                     yield "release", {"sid": ev.sid, "lease": ev._lease}
                 except BaseException as exc:
@@ -791,21 +862,25 @@ class StateEngine:
                     logger.warning("could not release the lease of an event: %s", exc)
 
     def _commit_steps(
-        self, ev: Event, lease: str | None, release: Callable[[list[Changeable]], bool]
+        self,
+        ev: Event,
+        lease: str | None,
+        release: Callable[[list[Changeable]], bool],
+        collected: Collected | None = None,
     ) -> Generator[Call, Any, list[Changeable]]:
         """Write an event's changes in one store commit; return the states that changed.
 
         Browser tokens are handed out only once the commit succeeded."""
-        collected, ev._collected = ev._collected, None
         writes, tokens, changed = collected if collected is not None else ev._collect()
         if writes:
             releasing = lease is not None and release(changed)
             yield "commit", self._commit_args(ev, writes, lease, releasing)
             if releasing:
-                ev._lease_released = True
+                ev._lease = None  # released with the commit
         if tokens:
-            ev._browser_tokens.update(tokens)
-            ev._browser_out.update(tokens)
+            browser = ev._browser_io()
+            browser.tokens.update(tokens)
+            browser.out.update(tokens)
         return changed
 
     def _commit_args(
@@ -817,23 +892,25 @@ class StateEngine:
             "sid": ev.sid,
             "version": ev._loaded.version,
             "writes": writes,
-            "ttl_deadlines": {
-                name: ev.now + ttl
-                for name in writes
-                if (ttl := self._session_states[name].ttl) is not None
-            },
+            "ttl_deadlines": self._ttl_deadlines(ev.now, writes),
             "now": ev.now,
             "lease": lease,
             "release": release,
         }
 
-    def _commit_with_listeners(self, ev: Event) -> Steps:
+    def _ttl_deadlines(self, now: float, writes: Mapping[str, Any]) -> dict[str, float]:
+        """When the written values of states with a ttl of their own expire."""
+        ttls = self._ttl_states
+        return {name: now + ttls[name] for name in writes if name in ttls} if ttls else {}
+
+    def _commit_with_listeners(self, ev: Event, collected: Collected | None) -> Steps:
         """Commit the event, then run rounds of listeners, each in its own event."""
         changed = yield from self._commit_steps(
-            ev, ev._lease, lambda states: not any(s._listeners for s in states)
+            ev, ev._lease, lambda states: not any(s._listeners for s in states), collected
         )
         all_changed = {state.name for state in changed}
-        outputs = dict(ev._outputs)
+        outputs = dict(ev._outputs) if ev._outputs else {}
+        browser = ev._browser_io()
         errors: list[ListenerFailure] = []
         loop_error: ChangeLoopError | None = None
         pending = [state for state in changed if state._listeners]
@@ -846,7 +923,7 @@ class StateEngine:
             next_round: dict[Changeable, None] = {}
             for state in pending:
                 for listener in state._listeners:
-                    sub = Event(self, ev.sid, ev._browser_tokens, ev._bind)
+                    sub = Event(self, ev.sid, _BrowserIO(browser.tokens, browser.bind))
                     sub._started = True
                     sub.now = ev.now
                     outcome = yield (
@@ -879,22 +956,24 @@ class StateEngine:
                             )
                         )
                         continue
-                    outputs.update(sub._outputs)
-                    ev._browser_out.update(sub._browser_out)
-                    for name, problem in sub._browser_problems.items():
-                        ev._browser_problems.setdefault(name, problem)
+                    if sub._outputs:
+                        outputs.update(sub._outputs)
+                    sub_browser = sub._browser_io()
+                    browser.out.update(sub_browser.out)
+                    for name, problem in sub_browser.problems.items():
+                        browser.problems.setdefault(name, problem)
                     for changed_state in sub_changed:
                         all_changed.add(changed_state.name)
                         if changed_state._listeners:
                             next_round[changed_state] = None
             pending = list(next_round)
-        ev.result = EventResult(
+        ev._result = EventResult(
             sid=ev.sid,
             changed=frozenset(all_changed),
             outputs=outputs,
             errors=tuple(errors),
-            browser=dict(ev._browser_out),
-            browser_problems=dict(ev._browser_problems),
+            browser=dict(browser.out),
+            browser_problems=dict(browser.problems),
         )
         return loop_error
 
@@ -983,11 +1062,11 @@ class StateEngine:
                 old, version = found
                 new = fn(self._values.open(old))
                 verdict, stored = self._values.judge(name, old, new)
-                if stored is None:
+                if verdict is SAME:
                     return new  # nothing to write
             if self._ns.global_cas(name, version=version, value=stored) is not None:
                 break
-        if verdict is Change.CHANGED:
+        if verdict is CHANGED:
             self._fire_global(state, self._values.open(stored))
         return new
 

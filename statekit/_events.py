@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 
 from ._browser import TokenProblem
-from ._changes import Change, _walk
+from ._changes import CHANGED, SAME, _walk
 from ._codec import JSONCodec
 from ._registry import SessionRegistry
 from ._states import MISSING, BrowserState, GlobalState, SessionState, State
@@ -26,7 +26,7 @@ _JSON = JSONCodec()
 
 if TYPE_CHECKING:
     from ._engine import StateEngine
-    from .stores.base import Ended, Loaded
+    from .stores.base import Ended, SessionData
 
 __all__ = ["Event", "EventResult", "ListenerFailure"]
 
@@ -72,18 +72,18 @@ class EventResult:
     browser_problems: Mapping[str, TokenProblem] = attrs.field(factory=dict)
 
 
-class _Slot:
-    """One session or browser state touched by an event: its stored form at the start
-    (the snapshot the change detector compares against; for a browser state, its JSON
-    encoding) and its working value now. ``fresh``: write even if unchanged (a first
-    read; for a browser state, a token made with a retired key)."""
+class _BrowserIO:
+    """An event's browser tokens: those the page sent (``tokens``, shared with the
+    event's listener events, so that they see the tokens their event made), the host's
+    binding, the tokens made (``out``) and the refused ones (``problems``)."""
 
-    __slots__ = ("before", "fresh", "work")
+    __slots__ = ("bind", "out", "problems", "tokens")
 
-    def __init__(self, before: Any, work: Any, fresh: bool) -> None:
-        self.before = before
-        self.work = work
-        self.fresh = fresh
+    def __init__(self, tokens: dict[str, str | None], bind: str) -> None:
+        self.tokens = tokens
+        self.bind = bind
+        self.out: dict[str, str] = {}
+        self.problems: dict[str, TokenProblem] = {}
 
 
 class Event:
@@ -101,55 +101,50 @@ class Event:
     and do not keep them for later (write them back through another event).
     """
 
+    # Only what every event uses is set up front; the rest is made when first needed.
     __slots__ = (
         "_active",
-        "_bind",
-        "_browser_out",
-        "_browser_problems",
-        "_browser_tokens",
-        "_collected",
+        "_before",
+        "_browser",
+        "_changed",
         "_engine",
+        "_fresh",
         "_globals",
         "_lease",
-        "_lease_released",
         "_loaded",
         "_outputs",
         "_pending",
-        "_slots",
+        "_result",
         "_started",
+        "_work",
         "now",
-        "result",
         "sid",
     )
 
-    def __init__(
-        self,
-        engine: StateEngine,
-        sid: str,
-        browser: dict[str, str | None] | None = None,
-        bind: str = "",
-    ) -> None:
+    def __init__(self, engine: StateEngine, sid: str, browser: _BrowserIO | None = None) -> None:
         self._engine = engine
         self.sid = sid
-        # Tokens by storage key; listener events share the dict, so they see the tokens
-        # their event made.
-        self._browser_tokens: dict[str, str | None] = {} if browser is None else browser
-        self._browser_out: dict[str, str] = {}
-        # What _collect() found, when the engine already asked before a commit step.
-        self._collected: Any = None
-        self._browser_problems: dict[str, TokenProblem] = {}
-        self._bind = bind
+        self._browser = browser
         self._active = False
         self._started = False
-        self._loaded: Loaded | None = None
-        self._slots: dict[SessionState[Any] | BrowserState[Any], _Slot] = {}
-        self._globals: dict[GlobalState[Any], Any] = {}
-        self._outputs: dict[str, Any] = {}
+        self._loaded: SessionData | None = None
+        # The session and browser states touched: their working values, and their
+        # stored forms at the start (the snapshots the change detector compares
+        # against; for a browser state, its JSON encoding). ``_fresh``: those to write
+        # even if unchanged (a first read, which made the value; for a browser state, a
+        # token of a retired key).
+        self._work: dict[SessionState[Any] | BrowserState[Any], Any] = {}
+        self._before: dict[SessionState[Any] | BrowserState[Any], Any] = {}
+        self._fresh: set[SessionState[Any] | BrowserState[Any]] | None = None
+        self._globals: dict[GlobalState[Any], Any] | None = None
+        self._outputs: dict[str, Any] | None = None
         self._pending: list[Ended] = []
         self._lease: str | None = None
-        self._lease_released = False
+        # Set when the event ends well: the states it changed, then (when asked for)
+        # its result.
+        self._changed: list[SessionState[Any] | BrowserState[Any]] | None = None
+        self._result: EventResult | None = None
         self.now = 0.0
-        self.result: EventResult | None = None
 
     def __repr__(self) -> str:
         state = "open" if self._active else "done" if self._started else "new"
@@ -167,7 +162,7 @@ class Event:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._engine._end(self, failed=exc_type is not None)
+        self._engine._end(self, exc_type is not None)
 
     async def __aenter__(self) -> Event:
         await self._engine._abegin(self)
@@ -184,6 +179,20 @@ class Event:
     # -- reading and writing -----------------------------------------------------
 
     @property
+    def result(self) -> EventResult | None:
+        """What the event did, once its block ended without an exception; else None."""
+        if self._result is None and self._changed is not None:
+            browser = self._browser
+            self._result = EventResult(
+                sid=self.sid,
+                changed=frozenset(state.name for state in self._changed),
+                outputs=dict(self._outputs) if self._outputs else {},
+                browser=dict(browser.out) if browser else {},
+                browser_problems=dict(browser.problems) if browser else {},
+            )
+        return self._result
+
+    @property
     def closed(self) -> bool:
         """Whether the session was closed (it accepts events until its grace ends)."""
         return self._loaded is not None and self._loaded.closed
@@ -191,7 +200,12 @@ class Event:
     @property
     def outputs(self) -> Mapping[str, Any]:
         """The outputs emitted so far, by name."""
-        return self._outputs
+        return self._outputs if self._outputs is not None else {}
+
+    def _browser_io(self) -> _BrowserIO:
+        if self._browser is None:
+            self._browser = _BrowserIO({}, "")
+        return self._browser
 
     def _check(self, state: object) -> None:
         if not self._active:
@@ -209,6 +223,12 @@ class Event:
             raise WrongEngine(state.name, state._engine.app, self._engine.app)
 
     def __getitem__(self, state: State[T] | SessionRegistry[T]) -> T:
+        # The common case first: a session state of this engine, in an open event.
+        if self._active and state.__class__ is SessionState and state._engine is self._engine:
+            value: T = self._work.get(state, MISSING)
+            if value is MISSING:
+                value = self._materialize(state)
+            return value
         self._check(state)
         if isinstance(state, SessionRegistry):
             try:
@@ -218,12 +238,13 @@ class Event:
                     raise SessionNotInitialized(state.name, self.sid, closed=True) from exc
                 raise
         if isinstance(state, (SessionState, BrowserState)):
-            slot = self._slots.get(state)
-            if slot is None:
-                slot = self._slots[state] = self._materialize(state)
-            value: T = slot.work
+            value = self._work.get(state, MISSING)
+            if value is MISSING:
+                value = self._materialize(state)
             return value
         assert isinstance(state, GlobalState)
+        if self._globals is None:
+            self._globals = {}
         if state not in self._globals:
             self._globals[state] = state.get()
         snapshot: T = self._globals[state]
@@ -238,23 +259,26 @@ class Event:
         return self[state]
 
     def __setitem__(self, state: SessionState[T] | BrowserState[T], value: T) -> None:
-        self._check(state)
-        if isinstance(state, SessionRegistry):
-            raise UsageError(
-                f"registry {state.name!r} cannot be assigned in an event: its objects are "
-                "made by registry.open(sid) and removed by registry.close(sid)"
-            )
-        if not isinstance(state, (SessionState, BrowserState)):
-            raise UsageError(
-                f"global state {state.name!r} cannot be assigned in an event: global writes "
-                "are immediate and atomic, so call its set(), update() or increment()"
-            )
-        slot = self._slots.get(state)
-        if slot is None:
+        if not (
+            self._active and state.__class__ is SessionState and state._engine is self._engine
+        ):
+            self._check(state)
+            if isinstance(state, SessionRegistry):
+                raise UsageError(
+                    f"registry {state.name!r} cannot be assigned in an event: its objects "
+                    "are made by registry.open(sid) and removed by registry.close(sid)"
+                )
+            if not isinstance(state, (SessionState, BrowserState)):
+                raise UsageError(
+                    f"global state {state.name!r} cannot be assigned in an event: global "
+                    "writes are immediate and atomic, so call its set(), update() or "
+                    "increment()"
+                )
+        if state not in self._before:
             # Assigning needs no copy of the old value, and must work even when the old
             # value no longer decodes.
-            slot = self._slots[state] = self._materialize(state, read=False)
-        slot.work = value
+            self._materialize(state, read=False)
+        self._work[state] = value
 
     def update(
         self,
@@ -272,59 +296,88 @@ class Event:
             raise UsageError("emit() needs an open event")
         if not isinstance(name, str):
             raise UsageError(f"output names are strings, got {type(name).__name__}")
+        if self._outputs is None:
+            self._outputs = {}
         self._outputs[name] = value
 
     def _materialize(
         self, state: SessionState[Any] | BrowserState[Any], *, read: bool = True
-    ) -> _Slot:
+    ) -> Any:
+        """Take a state into the working set; return its working value."""
         if isinstance(state, BrowserState):
-            decoded = state.decode(self._browser_tokens.get(state.storage_key), bind=self._bind)
+            browser = self._browser_io()
+            decoded = state.decode(browser.tokens.get(state.storage_key), bind=browser.bind)
             if decoded.problem is not None:
-                self._browser_problems[state.name] = decoded.problem
-            value = decoded.value
-            return _Slot(state.canonical(value), value, fresh=decoded.reencode)
-        assert self._loaded is not None
-        values = self._engine._values
-        stored = self._loaded.values.get(state.name, MISSING)
-        if stored is not MISSING:
-            return _Slot(stored, values.open(stored) if read else MISSING, fresh=False)
-        work = state.new_value()
-        return _Slot(values.store(state.name, work), work, fresh=True)
+                browser.problems[state.name] = decoded.problem
+            work = decoded.value
+            self._before[state] = state.canonical(work)
+            if decoded.reencode:
+                self._mark_fresh(state)
+        else:
+            assert self._loaded is not None
+            stored = self._loaded.values.get(state.name, MISSING)
+            if stored is not MISSING:
+                self._before[state] = stored
+                if not read:
+                    return MISSING
+                work = self._engine._values.open(stored)
+            else:
+                work = state.new_value()
+                self._before[state] = self._engine._values.store(state.name, work)
+                self._mark_fresh(state)
+        self._work[state] = work
+        return work
+
+    def _mark_fresh(self, state: SessionState[Any] | BrowserState[Any]) -> None:
+        if self._fresh is None:
+            self._fresh = set()
+        self._fresh.add(state)
 
     # -- commit support ---------------------------------------------------------
 
     def _collect(
         self,
-    ) -> tuple[dict[str, Any], dict[str, str], list[SessionState[Any] | BrowserState[Any]]]:
-        """What to write, which browser tokens to send, and which states changed, per
-        the change detector.
+    ) -> tuple[dict[str, Any], dict[str, str] | None, list[SessionState[Any] | BrowserState[Any]]]:
+        """What to write, which browser tokens to send (None: none), and which states
+        changed, per the change detector.
 
         A value read for the first time is written even when unchanged, so that a
         factory's result stays the session's value; a browser value read from a token of
         a retired key gets a new token.
         """
         writes: dict[str, Any] = {}
-        tokens: dict[str, str] = {}
+        tokens: dict[str, str] | None = None
         changed: list[SessionState[Any] | BrowserState[Any]] = []
         values = self._engine._values
-        for state, slot in self._slots.items():
-            if isinstance(state, BrowserState):
-                encoded = state.canonical(slot.work)
-                verdict = (
-                    Change.SAME
-                    if encoded == slot.before
-                    else _walk(_JSON.decode(slot.before), slot.work)
-                )
-                if verdict is Change.CHANGED:
-                    changed.append(state)
-                if verdict is not Change.SAME or slot.fresh:
-                    tokens[state.storage_key] = state.encode(slot.work, bind=self._bind)
+        exact_atoms = values.exact_atoms
+        before = self._before
+        fresh = self._fresh
+        for state, work in self._work.items():
+            old = before[state]
+            if state.__class__ is SessionState or not isinstance(state, BrowserState):
+                # A value still identical to its stored form (an atom read and not
+                # reassigned) is the same; an exact atom (an int, say) is judged here.
+                if work is not old:
+                    cls = type(work)
+                    if cls in exact_atoms:
+                        verdict = SAME if type(old) is cls and old == work else CHANGED
+                        stored = work
+                    else:
+                        verdict, stored = values.judge(state.name, old, work)
+                    if verdict is not SAME:
+                        writes[state.name] = stored
+                        if verdict is CHANGED:
+                            changed.append(state)
+                        continue
+                if fresh is not None and state in fresh:
+                    writes[state.name] = old
                 continue
-            verdict, stored = values.judge(state.name, slot.before, slot.work)
-            if verdict is Change.CHANGED:
+            encoded = state.canonical(work)
+            verdict = SAME if encoded == old else _walk(_JSON.decode(old), work)
+            if verdict is CHANGED:
                 changed.append(state)
-            if stored is not None:
-                writes[state.name] = stored
-            elif slot.fresh:
-                writes[state.name] = slot.before
+            if verdict is not SAME or (fresh is not None and state in fresh):
+                if tokens is None:
+                    tokens = {}
+                tokens[state.storage_key] = state.encode(work, bind=self._browser_io().bind)
         return writes, tokens, changed

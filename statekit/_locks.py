@@ -1,12 +1,17 @@
 """Per-session locks that serialize the events of one session.
 
-One :class:`SessionLocks` table per engine. A lock exists only while some event holds
-or waits for it, so a million idle sessions cost nothing here. Waiters are served in
-arrival order and may be threads (blocking) or asyncio tasks (awaiting, without
-blocking their event loop).
+A :class:`Latch` is the lock of one session: free, held by an owner (a thread or an
+asyncio task), or being handed to the longest waiter. Its holder guards it with a mutex
+of its own, so that taking the latch can share a critical section with other work: the
+memory store keeps a latch in each session's record and takes it in the same critical
+section as it loads the session; :class:`SessionLocks` keeps a table of latches for the
+engines of shared stores, where a latch exists only while some event holds or waits for
+it (a million idle sessions cost nothing).
 
-Re-entering the lock from the thread or task that holds it would wait forever, so it
-raises :class:`~statekit.exceptions.UsageError` instead.
+Waiters are served in arrival order and may be threads (blocking) or asyncio tasks
+(awaiting, without blocking their event loop). Re-entering a latch from the thread or
+task that holds it would wait forever, so it raises
+:class:`~statekit.exceptions.UsageError` instead.
 """
 
 from __future__ import annotations
@@ -14,23 +19,42 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .exceptions import UsageError, redact
 
-__all__ = ["SessionLocks"]
+__all__ = ["AsyncWaiter", "Latch", "SessionLocks", "await_turn", "current_owner"]
+
+_get_running_loop = asyncio._get_running_loop
+_current_task = asyncio.current_task
+_get_ident = threading.get_ident
 
 
 def current_owner() -> object:
     """The running asyncio task, or else the current thread's id."""
-    if asyncio._get_running_loop() is not None:
-        task = asyncio.current_task()
+    loop = _get_running_loop()
+    if loop is not None:
+        task = _current_task(loop)
         if task is not None:
             return task
-    return threading.get_ident()
+    return _get_ident()
 
 
-class _AsyncWaiter:
+class _Handing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "HANDING"
+
+
+#: A latch's owner while it passes to a waiter that has not woken up yet.
+HANDING: Any = _Handing()
+
+
+class AsyncWaiter:
+    """An asyncio task waiting for a latch."""
+
     __slots__ = ("future", "granted", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -44,115 +68,159 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class _Lock:
-    __slots__ = ("held", "owner", "refs", "waiters")
+class Latch:
+    """The lock of one session. Every method is called under its holder's mutex.
+
+    ``owner`` is None when free; taking a free latch is ``latch.owner = owner``.
+    """
+
+    __slots__ = ("owner", "waiters")
 
     def __init__(self) -> None:
-        self.held = False
         self.owner: object = None
-        self.refs = 0
-        self.waiters: deque[Any] = deque()
+        self.waiters: deque[threading.Lock | AsyncWaiter] | None = None
+
+    def queue(self, sid: str, owner: object, *, blocking: bool) -> threading.Lock | AsyncWaiter:
+        """Join the waiters of a held latch. A thread then blocks on the returned lock
+        (``acquire()``), a task awaits :func:`await_turn`; either way it holds the
+        latch when it wakes and sets ``owner``.
+
+        Raises:
+            UsageError: the owner already holds the latch (nested events), or a
+                blocking wait inside async code for a latch an asyncio task holds.
+        """
+        if self.owner == owner:
+            raise UsageError(
+                f"an event of session {redact(sid)} is already open in this thread or "
+                "task; events of one session cannot nest: read and write through the "
+                "outer event (listeners receive it as their first argument)"
+            )
+        waiter: threading.Lock | AsyncWaiter
+        if not blocking:
+            waiter = AsyncWaiter(asyncio.get_running_loop())
+        elif isinstance(self.owner, asyncio.Task) and not isinstance(owner, int):
+            raise UsageError(
+                f"session {redact(sid)} is held by an asyncio task; waiting for it with "
+                "a blocking 'with engine.event()' inside async code would stop the "
+                "event loop: use 'async with engine.aevent()'"
+            )
+        else:
+            waiter = threading.Lock()
+            waiter.acquire()
+        if self.waiters is None:
+            self.waiters = deque()
+        self.waiters.append(waiter)
+        return waiter
+
+    def hand_over(self) -> bool:
+        """Release the latch to the longest waiter; False if nobody waits (it is free)."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if isinstance(waiter, AsyncWaiter):
+                waiter.granted = True
+                try:
+                    waiter.loop.call_soon_threadsafe(_wake, waiter.future)
+                except RuntimeError:  # its loop is closed: that waiter is gone
+                    waiter.granted = False
+                    continue
+            else:
+                waiter.release()
+            self.owner = HANDING
+            return True
+        self.owner = None
+        return False
+
+    @property
+    def idle(self) -> bool:
+        """Free, and nobody waits."""
+        return self.owner is None and not self.waiters
+
+
+async def await_turn(
+    waiter: AsyncWaiter,
+    latch: Latch,
+    mutex: threading.Lock,
+    *,
+    release: Callable[[], None],
+    forget: Callable[[], None] | None = None,
+) -> None:
+    """Wait for ``latch`` as ``waiter`` without blocking the event loop.
+
+    If the wait is cancelled, the waiter leaves the queue; if the latch was granted
+    meanwhile, ``release()`` passes it on. ``forget()`` (under ``mutex``) lets a table
+    drop a latch that nobody holds or waits for any more.
+    """
+    try:
+        await waiter.future
+    except BaseException:
+        with mutex:
+            granted = waiter.granted
+            if not granted:
+                assert latch.waiters is not None
+                latch.waiters.remove(waiter)
+                if forget is not None:
+                    forget()
+        if granted:
+            release()
+        raise
 
 
 class SessionLocks:
-    """A table of per-session locks. Thread-safe; one mutex guards the table."""
+    """A table of session latches, for the engines of shared stores. Thread-safe; one
+    mutex guards the table."""
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
-        self._locks: dict[str, _Lock] = {}
+        self._latches: dict[str, Latch] = {}
 
     def __len__(self) -> int:
-        return len(self._locks)
-
-    def _enter(self, sid: str, owner: object) -> tuple[_Lock, bool]:
-        """Under the mutex: take the lock if free. Returns (lock, acquired)."""
-        lock = self._locks.get(sid)
-        if lock is None:
-            lock = self._locks[sid] = _Lock()
-        if not lock.held:
-            lock.held = True
-            lock.owner = owner
-            lock.refs += 1
-            return lock, True
-        if lock.owner is owner or lock.owner == owner:
-            raise UsageError(
-                f"an event of session {redact(sid)} is already open in this thread or task; "
-                "events of one session cannot nest: read and write through the outer "
-                "event (listeners receive it as their first argument)"
-            )
-        lock.refs += 1
-        return lock, False
+        return len(self._latches)
 
     def acquire(self, sid: str) -> None:
         """Block until this thread holds the lock of ``sid``."""
         owner = current_owner()
         with self._mutex:
-            lock, acquired = self._enter(sid, owner)
-            if acquired:
+            latch = self._latches.get(sid)
+            if latch is None:
+                latch = self._latches[sid] = Latch()
+            if latch.owner is None:
+                latch.owner = owner
                 return
-            if isinstance(lock.owner, asyncio.Task) and not isinstance(owner, int):
-                lock.refs -= 1
-                raise UsageError(
-                    f"session {redact(sid)} is held by an asyncio task; waiting for it with "
-                    "a blocking 'with engine.event()' inside async code would stop the "
-                    "event loop: use 'async with engine.aevent()'"
-                )
-            waiter = threading.Lock()
-            waiter.acquire()
-            lock.waiters.append(waiter)
-        waiter.acquire()  # released by the holder when it hands the lock over
-        lock.owner = owner
+            waiter = latch.queue(sid, owner, blocking=True)
+        assert not isinstance(waiter, AsyncWaiter)
+        waiter.acquire()  # released by the holder when it hands the latch over
+        latch.owner = owner
 
     async def aacquire(self, sid: str) -> None:
         """Wait, without blocking the event loop, until this task holds the lock."""
         owner = current_owner()
         with self._mutex:
-            lock, acquired = self._enter(sid, owner)
-            if acquired:
+            latch = self._latches.get(sid)
+            if latch is None:
+                latch = self._latches[sid] = Latch()
+            if latch.owner is None:
+                latch.owner = owner
                 return
-            waiter = _AsyncWaiter(asyncio.get_running_loop())
-            lock.waiters.append(waiter)
-        try:
-            await waiter.future
-        except BaseException:
-            with self._mutex:
-                granted = waiter.granted
-                if not granted:
-                    lock.waiters.remove(waiter)
-                    lock.refs -= 1
-                    self._drop_ref(sid, lock)
-            if granted:
-                self.release(sid)
-            raise
-        lock.owner = owner
+            waiter = latch.queue(sid, owner, blocking=False)
+        assert isinstance(waiter, AsyncWaiter)
+
+        def forget() -> None:
+            if latch.idle and self._latches.get(sid) is latch:
+                del self._latches[sid]
+
+        await await_turn(
+            waiter, latch, self._mutex, release=lambda: self.release(sid), forget=forget
+        )
+        latch.owner = owner
 
     def release(self, sid: str) -> None:
         """Release the lock of ``sid``, handing it to the longest waiter if any."""
         with self._mutex:
-            lock = self._locks[sid]
-            lock.owner = None
-            lock.refs -= 1
-            while lock.waiters:
-                waiter = lock.waiters.popleft()
-                if isinstance(waiter, _AsyncWaiter):
-                    waiter.granted = True
-                    try:
-                        waiter.loop.call_soon_threadsafe(_wake, waiter.future)
-                    except RuntimeError:  # its loop is closed: that waiter is gone
-                        waiter.granted = False
-                        lock.refs -= 1
-                        continue
-                else:
-                    waiter.release()
-                return
-            lock.held = False
-            self._drop_ref(sid, lock)
-
-    def _drop_ref(self, sid: str, lock: _Lock) -> None:
-        if lock.refs <= 0 and not lock.held:
-            del self._locks[sid]
+            if not self._latches[sid].hand_over():
+                del self._latches[sid]
 
     def held(self, sid: str) -> bool:
         """Whether some event holds the lock of ``sid`` (for diagnostics and tests)."""
-        lock = self._locks.get(sid)
-        return lock is not None and lock.held
+        latch = self._latches.get(sid)
+        return latch is not None and latch.owner is not None

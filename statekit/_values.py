@@ -16,15 +16,23 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ._changes import Change, _walk, judge
+from ._changes import CHANGED, SAME, Change, _walk, judge
 from ._codec import Codec, CodecError
 from ._copying import open_value, stored_form
 from .exceptions import StateNotCopyable, ValueNotStorable
+
+# Atoms stored as they are, for which equality within one type is exact identity of
+# value (unlike float: 0.0 == -0.0, nan != nan).
+EXACT_ATOMS: frozenset[type] = frozenset({type(None), bool, int, str, bytes})
 
 __all__ = ["EncodedValues", "ObjectValues", "ValuePolicy", "policy_for"]
 
 
 class ValuePolicy(Protocol):
+    #: Types whose values the policy stores as they are and judges by ``type`` and
+    #: ``==`` alone, so that an event may judge them without calling :meth:`judge`.
+    exact_atoms: frozenset[type]
+
     def open(self, stored: Any) -> Any:
         """A private copy of the value kept as ``stored``."""
         ...
@@ -42,8 +50,8 @@ class ValuePolicy(Protocol):
 class ObjectValues:
     """Values kept as Python objects: atoms, sealed images or private copies."""
 
-    def open(self, stored: Any) -> Any:
-        return open_value(stored)
+    exact_atoms = EXACT_ATOMS
+    open = staticmethod(open_value)
 
     def store(self, name: str, value: Any) -> Any:
         try:
@@ -52,11 +60,16 @@ class ObjectValues:
             raise StateNotCopyable(name, type(value).__qualname__, exc) from exc
 
     def judge(self, name: str, stored: Any, value: Any) -> tuple[Change, Any]:
+        cls = type(value)
+        if cls in EXACT_ATOMS:  # the common case, decided here: equal means same
+            if type(stored) is cls and stored == value:
+                return SAME, None
+            return CHANGED, value
         try:
             verdict, image = judge(stored, value)
         except Exception:  # the stored value no longer opens (a class moved): replace it
-            verdict, image = Change.CHANGED, None
-        if verdict is Change.SAME:
+            verdict, image = CHANGED, None
+        if verdict is SAME:
             return verdict, None
         try:
             return verdict, stored_form(value, image)
@@ -66,6 +79,8 @@ class ObjectValues:
 
 class EncodedValues:
     """Values kept as bytes by a codec."""
+
+    exact_atoms: frozenset[type] = frozenset()
 
     def __init__(self, codec: Codec, store_name: str) -> None:
         self.codec = codec
@@ -83,13 +98,13 @@ class EncodedValues:
     def judge(self, name: str, stored: Any, value: Any) -> tuple[Change, Any]:
         data = self.store(name, value)
         if data == stored:
-            return Change.SAME, None
+            return SAME, None
         try:
             before = self.codec.decode(stored)
         except CodecError:  # the stored value no longer decodes (a class moved): replace it
-            return Change.CHANGED, data
+            return CHANGED, data
         verdict = _walk(before, value)
-        return verdict, (None if verdict is Change.SAME else data)
+        return verdict, (None if verdict is SAME else data)
 
 
 def policy_for(codec: Codec | None, store_name: str) -> ValuePolicy:

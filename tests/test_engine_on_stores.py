@@ -71,6 +71,26 @@ class TestSemantics:
         assert cart.get(alice) == [Line("milk", 3)]
         assert cart.get(bob) == []
 
+    def test_values_set_to_none_are_saved(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        engine = engine_on(make_store, clock)
+        note: SessionState[str | None] = engine.session_state("note", "draft")
+        banner: GlobalState[str | None] = engine.global_state("banner", "hello")
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[note] = "kept"
+        with engine.event(sid) as ev:
+            ev[note] = None
+        assert ev.result is not None
+        assert ev.result.changed == {"note"}
+        assert note.get(sid) is None
+        with engine.event(sid) as ev:
+            assert ev[note] is None
+        banner.set(None)
+        assert banner.get() is None
+        assert banner.update(lambda old: "back" if old is None else "lost") == "back"
+
     def test_exception_writes_nothing(self, make_store: StoreFactory, clock: FakeClock) -> None:
         engine = engine_on(make_store, clock)
         cart: SessionState[list[str]] = engine.session_state("cart", ["a"])

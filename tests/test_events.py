@@ -411,7 +411,7 @@ class TestAsync:
 
         asyncio.run(main())
         assert n.get(sid) == 3
-        assert len(engine._locks) == 0
+        assert engine._held_sessions() == 0
 
     def test_blocking_event_inside_async_code_does_not_hang(self, engine: StateEngine) -> None:
         sid = engine.open_session()

@@ -1019,7 +1019,7 @@ def test_100000_open_close_cycles_leave_memory_flat(clock: FakeClock) -> None:
     assert len(alive) == 0
     assert len(counters) == 0
     assert counters._flights == {}
-    assert len(engine._locks) == 0
+    assert engine._held_sessions() == 0
     # The memory store remembers ended ids (bounded: TOMBSTONES); the engine, events,
     # locks and registry must not grow at all.
     ours = [

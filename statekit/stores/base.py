@@ -102,6 +102,23 @@ class Gone:
     ended: Ended | None = None
 
 
+class SessionData(Protocol):
+    """What an event reads of the session it entered: a :class:`Loaded`, or the memory
+    store's own record of the session."""
+
+    @property
+    def sid(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def values(self) -> Mapping[str, Any]: ...
+
+
 @attrs.frozen(kw_only=True)
 class Loaded:
     """A session as loaded at the start of an event.

@@ -7,6 +7,12 @@ queues deadlines arrive in the order entries are touched. Each queue is an
 at the queue fronts. The open-session queue doubles as the least-recently-used order
 for capacity eviction.
 
+Each session's record also carries its lock (a :class:`~statekit._locks.Latch`): the
+engine's events take it in the same critical section as they load the session
+(:meth:`_MemoryNamespace.enter`) and give it back in the same one as they commit
+(:meth:`_MemoryNamespace.leave`), so an event costs two passes through the store's
+lock. Every engine of an application shares its records, hence its session locks.
+
 If deadlines were ever given out of order (a wall clock stepping back), an entry is
 reaped late, never early, and a load still refuses anything past its own deadline.
 """
@@ -21,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from statekit._codec import Codec
-from statekit._locks import SessionLocks
+from statekit._locks import AsyncWaiter, Latch, await_turn
 from statekit.exceptions import SessionExpired, SessionNotFound, StateError, StoreConflict
 
 from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice
@@ -35,16 +41,40 @@ __all__ = ["MemoryStore"]
 TOMBSTONES = 100_000
 
 
-class _Record:
-    __slots__ = ("closed", "deadline", "sid", "value_deadlines", "values", "version")
+class _Record(Latch):
+    """A session: its values, lifetime, and lock (``owner``/``waiters``, from
+    :class:`Latch`). ``removed`` once it left the store, for an event that holds it or
+    waits for it."""
+
+    __slots__ = ("closed", "deadline", "removed", "sid", "value_deadlines", "values", "version")
 
     def __init__(self, sid: str, deadline: float) -> None:
+        self.owner = None
+        self.waiters = None
         self.sid = sid
         self.version = 0
         self.closed = False
+        self.removed = False
         self.deadline = deadline
         self.values: dict[str, Any] = {}
         self.value_deadlines: dict[str, float] | None = None
+
+
+class Queued:
+    """An event waiting for a session another event holds: wait for the turn
+    (:meth:`wait` in a thread, :meth:`_MemoryNamespace.await_turn` in a task), then
+    :meth:`_MemoryNamespace.enter_after_wait`."""
+
+    __slots__ = ("record", "waiter")
+
+    def __init__(self, record: _Record, waiter: threading.Lock | AsyncWaiter) -> None:
+        self.record = record
+        self.waiter = waiter
+
+    def wait(self) -> None:
+        """Block this thread until the session's lock is handed to it."""
+        assert not isinstance(self.waiter, AsyncWaiter)
+        self.waiter.acquire()
 
 
 class MemoryStore:
@@ -85,8 +115,6 @@ class _AppState:
         self.gone: OrderedDict[str, tuple[DeleteReason, float]] = OrderedDict()
         self.globals: dict[str, tuple[Any, int]] = {}
         self.subscribers: dict[int, tuple[str, Callable[[Notice], None]]] = {}
-        # Events of one session serialize on these in every engine of the app.
-        self.locks = SessionLocks()
 
 
 _handles = itertools.count(1)
@@ -100,30 +128,30 @@ class _MemoryNamespace:
     def __init__(self, state: _AppState) -> None:
         self._state = state
         self.origin = f"memory-{next(_handles)}"
-        self.locks = state.locks
         self._lock = state.lock
         self._open = state.open
         self._closed = state.closed
         self._ttl = state.ttl
         self._gone = state.gone
         self._globals = state.globals
+        self._subscribers = state.subscribers
 
     # -- notices -----------------------------------------------------------------
 
     def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
         key = next(_handles)
         with self._lock:
-            self._state.subscribers[key] = (self.origin, callback)
+            self._subscribers[key] = (self.origin, callback)
 
         def unsubscribe() -> None:
             with self._lock:
-                self._state.subscribers.pop(key, None)
+                self._subscribers.pop(key, None)
 
         return unsubscribe
 
     def _publish(self, notices: Iterable[Notice]) -> None:
         """Deliver notices to other handles' subscribers; call without the lock."""
-        subscribers = list(self._state.subscribers.values())
+        subscribers = list(self._subscribers.values())
         if not subscribers:
             return
         for notice in notices:
@@ -166,7 +194,7 @@ class _MemoryNamespace:
                     reason, at = DeleteReason.EVICTED, now
                 evicted.append(self._remove(victim, reason, at))
             self._open[sid] = _Record(sid, deadline)
-        if evicted and self._state.subscribers:
+        if evicted and self._subscribers:
             self._publish(self._ended_notices(evicted))
         return tuple(evicted)
 
@@ -188,12 +216,149 @@ class _MemoryNamespace:
                     rec.deadline = touch_until
                     self._open.move_to_end(sid)
         if gone is not None:
-            if self._state.subscribers:
+            if self._subscribers:
                 self._publish(self._ended_notices((ended,)))
             return gone
         return Loaded(
             sid=sid, version=rec.version, closed=rec.closed, values=rec.values, expired=expired
         )
+
+    # -- events: the session's lock and its load or commit in one critical section ---
+
+    def enter(
+        self,
+        sid: str,
+        owner: object,
+        expired: list[Ended],
+        blocking: bool,
+        now: float,
+        touch_until: float,
+    ) -> _Record | Gone | Queued | None:
+        """Take the lock of session ``sid`` for ``owner`` and load it (touching it):
+        the session's record, whose values and version the caller reads while it holds
+        the lock; ``Gone`` or None (unknown) if it cannot be entered; or, when another
+        event holds the session, a place in its queue (a thread waiter when
+        ``blocking``, else a task waiter) to wait on before :meth:`enter_after_wait`.
+        Values found past their own ttl are removed and added to ``expired``.
+
+        Raises:
+            UsageError: ``owner`` already holds the session (nested events).
+        """
+        # acquire/release rather than 'with': half the cost, on every event
+        self._lock.acquire()
+        try:
+            rec = self._open.get(sid) or self._closed.get(sid)
+            if rec is None:
+                return self._gone_answer(sid)
+            if rec.owner is not None:
+                return Queued(rec, rec.queue(sid, owner, blocking=blocking))
+            rec.owner = owner
+            if rec.deadline > now and not rec.value_deadlines and not rec.closed:
+                rec.deadline = touch_until  # the common case, inline
+                self._open.move_to_end(sid)
+                return rec
+            entered = self._load_held(rec, expired, now, touch_until)
+        finally:
+            self._lock.release()
+        if type(entered) is Gone and self._subscribers:
+            self._publish(self._ended_notices((entered.ended,)))  # type: ignore[arg-type]
+        return entered
+
+    async def await_turn(self, queued: Queued) -> None:
+        """Wait, without blocking the event loop, until the session's lock is handed to
+        this task; a cancelled wait leaves the queue (or passes on a lock granted
+        meanwhile)."""
+        assert isinstance(queued.waiter, AsyncWaiter)
+        rec = queued.record
+        await await_turn(queued.waiter, rec, self._lock, release=lambda: self.release_entered(rec))
+
+    def enter_after_wait(
+        self,
+        queued: Queued,
+        owner: object,
+        expired: list[Ended],
+        *,
+        now: float,
+        touch_until: float,
+    ) -> _Record | Gone | None:
+        """Load a session whose lock the caller was handed after waiting."""
+        rec = queued.record
+        rec.owner = owner
+        with self._lock:
+            if rec.removed:
+                rec.hand_over()
+                return self._gone_answer(rec.sid)
+            entered = self._load_held(rec, expired, now, touch_until)
+        if type(entered) is Gone and self._subscribers:
+            self._publish(self._ended_notices((entered.ended,)))  # type: ignore[arg-type]
+        return entered
+
+    def _load_held(
+        self, rec: _Record, expired: list[Ended], now: float, touch_until: float
+    ) -> _Record | Gone:
+        """Under the lock, for the holder of the record's latch: load or end it."""
+        if rec.deadline <= now:
+            reason = DeleteReason.CLOSED if rec.closed else DeleteReason.IDLE
+            ended = self._remove(rec, reason, rec.deadline)
+            rec.hand_over()  # whoever waits finds it removed
+            return Gone(reason=reason, at=rec.deadline, ended=ended)
+        if rec.value_deadlines:
+            expired.extend(self._claim_values(rec, now))
+        if not rec.closed:
+            rec.deadline = touch_until
+            self._open.move_to_end(rec.sid)
+        return rec
+
+    def leave(
+        self,
+        rec: _Record,
+        writes: Mapping[str, Any],
+        ttl_deadlines: Mapping[str, float] | None,
+        now: float,
+    ) -> None:
+        """Commit an entered session's ``writes`` (if any) and release its lock, which
+        passes to the longest waiter. The lock is released even when the commit is
+        refused.
+
+        Raises:
+            SessionExpired, SessionNotFound: the session left the store meanwhile
+                (evicted, say); nothing was written.
+        """
+        self._lock.acquire()
+        try:
+            if writes:
+                if rec.removed:
+                    raise self._ended_error(rec.sid, now)
+                if ttl_deadlines:
+                    self._write(rec, writes, ttl_deadlines)
+                else:  # the common case, inline
+                    rec.values.update(writes)
+                    rec.version += 1
+        finally:
+            if rec.waiters:
+                rec.hand_over()
+            else:
+                rec.owner = None
+            self._lock.release()
+        if writes and self._subscribers:
+            self._publish(
+                [Notice(kind="changed", sid=rec.sid, names=tuple(writes), origin=self.origin)]
+            )
+
+    def release_entered(self, rec: _Record) -> None:
+        """Release an entered session's lock without committing."""
+        self._lock.acquire()
+        try:
+            rec.hand_over()
+        finally:
+            self._lock.release()
+
+    def entered_count(self) -> int:
+        """How many sessions an event holds or waits for (for diagnostics and tests)."""
+        with self._lock:
+            return sum(
+                not rec.idle for queue in (self._open, self._closed) for rec in queue.values()
+            )
 
     def peek(
         self, sid: str, name: str, *, now: float, touch_until: float | None
@@ -216,30 +381,39 @@ class _MemoryNamespace:
         with self._lock:
             rec = self._open.get(sid) or self._closed.get(sid)
             if rec is None:
-                gone = self._gone.get(sid)
-                if gone is None:
-                    raise SessionNotFound(sid)
-                raise SessionExpired(sid, gone[0].value, max(0.0, now - gone[1]))
+                raise self._ended_error(sid, now)
             if rec.version != version:
                 raise StoreConflict(sid, version, rec.version)
-            rec.values.update(writes)
-            if ttl_deadlines:
-                if rec.value_deadlines is None:
-                    rec.value_deadlines = {}
-                for name, deadline in ttl_deadlines.items():
-                    rec.value_deadlines[name] = deadline
-                    queue = self._ttl.get(name)
-                    if queue is None:
-                        queue = self._ttl[name] = OrderedDict()
-                    queue[sid] = deadline
-                    queue.move_to_end(sid)
-            rec.version += 1
-            version = rec.version
-        if self._state.subscribers:  # notices are built only for someone to read them
+            version = self._write(rec, writes, ttl_deadlines)
+        if self._subscribers:  # notices are built only for someone to read them
             self._publish(
                 [Notice(kind="changed", sid=sid, names=tuple(writes), origin=self.origin)]
             )
         return version
+
+    def _write(
+        self, rec: _Record, writes: Mapping[str, Any], ttl_deadlines: Mapping[str, float] | None
+    ) -> int:
+        """Under the lock: store a commit's values and deadlines; the new version."""
+        rec.values.update(writes)
+        if ttl_deadlines:
+            if rec.value_deadlines is None:
+                rec.value_deadlines = {}
+            for name, deadline in ttl_deadlines.items():
+                rec.value_deadlines[name] = deadline
+                queue = self._ttl.get(name)
+                if queue is None:
+                    queue = self._ttl[name] = OrderedDict()
+                queue[rec.sid] = deadline
+                queue.move_to_end(rec.sid)
+        rec.version += 1
+        return rec.version
+
+    def _ended_error(self, sid: str, now: float) -> SessionExpired | SessionNotFound:
+        gone = self._gone.get(sid)
+        if gone is None:
+            return SessionNotFound(sid)
+        return SessionExpired(sid, gone[0].value, max(0.0, now - gone[1]))
 
     def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
         with self._lock:
@@ -258,7 +432,7 @@ class _MemoryNamespace:
                 self._closed[sid] = rec
                 ended = Ended(sid=sid, reason=DeleteReason.CLOSED, values={}, at=now)
                 outcome = True
-        if self._state.subscribers:
+        if self._subscribers:
             self._publish(self._ended_notices((ended,)))
         return outcome
 
@@ -292,7 +466,7 @@ class _MemoryNamespace:
                     name, sid = pick
                     rec = self._open.get(sid) or self._closed[sid]
                     out.append(self._claim_value(rec, name, best))
-        if out and self._state.subscribers:
+        if out and self._subscribers:
             self._publish(self._ended_notices(e for e in out if not e.was_closed))
         return tuple(out)
 
@@ -310,6 +484,7 @@ class _MemoryNamespace:
 
     def _remove(self, rec: _Record, reason: DeleteReason, at: float) -> Ended:
         (self._closed if rec.closed else self._open).pop(rec.sid)
+        rec.removed = True
         if rec.value_deadlines:
             for name in rec.value_deadlines:
                 del self._ttl[name][rec.sid]
@@ -350,6 +525,8 @@ class _MemoryNamespace:
     def shutdown(self) -> tuple[Ended, ...]:
         with self._lock:
             records = [*self._open.values(), *self._closed.values()]
+            for rec in records:
+                rec.removed = True
             self._open.clear()
             self._closed.clear()
             self._ttl.clear()

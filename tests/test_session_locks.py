@@ -1,0 +1,200 @@
+"""The memory store keeps each session's lock in the session's record: an event takes
+it as it loads the session and gives it back as it commits. These tests hold a session
+in one thread and make others wait, then end the session under them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from statekit import (
+    DeleteReason,
+    EngineClosed,
+    SessionExpired,
+    SessionNotFound,
+    StateEngine,
+    StateNotCopyable,
+    UsageError,
+)
+from statekit.testing import FakeClock
+
+JOIN = 30.0
+
+
+class Holder:
+    """Holds an event of ``sid`` open in a thread until released."""
+
+    def __init__(self, engine: StateEngine, sid: str, body: Callable[[Any], None]) -> None:
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                with engine.event(sid) as ev:
+                    self.entered.set()
+                    assert self.go.wait(JOIN)
+                    body(ev)
+            except BaseException as exc:
+                self.error = exc
+            finally:
+                self.entered.set()
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        assert self.entered.wait(JOIN)
+
+    def finish(self) -> BaseException | None:
+        self.go.set()
+        self.thread.join(JOIN)
+        assert not self.thread.is_alive()
+        return self.error
+
+
+def waiter(engine: StateEngine, sid: str, body: Callable[[Any], None]) -> Holder:
+    """An event of ``sid`` that waits for the session; started, not yet run."""
+    holder = Holder.__new__(Holder)
+    holder.entered = threading.Event()
+    holder.go = threading.Event()
+    holder.error = None
+
+    def run() -> None:
+        try:
+            with engine.event(sid) as ev:
+                body(ev)
+        except BaseException as exc:
+            holder.error = exc
+
+    holder.thread = threading.Thread(target=run)
+    holder.thread.start()
+    return holder
+
+
+def wait_for_waiters(engine: StateEngine, sid: str, count: int) -> None:
+    """Until ``count`` events queue for ``sid`` (seen through the store's record)."""
+    ns: Any = engine._ns
+    deadline = time.monotonic() + JOIN
+    while time.monotonic() < deadline:
+        rec = ns._open.get(sid) or ns._closed.get(sid)
+        if rec is not None and rec.waiters is not None and len(rec.waiters) >= count:
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"{count} waiters never queued")
+
+
+@pytest.fixture
+def engine(clock: FakeClock) -> StateEngine:
+    return StateEngine(clock=clock, idle_ttl=60, closed_ttl=30, capacity=2)
+
+
+def test_waiters_are_served_in_arrival_order(engine: StateEngine) -> None:
+    log = engine.session_state("log", [])
+    sid = engine.open_session()
+    holder = Holder(engine, sid, lambda ev: ev[log].append("holder"))
+    waiters = []
+    for i in range(5):
+        waiters.append(waiter(engine, sid, lambda ev, i=i: ev[log].append(i)))
+        wait_for_waiters(engine, sid, i + 1)
+    assert holder.finish() is None
+    for w in waiters:
+        w.thread.join(JOIN)
+        assert w.error is None
+    assert log.get(sid) == ["holder", 0, 1, 2, 3, 4]
+    assert engine._held_sessions() == 0
+
+
+def test_session_evicted_under_an_event_and_its_waiter(
+    engine: StateEngine, clock: FakeClock
+) -> None:
+    count = engine.session_state("count", 0)
+    ended: list[tuple[int, DeleteReason]] = []
+    count.on_delete(lambda value, reason: ended.append((value, reason)))
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[count] = 7
+    holder = Holder(engine, sid, lambda ev: ev.__setitem__(count, 8))
+    queued = waiter(engine, sid, lambda ev: ev.__setitem__(count, 9))
+    wait_for_waiters(engine, sid, 1)
+    engine.open_session()
+    engine.open_session()  # capacity 2: the held session is the least recently used
+    error = holder.finish()
+    assert isinstance(error, SessionExpired)
+    assert error.reason == "evicted"
+    queued.thread.join(JOIN)
+    assert isinstance(queued.error, SessionExpired)
+    assert queued.error.reason == "evicted"
+    assert ended == [(7, DeleteReason.EVICTED)]  # the stored value, written once
+    assert engine._held_sessions() == 0
+
+
+def test_session_expiring_while_an_event_waits_is_refused_to_it(
+    engine: StateEngine, clock: FakeClock
+) -> None:
+    sid = engine.open_session()
+    holder = Holder(engine, sid, lambda ev: None)
+    queued = waiter(engine, sid, lambda ev: None)
+    wait_for_waiters(engine, sid, 1)
+    clock.advance(61)  # the holder touched the session at its start, 61 s ago
+    assert holder.finish() is None
+    queued.thread.join(JOIN)
+    assert isinstance(queued.error, SessionExpired)
+    assert queued.error.reason == "idle"
+    assert engine._held_sessions() == 0
+
+
+def test_shutdown_under_an_event_says_the_engine_is_closed(engine: StateEngine) -> None:
+    count = engine.session_state("count", 0)
+    sid = engine.open_session()
+    holder = Holder(engine, sid, lambda ev: ev.__setitem__(count, 1))
+    engine.shutdown()
+    assert isinstance(holder.finish(), EngineClosed)
+
+
+def test_a_failing_commit_gives_the_session_back(engine: StateEngine) -> None:
+    box = engine.session_state("box", None)
+    sid = engine.open_session()
+    with pytest.raises(StateNotCopyable), engine.event(sid) as ev:
+        ev[box] = threading.Lock()
+    assert engine._held_sessions() == 0
+    with engine.event(sid) as ev:
+        ev[box] = "fine"
+    assert box.get(sid) == "fine"
+
+
+def test_a_raising_listener_and_a_loop_give_the_session_back(engine: StateEngine) -> None:
+    ping = engine.session_state("ping", 0)
+    pong = engine.session_state("pong", 0)
+    ping.on_change(lambda ev, value: ev.__setitem__(pong, value + 1))
+    pong.on_change(lambda ev, value: ev.__setitem__(ping, value + 1))
+    sid = engine.open_session()
+    with pytest.raises(Exception, match="rounds"), engine.event(sid) as ev:
+        ev[ping] = 1
+    assert engine._held_sessions() == 0
+    with engine.event(sid) as ev:
+        assert ev[ping] > 1
+
+
+def test_nested_event_is_refused_and_the_outer_one_goes_on(engine: StateEngine) -> None:
+    count = engine.session_state("count", 0)
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        with pytest.raises(UsageError, match="cannot nest"), engine.event(sid):
+            pass
+        ev[count] = 1
+    assert count.get(sid) == 1
+    assert engine._held_sessions() == 0
+
+
+@pytest.mark.parametrize(
+    "sid", ["", "x" * 257, "caf\u00e9", "tab\there", "never-issued"], ids=repr
+)
+def test_malformed_and_unknown_ids_are_refused_on_entering(engine: StateEngine, sid: str) -> None:
+    with pytest.raises(SessionNotFound) as info, engine.event(sid):
+        pass
+    assert "open_session()" in str(info.value)
+    assert len(sid) <= 6 or sid not in str(info.value)  # long ids are redacted
+    assert engine.session_count() == 0
