@@ -14,8 +14,10 @@ import pytest
 from statekit import (
     DeleteReason,
     EngineClosed,
+    Event,
     SessionExpired,
     SessionNotFound,
+    SessionState,
     StateEngine,
     StateNotCopyable,
     UsageError,
@@ -92,12 +94,16 @@ def engine(clock: FakeClock) -> StateEngine:
 
 
 def test_waiters_are_served_in_arrival_order(engine: StateEngine) -> None:
-    log = engine.session_state("log", [])
+    log: SessionState[list[Any]] = engine.session_state("log", [])
     sid = engine.open_session()
     holder = Holder(engine, sid, lambda ev: ev[log].append("holder"))
     waiters = []
     for i in range(5):
-        waiters.append(waiter(engine, sid, lambda ev, i=i: ev[log].append(i)))
+
+        def append(ev: Event, i: int = i) -> None:
+            ev[log].append(i)
+
+        waiters.append(waiter(engine, sid, append))
         wait_for_waiters(engine, sid, i + 1)
     assert holder.finish() is None
     for w in waiters:
@@ -155,7 +161,7 @@ def test_shutdown_under_an_event_says_the_engine_is_closed(engine: StateEngine) 
 
 
 def test_a_failing_commit_gives_the_session_back(engine: StateEngine) -> None:
-    box = engine.session_state("box", None)
+    box: SessionState[Any] = engine.session_state("box", None)
     sid = engine.open_session()
     with pytest.raises(StateNotCopyable), engine.event(sid) as ev:
         ev[box] = threading.Lock()
@@ -168,8 +174,15 @@ def test_a_failing_commit_gives_the_session_back(engine: StateEngine) -> None:
 def test_a_raising_listener_and_a_loop_give_the_session_back(engine: StateEngine) -> None:
     ping = engine.session_state("ping", 0)
     pong = engine.session_state("pong", 0)
-    ping.on_change(lambda ev, value: ev.__setitem__(pong, value + 1))
-    pong.on_change(lambda ev, value: ev.__setitem__(ping, value + 1))
+
+    @ping.on_change
+    def to_pong(ev: Event, value: int) -> None:
+        ev[pong] = value + 1
+
+    @pong.on_change
+    def to_ping(ev: Event, value: int) -> None:
+        ev[ping] = value + 1
+
     sid = engine.open_session()
     with pytest.raises(Exception, match="rounds"), engine.event(sid) as ev:
         ev[ping] = 1
