@@ -173,7 +173,8 @@ class StateEngine:
         self._seen_versions: cachetools.LRUCache[str, int] = cachetools.LRUCache(10_000)
         self._orphan_leases: cachetools.LRUCache[str, str] = cachetools.LRUCache(10_000)
         self._last_reap = float("-inf")
-        self._last_empty_reap = float("-inf")
+        # On the memory store, when the next reaping look is due (see _reap_some).
+        self._next_local_look = float("-inf")
         self._shut = False
 
     def __repr__(self) -> str:
@@ -746,49 +747,51 @@ class StateEngine:
         # The memory store: commit and release the session in one call, unless a
         # listener is due (listener events then run first, under the session's lock).
         ev._active = False
+        rec: Any = ev._loaded
         try:
             if failed or not ev._work:
-                local.release_entered(ev._loaded)  # type: ignore[arg-type]
+                local.release_entered(rec)
                 if not failed:
                     ev._changed = []
-            else:
-                self._commit_locally(ev, local)
+                return
+            try:
+                writes, tokens, changed = collected = ev._collect()
+            except BaseException:
+                local.release_entered(rec)
+                raise
+            for state in changed:
+                if state._listeners:
+                    self._end_with_listeners(ev, local, collected)
+                    return
+            try:
+                local.leave(
+                    rec, writes, self._ttl_states and self._ttl_deadlines(ev.now, writes), ev.now
+                )
+            except SessionNotFound:
+                self._check_usable()  # a shutdown emptied the store: say so
+                raise
+            if tokens:
+                browser = ev._browser_io()
+                browser.tokens.update(tokens)
+                browser.out.update(tokens)
+            ev._changed = changed  # the result is made when asked for
         finally:
             if ev._pending:
                 self._run_ended(ev._pending)
-            if ev.now - self._last_empty_reap >= LOCAL_REAP_QUIET:
+            if ev.now >= self._next_local_look:
                 self._reap_some(ev.now)
 
-    def _commit_locally(self, ev: Event, local: _MemoryNamespace) -> None:
+    def _end_with_listeners(
+        self, ev: Event, local: _MemoryNamespace, collected: Collected
+    ) -> None:
+        """On the memory store: commit, run the listener rounds, release the session."""
         rec: Any = ev._loaded
-        listening = False
         try:
-            writes, tokens, changed = collected = ev._collect()
-            for state in changed:
-                if state._listeners:
-                    listening = True
-                    loop_error = self._drive(self._end_steps(ev, False, collected))
-                    break
-        except BaseException:
+            loop_error = self._drive(self._end_steps(ev, False, collected))
+        finally:
             local.release_entered(rec)
-            raise
-        if listening:
-            local.release_entered(rec)
-            if loop_error is not None:
-                raise loop_error
-            return
-        try:
-            local.leave(
-                rec, writes, self._ttl_states and self._ttl_deadlines(ev.now, writes), ev.now
-            )
-        except SessionNotFound:
-            self._check_usable()  # a shutdown emptied the store: say so
-            raise
-        if tokens:
-            browser = ev._browser_io()
-            browser.tokens.update(tokens)
-            browser.out.update(tokens)
-        ev._changed = changed  # the result is made when asked for
+        if loop_error is not None:
+            raise loop_error
 
     async def _aend(self, ev: Event, *, failed: bool) -> None:
         if self._local is not None:  # direct calls: nothing to wait for
@@ -887,7 +890,6 @@ class StateEngine:
         self, ev: Event, writes: dict[str, Any], lease: str | None, release: bool
     ) -> dict[str, Any]:
         """The arguments of the store commit of an event's ``writes``."""
-        assert ev._loaded is not None
         return {
             "sid": ev.sid,
             "version": ev._loaded.version,
@@ -1135,11 +1137,11 @@ class StateEngine:
             # After a look that found nothing, the next within a millisecond is skipped:
             # an entry falling due meanwhile is reaped a little later, and a load
             # refuses it anyway.
-            if now - self._last_empty_reap < LOCAL_REAP_QUIET:
+            if now < self._next_local_look:
                 return
             ended = self._ns.reap(now=now, limit=REAP_BATCH)
             if not ended:
-                self._last_empty_reap = now
+                self._next_local_look = now + LOCAL_REAP_QUIET
         if ended:
             self._run_ended(ended)
 

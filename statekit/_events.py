@@ -10,7 +10,7 @@ detector, what to write.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -72,6 +72,18 @@ class EventResult:
     browser_problems: Mapping[str, TokenProblem] = attrs.field(factory=dict)
 
 
+class _NotLoaded:
+    """An event's session before it is entered: no values."""
+
+    sid = ""
+    version = 0
+    closed = False
+    values: Mapping[str, Any] = MappingProxyType({})
+
+
+_NOT_LOADED = _NotLoaded()
+
+
 class _BrowserIO:
     """An event's browser tokens: those the page sent (``tokens``, shared with the
     event's listener events, so that they see the tokens their event made), the host's
@@ -127,7 +139,7 @@ class Event:
         self._browser = browser
         self._active = False
         self._started = False
-        self._loaded: SessionData | None = None
+        self._loaded: SessionData = _NOT_LOADED
         # The session and browser states touched: their working values, and their
         # stored forms at the start (the snapshots the change detector compares
         # against; for a browser state, its JSON encoding). ``_fresh``: those to write
@@ -195,7 +207,7 @@ class Event:
     @property
     def closed(self) -> bool:
         """Whether the session was closed (it accepts events until its grace ends)."""
-        return self._loaded is not None and self._loaded.closed
+        return self._loaded.closed
 
     @property
     def outputs(self) -> Mapping[str, Any]:
@@ -259,24 +271,30 @@ class Event:
         return self[state]
 
     def __setitem__(self, state: SessionState[T] | BrowserState[T], value: T) -> None:
-        if not (
-            self._active and state.__class__ is SessionState and state._engine is self._engine
-        ):
-            self._check(state)
-            if isinstance(state, SessionRegistry):
-                raise UsageError(
-                    f"registry {state.name!r} cannot be assigned in an event: its objects "
-                    "are made by registry.open(sid) and removed by registry.close(sid)"
-                )
-            if not isinstance(state, (SessionState, BrowserState)):
-                raise UsageError(
-                    f"global state {state.name!r} cannot be assigned in an event: global "
-                    "writes are immediate and atomic, so call its set(), update() or "
-                    "increment()"
-                )
+        if self._active and state.__class__ is SessionState and state._engine is self._engine:
+            if state not in self._before:
+                # Assigning needs no copy of the old value, and must work even when the
+                # old value no longer decodes.
+                stored = self._loaded.values.get(state.name, MISSING)
+                if stored is MISSING:
+                    self._materialize(state)  # the initial value, written if unchanged
+                else:
+                    self._before[state] = stored
+            self._work[state] = value
+            return
+        self._check(state)
+        if isinstance(state, SessionRegistry):
+            raise UsageError(
+                f"registry {state.name!r} cannot be assigned in an event: its objects "
+                "are made by registry.open(sid) and removed by registry.close(sid)"
+            )
+        if not isinstance(state, (SessionState, BrowserState)):
+            raise UsageError(
+                f"global state {state.name!r} cannot be assigned in an event: global "
+                "writes are immediate and atomic, so call its set(), update() or "
+                "increment()"
+            )
         if state not in self._before:
-            # Assigning needs no copy of the old value, and must work even when the old
-            # value no longer decodes.
             self._materialize(state, read=False)
         self._work[state] = value
 
@@ -314,7 +332,6 @@ class Event:
             if decoded.reencode:
                 self._mark_fresh(state)
         else:
-            assert self._loaded is not None
             stored = self._loaded.values.get(state.name, MISSING)
             if stored is not MISSING:
                 self._before[state] = stored
@@ -348,27 +365,26 @@ class Event:
         writes: dict[str, Any] = {}
         tokens: dict[str, str] | None = None
         changed: list[SessionState[Any] | BrowserState[Any]] = []
-        values = self._engine._values
-        exact_atoms = values.exact_atoms
-        before = self._before
         fresh = self._fresh
         for state, work in self._work.items():
-            old = before[state]
+            old = self._before[state]
             if state.__class__ is SessionState or not isinstance(state, BrowserState):
                 # A value still identical to its stored form (an atom read and not
                 # reassigned) is the same; an exact atom (an int, say) is judged here.
                 if work is not old:
-                    cls = type(work)
-                    if cls in exact_atoms:
-                        verdict = SAME if type(old) is cls and old == work else CHANGED
-                        stored = work
+                    values = self._engine._values
+                    if type(work) in values.exact_atoms:
+                        if type(old) is not type(work) or old != work:
+                            writes[state.name] = work
+                            changed.append(state)
+                            continue
                     else:
                         verdict, stored = values.judge(state.name, old, work)
-                    if verdict is not SAME:
-                        writes[state.name] = stored
-                        if verdict is CHANGED:
-                            changed.append(state)
-                        continue
+                        if verdict is not SAME:
+                            writes[state.name] = stored
+                            if verdict is CHANGED:
+                                changed.append(state)
+                            continue
                 if fresh is not None and state in fresh:
                     writes[state.name] = old
                 continue
