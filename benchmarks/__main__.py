@@ -38,7 +38,8 @@ def run_case(case: ModuleType, quick: bool) -> dict[str, Any]:
                 if base.per_op:
                     row["times_baseline"] = round(m.per_op / base.per_op, 2)
             rows.append(row)
-        groups.append({"label": label, "results": rows})
+        checks = [c for t in getattr(case, "TARGETS", ()) if (c := t.check(measures))]
+        groups.append({"label": label, "results": rows, "targets": checks})
     return {"case": case.TITLE, "baseline": case.BASELINE, "groups": groups}
 
 
@@ -52,6 +53,8 @@ def print_case(case: dict[str, Any]) -> None:
             else:
                 times = row.get("times_baseline", float("nan"))
                 print(f"    {row['name']:<34} {row['us_per_op']:>13,.3f} µs {times:>7.2f}x")
+        for check in group["targets"]:
+            print(f"    {'met' if check['met'] else 'NOT MET'}: {check['target']}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,3 +45,30 @@ def best_per_op(
         else Measure(name=name, per_op=best[name])
         for name in contenders
     ]
+
+
+@attrs.frozen
+class Target:
+    """A ratio the issue sets, checked in every group that measured both contenders:
+    ``faster``: ``other`` takes at least ``ratio`` times as long as ``ours``;
+    ``within``: ``ours`` takes at most ``ratio`` times as long as ``other``."""
+
+    ours: str
+    other: str
+    kind: str  # "faster" | "within"
+    ratio: float
+
+    def check(self, measures: list[Measure]) -> dict[str, object] | None:
+        times = {m.name: m.per_op for m in measures}
+        ours, other = times.get(self.ours), times.get(self.other)
+        if not ours or not other:
+            return None
+        if self.kind == "faster":
+            found = other / ours
+            text = f"{self.ours} is {found:.2f}x faster than {self.other} (target {self.ratio:g}x)"
+            met = found >= self.ratio
+        else:
+            found = ours / other
+            text = f"{self.ours} takes {found:.2f}x {self.other} (target within {self.ratio:g}x)"
+            met = found <= self.ratio
+        return {"target": text, "ratio": round(found, 2), "met": met}

@@ -18,10 +18,14 @@ from statekit import StateEngine
 from statekit._copying import open_value, stored_form
 from statekit.testing import FakeClock
 
-from ._timing import Measure, best_per_op
+from ._timing import Measure, Target, best_per_op
 
 TITLE = "session lifecycle"
 BASELINE = "statekit"
+TARGETS = [
+    Target("statekit", "gradio StateHolder", "faster", 10),
+    Target("statekit", "copy.deepcopy", "faster", 3),
+]
 
 DEFAULT: dict[str, Any] = {
     "user": {"name": "ann", "tags": ["a", "b"], "prefs": {"theme": "dark", "n": 3}},

@@ -8,17 +8,25 @@ import copy
 import importlib
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import cachetools
 
 from statekit import SessionState, StateEngine
 from statekit._changes import judge
 from statekit._copying import open_value, stored_form
 
-from ._timing import Measure
+from ._timing import Measure, Target
 
 TITLE = "scaling"
 BASELINE = "1,000 sessions: event p50"
+TARGETS = [
+    Target(f"{n:,} sessions: {op} p50", f"1,000 sessions: {op} p50", "within", 1.5)
+    for op in ("event", "read", "dict.get", "TTLCache get")
+    for n in (100_000, 1_000_000)
+]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -28,21 +36,41 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def latency_at(sessions: int, ops: int) -> dict[str, float]:
+    """p50 latencies at ``sessions`` live sessions, each operation on a random session
+    and each kind in its own pass (so that no operation finds another's session in the
+    processor caches), beside the same-size baselines: a plain dict lookup by session
+    id (the memory-access floor) and a ``TTLCache`` get."""
     engine = StateEngine(capacity=sessions * 2)
     counter: SessionState[int] = engine.session_state("counter", 0)
     sids = [engine.open_session() for _ in range(sessions)]
+    plain = dict.fromkeys(sids, 0)
+    cache: cachetools.TTLCache[str, int] = cachetools.TTLCache(
+        maxsize=sessions * 2, ttl=3600, timer=time.monotonic
+    )
+    cache.update(plain)
     rng = random.Random(1)
-    picks = [sids[rng.randrange(sessions)] for _ in range(ops)]
-    events, reads = [], []
-    for i, sid in enumerate(picks):
-        start = time.perf_counter()
+
+    def picks() -> list[str]:
+        return [sids[rng.randrange(sessions)] for _ in range(ops)]
+
+    def timed(op: Callable[[str, int], object]) -> float:
+        samples = []
+        for i, sid in enumerate(picks()):
+            start = time.perf_counter()
+            op(sid, i)
+            samples.append(time.perf_counter() - start)
+        return percentile(samples, 0.5)
+
+    def event(sid: str, i: int) -> None:
         with engine.event(sid) as ev:
             ev[counter] = i
-        events.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        counter.get(sid)
-        reads.append(time.perf_counter() - start)
-    return {"event": percentile(events, 0.5), "read": percentile(reads, 0.5)}
+
+    return {
+        "event": timed(event),
+        "read": timed(lambda sid, i: counter.get(sid)),
+        "dict": timed(lambda sid, i: plain.get(sid)),
+        "ttlcache": timed(lambda sid, i: cache.get(sid)),
+    }
 
 
 def detector_at(size: int) -> float:
@@ -102,6 +130,8 @@ def run(quick: bool = False) -> list[tuple[str, list[Measure]]]:
         {
             "one-state event p50": [latencies[s]["event"] for s in sizes],
             "read outside an event p50": [latencies[s]["read"] for s in sizes],
+            "TTLCache get p50": [latencies[s]["ttlcache"] for s in sizes],
+            "dict.get p50": [latencies[s]["dict"] for s in sizes],
         },
         "µs per operation",
     )
@@ -112,10 +142,13 @@ def run(quick: bool = False) -> list[tuple[str, list[Measure]]]:
         "µs",
     )
     rows = [
-        Measure(name=f"{size:,} sessions: event p50", per_op=latencies[size]["event"])
-        for size in sizes
-    ] + [
-        Measure(name=f"{size:,} sessions: read p50", per_op=latencies[size]["read"])
+        Measure(name=f"{size:,} sessions: {what} p50", per_op=latencies[size][key])
+        for key, what in (
+            ("event", "event"),
+            ("read", "read"),
+            ("dict", "dict.get"),
+            ("ttlcache", "TTLCache get"),
+        )
         for size in sizes
     ]
     sizes_rows = [

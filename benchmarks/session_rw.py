@@ -12,10 +12,14 @@ import cachetools
 
 from statekit import SessionState, StateEngine
 
-from ._timing import Measure, best_per_op
+from ._timing import Measure, Target, best_per_op
 
 TITLE = "session value write+read"
 BASELINE = "TTLCache set+get"
+TARGETS = [
+    Target("statekit event (write+read)", "gradio session value write+read", "faster", 8),
+    Target("statekit read outside an event", "TTLCache get", "within", 2),
+]
 
 
 def contenders(sessions: int = 1000) -> dict[str, Callable[[int], None]]:
