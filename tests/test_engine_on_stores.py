@@ -133,6 +133,29 @@ class TestSemantics:
         with pytest.raises(SessionExpired):
             note.get(sids[0])
 
+    def test_reads_keep_a_session_alive_and_never_return_an_expired_value(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        engine = engine_on(make_store, clock)  # idle_ttl 60
+        deleted: list[tuple[Any, str]] = []
+        note = engine.session_state(
+            "note", "", on_delete=lambda v, r: deleted.append((v, r.value))
+        )
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[note] = "kept"
+        for _ in range(5):
+            clock.advance(40)  # past the first deadline: only the reads kept it
+            assert note.get(sid) == "kept"
+            clock.advance(0.25)  # a read right after another
+            assert note.get(sid) == "kept"
+        clock.advance(62)
+        for _ in range(2):
+            with pytest.raises(SessionExpired):
+                note.get(sid)
+        assert deleted == [("kept", "idle")]  # claimed once, by the first late read
+        assert engine.exists(sid) is False
+
     def test_globals_are_exact_under_threads(
         self, make_store: StoreFactory, clock: FakeClock
     ) -> None:

@@ -339,6 +339,26 @@ class _RedisNamespace:
     def peek(
         self, sid: str, name: str, *, now: float, touch_until: float | None
     ) -> Loaded | Gone | None:
+        # Most reads need no script: one HMGET, like a raw GET, shows the session live,
+        # the value not due and the idle deadline touched less than a second ago. Any
+        # other case (gone, expired, a value past its ttl, a touch due) runs the PEEK
+        # script, which decides it atomically.
+        key = self.P + "s:" + sid
+        version, closed, deadline, value, value_deadline = self._store.command(
+            lambda: self._store.client.hmget(key, "_v", "_c", "_d", "v:" + name, "t:" + name)
+        )
+        if (
+            deadline is not None
+            and float(deadline) > now
+            and (value_deadline is None or float(value_deadline) > now)
+            and (_text(closed) == "1" or touch_until is None or touch_until - float(deadline) < 1)
+        ):
+            return Loaded(
+                sid=sid,
+                version=int(version),
+                closed=_text(closed) == "1",
+                values={} if value is None else {name: value},
+            )
         reply = self._run(
             "PEEK",
             [self.P + "s:" + sid],
