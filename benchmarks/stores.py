@@ -109,13 +109,19 @@ def run(quick: bool = False) -> list[tuple[str, list[Measure]]]:
     server = RedisServer().start()
     try:
         redis_measures = best_per_op(
-            redis_contenders(server), ops=200 if quick else 400, rounds=3 if quick else 15
+            redis_contenders(server),
+            ops=200 if quick else 400,
+            rounds=3 if quick else 21,
+            statistic="median",
         )
     finally:
         server.stop()
     with tempfile.TemporaryDirectory() as folder:
         sqlite_measures = best_per_op(
-            sqlite_contenders(Path(folder)), ops=100 if quick else 500, rounds=3
+            sqlite_contenders(Path(folder)),
+            ops=100 if quick else 500,
+            rounds=3 if quick else 7,
+            statistic="median",
         )
     base: Any = next(m for m in redis_measures if m.name == BASELINE)
     return [
