@@ -587,9 +587,12 @@ class StateEngine:
             UsageError: an event of this session is already open in this thread/task.
             StoreUnavailable: the store cannot be reached.
         """
-        # The memory store is only asked for ids it issued: it checks the rest of an
-        # unknown id once it finds no such session (see _entered_locally).
-        if sid.__class__ is not str or not 0 < len(sid) <= _MAX_SID_LENGTH or not self._local:
+        if not (
+            sid.__class__ is str
+            and 0 < len(sid) <= _MAX_SID_LENGTH
+            and sid.isascii()
+            and sid.isprintable()
+        ):
             self._check_sid(sid)  # raises, saying what is wrong with the id
         if browser is None and not bind:
             return Event(self, sid)
@@ -632,17 +635,15 @@ class StateEngine:
             return
         owner = _get_ident() if _get_running_loop() is None else current_owner()
         ev.now = now = self.clock()
+        # positional arguments: sid, owner, expired, blocking, now, touch_until
         entered = local.enter(ev.sid, owner, ev._pending, True, now, now + self.idle_ttl)
-        if type(entered) is _Record:
+        if type(entered) is _Record and not entered.closed:
             ev._loaded = entered
             ev._active = True
             return
         if type(entered) is Queued:
-            entered.wait()
-            ev.now = now = self.clock()
-            entered = local.enter_after_wait(
-                entered, owner, ev._pending, now=now, touch_until=now + self.idle_ttl
-            )
+            local.wait_turn(entered, owner)
+            entered = self._enter_after_wait(ev, local, entered, owner)
         self._entered_locally(ev, entered)
 
     async def _abegin(self, ev: Event) -> None:
@@ -665,20 +666,33 @@ class StateEngine:
         ev.now = now = self.clock()
         entered = local.enter(ev.sid, owner, ev._pending, False, now, now + self.idle_ttl)
         if type(entered) is Queued:
-            await local.await_turn(entered)
-            ev.now = now = self.clock()
-            entered = local.enter_after_wait(
-                entered, owner, ev._pending, now=now, touch_until=now + self.idle_ttl
-            )
+            await local.await_turn(entered, owner)
+            entered = self._enter_after_wait(ev, local, entered, owner)
         self._entered_locally(ev, entered)
+
+    def _enter_after_wait(
+        self, ev: Event, local: _MemoryNamespace, queued: Queued, owner: object
+    ) -> _Record | Gone | None:
+        """Load the session whose lock was just handed to this event; give the lock
+        back if that fails (a raising clock, say)."""
+        try:
+            ev.now = now = self.clock()
+            return local.enter_after_wait(
+                queued, ev._pending, now=now, touch_until=now + self.idle_ttl
+            )
+        except BaseException:
+            if queued.record.owner == owner:
+                local.release_entered(queued.record)
+            raise
 
     def _held_sessions(self) -> int:
         """How many sessions events hold or wait for (for diagnostics and tests)."""
         return len(self._locks) + (self._local.entered_count() if self._local else 0)
 
     def _entered_locally(self, ev: Event, entered: object) -> None:
-        """Open an event on what the memory store's ``enter_after_wait`` answered, or
-        raise (after running the callbacks of what ended) if it could not be entered."""
+        """Open an event on what the memory store's ``enter`` or ``enter_after_wait``
+        answered, or raise (after running the callbacks of what ended) if it could not
+        be entered."""
         if type(entered) is not _Record:
             assert entered is None or isinstance(entered, Gone)
             if entered is None:
@@ -689,6 +703,7 @@ class StateEngine:
                 self._run_ended(ev._pending)
         assert isinstance(entered, _Record)
         ev._loaded = entered
+        ev._closed = entered.closed  # as entered: the record may be closed meanwhile
         ev._active = True
 
     def _entered(self, ev: Event, drive: Callable[[Steps], Any], steps: Steps) -> None:
@@ -735,6 +750,7 @@ class StateEngine:
         with self._caches_lock:
             self._orphan_leases.pop(ev.sid, None)
         ev._loaded = self._loaded_or_raise(ev.sid, ev.now, outcome, ev._pending)
+        ev._closed = ev._loaded.closed
         with self._caches_lock:
             self._seen_versions[ev.sid] = ev._loaded.version
         return None
@@ -788,14 +804,17 @@ class StateEngine:
         rec: Any = ev._loaded
         try:
             loop_error = self._drive(self._end_steps(ev, False, collected))
+        except SessionNotFound:
+            self._check_usable()  # a shutdown emptied the store: say so
+            raise
         finally:
             local.release_entered(rec)
         if loop_error is not None:
             raise loop_error
 
-    async def _aend(self, ev: Event, *, failed: bool) -> None:
+    async def _aend(self, ev: Event, failed: bool) -> None:
         if self._local is not None:  # direct calls: nothing to wait for
-            self._end(ev, failed=failed)
+            self._end(ev, failed)
             return
         ev._active = False
         loop_error: ChangeLoopError | None = None
@@ -937,6 +956,7 @@ class StateEngine:
                         },
                     )
                     sub._loaded = self._loaded_or_raise(ev.sid, ev.now, outcome, ev._pending)
+                    sub._closed = sub._loaded.closed
                     sub._active = True
                     try:
                         listener(sub, sub[state])

@@ -119,6 +119,7 @@ class Event:
         "_before",
         "_browser",
         "_changed",
+        "_closed",
         "_engine",
         "_fresh",
         "_globals",
@@ -140,6 +141,7 @@ class Event:
         self._active = False
         self._started = False
         self._loaded: SessionData = _NOT_LOADED
+        self._closed = False  # whether the session was closed when the event entered it
         # The session and browser states touched: their working values, and their
         # stored forms at the start (the snapshots the change detector compares
         # against; for a browser state, its JSON encoding). ``_fresh``: those to write
@@ -186,7 +188,7 @@ class Event:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._engine._aend(self, failed=exc_type is not None)
+        await self._engine._aend(self, exc_type is not None)
 
     # -- reading and writing -----------------------------------------------------
 
@@ -206,13 +208,14 @@ class Event:
 
     @property
     def closed(self) -> bool:
-        """Whether the session was closed (it accepts events until its grace ends)."""
-        return self._loaded.closed
+        """Whether the session was closed when the event began (a closed session
+        accepts events until its grace ends)."""
+        return self._closed
 
     @property
     def outputs(self) -> Mapping[str, Any]:
-        """The outputs emitted so far, by name."""
-        return self._outputs if self._outputs is not None else {}
+        """The outputs emitted so far, by name (read-only)."""
+        return MappingProxyType(self._outputs if self._outputs is not None else {})
 
     def _browser_io(self) -> _BrowserIO:
         if self._browser is None:

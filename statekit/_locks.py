@@ -24,7 +24,7 @@ from typing import Any
 
 from .exceptions import UsageError, redact
 
-__all__ = ["AsyncWaiter", "Latch", "SessionLocks", "await_turn", "current_owner"]
+__all__ = ["AsyncWaiter", "Latch", "SessionLocks", "await_turn", "current_owner", "wait_turn"]
 
 _get_running_loop = asyncio._get_running_loop
 _current_task = asyncio.current_task
@@ -69,9 +69,12 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 
 class Latch:
-    """The lock of one session. Every method is called under its holder's mutex.
+    """The lock of one session. Every method is called under its keeper's mutex.
 
-    ``owner`` is None when free; taking a free latch is ``latch.owner = owner``.
+    ``owner`` is None when free; taking a free latch is ``latch.owner = owner`` under
+    the mutex. While the latch passes to a waiter, ``owner`` is that waiter's
+    :class:`AsyncWaiter`, or :data:`HANDING` for a thread; the waiter sets ``owner`` to
+    itself when it wakes (no one else writes it meanwhile).
     """
 
     __slots__ = ("owner", "waiters")
@@ -98,11 +101,12 @@ class Latch:
         waiter: threading.Lock | AsyncWaiter
         if not blocking:
             waiter = AsyncWaiter(asyncio.get_running_loop())
-        elif isinstance(self.owner, asyncio.Task) and not isinstance(owner, int):
+        elif not isinstance(owner, int) and self._needs_a_task():
             raise UsageError(
-                f"session {redact(sid)} is held by an asyncio task; waiting for it with "
-                "a blocking 'with engine.event()' inside async code would stop the "
-                "event loop: use 'async with engine.aevent()'"
+                f"session {redact(sid)} is held by an asyncio task, or one waits for it; "
+                "waiting for it with a blocking 'with engine.event()' inside async code "
+                "would stop the event loop that task needs: use "
+                "'async with engine.aevent()'"
             )
         else:
             waiter = threading.Lock()
@@ -111,6 +115,13 @@ class Latch:
             self.waiters = deque()
         self.waiters.append(waiter)
         return waiter
+
+    def _needs_a_task(self) -> bool:
+        """Whether the latch will pass through an asyncio task before a new waiter:
+        a blocking wait from inside an event loop could then wait for itself."""
+        if isinstance(self.owner, (asyncio.Task, AsyncWaiter)):
+            return True
+        return any(isinstance(waiter, AsyncWaiter) for waiter in self.waiters or ())
 
     def hand_over(self) -> bool:
         """Release the latch to the longest waiter; False if nobody waits (it is free)."""
@@ -124,9 +135,10 @@ class Latch:
                 except RuntimeError:  # its loop is closed: that waiter is gone
                     waiter.granted = False
                     continue
+                self.owner = waiter
             else:
                 waiter.release()
-            self.owner = HANDING
+                self.owner = HANDING
             return True
         self.owner = None
         return False
@@ -135,6 +147,35 @@ class Latch:
     def idle(self) -> bool:
         """Free, and nobody waits."""
         return self.owner is None and not self.waiters
+
+
+def wait_turn(
+    waiter: threading.Lock,
+    latch: Latch,
+    mutex: threading.Lock,
+    *,
+    release: Callable[[], None],
+    forget: Callable[[], None] | None = None,
+) -> None:
+    """Block this thread until ``latch`` is handed to ``waiter``.
+
+    If the wait is interrupted (an exception from a signal handler, say), the waiter
+    leaves the queue; if the latch was handed to it meanwhile, ``release()`` passes it
+    on. ``forget()`` (under ``mutex``) lets a table drop a latch nobody uses any more.
+    """
+    try:
+        waiter.acquire()
+    except BaseException:
+        with mutex:
+            granted = waiter not in (latch.waiters or ())
+            if not granted:
+                assert latch.waiters is not None
+                latch.waiters.remove(waiter)
+                if forget is not None:
+                    forget()
+        if granted:
+            release()
+        raise
 
 
 async def await_turn(
@@ -189,7 +230,13 @@ class SessionLocks:
                 return
             waiter = latch.queue(sid, owner, blocking=True)
         assert not isinstance(waiter, AsyncWaiter)
-        waiter.acquire()  # released by the holder when it hands the latch over
+        wait_turn(
+            waiter,
+            latch,
+            self._mutex,
+            release=lambda: self.release(sid),
+            forget=lambda: self._forget(sid, latch),
+        )
         latch.owner = owner
 
     async def aacquire(self, sid: str) -> None:
@@ -205,14 +252,19 @@ class SessionLocks:
             waiter = latch.queue(sid, owner, blocking=False)
         assert isinstance(waiter, AsyncWaiter)
 
-        def forget() -> None:
-            if latch.idle and self._latches.get(sid) is latch:
-                del self._latches[sid]
-
         await await_turn(
-            waiter, latch, self._mutex, release=lambda: self.release(sid), forget=forget
+            waiter,
+            latch,
+            self._mutex,
+            release=lambda: self.release(sid),
+            forget=lambda: self._forget(sid, latch),
         )
         latch.owner = owner
+
+    def _forget(self, sid: str, latch: Latch) -> None:
+        """Under the mutex: drop a latch nobody holds or waits for."""
+        if latch.idle and self._latches.get(sid) is latch:
+            del self._latches[sid]
 
     def release(self, sid: str) -> None:
         """Release the lock of ``sid``, handing it to the longest waiter if any."""

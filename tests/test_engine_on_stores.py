@@ -19,6 +19,7 @@ from statekit import (
     Event,
     GlobalState,
     SessionExpired,
+    SessionNotFound,
     SessionState,
     StateEngine,
     ValueNotStorable,
@@ -155,6 +156,53 @@ class TestSemantics:
                 note.get(sid)
         assert deleted == [("kept", "idle")]  # claimed once, by the first late read
         assert engine.exists(sid) is False
+
+    def test_an_event_sees_the_session_as_it_entered_it(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        engine = engine_on(make_store, clock)
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            engine.close_session(sid)  # the tab closed while the request ran
+            assert ev.closed is False
+        assert ev.closed is False
+        with engine.event(sid) as ev:
+            assert ev.closed is True
+
+    def test_malformed_ids_are_refused_when_the_event_is_made(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        engine = engine_on(make_store, clock)
+        for sid in ("", "x" * 257, "caf\u00e9", "tab\there"):
+            with pytest.raises(SessionNotFound):
+                engine.event(sid)
+
+    def test_a_short_idle_ttl_is_kept_alive_by_frequent_reads(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        engine = engine_on(make_store, clock, idle_ttl=1)
+        note = engine.session_state("note", "")
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[note] = "kept"
+        for _ in range(10):
+            clock.advance(0.5)
+            assert note.get(sid) == "kept"
+        clock.advance(1.01)
+        with pytest.raises(SessionExpired):
+            note.get(sid)
+
+    def test_outputs_are_read_only_and_the_result_keeps_them(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        engine = engine_on(make_store, clock)
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev.emit("a", 1)
+        with pytest.raises(TypeError):
+            ev.outputs["a"] = 999  # type: ignore[index]
+        assert ev.result is not None
+        assert ev.result.outputs == {"a": 1}
 
     def test_globals_are_exact_under_threads(
         self, make_store: StoreFactory, clock: FakeClock

@@ -4,6 +4,8 @@ in one thread and make others wait, then end the session under them."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -160,6 +162,19 @@ def test_shutdown_under_an_event_says_the_engine_is_closed(engine: StateEngine) 
     assert isinstance(holder.finish(), EngineClosed)
 
 
+@pytest.mark.parametrize("listening", [False, True])
+def test_shutdown_inside_an_event_says_the_engine_is_closed(
+    engine: StateEngine, listening: bool
+) -> None:
+    n = engine.session_state("n", 0)
+    if listening:
+        n.on_change(lambda ev, value: None)
+    sid = engine.open_session()
+    with pytest.raises(EngineClosed), engine.event(sid) as ev:
+        ev[n] = 1
+        engine.shutdown()
+
+
 def test_a_failing_commit_gives_the_session_back(engine: StateEngine) -> None:
     box: SessionState[Any] = engine.session_state("box", None)
     sid = engine.open_session()
@@ -211,3 +226,116 @@ def test_malformed_and_unknown_ids_are_refused_on_entering(engine: StateEngine, 
     assert "open_session()" in str(info.value)
     assert len(sid) <= 6 or sid not in str(info.value)  # long ids are redacted
     assert engine.session_count() == 0
+
+
+class FlakyClock(FakeClock):
+    """A fake clock that raises once when told to."""
+
+    fail_next = False
+
+    def __call__(self) -> float:
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError("clock unavailable")
+        return super().__call__()
+
+
+def test_a_failing_clock_after_the_wait_gives_the_session_back() -> None:
+    clock = FlakyClock()
+    engine = StateEngine(clock=clock)
+    count = engine.session_state("count", 0)
+    sid = engine.open_session()
+    holder = Holder(engine, sid, lambda ev: None)
+    queued = waiter(engine, sid, lambda ev: None)
+    wait_for_waiters(engine, sid, 1)
+    clock.fail_next = True  # the next clock call is the waiter's, once it has the turn
+    assert holder.finish() is None
+    queued.thread.join(JOIN)
+    assert isinstance(queued.error, OSError)
+    assert engine._held_sessions() == 0
+    with engine.event(sid) as ev:
+        ev[count] = 1
+    assert count.get(sid) == 1
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_wait_interrupted_by_a_signal_leaves_the_queue(engine: StateEngine) -> None:
+    count = engine.session_state("count", 0)
+    sid = engine.open_session()
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise Interrupted  # a request timeout, say
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    holder = Holder(engine, sid, lambda ev: None)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted), engine.event(sid):
+            pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert holder.finish() is None
+    assert engine._held_sessions() == 0
+    with engine.event(sid) as ev:  # would wait forever for the stranded waiter
+        ev[count] = 1
+    assert count.get(sid) == 1
+
+
+def run_loop_briefly(main: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``asyncio.run(main())`` in a thread; fail instead of hanging."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = asyncio.run(main())
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(JOIN)
+    assert not thread.is_alive(), "the event loop is blocked for good"
+    return outcome
+
+
+@pytest.mark.parametrize("ahead", ["a task being handed the lock", "a task queued first"])
+def test_blocking_event_inside_async_code_never_waits_for_its_own_loop(
+    engine: StateEngine, ahead: str
+) -> None:
+    n = engine.session_state("n", 0)
+    sid = engine.open_session()
+    go = threading.Event()
+
+    async def bump() -> None:
+        async with engine.aevent(sid) as ev:
+            ev[n] += 1
+
+    async def main() -> str:
+        if ahead == "a task being handed the lock":
+            async with engine.aevent(sid):
+                task = asyncio.create_task(bump())
+                await asyncio.sleep(0)  # queued behind this task
+        else:
+            task = asyncio.create_task(bump())
+            holder = Holder(engine, sid, lambda ev: None)
+            await asyncio.sleep(0)  # the task queues behind the thread
+            threading.Timer(0.2, holder.go.set).start()
+        try:
+            with engine.event(sid):  # a blocking event inside async code
+                pass
+            verdict = "entered"
+        except UsageError as exc:
+            verdict = str(exc)
+        await task
+        go.set()
+        return verdict
+
+    outcome = run_loop_briefly(main)
+    assert "error" not in outcome
+    assert "aevent" in outcome["result"]
+    assert n.get(sid) == 1
+    assert engine._held_sessions() == 0

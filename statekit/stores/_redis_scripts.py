@@ -55,10 +55,14 @@ local function claim(sid, reason, at)
 end
 
 -- Slide an open session's deadline to new_deadline ('' = a look, not a use). A touch that
--- would move it by less than a second is skipped: it saves four writes on busy
--- sessions and changes an expiry by less than a second.
+-- would move it by less than a second (or a tenth of the idle ttl, if that is shorter)
+-- is skipped: it saves four writes on busy sessions and changes an expiry by little.
 local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
-  if closed == '1' or new_deadline == '' or tonumber(new_deadline) - tonumber(deadline) < 1 then
+  if closed == '1' or new_deadline == '' then
+    return
+  end
+  local slide = tonumber(new_deadline) - tonumber(deadline)
+  if slide < math.min(1, (tonumber(new_deadline) - tonumber(now)) / 10) then
     return
   end
   redis.call('HSET', key, '_d', new_deadline)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from statekit._codec import Codec
-from statekit._locks import AsyncWaiter, Latch, await_turn
+from statekit._locks import AsyncWaiter, Latch, await_turn, wait_turn
 from statekit.exceptions import SessionExpired, SessionNotFound, StateError, StoreConflict
 
 from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice
@@ -49,7 +49,7 @@ class _Record(Latch):
     __slots__ = ("closed", "deadline", "removed", "sid", "value_deadlines", "values", "version")
 
     def __init__(self, sid: str, deadline: float) -> None:
-        self.owner = None
+        self.owner = None  # the Latch's fields, set here rather than by a call
         self.waiters = None
         self.sid = sid
         self.version = 0
@@ -62,19 +62,14 @@ class _Record(Latch):
 
 class Queued:
     """An event waiting for a session another event holds: wait for the turn
-    (:meth:`wait` in a thread, :meth:`_MemoryNamespace.await_turn` in a task), then
-    :meth:`_MemoryNamespace.enter_after_wait`."""
+    (:meth:`_MemoryNamespace.wait_turn` in a thread, :meth:`~_MemoryNamespace.await_turn`
+    in a task), then :meth:`_MemoryNamespace.enter_after_wait`."""
 
     __slots__ = ("record", "waiter")
 
     def __init__(self, record: _Record, waiter: threading.Lock | AsyncWaiter) -> None:
         self.record = record
         self.waiter = waiter
-
-    def wait(self) -> None:
-        """Block this thread until the session's lock is handed to it."""
-        assert not isinstance(self.waiter, AsyncWaiter)
-        self.waiter.acquire()
 
 
 class MemoryStore:
@@ -264,26 +259,33 @@ class _MemoryNamespace:
             self._publish(self._ended_notices((entered.ended,)))  # type: ignore[arg-type]
         return entered
 
-    async def await_turn(self, queued: Queued) -> None:
+    def wait_turn(self, queued: Queued, owner: object) -> None:
+        """Block this thread until the session's lock is handed to ``owner``; an
+        interrupted wait leaves the queue (or passes on a lock granted meanwhile)."""
+        assert not isinstance(queued.waiter, AsyncWaiter)
+        rec = queued.record
+        wait_turn(queued.waiter, rec, self._lock, release=lambda: self.release_entered(rec))
+        rec.owner = owner
+
+    async def await_turn(self, queued: Queued, owner: object) -> None:
         """Wait, without blocking the event loop, until the session's lock is handed to
-        this task; a cancelled wait leaves the queue (or passes on a lock granted
-        meanwhile)."""
+        ``owner``, this task; a cancelled wait leaves the queue (or passes on a lock
+        granted meanwhile)."""
         assert isinstance(queued.waiter, AsyncWaiter)
         rec = queued.record
         await await_turn(queued.waiter, rec, self._lock, release=lambda: self.release_entered(rec))
+        rec.owner = owner
 
     def enter_after_wait(
         self,
         queued: Queued,
-        owner: object,
         expired: list[Ended],
         *,
         now: float,
         touch_until: float,
     ) -> _Record | Gone | None:
-        """Load a session whose lock the caller was handed after waiting."""
+        """Load a session whose lock the caller holds after waiting for its turn."""
         rec = queued.record
-        rec.owner = owner
         with self._lock:
             if rec.removed:
                 rec.hand_over()

@@ -340,7 +340,7 @@ class _RedisNamespace:
         self, sid: str, name: str, *, now: float, touch_until: float | None
     ) -> Loaded | Gone | None:
         # Most reads need no script: one HMGET, like a raw GET, shows the session live,
-        # the value not due and the idle deadline touched less than a second ago. Any
+        # the value not due and no touch due (see touch() in the scripts). Any
         # other case (gone, expired, a value past its ttl, a touch due) runs the PEEK
         # script, which decides it atomically.
         key = self.P + "s:" + sid
@@ -351,7 +351,11 @@ class _RedisNamespace:
             deadline is not None
             and float(deadline) > now
             and (value_deadline is None or float(value_deadline) > now)
-            and (_text(closed) == "1" or touch_until is None or touch_until - float(deadline) < 1)
+            and (
+                _text(closed) == "1"
+                or touch_until is None
+                or touch_until - float(deadline) < min(1.0, (touch_until - now) / 10)
+            )
         ):
             return Loaded(
                 sid=sid,
