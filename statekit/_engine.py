@@ -114,8 +114,9 @@ class StateEngine:
             only, :func:`time.time` for a shared store.
         lease_ttl: with a shared store, seconds an event may hold its session before
             another process may take it (the slow event's commit is then refused).
-        lease_wait: with a shared store, seconds an event waits for a session another
-            process holds before raising :class:`SessionBusy`.
+        lease_wait: seconds an event waits for its session while other events hold it
+            (in this process, or with a shared store in another) before raising
+            :class:`SessionBusy`.
 
     Thread-safe: any method may be called from any thread. Use one engine per app per
     process; several engines may live in one process.
@@ -583,7 +584,7 @@ class StateEngine:
         Raises (on entering):
             SessionNotFound: the id was not issued by this engine.
             SessionExpired: the session has ended.
-            SessionBusy: another process held the session longer than ``lease_wait``.
+            SessionBusy: other events held the session longer than ``lease_wait``.
             UsageError: an event of this session is already open in this thread/task.
             StoreUnavailable: the store cannot be reached.
         """
@@ -630,7 +631,7 @@ class StateEngine:
         ev._started = True
         local = self._local
         if local is None:
-            self._locks.acquire(ev.sid)
+            self._locks.acquire(ev.sid, self.lease_wait)
             self._entered(ev, self._drive, self._begin_steps(ev))
             return
         owner = _get_ident() if _get_running_loop() is None else current_owner()
@@ -642,7 +643,8 @@ class StateEngine:
             ev._active = True
             return
         if type(entered) is Queued:
-            local.wait_turn(entered, owner)
+            if not local.wait_turn(entered, owner, self.lease_wait):
+                raise SessionBusy(ev.sid, self.lease_wait)
             entered = self._enter_after_wait(ev, local, entered, owner)
         self._entered_locally(ev, entered)
 
@@ -650,7 +652,7 @@ class StateEngine:
         self._start(ev)
         local = self._local
         if local is None:
-            await self._locks.aacquire(ev.sid)
+            await self._locks.aacquire(ev.sid, self.lease_wait)
             try:
                 await self._adrive(self._begin_steps(ev))
             except BaseException:
@@ -666,7 +668,8 @@ class StateEngine:
         ev.now = now = self.clock()
         entered = local.enter(ev.sid, owner, ev._pending, False, now, now + self.idle_ttl)
         if type(entered) is Queued:
-            await local.await_turn(entered, owner)
+            if not await local.await_turn(entered, owner, self.lease_wait):
+                raise SessionBusy(ev.sid, self.lease_wait)
             entered = self._enter_after_wait(ev, local, entered, owner)
         self._entered_locally(ev, entered)
 

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .exceptions import UsageError, redact
+from .exceptions import SessionBusy, UsageError, redact
 
 __all__ = ["AsyncWaiter", "Latch", "SessionLocks", "await_turn", "current_owner", "wait_turn"]
 
@@ -149,33 +149,52 @@ class Latch:
         return self.owner is None and not self.waiters
 
 
+def _leave_queue(
+    waiter: threading.Lock | AsyncWaiter,
+    latch: Latch,
+    mutex: threading.Lock,
+    forget: Callable[[], None] | None,
+) -> bool:
+    """After a wait that ended without the turn (timeout, exception, cancellation):
+    leave the queue unless the latch was handed over meanwhile. Returns whether it was
+    (the caller then holds it)."""
+    with mutex:
+        if isinstance(waiter, AsyncWaiter):
+            granted = waiter.granted
+        else:
+            granted = waiter not in (latch.waiters or ())
+        if not granted:
+            assert latch.waiters is not None
+            latch.waiters.remove(waiter)
+            if forget is not None:
+                forget()
+    return granted
+
+
 def wait_turn(
     waiter: threading.Lock,
     latch: Latch,
     mutex: threading.Lock,
     *,
+    timeout: float,
     release: Callable[[], None],
     forget: Callable[[], None] | None = None,
-) -> None:
-    """Block this thread until ``latch`` is handed to ``waiter``.
+) -> bool:
+    """Block this thread until ``latch`` is handed to ``waiter``, at most ``timeout``
+    seconds; returns whether it was (False: the waiter left the queue).
 
     If the wait is interrupted (an exception from a signal handler, say), the waiter
     leaves the queue; if the latch was handed to it meanwhile, ``release()`` passes it
     on. ``forget()`` (under ``mutex``) lets a table drop a latch nobody uses any more.
     """
     try:
-        waiter.acquire()
+        if waiter.acquire(timeout=timeout):
+            return True
     except BaseException:
-        with mutex:
-            granted = waiter not in (latch.waiters or ())
-            if not granted:
-                assert latch.waiters is not None
-                latch.waiters.remove(waiter)
-                if forget is not None:
-                    forget()
-        if granted:
+        if _leave_queue(waiter, latch, mutex, forget):
             release()
         raise
+    return _leave_queue(waiter, latch, mutex, forget)
 
 
 async def await_turn(
@@ -183,26 +202,25 @@ async def await_turn(
     latch: Latch,
     mutex: threading.Lock,
     *,
+    timeout: float,
     release: Callable[[], None],
     forget: Callable[[], None] | None = None,
-) -> None:
-    """Wait for ``latch`` as ``waiter`` without blocking the event loop.
+) -> bool:
+    """Wait for ``latch`` as ``waiter``, without blocking the event loop, at most
+    ``timeout`` seconds; returns whether it was handed over (False: the waiter left the
+    queue).
 
     If the wait is cancelled, the waiter leaves the queue; if the latch was granted
     meanwhile, ``release()`` passes it on. ``forget()`` (under ``mutex``) lets a table
     drop a latch that nobody holds or waits for any more.
     """
     try:
-        await waiter.future
+        await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+        return True
+    except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+        return _leave_queue(waiter, latch, mutex, forget)
     except BaseException:
-        with mutex:
-            granted = waiter.granted
-            if not granted:
-                assert latch.waiters is not None
-                latch.waiters.remove(waiter)
-                if forget is not None:
-                    forget()
-        if granted:
+        if _leave_queue(waiter, latch, mutex, forget):
             release()
         raise
 
@@ -218,8 +236,12 @@ class SessionLocks:
     def __len__(self) -> int:
         return len(self._latches)
 
-    def acquire(self, sid: str) -> None:
-        """Block until this thread holds the lock of ``sid``."""
+    def acquire(self, sid: str, timeout: float) -> None:
+        """Block until this thread holds the lock of ``sid``.
+
+        Raises:
+            SessionBusy: other events held it for ``timeout`` seconds.
+        """
         owner = current_owner()
         with self._mutex:
             latch = self._latches.get(sid)
@@ -230,17 +252,23 @@ class SessionLocks:
                 return
             waiter = latch.queue(sid, owner, blocking=True)
         assert not isinstance(waiter, AsyncWaiter)
-        wait_turn(
+        if not wait_turn(
             waiter,
             latch,
             self._mutex,
+            timeout=timeout,
             release=lambda: self.release(sid),
             forget=lambda: self._forget(sid, latch),
-        )
+        ):
+            raise SessionBusy(sid, timeout)
         latch.owner = owner
 
-    async def aacquire(self, sid: str) -> None:
-        """Wait, without blocking the event loop, until this task holds the lock."""
+    async def aacquire(self, sid: str, timeout: float) -> None:
+        """Wait, without blocking the event loop, until this task holds the lock.
+
+        Raises:
+            SessionBusy: other events held it for ``timeout`` seconds.
+        """
         owner = current_owner()
         with self._mutex:
             latch = self._latches.get(sid)
@@ -252,13 +280,15 @@ class SessionLocks:
             waiter = latch.queue(sid, owner, blocking=False)
         assert isinstance(waiter, AsyncWaiter)
 
-        await await_turn(
+        if not await await_turn(
             waiter,
             latch,
             self._mutex,
+            timeout=timeout,
             release=lambda: self.release(sid),
             forget=lambda: self._forget(sid, latch),
-        )
+        ):
+            raise SessionBusy(sid, timeout)
         latch.owner = owner
 
     def _forget(self, sid: str, latch: Latch) -> None:

@@ -239,12 +239,13 @@ class StoreUnavailable(StateError, ConnectionError):
 
 
 class SessionBusy(StateError, TimeoutError):
-    """Another process held the session's lease for longer than the engine waits."""
+    """Other events (in this process or another) held the session for longer than
+    the engine's ``lease_wait``."""
 
     def __init__(self, sid: object, waited: float) -> None:
         self.sid = sid
         self.waited = waited
         super().__init__(
-            f"session {redact(sid)} stayed busy in another process for {waited:.1f}s; "
+            f"session {redact(sid)} stayed busy with other events for {waited:.1f}s; "
             "retry the request, or raise lease_wait if handlers are that slow"
         )

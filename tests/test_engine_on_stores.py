@@ -18,6 +18,7 @@ from statekit import (
     DeleteReason,
     Event,
     GlobalState,
+    SessionBusy,
     SessionExpired,
     SessionNotFound,
     SessionState,
@@ -203,6 +204,31 @@ class TestSemantics:
             ev.outputs["a"] = 999  # type: ignore[index]
         assert ev.result is not None
         assert ev.result.outputs == {"a": 1}
+
+    def test_a_session_held_too_long_gives_session_busy(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        engine = engine_on(make_store, clock, lease_wait=0.2)
+        sid = engine.open_session()
+        entered, go = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with engine.event(sid):
+                entered.set()
+                go.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert entered.wait(30)
+            with pytest.raises(SessionBusy), engine.event(sid):
+                pass
+        finally:
+            go.set()
+            holder.join(30)
+        with engine.event(sid):  # the timed-out waiter left nothing behind
+            pass
+        assert engine._held_sessions() == 0
 
     def test_globals_are_exact_under_threads(
         self, make_store: StoreFactory, clock: FakeClock

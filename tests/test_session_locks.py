@@ -17,6 +17,7 @@ from statekit import (
     DeleteReason,
     EngineClosed,
     Event,
+    SessionBusy,
     SessionExpired,
     SessionNotFound,
     SessionState,
@@ -339,3 +340,27 @@ def test_blocking_event_inside_async_code_never_waits_for_its_own_loop(
     assert "aevent" in outcome["result"]
     assert n.get(sid) == 1
     assert engine._held_sessions() == 0
+
+
+def test_waiting_longer_than_lease_wait_raises_session_busy() -> None:
+    engine = StateEngine(lease_wait=0.2)
+    count = engine.session_state("count", 0)
+    sid = engine.open_session()
+    holder = Holder(engine, sid, lambda ev: ev.__setitem__(count, 1))
+    started = time.monotonic()
+    with pytest.raises(SessionBusy) as info, engine.event(sid):
+        pass
+    assert 0.2 <= time.monotonic() - started < JOIN
+    assert "lease_wait" in str(info.value)
+
+    async def in_a_task() -> None:
+        async with engine.aevent(sid):
+            pass
+
+    with pytest.raises(SessionBusy):
+        asyncio.run(in_a_task())
+    assert holder.finish() is None
+    assert engine._held_sessions() == 0  # the timed-out waiters left the queue
+    with engine.event(sid) as ev:
+        ev[count] += 1
+    assert count.get(sid) == 2

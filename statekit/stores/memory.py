@@ -259,22 +259,40 @@ class _MemoryNamespace:
             self._publish(self._ended_notices((entered.ended,)))  # type: ignore[arg-type]
         return entered
 
-    def wait_turn(self, queued: Queued, owner: object) -> None:
-        """Block this thread until the session's lock is handed to ``owner``; an
-        interrupted wait leaves the queue (or passes on a lock granted meanwhile)."""
+    def wait_turn(self, queued: Queued, owner: object, timeout: float) -> bool:
+        """Block this thread until the session's lock is handed to ``owner``, at most
+        ``timeout`` seconds; returns whether it was. A wait that times out or is
+        interrupted leaves the queue (or passes on a lock granted meanwhile)."""
         assert not isinstance(queued.waiter, AsyncWaiter)
         rec = queued.record
-        wait_turn(queued.waiter, rec, self._lock, release=lambda: self.release_entered(rec))
+        if not wait_turn(
+            queued.waiter,
+            rec,
+            self._lock,
+            timeout=timeout,
+            release=lambda: self.release_entered(rec),
+        ):
+            return False
         rec.owner = owner
+        return True
 
-    async def await_turn(self, queued: Queued, owner: object) -> None:
+    async def await_turn(self, queued: Queued, owner: object, timeout: float) -> bool:
         """Wait, without blocking the event loop, until the session's lock is handed to
-        ``owner``, this task; a cancelled wait leaves the queue (or passes on a lock
+        ``owner``, this task, at most ``timeout`` seconds; returns whether it was. A
+        wait that times out or is cancelled leaves the queue (or passes on a lock
         granted meanwhile)."""
         assert isinstance(queued.waiter, AsyncWaiter)
         rec = queued.record
-        await await_turn(queued.waiter, rec, self._lock, release=lambda: self.release_entered(rec))
+        if not await await_turn(
+            queued.waiter,
+            rec,
+            self._lock,
+            timeout=timeout,
+            release=lambda: self.release_entered(rec),
+        ):
+            return False
         rec.owner = owner
+        return True
 
     def enter_after_wait(
         self,
