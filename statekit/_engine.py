@@ -588,13 +588,11 @@ class StateEngine:
             UsageError: an event of this session is already open in this thread/task.
             StoreUnavailable: the store cannot be reached.
         """
-        if not (
-            sid.__class__ is str
-            and 0 < len(sid) <= _MAX_SID_LENGTH
-            and sid.isascii()
-            and sid.isprintable()
-        ):
-            self._check_sid(sid)  # raises, saying what is wrong with the id
+        if sid.__class__ is not str:
+            self._check_sid(sid)  # raises, saying what is wrong with it
+        # The rest of the id is checked on entering: by the memory store's lookup
+        # (which only finds ids it issued; a miss then says what is wrong with the id)
+        # or, on other stores, before anything is sent.
         if browser is None and not bind:
             return Event(self, sid)
         tokens: dict[str, str | None] = {}
@@ -631,6 +629,7 @@ class StateEngine:
         ev._started = True
         local = self._local
         if local is None:
+            self._check_sid(ev.sid)
             self._locks.acquire(ev.sid, self.lease_wait)
             self._entered(ev, self._drive, self._begin_steps(ev))
             return
@@ -652,6 +651,7 @@ class StateEngine:
         self._start(ev)
         local = self._local
         if local is None:
+            self._check_sid(ev.sid)
             await self._locks.aacquire(ev.sid, self.lease_wait)
             try:
                 await self._adrive(self._begin_steps(ev))

@@ -170,13 +170,22 @@ class TestSemantics:
         with engine.event(sid) as ev:
             assert ev.closed is True
 
-    def test_malformed_ids_are_refused_when_the_event_is_made(
+    def test_malformed_ids_are_refused_on_entering_saying_why(
         self, make_store: StoreFactory, clock: FakeClock
     ) -> None:
         engine = engine_on(make_store, clock)
-        for sid in ("", "x" * 257, "caf\u00e9", "tab\there"):
-            with pytest.raises(SessionNotFound):
-                engine.event(sid)
+        cases = {
+            "": "1 to 256 characters",
+            "x" * 257: "1 to 256 characters",
+            "caf\u00e9": "printable ASCII",
+            "tab\there": "printable ASCII",
+        }
+        for sid, why in cases.items():
+            event = engine.event(sid)
+            with pytest.raises(SessionNotFound, match=why), event:
+                pass
+        with pytest.raises(SessionNotFound, match="is a str"):
+            engine.event(123)  # type: ignore[arg-type]
 
     def test_a_short_idle_ttl_is_kept_alive_by_frequent_reads(
         self, make_store: StoreFactory, clock: FakeClock
