@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and operations")
     args = parser.parse_args(argv)
     names = args.cases or list(CASES)
-    if detector.peer_deep_hash() is None and "detector" in names:
+    if detector.peer_deep_hash() is None and {"session", "detector", "lifecycle"} & set(names):
         print(
             "note: gradio is not installed, so the peer is left out "
             "(pip install -e '.[bench]' adds it)",
