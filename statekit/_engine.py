@@ -630,8 +630,16 @@ class StateEngine:
         local = self._local
         if local is None:
             self._check_sid(ev.sid)
-            self._locks.acquire(ev.sid, self.lease_wait)
-            self._entered(ev, self._drive, self._begin_steps(ev))
+            started = time.monotonic()  # lease_wait bounds the whole wait
+            held = False
+            try:
+                self._locks.acquire(ev.sid, self.lease_wait)
+                held = True
+                self._drive(self._begin_steps(ev, started))
+            except BaseException:
+                self._not_entered(ev, held)
+                raise
+            ev._active = True
             return
         owner = _get_ident() if _get_running_loop() is None else current_owner()
         ev.now = now = self.clock()
@@ -642,9 +650,14 @@ class StateEngine:
             ev._active = True
             return
         if type(entered) is Queued:
-            if not local.wait_turn(entered, owner, self.lease_wait):
-                raise SessionBusy(ev.sid, self.lease_wait)
-            entered = self._enter_after_wait(ev, local, entered, owner)
+            queued = entered
+            try:  # from the wait on: anything raised gives the lock back if it is ours
+                if not local.wait_turn(queued, owner, self.lease_wait):
+                    raise SessionBusy(ev.sid, self.lease_wait)
+                entered = self._enter_after_wait(ev, local, queued)
+            except BaseException:
+                local.give_back(queued.record, owner)
+                raise
         self._entered_locally(ev, entered)
 
     async def _abegin(self, ev: Event) -> None:
@@ -652,15 +665,14 @@ class StateEngine:
         local = self._local
         if local is None:
             self._check_sid(ev.sid)
-            await self._locks.aacquire(ev.sid, self.lease_wait)
+            started = time.monotonic()
+            held = False
             try:
-                await self._adrive(self._begin_steps(ev))
+                await self._locks.aacquire(ev.sid, self.lease_wait)
+                held = True
+                await self._adrive(self._begin_steps(ev, started))
             except BaseException:
-                self._locks.release(ev.sid)
-                release = self._abandon_lease(ev)
-                if release is not None:  # do not wait: this task may be being cancelled
-                    asyncio.get_running_loop().run_in_executor(None, release)
-                self._run_ended(ev._pending)
+                self._not_entered(ev, held, in_task=True)
                 raise
             ev._active = True
             return
@@ -668,25 +680,24 @@ class StateEngine:
         ev.now = now = self.clock()
         entered = local.enter(ev.sid, owner, ev._pending, False, now, now + self.idle_ttl)
         if type(entered) is Queued:
-            if not await local.await_turn(entered, owner, self.lease_wait):
-                raise SessionBusy(ev.sid, self.lease_wait)
-            entered = self._enter_after_wait(ev, local, entered, owner)
+            queued = entered
+            try:
+                if not await local.await_turn(queued, owner, self.lease_wait):
+                    raise SessionBusy(ev.sid, self.lease_wait)
+                entered = self._enter_after_wait(ev, local, queued)
+            except BaseException:
+                local.give_back(queued.record, owner)
+                raise
         self._entered_locally(ev, entered)
 
     def _enter_after_wait(
-        self, ev: Event, local: _MemoryNamespace, queued: Queued, owner: object
+        self, ev: Event, local: _MemoryNamespace, queued: Queued
     ) -> _Record | Gone | None:
-        """Load the session whose lock was just handed to this event; give the lock
-        back if that fails (a raising clock, say)."""
-        try:
-            ev.now = now = self.clock()
-            return local.enter_after_wait(
-                queued, ev._pending, now=now, touch_until=now + self.idle_ttl
-            )
-        except BaseException:
-            if queued.record.owner == owner:
-                local.release_entered(queued.record)
-            raise
+        """Load the session whose lock was just handed to this event."""
+        ev.now = now = self.clock()
+        return local.enter_after_wait(
+            queued, ev._pending, now=now, touch_until=now + self.idle_ttl
+        )
 
     def _held_sessions(self) -> int:
         """How many sessions events hold or wait for (for diagnostics and tests)."""
@@ -709,20 +720,22 @@ class StateEngine:
         ev._closed = entered.closed  # as entered: the record may be closed meanwhile
         ev._active = True
 
-    def _entered(self, ev: Event, drive: Callable[[Steps], Any], steps: Steps) -> None:
-        try:
-            drive(steps)
-        except BaseException:
+    def _not_entered(self, ev: Event, held: bool, *, in_task: bool = False) -> None:
+        """After a shared-store event failed to start: give back its session lock (if
+        ``held``) and any lease it may have been granted, run due callbacks."""
+        if held:
             self._locks.release(ev.sid)
-            release = self._abandon_lease(ev)
-            if release is not None:
+        release = self._abandon_lease(ev)
+        if release is not None:
+            if in_task:  # do not wait: this task may be being cancelled
+                asyncio.get_running_loop().run_in_executor(None, release)
+            else:
                 release()
-            self._run_ended(ev._pending)
-            raise
-        ev._active = True
+        self._run_ended(ev._pending)
 
-    def _begin_steps(self, ev: Event) -> Steps:
-        """Lease and load the session from a shared store, waiting while it is busy."""
+    def _begin_steps(self, ev: Event, started: float) -> Steps:
+        """Lease and load the session from a shared store, waiting while it is busy
+        until ``lease_wait`` after ``started`` (when the event began to wait)."""
         # A lease this engine failed to release (the store was down) is taken back
         # rather than waited out.
         with self._caches_lock:
@@ -730,7 +743,6 @@ class StateEngine:
         # Known before the load is sent: if the caller is cancelled while the store
         # grants the lease, the failure path still knows what to give back.
         ev._lease = token
-        started = time.monotonic()
         delay = 0.0005
         while True:
             ev.now = self.clock()

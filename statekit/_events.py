@@ -214,8 +214,10 @@ class Event:
 
     @property
     def outputs(self) -> Mapping[str, Any]:
-        """The outputs emitted so far, by name (read-only)."""
-        return MappingProxyType(self._outputs if self._outputs is not None else {})
+        """The outputs emitted so far, and later ones, by name (a read-only view)."""
+        if self._outputs is None:
+            self._outputs = {}
+        return MappingProxyType(self._outputs)
 
     def _browser_io(self) -> _BrowserIO:
         if self._browser is None:

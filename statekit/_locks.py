@@ -90,7 +90,9 @@ class Latch:
 
         Raises:
             UsageError: the owner already holds the latch (nested events), or a
-                blocking wait inside async code for a latch an asyncio task holds.
+                blocking wait inside a running event loop for a latch that a task of
+                that loop holds, is being handed, or waits for (it would wait for
+                itself).
         """
         if self.owner == owner:
             raise UsageError(
@@ -101,7 +103,7 @@ class Latch:
         waiter: threading.Lock | AsyncWaiter
         if not blocking:
             waiter = AsyncWaiter(asyncio.get_running_loop())
-        elif not isinstance(owner, int) and self._needs_a_task():
+        elif self._needs_this_loop():
             raise UsageError(
                 f"session {redact(sid)} is held by an asyncio task, or one waits for it; "
                 "waiting for it with a blocking 'with engine.event()' inside async code "
@@ -116,29 +118,40 @@ class Latch:
         self.waiters.append(waiter)
         return waiter
 
-    def _needs_a_task(self) -> bool:
-        """Whether the latch will pass through an asyncio task before a new waiter:
-        a blocking wait from inside an event loop could then wait for itself."""
-        if isinstance(self.owner, (asyncio.Task, AsyncWaiter)):
+    def _needs_this_loop(self) -> bool:
+        """Whether the latch will pass through a task of the event loop running in this
+        thread before a new waiter: a blocking wait here would stop that loop, so the
+        task could never run."""
+        loop = _get_running_loop()
+        if loop is None:
+            return False
+        owner = self.owner
+        if isinstance(owner, asyncio.Task) and owner.get_loop() is loop:
             return True
-        return any(isinstance(waiter, AsyncWaiter) for waiter in self.waiters or ())
+        if isinstance(owner, AsyncWaiter) and owner.loop is loop:
+            return True
+        return any(
+            isinstance(waiter, AsyncWaiter) and waiter.loop is loop
+            for waiter in self.waiters or ()
+        )
 
     def hand_over(self) -> bool:
         """Release the latch to the longest waiter; False if nobody waits (it is free)."""
         waiters = self.waiters
         while waiters:
             waiter = waiters.popleft()
+            # The owner is set before the waiter is woken: it sets its own at once.
             if isinstance(waiter, AsyncWaiter):
                 waiter.granted = True
+                self.owner = waiter
                 try:
                     waiter.loop.call_soon_threadsafe(_wake, waiter.future)
                 except RuntimeError:  # its loop is closed: that waiter is gone
                     waiter.granted = False
                     continue
-                self.owner = waiter
             else:
-                waiter.release()
                 self.owner = HANDING
+                waiter.release()
             return True
         self.owner = None
         return False
@@ -159,10 +172,8 @@ def _leave_queue(
     leave the queue unless the latch was handed over meanwhile. Returns whether it was
     (the caller then holds it)."""
     with mutex:
-        if isinstance(waiter, AsyncWaiter):
-            granted = waiter.granted
-        else:
-            granted = waiter not in (latch.waiters or ())
+        # A queued thread's lock stays locked until the latch is handed to it.
+        granted = waiter.granted if isinstance(waiter, AsyncWaiter) else not waiter.locked()
         if not granted:
             assert latch.waiters is not None
             latch.waiters.remove(waiter)
@@ -188,7 +199,7 @@ def wait_turn(
     on. ``forget()`` (under ``mutex``) lets a table drop a latch nobody uses any more.
     """
     try:
-        if waiter.acquire(timeout=timeout):
+        if waiter.acquire(timeout=min(timeout, threading.TIMEOUT_MAX)):
             return True
     except BaseException:
         if _leave_queue(waiter, latch, mutex, forget):
@@ -214,15 +225,15 @@ async def await_turn(
     meanwhile, ``release()`` passes it on. ``forget()`` (under ``mutex``) lets a table
     drop a latch that nobody holds or waits for any more.
     """
+    # asyncio.wait, not wait_for: wait_for may swallow a cancellation that arrives
+    # just as the future completes, and the task would then run its event.
     try:
-        await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
-        return True
-    except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
-        return _leave_queue(waiter, latch, mutex, forget)
+        done, _ = await asyncio.wait((waiter.future,), timeout=timeout)
     except BaseException:
         if _leave_queue(waiter, latch, mutex, forget):
             release()
         raise
+    return bool(done) or _leave_queue(waiter, latch, mutex, forget)
 
 
 class SessionLocks:

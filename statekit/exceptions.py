@@ -246,6 +246,6 @@ class SessionBusy(StateError, TimeoutError):
         self.sid = sid
         self.waited = waited
         super().__init__(
-            f"session {redact(sid)} stayed busy with other events for {waited:.1f}s; "
+            f"session {redact(sid)} stayed busy with other events for {waited:.3g}s; "
             "retry the request, or raise lease_wait if handlers are that slow"
         )

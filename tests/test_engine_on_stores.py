@@ -239,6 +239,38 @@ class TestSemantics:
             pass
         assert engine._held_sessions() == 0
 
+    def test_lease_wait_bounds_the_whole_wait_of_an_event(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        other = engine_on(make_store, clock)  # another process, holding the session
+        engine = StateEngine(other.store, app="shop", clock=clock, lease_wait=1)
+        sid = other.open_session()
+        entered, go = threading.Event(), threading.Event()
+        waited: dict[str, float] = {}
+
+        def hold() -> None:
+            with other.event(sid):
+                entered.set()
+                go.wait(30)
+
+        def wait(name: str) -> None:
+            started = time.monotonic()
+            with contextlib.suppress(SessionBusy), engine.event(sid):
+                pass
+            waited[name] = time.monotonic() - started
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert entered.wait(30)
+        first = threading.Thread(target=wait, args=("first",))
+        first.start()
+        time.sleep(0.05)
+        wait("second")  # waits behind the first in this process, then for the lease
+        first.join(30)
+        go.set()
+        holder.join(30)
+        assert waited["second"] < 1.6  # one lease_wait in all, not one per stage
+
     def test_globals_are_exact_under_threads(
         self, make_store: StoreFactory, clock: FakeClock
     ) -> None:

@@ -364,3 +364,72 @@ def test_waiting_longer_than_lease_wait_raises_session_busy() -> None:
     with engine.event(sid) as ev:
         ev[count] += 1
     assert count.get(sid) == 2
+
+
+@pytest.mark.parametrize("steps", range(6))
+def test_a_task_cancelled_as_the_session_is_handed_to_it_is_cancelled(
+    engine: StateEngine, steps: int
+) -> None:
+    sid = engine.open_session()
+    ran: list[str] = []
+
+    async def main() -> None:
+        async def wait_then_work() -> None:
+            async with engine.aevent(sid):
+                ran.append("body")
+                await asyncio.sleep(0.05)
+
+        holder = engine.aevent(sid)
+        await holder.__aenter__()
+        task = asyncio.create_task(wait_then_work())
+        await asyncio.sleep(0.01)  # the task queues
+        await holder.__aexit__(None, None, None)  # hands the session to the task
+        for _ in range(steps):  # the cancellation lands at each step of the hand-over
+            await asyncio.sleep(0)
+        assert task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert engine._held_sessions() == 0
+    with engine.event(sid):
+        pass
+
+
+def test_a_blocking_event_in_another_loop_waits_for_a_task_of_this_one(
+    engine: StateEngine,
+) -> None:
+    sid = engine.open_session()
+    holding = threading.Event()
+
+    def other_loop() -> None:
+        async def hold() -> None:
+            async with engine.aevent(sid):
+                holding.set()
+                await asyncio.sleep(0.2)
+
+        asyncio.run(hold())
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+    assert holding.wait(JOIN)
+
+    async def blocking_inside_async_code() -> str:
+        with engine.event(sid):  # the holder's loop runs in its own thread: no deadlock
+            return "entered"
+
+    outcome = run_loop_briefly(blocking_inside_async_code)
+    thread.join(JOIN)
+    assert outcome == {"result": "entered"}
+    assert engine._held_sessions() == 0
+
+
+def test_a_lease_wait_beyond_what_locks_accept_still_waits() -> None:
+    engine = StateEngine(lease_wait=1e10)  # past threading.TIMEOUT_MAX
+    sid = engine.open_session()
+    holder = Holder(engine, sid, lambda ev: None)
+    queued = waiter(engine, sid, lambda ev: None)
+    wait_for_waiters(engine, sid, 1)
+    assert holder.finish() is None
+    queued.thread.join(JOIN)
+    assert queued.error is None

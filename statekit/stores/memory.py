@@ -365,6 +365,14 @@ class _MemoryNamespace:
                 [Notice(kind="changed", sid=rec.sid, names=tuple(writes), origin=self.origin)]
             )
 
+    def give_back(self, rec: _Record, owner: object) -> None:
+        """Release the session's lock if ``owner`` holds it (after a failure around a
+        wait, when whether the turn came is not known)."""
+        with self._lock:
+            if rec.owner != owner:
+                return
+        self.release_entered(rec)
+
     def release_entered(self, rec: _Record) -> None:
         """Release an entered session's lock without committing."""
         self._lock.acquire()
