@@ -37,7 +37,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any, Final
 
-from ._copying import Image, Sealed, image_of, seal
+from ._copying import IMMUTABLE_ATOMS, Image, Sealed, image_of, seal
 
 __all__ = ["Change", "changed", "compare", "judge"]
 
@@ -62,6 +62,9 @@ CHANGED: Final = Change.CHANGED
 _EQ_ATOMS: frozenset[type] = frozenset(
     {type(None), bool, int, str, bytes, bytearray, range, fractions.Fraction, uuid.UUID}
 )
+#: Atoms stored as they are (immutable) whose ``==`` within one type is exact: for
+#: these, "same type and equal" is the whole verdict (not so for float: 0.0 == -0.0).
+EXACT_ATOMS: frozenset[type] = _EQ_ATOMS & IMMUTABLE_ATOMS
 _TZ_ATOMS: frozenset[type] = frozenset({datetime.datetime, datetime.time})
 _PLAIN_DATES: frozenset[type] = frozenset({datetime.date, datetime.timedelta, datetime.timezone})
 # What copy.deepcopy keeps as it is (besides value atoms): same only when identical.

@@ -254,14 +254,9 @@ class SessionLocks:
             SessionBusy: other events held it for ``timeout`` seconds.
         """
         owner = current_owner()
-        with self._mutex:
-            latch = self._latches.get(sid)
-            if latch is None:
-                latch = self._latches[sid] = Latch()
-            if latch.owner is None:
-                latch.owner = owner
-                return
-            waiter = latch.queue(sid, owner, blocking=True)
+        latch, waiter = self._take_or_queue(sid, owner, blocking=True)
+        if waiter is None:
+            return
         assert not isinstance(waiter, AsyncWaiter)
         if not wait_turn(
             waiter,
@@ -281,16 +276,10 @@ class SessionLocks:
             SessionBusy: other events held it for ``timeout`` seconds.
         """
         owner = current_owner()
-        with self._mutex:
-            latch = self._latches.get(sid)
-            if latch is None:
-                latch = self._latches[sid] = Latch()
-            if latch.owner is None:
-                latch.owner = owner
-                return
-            waiter = latch.queue(sid, owner, blocking=False)
+        latch, waiter = self._take_or_queue(sid, owner, blocking=False)
+        if waiter is None:
+            return
         assert isinstance(waiter, AsyncWaiter)
-
         if not await await_turn(
             waiter,
             latch,
@@ -301,6 +290,19 @@ class SessionLocks:
         ):
             raise SessionBusy(sid, timeout)
         latch.owner = owner
+
+    def _take_or_queue(
+        self, sid: str, owner: object, *, blocking: bool
+    ) -> tuple[Latch, threading.Lock | AsyncWaiter | None]:
+        """Take the latch of ``sid`` if free (no waiter returned), else queue for it."""
+        with self._mutex:
+            latch = self._latches.get(sid)
+            if latch is None:
+                latch = self._latches[sid] = Latch()
+            if latch.owner is None:
+                latch.owner = owner
+                return latch, None
+            return latch, latch.queue(sid, owner, blocking=blocking)
 
     def _forget(self, sid: str, latch: Latch) -> None:
         """Under the mutex: drop a latch nobody holds or waits for."""

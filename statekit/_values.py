@@ -16,14 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ._changes import CHANGED, SAME, Change, _walk, judge
+from ._changes import CHANGED, EXACT_ATOMS, SAME, Change, _walk, judge
 from ._codec import Codec, CodecError
 from ._copying import open_value, stored_form
 from .exceptions import StateNotCopyable, ValueNotStorable
-
-# Atoms stored as they are, for which equality within one type is exact identity of
-# value (unlike float: 0.0 == -0.0, nan != nan).
-EXACT_ATOMS: frozenset[type] = frozenset({type(None), bool, int, str, bytes})
 
 __all__ = ["EncodedValues", "ObjectValues", "ValuePolicy", "policy_for"]
 
@@ -60,11 +56,6 @@ class ObjectValues:
             raise StateNotCopyable(name, type(value).__qualname__, exc) from exc
 
     def judge(self, name: str, stored: Any, value: Any) -> tuple[Change, Any]:
-        cls = type(value)
-        if cls in EXACT_ATOMS:  # the common case, decided here: equal means same
-            if type(stored) is cls and stored == value:
-                return SAME, None
-            return CHANGED, value
         try:
             verdict, image = judge(stored, value)
         except Exception:  # the stored value no longer opens (a class moved): replace it

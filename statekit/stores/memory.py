@@ -196,27 +196,40 @@ class _MemoryNamespace:
     def load_session(
         self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
     ) -> Loaded | Gone | Busy | None:
+        expired: list[Ended] = []
         with self._lock:
             rec = self._open.get(sid) or self._closed.get(sid)
             if rec is None:
                 return self._gone_answer(sid)
-            if rec.deadline <= now:
-                reason = DeleteReason.CLOSED if rec.closed else DeleteReason.IDLE
-                ended = self._remove(rec, reason, rec.deadline)
-                gone = Gone(reason=reason, at=rec.deadline, ended=ended)
-            else:
-                gone = None
-                expired = self._claim_values(rec, now) if rec.value_deadlines else ()
-                if not rec.closed and touch_until is not None:
-                    rec.deadline = touch_until
-                    self._open.move_to_end(sid)
+            gone = self._load(rec, expired, now, touch_until)
         if gone is not None:
             if self._subscribers:
-                self._publish(self._ended_notices((ended,)))
+                self._publish(self._ended_notices((gone.ended,)))  # type: ignore[arg-type]
             return gone
         return Loaded(
-            sid=sid, version=rec.version, closed=rec.closed, values=rec.values, expired=expired
+            sid=sid,
+            version=rec.version,
+            closed=rec.closed,
+            values=rec.values,
+            expired=tuple(expired),
         )
+
+    def _load(
+        self, rec: _Record, expired: list[Ended], now: float, touch_until: float | None
+    ) -> Gone | None:
+        """Under the lock: end a session past its deadline (its ``Gone``), or else move
+        its values past their own ttl to ``expired`` and slide its deadline to
+        ``touch_until`` (if open and given)."""
+        if rec.deadline <= now:
+            reason = DeleteReason.CLOSED if rec.closed else DeleteReason.IDLE
+            ended = self._remove(rec, reason, rec.deadline)
+            return Gone(reason=reason, at=rec.deadline, ended=ended)
+        if rec.value_deadlines:
+            expired.extend(self._claim_values(rec, now))
+        if not rec.closed and touch_until is not None:
+            rec.deadline = touch_until
+            self._open.move_to_end(rec.sid)
+        return None
 
     # -- events: the session's lock and its load or commit in one critical section ---
 
@@ -317,16 +330,10 @@ class _MemoryNamespace:
         self, rec: _Record, expired: list[Ended], now: float, touch_until: float
     ) -> _Record | Gone:
         """Under the lock, for the holder of the record's latch: load or end it."""
-        if rec.deadline <= now:
-            reason = DeleteReason.CLOSED if rec.closed else DeleteReason.IDLE
-            ended = self._remove(rec, reason, rec.deadline)
+        gone = self._load(rec, expired, now, touch_until)
+        if gone is not None:
             rec.hand_over()  # whoever waits finds it removed
-            return Gone(reason=reason, at=rec.deadline, ended=ended)
-        if rec.value_deadlines:
-            expired.extend(self._claim_values(rec, now))
-        if not rec.closed:
-            rec.deadline = touch_until
-            self._open.move_to_end(rec.sid)
+            return gone
         return rec
 
     def leave(
@@ -369,9 +376,8 @@ class _MemoryNamespace:
         """Release the session's lock if ``owner`` holds it (after a failure around a
         wait, when whether the turn came is not known)."""
         with self._lock:
-            if rec.owner != owner:
-                return
-        self.release_entered(rec)
+            if rec.owner == owner:
+                rec.hand_over()
 
     def release_entered(self, rec: _Record) -> None:
         """Release an entered session's lock without committing."""
