@@ -12,9 +12,14 @@ can read or make one. Format, all URL-safe::
 - ``where`` is a short MAC of the storage key (and of the host's optional binding, such
   as a user id): a token copied under another storage key, or to another user, is told
   apart from a tampered one without revealing either.
-- ``body`` is the payload (tagged JSON of the value, issue time, optional expiry),
-  zlib-compressed when that makes it smaller; encrypted, the storage key and binding
-  are its associated data.
+- ``body`` is the payload (tagged JSON of the value, issue time, optional expiry);
+  encrypted, the storage key and binding are its associated data, and the payload is
+  padded with spaces to a multiple of 32 bytes and not compressed (unless asked), so
+  that a token's length says little about the value. Signed tokens are
+  zlib-compressed when that makes them smaller.
+
+Only the exact text that was issued decodes: base64 is read strictly (see
+:func:`_unb64`), so a token has one spelling.
 
 Decoding never raises and never unpickles: any failure gives the state's default and a
 :class:`TokenProblem` the host can log. Encoding checks a size budget and raises
@@ -24,7 +29,6 @@ Decoding never raises and never unpickles: any failure gives the state's default
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
 import hashlib
 import hmac
@@ -48,6 +52,7 @@ __all__ = [
 
 _CODEC = JSONCodec()
 _NONCE = 12
+_PAD = 32  # encrypted bodies are a multiple of this many bytes
 _KDF_INFO = b"statekit browser state v1"
 # Budgets: localStorage gives an origin about 5 MB; a token should be a small share.
 DEFAULT_MAX_BYTES = 16 * 1024
@@ -119,7 +124,22 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """The bytes whose :func:`_b64` is exactly ``text``.
+
+    Base64 decoders also accept other spellings of the same bytes (unused low bits set
+    in the last character, characters outside the alphabet skipped, ``=`` padding, the
+    ``+/`` alphabet); accepting them would make many strings one token.
+
+    Raises:
+        ValueError: ``text`` is not the canonical unpadded URL-safe base64 of any bytes.
+    """
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:  # binascii.Error, for a length no bytes encode to
+        data = None
+    if data is None or _b64(data) != text:
+        raise ValueError("not the canonical unpadded URL-safe base64 of any bytes")
+    return data
 
 
 def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
@@ -168,13 +188,27 @@ class BrowserKeys:
         encrypt: ``True`` (the default) encrypts tokens with AES-256-GCM (needs the
             ``browser`` extra). ``False`` only signs them (HMAC-SHA256, standard library):
             the browser can then read the value, but not change it.
+        compress: whether to zlib-compress a token's payload when that makes it
+            smaller. ``None`` (the default) compresses signed tokens, which the browser
+            can read anyway, and not encrypted ones. ``True`` on encrypted tokens makes
+            their length depend on how well the value compresses, and that leaks its
+            content: when a value holds a secret and text an attacker can influence
+            (``{"api_token": ..., "note": ...}``), the attacker learns the secret a
+            character at a time from which guess gives the shortest token (the CRIME
+            and BREACH attacks; the 32-byte padding does not stop them, the attacker
+            lengthens his text until the token sits at a step). Never put secrets and
+            attacker-influenced text in one compressed value.
 
     Raises:
         ValueError: no secret, or one shorter than 32 bytes.
     """
 
     def __init__(
-        self, secrets: Sequence[bytes | str] | bytes | str, *, encrypt: bool = True
+        self,
+        secrets: Sequence[bytes | str] | bytes | str,
+        *,
+        encrypt: bool = True,
+        compress: bool | None = None,
     ) -> None:
         if isinstance(secrets, (bytes, str)):
             secrets = [secrets]
@@ -185,6 +219,7 @@ class BrowserKeys:
                 "generate one with: python -c 'import secrets; print(secrets.token_hex(32))'"
             )
         self.encrypt = encrypt
+        self.compress = not encrypt if compress is None else compress
         self._keys = [_Key(s, encrypt) for s in raw]
         self._by_kid = {key.kid: (i, key) for i, key in enumerate(self._keys)}
         self.prefix = "sk1" if encrypt else "sk1s"
@@ -194,7 +229,7 @@ class BrowserKeys:
         return f"BrowserKeys(<{len(self._keys)} secret(s)>, {mode})"
 
     @classmethod
-    def ephemeral(cls, *, encrypt: bool = True) -> BrowserKeys:
+    def ephemeral(cls, *, encrypt: bool = True, compress: bool | None = None) -> BrowserKeys:
         """Keys from a random secret made now, for development only.
 
         Warns: tokens made with it cannot be read after this process ends, so every
@@ -206,7 +241,7 @@ class BrowserKeys:
             RuntimeWarning,
             stacklevel=2,
         )
-        return cls([os.urandom(32)], encrypt=encrypt)
+        return cls([os.urandom(32)], encrypt=encrypt, compress=compress)
 
     def _where(self, key: _Key, storage_key: str, bind: str) -> str:
         tag = hmac.new(key.mac_key, f"{storage_key}\0{bind}".encode(), hashlib.sha256)
@@ -235,12 +270,18 @@ class BrowserKeys:
         """
         expires = None if ttl is None else now + ttl
         payload = _CODEC.encode({"v": value, "iat": now, "exp": expires})
-        packed = zlib.compress(payload, 6)
-        body = b"z" + packed if len(packed) + 1 < len(payload) else b"j" + payload
+        body = b"j" + payload
+        if self.compress:
+            packed = zlib.compress(payload, 6)
+            if len(packed) < len(payload):
+                body = b"z" + packed
         key = self._keys[0]
         where = self._where(key, storage_key, bind)
         aad = f"{self.prefix}.{key.kid}.{where}.{storage_key}\0{bind}".encode()
         if key.aead is not None:
+            # JSON ignores trailing spaces and zlib leaves bytes after its stream unread,
+            # so padding needs no length field; the tag authenticates it with the rest.
+            body += b" " * (-len(body) % _PAD)
             nonce = os.urandom(_NONCE)
             sealed = nonce + key.aead.encrypt(nonce, body, aad)
         else:
@@ -280,7 +321,7 @@ class BrowserKeys:
             return DecodedToken(problem=TokenProblem.WRONG_STORAGE_KEY)
         try:
             sealed = _unb64(body_text)
-        except (binascii.Error, ValueError):
+        except ValueError:
             return DecodedToken(problem=TokenProblem.MALFORMED)
         aad = f"{prefix}.{kid}.{where}.{storage_key}\0{bind}".encode()
         if key.aead is not None:
@@ -303,7 +344,8 @@ class BrowserKeys:
     def _open(body: bytes, *, now: float, reencode: bool) -> DecodedToken:
         try:
             if body[:1] == b"z":
-                # Bounded: an authentic token was made by us under the size budget.
+                # Bounded: an authentic token was made by us under the size budget. The
+                # padding of an encrypted body, after the stream, is left unread.
                 payload = zlib.decompressobj().decompress(body[1:], 1 << 20)
             elif body[:1] == b"j":
                 payload = body[1:]

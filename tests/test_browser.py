@@ -4,8 +4,12 @@ and a fuzz of 100,000 random and mutated tokens that never raises."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import random
 import string
+import zlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,13 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from statekit import Change, compare
-from statekit._browser import BrowserKeys, TokenProblem, TokenTooLarge
-from statekit._codec import CodecError
+from statekit._browser import BrowserKeys, TokenProblem, TokenTooLarge, _b64, _unb64
+from statekit._codec import CodecError, JSONCodec
 
 SECRET = "s" * 32
 OLD = "o" * 32
 keys = BrowserKeys([SECRET])
 signed = BrowserKeys([SECRET], encrypt=False)
+compressed = BrowserKeys([SECRET], compress=True)
+B64 = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
 
 
 def roundtrip(value: Any, k: BrowserKeys = keys) -> Any:
@@ -44,9 +50,13 @@ def roundtrip(value: Any, k: BrowserKeys = keys) -> Any:
         {"theme": "dark", "n": 3, "tags": ("a", "b"), "seen": {1, 2}},
         datetime.datetime(2026, 11, 25, tzinfo=datetime.timezone.utc),
         "é" * 50,
+        "  trailing spaces  ",
+        ["a" * 500],
     ],
 )
-@pytest.mark.parametrize("k", [keys, signed], ids=["encrypted", "signed"])
+@pytest.mark.parametrize(
+    "k", [keys, signed, compressed], ids=["encrypted", "signed", "encrypted-compressed"]
+)
 def test_every_json_typed_value_roundtrips_falsy_ones_too(value: Any, k: BrowserKeys) -> None:
     assert compare(value, roundtrip(value, k)) is Change.SAME
 
@@ -100,8 +110,6 @@ def test_authentic_payload_that_is_not_json_is_reported() -> None:
     aad = f"sk1.{key.kid}.{where}.login\0".encode()
     nonce = os.urandom(12)
     sealed = nonce + key.aead.encrypt(nonce, b"jnot json", aad)
-    from statekit._browser import _b64
-
     token = f"sk1.{key.kid}.{where}.{_b64(sealed)}"
     assert keys.decode(token, storage_key="login", now=1).problem is TokenProblem.NOT_JSON
 
@@ -134,9 +142,189 @@ def test_size_budget_is_checked_at_encode_time_naming_the_state() -> None:
     assert info.value.size > 200
 
 
-def test_compression_keeps_repetitive_values_small() -> None:
-    token = keys.encode(["a" * 4000], storage_key="n", now=1)
-    assert len(token) < 300
+def test_compression_keeps_repetitive_values_small_where_it_reveals_nothing() -> None:
+    """Signed tokens are compressed by default; encrypted ones only when asked.
+
+    Fails if signed tokens stop being compressed, or if encrypted ones are compressed
+    without ``compress=True`` (which made their length a leak).
+    """
+    value = ["a" * 4000]
+
+    def size(k: BrowserKeys) -> int:
+        return len(k.encode(value, storage_key="n", now=1))
+
+    assert size(signed) < 300
+    assert size(compressed) < 300
+    assert size(keys) > 4000
+    assert size(BrowserKeys([SECRET], encrypt=False, compress=False)) > 4000
+
+
+def issued(k: BrowserKeys, fits: Callable[[str], bool]) -> str:
+    """A token of ``k`` whose body text ``fits``: values (and nonces) vary until one does."""
+    letters = os_random_text(300, string.ascii_letters)
+    for n in range(10_000):
+        token = k.encode(letters[: n % 300], storage_key="login", now=100)
+        if fits(token.split(".")[3]):
+            return token
+    raise AssertionError("no token fits")  # pragma: no cover
+
+
+def flip_unused_bit(body: str) -> str:
+    # A body of 4n+2 or 4n+3 characters leaves 4 or 2 low bits of its last one unused.
+    return body[:-1] + B64[B64.index(body[-1]) ^ 1]
+
+
+def insert_non_alphabet(body: str) -> str:
+    # At a length of 4n a lenient decoder skips the character and needs no padding.
+    return body[:5] + "!" + body[5:]
+
+
+def standard_alphabet(body: str) -> str:
+    return body.replace("-", "+").replace("_", "/")
+
+
+RESPELLINGS: dict[str, tuple[Callable[[str], bool], Callable[[str], str]]] = {
+    "unused-bits-flipped": (lambda body: len(body) % 4 != 0, flip_unused_bit),
+    "non-alphabet-inserted": (lambda body: len(body) % 4 == 0, insert_non_alphabet),
+    "trailing-padding": (lambda body: True, lambda body: body + "="),
+    "double-padding": (lambda body: True, lambda body: body + "=="),
+    "plus-slash-alphabet": (lambda body: "-" in body and "_" in body, standard_alphabet),
+}
+
+
+@pytest.mark.parametrize("respelling", RESPELLINGS)
+@pytest.mark.parametrize("k", [keys, signed], ids=["encrypted", "signed"])
+def test_only_the_issued_spelling_of_a_token_decodes(k: BrowserKeys, respelling: str) -> None:
+    """Another spelling of the same bytes is malformed, so a token string is canonical.
+
+    Fails if base64 is decoded leniently (as ``urlsafe_b64decode`` alone does): each of
+    these respellings then decodes to the issued value.
+    """
+    fits, respell = RESPELLINGS[respelling]
+    token = issued(k, fits)
+    body = token.split(".")[3]
+    other = token[: -len(body)] + respell(body)
+    assert other != token
+    assert k.decode(token, storage_key="login", now=101).problem is None
+    decoded = k.decode(other, storage_key="login", now=101)
+    assert decoded.problem is TokenProblem.MALFORMED
+    assert decoded.value is None
+
+
+def test_base64_reads_only_what_it_writes() -> None:
+    """Fails if ``_unb64`` accepts any text ``_b64`` would not have written."""
+    for data in (b"", b"\x00", b"\xff\xfe", b"abc", b"\xfb\xff\xbf"):
+        assert _unb64(_b64(data)) == data
+    for text in ("AB", "AAB", "AA==", "+/8", "Zm9v\n", "Zm 9v", "Zm9v.", "A"):
+        with pytest.raises(ValueError, match="canonical"):
+            _unb64(text)
+
+
+@pytest.mark.parametrize("k", [keys, signed], ids=["encrypted", "signed"])
+def test_kid_and_where_are_compared_exactly(k: BrowserKeys) -> None:
+    """A kid or a where in another case, or padded, is refused.
+
+    Fails if the kid were looked up, or the where compared, after normalising case or
+    stripping padding or spaces. (This already held: it pins that down.)
+    """
+    token = k.encode(["ann"], storage_key="login", now=100)
+    prefix, kid, where, body = token.split(".")
+
+    def problem(kid_text: str, where_text: str) -> TokenProblem | None:
+        respelled = f"{prefix}.{kid_text}.{where_text}.{body}"
+        return k.decode(respelled, storage_key="login", now=101).problem
+
+    assert problem(kid, where) is None
+    for changed in (kid.swapcase(), kid.lower(), kid.upper(), kid + "=", kid + "==", f" {kid}"):
+        if changed != kid:
+            assert problem(changed, where) is TokenProblem.UNKNOWN_KEY, changed
+    for changed in (where.swapcase(), where + "=", where + "==", f"{where} "):
+        if changed != where:
+            assert problem(kid, changed) is TokenProblem.WRONG_STORAGE_KEY, changed
+
+
+def test_encrypted_token_length_does_not_reveal_a_secret_by_compression() -> None:
+    """CRIME/BREACH: an attacker who puts text beside a secret in one value and sees the
+    token's length guesses the secret's next character by the shortest token.
+
+    Signed tokens, compressed, show that the oracle is real here (signed tokens reveal
+    the value anyway). Fails if default encrypted tokens are compressed: the right
+    guess then gives a shorter token, as it did before compression became opt-in.
+    """
+    secret = "tok_Qx7vRm2Lp9"
+    known = "tok_Qx7v"  # what the attacker has so far; the next character is "R"
+    guesses = string.ascii_letters + string.digits
+
+    def lengths(k: BrowserKeys) -> dict[str, int]:
+        values = {guess: {"api_token": secret, "note": known + guess} for guess in guesses}
+        return {g: len(k.encode(v, storage_key="s", now=1)) for g, v in values.items()}
+
+    oracle = lengths(signed)
+    assert [g for g, n in oracle.items() if n == min(oracle.values())] == ["R"]
+    assert len(set(lengths(keys).values())) == 1
+    assert not keys.compress
+
+
+def test_encrypted_token_length_steps_every_32_bytes_of_payload() -> None:
+    """An encrypted body is padded to a multiple of 32 bytes, so the token's length is a
+    step function of the payload's: 32 payload sizes in a row give one token length.
+
+    Fails if bodies are not padded (the length then follows the payload byte by byte)
+    or are compressed.
+    """
+    text = os_random_text(32 * 8, string.ascii_letters)
+    codec = JSONCodec()
+    payload_sizes, token_sizes, sealed_sizes = [], [], set()
+    for n in range(len(text) + 1):
+        token = keys.encode(text[:n], storage_key="s", now=1)
+        payload_sizes.append(len(codec.encode({"v": text[:n], "iat": 1, "exp": None})))
+        token_sizes.append(len(token))
+        sealed_sizes.add(len(_unb64(token.split(".")[3])))
+    assert payload_sizes == list(range(payload_sizes[0], payload_sizes[0] + len(text) + 1))
+    assert token_sizes == sorted(token_sizes)
+    steps = [n for n in range(1, len(token_sizes)) if token_sizes[n] != token_sizes[n - 1]]
+    assert len(steps) >= 7
+    assert all(b - a == 32 for a, b in itertools.pairwise(steps))
+    for n in steps:  # a step is the body crossing 32 bytes: tag byte + payload
+        assert (1 + payload_sizes[n]) % 32 == 1
+    assert all((size - 12 - 16) % 32 == 0 for size in sealed_sizes)  # nonce, tag
+
+
+def test_compress_opt_in_still_compresses_and_is_documented_as_a_leak() -> None:
+    """``compress=True`` makes repetitive values small, and both the docstring and
+    docs/browser.md say what it risks.
+
+    Fails if the option is gone or ignored, or the warning is dropped from either.
+    """
+    value = {"notes": ["same line"] * 500}
+    assert compressed.compress
+    small = compressed.encode(value, storage_key="s", now=1)
+    assert len(small) * 10 < len(keys.encode(value, storage_key="s", now=1))
+    assert compressed.decode(small, storage_key="s", now=2).value == value
+    assert keys.decode(small, storage_key="s", now=2).value == value  # any keys read it
+    warning = "Never put secrets and attacker-influenced text in one compressed value"
+    assert warning in " ".join((BrowserKeys.__doc__ or "").split())
+    page = Path(__file__).resolve().parent.parent / "docs" / "browser.md"
+    text = " ".join(page.read_text(encoding="utf-8").split())
+    assert "## What a token's length reveals" in text
+    assert warning.lower() in text.lower()
+
+
+def test_tokens_with_an_unpadded_body_of_earlier_versions_still_decode() -> None:
+    """Encrypted tokens were once compressed by default (a ``z`` body) and never padded:
+    authentic ones still read. Fails if decoding demands padding or drops ``z`` bodies.
+    """
+    import os
+
+    key = keys._keys[0]
+    where = keys._where(key, "login", "")
+    aad = f"sk1.{key.kid}.{where}.login\0".encode()
+    payload = JSONCodec().encode({"v": ["ann", "a" * 300], "iat": 1, "exp": None})
+    for body in (b"z" + zlib.compress(payload, 6), b"j" + payload):
+        nonce = os.urandom(12)
+        sealed = nonce + key.aead.encrypt(nonce, body, aad)
+        token = f"sk1.{key.kid}.{where}.{_b64(sealed)}"
+        assert keys.decode(token, storage_key="login", now=2).value == ["ann", "a" * 300]
 
 
 def test_non_json_values_fail_at_encode_time() -> None:
@@ -162,9 +350,9 @@ def test_ephemeral_keys_warn_that_values_die_with_the_process() -> None:
     assert other_process.decode(token, storage_key="k", now=2).problem is TokenProblem.UNKNOWN_KEY
 
 
-def os_random_text(n: int) -> str:
+def os_random_text(n: int, alphabet: str = string.printable) -> str:
     rng = random.Random(7)
-    return "".join(rng.choice(string.printable) for _ in range(n))
+    return "".join(rng.choice(alphabet) for _ in range(n))
 
 
 def mutate(token: str, rng: random.Random) -> str:
