@@ -49,7 +49,7 @@ import attrs
 
 from .exceptions import StateError
 
-__all__ = ["Codec", "CodecError", "JSONCodec", "SignedPickleCodec"]
+__all__ = ["Codec", "CodecError", "JSONCodec", "SignedPickleCodec", "locate_unencodable"]
 
 
 class CodecError(StateError, TypeError):
@@ -57,10 +57,26 @@ class CodecError(StateError, TypeError):
 
     Attributes:
         type_name: the type that could not be encoded, when that was the problem.
+        where: where inside the value the part that could not be encoded sits, as a
+            Python expression relative to the value (``"[3]['name']"``; ``""`` for the
+            value itself), when known.
+        state: the state whose stored value could not be read, when known.
     """
 
-    def __init__(self, message: str, type_name: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        type_name: str | None = None,
+        *,
+        where: str | None = None,
+        state: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         self.type_name = type_name
+        self.where = where
+        self.state = state
+        #: what is wrong with the part at ``where``, without the path.
+        self.detail = message if detail is None else detail
         super().__init__(message)
 
 
@@ -158,12 +174,119 @@ def _encode(value: Any) -> Any:
         fields = {name: _encode(getattr(value, name)) for name in names}
         return {"$object": [_class_path(cls), fields]}
     raise CodecError(
-        f"a value of type {cls.__qualname__} cannot be stored as JSON; store JSON-typed "
-        "values (dict, list, str, int, float, bool, None), tuple, set, bytes, dates, "
-        "UUID, Decimal, enums, dataclasses or attrs classes — or choose "
-        "SignedPickleCodec for the store",
+        f"a value of type {cls.__qualname__} cannot be stored as JSON; {_SUPPORTED}",
         type_name=cls.__qualname__,
     )
+
+
+_SUPPORTED = (
+    "store JSON-typed values (dict, list, str, int, float, bool, None), tuple, set, "
+    "bytes, dates, UUID, Decimal, enums, dataclasses or attrs classes — or choose "
+    "SignedPickleCodec for the store"
+)
+
+
+def _problem(value: Any) -> tuple[str, str] | None:
+    """Why ``value`` itself (not its parts) cannot be written as tagged JSON, and the
+    name of its type; None if it can."""
+    cls = type(value)
+    if cls is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(value[exc.start])
+            return (
+                f"is a str holding a lone surrogate (U+{code:04X} at index {exc.start}), "
+                "which UTF-8 cannot encode; such text usually comes from decoding bad "
+                "input with errors='surrogateescape' or from JSON with a lone \\u escape: "
+                "clean it before storing",
+                "str",
+            )
+        return None
+    if cls is int:
+        try:
+            repr(value)
+        except ValueError:
+            limit = sys.get_int_max_str_digits()
+            return (
+                f"is an int of more than {limit} digits, which Python will not write as "
+                "text (sys.set_int_max_str_digits); store it as bytes or a str",
+                "int",
+            )
+        return None
+    if cls is bool or value is None or cls is float or cls in _CONTAINER_TYPES:
+        return None
+    if cls in (bytes, datetime.timedelta, uuid.UUID, decimal.Decimal):
+        return None
+    if cls in _DATES:
+        tz = getattr(value, "tzinfo", None)
+        if tz is not None and type(tz) is not datetime.timezone:
+            return (
+                f"is a {cls.__name__} with tzinfo {type(tz).__qualname__}, which JSON "
+                "cannot keep without losing its zone rules (only a fixed offset would "
+                "survive); store it in UTC, or the zone name beside a naive time",
+                f"{cls.__name__}[{type(tz).__qualname__}]",
+            )
+        return None
+    if isinstance(value, enum.Enum) or dataclasses.is_dataclass(value) or attrs.has(cls):
+        return None
+    return (
+        f"is of type {cls.__qualname__}, which cannot be stored as JSON; {_SUPPORTED}",
+        cls.__qualname__,
+    )
+
+
+_CONTAINER_TYPES = (list, dict, tuple, set, frozenset)
+
+
+def _key_text(key: Any) -> str:
+    text = repr(key) if type(key) in (str, int, float, bool) or key is None else "<key>"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _children(value: Any) -> list[tuple[str, Any]]:
+    """The parts of ``value`` the encoder writes, each with its step of a path."""
+    cls = type(value)
+    if cls is list or cls is tuple:
+        return [(f"[{i}]", item) for i, item in enumerate(value)]
+    if cls is set or cls is frozenset:
+        return [(f" (a member {_key_text(item)})", item) for item in value]
+    if cls is dict:
+        out: list[tuple[str, Any]] = []
+        for key, item in value.items():
+            out.append((f" (the key {_key_text(key)})", key))
+            out.append((f"[{_key_text(key)}]", item))
+        return out
+    if isinstance(value, enum.Enum):
+        return [(".value", value.value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f".{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
+    if attrs.has(cls):
+        return [(f".{a.name}", getattr(value, a.name)) for a in attrs.fields(cls)]
+    return []
+
+
+def locate_unencodable(value: Any) -> tuple[str, str, str] | None:
+    """The first part of ``value`` that tagged JSON cannot carry: its path (a Python
+    expression relative to the value, ``""`` for the value itself), why, and its type's
+    name; None when every part can be written.
+
+    Walks without recursion, so a deep value cannot overflow the stack, and visits each
+    object once, so shared parts and cycles end.
+    """
+    stack: list[tuple[str, Any]] = [("", value)]
+    seen: set[int] = set()
+    while stack:
+        path, item = stack.pop()
+        problem = _problem(item)
+        if problem is not None:
+            return path, problem[0], problem[1]
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        # Reversed, so that the first part in writing order is found first.
+        stack.extend((path + step, child) for step, child in reversed(_children(item)))
+    return None
 
 
 def _tagged(items: Sequence[Any]) -> Any:
@@ -246,6 +369,17 @@ class JSONCodec:
             raise CodecError(
                 "the value is nested too deeply to store as JSON; flatten it, or keep "
                 "it in the memory store"
+            ) from None
+        except (CodecError, ValueError, UnicodeError) as exc:
+            # A type JSON cannot carry, a lone surrogate UTF-8 cannot encode, an int
+            # too long to write as text: say where inside the value it sits.
+            found = locate_unencodable(value)
+            if found is None:  # pragma: no cover - every failure above is found
+                raise CodecError(f"the value cannot be stored as JSON ({exc})") from exc
+            where, why, type_name = found
+            subject = where if where and not where.startswith(" ") else f"the value{where}"
+            raise CodecError(
+                f"{subject} {why}", type_name=type_name, where=where, detail=why
             ) from None
 
     def decode(self, data: bytes) -> Any:

@@ -20,9 +20,11 @@ from typing import Any, TypeAlias, TypeVar, overload
 
 import cachetools
 
+from . import _fork
 from ._browser import DEFAULT_MAX_BYTES, BrowserKeys
 from ._changes import CHANGED, SAME, compare
 from ._clock import Clock, monotonic, wall
+from ._codec import CodecError
 from ._copying import copy_value, open_value
 from ._events import Event, EventResult, ListenerFailure, _BrowserIO
 from ._locks import SessionLocks, current_owner
@@ -36,7 +38,7 @@ from ._states import (
     check_name,
     check_seconds,
 )
-from ._values import policy_for
+from ._values import not_storable, policy_for, unreadable
 from .exceptions import (
     ChangeLoopError,
     EngineClosed,
@@ -146,7 +148,20 @@ class StateEngine:
         self.lease_ttl = check_seconds(lease_ttl, "lease_ttl")
         self.lease_wait = check_seconds(lease_wait, "lease_wait")
         self.store: Store = MemoryStore() if store is None else store
-        self._values = policy_for(self.store.codec, type(self.store).__name__)
+        # A store that remembers the replies of its writes (to answer a request sent
+        # twice with its first outcome) must remember them for as long as a lease.
+        request_ttl = getattr(self.store, "request_ttl", None)
+        if request_ttl is not None and request_ttl < self.lease_ttl:
+            raise InvalidDeclaration(
+                f"lease_ttl ({self.lease_ttl:g}s) is longer than the store's request_ttl "
+                f"({request_ttl:g}s), for which it remembers each write's outcome: raise "
+                "request_ttl or lower lease_ttl"
+            )
+        self._values = policy_for(
+            self.store.codec,
+            type(self.store).__name__,
+            getattr(self.store, "check_values", None),
+        )
         self.clock: Clock = (
             clock if clock is not None else wall if self.store.shared else monotonic
         )
@@ -177,9 +192,19 @@ class StateEngine:
         # On the memory store, when the next reaping look is due (see _reap_some).
         self._next_local_look = float("-inf")
         self._shut = False
+        _fork.after_fork_in_child(self)
 
     def __repr__(self) -> str:
         return f"StateEngine(app={self.app!r}, store={type(self.store).__name__})"
+
+    def _after_fork(self) -> None:
+        """In the child of a fork: free the locks the parent's threads may have held,
+        and forget the parent's events (their session locks) and the leases it failed
+        to give back: taking those back here would let two processes hold one lease."""
+        for lock in (self._hooks_lock, self._subscribe_lock, self._caches_lock):
+            _fork.free_lock(lock)
+        self._locks = SessionLocks()
+        self._orphan_leases.clear()
 
     def __enter__(self) -> StateEngine:
         return self
@@ -1074,7 +1099,19 @@ class StateEngine:
         stored = loaded.values.get(state.name, MISSING)
         if stored is MISSING:
             return state.new_value()
-        value: T = self._values.open(stored)
+        return self._open(state, stored)
+
+    def _open(self, state: State[T], stored: Any) -> T:
+        """A private copy of ``state``'s stored value.
+
+        Raises:
+            CodecError: naming the state, when the stored value no longer opens (its
+                class was moved by a deploy, say).
+        """
+        try:
+            value: T = self._values.open(stored)
+        except Exception as exc:
+            raise unreadable(state.name, state.kind, exc) from exc
         return value
 
     # -- globals -----------------------------------------------------------------
@@ -1082,30 +1119,40 @@ class StateEngine:
     def _global_get(self, state: GlobalState[T]) -> T:
         self._check_usable()
         found = self._ns.global_get(state.name)
-        value: T = open_value(state._default) if found is None else self._values.open(found[0])
-        return value
+        if found is None:
+            value: T = open_value(state._default)
+            return value
+        return self._open(state, found[0])
 
-    def _global_update(self, state: GlobalState[T], fn: Callable[[T], T]) -> T:
+    def _global_update(
+        self, state: GlobalState[T], fn: Callable[[T], T] | None, new: Any = None
+    ) -> T:
+        """Replace a global's value with ``fn(current)``, or with ``new`` when ``fn`` is
+        None (a ``set()``, which never reads the current value: it works even when that
+        no longer opens)."""
         self._check_usable()
         name = state.name
         while True:
             found = self._ns.global_get(name)
             if found is None:
                 version = None
-                new = fn(open_value(state._default))
+                if fn is not None:
+                    new = fn(open_value(state._default))
                 verdict = compare(open_value(state._default), new)
                 stored = self._values.store(name, new)
             else:
                 old, version = found
-                new = fn(self._values.open(old))
+                if fn is not None:
+                    new = fn(self._open(state, old))
                 verdict, stored = self._values.judge(name, old, new)
                 if verdict is SAME:
-                    return new  # nothing to write
+                    break  # nothing to write
             if self._ns.global_cas(name, version=version, value=stored) is not None:
                 break
         if verdict is CHANGED:
             self._fire_global(state, self._values.open(stored))
-        return new
+        result: T = new
+        return result
 
     def _global_increment(self, state: GlobalState[T], n: int | float) -> T:
         self._check_usable()
@@ -1116,7 +1163,12 @@ class StateEngine:
                     f"increment() of global state {state.name!r} needs numbers, but its "
                     f"{what} is a {type(number).__name__}; use update(fn) instead"
                 )
-        value: T = self._ns.global_add(state.name, n, default=default)
+        try:
+            value: T = self._ns.global_add(state.name, n, default=default)
+        except CodecError as exc:
+            if exc.where is None:  # the stored value did not decode: say which state
+                raise unreadable(state.name, state.kind, exc) from exc
+            raise not_storable(state.name, type(self.store).__name__, exc) from exc
         if n:
             self._fire_global(state, value)
         return value
@@ -1270,7 +1322,7 @@ class StateEngine:
             stored = outcome.values.get(state.name, MISSING)
             for listener in state._remote_listeners:
                 try:
-                    value = state.new_value() if stored is MISSING else self._values.open(stored)
+                    value = state.new_value() if stored is MISSING else self._open(state, stored)
                     listener(sid, value)
                 except Exception:
                     logger.exception(

@@ -342,7 +342,7 @@ class Event:
                 self._before[state] = stored
                 if not read:
                     return MISSING
-                work = self._engine._values.open(stored)
+                work = self._engine._open(state, stored)
             else:
                 work = state.new_value()
                 self._before[state] = self._engine._values.store(state.name, work)

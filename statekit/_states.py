@@ -18,7 +18,8 @@ from ._browser import DEFAULT_MAX_BYTES, BrowserKeys, DecodedToken
 from ._clock import Clock, wall
 from ._codec import CodecError, JSONCodec
 from ._copying import Image, open_value, stored_form
-from .exceptions import InvalidDeclaration, StateNotCopyable, ValueNotStorable
+from ._values import not_storable
+from .exceptions import InvalidDeclaration, StateNotCopyable
 from .stores.base import DeleteReason
 
 if TYPE_CHECKING:
@@ -141,16 +142,24 @@ class GlobalState(State[T]):
         engine._declare(self)
 
     def get(self) -> T:
-        """The current value (a copy), or a copy of the default if never written."""
+        """The current value (a copy), or a copy of the default if never written.
+
+        Raises:
+            CodecError: the stored value no longer opens (naming the state and why);
+                :meth:`set` replaces it.
+        """
         return self._engine._global_get(self)
 
     def set(self, value: T) -> None:
-        """Replace the value.
+        """Replace the value. Works even when the stored value no longer opens (its
+        class was moved by a deploy, say): it is not read.
 
         Raises:
             StateNotCopyable: the value cannot be deep-copied.
+            ValueNotStorable: the store's codec cannot encode the value (nothing is
+                written).
         """
-        self._engine._global_update(self, lambda _old: value)
+        self._engine._global_update(self, None, value)
 
     def update(self, fn: Callable[[T], T]) -> T:
         """Atomically replace the value with ``fn(current)`` and return the new value.
@@ -158,6 +167,12 @@ class GlobalState(State[T]):
         ``fn`` receives a private copy and may be called more than once when other
         threads or processes write at the same time, so it must not have side effects.
         No update is ever lost.
+
+        Raises:
+            CodecError: the stored value no longer opens (naming the state and why);
+                :meth:`set` replaces it.
+            ValueNotStorable: the store's codec cannot encode the new value (nothing is
+                written).
         """
         return self._engine._global_update(self, fn)
 
@@ -235,6 +250,9 @@ class SessionState(State[T]):
         Raises:
             SessionNotFound: unknown id.
             SessionExpired: the session has ended.
+            SessionCorrupt: the store holds damaged data for the session.
+            CodecError: the stored value no longer opens (naming the state and why);
+                assigning a new value in an event replaces it.
         """
         return self._engine._peek(sid, self)
 
@@ -346,7 +364,7 @@ class BrowserState(State[T]):
         try:
             return _JSON.encode(value)
         except CodecError as exc:
-            raise ValueNotStorable(self.name, exc.type_name, "the browser", str(exc)) from exc
+            raise not_storable(self.name, "the browser", exc) from exc
 
     def encode(self, value: T, *, bind: str = "") -> str:
         """The token for ``value``, for the browser to keep.

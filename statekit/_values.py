@@ -5,7 +5,10 @@ Two policies, chosen by the store:
 - :class:`ObjectValues`, for a store that keeps Python objects (the memory store): an
   atom as it is, else a sealed image, else a private deep copy (``_copying.py``);
 - :class:`EncodedValues`, for a store that keeps bytes (SQLite, Redis): the store's
-  codec's encoding.
+  codec's encoding;
+- :class:`CheckedObjectValues`, for a memory store asked to check every value written
+  with a shared store's codec (``MemoryStore(check_values=JSONCodec())``), so that a
+  value a shared store would refuse is refused during development too.
 
 Either way the stored form doubles as the snapshot of change detection: a value whose
 new stored form equals the old one has not changed, and the exact walk runs only when
@@ -21,7 +24,34 @@ from ._codec import Codec, CodecError
 from ._copying import open_value, stored_form
 from .exceptions import StateNotCopyable, ValueNotStorable
 
-__all__ = ["EncodedValues", "ObjectValues", "ValuePolicy", "policy_for"]
+__all__ = [
+    "CheckedObjectValues",
+    "EncodedValues",
+    "ObjectValues",
+    "ValuePolicy",
+    "not_storable",
+    "policy_for",
+    "unreadable",
+]
+
+
+def not_storable(name: str, store: str, exc: CodecError) -> ValueNotStorable:
+    """The error for a value of state ``name`` that ``store``'s codec refused."""
+    # "cart[3]['name'] is a str holding ...": the state, the path, what is wrong.
+    detail = str(exc) if exc.where is None else f"{name}{exc.where} {exc.detail}"
+    return ValueNotStorable(name, exc.type_name, store, detail, where=exc.where)
+
+
+def unreadable(name: str, kind: str, exc: Exception) -> CodecError:
+    """The error for a stored value of state ``name`` that no longer opens."""
+    cause = str(exc) if isinstance(exc, CodecError) else f"{type(exc).__name__}: {exc}"
+    error = CodecError(
+        f"the stored value of {kind} state {name!r} cannot be read ({cause}); writing a "
+        "new value replaces it",
+        state=name,
+    )
+    error.__cause__ = exc
+    return error
 
 
 class ValuePolicy(Protocol):
@@ -84,7 +114,7 @@ class EncodedValues:
         try:
             return self.codec.encode(value)
         except CodecError as exc:
-            raise ValueNotStorable(name, exc.type_name, self.store_name, str(exc)) from exc
+            raise not_storable(name, self.store_name, exc) from exc
 
     def judge(self, name: str, stored: Any, value: Any) -> tuple[Change, Any]:
         data = self.store(name, value)
@@ -98,6 +128,41 @@ class EncodedValues:
         return verdict, (None if verdict is SAME else data)
 
 
-def policy_for(codec: Codec | None, store_name: str) -> ValuePolicy:
-    """The policy for a store with ``codec`` (None: it keeps Python objects)."""
-    return ObjectValues() if codec is None else EncodedValues(codec, store_name)
+class CheckedObjectValues(ObjectValues):
+    """Values kept as Python objects, each written value also checked with a codec.
+
+    Every value goes through :meth:`judge` or :meth:`store` (no atom is judged inline),
+    so that a str or an int the codec refuses is caught too.
+    """
+
+    exact_atoms: frozenset[type] = frozenset()
+
+    def __init__(self, codec: Codec, store_name: str) -> None:
+        self.codec = codec
+        self.store_name = store_name
+
+    def _check(self, name: str, value: Any) -> None:
+        try:
+            self.codec.encode(value)
+        except CodecError as exc:
+            raise not_storable(
+                name, f"{self.store_name} (checked with {self.codec.name})", exc
+            ) from exc
+
+    def store(self, name: str, value: Any) -> Any:
+        self._check(name, value)
+        return super().store(name, value)
+
+    def judge(self, name: str, stored: Any, value: Any) -> tuple[Change, Any]:
+        verdict, form = super().judge(name, stored, value)
+        if verdict is not SAME:
+            self._check(name, value)
+        return verdict, form
+
+
+def policy_for(codec: Codec | None, store_name: str, check: Codec | None = None) -> ValuePolicy:
+    """The policy for a store with ``codec`` (None: it keeps Python objects, checked
+    with ``check`` if given)."""
+    if codec is not None:
+        return EncodedValues(codec, store_name)
+    return ObjectValues() if check is None else CheckedObjectValues(check, store_name)

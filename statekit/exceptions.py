@@ -14,6 +14,7 @@ __all__ = [
     "EngineClosed",
     "InvalidDeclaration",
     "SessionBusy",
+    "SessionCorrupt",
     "SessionExpired",
     "SessionNotFound",
     "SessionNotInitialized",
@@ -81,6 +82,30 @@ class SessionExpired(SessionNotFound):
             "open a new one with open_session()"
         )
         StateError.__init__(self, message)
+
+
+class SessionCorrupt(SessionNotFound):
+    """The store holds a session whose stored data is damaged (a field that should
+    hold a number does not, say): it cannot be used, and was left in place for an
+    operator to inspect.
+
+    A subclass of :class:`SessionNotFound`, so a host that opens a new session on
+    ``SessionNotFound`` recovers by itself.
+
+    Attributes:
+        sid: the id that was used (never shown whole in the message).
+        detail: what is damaged.
+    """
+
+    def __init__(self, sid: object, detail: str) -> None:
+        self.sid = sid
+        self.detail = detail
+        StateError.__init__(
+            self,
+            f"session {redact(sid)} cannot be used: its stored data is damaged ({detail}); "
+            "it was left in place for inspection and ends at its deadline — open a new "
+            "session with open_session()",
+        )
 
 
 class SessionNotInitialized(StateError, KeyError):
@@ -200,16 +225,28 @@ class UsageError(StateError, RuntimeError):
 
 
 class ValueNotStorable(StateError, TypeError):
-    """A value cannot be encoded by the store's codec.
+    """A value cannot be encoded by the store's codec. Nothing was written.
 
     Attributes:
         state: the name of the state.
         type_name: the type that could not be encoded, when known.
+        where: where inside the value the offending part sits, as a Python expression
+            relative to the value (``"[3]['name']"``; ``""`` for the value itself), when
+            known.
     """
 
-    def __init__(self, state: str, type_name: str | None, store: str, detail: str) -> None:
+    def __init__(
+        self,
+        state: str,
+        type_name: str | None,
+        store: str,
+        detail: str,
+        *,
+        where: str | None = None,
+    ) -> None:
         self.state = state
         self.type_name = type_name
+        self.where = where
         super().__init__(f"state {state!r} cannot be written to {store}: {detail}")
 
 

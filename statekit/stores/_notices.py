@@ -3,7 +3,9 @@
 Both shared stores deliver notices the same way: the first subscriber starts a daemon
 thread running the store's own receive loop (a pub/sub listener, a table poller), the
 last unsubscribe stops it, and each notice goes to every subscriber, a subscriber that
-raises being logged and skipped.
+raises being logged and skipped. In the child of a fork the thread is started again
+for the subscribers the child inherited, and they are sent a ``resync`` notice once it
+listens: notices published before then were missed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable
+
+from statekit import _fork
 
 from .base import Notice
 
@@ -22,6 +26,21 @@ logger = logging.getLogger("statekit")
 #: A receive loop: runs until ``stop`` is set, sets ``ready`` once it listens, and
 #: hands each notice to ``deliver``.
 ReceiveLoop = Callable[[threading.Event, threading.Event, Callable[[Notice], None]], None]
+
+
+class _Ready(threading.Event):
+    """Set by a receive loop once it listens (maybe again after each reconnection);
+    runs ``then`` in the loop's thread the first time."""
+
+    def __init__(self, then: Callable[[], None] | None) -> None:
+        super().__init__()
+        self._then = then
+
+    def set(self) -> None:
+        then, self._then = self._then, None
+        super().set()
+        if then is not None:
+            then()
 
 
 class NoticeFeed:
@@ -36,6 +55,8 @@ class NoticeFeed:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        _fork.after_fork_in_child(self)
+        _fork.restart_after_fork(self)
 
     def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
         """Add a subscriber (starting the thread if needed); return its unsubscribe."""
@@ -43,16 +64,7 @@ class NoticeFeed:
         with self._lock:
             self._subscribers[key] = callback
             if self._thread is None:
-                self._stop = threading.Event()
-                ready = threading.Event()
-                self._thread = threading.Thread(
-                    target=self._receive,
-                    args=(self._stop, ready, self.deliver),
-                    name=self._name,
-                    daemon=True,
-                )
-                self._thread.start()
-                ready.wait(self._ready_timeout)
+                self._start()
 
         def unsubscribe() -> None:
             with self._lock:
@@ -62,6 +74,35 @@ class NoticeFeed:
             self.stop()
 
         return unsubscribe
+
+    def _start(self, *, after_fork: bool = False) -> None:
+        """Under the lock: start the thread. Normally wait until it listens; after a
+        fork, do not wait (the child's startup must not hang on a slow store), and
+        tell every subscriber, once it listens, that notices may have been missed."""
+        self._stop = threading.Event()
+        ready = _Ready(self._resync if after_fork else None)
+        self._thread = threading.Thread(
+            target=self._receive,
+            args=(self._stop, ready, self.deliver),
+            name=self._name,
+            daemon=True,
+        )
+        self._thread.start()
+        if not after_fork:
+            ready.wait(self._ready_timeout)
+
+    def _resync(self) -> None:
+        self.deliver(Notice(kind="resync", sid="", origin="fork"))
+
+    def _after_fork(self) -> None:
+        """In the child of a fork: the thread is gone, the lock may look held."""
+        _fork.free_lock(self._lock)
+        self._thread = None
+
+    def _restart_after_fork(self) -> None:
+        with self._lock:
+            if self._subscribers and self._thread is None:
+                self._start(after_fork=True)
 
     def deliver(self, notice: Notice) -> None:
         """Hand ``notice`` to every subscriber; one that raises is logged and skipped."""

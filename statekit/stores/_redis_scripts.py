@@ -6,11 +6,25 @@ tag puts them in one cluster slot. ``s:<sid>`` is a session hash (``_v`` version
 ``t:<name>`` value deadlines); ``dl`` is the deadline index (a sorted set of
 ``s\\0<sid>`` and ``v\\0<sid>\\0<name>``); ``lru`` and ``closed`` order open sessions by
 last use and closed ones by close time; ``gone:<sid>`` remembers why a session ended;
-``g:<name>`` is a global (``v`` value, ``n`` version). Times travel as the strings
-Python wrote, so Lua never rounds them. The per-application constants are written
-into each script's text (``@P@`` the key prefix, ``@ORIGIN@`` the handle, ``@CHANNEL@``
-the notice channel, ``@TOMBSTONE@`` the seconds an ended id is remembered), so that a
-call sends only what changes.
+``g:<name>`` is a global (``v`` value, ``n`` version); ``q:<request id>`` remembers the
+reply of a write for a while. Times travel as the strings Python wrote, so Lua never
+rounds them. The per-application constants are written into each script's text
+(``@P@`` the key prefix, ``@ORIGIN@`` the handle, ``@CHANNEL@`` the notice channel,
+``@TOMBSTONE@`` the seconds an ended id is remembered, ``@REQUEST_MS@`` the
+milliseconds a write's reply is remembered), so that a call sends only what changes.
+
+**Idempotent writes.** Every script that writes takes, as its last key, a key made of
+a request id that the caller draws once per operation. Before doing anything, the
+script looks for a reply remembered under that key and, if there is one, returns it
+unchanged: a request sent again (by a client that retries after a lost connection, or
+by the store itself) is answered with the first outcome and applied once. A script
+remembers its reply when running it again would not give the same answer: a commit,
+an open, a close, a global write, and any load, peek or reap that claimed something.
+
+**Damaged data.** Fields the scripts read as numbers are checked; a session with a
+damaged field is answered ``{'corrupt', field}`` and left in place; a member of an
+index that names nothing (or is not one statekit writes) is removed and reported, so
+that one bad entry never stops reaping or opening sessions.
 """
 
 from __future__ import annotations
@@ -61,7 +75,7 @@ local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
   if closed == '1' or new_deadline == '' then
     return
   end
-  local slide = tonumber(new_deadline) - tonumber(deadline)
+  local slide = tonumber(new_deadline) - deadline
   if slide < math.min(1, (tonumber(new_deadline) - tonumber(now)) / 10) then
     return
   end
@@ -71,35 +85,68 @@ local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
   redis.call('ZADD', P .. 'lru', now, sid)
 end
 
--- Remove one value past its ttl; return {sid, 'ttl', at, name, value}.
+-- Remove one value past its ttl; return {sid, 'ttl', at, name, value}, or nil when the
+-- value is no longer there (its session was claimed first).
 local function claim_value(sid, name, at)
   local key = P .. 's:' .. sid
   local value = redis.call('HGET', key, 'v:' .. name)
-  redis.call('HDEL', key, 'v:' .. name, 't:' .. name)
   redis.call('ZREM', P .. 'dl', 'v\0' .. sid .. '\0' .. name)
-  return {sid, 'ttl', at, name, value or ''}
+  if not value then
+    return nil
+  end
+  redis.call('HDEL', key, 'v:' .. name, 't:' .. name)
+  return {sid, 'ttl', at, name, value}
+end
+
+-- The first damaged field of a session's version and deadline, or nil.
+local function damaged(version, deadline)
+  if not version or not string.find(version, '^%d+$') then return '_v' end
+  if not tonumber(deadline) then return '_d' end
+  return nil
 end
 """
 
-# KEYS: session.  ARGV: sid, now, deadline, capacity, backstop_ms
+# Prepended to every script that writes: KEYS[#KEYS] is the request's key.
+_ONCE = r"""
+local REQ = KEYS[#KEYS]
+local seen = redis.call('GET', REQ)
+if seen then return cmsgpack.unpack(seen) end
+local function remember(reply)
+  redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', @REQUEST_MS@)
+  return reply
+end
+"""
+
+# KEYS: session, request.  ARGV: sid, now, deadline, capacity, backstop_ms
+# Returns {evicted, junk}: the sessions evicted, and index entries that named nothing.
 CREATE = (
     _CLAIM
+    + _ONCE
     + r"""
 local now = tonumber(ARGV[2])
 local count = redis.call('ZCARD', P .. 'lru') + redis.call('ZCARD', P .. 'closed')
 local evicted = {}
+local junk = {}
 while count >= tonumber(ARGV[4]) do
   local victim = redis.call('ZRANGE', P .. 'closed', 0, 0)[1]
   if not victim then victim = redis.call('ZRANGE', P .. 'lru', 0, 0)[1] end
   if not victim then break end
   local meta = redis.call('HMGET', P .. 's:' .. victim, '_c', '_d')
-  local reason = 'evicted'
-  local at = ARGV[2]
-  if meta[2] and tonumber(meta[2]) <= now then
-    at = meta[2]
-    if meta[1] == '1' then reason = 'closed' else reason = 'idle' end
+  if not meta[2] then
+    -- No session behind this entry: drop it, it holds no place.
+    redis.call('ZREM', P .. 'lru', victim)
+    redis.call('ZREM', P .. 'closed', victim)
+    junk[#junk + 1] = victim
+  else
+    local reason = 'evicted'
+    local at = ARGV[2]
+    local deadline = tonumber(meta[2])
+    if deadline and deadline <= now then
+      at = meta[2]
+      if meta[1] == '1' then reason = 'closed' else reason = 'idle' end
+    end
+    evicted[#evicted + 1] = claim(victim, reason, at)
   end
-  evicted[#evicted + 1] = claim(victim, reason, at)
   count = count - 1
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -109,13 +156,15 @@ redis.call('HSET', KEYS[1], '_v', 0, '_c', 0, '_d', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', P .. 'dl', ARGV[3], 's\0' .. ARGV[1])
 redis.call('ZADD', P .. 'lru', ARGV[2], ARGV[1])
-return evicted
+return remember({evicted, junk})
 """
 )
 
-# KEYS: session.  ARGV: sid, now, touch_until|'', lease|'', lease_until, backstop_ms
+# KEYS: session, request.  ARGV: sid, now, touch_until|'', lease|'', lease_until,
+#       backstop_ms
 LOAD = (
     _CLAIM
+    + _ONCE
     + r"""
 local sid = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -125,27 +174,38 @@ if not meta[3] then
   if gone then return {'gone', gone} end
   return {'none'}
 end
-if tonumber(meta[3]) <= now then
+local bad = damaged(meta[1], meta[3])
+if bad then return {'corrupt', bad} end
+local deadline = tonumber(meta[3])
+if deadline <= now then
   local reason = 'idle'
   if meta[2] == '1' then reason = 'closed' end
-  return {'expired', claim(sid, reason, meta[3])}
+  return remember({'expired', claim(sid, reason, meta[3])})
+end
+local h = redis.call('HGETALL', KEYS[1])
+local due = {}
+local claims = false
+for i = 1, #h, 2 do
+  local f = h[i]
+  if string.sub(f, 1, 2) == 't:' then
+    local at = tonumber(h[i + 1])
+    if not at then return {'corrupt', f} end
+    if at <= now then
+      due[string.sub(f, 3)] = h[i + 1]
+      claims = true
+    end
+  end
 end
 if ARGV[4] ~= '' then
-  if meta[4] and meta[4] ~= ARGV[4] and tonumber(meta[5]) > now then
-    return {'busy', meta[5]}
+  if meta[4] and meta[4] ~= ARGV[4] then
+    local held = tonumber(meta[5])
+    if not held then return {'corrupt', '_lu'} end
+    if held > now then return {'busy', meta[5]} end
   end
   redis.call('HSET', KEYS[1], '_l', ARGV[4], '_lu', ARGV[5])
 end
-local h = redis.call('HGETALL', KEYS[1])
 local values = {}
 local expired = {}
-local due = {}
-for i = 1, #h, 2 do
-  local f = h[i]
-  if string.sub(f, 1, 2) == 't:' and tonumber(h[i + 1]) <= now then
-    due[string.sub(f, 3)] = h[i + 1]
-  end
-end
 for i = 1, #h, 2 do
   local f = h[i]
   if string.sub(f, 1, 2) == 'v:' then
@@ -158,14 +218,17 @@ for i = 1, #h, 2 do
     end
   end
 end
-touch(KEYS[1], sid, meta[2], meta[3], ARGV[2], ARGV[3], ARGV[6])
-return {'ok', meta[1], meta[2] or '0', values, expired}
+touch(KEYS[1], sid, meta[2], deadline, ARGV[2], ARGV[3], ARGV[6])
+local reply = {'ok', meta[1], meta[2] or '0', values, expired}
+if claims then return remember(reply) end
+return reply
 """
 )
 
-# KEYS: session.  ARGV: sid, now, touch_until|'', name, backstop_ms
+# KEYS: session, request.  ARGV: sid, now, touch_until|'', name, backstop_ms
 PEEK = (
     _CLAIM
+    + _ONCE
     + r"""
 local sid = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -176,27 +239,38 @@ if not meta[3] then
   if gone then return {'gone', gone} end
   return {'none'}
 end
-if tonumber(meta[3]) <= now then
+local bad = damaged(meta[1], meta[3])
+if bad then return {'corrupt', bad} end
+local deadline = tonumber(meta[3])
+if deadline <= now then
   local reason = 'idle'
   if meta[2] == '1' then reason = 'closed' end
-  return {'expired', claim(sid, reason, meta[3])}
+  return remember({'expired', claim(sid, reason, meta[3])})
 end
 local values = {}
 local expired = {}
-if meta[5] and tonumber(meta[5]) <= now then
-  expired[1] = claim_value(sid, name, meta[5])
-elseif meta[4] then
+if meta[5] then
+  local at = tonumber(meta[5])
+  if not at then return {'corrupt', 't:' .. name} end
+  if at <= now then
+    expired[1] = claim_value(sid, name, meta[5])
+  end
+end
+if meta[4] and not expired[1] then
   values = {name, meta[4]}
 end
-touch(KEYS[1], sid, meta[2], meta[3], ARGV[2], ARGV[3], ARGV[5])
-return {'ok', meta[1], meta[2] or '0', values, expired}
+touch(KEYS[1], sid, meta[2], deadline, ARGV[2], ARGV[3], ARGV[5])
+local reply = {'ok', meta[1], meta[2] or '0', values, expired}
+if expired[1] then return remember(reply) end
+return reply
 """
 )
 
-# KEYS: session.  ARGV: sid, version, lease|'', release '1'|'0', then
+# KEYS: session, request.  ARGV: sid, version, lease|'', release '1'|'0', then
 #       name, value, deadline|'' for each write.
 COMMIT = (
     _CLAIM
+    + _ONCE
     + r"""
 local meta = redis.call('HMGET', KEYS[1], '_v', '_l')
 if not meta[1] then
@@ -204,6 +278,7 @@ if not meta[1] then
   if gone then return {'gone', gone} end
   return {'none'}
 end
+if not string.find(meta[1], '^%d+$') then return {'corrupt', '_v'} end
 if meta[1] ~= ARGV[2] or (ARGV[3] ~= '' and meta[2] ~= ARGV[3]) then
   return {'conflict', meta[1]}
 end
@@ -226,11 +301,11 @@ if ARGV[3] ~= '' and ARGV[4] == '1' then
   redis.call('HDEL', KEYS[1], '_l', '_lu')
 end
 notice('changed', sid, nil, names)
-return {'ok', tostring(version)}
+return remember({'ok', tostring(version)})
 """
 )
 
-# KEYS: session.  ARGV: lease
+# KEYS: session.  ARGV: lease.  Idempotent by nature: no request key.
 RELEASE = r"""
 if redis.call('HGET', KEYS[1], '_l') == ARGV[1] then
   redis.call('HDEL', KEYS[1], '_l', '_lu')
@@ -238,20 +313,23 @@ end
 return 1
 """
 
-# KEYS: session.  ARGV: sid, now, deadline, backstop_ms
+# KEYS: session, request.  ARGV: sid, now, deadline, backstop_ms
 CLOSE = (
     _CLAIM
+    + _ONCE
     + r"""
 local sid = ARGV[1]
-local meta = redis.call('HMGET', KEYS[1], '_c', '_d')
+local meta = redis.call('HMGET', KEYS[1], '_c', '_d', '_v')
 if not meta[2] then
   local gone = redis.call('GET', P .. 'gone:' .. sid)
   if gone then return {'gone', gone} end
   return {'none'}
 end
 if meta[1] == '1' then return {'already'} end
+local bad = damaged(meta[3], meta[2])
+if bad then return {'corrupt', bad} end
 if tonumber(meta[2]) <= tonumber(ARGV[2]) then
-  return {'expired', claim(sid, 'idle', meta[2])}
+  return remember({'expired', claim(sid, 'idle', meta[2])})
 end
 redis.call('HSET', KEYS[1], '_c', 1, '_d', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -259,50 +337,75 @@ redis.call('ZADD', P .. 'dl', ARGV[3], 's\0' .. sid)
 redis.call('ZREM', P .. 'lru', sid)
 redis.call('ZADD', P .. 'closed', ARGV[2], sid)
 notice('ended', sid, 'closed', nil)
-return {'closed'}
+return remember({'closed'})
 """
 )
 
-# KEYS: dl.  ARGV: now, limit
+# KEYS: dl, request.  ARGV: now, limit
+# Returns {ended, junk}: what was claimed (at most limit entries), and index members
+# that named nothing claimable, removed. Every member looked at leaves the index, so
+# the loop ends; one bad member never stops the others.
 REAP = (
     _CLAIM
+    + _ONCE
     + r"""
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0,
-                       tonumber(ARGV[2]))
+local limit = tonumber(ARGV[2])
 local out = {}
-for i = 1, #due, 2 do
-  local member = due[i]
-  if string.sub(member, 1, 2) == 's\0' then
-    local sid = string.sub(member, 3)
-    local closed = redis.call('HGET', P .. 's:' .. sid, '_c')
-    local reason = 'idle'
-    if closed == '1' then reason = 'closed' end
-    out[#out + 1] = claim(sid, reason, due[i + 1])
-  else
-    local cut = string.find(member, '\0', 3, true)
-    local sid = string.sub(member, 3, cut - 1)
-    local name = string.sub(member, cut + 1)
-    out[#out + 1] = claim_value(sid, name, due[i + 1])
+local junk = {}
+local claimed = {}
+while #out < limit do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
+                         'LIMIT', 0, limit - #out)
+  if #due == 0 then break end
+  for i = 1, #due, 2 do
+    local member = due[i]
+    local kind = string.sub(member, 1, 2)
+    local cut = nil
+    if kind == 'v\0' then cut = string.find(member, '\0', 3, true) end
+    if kind == 's\0' and redis.call('EXISTS', P .. 's:' .. string.sub(member, 3)) == 1 then
+      local sid = string.sub(member, 3)
+      local reason = 'idle'
+      if redis.call('HGET', P .. 's:' .. sid, '_c') == '1' then reason = 'closed' end
+      out[#out + 1] = claim(sid, reason, due[i + 1])
+      claimed[sid] = true
+    elseif cut then
+      local sid = string.sub(member, 3, cut - 1)
+      local item = claim_value(sid, string.sub(member, cut + 1), due[i + 1])
+      if item then
+        out[#out + 1] = item
+      elseif not claimed[sid] then
+        junk[#junk + 1] = member
+      end
+    else
+      redis.call('ZREM', KEYS[1], member)
+      junk[#junk + 1] = member
+    end
   end
 end
-return out
+if #out > 0 or #junk > 0 then return remember({out, junk}) end
+return {out, junk}
 """
 )
 
-# KEYS: global.  ARGV: version|'', value
-GLOBAL_CAS = r"""
+# KEYS: global, request.  ARGV: version|'', value
+GLOBAL_CAS = (
+    _ONCE
+    + r"""
 local found = redis.call('HGET', KEYS[1], 'n')
 if (found or '') ~= ARGV[1] then return false end
 local version = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('HSET', KEYS[1], 'v', ARGV[2])
-return version
+return remember(version)
 """
+)
 
-# KEYS: global.  ARGV: amount, default
+# KEYS: global, request.  ARGV: amount, default
 # Adds on the server only when the stored value and the amount are plain integers (the
 # reply is the stored string, never a Lua number, which would round past 2**53); else
 # returns false and the caller adds in Python with a compare-and-set.
-GLOBAL_ADD = r"""
+GLOBAL_ADD = (
+    _ONCE
+    + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'v', ARGV[2], 'n', 0)
 end
@@ -313,11 +416,20 @@ end
 local added = redis.pcall('HINCRBY', KEYS[1], 'v', ARGV[1])
 if type(added) == 'table' and added.err then return false end
 redis.call('HINCRBY', KEYS[1], 'n', 1)
-return redis.call('HGET', KEYS[1], 'v')
+return remember(redis.call('HGET', KEYS[1], 'v'))
 """
+)
 
 
-def render(script: str, *, prefix: str, origin: str, channel: str, tombstone_ttl: int) -> str:
+def render(
+    script: str,
+    *,
+    prefix: str,
+    origin: str,
+    channel: str,
+    tombstone_ttl: int,
+    request_ms: int,
+) -> str:
     """A script with its per-application constants written in."""
     for text in (prefix, origin, channel):
         if "]==]" in text or "\n" in text:
@@ -327,4 +439,5 @@ def render(script: str, *, prefix: str, origin: str, channel: str, tombstone_ttl
         .replace("@ORIGIN@", origin)
         .replace("@CHANNEL@", channel)
         .replace("@TOMBSTONE@", str(int(tombstone_ttl)))
+        .replace("@REQUEST_MS@", str(int(request_ms)))
     )

@@ -15,6 +15,10 @@ lock. Every engine of an application shares its records, hence its session locks
 
 If deadlines were ever given out of order (a wall clock stepping back), an entry is
 reaped late, never early, and a load still refuses anything past its own deadline.
+
+Engines that share an application through one store share its sessions, values and
+globals: they live until the last handle on the application shuts down, and only
+that shutdown ends them (reason ``shutdown``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from statekit import _fork
 from statekit._codec import Codec
 from statekit._locks import AsyncWaiter, Latch, await_turn, wait_turn
 from statekit.exceptions import SessionExpired, SessionNotFound, StateError, StoreConflict
@@ -76,27 +81,57 @@ class MemoryStore:
     """Keeps every application's state in this process's memory.
 
     The default store. Fastest; nothing is serialized, so any deep-copyable value can be
-    stored. Its data dies with the process, so :meth:`StateEngine.shutdown` runs the
-    deletion callbacks of every value it held. Thread-safe.
+    stored. Its data dies with the process: when the last engine using an application
+    shuts down (:meth:`StateEngine.shutdown`), the deletion callbacks of every value it
+    held run. Thread-safe.
+
+    Args:
+        check_values: a codec (for example :class:`~statekit.JSONCodec`, the shared
+            stores' default) that every value written must be encodable by: a value a
+            shared store would refuse then raises :class:`~statekit.ValueNotStorable`
+            here too, during development and tests rather than in production. It costs
+            one encoding per value written; leave it ``None`` (the default) in
+            production. ``statekit.testing.checked_store()`` makes such a store.
     """
 
     shared = False
     codec: Codec | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, *, check_values: Codec | None = None) -> None:
+        if check_values is not None and not isinstance(check_values, Codec):
+            raise TypeError(
+                "check_values takes a codec such as JSONCodec(), got "
+                f"{type(check_values).__name__}"
+            )
+        self.check_values = check_values
         self._apps: dict[str, _AppState] = {}
         self._lock = threading.Lock()
+        _fork.after_fork_in_child(self)
 
     def __repr__(self) -> str:
         return f"MemoryStore(apps={sorted(self._apps)!r})"
 
     def namespace(self, app: str) -> _MemoryNamespace:
-        """A handle on application ``app``; handles of one name share their state."""
+        """A handle on application ``app``; handles of one name share their state,
+        which lives until every handle has shut down."""
         with self._lock:
             state = self._apps.get(app)
             if state is None:
                 state = self._apps[app] = _AppState()
+            with state.lock:
+                state.handles += 1
             return _MemoryNamespace(state)
+
+    def _after_fork(self) -> None:
+        """In the child of a fork: the locks of the parent's threads are free again,
+        and sessions its events held are free (those events go on in the parent)."""
+        _fork.free_lock(self._lock)
+        for state in self._apps.values():
+            _fork.free_lock(state.lock)
+            for queue in (state.open, state.closed):
+                for rec in queue.values():
+                    rec.owner = None
+                    rec.waiters = None
 
 
 class _AppState:
@@ -110,6 +145,8 @@ class _AppState:
         self.gone: OrderedDict[str, tuple[DeleteReason, float]] = OrderedDict()
         self.globals: dict[str, tuple[Any, int]] = {}
         self.subscribers: dict[int, tuple[str, Callable[[Notice], None]]] = {}
+        # Handles not shut down: the data ends with the last one.
+        self.handles = 0
 
 
 _handles = itertools.count(1)
@@ -130,6 +167,7 @@ class _MemoryNamespace:
         self._gone = state.gone
         self._globals = state.globals
         self._subscribers = state.subscribers
+        self._shut = False
 
     # -- notices -----------------------------------------------------------------
 
@@ -557,7 +595,18 @@ class _MemoryNamespace:
     # -- end ---------------------------------------------------------------------
 
     def shutdown(self) -> tuple[Ended, ...]:
+        """Let go of the application: its data ends (and is returned, with reason
+        ``shutdown``) only when this is its last handle. A second call does nothing."""
         with self._lock:
+            if self._shut:
+                return ()
+            self._shut = True
+            for key, (origin, _) in list(self._subscribers.items()):
+                if origin == self.origin:
+                    del self._subscribers[key]
+            self._state.handles -= 1
+            if self._state.handles > 0:
+                return ()
             records = [*self._open.values(), *self._closed.values()]
             for rec in records:
                 rec.removed = True

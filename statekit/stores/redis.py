@@ -8,6 +8,12 @@ are cluster-safe. Key TTLs are set only as a garbage-collection backstop, well a
 the deadlines the engine enforces; no ``CONFIG SET`` and no keyspace notifications are
 needed. Notices to other processes go through pub/sub (best effort: after a lost
 connection, subscribers get a ``resync`` notice).
+
+Every write carries a request id, and the script remembers its reply under it for
+``request_ttl`` seconds: a write sent again after a lost connection (by a retrying
+client, or once by the store itself) returns the first outcome and is applied once.
+When no answer can be had, :class:`~statekit.StoreUnavailable` says whether the
+request may have been applied (``outcome_unknown``).
 """
 
 from __future__ import annotations
@@ -16,30 +22,38 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 try:
     import redis
     import redis.asyncio as aioredis
+    from redis.backoff import EqualJitterBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("RedisStore needs the redis package: pip install 'statekit[redis]'") from exc
 
-from statekit._codec import Codec, JSONCodec
+from statekit import _fork
+from statekit._codec import Codec, CodecError, JSONCodec
 from statekit.exceptions import (
+    SessionCorrupt,
     SessionExpired,
     SessionNotFound,
     StateError,
     StoreConflict,
     StoreUnavailable,
+    redact,
 )
 
 from . import _redis_scripts as scripts
@@ -57,6 +71,7 @@ BACKSTOP = 86_400.0
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_REASONS = frozenset(reason.value for reason in DeleteReason)
 _SCRIPTS = (
     "CREATE",
     "LOAD",
@@ -68,6 +83,32 @@ _SCRIPTS = (
     "GLOBAL_CAS",
     "GLOBAL_ADD",
 )
+
+
+def _before_send(exc: BaseException) -> bool:
+    """Whether a connection failure happened while the client was still getting a
+    connection for the request, so that nothing of it was sent.
+
+    redis-py takes a connection from its pool (connecting it if needed) before sending
+    anything and before its own retries begin; a failure there is raised from the
+    pool's ``get_connection``. Any other failure may come after the request left, or
+    after an earlier attempt of a retrying client did: then the outcome is unknown.
+    """
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "get_connection":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _default_retry() -> Retry:
+    """Three quick retries after a lost connection: harmless, every write being
+    idempotent, and they carry a request over a server restart or a failover. Not after
+    a timeout: a server too slow to answer is not asked again."""
+    return Retry(
+        EqualJitterBackoff(cap=0.5, base=0.01), 3, supported_errors=(RedisConnectionError,)
+    )
 
 
 def _safe_url(url: str) -> str:
@@ -95,6 +136,13 @@ class RedisStore:
         prefix: the first part of every key.
         codec: how values become bytes; :class:`~statekit.JSONCodec` by default.
         socket_timeout: seconds before a silent server counts as unavailable.
+        request_ttl: seconds the server remembers the reply of each write, so that a
+            write sent again (after a lost connection) returns its first outcome and is
+            applied once. Engines refuse a ``lease_ttl`` above it.
+
+    The client made from ``url`` retries a request three times after a lost connection
+    (within about a second); a ``client`` of your own keeps its own retry policy. Both
+    are safe: every write is idempotent.
 
     Thread-safe. Raises :class:`~statekit.StoreUnavailable` when the server cannot be
     reached; it reconnects by itself once the server is back.
@@ -111,9 +159,15 @@ class RedisStore:
         prefix: str = "statekit",
         codec: Codec | None = None,
         socket_timeout: float = 5.0,
+        request_ttl: float = 60.0,
     ) -> None:
         if client is None and url is None:
             raise ValueError("RedisStore needs a url or a client")
+        if isinstance(request_ttl, bool) or not isinstance(request_ttl, (int, float)):
+            raise ValueError(f"request_ttl must be a number of seconds, got {request_ttl!r}")
+        if not 1 <= request_ttl <= 86_400:
+            raise ValueError(f"request_ttl must be between 1 and 86400 seconds, got {request_ttl}")
+        self.request_ttl = float(request_ttl)
         self.codec: Codec = JSONCodec() if codec is None else codec
         self.prefix = prefix
         self.url = url
@@ -122,7 +176,10 @@ class RedisStore:
             client
             if client is not None
             else redis.Redis.from_url(
-                url or "", socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+                url or "",
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                retry=_default_retry(),
             )
         )
         self._async_client = async_client
@@ -143,32 +200,53 @@ class RedisStore:
         self._handles.add(handle)
         return handle
 
-    def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run one script, mapping connection failures to StoreUnavailable (with
-        ``outcome_unknown`` when the request went out and no answer came back)."""
-        try:
-            return script(keys=keys, args=args)
-        except RedisTimeoutError as exc:
-            raise StoreUnavailable(
-                self._label, f"{type(exc).__name__}: {exc}", outcome_unknown=True
-            ) from exc
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
-        except RedisError as exc:
-            if "already in use" in str(exc):
-                raise StateError("session id already in use") from exc
-            raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
+    def run(self, script: Any, keys: list[str], args: list[Any], *, applies: bool) -> Any:
+        """Run one script, mapping failures to StoreUnavailable.
 
-    async def arun(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        Every script that writes is idempotent (its request key is the last of
+        ``keys``): after a lost connection it is sent once more, and the answer, if
+        one comes, is the first outcome. ``applies``: the script applies the caller's
+        write, so that an outcome that stays unknown must be said
+        (``outcome_unknown``).
+        """
+        sent = False
+        for attempt in (1, 2):
+            try:
+                return script(keys=keys, args=args)
+            except _UNAVAILABLE as exc:
+                sent = sent or not _before_send(exc)
+                if attempt == 2 or not sent or isinstance(exc, RedisTimeoutError):
+                    # Sent again only after a lost connection: a server too slow to
+                    # answer in time is not asked twice.
+                    raise self._unavailable(exc, unknown=applies and sent) from exc
+            except RedisError as exc:
+                raise self._refused(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def arun(self, script: Any, keys: list[str], args: list[Any], *, applies: bool) -> Any:
         """The async form of :meth:`run`, for a script of the asyncio client."""
-        try:
-            return await script(keys=keys, args=args)
-        except RedisTimeoutError as exc:
-            raise StoreUnavailable(
-                self._label, f"{type(exc).__name__}: {exc}", outcome_unknown=True
-            ) from exc
-        except (*_UNAVAILABLE, RedisError) as exc:
-            raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
+        sent = False
+        for attempt in (1, 2):
+            try:
+                return await script(keys=keys, args=args)
+            except _UNAVAILABLE as exc:
+                sent = sent or not _before_send(exc)
+                if attempt == 2 or not sent or isinstance(exc, RedisTimeoutError):
+                    raise self._unavailable(exc, unknown=applies and sent) from exc
+            except RedisError as exc:
+                raise self._refused(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unavailable(self, exc: BaseException, *, unknown: bool) -> StoreUnavailable:
+        return StoreUnavailable(
+            self._label, f"{type(exc).__name__}: {exc}", outcome_unknown=unknown
+        )
+
+    def _refused(self, exc: RedisError) -> StateError:
+        """An error reply of the server (not a lost connection)."""
+        if "already in use" in str(exc):
+            return StateError("session id already in use")
+        return StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}")
 
     def command(self, fn: Callable[[], Any]) -> Any:
         """Run one plain command, mapping connection failures to StoreUnavailable."""
@@ -192,6 +270,17 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
+#: Which scripts apply the caller's own write: an outcome that stays unknown after a
+#: lost connection is said for these (StoreUnavailable.outcome_unknown). The others
+#: only read, lease, touch or claim: whatever they did, the caller's action had not
+#: started.
+_APPLIES = frozenset({"CREATE", "COMMIT", "CLOSE", "GLOBAL_CAS", "GLOBAL_ADD"})
+#: Scripts without a request key (idempotent by nature).
+_PLAIN = frozenset({"RELEASE"})
+#: Warn about junk notices at the first and then every this many.
+_JUNK_LOG_EVERY = 1000
+
+
 class _RedisNamespace:
     """One application's state in a :class:`RedisStore`. Thread-safe."""
 
@@ -201,6 +290,7 @@ class _RedisNamespace:
         "_app",
         "_async_scripts",
         "_feed",
+        "_ignored",
         "_scripts",
         "_store",
         "_texts",
@@ -213,10 +303,18 @@ class _RedisNamespace:
         self._app = app
         self.P = f"{store.prefix}:{{{app}}}:"
         self.channel = f"{store.prefix}:{{{app}}}:notices"
-        self.origin = f"redis-{uuid.uuid4().hex[:12]}"
         self._feed = NoticeFeed(
             f"statekit-redis-notices-{app}", self._listen, ready_timeout=store._socket_timeout
         )
+        self._ignored = 0
+        self._make_scripts()
+        _fork.after_fork_in_child(self)
+
+    def _make_scripts(self) -> None:
+        """Draw this handle's origin and register its scripts (once, and again in the
+        child of a fork: a child is a handle of its own)."""
+        store = self._store
+        self.origin = f"redis-{uuid.uuid4().hex[:12]}"
         self._texts = {
             name: scripts.render(
                 getattr(scripts, name),
@@ -224,6 +322,7 @@ class _RedisNamespace:
                 origin=self.origin,
                 channel=self.channel,
                 tombstone_ttl=TOMBSTONE_TTL,
+                request_ms=int(store.request_ttl * 1000),
             )
             for name in _SCRIPTS
         }
@@ -232,8 +331,17 @@ class _RedisNamespace:
         }
         self._async_scripts: dict[str, Any] | None = None
 
+    def _after_fork(self) -> None:
+        self._make_scripts()
+
+    def _keys(self, name: str, *keys: str) -> list[str]:
+        """The script's keys, plus a new request key for a script that writes."""
+        if name in _PLAIN:
+            return list(keys)
+        return [*keys, self.P + "q:" + os.urandom(8).hex()]
+
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return self._store.run(self._scripts[name], keys, args)
+        return self._store.run(self._scripts[name], keys, args, applies=name in _APPLIES)
 
     async def _arun(self, name: str, keys: list[str], args: list[Any]) -> Any:
         client = self._store._async_client
@@ -243,7 +351,9 @@ class _RedisNamespace:
             self._async_scripts = {
                 key: client.register_script(text) for key, text in self._texts.items()
             }
-        return await self._store.arun(self._async_scripts[name], keys, args)
+        return await self._store.arun(
+            self._async_scripts[name], keys, args, applies=name in _APPLIES
+        )
 
     # -- decoding script replies --------------------------------------------------
 
@@ -272,10 +382,35 @@ class _RedisNamespace:
     def _reaped(self, reply: list[Any]) -> Ended:
         return self._ended_value(reply) if _text(reply[1]) == "ttl" else self._ended(reply)
 
+    def _gone(self, sid: str, raw: bytes) -> Gone:
+        try:
+            reason, at = _text(raw).split("\0")
+            return Gone(reason=DeleteReason(reason), at=float(at))
+        except ValueError:  # not what a script writes: someone else wrote this key
+            raise SessionCorrupt(
+                sid, "its record of why it ended is not one statekit wrote"
+            ) from None
+
+    def _warn_junk(self, where: str, members: list[Any]) -> None:
+        """Log the index entries a script removed because they named nothing."""
+        for member in members:
+            text = _text(member) if isinstance(member, bytes) else str(member)
+            if text.startswith(("s\0", "v\0")):  # a session id: never logged whole
+                shown = f"{text[:2]!r} + session {redact(text[2:].split(chr(0))[0])}"
+            else:
+                shown = repr(text[:40])
+            logger.warning(
+                "removed a damaged entry %s from %r of %s: it names no stored session or value",
+                shown,
+                self.P + where,
+                self._store,
+            )
+
     @staticmethod
-    def _gone(raw: bytes) -> Gone:
-        reason, at = _text(raw).split("\0")
-        return Gone(reason=DeleteReason(reason), at=float(at))
+    def _corrupt(sid: str, field: Any) -> SessionCorrupt:
+        name = _text(field)
+        shown = "a value deadline" if name.startswith("t:") else f"field {name!r}"
+        return SessionCorrupt(sid, f"{shown} of its Redis hash is not a number")
 
     @staticmethod
     def _backstop(now: float, deadline: float) -> int:
@@ -288,18 +423,20 @@ class _RedisNamespace:
     def create_session(
         self, sid: str, *, now: float, deadline: float, capacity: int
     ) -> tuple[Ended, ...]:
-        reply = self._run(
+        evicted, junk = self._run(
             "CREATE",
-            [self.P + "s:" + sid],
+            self._keys("CREATE", self.P + "s:" + sid),
             [sid, _num(now), _num(deadline), capacity, self._backstop(now, deadline)],
         )
-        return tuple(self._ended(item) for item in reply)
+        if junk:
+            self._warn_junk("lru", junk)
+        return tuple(self._ended(item) for item in evicted)
 
     def _load_call(
         self, sid: str, now: float, touch_until: float | None, lease: Lease | None
     ) -> tuple[list[str], list[Any]]:
         return (
-            [self.P + "s:" + sid],
+            self._keys("LOAD", self.P + "s:" + sid),
             [
                 sid,
                 _num(now),
@@ -324,10 +461,12 @@ class _RedisNamespace:
         if kind == "busy":
             return Busy(until=float(reply[1]))
         if kind == "gone":
-            return self._gone(reply[1])
+            return self._gone(sid, reply[1])
         if kind == "expired":
             ended = self._ended(reply[1])
             return Gone(reason=ended.reason, at=ended.at, ended=ended)
+        if kind == "corrupt":
+            raise self._corrupt(sid, reply[1])
         return None
 
     def load_session(
@@ -341,31 +480,36 @@ class _RedisNamespace:
     ) -> Loaded | Gone | None:
         # Most reads need no script: one HMGET, like a raw GET, shows the session live,
         # the value not due and no touch due (see touch() in the scripts). Any
-        # other case (gone, expired, a value past its ttl, a touch due) runs the PEEK
-        # script, which decides it atomically.
+        # other case (gone, expired, a value past its ttl, a touch due, a field that
+        # does not parse) runs the PEEK script, which decides it atomically.
         key = self.P + "s:" + sid
         version, closed, deadline, value, value_deadline = self._store.command(
             lambda: self._store.client.hmget(key, "_v", "_c", "_d", "v:" + name, "t:" + name)
         )
-        if (
-            deadline is not None
-            and float(deadline) > now
-            and (value_deadline is None or float(value_deadline) > now)
-            and (
-                _text(closed) == "1"
-                or touch_until is None
-                or touch_until - float(deadline) < min(1.0, (touch_until - now) / 10)
+        try:
+            fast = (
+                deadline is not None
+                and float(deadline) > now
+                and (value_deadline is None or float(value_deadline) > now)
+                and (
+                    _text(closed) == "1"
+                    or touch_until is None
+                    or touch_until - float(deadline) < min(1.0, (touch_until - now) / 10)
+                )
             )
-        ):
-            return Loaded(
+            loaded = Loaded(
                 sid=sid,
                 version=int(version),
                 closed=_text(closed) == "1",
                 values={} if value is None else {name: value},
             )
+        except (TypeError, ValueError):  # a damaged field: the script says which
+            fast = False
+        if fast:
+            return loaded
         reply = self._run(
             "PEEK",
-            [self.P + "s:" + sid],
+            self._keys("PEEK", self.P + "s:" + sid),
             [
                 sid,
                 _num(now),
@@ -392,13 +536,12 @@ class _RedisNamespace:
         ttl_deadlines: Mapping[str, float],
         lease: str | None,
         release: bool,
-        now: float,
     ) -> tuple[list[str], list[Any]]:
         args: list[Any] = [sid, str(version), lease or "", "1" if release else "0"]
         for name, value in writes.items():
             deadline = ttl_deadlines.get(name)
             args += [name, value, "" if deadline is None else _num(deadline)]
-        return [self.P + "s:" + sid], args
+        return self._keys("COMMIT", self.P + "s:" + sid), args
 
     def _committed(self, sid: str, version: int, now: float, reply: list[Any]) -> int:
         kind = _text(reply[0])
@@ -407,8 +550,10 @@ class _RedisNamespace:
         if kind == "conflict":
             raise StoreConflict(sid, version, None if reply[1] is None else int(reply[1]))
         if kind == "gone":
-            gone = self._gone(reply[1])
+            gone = self._gone(sid, reply[1])
             raise SessionExpired(sid, gone.reason.value, max(0.0, now - gone.at))
+        if kind == "corrupt":
+            raise self._corrupt(sid, reply[1])
         raise SessionNotFound(sid)
 
     def commit(
@@ -422,7 +567,7 @@ class _RedisNamespace:
         lease: str | None = None,
         release: bool = True,
     ) -> int:
-        keys, args = self._commit_call(sid, version, writes, ttl_deadlines, lease, release, now)
+        keys, args = self._commit_call(sid, version, writes, ttl_deadlines, lease, release)
         return self._committed(sid, version, now, self._run("COMMIT", keys, args))
 
     async def acommit(
@@ -436,19 +581,19 @@ class _RedisNamespace:
         lease: str | None = None,
         release: bool = True,
     ) -> int:
-        keys, args = self._commit_call(sid, version, writes, ttl_deadlines, lease, release, now)
+        keys, args = self._commit_call(sid, version, writes, ttl_deadlines, lease, release)
         return self._committed(sid, version, now, await self._arun("COMMIT", keys, args))
 
     def release(self, sid: str, *, lease: str) -> None:
-        self._run("RELEASE", [self.P + "s:" + sid], [lease])
+        self._run("RELEASE", self._keys("RELEASE", self.P + "s:" + sid), [lease])
 
     async def arelease(self, sid: str, *, lease: str) -> None:
-        await self._arun("RELEASE", [self.P + "s:" + sid], [lease])
+        await self._arun("RELEASE", self._keys("RELEASE", self.P + "s:" + sid), [lease])
 
     def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
         reply = self._run(
             "CLOSE",
-            [self.P + "s:" + sid],
+            self._keys("CLOSE", self.P + "s:" + sid),
             [sid, _num(now), _num(deadline), self._backstop(now, deadline)],
         )
         kind = _text(reply[0])
@@ -457,10 +602,12 @@ class _RedisNamespace:
         if kind == "already":
             return False
         if kind == "gone":
-            return self._gone(reply[1])
+            return self._gone(sid, reply[1])
         if kind == "expired":
             ended = self._ended(reply[1])
             return Gone(reason=ended.reason, at=ended.at, ended=ended)
+        if kind == "corrupt":
+            raise self._corrupt(sid, reply[1])
         return None
 
     def session_count(self) -> int:
@@ -478,30 +625,49 @@ class _RedisNamespace:
     # -- lifetimes ---------------------------------------------------------------
 
     def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
-        P = self.P
-        reply = self._run("REAP", [P + "dl"], [_num(now), limit])
-        return tuple(self._reaped(item) for item in reply)
+        ended, junk = self._run("REAP", self._keys("REAP", self.P + "dl"), [_num(now), limit])
+        if junk:
+            self._warn_junk("dl", junk)
+        return tuple(self._reaped(item) for item in ended)
 
     # -- globals -----------------------------------------------------------------
 
     def global_get(self, name: str) -> tuple[Any, int] | None:
         key = self.P + "g:" + name
-        found = self._store.command(lambda: self._store.client.hmget(key, "v", "n"))
-        value, version = found
-        return None if value is None else (value, int(version))
+        value, version = self._store.command(lambda: self._store.client.hmget(key, "v", "n"))
+        if value is None and version is None:
+            return None
+        try:
+            if value is None:
+                raise ValueError
+            return value, int(version)
+        except (TypeError, ValueError):
+            raise CodecError(
+                f"global state {name!r} is damaged in {self._store}: its hash "
+                f"{key!r} is not one statekit wrote (a field is missing or its version "
+                "is not a number); delete that key to start it again from its default",
+                state=name,
+            ) from None
 
     def global_cas(self, name: str, *, version: int | None, value: Any) -> int | None:
         reply = self._run(
-            "GLOBAL_CAS", [self.P + "g:" + name], ["" if version is None else str(version), value]
+            "GLOBAL_CAS",
+            self._keys("GLOBAL_CAS", self.P + "g:" + name),
+            ["" if version is None else str(version), value],
         )
         return None if reply is None else int(reply)
 
     def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
         codec = self._store.codec
         if isinstance(codec, JSONCodec) and type(amount) is int and type(default) is int:
-            raw = self._run("GLOBAL_ADD", [self.P + "g:" + name], [str(amount), str(default)])
-            if raw is not None:
-                return int(raw)
+            try:
+                args = [str(amount), str(default)]
+            except ValueError:  # an int too long to write as text: the codec says so below
+                args = None
+            if args is not None:
+                raw = self._run("GLOBAL_ADD", self._keys("GLOBAL_ADD", self.P + "g:" + name), args)
+                if raw is not None:
+                    return int(raw)
         # Floats, huge integers, other codecs: read, add, compare-and-set.
         while True:
             found = self.global_get(name)
@@ -512,6 +678,12 @@ class _RedisNamespace:
                 return value
 
     # -- notices -----------------------------------------------------------------
+
+    @property
+    def ignored_notices(self) -> int:
+        """How many messages on this app's notice channel were not statekit notices
+        (ignored, each counted; the first and every thousandth are logged)."""
+        return self._ignored
 
     def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
         return self._feed.subscribe(callback)
@@ -526,11 +698,9 @@ class _RedisNamespace:
         lost = False
         delay = 0.05
         while not stop.is_set():
-            pubsub = self._store.client.pubsub(  # type: ignore[no-untyped-call]
-                ignore_subscribe_messages=True
-            )
+            pubsub = self._store.client.pubsub()  # type: ignore[no-untyped-call]
             try:
-                pubsub.subscribe(self.channel)
+                self._subscribed(pubsub, stop)
                 ready.set()
                 if lost:
                     deliver(Notice(kind="resync", sid="", origin="redis"))
@@ -553,20 +723,59 @@ class _RedisNamespace:
                 with contextlib.suppress(Exception):
                     pubsub.close()
 
-    def _notice(self, data: bytes) -> Notice | None:
+    def _subscribed(self, pubsub: Any, stop: threading.Event) -> None:
+        """Subscribe to the notice channel and wait until the server confirms it, so
+        that every notice published from then on is received.
+
+        Raises:
+            StoreUnavailable: no confirmation within the store's socket timeout.
+        """
+        pubsub.subscribe(self.channel)
+        deadline = time.monotonic() + self._store._socket_timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.1)
+            if message is not None and message.get("type") == "subscribe":
+                return
+        raise StoreUnavailable(str(self._store), "the notice subscription was not confirmed")
+
+    def _notice(self, data: object) -> Notice | None:
+        """The notice in a message of the channel; None for one of this handle's own,
+        and for anything that is not a statekit notice (ignored and counted: a
+        stray publisher must not cost every subscriber a resync)."""
         try:
-            raw = json.loads(data)
-        except ValueError:
+            raw = json.loads(data)  # type: ignore[arg-type]
+            kind, sid, origin = raw["k"], raw["s"], raw.get("o", "")
+            names = raw.get("n") or []
+            names = [] if names == {} else names  # Lua's cjson writes an empty list as {}
+            reason = raw.get("r")
+            if (
+                kind not in ("changed", "ended")
+                or type(sid) is not str
+                or type(origin) is not str
+                or type(names) is not list
+                or any(type(name) is not str for name in names)
+                or (reason is not None and reason not in _REASONS)
+                or (kind == "ended" and reason is None)
+            ):
+                raise ValueError
+        except (ValueError, TypeError, KeyError, AttributeError):
+            self._ignored += 1
+            if self._ignored % _JUNK_LOG_EVERY == 1:
+                logger.warning(
+                    "ignored a message on %r that is not a statekit notice (%d so far): "
+                    "only statekit should publish there",
+                    self.channel,
+                    self._ignored,
+                )
             return None
-        if raw.get("o") == self.origin:
+        if origin == self.origin:
             return None
-        names = raw.get("n") or []
         return Notice(
-            kind=raw["k"],
-            sid=raw["s"],
-            names=tuple(names) if isinstance(names, list) else (),
-            reason=DeleteReason(raw["r"]) if raw.get("r") else None,
-            origin=raw.get("o", ""),
+            kind=kind,
+            sid=sid,
+            names=tuple(names),
+            reason=None if reason is None else DeleteReason(reason),
+            origin=origin,
         )
 
     def shutdown(self) -> tuple[Ended, ...]:

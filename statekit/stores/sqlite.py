@@ -7,7 +7,8 @@ which also makes every claim (reaping, eviction, leases) happen exactly once. Co
 of events are synced to disk (``synchronous=FULL``); touches and leases, which only
 move deadlines, are not (a crash forgets at most the last few touches).
 
-Each thread of each process gets its own connection; a forked child opens new ones.
+Each thread of each process gets its own connection; a forked child opens new ones
+and names itself anew in the notices it writes.
 Notices for other processes go to a table that subscribers poll.
 """
 
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from statekit import _fork
 from statekit._codec import Codec, JSONCodec
 from statekit.exceptions import (
     SessionExpired,
@@ -137,7 +139,10 @@ class SQLiteStore:
             db = sqlite3.connect(
                 self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
             )
-            db.execute("PRAGMA journal_mode=WAL")
+            # Switching to WAL takes a lock that SQLite's busy wait does not cover: when
+            # many processes open the file at once, only ask if it is not WAL yet.
+            if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             raise StoreUnavailable(self._label(), str(exc)) from exc
@@ -213,6 +218,12 @@ class _SQLiteNamespace:
         self._app = app
         self.origin = f"sqlite-{uuid.uuid4().hex[:12]}"
         self._feed = NoticeFeed(f"statekit-sqlite-notices-{app}", self._poll)
+        _fork.after_fork_in_child(self)
+
+    def _after_fork(self) -> None:
+        """A child of a fork is a handle of its own: it must see its parent's notices,
+        and its parent its own."""
+        self.origin = f"sqlite-{uuid.uuid4().hex[:12]}"
 
     # -- helpers (inside a transaction) ------------------------------------------
 
