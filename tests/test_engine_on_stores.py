@@ -247,6 +247,7 @@ class TestSemantics:
         sid = other.open_session()
         entered, go = threading.Event(), threading.Event()
         waited: dict[str, float] = {}
+        started: dict[str, float] = {}
 
         def hold() -> None:
             with other.event(sid):
@@ -254,17 +255,30 @@ class TestSemantics:
                 go.wait(30)
 
         def wait(name: str) -> None:
-            started = time.monotonic()
+            started[name] = time.monotonic()
             with contextlib.suppress(SessionBusy), engine.event(sid):
                 pass
-            waited[name] = time.monotonic() - started
+            waited[name] = time.monotonic() - started[name]
+
+        def first_waits() -> bool:
+            """Whether the first waiter is in the way of the second, and has been for
+            0.2 s: queued in the memory store's record, or holding this engine's lock of
+            the session while it polls the lease. The second then waits about 0.8 s
+            for that lock and gets it before its own lease_wait ends; if lease_wait
+            counted only from there, it would go on waiting for the lease for 1 s."""
+            if engine._local is None:
+                in_the_way = engine._locks.held(sid)
+            else:
+                rec = engine._local._open.get(sid)
+                in_the_way = rec is not None and bool(rec.waiters)
+            return in_the_way and time.monotonic() - started["first"] >= 0.2
 
         holder = threading.Thread(target=hold)
         holder.start()
         assert entered.wait(30)
         first = threading.Thread(target=wait, args=("first",))
         first.start()
-        time.sleep(0.05)
+        assert wait_until(first_waits, timeout=10)
         wait("second")  # waits behind the first in this process, then for the lease
         first.join(30)
         go.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 from typing import Any
 
 import pytest
@@ -346,27 +347,69 @@ class TestAsync:
     ) -> None:
         log: SessionState[list[int]] = engine.session_state("log", [])
         sid = engine.open_session()
+        waiting: list[int] = []  # writers that have asked for the session
+        inside: list[int] = []  # writers that have it
         ticks: list[int] = []
+        seen: dict[str, Any] = {}
 
         async def writer(i: int) -> None:
+            waiting.append(i)
             async with engine.aevent(sid) as ev:
+                inside.append(i)
                 value = ev[log]
                 await asyncio.sleep(0.001)  # yield while holding the session
                 value.append(i)
 
-        async def ticker() -> None:
-            for i in range(5):
-                ticks.append(i)
-                await asyncio.sleep(0)
-
         async def main() -> None:
-            await asyncio.wait_for(
-                asyncio.gather(*(writer(i) for i in range(20)), ticker()), timeout=10
-            )
+            entered, loop_ran = asyncio.Event(), asyncio.Event()
 
-        asyncio.run(main())
+            async def holder() -> None:
+                async with engine.aevent(sid) as ev:
+                    entered.set()
+                    # Only the ticker sets this, and only after the writers have all
+                    # asked for the session: if waiting for it blocked the loop, the
+                    # ticker never runs and this never returns.
+                    await loop_ran.wait()
+                    seen["waiting"] = list(waiting)
+                    seen["inside"] = list(inside)
+                    seen["ticks"] = len(ticks)
+                    ev[log].append(0)
+
+            async def ticker() -> None:
+                while len(waiting) < 19:  # the writers start before the ticker
+                    await asyncio.sleep(0)
+                for i in range(5):
+                    ticks.append(i)
+                    await asyncio.sleep(0)
+                loop_ran.set()
+
+            held = asyncio.create_task(holder())
+            await entered.wait()
+            writers = [asyncio.create_task(writer(i)) for i in range(1, 20)]
+            # A lost wake-up fails here rather than hanging.
+            await asyncio.wait_for(asyncio.gather(held, *writers, ticker()), timeout=10)
+
+        # A loop blocked by a waiting writer could not even time out: run it in a
+        # thread and fail if it is still stuck after a while.
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(main())
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "the event loop is blocked"
+        if failed:
+            raise failed[0]
+        # While the holder held the session, all 19 writers were waiting for it (none
+        # had it) and the ticker, a task of the same loop, ran 5 times.
+        assert seen == {"waiting": list(range(1, 20)), "inside": [], "ticks": 5}
+        # Fails if two events of the session overlapped: a write would be lost.
         assert sorted(log.get(sid)) == list(range(20))
-        assert ticks == list(range(5))
 
     def test_exception_in_aevent_writes_nothing(self, engine: StateEngine) -> None:
         n = engine.session_state("n", 0)

@@ -5,10 +5,12 @@ in one thread and make others wait, then end the session under them."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from statekit import (
     StateEngine,
     StateNotCopyable,
     UsageError,
+    _locks,
 )
 from statekit.testing import FakeClock
 
@@ -79,16 +82,31 @@ def waiter(engine: StateEngine, sid: str, body: Callable[[Any], None]) -> Holder
     return holder
 
 
-def wait_for_waiters(engine: StateEngine, sid: str, count: int) -> None:
-    """Until ``count`` events queue for ``sid`` (seen through the store's record)."""
+def queued(engine: StateEngine, sid: str) -> int:
+    """How many events wait for ``sid`` (seen through the store's record)."""
     ns: Any = engine._ns
+    rec = ns._open.get(sid) or ns._closed.get(sid)
+    return 0 if rec is None or rec.waiters is None else len(rec.waiters)
+
+
+def wait_for_waiters(engine: StateEngine, sid: str, count: int) -> None:
+    """Until ``count`` events queue for ``sid``."""
     deadline = time.monotonic() + JOIN
     while time.monotonic() < deadline:
-        rec = ns._open.get(sid) or ns._closed.get(sid)
-        if rec is not None and rec.waiters is not None and len(rec.waiters) >= count:
+        if queued(engine, sid) >= count:
             return
         time.sleep(0.001)
     raise AssertionError(f"{count} waiters never queued")
+
+
+async def await_waiters(engine: StateEngine, sid: str, count: int) -> None:
+    """Until ``count`` events queue for ``sid``, letting the other tasks of this loop
+    run meanwhile."""
+    deadline = time.monotonic() + JOIN
+    while queued(engine, sid) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} waiters never queued")
+        await asyncio.sleep(0)
 
 
 @pytest.fixture
@@ -267,13 +285,24 @@ def test_a_wait_interrupted_by_a_signal_leaves_the_queue(engine: StateEngine) ->
     count = engine.session_state("count", 0)
     sid = engine.open_session()
 
-    def on_alarm(signum: int, frame: object) -> None:
+    # Where a thread blocks for its turn: the interruption must land there, not while
+    # the event is still on its way to the queue (where it would test nothing).
+    lines, first = inspect.getsourcelines(_locks.wait_turn)
+    blocked_at = first + next(i for i, line in enumerate(lines) if "waiter.acquire(" in line)
+
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        if frame is None or (frame.f_code, frame.f_lineno) != (
+            _locks.wait_turn.__code__,
+            blocked_at,
+        ):
+            signal.setitimer(signal.ITIMER_REAL, 0.001)  # not waiting yet: look again
+            return
         raise Interrupted  # a request timeout, say
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     holder = Holder(engine, sid, lambda ev: None)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        signal.setitimer(signal.ITIMER_REAL, 0.001)
         with pytest.raises(Interrupted), engine.event(sid):
             pass
     finally:
@@ -309,35 +338,37 @@ def test_blocking_event_inside_async_code_never_waits_for_its_own_loop(
 ) -> None:
     n = engine.session_state("n", 0)
     sid = engine.open_session()
-    go = threading.Event()
+    holder: Holder | None = None
 
     async def bump() -> None:
         async with engine.aevent(sid) as ev:
             ev[n] += 1
 
     async def main() -> str:
+        nonlocal holder
         if ahead == "a task being handed the lock":
             async with engine.aevent(sid):
                 task = asyncio.create_task(bump())
-                await asyncio.sleep(0)  # queued behind this task
+                await await_waiters(engine, sid, 1)  # queued behind this task
         else:
-            task = asyncio.create_task(bump())
             holder = Holder(engine, sid, lambda ev: None)
-            await asyncio.sleep(0)  # the task queues behind the thread
-            threading.Timer(0.2, holder.go.set).start()
+            task = asyncio.create_task(bump())
+            await await_waiters(engine, sid, 1)  # the task queues behind the thread
         try:
             with engine.event(sid):  # a blocking event inside async code
                 pass
             verdict = "entered"
         except UsageError as exc:
             verdict = str(exc)
+        if holder is not None:
+            holder.go.set()  # its thread hands the session to the task
         await task
-        go.set()
         return verdict
 
     outcome = run_loop_briefly(main)
     assert "error" not in outcome
     assert "aevent" in outcome["result"]
+    assert holder is None or holder.finish() is None
     assert n.get(sid) == 1
     assert engine._held_sessions() == 0
 
@@ -382,7 +413,7 @@ def test_a_task_cancelled_as_the_session_is_handed_to_it_is_cancelled(
         holder = engine.aevent(sid)
         await holder.__aenter__()
         task = asyncio.create_task(wait_then_work())
-        await asyncio.sleep(0.01)  # the task queues
+        await await_waiters(engine, sid, 1)  # the task queues
         await holder.__aexit__(None, None, None)  # hands the session to the task
         for _ in range(steps):  # the cancellation lands at each step of the hand-over
             await asyncio.sleep(0)
@@ -400,19 +431,30 @@ def test_a_blocking_event_in_another_loop_waits_for_a_task_of_this_one(
     engine: StateEngine,
 ) -> None:
     sid = engine.open_session()
-    holding = threading.Event()
+    holding, release = threading.Event(), threading.Event()
+    released: list[bool] = []
 
     def other_loop() -> None:
         async def hold() -> None:
             async with engine.aevent(sid):
                 holding.set()
-                await asyncio.sleep(0.2)
+                # Hold until the blocking event below waits (its own loop keeps
+                # running meanwhile, in this thread).
+                released.append(await asyncio.to_thread(release.wait, JOIN))
 
         asyncio.run(hold())
+
+    def release_once_queued() -> None:
+        try:
+            wait_for_waiters(engine, sid, 1)
+        finally:
+            release.set()
 
     thread = threading.Thread(target=other_loop)
     thread.start()
     assert holding.wait(JOIN)
+    releaser = threading.Thread(target=release_once_queued)
+    releaser.start()
 
     async def blocking_inside_async_code() -> str:
         with engine.event(sid):  # the holder's loop runs in its own thread: no deadlock
@@ -420,6 +462,8 @@ def test_a_blocking_event_in_another_loop_waits_for_a_task_of_this_one(
 
     outcome = run_loop_briefly(blocking_inside_async_code)
     thread.join(JOIN)
+    releaser.join(JOIN)
+    assert released == [True]  # else the blocking event never waited for the task
     assert outcome == {"result": "entered"}
     assert engine._held_sessions() == 0
 
