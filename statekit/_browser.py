@@ -142,6 +142,13 @@ def _unb64(text: str) -> bytes:
     return data
 
 
+def _bytes(text: str) -> bytes:
+    """Text of the host's (a binding such as a user id) as bytes for a MAC. Any str
+    has an encoding, lone surrogates included, so decoding a token never raises
+    because of the binding; distinct texts give distinct bytes."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
     """HKDF-SHA256 (RFC 5869) with a fixed salt: independent keys from one secret."""
     prk = hmac.new(b"statekit", secret, hashlib.sha256).digest()
@@ -244,7 +251,7 @@ class BrowserKeys:
         return cls([os.urandom(32)], encrypt=encrypt, compress=compress)
 
     def _where(self, key: _Key, storage_key: str, bind: str) -> str:
-        tag = hmac.new(key.mac_key, f"{storage_key}\0{bind}".encode(), hashlib.sha256)
+        tag = hmac.new(key.mac_key, _bytes(f"{storage_key}\0{bind}"), hashlib.sha256)
         return _b64(tag.digest()[:6])
 
     # ``storage_key`` as given to encode/decode is the caller's full context: the
@@ -277,7 +284,7 @@ class BrowserKeys:
                 body = b"z" + packed
         key = self._keys[0]
         where = self._where(key, storage_key, bind)
-        aad = f"{self.prefix}.{key.kid}.{where}.{storage_key}\0{bind}".encode()
+        aad = _bytes(f"{self.prefix}.{key.kid}.{where}.{storage_key}\0{bind}")
         if key.aead is not None:
             # JSON ignores trailing spaces and zlib leaves bytes after its stream unread,
             # so padding needs no length field; the tag authenticates it with the rest.
@@ -323,7 +330,7 @@ class BrowserKeys:
             sealed = _unb64(body_text)
         except ValueError:
             return DecodedToken(problem=TokenProblem.MALFORMED)
-        aad = f"{prefix}.{kid}.{where}.{storage_key}\0{bind}".encode()
+        aad = _bytes(f"{prefix}.{kid}.{where}.{storage_key}\0{bind}")
         if key.aead is not None:
             if len(sealed) < _NONCE + 16:
                 return DecodedToken(problem=TokenProblem.MALFORMED)

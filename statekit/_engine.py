@@ -38,7 +38,7 @@ from ._states import (
     check_name,
     check_seconds,
 )
-from ._values import not_storable, policy_for, unreadable
+from ._values import CheckedObjectValues, not_storable, policy_for, unreadable
 from .exceptions import (
     ChangeLoopError,
     EngineClosed,
@@ -1163,6 +1163,13 @@ class StateEngine:
                     f"increment() of global state {state.name!r} needs numbers, but its "
                     f"{what} is a {type(number).__name__}; use update(fn) instead"
                 )
+        if isinstance(self._values, CheckedObjectValues):
+            # The store adds without looking: check the sum before it is written.
+
+            def add(value: Any) -> Any:
+                return value + n
+
+            return self._global_update(state, add)
         try:
             value: T = self._ns.global_add(state.name, n, default=default)
         except CodecError as exc:

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from . import _fork
 from ._states import check_name
 from .exceptions import (
     EngineClosed,
@@ -77,7 +78,8 @@ class SessionRegistry(Generic[T]):
 
     Objects are process-local: they are never copied, serialized or stored. With a
     shared store each process builds its own object for a session when :meth:`open` is
-    called there, and cleans it up when the session ends anywhere.
+    called there, and cleans it up when the session ends anywhere. The child of a fork
+    starts with no objects: those made before the fork stay the parent's.
 
     Async hosts may use coroutine functions as factory and cleanup, with :meth:`aopen`
     and :meth:`aclose`. An async cleanup started by synchronous code (``close_session``,
@@ -134,6 +136,16 @@ class SessionRegistry(Generic[T]):
         self._shut = False
         self._tasks: set[asyncio.Task[None]] = set()
         engine._declare_registry(self)
+        _fork.after_fork_in_child(self)
+
+    def _after_fork(self) -> None:
+        """In the child of a fork: the objects belong to the parent (they may hold its
+        connections), so the child forgets them without cleaning them up; it makes
+        its own with :meth:`open`."""
+        _fork.free_lock(self._lock)
+        self._objects.clear()
+        self._flights.clear()
+        self._tasks.clear()
 
     def __repr__(self) -> str:
         return (

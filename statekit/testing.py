@@ -1,10 +1,11 @@
 """Test helpers shipped with statekit.
 
 :class:`FakeClock` replaces the engine's clock so that lifetimes can be tested
-without sleeping::
+without sleeping, and :func:`checked_store` makes a memory store that refuses what a
+shared store would::
 
     clock = FakeClock()
-    engine = StateEngine(clock=clock, idle_ttl=60)
+    engine = StateEngine(checked_store(), clock=clock, idle_ttl=60)
     sid = engine.open_session()
     clock.advance(61)
     engine.reap()  # the session is gone, its callbacks ran
@@ -20,7 +21,22 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["FakeClock", "RedisServer"]
+from statekit._codec import Codec, JSONCodec
+from statekit.stores.memory import MemoryStore
+
+__all__ = ["FakeClock", "RedisServer", "checked_store"]
+
+
+def checked_store(codec: Codec | None = None) -> MemoryStore:
+    """A :class:`~statekit.MemoryStore` that checks every value written with ``codec``
+    (:class:`~statekit.JSONCodec`, the shared stores' default, if omitted).
+
+    Tests of a logic layer run fast on the memory store, while the app runs on SQLite
+    or Redis in production; with this store, a value that production's codec could not
+    write (an object JSON cannot carry, a str with a lone surrogate, an int too long to
+    write as text) raises :class:`~statekit.ValueNotStorable` in the tests already.
+    """
+    return MemoryStore(check_values=JSONCodec() if codec is None else codec)
 
 
 class FakeClock:

@@ -1,0 +1,217 @@
+"""An engine made before ``fork`` (gunicorn ``--preload``, multiprocessing with fork)
+works in every child: it receives the store's notices there, so that per-session
+objects of sessions ended by another process are cleaned up, exactly once, and it
+shares nothing by accident with its parent."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from statekit import StateEngine
+from statekit.stores import Store
+from statekit.stores.redis import RedisStore
+from statekit.stores.sqlite import SQLiteStore
+from statekit.testing import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Bounds every wait: a child, a worker, a notice.
+WAIT = 20.0
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def where(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[tuple[str, str, str]]:
+    """(kind, file or URL, key prefix) of a shared store."""
+    if request.param == "sqlite":
+        yield "sqlite", str(tmp_path / "fork.db"), ""
+    else:
+        yield "redis", redis_server.url, f"fk{uuid.uuid4().hex[:6]}"
+
+
+def store_at(kind: str, where: str, prefix: str) -> Store:
+    return SQLiteStore(where) if kind == "sqlite" else RedisStore(where, prefix=prefix)
+
+
+def close(store: Store) -> None:
+    store.close()  # type: ignore[attr-defined]
+
+
+def read_lines(fd: int, until: float) -> list[str]:
+    """What a child wrote to the pipe ``fd`` so far (waiting at most until ``until``
+    for something to arrive)."""
+    ready, _, _ = select.select([fd], [], [], max(0.0, until - time.monotonic()))
+    return os.read(fd, 65536).decode().split() if ready else []
+
+
+def wait_for(fd: int, wanted: str, seen: list[str]) -> None:
+    """Read the pipe into ``seen`` until ``wanted`` arrives."""
+    deadline = time.monotonic() + WAIT
+    while wanted not in seen:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{wanted!r} never arrived; got {seen}")
+        seen.extend(read_lines(fd, deadline))
+
+
+def test_an_engine_made_before_fork_works_in_the_child(where: tuple[str, str, str]) -> None:
+    """Without the fix, the child never received notices (the parent's receiving
+    thread does not exist in it), and named itself as the parent does in notices, so
+    the cleanup of the session closed elsewhere never ran in the child."""
+    kind, place, prefix = where
+    engine = StateEngine(store_at(kind, place, prefix), app="forked")
+    note = engine.session_state("note", "")
+    reader, writer = os.pipe()
+
+    def cleanup(obj: str) -> None:
+        os.write(writer, f"{os.getpid()}:{obj}\n".encode())
+
+    # Declaring the registry starts the parent's notice thread.
+    objects = engine.registry("conn", lambda sid: sid, cleanup)
+    parents_sid, childs_sid, marker = (engine.open_session() for _ in range(3))
+    objects.open(parents_sid)
+    with warnings.catch_warnings():  # Python 3.12+ warns about fork with threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        code = 1
+        try:
+            assert parents_sid not in objects  # the parent's objects stay the parent's
+            with engine.event(childs_sid) as ev:
+                ev[note] = "from the child"
+            objects.open(childs_sid)
+            objects.open(marker)
+            os.write(writer, b"ready\n")
+            deadline = time.monotonic() + WAIT
+            while marker in objects and time.monotonic() < deadline:
+                time.sleep(0.01)
+            code = 0 if marker not in objects else 2
+        finally:
+            os._exit(code)
+    seen: list[str] = []
+    try:
+        wait_for(reader, "ready", seen)
+        # A third party ends the sessions: another engine with a store of its own.
+        closer = StateEngine(store_at(kind, place, prefix), app="forked")
+        assert closer.session_state("note", "").get(childs_sid) == "from the child"
+        closer.close_session(childs_sid)
+        closer.close_session(parents_sid)
+        # Notices arrive in order: once the marker's cleanup ran, every earlier one has.
+        closer.close_session(marker)
+        wait_for(reader, f"{pid}:{marker}", seen)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        wait_for(reader, f"{os.getpid()}:{parents_sid}", seen)
+        seen.extend(read_lines(reader, time.monotonic() + 0.2))
+    finally:
+        with_pid = [line for line in seen if ":" in line]
+        os.close(reader)
+        os.close(writer)
+    # Each object cleaned up once, in the process that made it.
+    assert sorted(with_pid) == sorted(
+        [f"{pid}:{childs_sid}", f"{pid}:{marker}", f"{os.getpid()}:{parents_sid}"]
+    )
+    for each in (closer, engine):
+        each.shutdown()
+        close(each.store)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(port: int, sid: str) -> str:
+    """One request on a new connection (so that either worker may take it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(f"GET /open?{sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return body.decode()
+
+
+def _open_in_both_workers(port: int, sid: str) -> set[str]:
+    """Open the session's object in both workers; return their pids."""
+    pids: set[str] = set()
+    deadline = time.monotonic() + WAIT
+    while len(pids) < 2:
+        assert time.monotonic() < deadline, f"only workers {pids} answered"
+        pids.add(_get(port, sid))
+    return pids
+
+
+def test_gunicorn_preload_workers_each_clean_up_once(
+    where: tuple[str, str, str], tmp_path: Path
+) -> None:
+    """gunicorn --preload imports the app (and makes its engine) in the master, then
+    forks 2 workers. A session closed by a third process must be cleaned up once in
+    each worker that opened an object for it."""
+    kind, place, prefix = where
+    log = tmp_path / "cleanups.log"
+    log.touch()
+    errors = tmp_path / "gunicorn.err"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "STATEKIT_TEST_KIND": kind,
+        "STATEKIT_TEST_WHERE": place,
+        "STATEKIT_TEST_PREFIX": prefix,
+        "STATEKIT_TEST_LOG": str(log),
+    }
+    with errors.open("wb") as err:  # the child keeps its own descriptor
+        server = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "gunicorn", "--preload", "--workers", "2"),
+                *("--bind", f"127.0.0.1:{port}", "--graceful-timeout", "2"),
+                "tests._preload_app:app",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    engine = StateEngine(store_at(kind, place, prefix), app="preload")
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, errors.read_text()
+                assert time.monotonic() < deadline, "gunicorn did not start"
+                time.sleep(0.05)
+        sid, marker = engine.open_session(), engine.open_session()
+        workers = _open_in_both_workers(port, sid)
+        assert _open_in_both_workers(port, marker) == workers
+        engine.close_session(sid)  # this test's process is the third one
+        engine.close_session(marker)
+        # Notices arrive in order: once both marker cleanups ran, every earlier one has.
+        deadline = time.monotonic() + WAIT
+        while True:
+            lines = log.read_text().split("\n")
+            if sum(line.endswith(f" {marker}") for line in lines) >= 2:
+                break
+            assert time.monotonic() < deadline, f"cleanups seen: {lines}"
+            time.sleep(0.05)
+        cleaned = sorted(line.split()[0] for line in lines if line.endswith(f" {sid}"))
+        assert cleaned == sorted(workers)  # once in each worker, never twice
+    finally:
+        server.terminate()
+        server.wait(timeout=WAIT)
+        engine.shutdown()
+        close(engine.store)

@@ -1,0 +1,180 @@
+"""Lost replies on Redis: a write applied by the server whose answer never reaches the
+client (a crash after the write, a reset by a proxy or a load balancer).
+
+Every write statekit sends is idempotent: sent again, it returns its first outcome
+and is applied once. When no answer can be had, the error says the outcome is unknown.
+The servers and the proxy here are private, on loopback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
+
+from statekit import (
+    DeleteReason,
+    InvalidDeclaration,
+    SessionState,
+    StateEngine,
+    StoreUnavailable,
+)
+from statekit.stores.redis import RedisStore
+from statekit.testing import FakeClock, RedisServer
+
+from ._proxy import ReplyDropper
+
+#: Operations per run: each is an increment and an event (a load and a commit).
+OPERATIONS = 60
+
+
+def twice_in_ten() -> Callable[[bytes], bool]:
+    """Drops the replies of two script calls in a row out of every ten: enough for a
+    client that does not retry to lose both its request and statekit's resend."""
+    calls = itertools.count()
+    return lambda request: b"EVALSHA" in request and next(calls) % 10 in (3, 4)
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[ReplyDropper]:
+    dropper = ReplyDropper(("127.0.0.1", redis_server.port), twice_in_ten())
+    yield dropper
+    dropper.close()
+
+
+CLIENTS: dict[str, Callable[[str], redis.Redis | None]] = {
+    # statekit's own client, made from the URL
+    "default": lambda url: None,
+    # a client of the user's that retries after a lost connection
+    "retrying": lambda url: redis.Redis.from_url(
+        url, retry=Retry(ExponentialBackoff(cap=0.05, base=0.001), 5)
+    ),
+    # a client of the user's that never retries: only statekit's one resend is left
+    "not retrying": lambda url: redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0)),
+}
+
+
+@pytest.mark.parametrize("client", list(CLIENTS))
+def test_lost_replies_never_apply_a_write_twice_and_unknown_outcomes_are_said(
+    redis_server: RedisServer, proxy: ReplyDropper, client: str
+) -> None:
+    prefix = f"lost{uuid.uuid4().hex[:6]}"
+    store = RedisStore(proxy.url, client=CLIENTS[client](proxy.url), prefix=prefix)
+    engine = StateEngine(store, app="shop", lease_wait=5)
+    visitors = engine.global_state("visitors", 0)
+    log: SessionState[list[int]] = engine.session_state("log", [])
+    sid = engine.open_session()
+    acked_adds = unknown_adds = 0
+    acked: list[int] = []
+    unknown: list[int] = []
+
+    def check_unknown(exc: StoreUnavailable) -> None:
+        assert exc.outcome_unknown, exc  # the request left and no answer came back
+        assert "may or may not have been applied" in str(exc)
+
+    for i in range(OPERATIONS):
+        try:
+            visitors.increment()
+            acked_adds += 1
+        except StoreUnavailable as exc:
+            check_unknown(exc)
+            unknown_adds += 1
+        try:
+            with engine.event(sid) as ev:
+                ev[log].append(i)
+            acked.append(i)
+        except StoreUnavailable as exc:
+            # A load that got no answer: the event never ran, nothing of it applied.
+            if exc.outcome_unknown:
+                unknown.append(i)
+
+    # Read what the server holds through a connection of its own, not the proxy.
+    direct = RedisStore(redis_server.url, prefix=prefix)
+    reader = StateEngine(direct, app="shop")
+    stored_log: SessionState[list[int]] = reader.session_state("log", [])
+    # Every write the proxy dropped had been applied by the server: the totals are
+    # what was acknowledged plus what was reported unknown. A write applied twice (a
+    # resend that was not idempotent) would make them larger; a commit applied and
+    # then reported as a conflict would make the event raise StoreConflict above.
+    assert reader.global_state("visitors", 0).get() == acked_adds + unknown_adds
+    assert sorted(stored_log.get(sid)) == sorted(acked + unknown)
+    assert proxy.dropped >= OPERATIONS // 2  # the run really lost replies
+    if client == "not retrying":
+        assert unknown_adds + len(unknown) > 0  # and had to say so
+    else:  # retries got an answer every time: the first outcome, once
+        assert (unknown_adds, unknown) == (0, [])
+        assert acked_adds == OPERATIONS
+    for each in (engine, reader):
+        each.shutdown()
+    store.close()
+    direct.close()
+
+
+def test_every_write_sent_twice_is_applied_once(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each script the store runs is sent twice, as a client does whose first answer was
+    lost: the second must return the first outcome. Without request ids, the second
+    open would find its session id in use, the second close would answer 'already
+    closed' (and hooks would not run), the second commit would conflict, increments
+    and reaped callbacks would count twice."""
+    original = RedisStore.run
+
+    def twice(self: RedisStore, script: Any, keys: list[str], args: list[Any], **kw: Any) -> Any:
+        original(self, script, keys, args, **kw)
+        return original(self, script, keys, args, **kw)
+
+    monkeypatch.setattr(RedisStore, "run", twice)
+    clock = FakeClock(2_000_000_000.0)
+    store = RedisStore(redis_server.url, prefix=f"twice{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", clock=clock, idle_ttl=60, capacity=2)
+    deleted: list[tuple[str, DeleteReason]] = []
+    note = engine.session_state("note", "", on_delete=lambda v, r: deleted.append((v, r)))
+    visitors = engine.global_state("visitors", 0)
+    names = engine.global_state("names", ["a"])
+    closed: list[str] = []
+    engine.on_close(lambda sid, reason: closed.append(reason.value))
+
+    first = engine.open_session()
+    with engine.event(first) as ev:
+        ev[note] = "one"
+    with engine.event(first) as ev:  # the version moved once per commit
+        ev[note] = "two"
+    assert note.get(first) == "two"
+    assert visitors.increment() == 1
+    assert visitors.increment(2) == 3
+    assert names.update(lambda v: [*v, "b"]) == ["a", "b"]
+    assert names.get() == ["a", "b"]
+    assert engine.close_session(first) is True
+    assert closed == ["closed"]
+    second = engine.open_session()
+    with engine.event(second) as ev:
+        ev[note] = "kept"
+    third = engine.open_session()  # capacity 2: the closed one is evicted, once
+    assert deleted == [("two", DeleteReason.EVICTED)]
+    clock.advance(61)
+    assert engine.reap() == 2  # both open sessions expired: each counted once
+    assert deleted[1:] == [("kept", DeleteReason.IDLE)]
+    assert sorted(closed) == ["closed", "idle", "idle"]
+    assert engine.session_count() == 0
+    assert not engine.exists(third)
+    engine.shutdown()
+    store.close()
+
+
+def test_a_lease_longer_than_the_store_remembers_replies_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(redis_server.url, prefix="ttl", request_ttl=10)
+    with pytest.raises(InvalidDeclaration, match=r"lease_ttl \(30s\).*request_ttl \(10s\)"):
+        StateEngine(store, lease_ttl=30)
+    StateEngine(store, lease_ttl=10).shutdown()
+    with pytest.raises(ValueError, match="request_ttl"):
+        RedisStore(redis_server.url, request_ttl=0)
+    store.close()

@@ -1,0 +1,440 @@
+"""Faults and hostile input on every store: engines sharing a store, values that no
+longer decode or cannot be encoded, one value deleted once, damaged data under the
+Redis prefix."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import types
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from statekit import (
+    BrowserKeys,
+    CodecError,
+    DeleteReason,
+    GlobalState,
+    JSONCodec,
+    SessionNotFound,
+    SessionState,
+    StateEngine,
+    TokenProblem,
+    ValueNotStorable,
+)
+from statekit.exceptions import SessionCorrupt
+from statekit.stores import MemoryStore, Notice, Store
+from statekit.stores.redis import RedisStore
+from statekit.stores.sqlite import SQLiteStore
+from statekit.testing import FakeClock, RedisServer, checked_store
+
+from .conftest import StoreFactory
+
+# A text any client can send: JSON allows a lone surrogate escape.
+LONE = json.loads('"ann\\ud800"')
+HUGE = 10**5000
+SECRET = "s" * 32
+
+
+def recorder() -> tuple[list[Any], Any]:
+    calls: list[Any] = []
+    return calls, lambda *args: calls.append(args)
+
+
+@pytest.fixture
+def moved_class() -> Iterator[types.ModuleType]:
+    """A module with a dataclass, which the test removes as a deploy would."""
+    name = f"statekit_test_moved_{uuid.uuid4().hex[:6]}"
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    exec("import dataclasses\n@dataclasses.dataclass\nclass Old:\n    a: int\n", module.__dict__)
+    yield module
+    sys.modules.pop(name, None)
+
+
+# -- engines sharing one store ---------------------------------------------------------
+
+
+def test_one_engines_shutdown_leaves_another_engines_state(
+    make_store: StoreFactory, clock: FakeClock
+) -> None:
+    """Two engines on one store and app share its state; shutting one down ends only
+    what belongs to it (its per-process objects). On the memory store the data lives
+    until the last engine shuts down, and that one's callbacks run, once each.
+
+    Fails if ``a.shutdown()`` clears the shared data (b's session is then unknown and
+    b's callbacks never run) or runs callbacks of b's."""
+    store = make_store()
+    memory = isinstance(store, MemoryStore)
+    a = StateEngine(store, app="shop", clock=clock)
+    b = StateEngine(store, app="shop", clock=clock)
+    a_deleted, a_on_delete = recorder()
+    b_deleted, b_on_delete = recorder()
+    a.session_state("cart", [], on_delete=a_on_delete)
+    cart: SessionState[list[str]] = b.session_state("cart", [], on_delete=b_on_delete)
+    visitors = b.global_state("visitors", 0)
+    a_closed, a_on_close = recorder()
+    b_closed, b_on_close = recorder()
+    a.on_close(a_on_close)
+    b.on_close(b_on_close)
+    a_cleaned, a_cleanup = recorder()
+    b_cleaned, b_cleanup = recorder()
+    a_objects = a.registry("conn", lambda sid: ["a", sid], a_cleanup)
+    b_objects = b.registry("conn", lambda sid: ["b", sid], b_cleanup)
+
+    sid = b.open_session()
+    a_objects.open(sid)
+    b_objects.open(sid)
+    with b.event(sid) as ev:
+        ev[cart].append("milk")
+    visitors.increment()
+
+    a.shutdown()
+    assert a_cleaned == [(["a", sid],)]  # a's own object, once
+    assert cart.get(sid) == ["milk"]  # b's session, values and globals are intact
+    assert visitors.get() == 1
+    with b.event(sid) as ev:
+        ev[cart].append("bread")
+    assert b_objects.get(sid) == ["b", sid]
+    assert (a_deleted, b_deleted, a_closed, b_closed, b_cleaned) == ([], [], [], [], [])
+
+    b.shutdown()
+    assert b_cleaned == [(["b", sid],)]
+    if memory:  # the last engine ends the data: its callbacks run, once each
+        assert b_deleted == [(["milk", "bread"], DeleteReason.SHUTDOWN)]
+        assert b_closed == [(sid, DeleteReason.SHUTDOWN)]
+    else:  # a durable store keeps it for the next engine
+        assert (b_deleted, b_closed) == ([], [])
+        c = StateEngine(make_store(), app="shop", clock=clock)
+        assert c.session_state("cart", []).get(sid) == ["milk", "bread"]
+        c.shutdown()
+    assert (a_deleted, a_closed) == ([], [])  # nothing of b's ran in a
+    assert a_cleaned == [(["a", sid],)]
+
+
+def test_a_new_engine_after_the_last_shutdown_starts_empty() -> None:
+    store = MemoryStore()
+    first = StateEngine(store, app="shop")
+    sid = first.open_session()
+    first.shutdown()
+    second = StateEngine(store, app="shop")
+    assert not second.exists(sid)
+    assert second.session_count() == 0
+    second.shutdown()
+
+
+# -- values that no longer decode ------------------------------------------------------
+
+
+def test_a_global_that_no_longer_decodes_can_be_set_and_says_why_it_cannot_be_read(
+    make_store: StoreFactory, clock: FakeClock, moved_class: types.ModuleType
+) -> None:
+    """A deploy moved the class of a stored global. ``set()`` must still replace it
+    (it used to decode the old value first and raise); ``get()`` and ``update()``
+    raise a CodecError that names the state."""
+    engine = StateEngine(make_store(), app="shop", clock=clock)
+    holder: GlobalState[Any] = engine.global_state("holder", None)
+    fired, on_change = recorder()
+    holder.on_change(on_change)
+    holder.set(moved_class.Old(1))
+    del sys.modules[moved_class.__name__]
+    for call in (holder.get, lambda: holder.update(lambda v: v)):
+        with pytest.raises(CodecError, match="global state 'holder'") as info:
+            call()
+        assert info.value.state == "holder"
+    holder.set({"migrated": True})
+    assert holder.get() == {"migrated": True}
+    assert fired[-1] == ({"migrated": True},)  # a change: listeners heard of it
+    engine.shutdown()
+
+
+def test_a_session_value_that_no_longer_decodes_says_which_state(
+    make_store: StoreFactory, clock: FakeClock, moved_class: types.ModuleType
+) -> None:
+    engine = StateEngine(make_store(), app="shop", clock=clock)
+    holder: SessionState[Any] = engine.session_state("holder", None)
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[holder] = [moved_class.Old(1)]
+    del sys.modules[moved_class.__name__]
+    with pytest.raises(CodecError, match="session state 'holder'"):
+        holder.get(sid)
+    with pytest.raises(CodecError, match="session state 'holder'"), engine.event(sid) as ev:
+        ev[holder]
+    with engine.event(sid) as ev:  # assigning replaces it without reading it
+        ev[holder] = ["migrated"]
+    assert holder.get(sid) == ["migrated"]
+    engine.shutdown()
+
+
+# -- one value, one deletion ------------------------------------------------------------
+
+
+class LenientCodec:
+    """JSON, except that empty bytes read as an empty string: with it, a phantom
+    deletion of a value that was already gone would run its callback."""
+
+    name = "lenient-json"
+    _json = JSONCodec()
+
+    def encode(self, value: Any) -> bytes:
+        return self._json.encode(value)
+
+    def decode(self, data: bytes) -> Any:
+        return "" if data == b"" else self._json.decode(data)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+def test_a_value_with_a_ttl_in_an_expired_session_is_deleted_once(
+    kind: str, tmp_path: Path, redis_server: RedisServer, clock: FakeClock
+) -> None:
+    """The session's idle deadline and its value's own ttl deadline are both due when
+    reaping runs. Redis used to claim the session, then the value again (already gone):
+    ``reap()`` counted 2 and the callback ran twice (``idle``, then ``ttl``)."""
+    store: Store
+    if kind == "memory":
+        store = MemoryStore()
+    elif kind == "sqlite":
+        store = SQLiteStore(tmp_path / "s.db", codec=LenientCodec())
+    else:
+        store = RedisStore(
+            redis_server.url, prefix=f"p{uuid.uuid4().hex[:6]}", codec=LenientCodec()
+        )
+    engine = StateEngine(store, app="shop", clock=clock, idle_ttl=10)
+    deleted, on_delete = recorder()
+    token = engine.session_state("token", "", ttl=100, on_delete=on_delete)
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[token] = "abc"
+    clock.advance(200)
+    assert engine.reap() == 1
+    assert deleted == [("abc", DeleteReason.IDLE)]
+    engine.shutdown()
+
+
+# -- values a codec cannot encode ------------------------------------------------------
+
+
+def shared_engine(kind: str, tmp_path: Path, server: RedisServer, clock: FakeClock) -> StateEngine:
+    store: Store
+    if kind == "sqlite":
+        store = SQLiteStore(tmp_path / "v.db")
+    elif kind == "redis":
+        store = RedisStore(server.url, prefix=f"v{uuid.uuid4().hex[:6]}")
+    else:  # the memory store, checking values as the shared stores would
+        store = checked_store()
+    return StateEngine(store, app="shop", clock=clock)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "checked memory"])
+def test_unencodable_values_say_where_they_are_and_write_nothing(
+    kind: str, tmp_path: Path, redis_server: RedisServer, clock: FakeClock
+) -> None:
+    """A lone surrogate (any client can send one in JSON) and an int too long to write
+    as text used to escape as UnicodeEncodeError and ValueError."""
+    engine = shared_engine(kind, tmp_path, redis_server, clock)
+    cart: SessionState[list[Any]] = engine.session_state("cart", [])
+    note = engine.session_state("note", "")
+    big = engine.global_state("big", 0)
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[cart] = ["kept"]
+    for value, where in (
+        (["kept", 1, 2, {"name": LONE}], "[3]['name']"),
+        (["kept", HUGE], "[1]"),
+    ):
+        with pytest.raises(ValueNotStorable) as info, engine.event(sid) as ev:
+            ev[cart] = value
+        assert info.value.where == where
+        assert info.value.state == "cart"
+        assert f"cart{where} is " in str(info.value)
+        assert repr(LONE) not in str(info.value)  # never the value itself
+    with pytest.raises(ValueNotStorable, match="lone surrogate"), engine.event(sid) as ev:
+        ev[note] = LONE  # a str on its own, not only inside a container
+    assert cart.get(sid) == ["kept"]  # nothing was written
+    assert note.get(sid) == ""
+    with pytest.raises(ValueNotStorable, match="more than 4300 digits"):
+        big.set(HUGE)
+    with pytest.raises(ValueNotStorable, match="more than 4300 digits"):
+        big.increment(HUGE)
+    assert big.get() == 0
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+def test_browser_values_that_cannot_be_encoded_are_refused_naming_the_state(
+    kind: str, tmp_path: Path, redis_server: RedisServer, clock: FakeClock
+) -> None:
+    engine = (
+        StateEngine(clock=clock)
+        if kind == "memory"
+        else shared_engine(kind, tmp_path, redis_server, clock)
+    )
+    login = engine.browser_state("login", {"user": ""}, keys=BrowserKeys([SECRET]))
+    sid = engine.open_session()
+    with pytest.raises(ValueNotStorable) as info, engine.event(sid) as ev:
+        ev[login] = {"user": LONE}
+    assert info.value.where == "['user']"
+    assert "login['user']" in str(info.value)
+    engine.shutdown()
+
+
+def test_browser_decoding_never_raises_whatever_the_binding() -> None:
+    keys = BrowserKeys([SECRET])
+    token = keys.encode({"a": 1}, storage_key="k", now=0.0, bind="user")
+    for bind in ("user\ud800", LONE, "\udc80", "\x00"):
+        decoded = keys.decode(token, storage_key="k", now=0.0, bind=bind)
+        assert decoded.problem is TokenProblem.WRONG_STORAGE_KEY
+        own = keys.encode([1], storage_key="k", now=0.0, bind=bind)
+        assert keys.decode(own, storage_key="k", now=0.0, bind=bind).value == [1]
+        refused = keys.decode(own, storage_key="k", now=0.0, bind="user")
+        assert refused.problem is TokenProblem.WRONG_STORAGE_KEY
+
+
+def test_the_memory_store_checks_values_only_when_asked(clock: FakeClock) -> None:
+    plain = StateEngine(clock=clock)
+    checked = StateEngine(checked_store(), clock=clock)
+    for engine, refuses in ((plain, False), (checked, True)):
+        note: SessionState[Any] = engine.session_state("note", "")
+        things: SessionState[Any] = engine.session_state("things", [])
+        sid = engine.open_session()
+        for state, value in ((note, LONE), (note, HUGE), (things, [object()])):
+            if refuses:
+                with pytest.raises(ValueNotStorable), engine.event(sid) as ev:
+                    ev[state] = value
+            else:
+                with engine.event(sid) as ev:
+                    ev[state] = value
+        engine.shutdown()
+    with pytest.raises(TypeError, match="check_values takes a codec"):
+        MemoryStore(check_values="json")  # type: ignore[arg-type]
+
+
+# -- damaged data under the Redis prefix -----------------------------------------------
+
+
+@pytest.fixture
+def redis_engine(redis_server: RedisServer, clock: FakeClock) -> Iterator[StateEngine]:
+    store = RedisStore(redis_server.url, prefix=f"g{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", clock=clock, idle_ttl=60, capacity=3)
+    yield engine
+    engine.shutdown()
+    store.close()
+
+
+def keys_of(engine: StateEngine) -> tuple[Any, str]:
+    ns: Any = engine._ns
+    return engine.store.client, ns.P  # type: ignore[attr-defined]
+
+
+def test_junk_in_the_deadline_index_is_removed_and_reaping_goes_on(
+    redis_engine: StateEngine, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One junk member used to make every reap() fail forever (a Lua error), silently
+    for ordinary calls, so that no session was ever reaped again."""
+    engine = redis_engine
+    client, P = keys_of(engine)
+    deleted, on_delete = recorder()
+    note = engine.session_state("note", "", on_delete=on_delete)
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[note] = "x"
+    junk = ["garbage", "s\0no-such-session", "v\0no-second-separator", "v\0gone\0note"]
+    client.zadd(P + "dl", dict.fromkeys(junk, 0))
+    clock.advance(61)
+    with caplog.at_level(logging.WARNING, logger="statekit"):
+        assert engine.reap() == 1
+    assert deleted == [("x", DeleteReason.IDLE)]
+    assert client.zcard(P + "dl") == 0  # the junk is gone too
+    warnings = [r.getMessage() for r in caplog.records if "damaged entry" in r.getMessage()]
+    assert len(warnings) == len(junk)
+    assert all(P + "dl" in w for w in warnings)
+    assert not any("no-such-session" in w for w in warnings)  # ids are never logged whole
+    engine.open_session()  # ordinary calls work
+
+
+def test_junk_in_the_capacity_order_holds_no_place(
+    redis_engine: StateEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Entries of the least-recently-used order that name no session used to be
+    'evicted' as if they were sessions: close hooks ran for ids never issued."""
+    engine = redis_engine
+    client, P = keys_of(engine)
+    ended, on_close = recorder()
+    engine.on_close(on_close)
+    client.zadd(P + "lru", {"ghost-1": 0, "ghost-2": 0})
+    with caplog.at_level(logging.WARNING, logger="statekit"):
+        sids = [engine.open_session() for _ in range(3)]  # capacity 3: only ghosts go
+    assert all(engine.exists(sid) for sid in sids)
+    assert engine.session_count() == 3
+    assert ended == []
+    assert sum("damaged entry" in r.getMessage() for r in caplog.records) == 2
+
+
+@pytest.mark.parametrize("field", ["_d", "_v", "t:note", "_lu"])
+def test_a_damaged_session_says_so_naming_it_and_is_left_in_place(
+    redis_engine: StateEngine, field: str
+) -> None:
+    """A junk deadline used to give a raw ValueError on state.get and 'unavailable,
+    retry when it is back' on events, although the server was up."""
+    engine = redis_engine
+    client, P = keys_of(engine)
+    note = engine.session_state("note", "", ttl=30)
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[note] = "x"
+    if field == "_lu":
+        client.hset(P + "s:" + sid, "_l", "someone-else")
+    client.hset(P + "s:" + sid, field, "not a number")
+    before = client.hgetall(P + "s:" + sid)
+    with pytest.raises(SessionCorrupt, match="damaged") as info, engine.event(sid):
+        pass
+    assert isinstance(info.value, SessionNotFound)  # hosts that reopen recover
+    assert sid not in str(info.value)  # the id is a secret
+    if field != "_lu":  # reads take no lease
+        with pytest.raises(SessionCorrupt):
+            note.get(sid)
+    assert client.hgetall(P + "s:" + sid) == before  # left in place, unchanged
+
+
+def test_junk_notices_are_ignored_and_counted(redis_engine: StateEngine) -> None:
+    """Each junk message used to look like a lost connection: a full resync."""
+    engine = redis_engine
+    client, _ = keys_of(engine)
+    ns: Any = engine._ns
+    received: list[Notice] = []
+    arrived = threading.Event()
+
+    def on_notice(notice: Notice) -> None:
+        received.append(notice)
+        if notice.kind == "changed":
+            arrived.set()
+
+    unsubscribe = ns.subscribe(on_notice)
+    junk = [
+        b"not json",
+        b"[1, 2]",
+        b"{}",
+        json.dumps({"k": "exploded", "s": "x"}).encode(),
+        json.dumps({"k": "ended", "s": "x", "r": "no-such-reason"}).encode(),
+        json.dumps({"k": "changed", "s": 5}).encode(),
+        json.dumps({"k": "changed", "s": "x", "n": [1]}).encode(),
+    ]
+    for message in junk:
+        client.publish(ns.channel, message)
+    other = StateEngine(RedisStore(engine.store.url, prefix=engine.store.prefix), app="shop")  # type: ignore[attr-defined]
+    note = other.session_state("note", "")
+    sid = other.open_session()
+    with other.event(sid) as ev:
+        ev[note] = "real"
+    assert arrived.wait(10)
+    assert [n.kind for n in received] == ["changed"]  # no resync, no junk
+    assert ns.ignored_notices == len(junk)
+    unsubscribe()
+    other.shutdown()
