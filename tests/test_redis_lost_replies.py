@@ -178,3 +178,51 @@ def test_a_lease_longer_than_the_store_remembers_replies_is_refused(
     with pytest.raises(ValueError, match="request_ttl"):
         RedisStore(redis_server.url, request_ttl=0)
     store.close()
+
+
+@pytest.mark.parametrize("retries", [0, 5])
+def test_lost_replies_of_async_events_on_the_asyncio_client(
+    redis_server: RedisServer, proxy: ReplyDropper, retries: int
+) -> None:
+    """The same through ``aevent`` and a ``redis.asyncio`` client: its writes are as
+    idempotent, and an outcome it cannot learn is said."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    prefix = f"alost{uuid.uuid4().hex[:6]}"
+
+    async def main() -> tuple[list[int], list[int]]:
+        client = aioredis.Redis.from_url(
+            proxy.url, retry=AsyncRetry(ExponentialBackoff(cap=0.05, base=0.001), retries)
+        )
+        store = RedisStore(redis_server.url, async_client=client, prefix=prefix)
+        engine = StateEngine(store, app="shop", lease_wait=5)
+        log: SessionState[list[int]] = engine.session_state("log", [])
+        sid = engine.open_session()
+        acked: list[int] = []
+        unknown: list[int] = []
+        said: list[str] = []
+        for i in range(OPERATIONS):
+            try:
+                async with engine.aevent(sid) as ev:
+                    ev[log].append(i)
+                acked.append(i)
+            except StoreUnavailable as exc:
+                if exc.outcome_unknown:
+                    said.append(str(exc))
+                    unknown.append(i)
+        assert sorted(log.get(sid)) == sorted(acked + unknown)  # each applied once
+        assert all("may or may not have been applied" in text for text in said)
+        engine.shutdown()
+        store.close()
+        await client.aclose()
+        return acked, unknown
+
+    acked, unknown = asyncio.run(main())
+    assert proxy.dropped >= OPERATIONS // 3
+    if retries:
+        assert (len(acked), unknown) == (OPERATIONS, [])
+    else:
+        assert unknown  # the resend was lost too: said, not hidden
