@@ -40,6 +40,7 @@ import hmac
 import json
 import math
 import pickle
+import re
 import sys
 import uuid
 from collections.abc import Sequence
@@ -239,9 +240,18 @@ def _problem(value: Any) -> tuple[str, str] | None:
 _CONTAINER_TYPES = (list, dict, tuple, set, frozenset)
 
 
-def _key_text(key: Any) -> str:
-    text = repr(key) if type(key) in (str, int, float, bool) or key is None else "<key>"
-    return text if len(text) <= 40 else text[:37] + "..."
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,40}")
+
+
+def _key_text(key: Any, position: int) -> str | None:
+    """How a dict key is shown in a path: short identifier-like text and small numbers
+    as they are (``['name']``, ``[3]``); anything else (which may be user data, even a
+    secret) only by its position among the keys."""
+    if type(key) is str and _PLAIN_KEY.fullmatch(key):
+        return repr(key)
+    if (type(key) is int and -(10**12) < key < 10**12) or type(key) is bool or key is None:
+        return repr(key)
+    return None
 
 
 def _children(value: Any) -> list[tuple[str, Any]]:
@@ -250,12 +260,13 @@ def _children(value: Any) -> list[tuple[str, Any]]:
     if cls is list or cls is tuple:
         return [(f"[{i}]", item) for i, item in enumerate(value)]
     if cls is set or cls is frozenset:
-        return [(f" (a member {_key_text(item)})", item) for item in value]
+        return [(f" (member {i} of the {cls.__name__})", item) for i, item in enumerate(value)]
     if cls is dict:
         out: list[tuple[str, Any]] = []
-        for key, item in value.items():
-            out.append((f" (the key {_key_text(key)})", key))
-            out.append((f"[{_key_text(key)}]", item))
+        for i, (key, item) in enumerate(value.items()):
+            text = _key_text(key, i)
+            out.append((f" (key {i} of the dict)", key))
+            out.append((f"[{text}]" if text else f" (under key {i} of the dict)", item))
         return out
     if isinstance(value, enum.Enum):
         return [(".value", value.value)]
@@ -439,7 +450,12 @@ class SignedPickleCodec:
         signature, body = data[:32], data[32:]
         for key in self._keys:
             if hmac.compare_digest(signature, hmac.new(key, body, hashlib.sha256).digest()):
-                return pickle.loads(body)
+                try:
+                    return pickle.loads(body)
+                except Exception as exc:  # a class moved or removed by a deploy, say
+                    raise CodecError(
+                        f"a stored pickle no longer loads ({type(exc).__name__}: {exc})"
+                    ) from exc
         raise CodecError(
             "stored pickle has no valid signature; it was written with another secret "
             "or tampered with, and was not unpickled"

@@ -44,6 +44,7 @@ from .exceptions import (
     EngineClosed,
     InvalidDeclaration,
     SessionBusy,
+    SessionCorrupt,
     SessionExpired,
     SessionNotFound,
     StateError,
@@ -203,8 +204,10 @@ class StateEngine:
         to give back: taking those back here would let two processes hold one lease."""
         for lock in (self._hooks_lock, self._subscribe_lock, self._caches_lock):
             _fork.free_lock(lock)
-        self._locks = SessionLocks()
+        self._locks.keep_only_this_thread()
         self._orphan_leases.clear()
+        # Sessions the parent used: a resync in the child must not look each one up.
+        self._seen_versions.clear()
 
     def __enter__(self) -> StateEngine:
         return self
@@ -323,8 +326,9 @@ class StateEngine:
                 f"a state named {state.name!r} is already declared on this engine "
                 f"(app {self.app!r}); state names must be unique"
             )
-        if self.store.codec is not None:
-            # A store that encodes values must be able to encode the default.
+        if self.store.codec is not None or isinstance(self._values, CheckedObjectValues):
+            # A store that encodes values (or checks them) must be able to encode the
+            # default: refused now, not at its first use.
             self._values.store(state.name, open_value(state._default))
         self._states[state.name] = state
         if isinstance(state, SessionState):
@@ -510,7 +514,10 @@ class StateEngine:
             self._check_sid(sid)
         except SessionNotFound:
             return False
-        outcome = self._ns.load_session(sid, now=self.clock(), touch_until=None)
+        try:
+            outcome = self._ns.load_session(sid, now=self.clock(), touch_until=None)
+        except SessionCorrupt:  # damaged: not a session anyone can use
+            return False
         if isinstance(outcome, Loaded):
             self._run_ended(outcome.expired)
             return True
@@ -1348,9 +1355,11 @@ class StateEngine:
     def shutdown(self) -> None:
         """Stop the engine: later calls raise :class:`EngineClosed`.
 
-        With a store that dies with the process (the memory store), every session ends
-        now and every deletion callback runs with reason ``shutdown``. With any store,
-        every registry object this engine holds is cleaned up (they are process-local).
+        With a store that dies with the process (the memory store), when this is the
+        last engine using the app's data, every session ends now and every deletion
+        callback runs with reason ``shutdown`` (engines still using the data keep it).
+        With any store, every registry object this engine holds is cleaned up (they are
+        process-local).
         Call it after the host has stopped serving requests. Calling it twice does
         nothing.
         """

@@ -309,6 +309,16 @@ class SessionLocks:
         if latch.idle and self._latches.get(sid) is latch:
             del self._latches[sid]
 
+    def keep_only_this_thread(self) -> None:
+        """In the child of a fork: keep the locks this thread holds (an event open
+        across the fork goes on in the child), drop every other, whose owner or
+        waiters belong to the parent."""
+        self._mutex = threading.Lock()
+        me = threading.get_ident()
+        self._latches = {sid: x for sid, x in self._latches.items() if x.owner == me}
+        for latch in self._latches.values():
+            latch.waiters = None
+
     def release(self, sid: str) -> None:
         """Release the lock of ``sid``, handing it to the longest waiter if any."""
         with self._mutex:

@@ -122,7 +122,7 @@ class EncodedValues:
             return SAME, None
         try:
             before = self.codec.decode(stored)
-        except CodecError:  # the stored value no longer decodes (a class moved): replace it
+        except Exception:  # the stored value no longer decodes (a class moved): replace it
             return CHANGED, data
         verdict = _walk(before, value)
         return verdict, (None if verdict is SAME else data)

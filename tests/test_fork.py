@@ -10,6 +10,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -215,3 +216,117 @@ def test_gunicorn_preload_workers_each_clean_up_once(
         server.wait(timeout=WAIT)
         engine.shutdown()
         close(engine.store)
+
+
+def fork_quietly() -> int:
+    with warnings.catch_warnings():  # Python 3.12+ warns about fork with threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+def exit_code_of(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_an_event_open_across_a_fork_keeps_its_session_in_the_child() -> None:
+    """The child's copy of an open event goes on in the child (its thread is the one
+    that forked): another thread of the child must not enter that session meanwhile.
+    Without care, the fork freed every session lock, this one included."""
+    engine = StateEngine(lease_wait=0.3)
+    note = engine.session_state("note", "")
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        pid = fork_quietly()
+        if pid == 0:
+            outcome: list[str] = []
+
+            def other() -> None:
+                try:
+                    with engine.event(sid):
+                        outcome.append("entered")
+                except Exception as exc:
+                    outcome.append(type(exc).__name__)
+
+            thread = threading.Thread(target=other)
+            thread.start()
+            thread.join(WAIT)
+            os._exit(0 if outcome == ["SessionBusy"] else 1)
+        ev[note] = "parent"
+    assert exit_code_of(pid) == 0
+    assert note.get(sid) == "parent"
+
+
+class _LeaveInChild(Exception):
+    pass
+
+
+def test_a_shared_store_event_open_across_a_fork_ends_cleanly_in_the_child(
+    where: tuple[str, str, str],
+) -> None:
+    """The child's copy of the event gives its session lock back on leaving (here by
+    raising, so that it writes nothing): the lock must still be in the child's table,
+    or leaving raises there (the fork used to empty the table)."""
+    kind, place, prefix = where
+    engine = StateEngine(store_at(kind, place, prefix), app="forked")
+    note = engine.session_state("note", "")
+    sid = engine.open_session()
+    parent = os.getpid()
+    go, wait = os.pipe()
+    try:
+        with engine.event(sid) as ev:
+            pid = fork_quietly()
+            if pid == 0:
+                os.read(go, 1)  # after the parent's commit: the lease is the parent's
+                raise _LeaveInChild
+            ev[note] = "parent"
+    except BaseException as exc:
+        if os.getpid() != parent:  # the child, after its copy of the event left
+            os._exit(0 if isinstance(exc, _LeaveInChild) else 2)
+        raise
+    os.write(wait, b"x")
+    assert exit_code_of(pid) == 0
+    os.close(go)
+    os.close(wait)
+    assert note.get(sid) == "parent"
+    engine.shutdown()
+    close(engine.store)
+
+
+def test_an_asyncio_client_made_before_a_fork_is_not_shared_with_the_child(
+    redis_server: RedisServer,
+) -> None:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    store = RedisStore(redis_server.url, async_client=client, prefix=f"fa{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="forked")
+    note = engine.session_state("note", "")
+    sid = engine.open_session()
+
+    async def write(text: str) -> None:
+        async with engine.aevent(sid) as ev:
+            ev[note] = text
+
+    pid = fork_quietly()
+    if pid == 0:
+        code = 1
+        try:
+            asyncio.run(write("child"))  # through worker threads, not the parent's sockets
+            code = 0 if store.async_client is None else 2
+        finally:
+            os._exit(code)
+    assert exit_code_of(pid) == 0
+    assert note.get(sid) == "child"
+    assert store.async_client is client  # the parent keeps its own
+
+    async def main() -> None:
+        await write("parent")
+        await client.aclose()
+
+    asyncio.run(main())
+    assert note.get(sid) == "parent"
+    engine.shutdown()
+    store.close()

@@ -226,3 +226,49 @@ def test_lost_replies_of_async_events_on_the_asyncio_client(
         assert (len(acked), unknown) == (OPERATIONS, [])
     else:
         assert unknown  # the resend was lost too: said, not hidden
+
+
+@pytest.mark.parametrize("claimed_by", ["reap", "load"])
+def test_what_a_request_removed_is_made_good_when_its_reply_was_lost(
+    redis_server: RedisServer, claimed_by: str
+) -> None:
+    """A reap (or an event's load) removes an expired session (or value), and both its
+    reply and the store's resend are lost: the removal happened, and nobody received
+    the removed values to run their callbacks. The next reap reads the remembered
+    reply back and runs them, once."""
+    armed = {"drops": 0}
+
+    def drop(request: bytes) -> bool:
+        if armed["drops"] and b"EVALSHA" in request:
+            armed["drops"] -= 1
+            return True
+        return False
+
+    dropper = ReplyDropper(("127.0.0.1", redis_server.port), drop)
+    client = redis.Redis.from_url(dropper.url, retry=Retry(NoBackoff(), 0))
+    store = RedisStore(dropper.url, client=client, prefix=f"mg{uuid.uuid4().hex[:6]}")
+    clock = FakeClock(2_000_000_000.0)
+    engine = StateEngine(store, app="shop", clock=clock, idle_ttl=60)
+    deleted: list[tuple[str, DeleteReason]] = []
+    note = engine.session_state("note", "", ttl=10, on_delete=lambda v, r: deleted.append((v, r)))
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[note] = "x"
+    clock.advance(61 if claimed_by == "reap" else 11)
+    armed["drops"] = 2  # the request and the store's resend
+    with pytest.raises(StoreUnavailable) as info:
+        if claimed_by == "reap":
+            engine.reap()
+        else:
+            with engine.event(sid):
+                pass
+    assert not info.value.outcome_unknown  # the caller's own action had not started
+    assert deleted == []  # removed on the server, its callback not yet run
+    # The value's own ttl passed first; a reap also ended the idle session.
+    assert engine.reap() == (2 if claimed_by == "reap" else 1)
+    assert deleted == [("x", DeleteReason.TTL)]
+    assert engine.reap() == 0
+    assert deleted == [("x", DeleteReason.TTL)]  # once
+    engine.shutdown()
+    store.close()
+    dropper.close()

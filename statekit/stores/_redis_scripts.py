@@ -10,8 +10,9 @@ last use and closed ones by close time; ``gone:<sid>`` remembers why a session e
 reply of a write for a while. Times travel as the strings Python wrote, so Lua never
 rounds them. The per-application constants are written into each script's text
 (``@P@`` the key prefix, ``@ORIGIN@`` the handle, ``@CHANNEL@`` the notice channel,
-``@TOMBSTONE@`` the seconds an ended id is remembered, ``@REQUEST_MS@`` the
-milliseconds a write's reply is remembered), so that a call sends only what changes.
+``@TOMBSTONE@`` the seconds an ended id is remembered, ``@REQUEST_MS@`` and
+``@CLAIM_MS@`` the milliseconds a write's reply is remembered, and a reply that only
+carries claims), so that a call sends only what changes.
 
 **Idempotent writes.** Every script that writes takes, as its last key, a key made of
 a request id that the caller draws once per operation. Before doing anything, the
@@ -20,11 +21,13 @@ unchanged: a request sent again (by a client that retries after a lost connectio
 by the store itself) is answered with the first outcome and applied once. A script
 remembers its reply when running it again would not give the same answer: a commit,
 an open, a close, a global write, and any load, peek or reap that claimed something.
+``REPLAY`` reads a remembered reply back, for a request whose answer never came.
 
-**Damaged data.** Fields the scripts read as numbers are checked; a session with a
-damaged field is answered ``{'corrupt', field}`` and left in place; a member of an
-index that names nothing (or is not one statekit writes) is removed and reported, so
-that one bad entry never stops reaping or opening sessions.
+**Damaged data.** Fields the scripts read as numbers, and the types of keys they
+claim, are checked before anything is written; a session with a damaged field is
+answered ``{'corrupt', field}`` and left in place; a member of an index that names
+nothing (or is not one statekit writes) is removed and reported, so that one bad entry
+never stops reaping or opening sessions.
 """
 
 from __future__ import annotations
@@ -91,11 +94,16 @@ local function claim_value(sid, name, at)
   local key = P .. 's:' .. sid
   local value = redis.call('HGET', key, 'v:' .. name)
   redis.call('ZREM', P .. 'dl', 'v\0' .. sid .. '\0' .. name)
+  redis.call('HDEL', key, 'v:' .. name, 't:' .. name)
   if not value then
     return nil
   end
-  redis.call('HDEL', key, 'v:' .. name, 't:' .. name)
   return {sid, 'ttl', at, name, value}
+end
+
+-- Whether key holds a hash (a session statekit wrote), not another type.
+local function is_hash(key)
+  return redis.call('TYPE', key).ok == 'hash'
 end
 
 -- The first damaged field of a session's version and deadline, or nil.
@@ -115,6 +123,12 @@ local function remember(reply)
   redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', @REQUEST_MS@)
   return reply
 end
+-- A reply that only carries what a load or a reap claimed (not the caller's own
+-- write) is kept for a shorter while: it holds deleted values.
+local function remember_claims(reply)
+  redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', @CLAIM_MS@)
+  return reply
+end
 """
 
 # KEYS: session, request.  ARGV: sid, now, deadline, capacity, backstop_ms
@@ -131,7 +145,10 @@ while count >= tonumber(ARGV[4]) do
   local victim = redis.call('ZRANGE', P .. 'closed', 0, 0)[1]
   if not victim then victim = redis.call('ZRANGE', P .. 'lru', 0, 0)[1] end
   if not victim then break end
-  local meta = redis.call('HMGET', P .. 's:' .. victim, '_c', '_d')
+  local meta = {}
+  if is_hash(P .. 's:' .. victim) then
+    meta = redis.call('HMGET', P .. 's:' .. victim, '_c', '_d')
+  end
   if not meta[2] then
     -- No session behind this entry: drop it, it holds no place.
     redis.call('ZREM', P .. 'lru', victim)
@@ -176,15 +193,15 @@ if not meta[3] then
 end
 local bad = damaged(meta[1], meta[3])
 if bad then return {'corrupt', bad} end
+if meta[4] and not tonumber(meta[5]) then return {'corrupt', '_lu'} end
 local deadline = tonumber(meta[3])
 if deadline <= now then
   local reason = 'idle'
   if meta[2] == '1' then reason = 'closed' end
-  return remember({'expired', claim(sid, reason, meta[3])})
+  return remember_claims({'expired', claim(sid, reason, meta[3])})
 end
 local h = redis.call('HGETALL', KEYS[1])
 local due = {}
-local claims = false
 for i = 1, #h, 2 do
   local f = h[i]
   if string.sub(f, 1, 2) == 't:' then
@@ -192,15 +209,12 @@ for i = 1, #h, 2 do
     if not at then return {'corrupt', f} end
     if at <= now then
       due[string.sub(f, 3)] = h[i + 1]
-      claims = true
     end
   end
 end
 if ARGV[4] ~= '' then
-  if meta[4] and meta[4] ~= ARGV[4] then
-    local held = tonumber(meta[5])
-    if not held then return {'corrupt', '_lu'} end
-    if held > now then return {'busy', meta[5]} end
+  if meta[4] and meta[4] ~= ARGV[4] and tonumber(meta[5]) > now then
+    return {'busy', meta[5]}
   end
   redis.call('HSET', KEYS[1], '_l', ARGV[4], '_lu', ARGV[5])
 end
@@ -210,17 +224,19 @@ for i = 1, #h, 2 do
   local f = h[i]
   if string.sub(f, 1, 2) == 'v:' then
     local name = string.sub(f, 3)
-    if due[name] then
-      expired[#expired + 1] = claim_value(sid, name, due[name])
-    else
+    if not due[name] then
       values[#values + 1] = name
       values[#values + 1] = h[i + 1]
     end
   end
 end
+for name, at in pairs(due) do
+  -- nil (and only the stray deadline removed) when the value is not there
+  expired[#expired + 1] = claim_value(sid, name, at)
+end
 touch(KEYS[1], sid, meta[2], deadline, ARGV[2], ARGV[3], ARGV[6])
 local reply = {'ok', meta[1], meta[2] or '0', values, expired}
-if claims then return remember(reply) end
+if #expired > 0 then return remember_claims(reply) end
 return reply
 """
 )
@@ -245,7 +261,7 @@ local deadline = tonumber(meta[3])
 if deadline <= now then
   local reason = 'idle'
   if meta[2] == '1' then reason = 'closed' end
-  return remember({'expired', claim(sid, reason, meta[3])})
+  return remember_claims({'expired', claim(sid, reason, meta[3])})
 end
 local values = {}
 local expired = {}
@@ -261,7 +277,7 @@ if meta[4] and not expired[1] then
 end
 touch(KEYS[1], sid, meta[2], deadline, ARGV[2], ARGV[3], ARGV[5])
 local reply = {'ok', meta[1], meta[2] or '0', values, expired}
-if expired[1] then return remember(reply) end
+if expired[1] then return remember_claims(reply) end
 return reply
 """
 )
@@ -341,28 +357,34 @@ return remember({'closed'})
 """
 )
 
-# KEYS: dl, request.  ARGV: now, limit
-# Returns {ended, junk}: what was claimed (at most limit entries), and index members
-# that named nothing claimable, removed. Every member looked at leaves the index, so
-# the loop ends; one bad member never stops the others.
+# KEYS: dl, request.  ARGV: now, limit, budget
+# Returns {ended, junk, more}: what was claimed (at most limit entries); index members
+# that named nothing claimable, removed (junk); and 1 when the budget of members
+# looked at ran out with due members left. Every member looked at leaves the index, so
+# one bad member never stops the others, and a pile of them is cleared a budget at a
+# time. Junk is not remembered: removing it again is harmless.
 REAP = (
     _CLAIM
     + _ONCE
     + r"""
 local limit = tonumber(ARGV[2])
+local budget = tonumber(ARGV[3])
 local out = {}
 local junk = {}
 local claimed = {}
+local more = 0
 while #out < limit do
+  if budget <= 0 then more = 1 break end
   local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
-                         'LIMIT', 0, limit - #out)
+                         'LIMIT', 0, math.min(limit - #out, budget))
   if #due == 0 then break end
   for i = 1, #due, 2 do
+    budget = budget - 1
     local member = due[i]
     local kind = string.sub(member, 1, 2)
     local cut = nil
     if kind == 'v\0' then cut = string.find(member, '\0', 3, true) end
-    if kind == 's\0' and redis.call('EXISTS', P .. 's:' .. string.sub(member, 3)) == 1 then
+    if kind == 's\0' and is_hash(P .. 's:' .. string.sub(member, 3)) then
       local sid = string.sub(member, 3)
       local reason = 'idle'
       if redis.call('HGET', P .. 's:' .. sid, '_c') == '1' then reason = 'closed' end
@@ -370,11 +392,20 @@ while #out < limit do
       claimed[sid] = true
     elseif cut then
       local sid = string.sub(member, 3, cut - 1)
-      local item = claim_value(sid, string.sub(member, cut + 1), due[i + 1])
+      local name = string.sub(member, cut + 1)
+      local key = P .. 's:' .. sid
+      local item = nil
+      -- Only a value whose own deadline is due: an entry naming a live value
+      -- without one is junk, not an order to delete it.
+      if is_hash(key) then
+        local at = tonumber(redis.call('HGET', key, 't:' .. name))
+        if at and at <= tonumber(ARGV[1]) then item = claim_value(sid, name, due[i + 1]) end
+      end
       if item then
         out[#out + 1] = item
-      elseif not claimed[sid] then
-        junk[#junk + 1] = member
+      else
+        redis.call('ZREM', KEYS[1], member)
+        if not claimed[sid] then junk[#junk + 1] = member end
       end
     else
       redis.call('ZREM', KEYS[1], member)
@@ -382,10 +413,17 @@ while #out < limit do
     end
   end
 end
-if #out > 0 or #junk > 0 then return remember({out, junk}) end
-return {out, junk}
+if #out > 0 then remember_claims({out, {}, more}) end
+return {out, junk, more}
 """
 )
+
+# KEYS: request.  Returns {1, reply} with the reply remembered for a request, or {0}.
+REPLAY = r"""
+local seen = redis.call('GET', KEYS[1])
+if not seen then return {0} end
+return {1, cmsgpack.unpack(seen)}
+"""
 
 # KEYS: global, request.  ARGV: version|'', value
 GLOBAL_CAS = (
@@ -409,7 +447,11 @@ GLOBAL_ADD = (
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'v', ARGV[2], 'n', 0)
 end
-local current = redis.call('HGET', KEYS[1], 'v')
+local found = redis.call('HMGET', KEYS[1], 'v', 'n')
+local current = found[1]
+if not current or not found[2] or not string.find(found[2], '^%d+$') then
+  return {'corrupt'}
+end
 if string.find(current, '^-?%d+$') == nil or string.find(ARGV[1], '^-?%d+$') == nil then
   return false
 end
@@ -429,6 +471,7 @@ def render(
     channel: str,
     tombstone_ttl: int,
     request_ms: int,
+    claim_ms: int,
 ) -> str:
     """A script with its per-application constants written in."""
     for text in (prefix, origin, channel):
@@ -440,4 +483,5 @@ def render(
         .replace("@CHANNEL@", channel)
         .replace("@TOMBSTONE@", str(int(tombstone_ttl)))
         .replace("@REQUEST_MS@", str(int(request_ms)))
+        .replace("@CLAIM_MS@", str(int(claim_ms)))
     )

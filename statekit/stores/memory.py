@@ -17,8 +17,9 @@ If deadlines were ever given out of order (a wall clock stepping back), an entry
 reaped late, never early, and a load still refuses anything past its own deadline.
 
 Engines that share an application through one store share its sessions, values and
-globals: they live until the last handle on the application shuts down, and only
-that shutdown ends them (reason ``shutdown``).
+globals: they live until the last handle on the application shuts down (or is
+garbage-collected without a shutdown), and only that shutdown ends them (reason
+``shutdown``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -118,19 +120,22 @@ class MemoryStore:
             state = self._apps.get(app)
             if state is None:
                 state = self._apps[app] = _AppState()
+            handle = _MemoryNamespace(state)
             with state.lock:
-                state.handles += 1
-            return _MemoryNamespace(state)
+                state.handles.add(handle)
+            return handle
 
     def _after_fork(self) -> None:
         """In the child of a fork: the locks of the parent's threads are free again,
         and sessions its events held are free (those events go on in the parent)."""
         _fork.free_lock(self._lock)
+        me = threading.get_ident()  # an event open across the fork goes on here
         for state in self._apps.values():
             _fork.free_lock(state.lock)
             for queue in (state.open, state.closed):
                 for rec in queue.values():
-                    rec.owner = None
+                    if rec.owner != me:
+                        rec.owner = None
                     rec.waiters = None
 
 
@@ -145,8 +150,8 @@ class _AppState:
         self.gone: OrderedDict[str, tuple[DeleteReason, float]] = OrderedDict()
         self.globals: dict[str, tuple[Any, int]] = {}
         self.subscribers: dict[int, tuple[str, Callable[[Notice], None]]] = {}
-        # Handles not shut down: the data ends with the last one.
-        self.handles = 0
+        # Handles not shut down (nor garbage-collected): the data ends with the last.
+        self.handles: weakref.WeakSet[_MemoryNamespace] = weakref.WeakSet()
 
 
 _handles = itertools.count(1)
@@ -604,8 +609,8 @@ class _MemoryNamespace:
             for key, (origin, _) in list(self._subscribers.items()):
                 if origin == self.origin:
                     del self._subscribers[key]
-            self._state.handles -= 1
-            if self._state.handles > 0:
+            self._state.handles.discard(self)
+            if self._state.handles:
                 return ()
             records = [*self._open.values(), *self._closed.values()]
             for rec in records:

@@ -38,7 +38,7 @@ try:
     import redis.asyncio as aioredis
     from redis.backoff import EqualJitterBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -69,7 +69,7 @@ TOMBSTONE_TTL = 86_400
 #: Key TTLs run this long past the engine's own deadlines (a backstop only).
 BACKSTOP = 86_400.0
 
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _REASONS = frozenset(reason.value for reason in DeleteReason)
 _SCRIPTS = (
@@ -82,24 +82,45 @@ _SCRIPTS = (
     "REAP",
     "GLOBAL_CAS",
     "GLOBAL_ADD",
+    "REPLAY",
 )
+#: Seconds the reply of a load or a reap that claimed something is remembered (it
+#: holds deleted values): long enough for retries, and for the engine's next look to
+#: pick up a reply that was lost (see _RedisNamespace._resolve).
+CLAIM_TTL = 10.0
+#: How many index members one reap script looks at, at most per entry asked for (and
+#: at least BUDGET_MIN): a pile of junk is cleared over several calls.
+BUDGET_PER_ENTRY = 4
+BUDGET_MIN = 256
+#: Script calls per reap() while junk fills the budget: a reap during an ordinary
+#: request never spends long clearing junk.
+REAP_ROUNDS_PER_ENTRY = 1 / 8
 
 
 def _before_send(exc: BaseException) -> bool:
     """Whether a connection failure happened while the client was still getting a
     connection for the request, so that nothing of it was sent.
 
-    redis-py takes a connection from its pool (connecting it if needed) before sending
-    anything and before its own retries begin; a failure there is raised from the
-    pool's ``get_connection``. Any other failure may come after the request left, or
-    after an earlier attempt of a retrying client did: then the outcome is unknown.
+    redis-py's ``Redis`` takes a connection from its pool (connecting it if needed)
+    before sending anything and before its own retries begin; a failure there is raised
+    from the pool's ``get_connection``. Any other failure may come after the request
+    left, or after an earlier attempt of a retrying client did: then the outcome is
+    unknown. A cluster client takes connections inside its retry loop, so with one the
+    outcome is always unknown. When in doubt, this answers False (unknown).
     """
     tb: TracebackType | None = exc.__traceback__
+    found = False
     while tb is not None:
-        if tb.tb_frame.f_code.co_name == "get_connection":
-            return True
+        frame = tb.tb_frame
+        if "cluster" in frame.f_code.co_filename.rsplit("/", 1)[-1]:
+            return False
+        if (
+            frame.f_code.co_name == "get_connection"
+            and "Pool" in type(frame.f_locals.get("self")).__name__
+        ):
+            found = True
         tb = tb.tb_next
-    return False
+    return found
 
 
 def _default_retry() -> Retry:
@@ -132,7 +153,9 @@ class RedisStore:
             for their loads and commits. An asyncio client belongs to one event loop:
             pass the one your server's loop uses, and close it when the server stops.
             Without it, async events run the blocking client in a worker thread, so the
-            event loop never waits either way.
+            event loop never waits either way. It may be set later (the attribute
+            ``async_client``), for example in each worker after a fork: a client made
+            before a fork is dropped in the child, whose sockets it would share.
         prefix: the first part of every key.
         codec: how values become bytes; :class:`~statekit.JSONCodec` by default.
         socket_timeout: seconds before a silent server counts as unavailable.
@@ -182,7 +205,8 @@ class RedisStore:
                 retry=_default_retry(),
             )
         )
-        self._async_client = async_client
+        self.async_client = async_client
+        _fork.after_fork_in_child(self)
         self._socket_timeout = socket_timeout
         self._handles: weakref.WeakSet[_RedisNamespace] = weakref.WeakSet()
         if not _PREFIX.fullmatch(prefix):
@@ -207,7 +231,8 @@ class RedisStore:
         ``keys``): after a lost connection it is sent once more, and the answer, if
         one comes, is the first outcome. ``applies``: the script applies the caller's
         write, so that an outcome that stays unknown must be said
-        (``outcome_unknown``).
+        (``outcome_unknown``). Whether the request may have been applied at all is
+        kept on the error as ``_sent``, for claims to be made good later.
         """
         sent = False
         for attempt in (1, 2):
@@ -218,7 +243,9 @@ class RedisStore:
                 if attempt == 2 or not sent or isinstance(exc, RedisTimeoutError):
                     # Sent again only after a lost connection: a server too slow to
                     # answer in time is not asked twice.
-                    raise self._unavailable(exc, unknown=applies and sent) from exc
+                    error = self._unavailable(exc, unknown=applies and sent)
+                    error._sent = sent  # type: ignore[attr-defined]
+                    raise error from exc
             except RedisError as exc:
                 raise self._refused(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
@@ -232,34 +259,80 @@ class RedisStore:
             except _UNAVAILABLE as exc:
                 sent = sent or not _before_send(exc)
                 if attempt == 2 or not sent or isinstance(exc, RedisTimeoutError):
-                    raise self._unavailable(exc, unknown=applies and sent) from exc
+                    error = self._unavailable(exc, unknown=applies and sent)
+                    error._sent = sent  # type: ignore[attr-defined]
+                    raise error from exc
             except RedisError as exc:
                 raise self._refused(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _unavailable(self, exc: BaseException, *, unknown: bool) -> StoreUnavailable:
-        return StoreUnavailable(
+        error = StoreUnavailable(
             self._label, f"{type(exc).__name__}: {exc}", outcome_unknown=unknown
         )
+        error._sent = not _before_send(exc)  # type: ignore[attr-defined]
+        return error
 
     def _refused(self, exc: RedisError) -> StateError:
         """An error reply of the server (not a lost connection)."""
         if "already in use" in str(exc):
             return StateError("session id already in use")
+        if isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE"):
+            return _WrongType(self._label, "a key statekit uses holds another type of value")
         return StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}")
 
     def command(self, fn: Callable[[], Any]) -> Any:
-        """Run one plain command, mapping connection failures to StoreUnavailable."""
+        """Run one plain command (a read), mapping failures to StoreUnavailable."""
         try:
             return fn()
-        except (*_UNAVAILABLE, RedisError) as exc:
+        except _UNAVAILABLE as exc:
             raise StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}") from exc
+        except RedisError as exc:
+            raise self._refused(exc) from exc
+
+    def _after_fork(self) -> None:
+        """In the child of a fork: an asyncio client's pool (unlike the blocking
+        client's) does not notice the fork, so its connections would be shared with
+        the parent. The child lets it go; its async events run the blocking client in
+        worker threads until it is given a client of its own (``async_client``)."""
+        if self.async_client is not None:
+            logger.warning(
+                "%s: the asyncio client was made before this process forked; async events "
+                "in the child use worker threads until it sets store.async_client to a "
+                "client of its own",
+                self,
+            )
+        self.async_client = None
 
     def close(self) -> None:
         """Stop notice listeners and close the connection pool."""
         for handle in list(self._handles):
             handle.shutdown()
         self.client.close()
+
+
+class _WrongType(StoreUnavailable):
+    """A key statekit reads holds another type of value (someone else wrote it). The
+    namespace turns it into an error naming the session or state concerned; what is
+    left (an index) stays this: the app cannot be served until an operator repairs it.
+    """
+
+    def __init__(self, store: str, detail: str) -> None:
+        self.store = store
+        self.outcome_unknown = False
+        StateError.__init__(
+            self,
+            f"{store} holds damaged data ({detail}; WRONGTYPE): nothing was written; "
+            "an operator must delete the damaged key for this app to be served again",
+        )
+
+
+def _member_sid(member: bytes | str) -> str:
+    """The session id at the start of an index member (or the member itself)."""
+    text = _text(member)
+    if text[:2] in ("s\0", "v\0"):
+        text = text[2:]
+    return text.split("\0", 1)[0]
 
 
 def _text(value: bytes | str) -> str:
@@ -275,8 +348,15 @@ def _num(value: float) -> str:
 #: only read, lease, touch or claim: whatever they did, the caller's action had not
 #: started.
 _APPLIES = frozenset({"CREATE", "COMMIT", "CLOSE", "GLOBAL_CAS", "GLOBAL_ADD"})
-#: Scripts without a request key (idempotent by nature).
-_PLAIN = frozenset({"RELEASE"})
+#: Scripts without a request key (idempotent by nature, or reading only).
+_PLAIN = frozenset({"RELEASE", "REPLAY"})
+#: Scripts that may remove entries whose callbacks the caller must run.
+_CLAIMING = frozenset({"CREATE", "LOAD", "PEEK", "CLOSE", "REAP"})
+#: Scripts about one session (KEYS[1] its hash, ARGV[1] its id), and about one global.
+_SESSION_SCRIPTS = frozenset({"LOAD", "PEEK", "COMMIT", "CLOSE"})
+_GLOBAL_SCRIPTS = frozenset({"GLOBAL_CAS", "GLOBAL_ADD"})
+#: Requests whose lost replies are remembered to read back, at most.
+_UNRESOLVED_MAX = 10_000
 #: Warn about junk notices at the first and then every this many.
 _JUNK_LOG_EVERY = 1000
 
@@ -294,6 +374,8 @@ class _RedisNamespace:
         "_scripts",
         "_store",
         "_texts",
+        "_unresolved",
+        "_unresolved_lock",
         "channel",
         "origin",
     )
@@ -307,6 +389,10 @@ class _RedisNamespace:
             f"statekit-redis-notices-{app}", self._listen, ready_timeout=store._socket_timeout
         )
         self._ignored = 0
+        # Requests that may have claimed entries but whose reply was lost: request
+        # key -> (script, session id, when to give up, on the monotonic clock).
+        self._unresolved: dict[str, tuple[str, str, float]] = {}
+        self._unresolved_lock = threading.Lock()
         self._make_scripts()
         _fork.after_fork_in_child(self)
 
@@ -323,6 +409,7 @@ class _RedisNamespace:
                 channel=self.channel,
                 tombstone_ttl=TOMBSTONE_TTL,
                 request_ms=int(store.request_ttl * 1000),
+                claim_ms=int(min(CLAIM_TTL, store.request_ttl) * 1000),
             )
             for name in _SCRIPTS
         }
@@ -333,6 +420,8 @@ class _RedisNamespace:
 
     def _after_fork(self) -> None:
         self._make_scripts()
+        _fork.free_lock(self._unresolved_lock)
+        self._unresolved.clear()  # the parent's to make good
 
     def _keys(self, name: str, *keys: str) -> list[str]:
         """The script's keys, plus a new request key for a script that writes."""
@@ -341,19 +430,95 @@ class _RedisNamespace:
         return [*keys, self.P + "q:" + os.urandom(8).hex()]
 
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return self._store.run(self._scripts[name], keys, args, applies=name in _APPLIES)
+        try:
+            return self._store.run(self._scripts[name], keys, args, applies=name in _APPLIES)
+        except StoreUnavailable as exc:
+            raise self._failed(name, keys, args, exc) from exc
 
     async def _arun(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        client = self._store._async_client
+        client = self._store.async_client
         if client is None:  # no asyncio client: the blocking one, in a worker thread
             return await asyncio.to_thread(self._run, name, keys, args)
         if self._async_scripts is None:
             self._async_scripts = {
                 key: client.register_script(text) for key, text in self._texts.items()
             }
-        return await self._store.arun(
-            self._async_scripts[name], keys, args, applies=name in _APPLIES
-        )
+        try:
+            return await self._store.arun(
+                self._async_scripts[name], keys, args, applies=name in _APPLIES
+            )
+        except StoreUnavailable as exc:
+            raise self._failed(name, keys, args, exc) from exc
+
+    def _failed(
+        self, name: str, keys: list[str], args: list[Any], exc: StoreUnavailable
+    ) -> StateError:
+        """The error to raise for a script that failed. A request that may have claimed
+        entries (removed sessions or values) but got no answer is remembered, so that
+        the next reap reads its reply back and their callbacks still run, once."""
+        if isinstance(exc, _WrongType):
+            if name in _SESSION_SCRIPTS:
+                return SessionCorrupt(args[0], "its Redis key holds another type of value")
+            if name in _GLOBAL_SCRIPTS:
+                return CodecError(
+                    f"global state {keys[0][len(self.P) + 2 :]!r} is damaged in "
+                    f"{self._store}: its key {keys[0]!r} holds another type of value; "
+                    "delete that key to start it again from its default",
+                    state=keys[0][len(self.P) + 2 :],
+                )
+            return exc
+        if name in _CLAIMING and getattr(exc, "_sent", False):
+            sid = "" if name == "REAP" else str(args[0])
+            give_up = time.monotonic() + (
+                self._store.request_ttl
+                if name in _APPLIES
+                else min(CLAIM_TTL, self._store.request_ttl)
+            )
+            with self._unresolved_lock:
+                if len(self._unresolved) >= _UNRESOLVED_MAX:
+                    self._unresolved.pop(next(iter(self._unresolved)))
+                self._unresolved[keys[-1]] = (name, sid, give_up)
+        return exc
+
+    def _resolve(self) -> list[Ended]:
+        """Read back the replies of requests that may have claimed entries but whose
+        answer was lost, and return what they claimed (each once: a request is
+        forgotten once read). Stops at the first failure: the rest wait for the next
+        call, until they are too old (then their callbacks cannot run: logged)."""
+        with self._unresolved_lock:
+            pending = list(self._unresolved.items())
+        ended: list[Ended] = []
+        now = time.monotonic()
+        for key, (name, sid, give_up) in pending:
+            if now > give_up:
+                logger.warning(
+                    "a %s request to %s whose answer was lost could not be read back in "
+                    "time: callbacks of what it removed, if anything, did not run",
+                    name,
+                    self._store,
+                )
+            else:
+                found = self._run("REPLAY", [key], [])
+                if found[0] == 1:
+                    ended.extend(self._claims_in(name, sid, found[1]))
+            with self._unresolved_lock:
+                self._unresolved.pop(key, None)
+        return ended
+
+    def _claims_in(self, name: str, sid: str, reply: list[Any]) -> list[Ended]:
+        """The entries a remembered reply of script ``name`` claimed."""
+        if name == "REAP":
+            return [self._reaped(item) for item in reply[0]]
+        if name == "CREATE":
+            return [self._ended(item) for item in reply[0]]
+        kind = _text(reply[0])
+        if kind == "closed":  # a close that took effect: its hooks are still due
+            return [Ended(sid=sid, reason=DeleteReason.CLOSED, values={}, at=0.0)]
+        if kind == "expired":
+            return [self._ended(reply[1])]
+        if kind == "ok" and name in ("LOAD", "PEEK"):
+            return [self._ended_value(item) for item in reply[4]]
+        return []
 
     # -- decoding script replies --------------------------------------------------
 
@@ -392,19 +557,18 @@ class _RedisNamespace:
             ) from None
 
     def _warn_junk(self, where: str, members: list[Any]) -> None:
-        """Log the index entries a script removed because they named nothing."""
-        for member in members:
-            text = _text(member) if isinstance(member, bytes) else str(member)
-            if text.startswith(("s\0", "v\0")):  # a session id: never logged whole
-                shown = f"{text[:2]!r} + session {redact(text[2:].split(chr(0))[0])}"
-            else:
-                shown = repr(text[:40])
-            logger.warning(
-                "removed a damaged entry %s from %r of %s: it names no stored session or value",
-                shown,
-                self.P + where,
-                self._store,
-            )
+        """Log, once per call, the index entries a script removed because they named
+        nothing (members hold session ids: only their first characters are shown)."""
+        shown = ", ".join(redact(_member_sid(m)) for m in members[:3])
+        logger.warning(
+            "removed %d damaged %s from %r of %s (%s%s): they name no stored session or value",
+            len(members),
+            "entry" if len(members) == 1 else "entries",
+            self.P + where,
+            self._store,
+            shown,
+            ", ..." if len(members) > 3 else "",
+        )
 
     @staticmethod
     def _corrupt(sid: str, field: Any) -> SessionCorrupt:
@@ -483,9 +647,12 @@ class _RedisNamespace:
         # other case (gone, expired, a value past its ttl, a touch due, a field that
         # does not parse) runs the PEEK script, which decides it atomically.
         key = self.P + "s:" + sid
-        version, closed, deadline, value, value_deadline = self._store.command(
-            lambda: self._store.client.hmget(key, "_v", "_c", "_d", "v:" + name, "t:" + name)
-        )
+        try:
+            version, closed, deadline, value, value_deadline = self._store.command(
+                lambda: self._store.client.hmget(key, "_v", "_c", "_d", "v:" + name, "t:" + name)
+            )
+        except _WrongType as exc:
+            raise self._failed("PEEK", [key], [sid], exc) from exc
         try:
             fast = (
                 deadline is not None
@@ -625,16 +792,31 @@ class _RedisNamespace:
     # -- lifetimes ---------------------------------------------------------------
 
     def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
-        ended, junk = self._run("REAP", self._keys("REAP", self.P + "dl"), [_num(now), limit])
+        out = self._resolve() if self._unresolved else []
+        budget = max(BUDGET_MIN, limit * BUDGET_PER_ENTRY)
+        junk: list[Any] = []
+        for _ in range(max(1, int(limit * REAP_ROUNDS_PER_ENTRY))):
+            ended, removed, more = self._run(
+                "REAP",
+                self._keys("REAP", self.P + "dl"),
+                [_num(now), max(1, limit - len(out)), budget],
+            )
+            out.extend(self._reaped(item) for item in ended)
+            junk.extend(removed)
+            if not more or len(out) >= limit:
+                break
         if junk:
             self._warn_junk("dl", junk)
-        return tuple(self._reaped(item) for item in ended)
+        return tuple(out)
 
     # -- globals -----------------------------------------------------------------
 
     def global_get(self, name: str) -> tuple[Any, int] | None:
         key = self.P + "g:" + name
-        value, version = self._store.command(lambda: self._store.client.hmget(key, "v", "n"))
+        try:
+            value, version = self._store.command(lambda: self._store.client.hmget(key, "v", "n"))
+        except _WrongType as exc:
+            raise self._failed("GLOBAL_CAS", [key], [], exc) from exc
         if value is None and version is None:
             return None
         try:
@@ -666,6 +848,9 @@ class _RedisNamespace:
                 args = None
             if args is not None:
                 raw = self._run("GLOBAL_ADD", self._keys("GLOBAL_ADD", self.P + "g:" + name), args)
+                if isinstance(raw, list):  # the hash is not one statekit wrote
+                    self.global_get(name)  # raises, saying what is wrong
+                    raise CodecError(f"global state {name!r} is damaged", state=name)
                 if raw is not None:
                     return int(raw)
         # Floats, huge integers, other codecs: read, add, compare-and-set.
