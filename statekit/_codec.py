@@ -240,16 +240,18 @@ def _problem(value: Any) -> tuple[str, str] | None:
 _CONTAINER_TYPES = (list, dict, tuple, set, frozenset)
 
 
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,40}")
+# Keys shown as they are in a path: short words, such as field names. Anything else
+# (ids, tokens, card numbers: keys may be user data, even secrets) is shown by its
+# position among the dict's keys.
+_PLAIN_KEY = re.compile(r"[A-Za-z][A-Za-z_.-]{0,23}")
 
 
 def _key_text(key: Any, position: int) -> str | None:
-    """How a dict key is shown in a path: short identifier-like text and small numbers
-    as they are (``['name']``, ``[3]``); anything else (which may be user data, even a
-    secret) only by its position among the keys."""
+    """How a dict key is shown in a path (``['name']``, ``[3]``), or None to show its
+    position instead."""
     if type(key) is str and _PLAIN_KEY.fullmatch(key):
         return repr(key)
-    if (type(key) is int and -(10**12) < key < 10**12) or type(key) is bool or key is None:
+    if (type(key) is int and -1000 < key < 1000) or type(key) is bool or key is None:
         return repr(key)
     return None
 
@@ -454,7 +456,8 @@ class SignedPickleCodec:
                     return pickle.loads(body)
                 except Exception as exc:  # a class moved or removed by a deploy, say
                     raise CodecError(
-                        f"a stored pickle no longer loads ({type(exc).__name__}: {exc})"
+                        f"a stored pickle no longer loads ({type(exc).__name__}; its "
+                        "class may have moved)"
                     ) from exc
         raise CodecError(
             "stored pickle has no valid signature; it was written with another secret "

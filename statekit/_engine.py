@@ -83,17 +83,18 @@ SID_BYTES = 24
 _MAX_SID_LENGTH = 256
 
 
-async def _to_the_end(call: Coroutine[Any, Any, Any]) -> Any:
+async def _to_the_end(call: Coroutine[Any, Any, Any], salvage: Callable[[Any], object]) -> Any:
     """Await a store call that, once sent, finishes even if the awaiting task is
     cancelled: the task waits for it (keeping the session's lock meanwhile), then takes
     the cancellation. Otherwise a cancelled commit could land after the lock was given
-    to the next event."""
+    to the next event. What the finished call answered goes to ``salvage`` (a load may
+    have removed expired entries, whose callbacks are due)."""
     task = asyncio.ensure_future(call)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         with contextlib.suppress(BaseException):
-            await task
+            salvage(await task)
         raise
 
 
@@ -1080,9 +1081,11 @@ class StateEngine:
                         await asyncio.sleep(kwargs["seconds"])
                         result = None
                     elif (async_method := getattr(ns, "a" + name, None)) is not None:
-                        result = await _to_the_end(async_method(**kwargs))
+                        result = await _to_the_end(async_method(**kwargs), self._salvage)
                     elif self.store.shared:
-                        result = await _to_the_end(asyncio.to_thread(getattr(ns, name), **kwargs))
+                        result = await _to_the_end(
+                            asyncio.to_thread(getattr(ns, name), **kwargs), self._salvage
+                        )
                     else:
                         result = getattr(ns, name)(**kwargs)
                 except BaseException as exc:
@@ -1091,6 +1094,14 @@ class StateEngine:
                 call = steps.send(result)
         except StopIteration as stop:
             return stop.value
+
+    def _salvage(self, outcome: object) -> None:
+        """Run the callbacks of what a store call removed, when its caller was
+        cancelled before it could take the answer."""
+        if isinstance(outcome, Loaded):
+            self._run_ended(outcome.expired)
+        elif isinstance(outcome, Gone) and outcome.ended is not None:
+            self._run_ended((outcome.ended,))
 
     def _peek(self, sid: str, state: SessionState[T]) -> T:
         self._check_usable()

@@ -320,9 +320,12 @@ class SessionLocks:
             latch.waiters = None
 
     def release(self, sid: str) -> None:
-        """Release the lock of ``sid``, handing it to the longest waiter if any."""
+        """Release the lock of ``sid``, handing it to the longest waiter if any. A lock
+        no longer in the table (a fork dropped it: its owner was a task of the parent's
+        loop) is already free."""
         with self._mutex:
-            if not self._latches[sid].hand_over():
+            latch = self._latches.get(sid)
+            if latch is not None and not latch.hand_over():
                 del self._latches[sid]
 
     def held(self, sid: str) -> bool:

@@ -8,7 +8,9 @@ The servers and the proxy here are private, on loopback.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -264,11 +266,152 @@ def test_what_a_request_removed_is_made_good_when_its_reply_was_lost(
                 pass
     assert not info.value.outcome_unknown  # the caller's own action had not started
     assert deleted == []  # removed on the server, its callback not yet run
-    # The value's own ttl passed first; a reap also ended the idle session.
-    assert engine.reap() == (2 if claimed_by == "reap" else 1)
+    # Two reaps at once (a host's timer and a request's look): the remembered reply
+    # is handed to one of them only. The value's own ttl passed first; a reap also
+    # ended the idle session.
+    counts: list[int] = []
+    start = threading.Barrier(2)
+
+    def reap() -> None:
+        start.wait()
+        counts.append(engine.reap())
+
+    threads = [threading.Thread(target=reap) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sum(counts) == (2 if claimed_by == "reap" else 1)
     assert deleted == [("x", DeleteReason.TTL)]
     assert engine.reap() == 0
     assert deleted == [("x", DeleteReason.TTL)]  # once
     engine.shutdown()
     store.close()
     dropper.close()
+
+
+def test_replies_read_back_are_handed_over_even_when_a_later_one_cannot_be_read(
+    redis_server: RedisServer,
+) -> None:
+    """Two reaps lost their replies; reading the second back fails: the first's
+    removals are still handed over (not lost with the error), the second's later."""
+    drops = {"left": 0, "skip": 0}
+
+    def drop(request: bytes) -> bool:
+        if b"EVALSHA" not in request or not drops["left"]:
+            return False
+        if drops["skip"]:
+            drops["skip"] -= 1
+            return False
+        drops["left"] -= 1
+        return True
+
+    dropper = ReplyDropper(("127.0.0.1", redis_server.port), drop)
+    client = redis.Redis.from_url(dropper.url, retry=Retry(NoBackoff(), 0))
+    store = RedisStore(dropper.url, client=client, prefix=f"rb{uuid.uuid4().hex[:6]}")
+    clock = FakeClock(2_000_000_000.0)
+    engine = StateEngine(store, app="shop", clock=clock, idle_ttl=60)
+    deleted: list[Any] = []
+    note = engine.session_state("note", "", on_delete=lambda v, r: deleted.append(v))
+    for text in ("a", "b"):
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[note] = text
+        clock.advance(1)
+    clock.advance(60)
+    # Each reap takes one session, and its reply (and the resend's) is lost; the
+    # second reap first tries to read the first's reply back, and loses that too.
+    for lost in (2, 4):
+        drops["left"] = lost
+        with pytest.raises(StoreUnavailable):
+            engine.reap(limit=1)
+    assert deleted == []
+    drops.update(left=2, skip=1)  # the first read-back answers, the next is lost
+    engine.reap()
+    assert len(deleted) == 1  # handed over, not lost with the failure that followed
+    engine.reap()
+    assert sorted(deleted) == ["a", "b"]  # each once
+    engine.shutdown()
+    store.close()
+    dropper.close()
+
+
+def test_a_cancelled_async_event_runs_the_callbacks_of_what_its_load_removed(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An async event cancelled (a client that disconnected) while its load is in
+    flight waits for the load to finish, then takes the cancellation. The load may
+    have removed a value past its ttl: its callback must still run, not be dropped
+    with the answer."""
+    store = RedisStore(redis_server.url, prefix=f"cx{uuid.uuid4().hex[:6]}")
+    clock = FakeClock(2_000_000_000.0)
+    engine = StateEngine(store, app="shop", clock=clock, idle_ttl=60)
+    deleted: list[Any] = []
+    note = engine.session_state("note", "", ttl=10, on_delete=lambda v, r: deleted.append(v))
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[note] = "x"
+    clock.advance(11)
+    loading, finish = threading.Event(), threading.Event()
+    handle: Any = type(engine._ns)
+    original = handle._run
+
+    def slow(self: Any, name: str, keys: list[str], args: list[Any]) -> Any:
+        reply = original(self, name, keys, args)
+        if name == "LOAD":
+            loading.set()
+            finish.wait(10)
+        return reply
+
+    monkeypatch.setattr(handle, "_run", slow)
+
+    async def main() -> None:
+        async def enter() -> None:
+            async with engine.aevent(sid):
+                pass
+
+        task = asyncio.create_task(enter())
+        assert await asyncio.to_thread(loading.wait, 10)
+        task.cancel()
+        finish.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert deleted == ["x"]
+    engine.shutdown()
+    store.close()
+
+
+def test_an_asyncio_client_set_later_is_the_one_used(redis_server: RedisServer) -> None:
+    """A worker sets its own asyncio client (say after a fork, or per event loop):
+    scripts registered with the first client used to stay bound to it."""
+    import redis.asyncio as aioredis
+
+    store = RedisStore(redis_server.url, prefix=f"ac{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop")
+    note = engine.session_state("note", "")
+    sid = engine.open_session()
+
+    async def write_with_a_new_client(text: str) -> int:
+        client = aioredis.Redis.from_url(redis_server.url)
+        calls = 0
+        evalsha = client.evalsha
+
+        def counted(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return evalsha(*args)
+
+        client.evalsha = counted  # type: ignore[method-assign,assignment]
+        store.async_client = client
+        async with engine.aevent(sid) as ev:
+            ev[note] = text
+        await client.aclose()
+        return calls
+
+    for text in ("first loop", "second loop"):  # each loop ends with its client
+        assert asyncio.run(write_with_a_new_client(text)) >= 2  # its load and commit
+        assert note.get(sid) == text
+    engine.shutdown()
+    store.close()

@@ -11,7 +11,7 @@ import sys
 import threading
 import types
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from statekit import (
     SessionState,
     SignedPickleCodec,
     StateEngine,
+    StoreUnavailable,
     TokenProblem,
     ValueNotStorable,
 )
@@ -365,6 +366,10 @@ def test_keys_and_members_a_codec_refuses_are_located_without_being_quoted(
         ({"a": 1, secret_key: 2}, " (key 1 of the dict)"),
         ({"ok": {secret_key: [LONE]}}, "['ok'] (key 0 of the dict)"),
         ({"ok": {"card=4111111111111111 ": [LONE]}}, "['ok'] (under key 0 of the dict)[0]"),
+        ({"sk_live_4111111111111111": [LONE]}, " (under key 0 of the dict)[0]"),
+        ({"4111111111111111": [LONE]}, " (under key 0 of the dict)[0]"),
+        ({4111111111111111: [LONE]}, " (under key 0 of the dict)[0]"),
+        ({"line_items": [LONE]}, "['line_items'][0]"),
     ):
         with pytest.raises(ValueNotStorable) as info, engine.event(sid) as ev:
             ev[things] = value
@@ -445,24 +450,36 @@ def test_junk_in_the_deadline_index_is_removed_and_reaping_goes_on(
     engine.open_session()  # ordinary calls work
 
 
-def test_a_pile_of_junk_is_cleared_a_budget_at_a_time(
-    redis_engine: StateEngine, clock: FakeClock
+def test_a_pile_of_junk_is_cleared_in_short_scripts_and_due_entries_still_reaped(
+    redis_engine: StateEngine, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Index entries left behind by sessions the server dropped (a day-long outage
-    outlives the keys' backstop ttl) can pile up: a reap during an ordinary request
-    must not clear 10,000 of them at once, and every reap still reaches real ones."""
+    outlives the keys' backstop ttl) can pile up. No single script may look at all of
+    them (it would hold up every client of the server), and a reap must still reach
+    the due entry behind them: it returns fewer than asked only when none are due
+    (engine.reap() relies on that to know it is done)."""
     engine = redis_engine
     client, P = keys_of(engine)
     ns: Any = engine._ns
     sid = engine.open_session()
     client.zadd(P + "dl", {f"s\0ghost-{i}": 0 for i in range(10_000)})
+    calls: list[int] = []
+    original = RedisStore.run
+
+    def counted(self: RedisStore, script: Any, keys: list[str], args: list[Any], **kw: Any) -> Any:
+        if keys and keys[0] == P + "dl":
+            calls.append(int(args[2]))  # the script's budget of members to look at
+        return original(self, script, keys, args, **kw)
+
+    monkeypatch.setattr(RedisStore, "run", counted)
     clock.advance(61)
-    assert ns.reap(now=clock(), limit=8) == ()  # one ordinary look: a bounded part
-    left = client.zcard(P + "dl")
-    assert 1 < left < 10_000
-    assert engine.reap() == 1  # a full sweep clears the rest and reaps the session
-    assert not engine.exists(sid)
+    ended = ns.reap(now=clock(), limit=8)
+    assert [e.sid for e in ended] == [sid]
+    client.zadd(P + "dl", {f"s\0ghost-{i}": 0 for i in range(10_000)})
+    assert engine.reap(limit=5) == 0  # the engine asks until the store says none are due
     assert client.zcard(P + "dl") == 0
+    assert client.zcard(P + "dl") == 0
+    assert len(calls) >= 10_000 // calls[0]  # several short scripts, not one long one
     remembered = [client.get(key) for key in client.keys(P + "q:*")]
     assert not any(b"ghost" in reply for reply in remembered)  # junk is not remembered
 
@@ -499,6 +516,83 @@ def test_junk_in_the_capacity_order_holds_no_place(
     assert engine.session_count() == 3
     assert ended == []
     assert sum("damaged entry" in r.getMessage() for r in caplog.records) == 2
+
+
+@pytest.mark.parametrize("index", ["dl", "lru", "closed"])
+def test_a_damaged_index_is_named_and_nothing_is_half_written(
+    redis_engine: StateEngine, clock: FakeClock, index: str
+) -> None:
+    """An index key of another type used to make scripts fail after their first writes
+    (Redis does not undo them): a commit wrote its value without its version, a close
+    marked the session without indexing it, each reap deleted a session and lost its
+    callbacks, and the error blamed a healthy session."""
+    engine = redis_engine
+    client, P = keys_of(engine)
+    deleted, on_delete = recorder()
+    note = engine.session_state("note", "", ttl=30, on_delete=on_delete)
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[note] = "before"
+    before = client.hgetall(P + "s:" + sid)
+    saved = client.dump(P + index)
+    client.delete(P + index)
+    client.set(P + index, "a string")
+    clock.advance(61)
+    calls: list[Callable[[], object]] = [
+        engine.open_session,
+        lambda: engine.close_session(sid),
+        engine.reap,
+    ]
+    for call in calls:
+        with pytest.raises(StoreUnavailable, match=f"the key '{P}{index}' holds another type"):
+            call()
+    with pytest.raises(StoreUnavailable, match="holds another type"), engine.event(sid) as ev:
+        ev[note] = "after"
+    assert client.hgetall(P + "s:" + sid) == before  # nothing half-written
+    assert deleted == []
+    client.delete(P + index)  # the operator repairs it
+    if saved is not None:
+        client.restore(P + index, 0, saved)
+    # The value's ttl and the session's idle time passed meanwhile: both reaped now.
+    assert engine.reap() == 2
+    assert deleted == [("before", DeleteReason.TTL)]
+
+
+def test_a_version_too_large_to_count_on_is_damage_not_a_torn_write(
+    redis_engine: StateEngine,
+) -> None:
+    engine = redis_engine
+    client, P = keys_of(engine)
+    note = engine.session_state("note", "")
+    total = engine.global_state("total", 0)
+    sid = engine.open_session()
+    total.increment()
+    client.hset(P + "s:" + sid, "_v", "9223372036854775807")
+    client.hset(P + "g:total", "n", "9223372036854775807")
+    with pytest.raises(SessionCorrupt), engine.event(sid) as ev:
+        ev[note] = "torn?"
+    assert client.hget(P + "s:" + sid, "v:note") is None
+    for call in (total.increment, lambda: total.set(5), total.get):
+        with pytest.raises(CodecError, match="global state 'total'"):
+            call()
+    assert client.hget(P + "g:total", "v") == b"1"
+
+
+def test_a_deadline_index_behind_the_sessions_own_deadline_deletes_nothing(
+    redis_engine: StateEngine, clock: FakeClock
+) -> None:
+    """The session's own deadline rules: an index entry saying it is due earlier
+    (forged, or left by a bug) used to delete a live session."""
+    engine = redis_engine
+    client, P = keys_of(engine)
+    sid = engine.open_session()
+    deadline = float(client.hget(P + "s:" + sid, "_d"))
+    client.zadd(P + "dl", {f"s\0{sid}": 0})
+    assert engine.reap() == 0
+    assert engine.exists(sid)
+    assert client.zscore(P + "dl", f"s\0{sid}") == deadline  # indexed anew
+    clock.advance(61)
+    assert engine.reap() == 1
 
 
 def test_a_key_of_another_type_is_reported_as_damaged(

@@ -106,11 +106,25 @@ local function is_hash(key)
   return redis.call('TYPE', key).ok == 'hash'
 end
 
+-- Whether text is a version statekit wrote: digits that HINCRBY can still add to.
+local function is_version(text)
+  return text ~= nil and #text <= 15 and string.find(text, '^%d+$') ~= nil
+end
+
 -- The first damaged field of a session's version and deadline, or nil.
 local function damaged(version, deadline)
-  if not version or not string.find(version, '^%d+$') then return '_v' end
+  if not is_version(version) then return '_v' end
   if not tonumber(deadline) then return '_d' end
   return nil
+end
+"""
+
+# After _CLAIM and _ONCE in every script that writes to the app's indexes: a damaged
+# index is found before anything is written (Redis does not undo a failing script).
+_INDEXES = r"""
+for _, name in ipairs({'dl', 'lru', 'closed'}) do
+  local kind = redis.call('TYPE', P .. name).ok
+  if kind ~= 'zset' and kind ~= 'none' then return {'damaged', P .. name} end
 end
 """
 
@@ -136,6 +150,7 @@ end
 CREATE = (
     _CLAIM
     + _ONCE
+    + _INDEXES
     + r"""
 local now = tonumber(ARGV[2])
 local count = redis.call('ZCARD', P .. 'lru') + redis.call('ZCARD', P .. 'closed')
@@ -182,6 +197,7 @@ return remember({evicted, junk})
 LOAD = (
     _CLAIM
     + _ONCE
+    + _INDEXES
     + r"""
 local sid = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -245,6 +261,7 @@ return reply
 PEEK = (
     _CLAIM
     + _ONCE
+    + _INDEXES
     + r"""
 local sid = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -287,6 +304,7 @@ return reply
 COMMIT = (
     _CLAIM
     + _ONCE
+    + _INDEXES
     + r"""
 local meta = redis.call('HMGET', KEYS[1], '_v', '_l')
 if not meta[1] then
@@ -294,7 +312,7 @@ if not meta[1] then
   if gone then return {'gone', gone} end
   return {'none'}
 end
-if not string.find(meta[1], '^%d+$') then return {'corrupt', '_v'} end
+if not is_version(meta[1]) then return {'corrupt', '_v'} end
 if meta[1] ~= ARGV[2] or (ARGV[3] ~= '' and meta[2] ~= ARGV[3]) then
   return {'conflict', meta[1]}
 end
@@ -333,6 +351,7 @@ return 1
 CLOSE = (
     _CLAIM
     + _ONCE
+    + _INDEXES
     + r"""
 local sid = ARGV[1]
 local meta = redis.call('HMGET', KEYS[1], '_c', '_d', '_v')
@@ -366,6 +385,7 @@ return remember({'closed'})
 REAP = (
     _CLAIM
     + _ONCE
+    + _INDEXES
     + r"""
 local limit = tonumber(ARGV[2])
 local budget = tonumber(ARGV[3])
@@ -384,12 +404,23 @@ while #out < limit do
     local kind = string.sub(member, 1, 2)
     local cut = nil
     if kind == 'v\0' then cut = string.find(member, '\0', 3, true) end
+    local session = nil
     if kind == 's\0' and is_hash(P .. 's:' .. string.sub(member, 3)) then
+      session = redis.call('HMGET', P .. 's:' .. string.sub(member, 3), '_c', '_d')
+    end
+    if session and tonumber(session[2]) and tonumber(session[2]) <= tonumber(ARGV[1]) then
       local sid = string.sub(member, 3)
       local reason = 'idle'
-      if redis.call('HGET', P .. 's:' .. sid, '_c') == '1' then reason = 'closed' end
+      if session[1] == '1' then reason = 'closed' end
       out[#out + 1] = claim(sid, reason, due[i + 1])
       claimed[sid] = true
+    elseif session and tonumber(session[2]) then
+      -- The index is behind the session's own deadline, which rules: index it anew.
+      redis.call('ZADD', KEYS[1], session[2], member)
+      junk[#junk + 1] = member
+    elseif session then
+      redis.call('ZREM', KEYS[1], member)  -- a damaged deadline: its loads say so
+      junk[#junk + 1] = member
     elseif cut then
       local sid = string.sub(member, 3, cut - 1)
       local name = string.sub(member, cut + 1)
@@ -444,14 +475,15 @@ return remember(version)
 GLOBAL_ADD = (
     _ONCE
     + r"""
+local function is_version(text)
+  return text ~= nil and #text <= 15 and string.find(text, '^%d+$') ~= nil
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'v', ARGV[2], 'n', 0)
 end
 local found = redis.call('HMGET', KEYS[1], 'v', 'n')
 local current = found[1]
-if not current or not found[2] or not string.find(found[2], '^%d+$') then
-  return {'corrupt'}
-end
+if not current or not is_version(found[2]) then return {'corrupt'} end
 if string.find(current, '^-?%d+$') == nil or string.find(ARGV[1], '^-?%d+$') == nil then
   return false
 end

@@ -89,12 +89,10 @@ _SCRIPTS = (
 #: pick up a reply that was lost (see _RedisNamespace._resolve).
 CLAIM_TTL = 10.0
 #: How many index members one reap script looks at, at most per entry asked for (and
-#: at least BUDGET_MIN): a pile of junk is cleared over several calls.
+#: at least BUDGET_MIN): a pile of junk is cleared over several short calls, never in
+#: one long script that would hold up every other client of the server.
 BUDGET_PER_ENTRY = 4
-BUDGET_MIN = 256
-#: Script calls per reap() while junk fills the budget: a reap during an ordinary
-#: request never spends long clearing junk.
-REAP_ROUNDS_PER_ENTRY = 1 / 8
+BUDGET_MIN = 2048
 
 
 def _before_send(exc: BaseException) -> bool:
@@ -322,8 +320,8 @@ class _WrongType(StoreUnavailable):
         self.outcome_unknown = False
         StateError.__init__(
             self,
-            f"{store} holds damaged data ({detail}; WRONGTYPE): nothing was written; "
-            "an operator must delete the damaged key for this app to be served again",
+            f"{store} holds damaged data ({detail}): nothing was written; an operator "
+            "must delete the damaged key for this app to be served again",
         )
 
 
@@ -368,6 +366,7 @@ class _RedisNamespace:
         "P",
         "__weakref__",
         "_app",
+        "_async_for",
         "_async_scripts",
         "_feed",
         "_ignored",
@@ -417,6 +416,7 @@ class _RedisNamespace:
             name: store.client.register_script(text) for name, text in self._texts.items()
         }
         self._async_scripts: dict[str, Any] | None = None
+        self._async_for: Any = None
 
     def _after_fork(self) -> None:
         self._make_scripts()
@@ -431,24 +431,40 @@ class _RedisNamespace:
 
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            return self._store.run(self._scripts[name], keys, args, applies=name in _APPLIES)
+            reply = self._store.run(self._scripts[name], keys, args, applies=name in _APPLIES)
         except StoreUnavailable as exc:
             raise self._failed(name, keys, args, exc) from exc
+        return self._checked(reply)
+
+    def _checked(self, reply: Any) -> Any:
+        """The reply, unless it says an index of the app is damaged (checked before
+        the script wrote anything)."""
+        if type(reply) is list and reply and reply[0] == b"damaged":
+            raise _WrongType(
+                str(self._store),
+                f"the key {_text(reply[1])!r} holds another type of value than statekit "
+                "writes there",
+            )
+        return reply
 
     async def _arun(self, name: str, keys: list[str], args: list[Any]) -> Any:
         client = self._store.async_client
         if client is None:  # no asyncio client: the blocking one, in a worker thread
             return await asyncio.to_thread(self._run, name, keys, args)
-        if self._async_scripts is None:
+        if self._async_scripts is None or self._async_for is not client:
+            # Scripts belong to the client that registered them: a client set later
+            # (a worker's own, after a fork) registers its own.
             self._async_scripts = {
                 key: client.register_script(text) for key, text in self._texts.items()
             }
+            self._async_for = client
         try:
-            return await self._store.arun(
+            reply = await self._store.arun(
                 self._async_scripts[name], keys, args, applies=name in _APPLIES
             )
         except StoreUnavailable as exc:
             raise self._failed(name, keys, args, exc) from exc
+        return self._checked(reply)
 
     def _failed(
         self, name: str, keys: list[str], args: list[Any], exc: StoreUnavailable
@@ -475,35 +491,47 @@ class _RedisNamespace:
                 else min(CLAIM_TTL, self._store.request_ttl)
             )
             with self._unresolved_lock:
+                dropped = None
                 if len(self._unresolved) >= _UNRESOLVED_MAX:
-                    self._unresolved.pop(next(iter(self._unresolved)))
+                    dropped = self._unresolved.pop(next(iter(self._unresolved)))
                 self._unresolved[keys[-1]] = (name, sid, give_up)
+            if dropped is not None:
+                self._warn_unresolved(dropped[0])
         return exc
 
     def _resolve(self) -> list[Ended]:
         """Read back the replies of requests that may have claimed entries but whose
-        answer was lost, and return what they claimed (each once: a request is
-        forgotten once read). Stops at the first failure: the rest wait for the next
-        call, until they are too old (then their callbacks cannot run: logged)."""
-        with self._unresolved_lock:
-            pending = list(self._unresolved.items())
+        answer was lost, and return what they claimed. Each request is taken out of the
+        table before it is read (so that two threads never both hand its entries over)
+        and put back if the read fails; what was read is returned even then, and the
+        rest waits for the next call, until too old (then logged)."""
         ended: list[Ended] = []
         now = time.monotonic()
-        for key, (name, sid, give_up) in pending:
-            if now > give_up:
-                logger.warning(
-                    "a %s request to %s whose answer was lost could not be read back in "
-                    "time: callbacks of what it removed, if anything, did not run",
-                    name,
-                    self._store,
-                )
-            else:
-                found = self._run("REPLAY", [key], [])
-                if found[0] == 1:
-                    ended.extend(self._claims_in(name, sid, found[1]))
+        while True:
             with self._unresolved_lock:
-                self._unresolved.pop(key, None)
-        return ended
+                if not self._unresolved:
+                    return ended
+                key = next(iter(self._unresolved))
+                name, sid, give_up = self._unresolved.pop(key)
+            if now > give_up:
+                self._warn_unresolved(name)
+                continue
+            try:
+                found = self._run("REPLAY", [key], [])
+            except StoreUnavailable:
+                with self._unresolved_lock:
+                    self._unresolved[key] = (name, sid, give_up)
+                return ended
+            if found[0] == 1:
+                ended.extend(self._claims_in(name, sid, found[1]))
+
+    def _warn_unresolved(self, name: str) -> None:
+        logger.warning(
+            "the reply of a %s request to %s was lost and could not be read back in "
+            "time: callbacks of what it removed, if anything, did not run",
+            name,
+            self._store,
+        )
 
     def _claims_in(self, name: str, sid: str, reply: list[Any]) -> list[Ended]:
         """The entries a remembered reply of script ``name`` claimed."""
@@ -792,22 +820,29 @@ class _RedisNamespace:
     # -- lifetimes ---------------------------------------------------------------
 
     def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
-        out = self._resolve() if self._unresolved else []
+        if self._unresolved:
+            made_good = self._resolve()
+            if made_good:  # hand these over first: a failing reap must not lose them
+                return tuple(made_good)
         budget = max(BUDGET_MIN, limit * BUDGET_PER_ENTRY)
+        out: list[Ended] = []
         junk: list[Any] = []
-        for _ in range(max(1, int(limit * REAP_ROUNDS_PER_ENTRY))):
-            ended, removed, more = self._run(
-                "REAP",
-                self._keys("REAP", self.P + "dl"),
-                [_num(now), max(1, limit - len(out)), budget],
-            )
-            out.extend(self._reaped(item) for item in ended)
-            junk.extend(removed)
-            if not more or len(out) >= limit:
-                break
-        if junk:
-            self._warn_junk("dl", junk)
-        return tuple(out)
+        try:
+            # Fewer than limit only when nothing more is due: each call looks at no
+            # more than budget members, so a pile of junk takes several calls.
+            while True:
+                ended, removed, more = self._run(
+                    "REAP",
+                    self._keys("REAP", self.P + "dl"),
+                    [_num(now), limit - len(out), budget],
+                )
+                out.extend(self._reaped(item) for item in ended)
+                junk.extend(removed)
+                if not more or len(out) >= limit:
+                    return tuple(out)
+        finally:
+            if junk:
+                self._warn_junk("dl", junk)
 
     # -- globals -----------------------------------------------------------------
 
@@ -820,7 +855,7 @@ class _RedisNamespace:
         if value is None and version is None:
             return None
         try:
-            if value is None:
+            if value is None or version is None or len(version) > 15:
                 raise ValueError
             return value, int(version)
         except (TypeError, ValueError):
@@ -964,5 +999,10 @@ class _RedisNamespace:
         )
 
     def shutdown(self) -> tuple[Ended, ...]:
+        """Stop receiving notices; hand over what requests whose reply was lost
+        removed, if it can still be read back (its callbacks are due here)."""
         self._feed.stop()
-        return ()
+        try:
+            return tuple(self._resolve()) if self._unresolved else ()
+        except StoreUnavailable:  # pragma: no cover - _resolve keeps what it cannot read
+            return ()
