@@ -15,15 +15,16 @@ lifetimes, change detection and pluggable stores::
         ev[cart].append("milk")
 """
 
-from ._browser import BrowserKeys, DecodedToken, TokenProblem, TokenTooLarge
+from ._browser import BrowserKeys, DecodedToken, TokenProblem
 from ._changes import Change, changed, compare
-from ._codec import Codec, CodecError, JSONCodec, SignedPickleCodec
+from ._codec import Codec, JSONCodec, SignedPickleCodec
 from ._engine import StateEngine
 from ._events import Event, EventResult, ListenerFailure
 from ._registry import SessionRegistry
 from ._states import BrowserState, GlobalState, SessionState, State
 from .exceptions import (
     ChangeLoopError,
+    CodecError,
     EngineClosed,
     InvalidDeclaration,
     SessionBusy,
@@ -34,6 +35,7 @@ from .exceptions import (
     StateNotCopyable,
     StoreConflict,
     StoreUnavailable,
+    TokenTooLarge,
     UsageError,
     ValueNotStorable,
     WrongEngine,

@@ -40,15 +40,10 @@ from typing import Any
 
 import attrs
 
-from ._codec import CodecError, JSONCodec
-from .exceptions import StateError
+from ._codec import JSONCodec
+from .exceptions import CodecError, TokenTooLarge
 
-__all__ = [
-    "BrowserKeys",
-    "DecodedToken",
-    "TokenProblem",
-    "TokenTooLarge",
-]
+__all__ = ["BrowserKeys", "DecodedToken", "TokenProblem"]
 
 _CODEC = JSONCodec()
 _NONCE = 12
@@ -80,26 +75,6 @@ class TokenProblem(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-class TokenTooLarge(StateError, ValueError):
-    """A value's token would exceed its state's size budget.
-
-    Attributes:
-        state: the state's name.
-        size: the token's size in bytes.
-        budget: the budget.
-    """
-
-    def __init__(self, state: str, size: int, budget: int) -> None:
-        self.state = state
-        self.size = size
-        self.budget = budget
-        super().__init__(
-            f"the browser token of state {state!r} would be {size} bytes, over its budget "
-            f"of {budget}; store less in the browser (keep large data in a session "
-            "state) or raise max_bytes"
-        )
 
 
 @attrs.frozen(kw_only=True)

@@ -48,37 +48,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from .exceptions import StateError
+from .exceptions import CodecError
 
-__all__ = ["Codec", "CodecError", "JSONCodec", "SignedPickleCodec", "locate_unencodable"]
-
-
-class CodecError(StateError, TypeError):
-    """A value cannot be encoded, or bytes cannot be decoded.
-
-    Attributes:
-        type_name: the type that could not be encoded, when that was the problem.
-        where: where inside the value the part that could not be encoded sits, as a
-            Python expression relative to the value (``"[3]['name']"``; ``""`` for the
-            value itself), when known.
-        state: the state whose stored value could not be read, when known.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        type_name: str | None = None,
-        *,
-        where: str | None = None,
-        state: str | None = None,
-        detail: str | None = None,
-    ) -> None:
-        self.type_name = type_name
-        self.where = where
-        self.state = state
-        #: what is wrong with the part at ``where``, without the path.
-        self.detail = message if detail is None else detail
-        super().__init__(message)
+__all__ = ["Codec", "JSONCodec", "SignedPickleCodec", "locate_unencodable"]
 
 
 @runtime_checkable

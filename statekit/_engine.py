@@ -24,7 +24,6 @@ from . import _fork
 from ._browser import DEFAULT_MAX_BYTES, BrowserKeys
 from ._changes import CHANGED, SAME, compare
 from ._clock import Clock, monotonic, wall
-from ._codec import CodecError
 from ._copying import copy_value, open_value
 from ._events import Event, EventResult, ListenerFailure, _BrowserIO
 from ._locks import SessionLocks, current_owner
@@ -41,17 +40,27 @@ from ._states import (
 from ._values import CheckedObjectValues, not_storable, policy_for, unreadable
 from .exceptions import (
     ChangeLoopError,
+    CodecError,
     EngineClosed,
     InvalidDeclaration,
     SessionBusy,
     SessionCorrupt,
     SessionExpired,
     SessionNotFound,
-    StateError,
     StoreUnavailable,
     UsageError,
 )
-from .stores.base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, Store
+from .stores.base import (
+    Busy,
+    DeleteReason,
+    Ended,
+    Gone,
+    Lease,
+    Loaded,
+    Notice,
+    SessionIdTaken,
+    Store,
+)
 from .stores.memory import MemoryStore, Queued, _MemoryNamespace, _Record
 
 __all__ = ["StateEngine"]
@@ -462,10 +471,16 @@ class StateEngine:
         """
         self._check_usable()
         now = self.clock()
-        sid = secrets.token_urlsafe(SID_BYTES)
-        evicted = self._ns.create_session(
-            sid, now=now, deadline=now + self.idle_ttl, capacity=self.capacity
-        )
+        for attempt in range(3):
+            sid = secrets.token_urlsafe(SID_BYTES)
+            try:
+                evicted = self._ns.create_session(
+                    sid, now=now, deadline=now + self.idle_ttl, capacity=self.capacity
+                )
+                break
+            except SessionIdTaken:  # 192 random bits: a broken random source, or a store
+                if attempt == 2:
+                    raise
         self._run_ended(evicted)
         self._reap_some(now)
         for hook in self._open_hooks:
@@ -588,7 +603,10 @@ class StateEngine:
             self._check_usable()  # a shutdown meanwhile emptied the store: say so
             raise SessionNotFound(sid)
         if isinstance(outcome, Busy):  # only answered to a lease request
-            raise StateError("store answered Busy to a load without a lease")
+            raise UsageError(
+                f"{self.store!r} broke the store protocol: it answered Busy to a load "
+                "without a lease"
+            )
         if outcome.ended is not None:
             pending.append(outcome.ended)
         raise SessionExpired(sid, outcome.reason.value, max(0.0, now - outcome.at))
@@ -653,7 +671,7 @@ class StateEngine:
         if self._shut:
             raise EngineClosed(self.app)
         if ev._started:
-            raise StateError("an Event can be entered only once; open a new one")
+            raise UsageError("an Event can be entered only once; open a new one")
         ev._started = True
 
     def _begin(self, ev: Event) -> None:

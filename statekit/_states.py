@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._browser import DEFAULT_MAX_BYTES, BrowserKeys, DecodedToken
 from ._clock import Clock, wall
-from ._codec import CodecError, JSONCodec
+from ._codec import JSONCodec
 from ._copying import Image, open_value, stored_form
 from ._values import not_storable
-from .exceptions import InvalidDeclaration, StateNotCopyable
+from .exceptions import CodecError, InvalidDeclaration, StateNotCopyable
 from .stores.base import DeleteReason
 
 if TYPE_CHECKING:

@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ._changes import CHANGED, EXACT_ATOMS, SAME, Change, _walk, judge
-from ._codec import Codec, CodecError
+from ._codec import Codec
 from ._copying import open_value, stored_form
-from .exceptions import StateNotCopyable, ValueNotStorable
+from .exceptions import CodecError, StateNotCopyable, ValueNotStorable
 
 __all__ = [
     "CheckedObjectValues",

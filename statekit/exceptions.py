@@ -4,6 +4,27 @@ All errors derive from :class:`StateError`. Each subclass also inherits the buil
 exception it stands for, so ``except KeyError`` keeps working in code that does not
 know statekit, carries its data as attributes, and says in its message what to do.
 
+They come in the families a host handles differently:
+
+==========================  =========================================================
+catch                       for
+==========================  =========================================================
+:class:`SessionNotFound`    the page's session is gone (expired, damaged, never
+                            issued): open a new one (``SessionExpired``,
+                            ``SessionCorrupt`` are kinds of it)
+:class:`SessionBusy`        other events held the session too long: retry later
+:class:`StoreUnavailable`   the store cannot be reached or written: retry later
+:class:`ValueNotStorable`   a value cannot be kept (``StateNotCopyable``,
+                            ``TokenTooLarge`` are kinds of it): a bad request
+:class:`CodecError`         a stored value no longer reads: replace it
+:class:`SessionNotInitialized`  a registry has no object for the session yet
+:class:`ChangeLoopError`    listeners kept changing each other (the event committed)
+:class:`StoreConflict`      a commit lost its session to another process: run again
+:class:`UsageError`         the API was used in a way that cannot work: a bug to fix
+                            (``WrongEngine``, ``EngineClosed`` are kinds of it;
+                            ``InvalidDeclaration`` for declarations)
+==========================  =========================================================
+
 Messages never contain a whole session id (ids are bearer secrets) nor a stored value.
 """
 
@@ -11,6 +32,7 @@ from __future__ import annotations
 
 __all__ = [
     "ChangeLoopError",
+    "CodecError",
     "EngineClosed",
     "InvalidDeclaration",
     "SessionBusy",
@@ -22,6 +44,7 @@ __all__ = [
     "StateNotCopyable",
     "StoreConflict",
     "StoreUnavailable",
+    "TokenTooLarge",
     "UsageError",
     "ValueNotStorable",
     "WrongEngine",
@@ -144,37 +167,6 @@ class SessionNotInitialized(StateError, KeyError):
         return str(self.args[0])
 
 
-class StateNotCopyable(StateError, TypeError):
-    """A session value cannot be deep-copied, so it cannot be kept per session.
-
-    Attributes:
-        state: the name of the state.
-        type_name: the type of the value that failed.
-    """
-
-    def __init__(self, state: str, type_name: str, cause: BaseException) -> None:
-        self.state = state
-        self.type_name = type_name
-        super().__init__(
-            f"the value of state {state!r} (type {type_name}) cannot be deep-copied "
-            f"({type(cause).__name__}: {cause}); session values are copied per session, "
-            "so keep objects such as locks, connections or models in a per-session "
-            "registry instead (engine.registry(name, factory, cleanup))"
-        )
-
-
-class WrongEngine(StateError, ValueError):
-    """A state declared on one engine was used with another engine."""
-
-    def __init__(self, state: str, owner_app: str, used_app: str) -> None:
-        self.state = state
-        super().__init__(
-            f"state {state!r} was declared on another StateEngine (app {owner_app!r}) "
-            f"and cannot be used with the engine of app {used_app!r}; declare it on "
-            "the engine whose events use it"
-        )
-
-
 class ChangeLoopError(StateError, RuntimeError):
     """Change listeners kept changing states past the cascade bound.
 
@@ -208,20 +200,35 @@ class StoreConflict(StateError, RuntimeError):
         )
 
 
-class EngineClosed(StateError, RuntimeError):
-    """The engine was shut down and can no longer be used."""
+class UsageError(StateError, RuntimeError):
+    """An API was used in a way that cannot work (the message says which way does)."""
+
+
+class InvalidDeclaration(UsageError, ValueError):
+    """A state or engine was declared with arguments that cannot work (a kind of
+    :class:`UsageError`)."""
+
+
+class WrongEngine(UsageError, ValueError):
+    """A state declared on one engine was used with another engine (a kind of
+    :class:`UsageError`)."""
+
+    def __init__(self, state: str, owner_app: str, used_app: str) -> None:
+        self.state = state
+        super().__init__(
+            f"state {state!r} was declared on another StateEngine (app {owner_app!r}) "
+            f"and cannot be used with the engine of app {used_app!r}; declare it on "
+            "the engine whose events use it"
+        )
+
+
+class EngineClosed(UsageError):
+    """The engine was shut down and can no longer be used (a kind of
+    :class:`UsageError`)."""
 
     def __init__(self, app: str) -> None:
         self.app = app
         super().__init__(f"the StateEngine of app {app!r} has been shut down; create a new engine")
-
-
-class InvalidDeclaration(StateError, ValueError):
-    """A state or engine was declared with arguments that cannot work."""
-
-
-class UsageError(StateError, RuntimeError):
-    """An API was used in a way that cannot work (the message says which way does)."""
 
 
 class ValueNotStorable(StateError, TypeError):
@@ -248,6 +255,80 @@ class ValueNotStorable(StateError, TypeError):
         self.type_name = type_name
         self.where = where
         super().__init__(f"state {state!r} cannot be written to {store}: {detail}")
+
+
+class StateNotCopyable(ValueNotStorable):
+    """A session value cannot be deep-copied, so it cannot be kept per session (a kind
+    of :class:`ValueNotStorable`).
+
+    Attributes:
+        state: the name of the state.
+        type_name: the type of the value that failed.
+    """
+
+    def __init__(self, state: str, type_name: str, cause: BaseException) -> None:
+        self.state = state
+        self.type_name = type_name
+        self.where = None
+        StateError.__init__(
+            self,
+            f"the value of state {state!r} (type {type_name}) cannot be deep-copied "
+            f"({type(cause).__name__}: {cause}); session values are copied per session, "
+            "so keep objects such as locks, connections or models in a per-session "
+            "registry instead (engine.registry(name, factory, cleanup))",
+        )
+
+
+class TokenTooLarge(ValueNotStorable, ValueError):
+    """A value's browser token would exceed its state's size budget (a kind of
+    :class:`ValueNotStorable`).
+
+    Attributes:
+        state: the state's name.
+        size: the token's size in bytes.
+        budget: the budget.
+    """
+
+    def __init__(self, state: str, size: int, budget: int) -> None:
+        self.state = state
+        self.type_name = None
+        self.where = None
+        self.size = size
+        self.budget = budget
+        StateError.__init__(
+            self,
+            f"the browser token of state {state!r} would be {size} bytes, over its budget "
+            f"of {budget}; store less in the browser (keep large data in a session "
+            "state) or raise max_bytes",
+        )
+
+
+class CodecError(StateError, TypeError):
+    """A value cannot be encoded, or stored bytes cannot be decoded.
+
+    Attributes:
+        type_name: the type that could not be encoded, when that was the problem.
+        where: where inside the value the part that could not be encoded sits, as a
+            Python expression relative to the value (``"[3]['name']"``; ``""`` for the
+            value itself), when known.
+        state: the state whose stored value could not be read, when known.
+        detail: what is wrong with the part at ``where``, without the path.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        type_name: str | None = None,
+        *,
+        where: str | None = None,
+        state: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self.type_name = type_name
+        self.where = where
+        self.state = state
+        self.detail = message if detail is None else detail
+        super().__init__(message)
 
 
 class StoreUnavailable(StateError, ConnectionError):

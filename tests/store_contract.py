@@ -24,6 +24,7 @@ from statekit.stores import (
     Lease,
     Loaded,
     Notice,
+    SessionIdTaken,
     Store,
     StoreNamespace,
 )
@@ -125,6 +126,14 @@ class StoreContract:
             False,
             {},
         )
+
+    def test_an_id_already_stored_is_refused_and_nothing_changes(self, ns: StoreNamespace) -> None:
+        self.new(ns)
+        ns.commit("s1", version=0, writes={"a": 1}, ttl_deadlines={}, now=1)
+        with pytest.raises(SessionIdTaken):
+            ns.create_session("s1", now=2, deadline=100, capacity=10)
+        loaded = self.load(ns, "s1")
+        assert (loaded.version, dict(loaded.values)) == (1, {"a": 1})
 
     def test_unknown_session_is_none(self, ns: StoreNamespace) -> None:
         assert ns.load_session("nope", now=0, touch_until=10) is None

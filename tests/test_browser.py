@@ -16,9 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from statekit import Change, compare
-from statekit._browser import BrowserKeys, TokenProblem, TokenTooLarge, _b64, _unb64
-from statekit._codec import CodecError, JSONCodec
+from statekit import Change, CodecError, JSONCodec, TokenTooLarge, compare
+from statekit._browser import BrowserKeys, TokenProblem, _b64, _unb64
 
 SECRET = "s" * 32
 OLD = "o" * 32

@@ -14,8 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from statekit import Change, compare
-from statekit._codec import CodecError, JSONCodec, SignedPickleCodec
+from statekit import Change, CodecError, JSONCodec, SignedPickleCodec, compare
 
 
 @dataclasses.dataclass

@@ -393,3 +393,17 @@ def test_calls_racing_a_shutdown_say_the_engine_closed(clock: FakeClock) -> None
         engine._loaded_or_raise(sid, clock(), None, [])
     with pytest.raises(EngineClosed), event:
         pass
+
+
+def test_an_id_already_stored_is_drawn_again(
+    engine: StateEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids are random, so a clash means a broken random source: the engine draws again
+    rather than failing the page load or reusing a session."""
+    import statekit._engine
+
+    taken = engine.open_session()
+    ids = iter([taken, "fresh" + "x" * 27])
+    monkeypatch.setattr(statekit._engine.secrets, "token_urlsafe", lambda n: next(ids))
+    assert engine.open_session() == "fresh" + "x" * 27
+    assert engine.session_count() == 2

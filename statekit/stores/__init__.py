@@ -16,6 +16,7 @@ from .base import (
     Lease,
     Loaded,
     Notice,
+    SessionIdTaken,
     Store,
     StoreNamespace,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "Notice",
     "RedisStore",
     "SQLiteStore",
+    "SessionIdTaken",
     "Store",
     "StoreNamespace",
 ]

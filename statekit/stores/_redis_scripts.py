@@ -182,7 +182,7 @@ while count >= tonumber(ARGV[4]) do
   count = count - 1
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.error_reply('session id already in use')
+  return {'taken'}
 end
 redis.call('HSET', KEYS[1], '_v', 0, '_c', 0, '_d', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import attrs
 
 from statekit._codec import Codec
+from statekit.exceptions import StateError
 
 __all__ = [
     "Busy",
@@ -39,9 +40,22 @@ __all__ = [
     "Lease",
     "Loaded",
     "Notice",
+    "SessionIdTaken",
     "Store",
     "StoreNamespace",
 ]
+
+
+class SessionIdTaken(StateError, KeyError):
+    """Raised by :meth:`StoreNamespace.create_session` for an id the store already
+    holds. Ids are 192 random bits, so this never happens by chance; the engine draws
+    another id and tries again."""
+
+    def __init__(self) -> None:
+        StateError.__init__(self, "a session with this id is already stored")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class DeleteReason(str, enum.Enum):
@@ -192,6 +206,9 @@ class StoreNamespace(Protocol):
         When ``capacity`` sessions (open or closed) are already stored, removes the
         least recently used ones first (closed sessions before open ones) and returns
         them with reason ``EVICTED`` (or ``IDLE``/``CLOSED`` if already past due).
+
+        Raises:
+            SessionIdTaken: a session with this id is stored already (nothing changed).
         """
         ...
 

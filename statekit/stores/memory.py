@@ -35,9 +35,9 @@ from typing import Any
 from statekit import _fork
 from statekit._codec import Codec
 from statekit._locks import AsyncWaiter, Latch, await_turn, wait_turn
-from statekit.exceptions import SessionExpired, SessionNotFound, StateError, StoreConflict
+from statekit.exceptions import SessionExpired, SessionNotFound, StoreConflict
 
-from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice
+from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, SessionIdTaken
 
 logger = logging.getLogger("statekit")
 
@@ -219,7 +219,7 @@ class _MemoryNamespace:
         evicted: list[Ended] = []
         with self._lock:
             if sid in self._open or sid in self._closed:
-                raise StateError("session id already in use")
+                raise SessionIdTaken
             while self._open or self._closed:
                 if len(self._open) + len(self._closed) < capacity:
                     break

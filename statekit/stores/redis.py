@@ -45,8 +45,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("RedisStore needs the redis package: pip install 'statekit[redis]'") from exc
 
 from statekit import _fork
-from statekit._codec import Codec, CodecError, JSONCodec
+from statekit._codec import Codec, JSONCodec
 from statekit.exceptions import (
+    CodecError,
     SessionCorrupt,
     SessionExpired,
     SessionNotFound,
@@ -58,7 +59,7 @@ from statekit.exceptions import (
 
 from . import _redis_scripts as scripts
 from ._notices import NoticeFeed
-from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice
+from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, SessionIdTaken
 
 __all__ = ["RedisStore"]
 
@@ -273,8 +274,6 @@ class RedisStore:
 
     def _refused(self, exc: RedisError) -> StateError:
         """An error reply of the server (not a lost connection)."""
-        if "already in use" in str(exc):
-            return StateError("session id already in use")
         if isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE"):
             return _WrongType(self._label, "a key statekit uses holds another type of value")
         return StoreUnavailable(self._label, f"{type(exc).__name__}: {exc}")
@@ -615,11 +614,14 @@ class _RedisNamespace:
     def create_session(
         self, sid: str, *, now: float, deadline: float, capacity: int
     ) -> tuple[Ended, ...]:
-        evicted, junk = self._run(
+        reply = self._run(
             "CREATE",
             self._keys("CREATE", self.P + "s:" + sid),
             [sid, _num(now), _num(deadline), capacity, self._backstop(now, deadline)],
         )
+        if reply[0] == b"taken":
+            raise SessionIdTaken
+        evicted, junk = reply
         if junk:
             self._warn_junk("lru", junk)
         return tuple(self._ended(item) for item in evicted)

@@ -30,13 +30,12 @@ from statekit._codec import Codec, JSONCodec
 from statekit.exceptions import (
     SessionExpired,
     SessionNotFound,
-    StateError,
     StoreConflict,
     StoreUnavailable,
 )
 
 from ._notices import NoticeFeed
-from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice
+from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, SessionIdTaken
 
 __all__ = ["SQLiteStore"]
 
@@ -325,7 +324,7 @@ class _SQLiteNamespace:
                     (self._app, sid, deadline, now),
                 )
             except sqlite3.IntegrityError:
-                raise StateError("session id already in use") from None
+                raise SessionIdTaken from None
             db.execute("UPDATE sk_counts SET sessions = sessions + 1 WHERE app=?", (self._app,))
         return tuple(evicted)
 
