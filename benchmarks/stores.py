@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from statekit import SessionState, SQLiteStore, StateEngine
+from statekit.stores import Loaded
 from statekit.testing import RedisServer
 
 from ._timing import Measure, best_per_op
@@ -37,7 +38,7 @@ def redis_contenders(server: RedisServer) -> dict[str, Callable[[int], object]]:
     for sid in sids:
         with engine.event(sid) as ev:
             ev[counter] = 1
-    ns = engine._ns
+    ns = store.namespace(engine.app)  # a handle of its own on the same data
     raw = redis.Redis.from_url(server.url)
     keys = [f"raw:{sid}" for sid in sids]
     for key in keys:
@@ -76,7 +77,9 @@ def redis_contenders(server: RedisServer) -> dict[str, Callable[[int], object]]:
             with engine.event(sid) as ev:
                 ev[counter] = i
         for sid in sids:  # keep statekit_write's versions true
-            versions[sid] = ns.load_session(sid, now=engine.clock(), touch_until=None).version  # type: ignore[union-attr]
+            loaded = ns.load_session(sid, now=engine.clock(), touch_until=None)
+            assert isinstance(loaded, Loaded)
+            versions[sid] = loaded.version
 
     return {
         "raw redis-py GET": raw_get,

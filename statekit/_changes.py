@@ -39,7 +39,7 @@ from typing import Any, Final
 
 from ._copying import IMMUTABLE_ATOMS, Image, Sealed, image_of, seal
 
-__all__ = ["Change", "changed", "compare", "judge"]
+__all__ = ["Change", "changed", "compare", "judge", "walk"]
 
 
 class Change(enum.IntEnum):
@@ -215,7 +215,7 @@ def _match_leftovers(left: list[Any], right: list[Any]) -> list[tuple[Any, Any]]
     remaining = list(right)
     for x in left:
         for i, y in enumerate(remaining):
-            if _walk(x, y) is SAME:
+            if walk(x, y) is SAME:
                 pairs.append((x, y))
                 del remaining[i]
                 break
@@ -236,7 +236,7 @@ def compare(before: Any, after: Any) -> Change:
     blob = seal(before)
     if blob is not None and blob == seal(after):
         return SAME
-    return _walk(before, after)
+    return walk(before, after)
 
 
 def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
@@ -250,7 +250,7 @@ def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
         image = image_of(after)
         if image is not None and image[0] == stored.blob:
             return SAME, image
-        return _walk(stored.open(), after), image
+        return walk(stored.open(), after), image
     if stored is after:
         return SAME, None
     cls = type(stored)
@@ -258,10 +258,10 @@ def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
         same = _same_atom(cls, stored, after)
         if same is not None:
             return (SAME if same else CHANGED), None
-    return _walk(stored, after), None
+    return walk(stored, after), None
 
 
-def _walk(before: Any, after: Any) -> Change:
+def walk(before: Any, after: Any) -> Change:
     """The exact comparison: a depth-first walk over pairs, with a stack of lazy pair
     iterators (memory grows with depth, not width) and a memo of visited pairs."""
     result = SAME

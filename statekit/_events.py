@@ -1,34 +1,44 @@
 """Events: one user action on one session.
 
-An :class:`Event` is the working set of one action: the values it read (each a private
-copy, so a failed event cannot have mutated anything stored), the values it wrote, and
-the outputs it emitted for the host to render. The engine opens it, commits it and
-fires listeners; this module only keeps the working set and decides, with the change
-detector, what to write.
+An :class:`Event` is what the host's code holds: ``ev[state]`` reads, assignments,
+outputs. Its working state — the session as loaded, the values read (each a private
+copy, so a failed event cannot have mutated anything stored) and written, the lease,
+what ended meanwhile — is one :class:`EventState` record, which the engine's entry and
+commit code fill in and read; this module keeps the working set and decides, with the
+change detector, what to write (:meth:`EventState.collect`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import attrs
 
 from ._browser import TokenProblem
-from ._changes import CHANGED, SAME, _walk
+from ._changes import CHANGED, SAME, walk
 from ._codec import JSONCodec
+from ._host import Host
 from ._registry import SessionRegistry
 from ._states import MISSING, BrowserState, GlobalState, SessionState, State
 from .exceptions import SessionNotInitialized, UsageError, WrongEngine, redact
+from .stores.base import Ended, SessionData
 
 _JSON = JSONCodec()
 
 if TYPE_CHECKING:
     from ._engine import StateEngine
-    from .stores.base import Ended, SessionData
 
-__all__ = ["Event", "EventResult", "ListenerFailure"]
+__all__ = [
+    "BrowserIO",
+    "Changeable",
+    "Collected",
+    "Event",
+    "EventResult",
+    "EventState",
+    "ListenerFailure",
+]
 
 T = TypeVar("T")
 
@@ -81,10 +91,14 @@ class _NotLoaded:
     values: Mapping[str, Any] = MappingProxyType({})
 
 
-_NOT_LOADED = _NotLoaded()
+NOT_LOADED: SessionData = _NotLoaded()
+
+Changeable: TypeAlias = "SessionState[Any] | BrowserState[Any]"
+Collected: TypeAlias = "tuple[dict[str, Any], dict[str, str] | None, list[Changeable]]"
+"""What :meth:`EventState.collect` found: writes, browser tokens, changed states."""
 
 
-class _BrowserIO:
+class BrowserIO:
     """An event's browser tokens: those the page sent (``tokens``, shared with the
     event's listener events, so that they see the tokens their event made), the host's
     binding, the tokens made (``out``) and the refused ones (``problems``)."""
@@ -96,6 +110,183 @@ class _BrowserIO:
         self.bind = bind
         self.out: dict[str, str] = {}
         self.problems: dict[str, TokenProblem] = {}
+
+
+class EventState:
+    """The working state of one event: what the engine's entry and commit code fill in
+    and read, and what :class:`Event` reads and writes for the host's code.
+
+    Attributes:
+        engine: the engine the event belongs to (states of another are refused).
+        host: that engine's :class:`~statekit._host.Host`.
+        sid: the session.
+        now: the engine's clock when the event entered its session.
+        started: the event was entered (it can be entered once).
+        active: inside the ``with`` block: states may be read and written.
+        loaded: the session as loaded (values, version), until the event ends.
+        closed: whether the session was closed when the event entered it.
+        work: the working value of each session and browser state touched.
+        before: each of those states' stored form at the start (the snapshot the
+            change detector compares with; a browser state's JSON encoding).
+        fresh: states to write even if unchanged (a value made on first read; a
+            browser token of a retired key), or None.
+        globals: globals read (a snapshot per event), or None.
+        outputs: outputs emitted, or None.
+        pending: what ended meanwhile (removed sessions and values), whose callbacks
+            run once the session is given back.
+        lease: on a shared store, the lease held (its token), if any.
+        browser: the browser tokens in and out, or None.
+        changed: set when the event ends well: the states it changed.
+        result: the event's result, made when first asked for.
+    """
+
+    __slots__ = (
+        "active",
+        "before",
+        "browser",
+        "changed",
+        "closed",
+        "engine",
+        "fresh",
+        "globals",
+        "host",
+        "lease",
+        "loaded",
+        "now",
+        "outputs",
+        "pending",
+        "result",
+        "sid",
+        "started",
+        "work",
+    )
+
+    def __init__(
+        self, engine: StateEngine, host: Host, sid: str, browser: BrowserIO | None = None
+    ) -> None:
+        self.engine = engine
+        self.host = host
+        self.sid = sid
+        self.browser = browser
+        self.active = False
+        self.started = False
+        self.loaded: SessionData = NOT_LOADED
+        self.closed = False
+        self.work: dict[Changeable, Any] = {}
+        self.before: dict[Changeable, Any] = {}
+        self.fresh: set[Changeable] | None = None
+        self.globals: dict[GlobalState[Any], Any] | None = None
+        self.outputs: dict[str, Any] | None = None
+        self.pending: list[Ended] = []
+        self.lease: str | None = None
+        self.changed: list[Changeable] | None = None
+        self.result: EventResult | None = None
+        self.now = 0.0
+
+    def browser_io(self) -> BrowserIO:
+        """The event's browser tokens, made empty on first use."""
+        if self.browser is None:
+            self.browser = BrowserIO({}, "")
+        return self.browser
+
+    def hand_out(self, tokens: dict[str, str] | None) -> None:
+        """Hand the browser tokens made by a commit that succeeded to the event (and to
+        the listener events after it)."""
+        if tokens:
+            browser = self.browser_io()
+            browser.tokens.update(tokens)
+            browser.out.update(tokens)
+
+    def mark_fresh(self, state: Changeable) -> None:
+        if self.fresh is None:
+            self.fresh = set()
+        self.fresh.add(state)
+
+    def collect(self) -> Collected:
+        """What to write, which browser tokens to send (None: none), and which states
+        changed, per the change detector.
+
+        A value read for the first time is written even when unchanged, so that a
+        factory's result stays the session's value; a browser value read from a token of
+        a retired key gets a new token.
+        """
+        writes: dict[str, Any] = {}
+        tokens: dict[str, str] | None = None
+        changed: list[Changeable] = []
+        fresh = self.fresh
+        values = self.host.values
+        for state, work in self.work.items():
+            old = self.before[state]
+            if state.__class__ is SessionState or not isinstance(state, BrowserState):
+                # A value still identical to its stored form (an atom read and not
+                # reassigned) is the same; an exact atom (an int, say) is judged here.
+                if work is not old:
+                    if type(work) in values.exact_atoms:
+                        if type(old) is not type(work) or old != work:
+                            writes[state.name] = work
+                            changed.append(state)
+                            continue
+                    else:
+                        verdict, stored = values.judge(state.name, old, work)
+                        if verdict is not SAME:
+                            writes[state.name] = stored
+                            if verdict is CHANGED:
+                                changed.append(state)
+                            continue
+                if fresh is not None and state in fresh:
+                    writes[state.name] = old
+                continue
+            encoded = state.canonical(work)
+            verdict = SAME if encoded == old else walk(_JSON.decode(old), work)
+            if verdict is CHANGED:
+                changed.append(state)
+            if verdict is not SAME or (fresh is not None and state in fresh):
+                if tokens is None:
+                    tokens = {}
+                tokens[state.storage_key] = state.encode(work, bind=self.browser_io().bind)
+        return writes, tokens, changed
+
+
+def _materialize(s: EventState, state: Changeable, *, read: bool = True) -> Any:
+    """Take a state into the event's working set; return its working value."""
+    if isinstance(state, BrowserState):
+        browser = s.browser_io()
+        decoded = state.decode(browser.tokens.get(state.storage_key), bind=browser.bind)
+        if decoded.problem is not None:
+            browser.problems[state.name] = decoded.problem
+        work = decoded.value
+        s.before[state] = state.canonical(work)
+        if decoded.reencode:
+            s.mark_fresh(state)
+    else:
+        stored = s.loaded.values.get(state.name, MISSING)
+        if stored is not MISSING:
+            s.before[state] = stored
+            if not read:
+                return MISSING
+            work = s.host.open_value(state, stored)
+        else:
+            work = state.new_value()
+            s.before[state] = s.host.values.store(state.name, work)
+            s.mark_fresh(state)
+    s.work[state] = work
+    return work
+
+
+def _check(s: EventState, state: object) -> None:
+    if not s.active:
+        raise UsageError(
+            "this event is not open: use its states inside the "
+            "'with engine.event(sid) as ev:' block"
+        )
+    # A registry is not a State: it holds objects, not values.
+    if not isinstance(state, (State, SessionRegistry)):
+        raise UsageError(
+            "ev[...] takes a state or a registry declared on the engine, "
+            f"got {type(state).__name__}"
+        )
+    if state.engine is not s.engine:
+        raise WrongEngine(state.name, state.engine.app, s.engine.app)
 
 
 class Event:
@@ -113,61 +304,20 @@ class Event:
     and do not keep them for later (write them back through another event).
     """
 
-    # Only what every event uses is set up front; the rest is made when first needed.
-    __slots__ = (
-        "_active",
-        "_before",
-        "_browser",
-        "_changed",
-        "_closed",
-        "_engine",
-        "_fresh",
-        "_globals",
-        "_lease",
-        "_loaded",
-        "_outputs",
-        "_pending",
-        "_result",
-        "_started",
-        "_work",
-        "now",
-        "sid",
-    )
+    __slots__ = ("_s",)
 
-    def __init__(self, engine: StateEngine, sid: str, browser: _BrowserIO | None = None) -> None:
-        self._engine = engine
-        self.sid = sid
-        self._browser = browser
-        self._active = False
-        self._started = False
-        self._loaded: SessionData = _NOT_LOADED
-        self._closed = False  # whether the session was closed when the event entered it
-        # The session and browser states touched: their working values, and their
-        # stored forms at the start (the snapshots the change detector compares
-        # against; for a browser state, its JSON encoding). ``_fresh``: those to write
-        # even if unchanged (a first read, which made the value; for a browser state, a
-        # token of a retired key).
-        self._work: dict[SessionState[Any] | BrowserState[Any], Any] = {}
-        self._before: dict[SessionState[Any] | BrowserState[Any], Any] = {}
-        self._fresh: set[SessionState[Any] | BrowserState[Any]] | None = None
-        self._globals: dict[GlobalState[Any], Any] | None = None
-        self._outputs: dict[str, Any] | None = None
-        self._pending: list[Ended] = []
-        self._lease: str | None = None
-        # Set when the event ends well: the states it changed, then (when asked for)
-        # its result.
-        self._changed: list[SessionState[Any] | BrowserState[Any]] | None = None
-        self._result: EventResult | None = None
-        self.now = 0.0
+    def __init__(self, state: EventState) -> None:
+        self._s = state
 
     def __repr__(self) -> str:
-        state = "open" if self._active else "done" if self._started else "new"
-        return f"<Event session={redact(self.sid)} {state}>"
+        s = self._s
+        shown = "open" if s.active else "done" if s.started else "new"
+        return f"<Event session={redact(s.sid)} {shown}>"
 
     # -- context manager protocol (the engine does the work) ----------------------
 
     def __enter__(self) -> Event:
-        self._engine._begin(self)
+        self._s.host.enter(self._s)
         return self
 
     def __exit__(
@@ -176,10 +326,10 @@ class Event:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._engine._end(self, exc_type is not None)
+        self._s.host.leave(self._s, exc_type is not None)
 
     async def __aenter__(self) -> Event:
-        await self._engine._abegin(self)
+        await self._s.host.aenter(self._s)
         return self
 
     async def __aexit__(
@@ -188,83 +338,78 @@ class Event:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._engine._aend(self, exc_type is not None)
+        await self._s.host.aleave(self._s, exc_type is not None)
 
-    # -- reading and writing -----------------------------------------------------
+    # -- what the host's code reads ------------------------------------------------
+
+    @property
+    def sid(self) -> str:
+        """The session."""
+        return self._s.sid
+
+    @property
+    def now(self) -> float:
+        """The engine's clock when the event entered its session."""
+        return self._s.now
 
     @property
     def result(self) -> EventResult | None:
         """What the event did, once its block ended without an exception; else None."""
-        if self._result is None and self._changed is not None:
-            browser = self._browser
-            self._result = EventResult(
-                sid=self.sid,
-                changed=frozenset(state.name for state in self._changed),
-                outputs=dict(self._outputs) if self._outputs else {},
+        s = self._s
+        if s.result is None and s.changed is not None:
+            browser = s.browser
+            s.result = EventResult(
+                sid=s.sid,
+                changed=frozenset(state.name for state in s.changed),
+                outputs=dict(s.outputs) if s.outputs else {},
                 browser=dict(browser.out) if browser else {},
                 browser_problems=dict(browser.problems) if browser else {},
             )
-        return self._result
+        return s.result
 
     @property
     def closed(self) -> bool:
         """Whether the session was closed when the event began (a closed session
         accepts events until its grace ends)."""
-        return self._closed
+        return self._s.closed
 
     @property
     def outputs(self) -> Mapping[str, Any]:
         """The outputs emitted so far, and later ones, by name (a read-only view)."""
-        if self._outputs is None:
-            self._outputs = {}
-        return MappingProxyType(self._outputs)
+        s = self._s
+        if s.outputs is None:
+            s.outputs = {}
+        return MappingProxyType(s.outputs)
 
-    def _browser_io(self) -> _BrowserIO:
-        if self._browser is None:
-            self._browser = _BrowserIO({}, "")
-        return self._browser
-
-    def _check(self, state: object) -> None:
-        if not self._active:
-            raise UsageError(
-                "this event is not open: use its states inside the "
-                "'with engine.event(sid) as ev:' block"
-            )
-        # A registry is not a State: it holds objects, not values.
-        if not isinstance(state, (State, SessionRegistry)):
-            raise UsageError(
-                "ev[...] takes a state or a registry declared on the engine, "
-                f"got {type(state).__name__}"
-            )
-        if state._engine is not self._engine:
-            raise WrongEngine(state.name, state._engine.app, self._engine.app)
+    # -- reading and writing -----------------------------------------------------
 
     def __getitem__(self, state: State[T] | SessionRegistry[T]) -> T:
+        s = self._s
         # The common case first: a session state of this engine, in an open event.
-        if self._active and state.__class__ is SessionState and state._engine is self._engine:
-            value: T = self._work.get(state, MISSING)
+        if s.active and state.__class__ is SessionState and state.engine is s.engine:
+            value: T = s.work.get(state, MISSING)
             if value is MISSING:
-                value = self._materialize(state)
+                value = _materialize(s, state)
             return value
-        self._check(state)
+        _check(s, state)
         if isinstance(state, SessionRegistry):
             try:
-                return state.get(self.sid)
+                return state.get(s.sid)
             except SessionNotInitialized as exc:
-                if self.closed:
-                    raise SessionNotInitialized(state.name, self.sid, closed=True) from exc
+                if s.closed:
+                    raise SessionNotInitialized(state.name, s.sid, closed=True) from exc
                 raise
         if isinstance(state, (SessionState, BrowserState)):
-            value = self._work.get(state, MISSING)
+            value = s.work.get(state, MISSING)
             if value is MISSING:
-                value = self._materialize(state)
+                value = _materialize(s, state)
             return value
         assert isinstance(state, GlobalState)
-        if self._globals is None:
-            self._globals = {}
-        if state not in self._globals:
-            self._globals[state] = state.get()
-        snapshot: T = self._globals[state]
+        if s.globals is None:
+            s.globals = {}
+        if state not in s.globals:
+            s.globals[state] = state.get()
+        snapshot: T = s.globals[state]
         return snapshot
 
     def get(self, state: State[T] | SessionRegistry[T]) -> T:
@@ -276,18 +421,19 @@ class Event:
         return self[state]
 
     def __setitem__(self, state: SessionState[T] | BrowserState[T], value: T) -> None:
-        if self._active and state.__class__ is SessionState and state._engine is self._engine:
-            if state not in self._before:
+        s = self._s
+        if s.active and state.__class__ is SessionState and state.engine is s.engine:
+            if state not in s.before:
                 # Assigning needs no copy of the old value, and must work even when the
                 # old value no longer decodes.
-                stored = self._loaded.values.get(state.name, MISSING)
+                stored = s.loaded.values.get(state.name, MISSING)
                 if stored is MISSING:
-                    self._materialize(state)  # the initial value, written if unchanged
+                    _materialize(s, state)  # the initial value, written if unchanged
                 else:
-                    self._before[state] = stored
-            self._work[state] = value
+                    s.before[state] = stored
+            s.work[state] = value
             return
-        self._check(state)
+        _check(s, state)
         if isinstance(state, SessionRegistry):
             raise UsageError(
                 f"registry {state.name!r} cannot be assigned in an event: its objects "
@@ -299,9 +445,9 @@ class Event:
                 "writes are immediate and atomic, so call its set(), update() or "
                 "increment()"
             )
-        if state not in self._before:
-            self._materialize(state, read=False)
-        self._work[state] = value
+        if state not in s.before:
+            _materialize(s, state, read=False)
+        s.work[state] = value
 
     def update(
         self,
@@ -315,90 +461,11 @@ class Event:
 
     def emit(self, name: str, value: Any) -> None:
         """Record an output for the host to render (for example a component's new value)."""
-        if not self._active:
+        s = self._s
+        if not s.active:
             raise UsageError("emit() needs an open event")
         if not isinstance(name, str):
             raise UsageError(f"output names are strings, got {type(name).__name__}")
-        if self._outputs is None:
-            self._outputs = {}
-        self._outputs[name] = value
-
-    def _materialize(
-        self, state: SessionState[Any] | BrowserState[Any], *, read: bool = True
-    ) -> Any:
-        """Take a state into the working set; return its working value."""
-        if isinstance(state, BrowserState):
-            browser = self._browser_io()
-            decoded = state.decode(browser.tokens.get(state.storage_key), bind=browser.bind)
-            if decoded.problem is not None:
-                browser.problems[state.name] = decoded.problem
-            work = decoded.value
-            self._before[state] = state.canonical(work)
-            if decoded.reencode:
-                self._mark_fresh(state)
-        else:
-            stored = self._loaded.values.get(state.name, MISSING)
-            if stored is not MISSING:
-                self._before[state] = stored
-                if not read:
-                    return MISSING
-                work = self._engine._open(state, stored)
-            else:
-                work = state.new_value()
-                self._before[state] = self._engine._values.store(state.name, work)
-                self._mark_fresh(state)
-        self._work[state] = work
-        return work
-
-    def _mark_fresh(self, state: SessionState[Any] | BrowserState[Any]) -> None:
-        if self._fresh is None:
-            self._fresh = set()
-        self._fresh.add(state)
-
-    # -- commit support ---------------------------------------------------------
-
-    def _collect(
-        self,
-    ) -> tuple[dict[str, Any], dict[str, str] | None, list[SessionState[Any] | BrowserState[Any]]]:
-        """What to write, which browser tokens to send (None: none), and which states
-        changed, per the change detector.
-
-        A value read for the first time is written even when unchanged, so that a
-        factory's result stays the session's value; a browser value read from a token of
-        a retired key gets a new token.
-        """
-        writes: dict[str, Any] = {}
-        tokens: dict[str, str] | None = None
-        changed: list[SessionState[Any] | BrowserState[Any]] = []
-        fresh = self._fresh
-        for state, work in self._work.items():
-            old = self._before[state]
-            if state.__class__ is SessionState or not isinstance(state, BrowserState):
-                # A value still identical to its stored form (an atom read and not
-                # reassigned) is the same; an exact atom (an int, say) is judged here.
-                if work is not old:
-                    values = self._engine._values
-                    if type(work) in values.exact_atoms:
-                        if type(old) is not type(work) or old != work:
-                            writes[state.name] = work
-                            changed.append(state)
-                            continue
-                    else:
-                        verdict, stored = values.judge(state.name, old, work)
-                        if verdict is not SAME:
-                            writes[state.name] = stored
-                            if verdict is CHANGED:
-                                changed.append(state)
-                            continue
-                if fresh is not None and state in fresh:
-                    writes[state.name] = old
-                continue
-            encoded = state.canonical(work)
-            verdict = SAME if encoded == old else _walk(_JSON.decode(old), work)
-            if verdict is CHANGED:
-                changed.append(state)
-            if verdict is not SAME or (fresh is not None and state in fresh):
-                if tokens is None:
-                    tokens = {}
-                tokens[state.storage_key] = state.encode(work, bind=self._browser_io().bind)
-        return writes, tokens, changed
+        if s.outputs is None:
+            s.outputs = {}
+        s.outputs[name] = value

@@ -247,6 +247,12 @@ class SessionLocks:
     def __len__(self) -> int:
         return len(self._latches)
 
+    def occupancy(self) -> tuple[int, int]:
+        """How many sessions are held or waited for, and how many events wait."""
+        with self._mutex:
+            latches = list(self._latches.values())
+        return len(latches), sum(len(latch.waiters or ()) for latch in latches)
+
     def acquire(self, sid: str, timeout: float) -> None:
         """Block until this thread holds the lock of ``sid``.
 

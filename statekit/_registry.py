@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _fork
-from ._states import check_name
+from ._checks import check_name, check_sid, qualname
+from ._host import Host
 from .exceptions import (
     EngineClosed,
     InvalidDeclaration,
@@ -62,10 +63,6 @@ class _Flight:
         self.ended: DeleteReason | None = None
 
 
-def _qualname(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
-
-
 class SessionRegistry(Generic[T]):
     """One object per session, for what cannot be deep-copied or serialized.
 
@@ -97,19 +94,21 @@ class SessionRegistry(Generic[T]):
         "__weakref__",
         "_async_factory",
         "_cleanup",
-        "_engine",
         "_factory",
         "_flights",
+        "_host",
         "_lock",
         "_objects",
         "_shut",
         "_tasks",
+        "engine",
         "name",
     )
 
     def __init__(
         self,
         engine: StateEngine,
+        host: Host,
         name: str,
         factory: Callable[[str], T] | Callable[[str], Coroutine[Any, Any, T]],
         cleanup: Callable[[T], object] | None = None,
@@ -125,7 +124,8 @@ class SessionRegistry(Generic[T]):
                 f"cleanup of registry {name!r} must be a callable taking the object, "
                 f"got {type(cleanup).__name__}"
             )
-        self._engine = engine
+        self.engine = engine
+        self._host = host
         self._factory: Callable[[str], Any] = factory
         self._cleanup = cleanup
         self._async_factory = inspect.iscoroutinefunction(factory)
@@ -135,7 +135,9 @@ class SessionRegistry(Generic[T]):
         self._flights: dict[str, _Flight] = {}
         self._shut = False
         self._tasks: set[asyncio.Task[None]] = set()
-        engine._declare_registry(self)
+        host.declare_registry(
+            self, ended=self._session_ended, shutdown=self._engine_shutdown, resync=self._resync
+        )
         _fork.after_fork_in_child(self)
 
     def _after_fork(self) -> None:
@@ -149,14 +151,8 @@ class SessionRegistry(Generic[T]):
 
     def __repr__(self) -> str:
         return (
-            f"SessionRegistry({self.name!r}, app={self._engine.app!r}, "
-            f"objects={len(self._objects)})"
+            f"SessionRegistry({self.name!r}, app={self._host.app!r}, objects={len(self._objects)})"
         )
-
-    @property
-    def engine(self) -> StateEngine:
-        """The engine this registry was declared on."""
-        return self._engine
 
     def __len__(self) -> int:
         """How many objects this registry holds in this process."""
@@ -184,7 +180,7 @@ class SessionRegistry(Generic[T]):
             EngineClosed: the engine was shut down.
             Exception: whatever the factory raised (nothing is kept).
         """
-        self._engine._check_sid(sid)
+        check_sid(sid)
         existing = self._existing(sid)
         if existing is not _NONE:
             return existing  # type: ignore[no-any-return]
@@ -195,7 +191,7 @@ class SessionRegistry(Generic[T]):
             )
         flight = self._take_off(sid)
         try:
-            self._engine._require_open(sid)
+            self._host.require_open(sid)
             obj = self._factory(sid)
         except BaseException:
             self._land(sid, flight)
@@ -224,14 +220,14 @@ class SessionRegistry(Generic[T]):
         Raises:
             The same as :meth:`open` (except the UsageError).
         """
-        self._engine._check_sid(sid)
+        check_sid(sid)
         existing = self._existing(sid)
         if existing is not _NONE:
             return existing  # type: ignore[no-any-return]
         loop = asyncio.get_running_loop()
         flight = self._take_off(sid)
         try:
-            await self._engine._arequire_open(sid)
+            await self._host.arequire_open(sid)
             obj = self._factory(sid)
             # Only a coroutine is awaited: a task or future may be the object itself.
             if inspect.iscoroutine(obj):
@@ -256,7 +252,7 @@ class SessionRegistry(Generic[T]):
         then on marks the flight, so its object is never kept for an ended session."""
         with self._lock:
             if self._shut:
-                raise EngineClosed(self._engine.app)
+                raise EngineClosed(self._host.app)
             flight = self._flights.get(sid)
             if flight is None:
                 flight = self._flights[sid] = _Flight()
@@ -281,7 +277,7 @@ class SessionRegistry(Generic[T]):
             if obj is _NONE:
                 return _NONE, _NONE, None
             if self._shut:
-                return _NONE, obj, EngineClosed(self._engine.app)
+                return _NONE, obj, EngineClosed(self._host.app)
             if flight.ended is not None:
                 return _NONE, obj, SessionExpired(sid, flight.ended.value)
             current = self._objects.get(sid)
@@ -302,8 +298,8 @@ class SessionRegistry(Generic[T]):
             SessionNotFound: ``sid`` is not a session id at all (not a string).
             EngineClosed: the engine was shut down.
         """
-        self._engine._check_usable()
-        self._engine._check_sid(sid)
+        self._host.check_usable()
+        check_sid(sid)
         obj = self._existing(sid)
         if obj is _NONE:
             raise SessionNotInitialized(self.name, sid)
@@ -366,7 +362,7 @@ class SessionRegistry(Generic[T]):
             sids = list(self._objects)
         for sid in sids:
             try:
-                still_open = self._engine._is_open(sid)
+                still_open = self._host.is_open(sid)
             except Exception:
                 logger.exception("registry %r could not check its sessions", self.name)
                 return
@@ -381,7 +377,7 @@ class SessionRegistry(Generic[T]):
     def _log_cleanup_error(self, sid: str) -> None:
         logger.exception(
             "cleanup %s of registry %r raised (session %s)",
-            _qualname(self._cleanup),
+            qualname(self._cleanup),
             self.name,
             redact(sid),
         )

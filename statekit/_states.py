@@ -7,17 +7,16 @@ values live in the engine's store.
 
 from __future__ import annotations
 
-import inspect
-import math
-import re
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._browser import DEFAULT_MAX_BYTES, BrowserKeys, DecodedToken
+from ._checks import check_callable, check_name, check_seconds
 from ._clock import Clock, wall
 from ._codec import JSONCodec
 from ._copying import Image, open_value, stored_form
+from ._host import Host
 from ._values import not_storable
 from .exceptions import CodecError, InvalidDeclaration, StateNotCopyable
 from .stores.base import DeleteReason
@@ -26,11 +25,9 @@ if TYPE_CHECKING:
     from ._engine import StateEngine
     from ._events import Event
 
-__all__ = ["BrowserState", "GlobalState", "SessionState", "State"]
+__all__ = ["MISSING", "BrowserState", "GlobalState", "SessionState", "State", "to_stored"]
 
 T = TypeVar("T")
-
-_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
 
 class _Missing:
@@ -41,42 +38,6 @@ class _Missing:
 
 
 MISSING: Any = _Missing()
-
-
-def check_name(name: object, what: str) -> str:
-    """Validate a state name: it becomes a key in stores that leave the process."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidDeclaration(
-            f"{what} name {name!r} is not valid: use 1 to 128 characters among letters, "
-            "digits and _ . : / -"
-        )
-    return name
-
-
-def check_seconds(value: object, what: str) -> float:
-    """Validate a duration in seconds: a positive, finite number."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise InvalidDeclaration(
-            f"{what} must be a positive, finite number of seconds, got {value!r}"
-        )
-    return float(value)
-
-
-def check_listener(fn: object, what: str) -> None:
-    """Listeners and callbacks are plain callables: a coroutine function would only
-    make a coroutine that nobody awaits."""
-    if not callable(fn):
-        raise InvalidDeclaration(f"{what} needs a callable, got {type(fn).__name__}")
-    if inspect.iscoroutinefunction(fn):
-        raise InvalidDeclaration(
-            f"{what} needs a plain function, got a coroutine function: listeners run "
-            "inside the event; start async work from the host instead"
-        )
 
 
 def to_stored(name: str, value: Any, image: Image | None = None) -> Any:
@@ -94,32 +55,40 @@ def to_stored(name: str, value: Any, image: Image | None = None) -> Any:
 class State(Generic[T]):
     """What every state declaration has: a name, an engine and change listeners.
 
+    Attributes:
+        name: the state's name, unique in its engine.
+        engine: the :class:`~statekit.StateEngine` it was declared on.
+        listeners: its change listeners, in the order added (read-only; add with
+            ``on_change``).
+
     Thread-safe: listeners may be added from any thread.
     """
 
-    __slots__ = ("__weakref__", "_default", "_engine", "_listeners", "_lock", "name")
+    __slots__ = ("__weakref__", "_default", "_host", "_lock", "engine", "listeners", "name")
 
     kind = "state"
 
-    def __init__(self, engine: StateEngine, name: str) -> None:
+    def __init__(self, engine: StateEngine, host: Host, name: str) -> None:
         self.name = check_name(name, f"{self.kind} state")
-        self._engine = engine
-        self._listeners: tuple[Callable[..., object], ...] = ()
+        self.engine = engine
+        self._host = host
+        self.listeners: tuple[Callable[..., object], ...] = ()
         self._lock = threading.Lock()
         self._default: Any = None  # the default's stored form, set by subclasses
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, app={self._engine.app!r})"
+        return f"{type(self).__name__}({self.name!r}, app={self._host.app!r})"
 
     @property
-    def engine(self) -> StateEngine:
-        """The engine this state was declared on."""
-        return self._engine
+    def default(self) -> Any:
+        """A copy of the declared default (``None`` for a session state made by a
+        factory)."""
+        return open_value(self._default)
 
     def _add_listener(self, fn: Callable[..., object], what: str = "on_change") -> None:
-        check_listener(fn, f"{what}() of state {self.name!r}")
+        check_callable(fn, f"{what}() of state {self.name!r}")
         with self._lock:
-            self._listeners = (*self._listeners, fn)
+            self.listeners = (*self.listeners, fn)
 
 
 class GlobalState(State[T]):
@@ -136,10 +105,10 @@ class GlobalState(State[T]):
 
     kind = "global"
 
-    def __init__(self, engine: StateEngine, name: str, default: T) -> None:
-        super().__init__(engine, name)
+    def __init__(self, engine: StateEngine, host: Host, name: str, default: T) -> None:
+        super().__init__(engine, host, name)
         self._default = to_stored(name, default)
-        engine._declare(self)
+        host.declare(self)
 
     def get(self) -> T:
         """The current value (a copy), or a copy of the default if never written.
@@ -148,7 +117,7 @@ class GlobalState(State[T]):
             CodecError: the stored value no longer opens (naming the state and why);
                 :meth:`set` replaces it.
         """
-        return self._engine._global_get(self)
+        return self._host.global_get(self)
 
     def set(self, value: T) -> None:
         """Replace the value. Works even when the stored value no longer opens (its
@@ -159,7 +128,7 @@ class GlobalState(State[T]):
             ValueNotStorable: the store's codec cannot encode the value (nothing is
                 written).
         """
-        self._engine._global_update(self, None, value)
+        self._host.global_update(self, None, value)
 
     def update(self, fn: Callable[[T], T]) -> T:
         """Atomically replace the value with ``fn(current)`` and return the new value.
@@ -174,7 +143,7 @@ class GlobalState(State[T]):
             ValueNotStorable: the store's codec cannot encode the new value (nothing is
                 written).
         """
-        return self._engine._global_update(self, fn)
+        return self._host.global_update(self, fn, None)
 
     def increment(self, n: int | float = 1) -> T:
         """Atomically add ``n`` to a numeric value and return the new value.
@@ -182,7 +151,7 @@ class GlobalState(State[T]):
         Raises:
             TypeError: the state's default or ``n`` is not a number.
         """
-        return self._engine._global_increment(self, n)
+        return self._host.global_increment(self, n)
 
     def on_change(self, fn: Callable[[T], object]) -> Callable[[T], object]:
         """Call ``fn(new_value)`` after each write that changes the value.
@@ -203,13 +172,14 @@ class SessionState(State[T]):
     Thread-safe.
     """
 
-    __slots__ = ("_factory", "_on_delete", "_remote_listeners", "ttl")
+    __slots__ = ("_factory", "delete_callbacks", "remote_listeners", "ttl")
 
     kind = "session"
 
     def __init__(
         self,
         engine: StateEngine,
+        host: Host,
         name: str,
         default: T = MISSING,
         *,
@@ -217,7 +187,7 @@ class SessionState(State[T]):
         ttl: float | None = None,
         on_delete: Callable[[T, DeleteReason], object] | None = None,
     ) -> None:
-        super().__init__(engine, name)
+        super().__init__(engine, host, name)
         if factory is not None and default is not MISSING:
             raise InvalidDeclaration(
                 f"session state {name!r} takes a default or a factory, not both"
@@ -230,11 +200,11 @@ class SessionState(State[T]):
         self._factory = factory
         self._default = to_stored(name, None if default is MISSING else default)
         self.ttl = None if ttl is None else check_seconds(ttl, f"ttl of session state {name!r}")
-        self._on_delete: tuple[Callable[[T, DeleteReason], object], ...] = ()
-        self._remote_listeners: tuple[Callable[[str, T], object], ...] = ()
+        self.delete_callbacks: tuple[Callable[[T, DeleteReason], object], ...] = ()
+        self.remote_listeners: tuple[Callable[[str, T], object], ...] = ()
         if on_delete is not None:
             self.on_delete(on_delete)
-        engine._declare(self)
+        host.declare(self)
 
     def new_value(self) -> T:
         """A fresh initial value: a deep copy of the default, or the factory's result."""
@@ -254,7 +224,7 @@ class SessionState(State[T]):
             CodecError: the stored value no longer opens (naming the state and why);
                 assigning a new value in an event replaces it.
         """
-        return self._engine._peek(sid, self)
+        return self._host.peek(sid, self)
 
     def on_change(self, fn: Callable[[Event, T], object]) -> Callable[[Event, T], object]:
         """Call ``fn(ev, value)`` after an event changes this state in a session.
@@ -278,10 +248,10 @@ class SessionState(State[T]):
         (best effort: after a lost connection, listeners fire for every session this
         engine used whose version moved). An exception is logged. Usable as a decorator.
         """
-        check_listener(fn, f"on_remote_change() of state {self.name!r}")
+        check_callable(fn, f"on_remote_change() of state {self.name!r}", runs="in a notice thread")
         with self._lock:
-            self._remote_listeners = (*self._remote_listeners, fn)
-        self._engine._subscribe()
+            self.remote_listeners = (*self.remote_listeners, fn)
+        self._host.listen()
         return fn
 
     def on_delete(
@@ -293,9 +263,9 @@ class SessionState(State[T]):
         Runs outside every lock; an exception is logged and never stops other callbacks
         or reaping. Usable as a decorator.
         """
-        check_listener(fn, f"on_delete() of state {self.name!r}")
+        check_callable(fn, f"on_delete() of state {self.name!r}", runs="as values are deleted")
         with self._lock:
-            self._on_delete = (*self._on_delete, fn)
+            self.delete_callbacks = (*self.delete_callbacks, fn)
         return fn
 
 
@@ -322,6 +292,7 @@ class BrowserState(State[T]):
     def __init__(
         self,
         engine: StateEngine,
+        host: Host,
         name: str,
         default: T,
         *,
@@ -331,7 +302,7 @@ class BrowserState(State[T]):
         max_bytes: int = DEFAULT_MAX_BYTES,
         clock: Clock = wall,
     ) -> None:
-        super().__init__(engine, name)
+        super().__init__(engine, host, name)
         if not isinstance(keys, BrowserKeys):
             raise InvalidDeclaration(
                 f"browser state {name!r} needs keys=BrowserKeys([secret, ...]) (or "
@@ -340,7 +311,7 @@ class BrowserState(State[T]):
         self.keys = keys
         self.storage_key = check_name(storage_key or name, "storage key")
         # What a token is bound to: this app, this state, this localStorage key.
-        self._context = f"{engine.app}/{name}/{self.storage_key}"
+        self._context = f"{host.app}/{name}/{self.storage_key}"
         self.ttl = None if ttl is None else check_seconds(ttl, f"ttl of browser state {name!r}")
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 64:
             raise InvalidDeclaration(f"max_bytes must be an int of at least 64, got {max_bytes!r}")
@@ -348,7 +319,7 @@ class BrowserState(State[T]):
         self._clock = clock
         self._default = to_stored(name, default)
         self.canonical(default)  # a default that cannot live in the browser fails now
-        engine._declare(self)
+        host.declare(self)
 
     def new_value(self) -> T:
         """A fresh copy of the default."""

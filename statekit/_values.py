@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ._changes import CHANGED, EXACT_ATOMS, SAME, Change, _walk, judge
+from ._changes import CHANGED, EXACT_ATOMS, SAME, Change, judge, walk
 from ._codec import Codec
 from ._copying import open_value, stored_form
 from .exceptions import CodecError, StateNotCopyable, ValueNotStorable
@@ -124,7 +124,7 @@ class EncodedValues:
             before = self.codec.decode(stored)
         except Exception:  # the stored value no longer decodes (a class moved): replace it
             return CHANGED, data
-        verdict = _walk(before, value)
+        verdict = walk(before, value)
         return verdict, (None if verdict is SAME else data)
 
 

@@ -4,12 +4,13 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
 
-from statekit import StateEngine
-from statekit.stores import MemoryStore, Store
+from statekit import SessionState, StateEngine
+from statekit.stores import MemoryStore, Notice, Store
 from statekit.stores.redis import RedisStore
 from statekit.stores.sqlite import SQLiteStore
 from statekit.testing import FakeClock, RedisServer
@@ -40,6 +41,53 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 StoreFactory = Callable[[], Store]
+
+
+class Switchboard(MemoryStore):
+    """A memory store whose notices a test controls: ``paused`` stops delivering them
+    (as a lost connection would), :meth:`send` delivers one of the test's own (a
+    ``resync``, say) to every subscriber, and ``failing`` makes loads fail (a store
+    that cannot be reached)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+        self.failing = False
+        self._callbacks: list[Callable[[Notice], None]] = []
+
+    def namespace(self, app: str) -> Any:
+        ns = super().namespace(app)
+        board = self
+
+        class Handle:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(ns, name)
+
+            def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
+                def forward(notice: Notice) -> None:
+                    if not board.paused:
+                        callback(notice)
+
+                board._callbacks.append(callback)
+                return ns.subscribe(forward)
+
+            def load_session(self, *args: Any, **kwargs: Any) -> Any:
+                if board.failing:
+                    raise ConnectionError("store down")
+                return ns.load_session(*args, **kwargs)
+
+        return Handle()
+
+    def send(self, notice: Notice) -> None:
+        for callback in list(self._callbacks):
+            callback(notice)
+
+
+def declared(engine: StateEngine, name: str) -> SessionState[Any]:
+    """The session state ``name`` declared on ``engine``."""
+    state = engine.states[name]
+    assert isinstance(state, SessionState)
+    return state
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])

@@ -27,7 +27,7 @@ def test_one_session_from_8_threads_loses_no_update(engine: StateEngine) -> None
     assert sorted(items.get(sid)) == sorted(
         k * 1000 + i for k in range(THREADS) for i in range(250)
     )
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
 
 
 def test_many_sessions_from_8_threads(engine: StateEngine) -> None:

@@ -18,6 +18,8 @@ from statekit import (
 )
 from statekit.testing import FakeClock
 
+from .conftest import declared
+
 
 def deletions(engine: StateEngine, name: str = "v", **kw: Any) -> list[tuple[Any, str]]:
     """Declare a session state whose deletions are recorded in the returned list."""
@@ -27,7 +29,7 @@ def deletions(engine: StateEngine, name: str = "v", **kw: Any) -> list[tuple[Any
 
 
 def write(engine: StateEngine, sid: str, name: str, value: Any) -> None:
-    state = engine._session_states[name]
+    state = declared(engine, name)
     with engine.event(sid) as ev:
         ev[state] = value
 
@@ -65,7 +67,7 @@ class TestSessionIds:
             with pytest.raises(SessionNotFound), engine.event(f"forged-{i}"):
                 pass
         assert engine.exists(real)
-        assert engine._session_states["v"].get(real) == 7
+        assert declared(engine, "v").get(real) == 7
         assert log == []
 
 
@@ -119,7 +121,7 @@ class TestIdleExpiry:
         write(engine, sid, "v", 9)
         clock.advance(60)  # exactly at the deadline: expired
         with pytest.raises(SessionExpired):
-            engine._session_states["v"].get(sid)
+            declared(engine, "v").get(sid)
         assert log == [(9, "idle")]  # claimed on access, callback ran once
         assert engine.reap() == 0
         assert log == [(9, "idle")]
@@ -127,7 +129,7 @@ class TestIdleExpiry:
     def test_ordinary_operations_reap_a_bounded_number(
         self, engine: StateEngine, clock: FakeClock
     ) -> None:
-        from statekit._engine import REAP_BATCH
+        from statekit._core import REAP_BATCH
 
         log = deletions(engine)
         for _ in range(3 * REAP_BATCH):
@@ -159,7 +161,7 @@ class TestClose:
         assert engine.close_session(sid) is True
         assert engine.close_session(sid) is False
         clock.advance(29)
-        assert engine._session_states["v"].get(sid) == 3
+        assert declared(engine, "v").get(sid) == 3
         with engine.event(sid) as ev:  # a late request of the closing tab is served
             assert ev.closed
         clock.advance(1)
@@ -184,7 +186,7 @@ class TestClose:
         self, engine: StateEngine, clock: FakeClock
     ) -> None:
         ended: list[tuple[str, str]] = []
-        engine._on_session_end(lambda sid, reason: ended.append((sid, reason.value)))
+        engine.on_close(lambda sid, reason: ended.append((sid, reason.value)))
         sid = engine.open_session()
         engine.close_session(sid)
         engine.close_session(sid)
@@ -212,7 +214,7 @@ class TestCapacity:
     def test_opening_past_capacity_evicts_lru_with_reason(self, clock: FakeClock) -> None:
         engine = StateEngine(clock=clock, capacity=3)
         ended: list[tuple[str, str]] = []
-        engine._on_session_end(lambda sid, reason: ended.append((sid, reason.value)))
+        engine.on_close(lambda sid, reason: ended.append((sid, reason.value)))
         log = deletions(engine)
         a, b, c = (engine.open_session() for _ in range(3))
         for sid, value in ((a, "a"), (b, "b"), (c, "c")):
@@ -315,7 +317,7 @@ class TestShutdown:
         engine = StateEngine(clock=clock)
         log = deletions(engine)
         ended: list[str] = []
-        engine._on_session_end(lambda sid, reason: ended.append(reason.value))
+        engine.on_close(lambda sid, reason: ended.append(reason.value))
         a, b = engine.open_session(), engine.open_session()
         write(engine, a, "v", "a")
         write(engine, b, "v", "b")
@@ -384,14 +386,29 @@ class TestConfiguration:
 
 
 def test_calls_racing_a_shutdown_say_the_engine_closed(clock: FakeClock) -> None:
-    engine = StateEngine(clock=clock)
+    """An event passed its own check that the engine is open when another thread shuts
+    the engine down, emptying the store: the event must say the engine closed, not
+    that the session is unknown."""
+    engines: list[StateEngine] = []
+
+    class Racing(MemoryStore):
+        def namespace(self, app: str) -> Any:
+            ns = super().namespace(app)
+
+            class ShutDownWhileEntering:
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(ns, name)
+
+                def enter(self, *args: Any) -> Any:
+                    engines[0].shutdown()  # ... another thread, right now
+                    return ns.enter(*args)
+
+            return ShutDownWhileEntering()
+
+    engine = StateEngine(Racing(), clock=clock)
+    engines.append(engine)
     sid = engine.open_session()
-    event = engine.event(sid)
-    engine._check_usable()  # the call has passed its own check ...
-    engine.shutdown()  # ... when another thread shuts the engine down
-    with pytest.raises(EngineClosed):
-        engine._loaded_or_raise(sid, clock(), None, [])
-    with pytest.raises(EngineClosed), event:
+    with pytest.raises(EngineClosed), engine.event(sid):
         pass
 
 
@@ -400,10 +417,10 @@ def test_an_id_already_stored_is_drawn_again(
 ) -> None:
     """Ids are random, so a clash means a broken random source: the engine draws again
     rather than failing the page load or reusing a session."""
-    import statekit._engine
+    import secrets
 
     taken = engine.open_session()
     ids = iter([taken, "fresh" + "x" * 27])
-    monkeypatch.setattr(statekit._engine.secrets, "token_urlsafe", lambda n: next(ids))
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(ids))
     assert engine.open_session() == "fresh" + "x" * 27
     assert engine.session_count() == 2

@@ -28,6 +28,7 @@ from statekit import (
 from statekit.testing import FakeClock
 
 from .conftest import StoreFactory
+from .threads import wait_until
 
 
 @dataclasses.dataclass
@@ -39,15 +40,6 @@ class Line:
 def engine_on(make_store: StoreFactory, clock: FakeClock, **kw: Any) -> StateEngine:
     settings: dict[str, Any] = {"idle_ttl": 60, "closed_ttl": 30, "capacity": 100, **kw}
     return StateEngine(make_store(), app="shop", clock=clock, **settings)
-
-
-def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 class TestSemantics:
@@ -237,7 +229,7 @@ class TestSemantics:
             holder.join(30)
         with engine.event(sid):  # the timed-out waiter left nothing behind
             pass
-        assert engine._held_sessions() == 0
+        assert engine.stats().held == 0
 
     def test_lease_wait_bounds_the_whole_wait_of_an_event(
         self, make_store: StoreFactory, clock: FakeClock
@@ -262,15 +254,13 @@ class TestSemantics:
 
         def first_waits() -> bool:
             """Whether the first waiter is in the way of the second, and has been for
-            0.2 s: queued in the memory store's record, or holding this engine's lock of
-            the session while it polls the lease. The second then waits about 0.8 s
-            for that lock and gets it before its own lease_wait ends; if lease_wait
-            counted only from there, it would go on waiting for the lease for 1 s."""
-            if engine._local is None:
-                in_the_way = engine._locks.held(sid)
-            else:
-                rec = engine._local._open.get(sid)
-                in_the_way = rec is not None and bool(rec.waiters)
+            0.2 s: queued for the session on the memory store (whose locks the engines
+            share), or holding this engine's lock of the session while it polls the
+            lease on a shared store. The second then waits about 0.8 s for that lock
+            and gets it before its own lease_wait ends; if lease_wait counted only from
+            there, it would go on waiting for the lease for 1 s."""
+            stats = engine.stats()
+            in_the_way = stats.held >= 1 if engine.store.shared else stats.waiting >= 1
             return in_the_way and time.monotonic() - started["first"] >= 0.2
 
         holder = threading.Thread(target=hold)
@@ -506,7 +496,7 @@ class TestHardening:
         clock.advance(11)  # y is due; the next remote look claims it
         with a.event(sid) as ev:
             ev[a_x] = 2
-        assert wait_until(lambda: seen and seen[-1] == 2, timeout=2)
+        assert wait_until(lambda: bool(seen) and seen[-1] == 2, timeout=2)
         a.reap()
         b.reap()
         assert deleted == [(42, "ttl")]

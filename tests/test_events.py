@@ -454,7 +454,7 @@ class TestAsync:
 
         asyncio.run(main())
         assert n.get(sid) == 3
-        assert engine._held_sessions() == 0
+        assert engine.stats().held == 0
 
     def test_blocking_event_inside_async_code_does_not_hang(self, engine: StateEngine) -> None:
         sid = engine.open_session()
@@ -505,8 +505,7 @@ class TestRemoteListeners:
         worker_a = StateEngine(store, app="shop")
         worker_b = StateEngine(store, app="shop")
         ended: list[tuple[str, str]] = []
-        worker_b._on_session_end(lambda sid, reason: ended.append((sid, reason.value)))
-        worker_b._subscribe()
+        worker_b.on_close(lambda sid, reason: ended.append((sid, reason.value)))
         sid = worker_a.open_session()
         worker_a.close_session(sid)
         assert ended == [(sid, "closed")]

@@ -6,6 +6,8 @@ import threading
 
 from statekit import Event, SessionState, StateEngine
 
+from .conftest import declared
+
 ITEMS = ["Cereal", "Milk", "Orange Juice", "Water"]
 
 
@@ -48,14 +50,14 @@ class TestVisitorCounter:
 
 class TestCart:
     def add_items(self, engine: StateEngine, sid: str, items: list[str]) -> object:
-        cart = engine._session_states["cart"]
+        cart = declared(engine, "cart")
         with engine.event(sid) as ev:
             ev[cart] = ev[cart] + items
         return ev.result
 
     def test_two_sessions_never_see_each_others_cart(self, engine: StateEngine) -> None:
         build_app(engine)
-        cart = engine._session_states["cart"]
+        cart = declared(engine, "cart")
         alice, bob = engine.open_session(), engine.open_session()
         self.add_items(engine, alice, ["Milk"])
         self.add_items(engine, bob, ["Water", "Cereal"])
@@ -65,7 +67,7 @@ class TestCart:
 
     def test_cart_size_listener_fires_with_the_right_size(self, engine: StateEngine) -> None:
         build_app(engine)
-        cart_size = engine._session_states["cart_size"]
+        cart_size = declared(engine, "cart_size")
         sid = engine.open_session()
         result = self.add_items(engine, sid, ["Milk", "Water"])
         assert result.outputs == {"cart_size": 2}  # type: ignore[attr-defined]
@@ -78,7 +80,7 @@ class TestCart:
 
     def test_refresh_is_a_new_session_starting_from_the_default(self, engine: StateEngine) -> None:
         build_app(engine)
-        cart = engine._session_states["cart"]
+        cart = declared(engine, "cart")
         first = engine.open_session()
         self.add_items(engine, first, ["Milk"])
         engine.close_session(first)  # the tab unloads

@@ -353,7 +353,7 @@ def test_a_cancelled_async_event_runs_the_callbacks_of_what_its_load_removed(
         ev[note] = "x"
     clock.advance(11)
     loading, finish = threading.Event(), threading.Event()
-    handle: Any = type(engine._ns)
+    handle: Any = type(store.namespace("shop"))
     original = handle._run
 
     def slow(self: Any, name: str, keys: list[str], args: list[Any]) -> Any:

@@ -13,7 +13,6 @@ import itertools
 import logging
 import random
 import threading
-import time
 import tracemalloc
 import weakref
 from collections.abc import Callable, Iterator
@@ -38,8 +37,8 @@ from statekit import (
 from statekit.stores.base import Notice
 from statekit.testing import FakeClock
 
-from .conftest import StoreFactory
-from .threads import THREADS, run_threads
+from .conftest import StoreFactory, Switchboard
+from .threads import THREADS, run_threads, wait_until
 
 
 class NonDeepCopyable:
@@ -102,15 +101,6 @@ class Ledger:
         assert len(self.made) == len(set(self.made))
         assert set(self.cleaned) == set(self.made)
         assert set(self.cleaned.values()) <= {1}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 @pytest.fixture
@@ -930,42 +920,34 @@ class TestProcessLocal:
             assert worker_a.exists(sid)
 
     def test_lost_notices_are_made_up_for_at_resync(self, clock: FakeClock) -> None:
-        from statekit import MemoryStore
-
-        store = MemoryStore()
+        store = Switchboard()
         worker_a = StateEngine(store, app="shop", clock=clock)
         worker_b = StateEngine(store, app="shop", clock=clock)
         ledger = Ledger()
         registry = worker_b.registry("things", ledger.factory, ledger.cleanup)
         gone, kept = worker_a.open_session(), worker_a.open_session()
         obj_gone, obj_kept = registry.open(gone), registry.open(kept)
-        assert worker_b._unsubscribe is not None
-        worker_b._unsubscribe()  # worker b misses what happens next
+        store.paused = True  # worker b misses what happens next
         worker_a.close_session(gone)
         assert ledger.cleaned == {}
-        worker_b._on_notice(Notice(kind="resync", sid="", origin="test"))
+        store.paused = False
+        store.send(Notice(kind="resync", sid="", origin="test"))
         assert ledger.cleaned == {obj_gone.serial: 1}
         assert registry.get(kept) is obj_kept
         worker_a.shutdown()
         worker_b.shutdown()
 
     def test_resync_that_cannot_reach_the_store_is_logged(
-        self,
-        engine: StateEngine,
-        registry: SessionRegistry[Tracked],
-        ledger: Ledger,
-        monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture,
+        self, clock: FakeClock, ledger: Ledger, caplog: pytest.LogCaptureFixture
     ) -> None:
+        store = Switchboard()
+        engine = StateEngine(store, clock=clock)
+        registry = engine.registry("things", ledger.factory, ledger.cleanup)
         sid = engine.open_session()
         registry.open(sid)
-
-        def unreachable(sid: str) -> bool:
-            raise ConnectionError("store down")
-
-        monkeypatch.setattr(engine, "_is_open", unreachable)
+        store.failing = True
         with caplog.at_level(logging.ERROR, logger="statekit"):
-            engine._on_notice(Notice(kind="resync", sid="", origin="test"))
+            store.send(Notice(kind="resync", sid="", origin="test"))
         assert "could not check its sessions" in caplog.text
         assert sid in registry  # kept until the store answers
         assert ledger.cleaned == {}
@@ -1019,7 +1001,7 @@ def test_100000_open_close_cycles_leave_memory_flat(clock: FakeClock) -> None:
     assert len(alive) == 0
     assert len(counters) == 0
     assert counters._flights == {}
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
     # The memory store remembers ended ids (bounded: TOMBSTONES); the engine, events,
     # locks and registry must not grow at all.
     ours = [

@@ -420,7 +420,7 @@ def redis_engine(redis_server: RedisServer, clock: FakeClock) -> Iterator[StateE
 
 
 def keys_of(engine: StateEngine) -> tuple[Any, str]:
-    ns: Any = engine._ns
+    ns: Any = engine.store.namespace(engine.app)
     return engine.store.client, ns.P  # type: ignore[attr-defined]
 
 
@@ -460,7 +460,7 @@ def test_a_pile_of_junk_is_cleared_in_short_scripts_and_due_entries_still_reaped
     (engine.reap() relies on that to know it is done)."""
     engine = redis_engine
     client, P = keys_of(engine)
-    ns: Any = engine._ns
+    ns: Any = engine.store.namespace(engine.app)
     sid = engine.open_session()
     client.zadd(P + "dl", {f"s\0ghost-{i}": 0 for i in range(10_000)})
     calls: list[int] = []
@@ -690,7 +690,7 @@ def test_junk_notices_are_ignored_and_counted(redis_engine: StateEngine) -> None
     """Each junk message used to look like a lost connection: a full resync."""
     engine = redis_engine
     client, _ = keys_of(engine)
-    ns: Any = engine._ns
+    ns: Any = engine.store.namespace(engine.app)
     received: list[Notice] = []
     arrived = threading.Event()
 

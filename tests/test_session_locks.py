@@ -83,10 +83,8 @@ def waiter(engine: StateEngine, sid: str, body: Callable[[Any], None]) -> Holder
 
 
 def queued(engine: StateEngine, sid: str) -> int:
-    """How many events wait for ``sid`` (seen through the store's record)."""
-    ns: Any = engine._ns
-    rec = ns._open.get(sid) or ns._closed.get(sid)
-    return 0 if rec is None or rec.waiters is None else len(rec.waiters)
+    """How many events wait (the tests here contend for one session, ``sid``)."""
+    return engine.stats().waiting
 
 
 def wait_for_waiters(engine: StateEngine, sid: str, count: int) -> None:
@@ -131,7 +129,7 @@ def test_waiters_are_served_in_arrival_order(engine: StateEngine) -> None:
         w.thread.join(JOIN)
         assert w.error is None
     assert log.get(sid) == ["holder", 0, 1, 2, 3, 4]
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
 
 
 def test_session_evicted_under_an_event_and_its_waiter(
@@ -155,7 +153,7 @@ def test_session_evicted_under_an_event_and_its_waiter(
     assert isinstance(queued.error, SessionExpired)
     assert queued.error.reason == "evicted"
     assert ended == [(7, DeleteReason.EVICTED)]  # the stored value, written once
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
 
 
 def test_session_expiring_while_an_event_waits_is_refused_to_it(
@@ -170,7 +168,7 @@ def test_session_expiring_while_an_event_waits_is_refused_to_it(
     queued.thread.join(JOIN)
     assert isinstance(queued.error, SessionExpired)
     assert queued.error.reason == "idle"
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
 
 
 def test_shutdown_under_an_event_says_the_engine_is_closed(engine: StateEngine) -> None:
@@ -199,7 +197,7 @@ def test_a_failing_commit_gives_the_session_back(engine: StateEngine) -> None:
     sid = engine.open_session()
     with pytest.raises(StateNotCopyable), engine.event(sid) as ev:
         ev[box] = threading.Lock()
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
     with engine.event(sid) as ev:
         ev[box] = "fine"
     assert box.get(sid) == "fine"
@@ -220,7 +218,7 @@ def test_a_raising_listener_and_a_loop_give_the_session_back(engine: StateEngine
     sid = engine.open_session()
     with pytest.raises(Exception, match="rounds"), engine.event(sid) as ev:
         ev[ping] = 1
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
     with engine.event(sid) as ev:
         assert ev[ping] > 1
 
@@ -233,7 +231,7 @@ def test_nested_event_is_refused_and_the_outer_one_goes_on(engine: StateEngine) 
             pass
         ev[count] = 1
     assert count.get(sid) == 1
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
 
 
 @pytest.mark.parametrize(
@@ -271,7 +269,7 @@ def test_a_failing_clock_after_the_wait_gives_the_session_back() -> None:
     assert holder.finish() is None
     queued.thread.join(JOIN)
     assert isinstance(queued.error, OSError)
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
     with engine.event(sid) as ev:
         ev[count] = 1
     assert count.get(sid) == 1
@@ -309,7 +307,7 @@ def test_a_wait_interrupted_by_a_signal_leaves_the_queue(engine: StateEngine) ->
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert holder.finish() is None
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
     with engine.event(sid) as ev:  # would wait forever for the stranded waiter
         ev[count] = 1
     assert count.get(sid) == 1
@@ -370,7 +368,7 @@ def test_blocking_event_inside_async_code_never_waits_for_its_own_loop(
     assert "aevent" in outcome["result"]
     assert holder is None or holder.finish() is None
     assert n.get(sid) == 1
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
 
 
 def test_waiting_longer_than_lease_wait_raises_session_busy() -> None:
@@ -391,7 +389,7 @@ def test_waiting_longer_than_lease_wait_raises_session_busy() -> None:
     with pytest.raises(SessionBusy):
         asyncio.run(in_a_task())
     assert holder.finish() is None
-    assert engine._held_sessions() == 0  # the timed-out waiters left the queue
+    assert engine.stats().held == 0  # the timed-out waiters left the queue
     with engine.event(sid) as ev:
         ev[count] += 1
     assert count.get(sid) == 2
@@ -422,7 +420,7 @@ def test_a_task_cancelled_as_the_session_is_handed_to_it_is_cancelled(
             await task
 
     asyncio.run(main())
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
     with engine.event(sid):
         pass
 
@@ -465,7 +463,7 @@ def test_a_blocking_event_in_another_loop_waits_for_a_task_of_this_one(
     releaser.join(JOIN)
     assert released == [True]  # else the blocking event never waited for the task
     assert outcome == {"result": "entered"}
-    assert engine._held_sessions() == 0
+    assert engine.stats().held == 0
 
 
 def test_a_lease_wait_beyond_what_locks_accept_still_waits() -> None:

@@ -31,7 +31,7 @@ class TestDeclarations:
         assert "registry" in message
         assert info.value.state == "counter"
         assert isinstance(info.value, TypeError)
-        assert "counter" not in engine._states  # nothing half-declared
+        assert "counter" not in engine.states  # nothing half-declared
 
     def test_non_copyable_global_default_is_refused(self, engine: StateEngine) -> None:
         with pytest.raises(StateNotCopyable):

@@ -1,4 +1,5 @@
-"""Running test code in many threads at once, bounded in time."""
+"""Running test code in many threads at once, and waiting for a condition, bounded in
+time."""
 
 from __future__ import annotations
 
@@ -31,3 +32,13 @@ def run_threads(target: Callable[[int], None], n: int = THREADS) -> None:
         t.join(timeout=max(0.0, deadline - time.monotonic()))
     assert not any(t.is_alive() for t in threads), "deadlock: threads still running"
     assert errors == [], [f"{type(e).__name__}: {e}" for e in errors]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last answer."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())

@@ -33,16 +33,20 @@ from statekit._codec import Codec
 from statekit.exceptions import StateError
 
 __all__ = [
+    "AsyncStoreNamespace",
     "Busy",
     "DeleteReason",
     "Ended",
+    "EnteringNamespace",
     "Gone",
     "Lease",
     "Loaded",
     "Notice",
+    "SessionData",
     "SessionIdTaken",
     "Store",
     "StoreNamespace",
+    "Turn",
 ]
 
 
@@ -117,8 +121,8 @@ class Gone:
 
 
 class SessionData(Protocol):
-    """What an event reads of the session it entered: a :class:`Loaded`, or the memory
-    store's own record of the session."""
+    """What an event reads of the session it entered: a :class:`Loaded`, or the record
+    an :class:`EnteringNamespace` keeps of the session."""
 
     @property
     def sid(self) -> str: ...
@@ -312,6 +316,128 @@ class StoreNamespace(Protocol):
     def shutdown(self) -> tuple[Ended, ...]:
         """Release resources. A store whose data dies with the process returns every
         session it held (reason ``SHUTDOWN``); a durable store returns ``()``."""
+        ...
+
+
+@runtime_checkable
+class AsyncStoreNamespace(Protocol):
+    """A namespace that can also load, commit and release without blocking an event
+    loop (the Redis store with an asyncio client). Async events use these when the
+    namespace has them; other shared stores run their blocking methods in a worker
+    thread."""
+
+    async def aload_session(
+        self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
+    ) -> Loaded | Gone | Busy | None:
+        """As :meth:`StoreNamespace.load_session`."""
+        ...
+
+    async def acommit(
+        self,
+        sid: str,
+        *,
+        version: int,
+        writes: Mapping[str, Any],
+        ttl_deadlines: Mapping[str, float],
+        now: float,
+        lease: str | None = None,
+        release: bool = True,
+    ) -> int:
+        """As :meth:`StoreNamespace.commit`."""
+        ...
+
+    async def arelease(self, sid: str, *, lease: str) -> None:
+        """As :meth:`StoreNamespace.release`."""
+        ...
+
+
+class Turn:
+    """A place in the queue of a session that another event holds, as answered by
+    :meth:`EnteringNamespace.enter`: wait for it, then enter the session with
+    :meth:`EnteringNamespace.enter_after_wait`."""
+
+    __slots__ = ()
+
+
+@runtime_checkable
+class EnteringNamespace(StoreNamespace, Protocol):
+    """A namespace that keeps each session's lock itself, in this process, beside the
+    session: an event *enters* a session (takes its lock, loads and touches it) in one
+    call and *leaves* it (commits and gives the lock back) in another, with no lease.
+
+    The memory store offers it; an engine on such a store takes this path, any other
+    store's events take a per-engine lock and a lease. A store of your own may offer
+    either. Every engine of the application must share the locks (they live with the
+    sessions), so that events of one session take turns across engines.
+
+    Attributes:
+        entered_type: the class of what :meth:`enter` answers for a session entered at
+            once; the engine compares with it on its fastest path.
+    """
+
+    entered_type: type
+
+    def enter(
+        self,
+        sid: str,
+        owner: object,
+        expired: list[Ended],
+        blocking: bool,
+        now: float,
+        touch_until: float,
+    ) -> SessionData | Gone | Turn | None:
+        """Take the lock of ``sid`` for ``owner`` and load the session, touching it: the
+        session's data (read while the lock is held), :class:`Gone` or ``None`` if it
+        cannot be entered, or, when another event holds it, a :class:`Turn` to wait for
+        (a thread's when ``blocking``, else an asyncio task's). Values past their own
+        ttl are removed and appended to ``expired``.
+
+        Raises:
+            UsageError: ``owner`` already holds the session (nested events).
+        """
+        ...
+
+    def wait_turn(self, turn: Turn, owner: object, timeout: float) -> bool:
+        """Block this thread until the lock is handed to ``owner``, at most ``timeout``
+        seconds; whether it was. A wait that ends otherwise leaves the queue."""
+        ...
+
+    async def await_turn(self, turn: Turn, owner: object, timeout: float) -> bool:
+        """:meth:`wait_turn` for an asyncio task, without blocking its event loop."""
+        ...
+
+    def enter_after_wait(
+        self, turn: Turn, expired: list[Ended], *, now: float, touch_until: float
+    ) -> SessionData | Gone | None:
+        """Load the session whose lock the caller was handed after waiting."""
+        ...
+
+    def give_back(self, turn: Turn, owner: object) -> None:
+        """After a failure around a wait: give the lock back if ``owner`` holds it."""
+        ...
+
+    def leave(
+        self,
+        entered: SessionData,
+        writes: Mapping[str, Any],
+        ttl_deadlines: Mapping[str, float] | None,
+        now: float,
+    ) -> None:
+        """Commit ``writes`` (if any) and give the lock back (even when the commit is
+        refused).
+
+        Raises:
+            SessionExpired, SessionNotFound: the session left the store meanwhile.
+        """
+        ...
+
+    def release_entered(self, entered: SessionData) -> None:
+        """Give the lock of an entered session back without committing."""
+        ...
+
+    def occupancy(self) -> tuple[int, int]:
+        """How many sessions events hold or wait for, and how many events wait (a
+        diagnostic)."""
         ...
 
 

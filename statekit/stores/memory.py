@@ -37,7 +37,7 @@ from statekit._codec import Codec
 from statekit._locks import AsyncWaiter, Latch, await_turn, wait_turn
 from statekit.exceptions import SessionExpired, SessionNotFound, StoreConflict
 
-from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, SessionIdTaken
+from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, SessionIdTaken, Turn
 
 logger = logging.getLogger("statekit")
 
@@ -67,7 +67,7 @@ class _Record(Latch):
         self.value_deadlines: dict[str, float] | None = None
 
 
-class Queued:
+class Queued(Turn):
     """An event waiting for a session another event holds: wait for the turn
     (:meth:`_MemoryNamespace.wait_turn` in a thread, :meth:`~_MemoryNamespace.await_turn`
     in a task), then :meth:`_MemoryNamespace.enter_after_wait`."""
@@ -160,7 +160,12 @@ _handles = itertools.count(1)
 class _MemoryNamespace:
     """A handle on one application's state in a :class:`MemoryStore`. Thread-safe: one
     lock guards every structure, and no user code runs under it. Notices go, after the
-    lock is released, to the subscribers of the application's other handles."""
+    lock is released, to the subscribers of the application's other handles.
+
+    An :class:`~statekit.stores.base.EnteringNamespace`: each session's lock lives in
+    its record, shared by every engine of the application."""
+
+    entered_type = _Record
 
     def __init__(self, state: _AppState) -> None:
         self._state = state
@@ -315,10 +320,11 @@ class _MemoryNamespace:
             self._publish(self._ended_notices((entered.ended,)))  # type: ignore[arg-type]
         return entered
 
-    def wait_turn(self, queued: Queued, owner: object, timeout: float) -> bool:
+    def wait_turn(self, queued: Turn, owner: object, timeout: float) -> bool:
         """Block this thread until the session's lock is handed to ``owner``, at most
         ``timeout`` seconds; returns whether it was. A wait that times out or is
         interrupted leaves the queue (or passes on a lock granted meanwhile)."""
+        assert isinstance(queued, Queued)
         assert not isinstance(queued.waiter, AsyncWaiter)
         rec = queued.record
         if not wait_turn(
@@ -332,11 +338,12 @@ class _MemoryNamespace:
         rec.owner = owner
         return True
 
-    async def await_turn(self, queued: Queued, owner: object, timeout: float) -> bool:
+    async def await_turn(self, queued: Turn, owner: object, timeout: float) -> bool:
         """Wait, without blocking the event loop, until the session's lock is handed to
         ``owner``, this task, at most ``timeout`` seconds; returns whether it was. A
         wait that times out or is cancelled leaves the queue (or passes on a lock
         granted meanwhile)."""
+        assert isinstance(queued, Queued)
         assert isinstance(queued.waiter, AsyncWaiter)
         rec = queued.record
         if not await await_turn(
@@ -352,13 +359,14 @@ class _MemoryNamespace:
 
     def enter_after_wait(
         self,
-        queued: Queued,
+        queued: Turn,
         expired: list[Ended],
         *,
         now: float,
         touch_until: float,
     ) -> _Record | Gone | None:
         """Load a session whose lock the caller holds after waiting for its turn."""
+        assert isinstance(queued, Queued)
         rec = queued.record
         with self._lock:
             if rec.removed:
@@ -381,7 +389,7 @@ class _MemoryNamespace:
 
     def leave(
         self,
-        rec: _Record,
+        rec: Any,
         writes: Mapping[str, Any],
         ttl_deadlines: Mapping[str, float] | None,
         now: float,
@@ -415,14 +423,15 @@ class _MemoryNamespace:
                 [Notice(kind="changed", sid=rec.sid, names=tuple(writes), origin=self.origin)]
             )
 
-    def give_back(self, rec: _Record, owner: object) -> None:
+    def give_back(self, turn: Turn, owner: object) -> None:
         """Release the session's lock if ``owner`` holds it (after a failure around a
         wait, when whether the turn came is not known)."""
+        assert isinstance(turn, Queued)
         with self._lock:
-            if rec.owner == owner:
-                rec.hand_over()
+            if turn.record.owner == owner:
+                turn.record.hand_over()
 
-    def release_entered(self, rec: _Record) -> None:
+    def release_entered(self, rec: Any) -> None:
         """Release an entered session's lock without committing."""
         self._lock.acquire()
         try:
@@ -430,12 +439,17 @@ class _MemoryNamespace:
         finally:
             self._lock.release()
 
-    def entered_count(self) -> int:
-        """How many sessions an event holds or waits for (for diagnostics and tests)."""
+    def occupancy(self) -> tuple[int, int]:
+        """How many sessions events hold or wait for, and how many events wait (a
+        diagnostic: it looks at every session)."""
+        held = waiting = 0
         with self._lock:
-            return sum(
-                not rec.idle for queue in (self._open, self._closed) for rec in queue.values()
-            )
+            for queue in (self._open, self._closed):
+                for rec in queue.values():
+                    if not rec.idle:
+                        held += 1
+                        waiting += len(rec.waiters) if rec.waiters else 0
+        return held, waiting
 
     def peek(
         self, sid: str, name: str, *, now: float, touch_until: float | None

@@ -1,0 +1,162 @@
+"""Committing an event and running its change listeners.
+
+An event's changes are written in one store commit, version-checked (and, on a shared
+store, lease-fenced). Then rounds of listeners run: each listener of a changed state
+gets an event of its own on the same session (loaded afresh, under the session's lock
+the first event still holds), may write, and its writes may make further listeners
+due — up to :data:`MAX_CASCADE` rounds, then :class:`~statekit.ChangeLoopError`. A
+listener that raises is logged and listed in the result; its writes are discarded and
+the event stands. Written as steps (``_steps.py``), so that blocking and async events
+share it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from ._checks import qualname
+from ._core import Core
+from ._events import (
+    BrowserIO,
+    Changeable,
+    Collected,
+    Event,
+    EventResult,
+    EventState,
+    ListenerFailure,
+)
+from ._steps import Commit, LoadSession, Steps, ask
+from .exceptions import ChangeLoopError
+
+__all__ = ["MAX_CASCADE", "Committer"]
+
+logger = logging.getLogger("statekit")
+
+#: How many rounds of change listeners may follow one event.
+MAX_CASCADE = 16
+
+
+def _no_listeners(states: list[Changeable]) -> bool:
+    return not any(state.listeners for state in states)
+
+
+def _never(states: list[Changeable]) -> bool:
+    return False
+
+
+class Committer:
+    """Commits events and runs their listener rounds, for one engine."""
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+
+    def commit_steps(
+        self,
+        ev: EventState,
+        lease: str | None,
+        release: Callable[[list[Changeable]], bool],
+        collected: Collected | None = None,
+    ) -> Steps[list[Changeable]]:
+        """Write an event's changes in one store commit; return the states that changed.
+
+        ``release(changed)`` says whether the commit also gives the lease back (it does
+        when no listener round follows). Browser tokens are handed out only once the
+        commit succeeded. ``collected``: what ``ev.collect()`` found, if the caller
+        asked already."""
+        writes, tokens, changed = collected if collected is not None else ev.collect()
+        if writes:
+            releasing = lease is not None and release(changed)
+            yield from ask(
+                Commit(
+                    sid=ev.sid,
+                    version=ev.loaded.version,
+                    writes=writes,
+                    ttl_deadlines=self._core.ttl_deadlines(ev.now, writes),
+                    now=ev.now,
+                    lease=lease,
+                    release=releasing,
+                )
+            )
+            if releasing:
+                ev.lease = None  # given back with the commit
+        ev.hand_out(tokens)
+        return changed
+
+    def commit_with_listeners(
+        self, ev: EventState, collected: Collected | None
+    ) -> Steps[ChangeLoopError | None]:
+        """Commit the event, then run rounds of listeners, each in its own event; the
+        event's result is set. Returns the ChangeLoopError to raise, if the cascade was
+        cut (everything before the cut is committed)."""
+        changed = yield from self.commit_steps(ev, ev.lease, _no_listeners, collected)
+        all_changed = {state.name for state in changed}
+        outputs = dict(ev.outputs) if ev.outputs else {}
+        browser = ev.browser_io()
+        errors: list[ListenerFailure] = []
+        loop_error: ChangeLoopError | None = None
+        pending = [state for state in changed if state.listeners]
+        rounds = 0
+        while pending:
+            rounds += 1
+            if rounds > MAX_CASCADE:
+                loop_error = ChangeLoopError(MAX_CASCADE, tuple(s.name for s in pending))
+                break
+            next_round: dict[Changeable, None] = {}
+            for state in pending:
+                for listener in state.listeners:
+                    sub = yield from self._listener_event(ev, browser)
+                    try:
+                        view = Event(sub)
+                        listener(view, view[state])
+                        sub.active = False
+                        sub_changed = yield from self.commit_steps(sub, ev.lease, _never)
+                    except Exception as exc:
+                        sub.active = False
+                        logger.exception(
+                            "change listener %s of state %r raised; its writes were "
+                            "discarded and the event stands",
+                            qualname(listener),
+                            state.name,
+                        )
+                        errors.append(
+                            ListenerFailure(
+                                state=state.name, listener=qualname(listener), error=exc
+                            )
+                        )
+                        continue
+                    if sub.outputs:
+                        outputs.update(sub.outputs)
+                    sub_browser = sub.browser_io()
+                    browser.out.update(sub_browser.out)
+                    for name, problem in sub_browser.problems.items():
+                        browser.problems.setdefault(name, problem)
+                    for changed_state in sub_changed:
+                        all_changed.add(changed_state.name)
+                        if changed_state.listeners:
+                            next_round[changed_state] = None
+            pending = list(next_round)
+        ev.result = EventResult(
+            sid=ev.sid,
+            changed=frozenset(all_changed),
+            outputs=outputs,
+            errors=tuple(errors),
+            browser=dict(browser.out),
+            browser_problems=dict(browser.problems),
+        )
+        return loop_error
+
+    def _listener_event(self, ev: EventState, browser: BrowserIO) -> Steps[EventState]:
+        """A listener's own event on ``ev``'s session, loaded afresh (under the lock and
+        lease ``ev`` holds), sharing its browser tokens."""
+        core = self._core
+        sub = EventState(ev.engine, ev.host, ev.sid, BrowserIO(browser.tokens, browser.bind))
+        sub.started = True
+        sub.now = ev.now
+        outcome = yield from ask(
+            LoadSession(sid=ev.sid, now=ev.now, touch_until=ev.now + core.idle_ttl)
+        )
+        sub.loaded = core.loaded_or_raise(ev.sid, ev.now, outcome, ev.pending)
+        sub.closed = sub.loaded.closed
+        sub.active = True
+        return sub

@@ -1,0 +1,280 @@
+"""The engine's shared context: its settings, store, declarations and hooks, and what
+every part of it does the same way — checking it is usable, reading a load's answer,
+running the callbacks of what ended, reaping a few entries on the way.
+
+One :class:`Core` per engine. The engine's parts (entering and leaving sessions,
+committing, notices) each hold it; none of them holds another's internals.
+
+Locking: no user code runs under a lock here; callbacks run after every lock is
+released. The hook tuples are replaced whole under ``hooks_lock`` and read without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import _fork
+from ._checks import check_sid, qualname
+from ._clock import Clock
+from ._states import MISSING
+from ._steps import LoadSession, Steps, ask
+from ._values import ValuePolicy, unreadable
+from .exceptions import EngineClosed, SessionExpired, SessionNotFound, StoreUnavailable, UsageError
+from .stores.base import Busy, DeleteReason, Ended, Gone, Loaded, Store, StoreNamespace
+
+if TYPE_CHECKING:
+    from ._states import SessionState, State
+
+__all__ = ["LOCAL_REAP_QUIET", "REAP_BATCH", "SHARED_REAP_INTERVAL", "Core", "Settings"]
+
+logger = logging.getLogger("statekit")
+
+#: How many expired entries one ordinary operation reaps at most.
+REAP_BATCH = 8
+#: On a shared store, an engine reaps during ordinary operations at most this often.
+SHARED_REAP_INTERVAL = 1.0
+#: On a store of this process, seconds during which a look that found nothing is not
+#: repeated.
+LOCAL_REAP_QUIET = 0.001
+
+
+class Settings:
+    """An engine's settings, checked by the engine before it makes them."""
+
+    __slots__ = ("app", "capacity", "closed_ttl", "idle_ttl", "lease_ttl", "lease_wait")
+
+    def __init__(
+        self,
+        *,
+        app: str,
+        idle_ttl: float,
+        closed_ttl: float,
+        capacity: int,
+        lease_ttl: float,
+        lease_wait: float,
+    ) -> None:
+        self.app = app
+        self.idle_ttl = idle_ttl
+        self.closed_ttl = closed_ttl
+        self.capacity = capacity
+        self.lease_ttl = lease_ttl
+        self.lease_wait = lease_wait
+
+
+class Core:
+    """What the parts of one engine share. Thread-safe."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        ns: StoreNamespace,
+        clock: Clock,
+        values: ValuePolicy,
+    ) -> None:
+        self.settings = settings
+        self.app = settings.app
+        self.idle_ttl = settings.idle_ttl
+        self.store = store
+        self.ns = ns
+        self.shared = store.shared
+        self.clock = clock
+        self.values = values
+        # Declarations by name; the session states with a ttl of their own.
+        self.states: dict[str, State[Any]] = {}
+        self.session_states: dict[str, SessionState[Any]] = {}
+        self.ttl_states: dict[str, float] = {}
+        # Hooks, each tuple replaced whole under hooks_lock.
+        self.hooks_lock = threading.Lock()
+        self.end_hooks: tuple[Callable[[str, DeleteReason], object], ...] = ()
+        self.open_hooks: tuple[Callable[[str], object], ...] = ()
+        self.shutdown_hooks: tuple[Callable[[], object], ...] = ()
+        self.resync_hooks: tuple[Callable[[], object], ...] = ()
+        self.shut = False
+        self._last_reap = float("-inf")
+        # On a store of this process, when the next reaping look is due.
+        self.next_local_look = float("-inf")
+        _fork.after_fork_in_child(self)
+
+    def _after_fork(self) -> None:
+        _fork.free_lock(self.hooks_lock)
+
+    def add_hook(self, kind: str, hook: Callable[..., object]) -> None:
+        """Add a hook of ``kind`` (``end``, ``open``, ``shutdown``, ``resync``)."""
+        name = f"{kind}_hooks"
+        with self.hooks_lock:
+            setattr(self, name, (*getattr(self, name), hook))
+
+    def check_usable(self) -> None:
+        """Raise :class:`EngineClosed` once the engine was shut down."""
+        if self.shut:
+            raise EngineClosed(self.app)
+
+    # -- loads -------------------------------------------------------------------------
+
+    def loaded_or_raise(
+        self, sid: str, now: float, outcome: Loaded | Gone | Busy | None, pending: list[Ended]
+    ) -> Loaded:
+        """The session a load answered, or why not (raised); what the load removed goes
+        to ``pending``."""
+        if isinstance(outcome, Loaded):
+            pending.extend(outcome.expired)
+            return outcome
+        if outcome is None:
+            self.check_usable()  # a shutdown meanwhile emptied the store: say so
+            raise SessionNotFound(sid)
+        if isinstance(outcome, Busy):  # only answered to a lease request
+            raise UsageError(
+                f"{self.store!r} broke the store protocol: it answered Busy to a load "
+                "without a lease"
+            )
+        if outcome.ended is not None:
+            pending.append(outcome.ended)
+        raise SessionExpired(sid, outcome.reason.value, max(0.0, now - outcome.at))
+
+    def open_steps(self, sid: str, *, touch: bool) -> Steps[None]:
+        """Load a session (no lease) and raise unless it is open, not closed."""
+        check_sid(sid)
+        pending: list[Ended] = []
+        now = self.clock()
+        try:
+            outcome = yield from ask(
+                LoadSession(sid=sid, now=now, touch_until=now + self.idle_ttl if touch else None)
+            )
+            loaded = self.loaded_or_raise(sid, now, outcome, pending)
+        finally:
+            if pending:
+                self.run_ended(pending)
+        if loaded.closed:
+            raise SessionExpired(sid, DeleteReason.CLOSED.value)
+
+    def peek(self, sid: str, state: SessionState[Any]) -> Any:
+        """A session's value read from outside an event (one store call, touching the
+        session), or a fresh initial value if it has none yet."""
+        self.check_usable()
+        check_sid(sid)
+        pending: list[Ended] = []
+        now = self.clock()
+        try:
+            outcome = self.ns.peek(sid, state.name, now=now, touch_until=now + self.idle_ttl)
+            loaded = self.loaded_or_raise(sid, now, outcome, pending)
+        finally:
+            if pending:
+                self.run_ended(pending)
+        stored = loaded.values.get(state.name, MISSING)
+        if stored is MISSING:
+            return state.new_value()
+        return self.open_value(state, stored)
+
+    def salvage(self, outcome: object) -> None:
+        """Run the callbacks of what a store call removed, when its caller was
+        cancelled before it could take the answer."""
+        if isinstance(outcome, Loaded):
+            self.run_ended(outcome.expired)
+        elif isinstance(outcome, Gone) and outcome.ended is not None:
+            self.run_ended((outcome.ended,))
+
+    def open_value(self, state: State[Any], stored: Any) -> Any:
+        """A private copy of ``state``'s stored value.
+
+        Raises:
+            CodecError: naming the state, when the stored value no longer opens (its
+                class was moved by a deploy, say).
+        """
+        try:
+            return self.values.open(stored)
+        except Exception as exc:
+            raise unreadable(state.name, state.kind, exc) from exc
+
+    def ttl_deadlines(self, now: float, writes: Mapping[str, Any]) -> dict[str, float]:
+        """When the written values of states with a ttl of their own expire."""
+        ttls = self.ttl_states
+        return {name: now + ttls[name] for name in writes if name in ttls} if ttls else {}
+
+    # -- what ended --------------------------------------------------------------------
+
+    def run_ended(self, ended: Iterable[Ended]) -> None:
+        """Run the callbacks of removed sessions and values. Never raises."""
+        for item in ended:
+            for name, value in item.values.items():
+                state = self.session_states.get(name)
+                if state is None or not state.delete_callbacks:
+                    continue
+                try:
+                    value = self.values.open(value)
+                except Exception:
+                    logger.exception("stored value of state %r could not be read", name)
+                    continue
+                for callback in state.delete_callbacks:
+                    try:
+                        callback(value, item.reason)
+                    except Exception:
+                        logger.exception(
+                            "on_delete callback %s of state %r raised (reason %s)",
+                            qualname(callback),
+                            name,
+                            item.reason,
+                        )
+            if item.state is None and not item.was_closed:
+                self.run_end_hooks(item.sid, item.reason)
+
+    def run_end_hooks(self, sid: str, reason: DeleteReason) -> None:
+        for hook in self.end_hooks:
+            try:
+                hook(sid, reason)
+            except Exception:
+                logger.exception("session-end hook %s raised", qualname(hook))
+
+    def reap(self, limit: int | None) -> int:
+        """Reap every due entry (at most ``limit``), running callbacks; how many."""
+        self.check_usable()
+        done = 0
+        now = self.clock()
+        while limit is None or done < limit:
+            batch = 1000 if limit is None else min(1000, limit - done)
+            ended = self.ns.reap(now=now, limit=batch)
+            self.run_ended(ended)
+            done += len(ended)
+            if len(ended) < batch:
+                break
+        return done
+
+    def reap_some(self, now: float) -> None:
+        """Reap a few due entries, as part of an ordinary operation.
+
+        On a shared store each look costs a round trip, so an engine looks at most once
+        per ``SHARED_REAP_INTERVAL`` seconds there; a store of this process is looked at
+        every time. A failing store is not this operation's concern: the next look
+        retries.
+        """
+        if self.shared:
+            if now - self._last_reap < SHARED_REAP_INTERVAL:
+                return
+            self._last_reap = now
+            try:
+                ended = self.ns.reap(now=now, limit=REAP_BATCH)
+            except StoreUnavailable:
+                return
+        else:
+            # After a look that found nothing, the next within a millisecond is skipped:
+            # an entry falling due meanwhile is reaped a little later, and a load
+            # refuses it anyway.
+            if now < self.next_local_look:
+                return
+            ended = self.ns.reap(now=now, limit=REAP_BATCH)
+            if not ended:
+                self.next_local_look = now + LOCAL_REAP_QUIET
+        if ended:
+            self.run_ended(ended)
+
+
+def run_hooks(hooks: Iterable[Callable[..., object]], what: str, *args: Any) -> None:
+    """Call each hook with ``args``; one that raises is logged and the rest go on."""
+    for hook in hooks:
+        try:
+            hook(*args)
+        except Exception:
+            logger.exception("%s hook %s raised", what, qualname(hook))

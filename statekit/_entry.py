@@ -1,0 +1,391 @@
+"""How an event enters its session and leaves it: two strategies, chosen once per
+engine by what its store offers.
+
+- :class:`LatchEntry`, for a store that keeps each session's lock beside the session
+  (an :class:`~statekit.stores.base.EnteringNamespace`: the memory store). Entering
+  takes the lock and loads the session in one call; leaving commits and gives the lock
+  back in one. No lease: the store is this process's.
+- :class:`LeaseEntry`, for any other store: the engine's own table of session locks
+  (:class:`~statekit._locks.SessionLocks`) serializes this process's events, and a
+  *lease* taken with the load serializes processes; the commit is fenced by it.
+
+Both wait at most ``lease_wait`` for a session (then :class:`~statekit.SessionBusy`),
+both for threads (blocking) and asyncio tasks (without blocking their loop), and both
+run the callbacks of what ended only once the session is given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import cachetools
+
+from . import _fork
+from ._checks import check_sid
+from ._commit import Committer
+from ._core import Core
+from ._events import Collected, EventState
+from ._locks import SessionLocks, current_owner
+from ._remote import Remote
+from ._steps import LoadSession, Release, Sleep, Steps, adrive, ask, drive
+from .exceptions import ChangeLoopError, SessionBusy, SessionNotFound, UsageError
+from .stores.base import (
+    AsyncStoreNamespace,
+    Busy,
+    EnteringNamespace,
+    Gone,
+    Lease,
+    SessionData,
+    Turn,
+)
+
+__all__ = ["Entry", "LatchEntry", "LeaseEntry"]
+
+logger = logging.getLogger("statekit")
+
+_get_running_loop = asyncio._get_running_loop
+_get_ident = threading.get_ident
+
+
+class Entry(Protocol):
+    """How an engine's events take and give back their session."""
+
+    def enter(self, ev: EventState) -> None: ...
+
+    async def aenter(self, ev: EventState) -> None: ...
+
+    def leave(self, ev: EventState, failed: bool) -> None: ...
+
+    async def aleave(self, ev: EventState, failed: bool) -> None: ...
+
+    def occupancy(self) -> tuple[int, int]:
+        """How many sessions events of this process hold or wait for, and how many
+        events wait."""
+        ...
+
+
+def _start(core: Core, ev: EventState) -> None:
+    core.check_usable()
+    if ev.started:
+        raise UsageError("an Event can be entered only once; open a new one")
+    ev.started = True
+
+
+class LatchEntry:
+    """Events on a store that keeps each session's lock with the session."""
+
+    def __init__(self, core: Core, ns: EnteringNamespace, committer: Committer) -> None:
+        self._core = core
+        self._ns = ns
+        self._record = ns.entered_type
+        self._committer = committer
+
+    def occupancy(self) -> tuple[int, int]:
+        return self._ns.occupancy()
+
+    def enter(self, ev: EventState) -> None:
+        core = self._core
+        if core.shut or ev.started:
+            _start(core, ev)  # raises
+        ev.started = True
+        ns = self._ns
+        owner = _get_ident() if _get_running_loop() is None else current_owner()
+        ev.now = now = core.clock()
+        # positional arguments: sid, owner, expired, blocking, now, touch_until
+        entered = ns.enter(ev.sid, owner, ev.pending, True, now, now + core.idle_ttl)
+        if type(entered) is self._record and not entered.closed:  # type: ignore[union-attr]
+            ev.loaded = entered  # type: ignore[assignment]
+            ev.active = True
+            return
+        if isinstance(entered, Turn):
+            turn = entered
+            try:  # from the wait on: anything raised gives the lock back if it is ours
+                if not ns.wait_turn(turn, owner, core.settings.lease_wait):
+                    raise SessionBusy(ev.sid, core.settings.lease_wait)
+                entered = self._after_wait(ev, turn)
+            except BaseException:
+                ns.give_back(turn, owner)
+                raise
+        self._entered(ev, entered)
+
+    async def aenter(self, ev: EventState) -> None:
+        core = self._core
+        _start(core, ev)
+        ns = self._ns
+        owner = current_owner()
+        ev.now = now = core.clock()
+        entered = ns.enter(ev.sid, owner, ev.pending, False, now, now + core.idle_ttl)
+        if isinstance(entered, Turn):
+            turn = entered
+            try:
+                if not await ns.await_turn(turn, owner, core.settings.lease_wait):
+                    raise SessionBusy(ev.sid, core.settings.lease_wait)
+                entered = self._after_wait(ev, turn)
+            except BaseException:
+                ns.give_back(turn, owner)
+                raise
+        self._entered(ev, entered)
+
+    def _after_wait(self, ev: EventState, turn: Turn) -> SessionData | Gone | None:
+        """Load the session whose lock was just handed to this event."""
+        ev.now = now = self._core.clock()
+        return self._ns.enter_after_wait(
+            turn, ev.pending, now=now, touch_until=now + self._core.idle_ttl
+        )
+
+    def _entered(self, ev: EventState, entered: object) -> None:
+        """Open the event on what ``enter`` or ``enter_after_wait`` answered, or raise
+        (after running the callbacks of what ended) if it could not be entered."""
+        core = self._core
+        if type(entered) is not self._record:
+            assert entered is None or isinstance(entered, Gone)
+            if entered is None:
+                check_sid(ev.sid)  # a malformed id: say what is wrong with it
+            try:
+                core.loaded_or_raise(ev.sid, ev.now, entered, ev.pending)
+            finally:
+                core.run_ended(ev.pending)
+        ev.loaded = entered  # type: ignore[assignment]
+        ev.closed = ev.loaded.closed  # as entered: the record may be closed meanwhile
+        ev.active = True
+
+    def leave(self, ev: EventState, failed: bool) -> None:
+        # Commit and give the session back in one call, unless a listener is due
+        # (listener events then run first, under the session's lock).
+        core = self._core
+        ns = self._ns
+        ev.active = False
+        entered = ev.loaded
+        try:
+            if failed or not ev.work:
+                ns.release_entered(entered)
+                if not failed:
+                    ev.changed = []
+                return
+            try:
+                writes, tokens, changed = collected = ev.collect()
+            except BaseException:
+                ns.release_entered(entered)
+                raise
+            for state in changed:
+                if state.listeners:
+                    self._leave_with_listeners(ev, collected)
+                    return
+            try:
+                ns.leave(
+                    entered,
+                    writes,
+                    core.ttl_states and core.ttl_deadlines(ev.now, writes),
+                    ev.now,
+                )
+            except SessionNotFound:
+                core.check_usable()  # a shutdown emptied the store: say so
+                raise
+            ev.hand_out(tokens)
+            ev.changed = changed  # the result is made when asked for
+        finally:
+            if ev.pending:
+                core.run_ended(ev.pending)
+            if ev.now >= core.next_local_look:
+                core.reap_some(ev.now)
+
+    async def aleave(self, ev: EventState, failed: bool) -> None:
+        self.leave(ev, failed)  # direct calls: nothing to wait for
+
+    def _leave_with_listeners(self, ev: EventState, collected: Collected) -> None:
+        """Commit, run the listener rounds, give the session back."""
+        entered = ev.loaded
+        try:
+            loop_error = drive(self._committer.commit_with_listeners(ev, collected), self._ns)
+        except SessionNotFound:
+            self._core.check_usable()  # a shutdown emptied the store: say so
+            raise
+        finally:
+            self._ns.release_entered(entered)
+        if loop_error is not None:
+            raise loop_error
+
+
+class LeaseEntry:
+    """Events on a store other processes share: this engine's session locks, then a
+    lease on the store, taken with the load and given back with the commit."""
+
+    def __init__(self, core: Core, committer: Committer, remote: Remote) -> None:
+        self._core = core
+        self._ns = core.ns
+        self._async_ns = core.ns if isinstance(core.ns, AsyncStoreNamespace) else None
+        self._committer = committer
+        self._remote = remote
+        self._locks = SessionLocks()
+        # Leases this engine failed to give back (the store was down): its next event
+        # of the session takes the lease back rather than waiting it out.
+        self._orphans: cachetools.LRUCache[str, str] = cachetools.LRUCache(10_000)
+        self._orphans_lock = threading.Lock()
+        _fork.after_fork_in_child(self)
+
+    def _after_fork(self) -> None:
+        """In the child of a fork: the parent's events and leases are the parent's
+        (taking its leases back here would let two processes hold one session)."""
+        self._locks.keep_only_this_thread()
+        _fork.free_lock(self._orphans_lock)
+        self._orphans.clear()
+
+    def occupancy(self) -> tuple[int, int]:
+        return self._locks.occupancy()
+
+    def _adrive(self, steps: Steps[Any]) -> Any:
+        return adrive(
+            steps,
+            self._ns,
+            async_ns=self._async_ns,
+            shared=self._core.shared,
+            salvage=self._core.salvage,
+        )
+
+    def enter(self, ev: EventState) -> None:
+        _start(self._core, ev)
+        check_sid(ev.sid)
+        started = time.monotonic()  # lease_wait bounds the whole wait
+        held = False
+        try:
+            self._locks.acquire(ev.sid, self._core.settings.lease_wait)
+            held = True
+            drive(self._enter_steps(ev, started), self._ns)
+        except BaseException:
+            self._not_entered(ev, held)
+            raise
+        ev.active = True
+
+    async def aenter(self, ev: EventState) -> None:
+        _start(self._core, ev)
+        check_sid(ev.sid)
+        started = time.monotonic()
+        held = False
+        try:
+            await self._locks.aacquire(ev.sid, self._core.settings.lease_wait)
+            held = True
+            await self._adrive(self._enter_steps(ev, started))
+        except BaseException:
+            self._not_entered(ev, held, in_task=True)
+            raise
+        ev.active = True
+
+    def _enter_steps(self, ev: EventState, started: float) -> Steps[None]:
+        """Lease and load the session, waiting while it is busy until ``lease_wait``
+        after ``started`` (when the event began to wait)."""
+        core = self._core
+        settings = core.settings
+        with self._orphans_lock:
+            token = self._orphans.get(ev.sid) or secrets.token_hex(12)
+        # Known before the load is sent: if the caller is cancelled while the store
+        # grants the lease, the failure path still knows what to give back.
+        ev.lease = token
+        delay = 0.0005
+        while True:
+            ev.now = core.clock()
+            outcome = yield from ask(
+                LoadSession(
+                    sid=ev.sid,
+                    now=ev.now,
+                    touch_until=ev.now + core.idle_ttl,
+                    lease=Lease(token=token, until=ev.now + settings.lease_ttl),
+                )
+            )
+            if not isinstance(outcome, Busy):
+                break
+            waited = time.monotonic() - started
+            if waited > settings.lease_wait:
+                raise SessionBusy(ev.sid, waited)
+            yield from ask(Sleep(seconds=delay * (0.5 + secrets.randbelow(1000) / 1000)))
+            delay = min(delay * 2, 0.02)
+        with self._orphans_lock:
+            self._orphans.pop(ev.sid, None)
+        ev.loaded = core.loaded_or_raise(ev.sid, ev.now, outcome, ev.pending)
+        ev.closed = ev.loaded.closed
+        self._remote.saw(ev.sid, ev.loaded.version)
+
+    def _not_entered(self, ev: EventState, held: bool, *, in_task: bool = False) -> None:
+        """After an event failed to start: give back its session lock (if ``held``) and
+        any lease it may have been granted, run due callbacks."""
+        if held:
+            self._locks.release(ev.sid)
+        release = self._abandon_lease(ev)
+        if release is not None:
+            if in_task:  # do not wait: this task may be being cancelled
+                asyncio.get_running_loop().run_in_executor(None, release)
+            else:
+                release()
+        self._core.run_ended(ev.pending)
+
+    def _orphan(self, sid: str, token: str) -> None:
+        with self._orphans_lock:
+            self._orphans[sid] = token
+
+    def _abandon_lease(self, ev: EventState) -> Callable[[], None] | None:
+        """After an event failed to start: the lease it asked for may have been granted
+        (its caller was cancelled mid-load, say). Return a release to run; if that fails
+        too, the lease is remembered so that this engine's next event takes it back."""
+        token, ev.lease = ev.lease, None
+        if token is None:
+            return None
+        sid = ev.sid
+
+        def release() -> None:
+            try:
+                self._ns.release(sid, lease=token)
+            except Exception:
+                # It lapses by itself; meanwhile this engine's next event takes it back.
+                self._orphan(sid, token)
+
+        return release
+
+    def leave(self, ev: EventState, failed: bool) -> None:
+        ev.active = False
+        loop_error: ChangeLoopError | None = None
+        try:
+            loop_error = drive(self._leave_steps(ev, failed), self._ns)
+        finally:
+            self._locks.release(ev.sid)
+            self._core.run_ended(ev.pending)
+            self._core.reap_some(ev.now)
+        if loop_error is not None:
+            raise loop_error
+
+    async def aleave(self, ev: EventState, failed: bool) -> None:
+        ev.active = False
+        loop_error: ChangeLoopError | None = None
+        try:
+            loop_error = await self._adrive(self._leave_steps(ev, failed))
+        finally:
+            self._locks.release(ev.sid)
+            self._core.run_ended(ev.pending)
+        if self._core.shared:  # a round trip: not on the event loop
+            await asyncio.to_thread(self._core.reap_some, ev.now)
+        else:
+            self._core.reap_some(ev.now)
+        if loop_error is not None:
+            raise loop_error
+
+    def _leave_steps(self, ev: EventState, failed: bool) -> Steps[ChangeLoopError | None]:
+        """Commit (unless the block failed), run listener rounds, give the lease back."""
+        try:
+            if failed:
+                return None
+            return (yield from self._committer.commit_with_listeners(ev, None))
+        finally:
+            if ev.lease is not None:
+                try:
+                    yield from ask(Release(sid=ev.sid, lease=ev.lease))
+                except BaseException as exc:
+                    # Other processes wait until the lease lapses; this engine's next
+                    # event of the session takes it back at once.
+                    self._orphan(ev.sid, ev.lease)
+                    if not isinstance(exc, Exception):
+                        raise
+                    logger.warning("could not release the lease of an event: %s", exc)

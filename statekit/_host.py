@@ -1,0 +1,117 @@
+"""What declarations, events and registries ask of the engine that made them.
+
+:class:`Host` is the one internal interface between the engine and the objects it
+hands out (states, registries, events): they hold a host and call only its methods,
+never the engine's private parts. The engine implements it (``_engine.py``); this
+module sits below the declarations so that they can name it without importing the
+engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from .stores.base import DeleteReason
+
+if TYPE_CHECKING:
+    from ._events import EventState
+    from ._registry import SessionRegistry
+    from ._states import GlobalState, SessionState, State
+    from ._values import ValuePolicy
+
+__all__ = ["Host"]
+
+T = TypeVar("T")
+
+
+class Host(Protocol):
+    """The engine, as seen by its states, registries and events. Thread-safe."""
+
+    #: The application's name.
+    app: str
+    #: How values become what the store keeps, and back (and change detection).
+    values: ValuePolicy
+
+    # -- declarations ---------------------------------------------------------------
+
+    def declare(self, state: State[Any]) -> None:
+        """Record a new state (checking its name is free and its default storable)."""
+        ...
+
+    def declare_registry(
+        self,
+        registry: SessionRegistry[Any],
+        *,
+        ended: Callable[[str, DeleteReason], object],
+        shutdown: Callable[[], object],
+        resync: Callable[[], object],
+    ) -> None:
+        """Record a registry and the hooks it needs: a session ended (here or in another
+        process), the engine shut down, notices may have been lost."""
+        ...
+
+    def listen(self) -> None:
+        """Receive the store's notices from now on (remote listeners, ends elsewhere)."""
+        ...
+
+    # -- sessions --------------------------------------------------------------------
+
+    def check_usable(self) -> None:
+        """Raise :class:`~statekit.EngineClosed` once the engine was shut down."""
+        ...
+
+    def require_open(self, sid: str) -> None:
+        """Touch ``sid``; raise SessionNotFound/SessionExpired unless it is open."""
+        ...
+
+    async def arequire_open(self, sid: str) -> None:
+        """:meth:`require_open` without blocking the event loop."""
+        ...
+
+    def is_open(self, sid: str) -> bool:
+        """Whether ``sid`` is open (not closed, not ended), without touching it."""
+        ...
+
+    # -- values ------------------------------------------------------------------------
+
+    def open_value(self, state: State[T], stored: Any) -> T:
+        """A private copy of a stored value; CodecError naming the state if it no
+        longer opens."""
+        ...
+
+    def peek(self, sid: str, state: SessionState[T]) -> T:
+        """A session's value read from outside an event (touching the session)."""
+        ...
+
+    def global_get(self, state: GlobalState[T]) -> T:
+        """A global's value (a copy)."""
+        ...
+
+    def global_update(self, state: GlobalState[T], fn: Callable[[T], T] | None, new: Any) -> T:
+        """Replace a global's value with ``fn(current)``, or with ``new`` (fn None)."""
+        ...
+
+    def global_increment(self, state: GlobalState[T], n: int | float) -> T:
+        """Add ``n`` to a numeric global, atomically."""
+        ...
+
+    # -- events --------------------------------------------------------------------------
+
+    def enter(self, ev: EventState) -> None:
+        """Take the event's session (its lock, and on a shared store its lease) and
+        load it into ``ev``."""
+        ...
+
+    async def aenter(self, ev: EventState) -> None:
+        """:meth:`enter` without blocking the event loop."""
+        ...
+
+    def leave(self, ev: EventState, failed: bool) -> None:
+        """Commit what the event changed (unless ``failed``), run listener rounds, give
+        the session back."""
+        ...
+
+    async def aleave(self, ev: EventState, failed: bool) -> None:
+        """:meth:`leave` without blocking the event loop."""
+        ...
