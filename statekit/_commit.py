@@ -91,7 +91,7 @@ class Committer:
         cut (everything before the cut is committed)."""
         changed = yield from self.commit_steps(ev, ev.lease, _no_listeners, collected)
         all_changed = {state.name for state in changed}
-        outputs = dict(ev.outputs) if ev.outputs else {}
+        outputs = dict(ev.emitted) if ev.emitted else {}
         browser = ev.browser_io()
         errors: list[ListenerFailure] = []
         loop_error: ChangeLoopError | None = None
@@ -107,8 +107,7 @@ class Committer:
                 for listener in state.listeners:
                     sub = yield from self._listener_event(ev, browser)
                     try:
-                        view = Event(sub)
-                        listener(view, view[state])
+                        listener(sub, sub[state])
                         sub.active = False
                         sub_changed = yield from self.commit_steps(sub, ev.lease, _never)
                     except Exception as exc:
@@ -125,8 +124,8 @@ class Committer:
                             )
                         )
                         continue
-                    if sub.outputs:
-                        outputs.update(sub.outputs)
+                    if sub.emitted:
+                        outputs.update(sub.emitted)
                     sub_browser = sub.browser_io()
                     browser.out.update(sub_browser.out)
                     for name, problem in sub_browser.problems.items():
@@ -136,7 +135,7 @@ class Committer:
                         if changed_state.listeners:
                             next_round[changed_state] = None
             pending = list(next_round)
-        ev.result = EventResult(
+        ev.done = EventResult(
             sid=ev.sid,
             changed=frozenset(all_changed),
             outputs=outputs,
@@ -146,11 +145,11 @@ class Committer:
         )
         return loop_error
 
-    def _listener_event(self, ev: EventState, browser: BrowserIO) -> Steps[EventState]:
+    def _listener_event(self, ev: EventState, browser: BrowserIO) -> Steps[Event]:
         """A listener's own event on ``ev``'s session, loaded afresh (under the lock and
         lease ``ev`` holds), sharing its browser tokens."""
         core = self._core
-        sub = EventState(ev.engine, ev.host, ev.sid, BrowserIO(browser.tokens, browser.bind))
+        sub = Event(ev.engine, ev.host, ev.sid, BrowserIO(browser.tokens, browser.bind))
         sub.started = True
         sub.now = ev.now
         outcome = yield from ask(

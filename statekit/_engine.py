@@ -29,7 +29,7 @@ from ._clock import Clock, monotonic, wall
 from ._commit import Committer
 from ._core import Core, Settings, run_hooks
 from ._entry import Entry, LatchEntry, LeaseEntry
-from ._events import BrowserIO, Event, EventState
+from ._events import BrowserIO, Event
 from ._globals import Globals
 from ._registry import SessionRegistry
 from ._remote import Remote
@@ -461,7 +461,7 @@ class StateEngine:
         # store finds only ids it issued; a miss then says what is wrong with the id)
         # or, on other stores, before anything is sent.
         if browser is None and not bind:
-            return Event(EventState(self, self._host, sid))
+            return Event(self, self._host, sid)
         tokens: dict[str, str | None] = {}
         if browser is not None:
             if not isinstance(browser, Mapping):
@@ -472,7 +472,7 @@ class StateEngine:
             tokens = {
                 k: v for k, v in browser.items() if isinstance(k, str) and isinstance(v, str)
             }
-        return Event(EventState(self, self._host, sid, BrowserIO(tokens, bind)))
+        return Event(self, self._host, sid, BrowserIO(tokens, bind))
 
     def aevent(
         self, sid: str, *, browser: Mapping[str, object] | None = None, bind: str = ""

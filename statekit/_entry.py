@@ -85,6 +85,12 @@ class LatchEntry:
         self._ns = ns
         self._record = ns.entered_type
         self._committer = committer
+        # Bound once, for the fastest path.
+        self._enter = ns.enter
+        self._leave = ns.leave
+        self._clock = core.clock
+        self._idle_ttl = core.idle_ttl
+        self._ttl_states = core.ttl_states  # filled in place as states are declared
 
     def occupancy(self) -> tuple[int, int]:
         return self._ns.occupancy()
@@ -94,15 +100,15 @@ class LatchEntry:
         if core.shut or ev.started:
             _start(core, ev)  # raises
         ev.started = True
-        ns = self._ns
         owner = _get_ident() if _get_running_loop() is None else current_owner()
-        ev.now = now = core.clock()
+        ev.now = now = self._clock()
         # positional arguments: sid, owner, expired, blocking, now, touch_until
-        entered = ns.enter(ev.sid, owner, ev.pending, True, now, now + core.idle_ttl)
+        entered = self._enter(ev.sid, owner, ev.pending, True, now, now + self._idle_ttl)
         if type(entered) is self._record and not entered.closed:  # type: ignore[union-attr]
             ev.loaded = entered  # type: ignore[assignment]
             ev.active = True
             return
+        ns = self._ns
         if isinstance(entered, Turn):
             turn = entered
             try:  # from the wait on: anything raised gives the lock back if it is ours
@@ -178,16 +184,17 @@ class LatchEntry:
                     self._leave_with_listeners(ev, collected)
                     return
             try:
-                ns.leave(
+                self._leave(
                     entered,
                     writes,
-                    core.ttl_states and core.ttl_deadlines(ev.now, writes),
+                    self._ttl_states and core.ttl_deadlines(ev.now, writes),
                     ev.now,
                 )
             except SessionNotFound:
                 core.check_usable()  # a shutdown emptied the store: say so
                 raise
-            ev.hand_out(tokens)
+            if tokens:
+                ev.hand_out(tokens)
             ev.changed = changed  # the result is made when asked for
         finally:
             if ev.pending:

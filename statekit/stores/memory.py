@@ -435,7 +435,10 @@ class _MemoryNamespace:
         """Release an entered session's lock without committing."""
         self._lock.acquire()
         try:
-            rec.hand_over()
+            if rec.waiters:
+                rec.hand_over()
+            else:  # the common case, inline
+                rec.owner = None
         finally:
             self._lock.release()
 
