@@ -26,6 +26,7 @@ from .exceptions import EngineClosed, SessionExpired, SessionNotFound, StoreUnav
 from .stores.base import Busy, DeleteReason, Ended, Gone, Loaded, Store, StoreNamespace
 
 if TYPE_CHECKING:
+    from ._registry import SessionRegistry
     from ._states import SessionState, State
 
 __all__ = ["LOCAL_REAP_QUIET", "REAP_BATCH", "SHARED_REAP_INTERVAL", "Core", "Settings"]
@@ -87,6 +88,7 @@ class Core:
         self.states: dict[str, State[Any]] = {}
         self.session_states: dict[str, SessionState[Any]] = {}
         self.ttl_states: dict[str, float] = {}
+        self.registries: dict[str, SessionRegistry[Any]] = {}
         # Hooks, each tuple replaced whole under hooks_lock.
         self.hooks_lock = threading.Lock()
         self.end_hooks: tuple[Callable[[str, DeleteReason], object], ...] = ()

@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
 import attrs
+from typing_extensions import Self
 
 from ._browser import DEFAULT_MAX_BYTES, BrowserKeys
 from ._checks import check_callable, check_name, check_seconds, check_sid
@@ -156,13 +157,12 @@ class StateEngine:
             if isinstance(ns, EnteringNamespace)
             else LeaseEntry(core, committer, self._remote)
         )
-        self._registries: dict[str, SessionRegistry[Any]] = {}
         self._host = _EngineHost(self, core, self._entry, self._remote, Globals(core))
 
     def __repr__(self) -> str:
         return f"StateEngine(app={self.app!r}, store={type(self.store).__name__})"
 
-    def __enter__(self) -> StateEngine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -587,7 +587,7 @@ class _EngineHost:
     ) -> None:
         core = self._core
         core.check_usable()
-        registries = self._engine._registries
+        registries = core.registries
         with core.hooks_lock:
             if registry.name in registries:
                 raise InvalidDeclaration(

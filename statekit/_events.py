@@ -18,6 +18,7 @@ from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import attrs
+from typing_extensions import Self
 
 from ._browser import TokenProblem
 from ._changes import CHANGED, SAME, walk
@@ -324,7 +325,7 @@ class Event(EventState):
 
     # -- context manager protocol (the engine does the work) ----------------------
 
-    def __enter__(self) -> Event:
+    def __enter__(self) -> Self:
         self.host.enter(self)
         return self
 
@@ -336,7 +337,7 @@ class Event(EventState):
     ) -> None:
         self.host.leave(self, exc_type is not None)
 
-    async def __aenter__(self) -> Event:
+    async def __aenter__(self) -> Self:
         await self.host.aenter(self)
         return self
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from typing_extensions import override
+
 from ._changes import CHANGED, EXACT_ATOMS, SAME, Change, judge, walk
 from ._codec import Codec
 from ._copying import open_value, stored_form
@@ -149,10 +151,12 @@ class CheckedObjectValues(ObjectValues):
                 name, f"{self.store_name} (checked with {self.codec.name})", exc
             ) from exc
 
+    @override
     def store(self, name: str, value: Any) -> Any:
         self._check(name, value)
         return super().store(name, value)
 
+    @override
     def judge(self, name: str, stored: Any, value: Any) -> tuple[Change, Any]:
         verdict, form = super().judge(name, stored, value)
         if verdict is not SAME:

@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from typing_extensions import Self
+
 from statekit._codec import Codec, JSONCodec
 from statekit.stores.memory import MemoryStore
 
@@ -115,7 +117,7 @@ class RedisServer:
         """The server's ``redis://`` URL."""
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def start(self) -> Self:
         """Start the server and wait until it answers ``PING``."""
         self.process = subprocess.Popen(
             [
