@@ -17,11 +17,12 @@ run the callbacks of what ended only once the session is given back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import cachetools
@@ -110,14 +111,9 @@ class LatchEntry:
             return
         ns = self._ns
         if isinstance(entered, Turn):
-            turn = entered
-            try:  # from the wait on: anything raised gives the lock back if it is ours
-                if not ns.wait_turn(turn, owner, core.settings.lease_wait):
-                    raise SessionBusy(ev.sid, core.settings.lease_wait)
-                entered = self._after_wait(ev, turn)
-            except BaseException:
-                ns.give_back(turn, owner)
-                raise
+            with self._giving_back(entered, owner):
+                waited = ns.wait_turn(entered, owner, core.settings.lease_wait)
+                entered = self._after_wait(ev, entered, waited)
         self._entered(ev, entered)
 
     async def aenter(self, ev: EventState) -> None:
@@ -128,18 +124,25 @@ class LatchEntry:
         ev.now = now = core.clock()
         entered = ns.enter(ev.sid, owner, ev.pending, False, now, now + core.idle_ttl)
         if isinstance(entered, Turn):
-            turn = entered
-            try:
-                if not await ns.await_turn(turn, owner, core.settings.lease_wait):
-                    raise SessionBusy(ev.sid, core.settings.lease_wait)
-                entered = self._after_wait(ev, turn)
-            except BaseException:
-                ns.give_back(turn, owner)
-                raise
+            with self._giving_back(entered, owner):
+                waited = await ns.await_turn(entered, owner, core.settings.lease_wait)
+                entered = self._after_wait(ev, entered, waited)
         self._entered(ev, entered)
 
-    def _after_wait(self, ev: EventState, turn: Turn) -> SessionData | Gone | None:
-        """Load the session whose lock was just handed to this event."""
+    @contextlib.contextmanager
+    def _giving_back(self, turn: Turn, owner: object) -> Iterator[None]:
+        """From the wait on, anything raised gives the lock back if it is ours."""
+        try:
+            yield
+        except BaseException:
+            self._ns.give_back(turn, owner)
+            raise
+
+    def _after_wait(self, ev: EventState, turn: Turn, came: bool) -> SessionData | Gone | None:
+        """Load the session whose lock was just handed to this event (if it ``came``:
+        else :class:`~statekit.SessionBusy`)."""
+        if not came:
+            raise SessionBusy(ev.sid, self._core.settings.lease_wait)
         ev.now = now = self._core.clock()
         return self._ns.enter_after_wait(
             turn, ev.pending, now=now, touch_until=now + self._core.idle_ttl

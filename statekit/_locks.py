@@ -264,14 +264,7 @@ class SessionLocks:
         if waiter is None:
             return
         assert not isinstance(waiter, AsyncWaiter)
-        if not wait_turn(
-            waiter,
-            latch,
-            self._mutex,
-            timeout=timeout,
-            release=lambda: self.release(sid),
-            forget=lambda: self._forget(sid, latch),
-        ):
+        if not wait_turn(waiter, latch, self._mutex, timeout=timeout, **self._hooks(sid, latch)):
             raise SessionBusy(sid, timeout)
         latch.owner = owner
 
@@ -286,16 +279,15 @@ class SessionLocks:
         if waiter is None:
             return
         assert isinstance(waiter, AsyncWaiter)
-        if not await await_turn(
-            waiter,
-            latch,
-            self._mutex,
-            timeout=timeout,
-            release=lambda: self.release(sid),
-            forget=lambda: self._forget(sid, latch),
-        ):
+        hooks = self._hooks(sid, latch)
+        if not await await_turn(waiter, latch, self._mutex, timeout=timeout, **hooks):
             raise SessionBusy(sid, timeout)
         latch.owner = owner
+
+    def _hooks(self, sid: str, latch: Latch) -> dict[str, Callable[[], None]]:
+        """What a wait that ends without its turn does: pass on a latch handed over
+        meanwhile, drop a latch nobody uses any more."""
+        return {"release": lambda: self.release(sid), "forget": lambda: self._forget(sid, latch)}
 
     def _take_or_queue(
         self, sid: str, owner: object, *, blocking: bool

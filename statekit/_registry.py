@@ -315,10 +315,7 @@ class SessionRegistry(Generic[T]):
         ``statekit``), never raised. An async cleanup runs as described in the class
         docstring; use :meth:`aclose` to await it.
         """
-        if not isinstance(sid, str):
-            return False
-        with self._lock:
-            entry = self._objects.pop(sid, None)
+        entry = self._pop(sid)
         if entry is None:
             return False
         self._run_cleanup(sid, *entry)
@@ -326,14 +323,18 @@ class SessionRegistry(Generic[T]):
 
     async def aclose(self, sid: str) -> bool:
         """The async form of :meth:`close`: awaits an async cleanup."""
-        if not isinstance(sid, str):
-            return False
-        with self._lock:
-            entry = self._objects.pop(sid, None)
+        entry = self._pop(sid)
         if entry is None:
             return False
         await self._acleanup(sid, entry[0])
         return True
+
+    def _pop(self, sid: object) -> tuple[T, asyncio.AbstractEventLoop | None] | None:
+        """Take the session's object out of the table (whoever does cleans it up)."""
+        if not isinstance(sid, str):
+            return None
+        with self._lock:
+            return self._objects.pop(sid, None)
 
     # -- hooks the engine calls ------------------------------------------------
 

@@ -327,16 +327,9 @@ class _MemoryNamespace:
         assert isinstance(queued, Queued)
         assert not isinstance(queued.waiter, AsyncWaiter)
         rec = queued.record
-        if not wait_turn(
-            queued.waiter,
-            rec,
-            self._lock,
-            timeout=timeout,
-            release=lambda: self.release_entered(rec),
-        ):
-            return False
-        rec.owner = owner
-        return True
+        return self._granted(
+            rec, owner, wait_turn(queued.waiter, rec, self._lock, **self._waiting(rec, timeout))
+        )
 
     async def await_turn(self, queued: Turn, owner: object, timeout: float) -> bool:
         """Wait, without blocking the event loop, until the session's lock is handed to
@@ -346,16 +339,21 @@ class _MemoryNamespace:
         assert isinstance(queued, Queued)
         assert isinstance(queued.waiter, AsyncWaiter)
         rec = queued.record
-        if not await await_turn(
-            queued.waiter,
-            rec,
-            self._lock,
-            timeout=timeout,
-            release=lambda: self.release_entered(rec),
-        ):
-            return False
-        rec.owner = owner
-        return True
+        waiting = self._waiting(rec, timeout)
+        return self._granted(
+            rec, owner, await await_turn(queued.waiter, rec, self._lock, **waiting)
+        )
+
+    def _waiting(self, rec: _Record, timeout: float) -> dict[str, Any]:
+        """How long a waiter waits, and how it passes on a lock granted as it leaves."""
+        return {"timeout": timeout, "release": lambda: self.release_entered(rec)}
+
+    @staticmethod
+    def _granted(rec: _Record, owner: object, turn_came: bool) -> bool:
+        """Record the new owner of a session whose lock was handed over."""
+        if turn_came:
+            rec.owner = owner
+        return turn_came
 
     def enter_after_wait(
         self,
