@@ -1,50 +1,85 @@
 """The Lua scripts of the Redis store: each store operation is one atomic script.
 
-Keys: every key of an application starts with ``<prefix>:{<app>}:`` so that the hash
-tag puts them in one cluster slot. ``s:<sid>`` is a session hash (``_v`` version,
+**Constants.** A script's text never changes: it is the same for every application,
+key prefix, process and handle, so the server's script cache holds each one once,
+however many engines, handles and forked workers use it. What differs from call to
+call (the origin and channel of notices, lifetimes, times, ids) travels in ARGV, and
+every key a script reads or writes is declared in KEYS, as Redis asks of scripts.
+
+**Keys.** Every key of an application starts with ``<prefix>:{<app>}:`` so that the
+hash tag puts them in one cluster slot. ``s:<sid>`` is a session hash (``_v`` version,
 ``_c`` closed, ``_d`` deadline, ``_l``/``_lu`` lease and its end, ``v:<name>`` values,
 ``t:<name>`` value deadlines); ``dl`` is the deadline index (a sorted set of
-``s\\0<sid>`` and ``v\\0<sid>\\0<name>``); ``lru`` and ``closed`` order open sessions by
-last use and closed ones by close time; ``gone:<sid>`` remembers why a session ended;
-``g:<name>`` is a global (``v`` value, ``n`` version); ``q:<request id>`` remembers the
-reply of a write for a while. Times travel as the strings Python wrote, so Lua never
-rounds them. The per-application constants are written into each script's text
-(``@P@`` the key prefix, ``@ORIGIN@`` the handle, ``@CHANNEL@`` the notice channel,
-``@TOMBSTONE@`` the seconds an ended id is remembered, ``@REQUEST_MS@`` and
-``@CLAIM_MS@`` the milliseconds a write's reply is remembered, and a reply that only
-carries claims), so that a call sends only what changes.
+``s\\0<sid>`` and ``v\\0<sid>\\0<name>``); ``lru`` and ``closed`` order open sessions
+by last use and closed ones by close time; ``gone:<sid>`` remembers why a session
+ended; ``g:<name>`` is a global (``v`` value, ``n`` version); ``q:<request id>``
+remembers the reply of a write for a while. Times travel as the strings Python wrote,
+so Lua never rounds them.
 
-**Idempotent writes.** Every script that writes takes, as its last key, a key made of
-a request id that the caller draws once per operation. Before doing anything, the
-script looks for a reply remembered under that key and, if there is one, returns it
-unchanged: a request sent again (by a client that retries after a lost connection, or
-by the store itself) is answered with the first outcome and applied once. A script
-remembers its reply when running it again would not give the same answer: a commit,
-an open, a close, a global write, and any load, peek or reap that claimed something.
-``REPLAY`` reads a remembered reply back, for a request whose answer never came.
+**Layout.** The six scripts about an application's sessions (CREATE, LOAD, PEEK,
+COMMIT, CLOSE, REAP) begin alike: KEYS[1..4] are the indexes ``dl``, ``lru`` and
+``closed`` and the request's key; ARGV[1..5] are the milliseconds a write's reply is
+remembered, the milliseconds a reply that only carries claims is, the seconds an
+ended id is remembered, the handle's origin and the notice channel. For one session,
+its hash and tombstone are KEYS[5] and KEYS[6] and its id ARGV[6]. The globals'
+scripts take the global and the request's key, and the milliseconds first.
 
-**Damaged data.** Fields the scripts read as numbers, and the types of keys they
-claim, are checked before anything is written; a session with a damaged field is
-answered ``{'corrupt', field}`` and left in place; a member of an index that names
-nothing (or is not one statekit writes) is removed and reported, so that one bad entry
-never stops reaping or opening sessions.
+**Keys found on the way.** A reap claims the sessions the deadline index names, and an
+open at capacity evicts the least recently used: keys that are not known before the
+script runs. The caller reads the candidates first (a plain ``ZRANGEBYSCORE``; an open
+is answered ``{'full', victims}`` by its script, which then writes nothing) and runs
+the script again with their hashes and tombstones declared; the script checks every
+candidate again, atomically (still in the index and due, still the one to evict), so
+that each entry is claimed by one caller only, and passes over one that moved on.
+
+**Idempotent writes.** Every script that writes takes a key made of a request id that
+the caller draws once per operation. Before doing anything, the script looks for a
+reply remembered under that key and, if there is one, returns it unchanged: a request
+sent again (by a client that retries after a lost connection, or by the store itself)
+is answered with the first outcome and applied once. A script remembers its reply
+when running it again would not give the same answer: a commit, an open, a close, a
+global write, and any load, peek or reap that claimed something. ``REPLAY`` reads a
+remembered reply back, for a request whose answer never came.
+
+**Damaged data.** Fields the scripts read as numbers, and the types of the keys they
+use, are checked before anything is written: a session with a damaged field is
+answered ``{'corrupt', field}``, one whose key holds another type ``{'wrongtype'}``,
+and left in place; a damaged index stops the script before it writes
+(``{'damaged', key}``); a member of an index that names nothing (or is not one
+statekit writes) is removed and reported, so that one bad entry never stops reaping or
+opening sessions.
 """
 
 from __future__ import annotations
 
-# Shared helpers, prepended to the scripts that need them.
-_CLAIM = r"""
-local P = [==[@P@]==]
+__all__ = ["TEXTS"]
+
+# The start of the six scripts about an application's sessions (see Layout).
+_APP = r"""
+local DL, LRU, CLOSED, REQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local REQUEST_MS, CLAIM_MS, TOMBSTONE = ARGV[1], ARGV[2], ARGV[3]
+local ORIGIN, CHANNEL = ARGV[4], ARGV[5]
+
 local function notice(kind, sid, reason, names)
-  local msg = {k = kind, s = sid, o = [==[@ORIGIN@]==]}
+  local msg = {k = kind, s = sid, o = ORIGIN}
   if reason then msg.r = reason end
   if names then msg.n = names end
-  redis.call('PUBLISH', [==[@CHANNEL@]==], cjson.encode(msg))
+  redis.call('PUBLISH', CHANNEL, cjson.encode(msg))
+end
+
+-- Whether key holds a hash (a session statekit wrote), not another type.
+local function is_hash(key)
+  return redis.call('TYPE', key).ok == 'hash'
+end
+
+-- Whether key holds a hash or nothing: any other type is not one statekit wrote.
+local function hash_or_none(key)
+  local kind = redis.call('TYPE', key).ok
+  return kind == 'hash' or kind == 'none'
 end
 
 -- Remove a whole session; return {sid, reason, at, closed, {name, value, ...}}.
-local function claim(sid, reason, at)
-  local key = P .. 's:' .. sid
+local function claim(sid, key, gone, reason, at)
   local h = redis.call('HGETALL', key)
   local closed = '0'
   local vals = {}
@@ -57,14 +92,14 @@ local function claim(sid, reason, at)
       vals[#vals + 1] = string.sub(f, 3)
       vals[#vals + 1] = h[i + 1]
     elseif prefix == 't:' then
-      redis.call('ZREM', P .. 'dl', 'v\0' .. sid .. '\0' .. string.sub(f, 3))
+      redis.call('ZREM', DL, 'v\0' .. sid .. '\0' .. string.sub(f, 3))
     end
   end
   redis.call('DEL', key)
-  redis.call('ZREM', P .. 'dl', 's\0' .. sid)
-  redis.call('ZREM', P .. 'lru', sid)
-  redis.call('ZREM', P .. 'closed', sid)
-  redis.call('SET', P .. 'gone:' .. sid, reason .. '\0' .. at, 'EX', @TOMBSTONE@)
+  redis.call('ZREM', DL, 's\0' .. sid)
+  redis.call('ZREM', LRU, sid)
+  redis.call('ZREM', CLOSED, sid)
+  redis.call('SET', gone, reason .. '\0' .. at, 'EX', TOMBSTONE)
   if closed ~= '1' then
     notice('ended', sid, reason, nil)
   end
@@ -84,26 +119,20 @@ local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
   end
   redis.call('HSET', key, '_d', new_deadline)
   redis.call('PEXPIRE', key, backstop_ms)
-  redis.call('ZADD', P .. 'dl', new_deadline, 's\0' .. sid)
-  redis.call('ZADD', P .. 'lru', now, sid)
+  redis.call('ZADD', DL, new_deadline, 's\0' .. sid)
+  redis.call('ZADD', LRU, now, sid)
 end
 
 -- Remove one value past its ttl; return {sid, 'ttl', at, name, value}, or nil when the
 -- value is no longer there (its session was claimed first).
-local function claim_value(sid, name, at)
-  local key = P .. 's:' .. sid
+local function claim_value(key, sid, name, at)
   local value = redis.call('HGET', key, 'v:' .. name)
-  redis.call('ZREM', P .. 'dl', 'v\0' .. sid .. '\0' .. name)
+  redis.call('ZREM', DL, 'v\0' .. sid .. '\0' .. name)
   redis.call('HDEL', key, 'v:' .. name, 't:' .. name)
   if not value then
     return nil
   end
   return {sid, 'ttl', at, name, value}
-end
-
--- Whether key holds a hash (a session statekit wrote), not another type.
-local function is_hash(key)
-  return redis.call('TYPE', key).ok == 'hash'
 end
 
 -- Whether text is a version statekit wrote: digits that HINCRBY can still add to.
@@ -117,106 +146,146 @@ local function damaged(version, deadline)
   if not tonumber(deadline) then return '_d' end
   return nil
 end
-"""
 
-# After _CLAIM and _ONCE in every script that writes to the app's indexes: a damaged
-# index is found before anything is written (Redis does not undo a failing script).
-_INDEXES = r"""
-for _, name in ipairs({'dl', 'lru', 'closed'}) do
-  local kind = redis.call('TYPE', P .. name).ok
-  if kind ~= 'zset' and kind ~= 'none' then return {'damaged', P .. name} end
+-- The answer for a session without a hash: why it ended, or that it is unknown.
+local function missing(gone)
+  local kind = redis.call('TYPE', gone).ok
+  if kind == 'none' then return {'none'} end
+  if kind ~= 'string' then return {'badgone'} end
+  return {'gone', redis.call('GET', gone)}
 end
-"""
 
-# Prepended to every script that writes: KEYS[#KEYS] is the request's key.
-_ONCE = r"""
-local REQ = KEYS[#KEYS]
-local seen = redis.call('GET', REQ)
-if seen then return cmsgpack.unpack(seen) end
-local function remember(reply)
-  redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', @REQUEST_MS@)
-  return reply
+-- Where the keys of the sessions named by ARGV[first..last] are declared: the index
+-- in KEYS of each one's hash (its tombstone follows), from KEYS[at] on.
+local function declared(at, first, last)
+  local slots = {}
+  for i = first, last do
+    slots[ARGV[i]] = at + 2 * (i - first)
+  end
+  return slots
 end
+
 -- A reply that only carries what a load or a reap claimed (not the caller's own
 -- write) is kept for a shorter while: it holds deleted values.
 local function remember_claims(reply)
-  redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', @CLAIM_MS@)
+  redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', CLAIM_MS)
   return reply
 end
 """
 
-# KEYS: session, request.  ARGV: sid, now, deadline, capacity, backstop_ms
-# Returns {evicted, junk}: the sessions evicted, and index entries that named nothing.
-CREATE = (
-    _CLAIM
-    + _ONCE
-    + _INDEXES
+# After the locals REQ and REQUEST_MS, in every script that writes.
+_ONCE = r"""
+local seen = redis.call('GET', REQ)
+if seen then return cmsgpack.unpack(seen) end
+local function remember(reply)
+  redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', REQUEST_MS)
+  return reply
+end
+"""
+
+# After _APP and _ONCE: a damaged index is found before anything is written (Redis does
+# not undo a failing script).
+_INDEXES = r"""
+for _, index in ipairs({DL, LRU, CLOSED}) do
+  local kind = redis.call('TYPE', index).ok
+  if kind ~= 'zset' and kind ~= 'none' then return {'damaged', index} end
+end
+"""
+
+_APP_WRITES = _APP + _ONCE + _INDEXES
+
+# Then, in the scripts about one session (LOAD, PEEK, COMMIT, CLOSE): its keys and id.
+_SESSION = (
+    _APP_WRITES
     + r"""
-local now = tonumber(ARGV[2])
-local count = redis.call('ZCARD', P .. 'lru') + redis.call('ZCARD', P .. 'closed')
-local evicted = {}
-local junk = {}
-while count >= tonumber(ARGV[4]) do
-  local victim = redis.call('ZRANGE', P .. 'closed', 0, 0)[1]
-  if not victim then victim = redis.call('ZRANGE', P .. 'lru', 0, 0)[1] end
-  if not victim then break end
-  local meta = {}
-  if is_hash(P .. 's:' .. victim) then
-    meta = redis.call('HMGET', P .. 's:' .. victim, '_c', '_d')
-  end
-  if not meta[2] then
-    -- No session behind this entry: drop it, it holds no place.
-    redis.call('ZREM', P .. 'lru', victim)
-    redis.call('ZREM', P .. 'closed', victim)
-    junk[#junk + 1] = victim
-  else
-    local reason = 'evicted'
-    local at = ARGV[2]
-    local deadline = tonumber(meta[2])
-    if deadline and deadline <= now then
-      at = meta[2]
-      if meta[1] == '1' then reason = 'closed' else reason = 'idle' end
-    end
-    evicted[#evicted + 1] = claim(victim, reason, at)
-  end
-  count = count - 1
+local KEY, GONE, SID = KEYS[5], KEYS[6], ARGV[6]
+if not hash_or_none(KEY) then return {'wrongtype'} end
+
+-- Claim the session, found past its deadline by a load or a peek (meta: _v, _c, _d).
+local function expired(meta)
+  local reason = 'idle'
+  if meta[2] == '1' then reason = 'closed' end
+  return remember_claims({'expired', claim(SID, KEY, GONE, reason, meta[3])})
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {'taken'}
-end
-redis.call('HSET', KEYS[1], '_v', 0, '_c', 0, '_d', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('ZADD', P .. 'dl', ARGV[3], 's\0' .. ARGV[1])
-redis.call('ZADD', P .. 'lru', ARGV[2], ARGV[1])
-return remember({evicted, junk})
 """
 )
 
-# KEYS: session, request.  ARGV: sid, now, touch_until|'', lease|'', lease_until,
-#       backstop_ms
-LOAD = (
-    _CLAIM
-    + _ONCE
-    + _INDEXES
+# KEYS: dl, lru, closed, request, session, then the hash and tombstone of each victim.
+# ARGV: (5), sid, now, deadline, capacity, backstop_ms, then the victims' ids.
+# Returns {'ok', evicted, junk}: the sessions evicted, and index entries that named
+# nothing; {'taken'}; or {'full', victims} (nothing written) when sessions must be
+# evicted whose keys were not declared: the caller declares them and asks again.
+CREATE = (
+    _APP_WRITES
     + r"""
-local sid = ARGV[1]
-local now = tonumber(ARGV[2])
-local meta = redis.call('HMGET', KEYS[1], '_v', '_c', '_d', '_l', '_lu')
-if not meta[3] then
-  local gone = redis.call('GET', P .. 'gone:' .. sid)
-  if gone then return {'gone', gone} end
-  return {'none'}
+local KEY, SID = KEYS[5], ARGV[6]
+if redis.call('EXISTS', KEY) == 1 then
+  return {'taken'}
 end
+local need = redis.call('ZCARD', LRU) + redis.call('ZCARD', CLOSED) - tonumber(ARGV[9]) + 1
+local victims = {}
+local slots = declared(6, 11, #ARGV)
+if need > 0 then
+  -- Closed sessions first, then the least recently used open ones.
+  local picked = {}
+  for _, index in ipairs({CLOSED, LRU}) do
+    for _, sid in ipairs(redis.call('ZRANGE', index, 0, need - 1)) do
+      if #victims < need and not picked[sid] then
+        picked[sid] = true
+        victims[#victims + 1] = sid
+      end
+    end
+  end
+  for _, sid in ipairs(victims) do
+    if not slots[sid] then return {'full', victims} end
+  end
+end
+local evicted = {}
+local junk = {}
+for _, victim in ipairs(victims) do
+  local key = KEYS[slots[victim]]
+  local meta = {}
+  if is_hash(key) then
+    meta = redis.call('HMGET', key, '_c', '_d')
+  end
+  if not meta[2] then
+    -- No session behind this entry: drop it, it holds no place.
+    redis.call('ZREM', LRU, victim)
+    redis.call('ZREM', CLOSED, victim)
+    junk[#junk + 1] = victim
+  else
+    local reason = 'evicted'
+    local at = ARGV[7]
+    local deadline = tonumber(meta[2])
+    if deadline and deadline <= tonumber(ARGV[7]) then
+      at = meta[2]
+      if meta[1] == '1' then reason = 'closed' else reason = 'idle' end
+    end
+    evicted[#evicted + 1] = claim(victim, key, KEYS[slots[victim] + 1], reason, at)
+  end
+end
+redis.call('HSET', KEY, '_v', 0, '_c', 0, '_d', ARGV[8])
+redis.call('PEXPIRE', KEY, ARGV[10])
+redis.call('ZADD', DL, ARGV[8], 's\0' .. SID)
+redis.call('ZADD', LRU, ARGV[7], SID)
+return remember({'ok', evicted, junk})
+"""
+)
+
+# KEYS: dl, lru, closed, request, session, tombstone.
+# ARGV: (5), sid, now, touch_until|'', lease|'', lease_until, backstop_ms
+LOAD = (
+    _SESSION
+    + r"""
+local now = tonumber(ARGV[7])
+local meta = redis.call('HMGET', KEY, '_v', '_c', '_d', '_l', '_lu')
+if not meta[3] then return missing(GONE) end
 local bad = damaged(meta[1], meta[3])
 if bad then return {'corrupt', bad} end
 if meta[4] and not tonumber(meta[5]) then return {'corrupt', '_lu'} end
 local deadline = tonumber(meta[3])
-if deadline <= now then
-  local reason = 'idle'
-  if meta[2] == '1' then reason = 'closed' end
-  return remember_claims({'expired', claim(sid, reason, meta[3])})
-end
-local h = redis.call('HGETALL', KEYS[1])
+if deadline <= now then return expired(meta) end
+local h = redis.call('HGETALL', KEY)
 local due = {}
 for i = 1, #h, 2 do
   local f = h[i]
@@ -228,11 +297,11 @@ for i = 1, #h, 2 do
     end
   end
 end
-if ARGV[4] ~= '' then
-  if meta[4] and meta[4] ~= ARGV[4] and tonumber(meta[5]) > now then
+if ARGV[9] ~= '' then
+  if meta[4] and meta[4] ~= ARGV[9] and tonumber(meta[5]) > now then
     return {'busy', meta[5]}
   end
-  redis.call('HSET', KEYS[1], '_l', ARGV[4], '_lu', ARGV[5])
+  redis.call('HSET', KEY, '_l', ARGV[9], '_lu', ARGV[10])
 end
 local values = {}
 local expired = {}
@@ -248,246 +317,238 @@ for i = 1, #h, 2 do
 end
 for name, at in pairs(due) do
   -- nil (and only the stray deadline removed) when the value is not there
-  expired[#expired + 1] = claim_value(sid, name, at)
+  expired[#expired + 1] = claim_value(KEY, SID, name, at)
 end
-touch(KEYS[1], sid, meta[2], deadline, ARGV[2], ARGV[3], ARGV[6])
+touch(KEY, SID, meta[2], deadline, ARGV[7], ARGV[8], ARGV[11])
 local reply = {'ok', meta[1], meta[2] or '0', values, expired}
 if #expired > 0 then return remember_claims(reply) end
 return reply
 """
 )
 
-# KEYS: session, request.  ARGV: sid, now, touch_until|'', name, backstop_ms
+# KEYS: dl, lru, closed, request, session, tombstone.
+# ARGV: (5), sid, now, touch_until|'', name, backstop_ms
 PEEK = (
-    _CLAIM
-    + _ONCE
-    + _INDEXES
+    _SESSION
     + r"""
-local sid = ARGV[1]
-local now = tonumber(ARGV[2])
-local name = ARGV[4]
-local meta = redis.call('HMGET', KEYS[1], '_v', '_c', '_d', 'v:' .. name, 't:' .. name)
-if not meta[3] then
-  local gone = redis.call('GET', P .. 'gone:' .. sid)
-  if gone then return {'gone', gone} end
-  return {'none'}
-end
+local now = tonumber(ARGV[7])
+local name = ARGV[9]
+local meta = redis.call('HMGET', KEY, '_v', '_c', '_d', 'v:' .. name, 't:' .. name)
+if not meta[3] then return missing(GONE) end
 local bad = damaged(meta[1], meta[3])
 if bad then return {'corrupt', bad} end
 local deadline = tonumber(meta[3])
-if deadline <= now then
-  local reason = 'idle'
-  if meta[2] == '1' then reason = 'closed' end
-  return remember_claims({'expired', claim(sid, reason, meta[3])})
-end
+if deadline <= now then return expired(meta) end
 local values = {}
 local expired = {}
 if meta[5] then
   local at = tonumber(meta[5])
   if not at then return {'corrupt', 't:' .. name} end
   if at <= now then
-    expired[1] = claim_value(sid, name, meta[5])
+    expired[1] = claim_value(KEY, SID, name, meta[5])
   end
 end
 if meta[4] and not expired[1] then
   values = {name, meta[4]}
 end
-touch(KEYS[1], sid, meta[2], deadline, ARGV[2], ARGV[3], ARGV[5])
+touch(KEY, SID, meta[2], deadline, ARGV[7], ARGV[8], ARGV[10])
 local reply = {'ok', meta[1], meta[2] or '0', values, expired}
 if expired[1] then return remember_claims(reply) end
 return reply
 """
 )
 
-# KEYS: session, request.  ARGV: sid, version, lease|'', release '1'|'0', then
-#       name, value, deadline|'' for each write.
+# KEYS: dl, lru, closed, request, session, tombstone.
+# ARGV: (5), sid, version, lease|'', release '1'|'0', then name, value, deadline|''
+#       for each write.
 COMMIT = (
-    _CLAIM
-    + _ONCE
-    + _INDEXES
+    _SESSION
     + r"""
-local meta = redis.call('HMGET', KEYS[1], '_v', '_l')
-if not meta[1] then
-  local gone = redis.call('GET', P .. 'gone:' .. ARGV[1])
-  if gone then return {'gone', gone} end
-  return {'none'}
-end
+local meta = redis.call('HMGET', KEY, '_v', '_l')
+if not meta[1] then return missing(GONE) end
 if not is_version(meta[1]) then return {'corrupt', '_v'} end
-if meta[1] ~= ARGV[2] or (ARGV[3] ~= '' and meta[2] ~= ARGV[3]) then
+if meta[1] ~= ARGV[7] or (ARGV[8] ~= '' and meta[2] ~= ARGV[8]) then
   return {'conflict', meta[1]}
 end
-local sid = ARGV[1]
 local names = {}
-for i = 5, #ARGV, 3 do
+for i = 10, #ARGV, 3 do
   local name = ARGV[i]
   names[#names + 1] = name
-  redis.call('HSET', KEYS[1], 'v:' .. name, ARGV[i + 1])
-  local member = 'v\0' .. sid .. '\0' .. name
+  redis.call('HSET', KEY, 'v:' .. name, ARGV[i + 1])
+  local member = 'v\0' .. SID .. '\0' .. name
   if ARGV[i + 2] ~= '' then
-    redis.call('HSET', KEYS[1], 't:' .. name, ARGV[i + 2])
-    redis.call('ZADD', P .. 'dl', ARGV[i + 2], member)
-  elseif redis.call('HDEL', KEYS[1], 't:' .. name) == 1 then
-    redis.call('ZREM', P .. 'dl', member)
+    redis.call('HSET', KEY, 't:' .. name, ARGV[i + 2])
+    redis.call('ZADD', DL, ARGV[i + 2], member)
+  elseif redis.call('HDEL', KEY, 't:' .. name) == 1 then
+    redis.call('ZREM', DL, member)
   end
 end
-local version = redis.call('HINCRBY', KEYS[1], '_v', 1)
-if ARGV[3] ~= '' and ARGV[4] == '1' then
-  redis.call('HDEL', KEYS[1], '_l', '_lu')
+local version = redis.call('HINCRBY', KEY, '_v', 1)
+if ARGV[8] ~= '' and ARGV[9] == '1' then
+  redis.call('HDEL', KEY, '_l', '_lu')
 end
-notice('changed', sid, nil, names)
+notice('changed', SID, nil, names)
 return remember({'ok', tostring(version)})
 """
 )
 
 # KEYS: session.  ARGV: lease.  Idempotent by nature: no request key.
 RELEASE = r"""
-if redis.call('HGET', KEYS[1], '_l') == ARGV[1] then
+if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HGET', KEYS[1], '_l') == ARGV[1] then
   redis.call('HDEL', KEYS[1], '_l', '_lu')
 end
 return 1
 """
 
-# KEYS: session, request.  ARGV: sid, now, deadline, backstop_ms
+# KEYS: dl, lru, closed, request, session, tombstone.
+# ARGV: (5), sid, now, deadline, backstop_ms
 CLOSE = (
-    _CLAIM
-    + _ONCE
-    + _INDEXES
+    _SESSION
     + r"""
-local sid = ARGV[1]
-local meta = redis.call('HMGET', KEYS[1], '_c', '_d', '_v')
-if not meta[2] then
-  local gone = redis.call('GET', P .. 'gone:' .. sid)
-  if gone then return {'gone', gone} end
-  return {'none'}
-end
+local meta = redis.call('HMGET', KEY, '_c', '_d', '_v')
+if not meta[2] then return missing(GONE) end
 if meta[1] == '1' then return {'already'} end
 local bad = damaged(meta[3], meta[2])
 if bad then return {'corrupt', bad} end
-if tonumber(meta[2]) <= tonumber(ARGV[2]) then
-  return remember({'expired', claim(sid, 'idle', meta[2])})
+if tonumber(meta[2]) <= tonumber(ARGV[7]) then
+  return remember({'expired', claim(SID, KEY, GONE, 'idle', meta[2])})
 end
-redis.call('HSET', KEYS[1], '_c', 1, '_d', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('ZADD', P .. 'dl', ARGV[3], 's\0' .. sid)
-redis.call('ZREM', P .. 'lru', sid)
-redis.call('ZADD', P .. 'closed', ARGV[2], sid)
-notice('ended', sid, 'closed', nil)
+redis.call('HSET', KEY, '_c', 1, '_d', ARGV[8])
+redis.call('PEXPIRE', KEY, ARGV[9])
+redis.call('ZADD', DL, ARGV[8], 's\0' .. SID)
+redis.call('ZREM', LRU, SID)
+redis.call('ZADD', CLOSED, ARGV[7], SID)
+notice('ended', SID, 'closed', nil)
 return remember({'closed'})
 """
 )
 
-# KEYS: dl, request.  ARGV: now, limit, budget
-# Returns {ended, junk, more}: what was claimed (at most limit entries); index members
-# that named nothing claimable, removed (junk); and 1 when the budget of members
-# looked at ran out with due members left. Every member looked at leaves the index, so
-# one bad member never stops the others, and a pile of them is cleared a budget at a
-# time. Junk is not remembered: removing it again is harmless.
+# KEYS: dl, lru, closed, request, then the hash and tombstone of each session in ARGV.
+# ARGV: (5), now, limit, how many sessions, their ids, then the members of the deadline
+#       index to look at, as the caller read them (due, earliest first).
+# Returns {ended, junk}: what was claimed (at most limit entries), and members that
+# named nothing claimable, removed (junk). A member no longer in the index, or no
+# longer due, was taken or moved by another caller meanwhile: it is passed over. Every
+# other member looked at leaves the index (or is indexed anew at its session's own
+# deadline), so one bad member never stops the others. Junk is not remembered:
+# removing it again is harmless.
 REAP = (
-    _CLAIM
-    + _ONCE
-    + _INDEXES
+    _APP_WRITES
     + r"""
-local limit = tonumber(ARGV[2])
-local budget = tonumber(ARGV[3])
+local now = tonumber(ARGV[6])
+local limit = tonumber(ARGV[7])
+local first = 9 + tonumber(ARGV[8])
+local slots = declared(5, 9, first - 1)
 local out = {}
 local junk = {}
-local claimed = {}
-local more = 0
-while #out < limit do
-  if budget <= 0 then more = 1 break end
-  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
-                         'LIMIT', 0, math.min(limit - #out, budget))
-  if #due == 0 then break end
-  for i = 1, #due, 2 do
-    budget = budget - 1
-    local member = due[i]
+for i = first, #ARGV do
+  if #out >= limit then break end
+  local member = ARGV[i]
+  local at = redis.call('ZSCORE', DL, member)
+  if at and tonumber(at) <= now then
     local kind = string.sub(member, 1, 2)
-    local cut = nil
-    if kind == 'v\0' then cut = string.find(member, '\0', 3, true) end
-    local session = nil
-    if kind == 's\0' and is_hash(P .. 's:' .. string.sub(member, 3)) then
-      session = redis.call('HMGET', P .. 's:' .. string.sub(member, 3), '_c', '_d')
+    local sid = nil
+    local name = nil
+    if kind == 's\0' then
+      sid = string.sub(member, 3)
+    elseif kind == 'v\0' then
+      local cut = string.find(member, '\0', 3, true)
+      if cut then
+        sid = string.sub(member, 3, cut - 1)
+        name = string.sub(member, cut + 1)
+      end
     end
-    if session and tonumber(session[2]) and tonumber(session[2]) <= tonumber(ARGV[1]) then
-      local sid = string.sub(member, 3)
+    local slot = sid and slots[sid]
+    local key = slot and KEYS[slot]
+    local session = nil
+    if key and not name and is_hash(key) then
+      session = redis.call('HMGET', key, '_c', '_d')
+    end
+    if session and tonumber(session[2]) and tonumber(session[2]) <= now then
       local reason = 'idle'
       if session[1] == '1' then reason = 'closed' end
-      out[#out + 1] = claim(sid, reason, due[i + 1])
-      claimed[sid] = true
+      out[#out + 1] = claim(sid, key, KEYS[slot + 1], reason, at)
     elseif session and tonumber(session[2]) then
       -- The index is behind the session's own deadline, which rules: index it anew.
-      redis.call('ZADD', KEYS[1], session[2], member)
+      redis.call('ZADD', DL, session[2], member)
       junk[#junk + 1] = member
-    elseif session then
-      redis.call('ZREM', KEYS[1], member)  -- a damaged deadline: its loads say so
-      junk[#junk + 1] = member
-    elseif cut then
-      local sid = string.sub(member, 3, cut - 1)
-      local name = string.sub(member, cut + 1)
-      local key = P .. 's:' .. sid
+    elseif key and name then
       local item = nil
       -- Only a value whose own deadline is due: an entry naming a live value
       -- without one is junk, not an order to delete it.
       if is_hash(key) then
-        local at = tonumber(redis.call('HGET', key, 't:' .. name))
-        if at and at <= tonumber(ARGV[1]) then item = claim_value(sid, name, due[i + 1]) end
+        local due = tonumber(redis.call('HGET', key, 't:' .. name))
+        if due and due <= now then item = claim_value(key, sid, name, at) end
       end
       if item then
         out[#out + 1] = item
       else
-        redis.call('ZREM', KEYS[1], member)
-        if not claimed[sid] then junk[#junk + 1] = member end
+        redis.call('ZREM', DL, member)
+        junk[#junk + 1] = member
       end
     else
-      redis.call('ZREM', KEYS[1], member)
+      -- Names no session, or a session whose deadline is damaged (its loads say so).
+      redis.call('ZREM', DL, member)
       junk[#junk + 1] = member
     end
   end
 end
-if #out > 0 then remember_claims({out, {}, more}) end
-return {out, junk, more}
+if #out > 0 then remember_claims({out, {}}) end
+return {out, junk}
 """
 )
 
 # KEYS: request.  Returns {1, reply} with the reply remembered for a request, or {0}.
 REPLAY = r"""
-local seen = redis.call('GET', KEYS[1])
-if not seen then return {0} end
-return {1, cmsgpack.unpack(seen)}
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return {0} end
+return {1, cmsgpack.unpack(redis.call('GET', KEYS[1]))}
 """
 
-# KEYS: global, request.  ARGV: version|'', value
+# The start of the globals' scripts: KEYS[1] the global, KEYS[2] the request's key,
+# ARGV[1] the milliseconds its reply is remembered.
+_GLOBAL = (
+    r"""
+local REQ, REQUEST_MS = KEYS[2], ARGV[1]
+"""
+    + _ONCE
+    + r"""
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'hash' and kind ~= 'none' then return {'wrongtype'} end
+"""
+)
+
+# KEYS: global, request.  ARGV: (1), version|'', value
 GLOBAL_CAS = (
-    _ONCE
+    _GLOBAL
     + r"""
 local found = redis.call('HGET', KEYS[1], 'n')
-if (found or '') ~= ARGV[1] then return false end
+if (found or '') ~= ARGV[2] then return false end
 local version = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('HSET', KEYS[1], 'v', ARGV[2])
+redis.call('HSET', KEYS[1], 'v', ARGV[3])
 return remember(version)
 """
 )
 
-# KEYS: global, request.  ARGV: amount, default
+# KEYS: global, request.  ARGV: (1), amount, default
 # Adds on the server only when the stored value and the amount are plain integers (the
 # reply is the stored string, never a Lua number, which would round past 2**53); else
 # returns false and the caller adds in Python with a compare-and-set.
 GLOBAL_ADD = (
-    _ONCE
+    _GLOBAL
     + r"""
 local function is_version(text)
   return text ~= nil and #text <= 15 and string.find(text, '^%d+$') ~= nil
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'v', ARGV[2], 'n', 0)
+if kind == 'none' then
+  redis.call('HSET', KEYS[1], 'v', ARGV[3], 'n', 0)
 end
 local found = redis.call('HMGET', KEYS[1], 'v', 'n')
 local current = found[1]
 if not current or not is_version(found[2]) then return {'corrupt'} end
-if string.find(current, '^-?%d+$') == nil or string.find(ARGV[1], '^-?%d+$') == nil then
+if string.find(current, '^-?%d+$') == nil or string.find(ARGV[2], '^-?%d+$') == nil then
   return false
 end
-local added = redis.pcall('HINCRBY', KEYS[1], 'v', ARGV[1])
+local added = redis.pcall('HINCRBY', KEYS[1], 'v', ARGV[2])
 if type(added) == 'table' and added.err then return false end
 redis.call('HINCRBY', KEYS[1], 'n', 1)
 return remember(redis.call('HGET', KEYS[1], 'v'))
@@ -495,25 +556,16 @@ return remember(redis.call('HGET', KEYS[1], 'v'))
 )
 
 
-def render(
-    script: str,
-    *,
-    prefix: str,
-    origin: str,
-    channel: str,
-    tombstone_ttl: int,
-    request_ms: int,
-    claim_ms: int,
-) -> str:
-    """A script with its per-application constants written in."""
-    for text in (prefix, origin, channel):
-        if "]==]" in text or "\n" in text:
-            raise ValueError(f"{text!r} cannot be used in a Redis key prefix")
-    return (
-        script.replace("@P@", prefix)
-        .replace("@ORIGIN@", origin)
-        .replace("@CHANNEL@", channel)
-        .replace("@TOMBSTONE@", str(int(tombstone_ttl)))
-        .replace("@REQUEST_MS@", str(int(request_ms)))
-        .replace("@CLAIM_MS@", str(int(claim_ms)))
-    )
+#: The text of every script, by name.
+TEXTS: dict[str, str] = {
+    "CREATE": CREATE,
+    "LOAD": LOAD,
+    "PEEK": PEEK,
+    "COMMIT": COMMIT,
+    "RELEASE": RELEASE,
+    "CLOSE": CLOSE,
+    "REAP": REAP,
+    "REPLAY": REPLAY,
+    "GLOBAL_CAS": GLOBAL_CAS,
+    "GLOBAL_ADD": GLOBAL_ADD,
+}

@@ -1,0 +1,184 @@
+"""What a failed Redis request means: the server unreachable (and whether the request
+may have been applied), or data statekit did not write.
+
+One decision serves the blocking client and the asyncio one: :class:`Attempts` is
+iterated by both ``RedisStore.run`` and ``RedisStore.arun``, and each attempt, a
+context manager, judges the failure that ends it — send once more, or raise the error
+that says what happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from statekit.exceptions import StateError, StoreUnavailable
+
+__all__ = [
+    "UNAVAILABLE",
+    "Attempts",
+    "DamagedKey",
+    "before_send",
+    "default_retry",
+    "is_damage",
+    "read_failure",
+    "safe_url",
+    "unavailable",
+]
+
+#: Failures that mean the server could not be reached (or did not answer in time).
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
+
+
+def before_send(exc: BaseException) -> bool:
+    """Whether a connection failure happened while the client was still getting a
+    connection for the request, so that nothing of it was sent.
+
+    redis-py's ``Redis`` takes a connection from its pool (connecting it if needed)
+    before sending anything and before its own retries begin; a failure there is raised
+    from the pool's ``get_connection``. Any other failure may come after the request
+    left, or after an earlier attempt of a retrying client did: then the outcome is
+    unknown. A cluster client takes connections inside its retry loop, so with one the
+    outcome is always unknown. When in doubt, this answers False (unknown).
+    """
+    tb: TracebackType | None = exc.__traceback__
+    found = False
+    while tb is not None:
+        frame = tb.tb_frame
+        if "cluster" in frame.f_code.co_filename.rsplit("/", 1)[-1]:
+            return False
+        if (
+            frame.f_code.co_name == "get_connection"
+            and "Pool" in type(frame.f_locals.get("self")).__name__
+        ):
+            found = True
+        tb = tb.tb_next
+    return found
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether an error reply to a plain read means that the key read holds another
+    type of value than statekit writes there. Told by the error's class, never by its
+    text: redis-py gives every other refusal (permissions, a read-only replica, cluster
+    redirections, memory) a class of its own."""
+    return type(exc) is ResponseError
+
+
+def read_failure(store: str, exc: BaseException, damaged: Callable[[], Exception]) -> Exception:
+    """The error for a plain read (not a script) that failed: ``damaged()`` when the
+    key read holds another type of value (see :func:`is_damage`)."""
+    if isinstance(exc, UNAVAILABLE):
+        return unavailable(store, exc)
+    if is_damage(exc):
+        return damaged()
+    return StoreUnavailable(store, f"{type(exc).__name__}: {exc}")
+
+
+def default_retry() -> Retry:
+    """Three quick retries after a lost connection: harmless, every write being
+    idempotent, and they carry a request over a server restart or a failover. Not after
+    a timeout: a server too slow to answer is not asked again."""
+    return Retry(
+        EqualJitterBackoff(cap=0.5, base=0.01), 3, supported_errors=(RedisConnectionError,)
+    )
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def unavailable(store: str, exc: BaseException, *, unknown: bool = False) -> StoreUnavailable:
+    """The error for a server that could not be reached; ``unknown``: the request may
+    have been applied."""
+    return StoreUnavailable(store, f"{type(exc).__name__}: {exc}", outcome_unknown=unknown)
+
+
+class DamagedKey(StoreUnavailable):
+    """A key statekit uses holds another type of value (someone else wrote it). Raised
+    for the app's indexes, which every write needs: the app cannot be served until an
+    operator deletes the key. Nothing was written.
+
+    Attributes:
+        key: the damaged key.
+    """
+
+    def __init__(self, store: str, key: str) -> None:
+        self.store = store
+        self.key = key
+        self.outcome_unknown = False
+        StateError.__init__(
+            self,
+            f"{store} holds damaged data (the key {key!r} holds another type of value "
+            "than statekit writes there): nothing was written; an operator must delete "
+            "the damaged key for this app to be served again",
+        )
+
+
+class Attempts:
+    """The sends of one script call, at most two, and what a failure means.
+
+    Iterate, and run the call inside each attempt (``with attempt:``); the loop ends
+    with the first answer. An attempt that fails after the request may have left (a
+    lost connection) lets the loop send it once more: every script that writes is
+    idempotent, so the answer, if one comes, is the first outcome. Any other failure
+    raises :class:`~statekit.StoreUnavailable`, saying ``outcome_unknown`` when the
+    request applies the caller's own write (``applies``) and may have been applied;
+    when it may have been applied at all, ``lost()`` is called first (for claims to be
+    made good later). An error reply of the server raises StoreUnavailable too
+    (nothing was applied). Not thread-safe: one per call.
+    """
+
+    __slots__ = ("_applies", "_left", "_lost", "_sent", "_store")
+
+    def __init__(
+        self, store: str, *, applies: bool, lost: Callable[[], object] | None = None
+    ) -> None:
+        self._store = store
+        self._applies = applies
+        self._lost = lost
+        self._sent = False
+        self._left = 2
+
+    def __iter__(self) -> Attempts:
+        return self
+
+    def __next__(self) -> Attempts:
+        if not self._left:
+            raise StopIteration
+        self._left -= 1
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if isinstance(exc, UNAVAILABLE):
+            self._sent = self._sent or not before_send(exc)
+            # Sent again only after a lost connection: a server too slow to answer in
+            # time is not asked twice, and one never reached is the client's to retry.
+            if self._left and self._sent and not isinstance(exc, RedisTimeoutError):
+                return True
+            if self._sent and self._lost is not None:
+                self._lost()
+            raise unavailable(self._store, exc, unknown=self._applies and self._sent) from exc
+        if isinstance(exc, RedisError):
+            raise StoreUnavailable(self._store, f"{type(exc).__name__}: {exc}") from exc
+        return False

@@ -1,0 +1,498 @@
+"""One application's state in a Redis store: the store protocol's operations, each
+made of the keys and arguments of one script (see ``_redis_scripts``) and the reading
+of its reply (``_redis_replies``).
+
+An operation the engine also awaits (load, commit, release) is *planned* once — its
+script, keys and arguments, and how to read the answer — and run either blocking or on
+the store's asyncio client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
+
+import attrs
+
+from statekit import _fork
+from statekit._codec import JSONCodec
+from statekit.exceptions import CodecError, SessionCorrupt, StoreUnavailable
+
+from . import _redis_replies as replies
+from ._notices import NoticeFeed
+from ._redis_claims import CLAIM_TTL, LostClaims
+from ._redis_failures import DamagedKey, read_failure
+from ._redis_notices import NoticeReceiver
+from .base import Busy, Ended, Gone, Lease, Loaded, Notice
+
+if TYPE_CHECKING:
+    from .redis import RedisStore
+
+__all__ = ["RedisNamespace"]
+
+#: Seconds an ended session's id is remembered, to answer "expired" not "unknown".
+TOMBSTONE_TTL = 86_400
+#: Key TTLs run this long past the engine's own deadlines (a backstop only).
+BACKSTOP = 86_400.0
+#: How many index members one reap script looks at, at most per entry asked for (and
+#: at least BUDGET_MIN): a pile of junk is cleared over several short calls, never in
+#: one long script that would hold up every other client of the server.
+BUDGET_PER_ENTRY = 4
+BUDGET_MIN = 2048
+#: An open at capacity asks again when the sessions to evict changed under it (another
+#: process evicted them first); after this many tries it gives up.
+_EVICT_TRIES = 100
+
+#: Which scripts apply the caller's own write: an outcome that stays unknown after a
+#: lost connection is said for these (StoreUnavailable.outcome_unknown). The others
+#: only read, lease, touch or claim: whatever they did, the caller's action had not
+#: started.
+_APPLIES = frozenset({"CREATE", "COMMIT", "CLOSE", "GLOBAL_CAS", "GLOBAL_ADD"})
+#: Scripts that may remove entries whose callbacks the caller must run.
+_CLAIMING = frozenset({"CREATE", "LOAD", "PEEK", "CLOSE", "REAP"})
+#: Where the request key and a session's id sit in an app script's KEYS and ARGV.
+_REQUEST = 3
+_SID = 5
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+@attrs.frozen
+class _Plan(Generic[_T]):
+    """One script call of an operation, and how to read its reply."""
+
+    script: str
+    keys: list[Any]
+    args: list[Any]
+    answer: Callable[[Any], _T]
+
+
+def _blocking(
+    plan: Callable[Concatenate[RedisNamespace, _P], _Plan[_T]],
+) -> Callable[Concatenate[RedisNamespace, _P], _T]:
+    """The operation ``plan`` makes, run on the blocking client."""
+
+    @functools.wraps(plan)
+    def run(self: RedisNamespace, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        call = plan(self, *args, **kwargs)
+        return call.answer(self._run(call.script, call.keys, call.args))
+
+    return run
+
+
+def _awaiting(
+    plan: Callable[Concatenate[RedisNamespace, _P], _Plan[_T]],
+) -> Callable[Concatenate[RedisNamespace, _P], Coroutine[Any, Any, _T]]:
+    """The operation ``plan`` makes, awaited (see :meth:`RedisNamespace._arun`)."""
+
+    @functools.wraps(plan)
+    async def run(self: RedisNamespace, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        call = plan(self, *args, **kwargs)
+        return call.answer(await self._arun(call.script, call.keys, call.args))
+
+    return run
+
+
+def _sid_in(member: bytes) -> bytes | None:
+    """The session id a deadline-index member names, read as the REAP script reads it
+    (None for a member that names none)."""
+    if member[:2] == b"s\0":
+        return member[2:]
+    cut = member.find(b"\0", 2)
+    return member[2:cut] if member[:2] == b"v\0" and cut >= 0 else None
+
+
+class RedisNamespace:
+    """One application's state in a :class:`RedisStore`. Thread-safe."""
+
+    __slots__ = (
+        "P",
+        "__weakref__",
+        "_claims",
+        "_feed",
+        "_head",
+        "_indexes",
+        "_notices",
+        "_store",
+        "channel",
+        "origin",
+    )
+
+    def __init__(self, store: RedisStore, app: str) -> None:
+        self._store = store
+        self.P = f"{store.prefix}:{{{app}}}:"
+        self.channel = self.P + "notices"
+        self._indexes = [self.P + "dl", self.P + "lru", self.P + "closed"]
+        self._claims = LostClaims(store, self._replay)
+        self._notices = NoticeReceiver(
+            store.client,
+            self.channel,
+            lambda: self.origin,
+            store=store,
+            timeout=store.socket_timeout,
+        )
+        self._feed = NoticeFeed(
+            f"statekit-redis-notices-{app}",
+            self._notices.listen,
+            ready_timeout=store.socket_timeout,
+        )
+        self._draw_origin()
+        _fork.after_fork_in_child(self)
+
+    def _draw_origin(self) -> None:
+        """Name this handle in the notices it publishes (anew in the child of a fork: a
+        child is a handle of its own). The scripts stay the same: the origin is one of
+        the values every app script receives first (see ``_redis_scripts``)."""
+        store = self._store
+        self.origin = f"redis-{os.urandom(6).hex()}"
+        self._head = [
+            str(int(store.request_ttl * 1000)),
+            str(int(min(CLAIM_TTL, store.request_ttl) * 1000)),
+            str(TOMBSTONE_TTL),
+            self.origin,
+            self.channel,
+        ]
+
+    def _after_fork(self) -> None:
+        self._draw_origin()
+        self._claims.forget()
+
+    # -- running scripts ---------------------------------------------------------
+
+    def _request(self) -> str:
+        """A new request key, drawn once per operation that writes."""
+        return self.P + "q:" + os.urandom(8).hex()
+
+    def _pairs(self, sids: list[Any]) -> list[Any]:
+        """The hash and tombstone keys of each session, as a script declares them."""
+        prefix = self.P.encode()
+        keys: list[Any] = []
+        for sid in sids:
+            raw = sid if isinstance(sid, bytes) else sid.encode()
+            keys += [prefix + b"s:" + raw, prefix + b"gone:" + raw]
+        return keys
+
+    def _session(self, sid: str) -> list[Any]:
+        """The keys of an app script about one session (see Layout in the scripts)."""
+        return [*self._indexes, self._request(), self.P + "s:" + sid, self.P + "gone:" + sid]
+
+    def _run(self, name: str, keys: list[Any], args: list[Any]) -> Any:
+        reply = self._store.run(
+            name, keys, args, applies=name in _APPLIES, lost=self._keeper(name, keys, args)
+        )
+        return self._checked(reply)
+
+    async def _arun(self, name: str, keys: list[Any], args: list[Any]) -> Any:
+        """:meth:`_run` on the store's asyncio client, or, without one, the blocking
+        client in a worker thread."""
+        client = self._store.async_client
+        if client is None:
+            return await asyncio.to_thread(self._run, name, keys, args)
+        lost = self._keeper(name, keys, args)
+        reply = await self._store.arun(client, name, keys, args, name in _APPLIES, lost)
+        return self._checked(reply)
+
+    def _checked(self, reply: Any) -> Any:
+        """The reply, unless it says an index of the app is damaged (checked before
+        the script wrote anything)."""
+        if type(reply) is list and reply and reply[0] == b"damaged":
+            raise DamagedKey(str(self._store), replies.text(reply[1]))
+        return reply
+
+    def _keeper(self, name: str, keys: list[Any], args: list[Any]) -> Callable[[], None] | None:
+        """For a request that may claim entries (remove sessions or values): what keeps
+        it when its answer is lost, so that the next reap reads its reply back and their
+        callbacks still run, once."""
+        if name not in _CLAIMING:
+            return None
+        ttl = self._store.request_ttl
+        return functools.partial(
+            self._claims.add,
+            keys[_REQUEST],
+            name,
+            "" if name == "REAP" else str(args[_SID]),
+            keep=ttl if name in _APPLIES else min(CLAIM_TTL, ttl),
+        )
+
+    def _replay(self, request: str) -> list[Any]:
+        return list(self._run("REPLAY", [request], []))
+
+    def _backstop(self, now: float, deadline: float) -> int:
+        """Milliseconds until the key's TTL: the deadline's distance plus the backstop
+        (relative, so the server's clock and the engine's need not agree)."""
+        return max(1, int((deadline - now + BACKSTOP) * 1000))
+
+    # -- sessions ---------------------------------------------------------------
+
+    def create_session(
+        self, sid: str, *, now: float, deadline: float, capacity: int
+    ) -> tuple[Ended, ...]:
+        # At capacity the script names the sessions to evict, writing nothing; it is
+        # run again with their keys declared, under the same request key.
+        request = self._request()
+        args = [*self._head, sid, replies.num(now), replies.num(deadline), capacity]
+        args.append(self._backstop(now, deadline))
+        victims: list[Any] = []
+        for _ in range(_EVICT_TRIES):
+            keys = [*self._indexes, request, self.P + "s:" + sid, *self._pairs(victims)]
+            reply = self._run("CREATE", keys, [*args, *victims])
+            if replies.text(reply[0]) != "full":
+                break
+            victims = reply[1]
+        else:
+            raise StoreUnavailable(
+                str(self._store), "the sessions to evict kept changing: nothing was written"
+            )
+        evicted, junk = replies.created(reply)
+        if junk:
+            replies.warn_junk(self._store, self.P + "lru", junk)
+        return evicted
+
+    def _load(
+        self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
+    ) -> _Plan[Loaded | Gone | Busy | None]:
+        args = [
+            *self._head,
+            sid,
+            replies.num(now),
+            "" if touch_until is None else replies.num(touch_until),
+            "" if lease is None else lease.token,
+            "" if lease is None else replies.num(lease.until),
+            self._backstop(now, now if touch_until is None else touch_until),
+        ]
+        return _Plan("LOAD", self._session(sid), args, functools.partial(replies.loaded, sid))
+
+    load_session = _blocking(_load)
+    aload_session = _awaiting(_load)
+
+    def peek(
+        self, sid: str, name: str, *, now: float, touch_until: float | None
+    ) -> Loaded | Gone | None:
+        # Most reads need no script: one HMGET, like a raw GET, shows the session live,
+        # the value not due and no touch due (see touch() in the scripts). Any
+        # other case (gone, expired, a value past its ttl, a touch due, a field that
+        # does not parse) runs the PEEK script, which decides it atomically.
+        key = self.P + "s:" + sid
+        client = self._store.client
+        version, closed, deadline, value, value_deadline = self._store.read(
+            lambda: client.hmget(key, "_v", "_c", "_d", "v:" + name, "t:" + name),
+            damaged=lambda: SessionCorrupt(sid, "its Redis key holds another type of value"),
+        )
+        try:
+            fast = (
+                deadline is not None
+                and float(deadline) > now
+                and (value_deadline is None or float(value_deadline) > now)
+                and (
+                    replies.text(closed) == "1"
+                    or touch_until is None
+                    or touch_until - float(deadline) < min(1.0, (touch_until - now) / 10)
+                )
+            )
+            loaded = Loaded(
+                sid=sid,
+                version=int(version),
+                closed=replies.text(closed) == "1",
+                values={} if value is None else {name: value},
+            )
+        except (TypeError, ValueError):  # a damaged field: the script says which
+            fast = False
+        if fast:
+            return loaded
+        args = [
+            *self._head,
+            sid,
+            replies.num(now),
+            "" if touch_until is None else replies.num(touch_until),
+            name,
+            self._backstop(now, now if touch_until is None else touch_until),
+        ]
+        outcome = replies.loaded(sid, self._run("PEEK", self._session(sid), args))
+        assert not isinstance(outcome, Busy)
+        return outcome
+
+    def _commit(
+        self,
+        sid: str,
+        *,
+        version: int,
+        writes: Mapping[str, Any],
+        ttl_deadlines: Mapping[str, float],
+        now: float,
+        lease: str | None = None,
+        release: bool = True,
+    ) -> _Plan[int]:
+        args: list[Any] = [*self._head, sid, str(version), lease or "", "1" if release else "0"]
+        for name, value in writes.items():
+            deadline = ttl_deadlines.get(name)
+            args += [name, value, "" if deadline is None else replies.num(deadline)]
+        return _Plan(
+            "COMMIT",
+            self._session(sid),
+            args,
+            functools.partial(replies.committed, sid, version, now),
+        )
+
+    commit = _blocking(_commit)
+    acommit = _awaiting(_commit)
+
+    def _release(self, sid: str, *, lease: str) -> _Plan[None]:
+        return _Plan("RELEASE", [self.P + "s:" + sid], [lease], lambda reply: None)
+
+    release = _blocking(_release)
+    arelease = _awaiting(_release)
+
+    def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
+        args = [
+            *self._head,
+            sid,
+            replies.num(now),
+            replies.num(deadline),
+            self._backstop(now, deadline),
+        ]
+        return replies.closed(sid, self._run("CLOSE", self._session(sid), args))
+
+    def session_count(self) -> int:
+        client = self._store.client
+        lru, closed = self._indexes[1:]
+
+        def count() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            pipe.zcard(lru)
+            pipe.zcard(closed)
+            return list(pipe.execute(raise_on_error=False))
+
+        counts = self._store.read(count, damaged=lambda: DamagedKey(str(self._store), lru))
+        for key, found in zip((lru, closed), counts, strict=True):
+            if isinstance(found, Exception):
+                damaged = functools.partial(DamagedKey, str(self._store), key)
+                raise read_failure(str(self._store), found, damaged) from found
+        return int(sum(counts))
+
+    # -- lifetimes ---------------------------------------------------------------
+
+    def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
+        if self._claims:
+            made_good = self._claims.resolve()
+            if made_good:  # hand these over first: a failing reap must not lose them
+                return tuple(made_good)
+        # Two steps: read the due members of the deadline index, then claim them in a
+        # script that declares their keys and checks each again. Fewer than limit only
+        # when nothing more is due; no script looks at more than budget members, so a
+        # pile of junk takes several (each read asks for more once junk turns up).
+        budget = max(BUDGET_MIN, limit * BUDGET_PER_ENTRY)
+        client = self._store.client
+        index = self._indexes[0]
+        out: list[Ended] = []
+        junk: list[Any] = []
+        size = limit
+        try:
+            while len(out) < limit:
+                want = min(budget, max(size, limit - len(out)))
+                members: list[bytes] = self._store.read(
+                    functools.partial(
+                        client.zrangebyscore, index, "-inf", replies.num(now), start=0, num=want
+                    ),
+                    damaged=functools.partial(DamagedKey, str(self._store), index),
+                )
+                if not members:
+                    break
+                sids = list(dict.fromkeys(s for m in members if (s := _sid_in(m)) is not None))
+                keys = [*self._indexes, self._request(), *self._pairs(sids)]
+                args = [*self._head, replies.num(now), limit - len(out), len(sids), *sids]
+                ended, removed = self._run("REAP", keys, [*args, *members])
+                out.extend(replies.reaped(item) for item in ended)
+                junk.extend(removed)
+                if removed:
+                    size = min(budget, 2 * want)
+            return tuple(out)
+        finally:
+            if junk:
+                replies.warn_junk(self._store, index, junk)
+
+    # -- globals -----------------------------------------------------------------
+
+    def _damaged_global(self, name: str, why: str) -> CodecError:
+        return CodecError(
+            f"global state {name!r} is damaged in {self._store}: its key "
+            f"{self.P + 'g:' + name!r} {why}; delete that key to start it again from its "
+            "default",
+            state=name,
+        )
+
+    def global_get(self, name: str) -> tuple[Any, int] | None:
+        key = self.P + "g:" + name
+        client = self._store.client
+        value, version = self._store.read(
+            lambda: client.hmget(key, "v", "n"),
+            damaged=lambda: self._damaged_global(name, "holds another type of value"),
+        )
+        if value is None and version is None:
+            return None
+        try:
+            if value is None or version is None or len(version) > 15:
+                raise ValueError
+            return value, int(version)
+        except (TypeError, ValueError):
+            raise self._damaged_global(
+                name,
+                "is not a hash statekit wrote (a field is missing or its version is not a number)",
+            ) from None
+
+    def global_cas(self, name: str, *, version: int | None, value: Any) -> int | None:
+        reply = self._run(
+            "GLOBAL_CAS",
+            [self.P + "g:" + name, self._request()],
+            [self._head[0], "" if version is None else str(version), value],
+        )
+        if isinstance(reply, list):  # {'wrongtype'}
+            raise self._damaged_global(name, "holds another type of value")
+        return None if reply is None else int(reply)
+
+    def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
+        codec = self._store.codec
+        if isinstance(codec, JSONCodec) and type(amount) is int and type(default) is int:
+            try:
+                args = [self._head[0], str(amount), str(default)]
+            except ValueError:  # an int too long to write as text: the codec says so below
+                args = None
+            if args is not None:
+                keys = [self.P + "g:" + name, self._request()]
+                raw = self._run("GLOBAL_ADD", keys, args)
+                if isinstance(raw, list):  # the key is not a hash statekit wrote
+                    self.global_get(name)  # raises, saying what is wrong
+                    raise self._damaged_global(name, "is damaged")
+                if raw is not None:
+                    return int(raw)
+        # Floats, huge integers, other codecs: read, add, compare-and-set.
+        while True:
+            found = self.global_get(name)
+            current = default if found is None else codec.decode(found[0])
+            total = current + amount
+            version = None if found is None else found[1]
+            if self.global_cas(name, version=version, value=codec.encode(total)) is not None:
+                return total
+
+    # -- notices -----------------------------------------------------------------
+
+    @property
+    def ignored_notices(self) -> int:
+        """How many messages on this app's notice channel were not statekit notices
+        (ignored, each counted; the first and every thousandth are logged)."""
+        return self._notices.ignored
+
+    def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
+        return self._feed.subscribe(callback)
+
+    def shutdown(self) -> tuple[Ended, ...]:
+        """Stop receiving notices; hand over what requests whose reply was lost
+        removed, if it can still be read back (its callbacks are due here)."""
+        self._feed.stop()
+        try:
+            return tuple(self._claims.resolve()) if self._claims else ()
+        except StoreUnavailable:  # pragma: no cover - resolve keeps what it cannot read
+            return ()

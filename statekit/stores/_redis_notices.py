@@ -1,0 +1,152 @@
+"""Notices of a Redis namespace handle: the pub/sub receive loop and the reading of
+each message.
+
+Scripts publish a JSON notice on the app's channel for every commit and every ended
+session (``{"k": kind, "s": sid, "o": origin, "r": reason, "n": names}``). A handle
+skips its own notices, and a message that is not a statekit notice is ignored and
+counted, never mistaken for a lost connection (which costs every subscriber a resync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from statekit.exceptions import StoreUnavailable
+
+from .base import DeleteReason, Notice
+
+__all__ = ["NoticeReceiver"]
+
+logger = logging.getLogger("statekit")
+
+_REASONS = frozenset(reason.value for reason in DeleteReason)
+#: Warn about junk notices at the first and then every this many.
+_JUNK_LOG_EVERY = 1000
+
+
+class NoticeReceiver:
+    """Receives the notices of one channel for one handle (see ``NoticeFeed``, which
+    runs :meth:`listen` in its thread).
+
+    Args:
+        client: the blocking client (it makes the pub/sub connections).
+        channel: the app's notice channel.
+        origin: the handle's current origin (it changes in the child of a fork).
+        store: names the store in messages.
+        timeout: seconds to wait for the server to confirm a subscription.
+
+    Attributes:
+        ignored: how many messages were not statekit notices.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        channel: str,
+        origin: Callable[[], str],
+        *,
+        store: object,
+        timeout: float,
+    ) -> None:
+        self._client = client
+        self.channel = channel
+        self._origin = origin
+        self._store = store
+        self._timeout = timeout
+        self.ignored = 0
+
+    def listen(
+        self,
+        stop: threading.Event,
+        ready: threading.Event,
+        deliver: Callable[[Notice], None],
+    ) -> None:
+        """Receive notices; after a lost connection, reconnect and send ``resync``."""
+        lost = False
+        delay = 0.05
+        while not stop.is_set():
+            pubsub = self._client.pubsub()
+            try:
+                self._subscribed(pubsub, stop)
+                ready.set()
+                if lost:
+                    deliver(Notice(kind="resync", sid="", origin="redis"))
+                    lost = False
+                delay = 0.05
+                while not stop.is_set():
+                    message = pubsub.get_message(timeout=0.2)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    notice = self.read(message["data"])
+                    if notice is not None:
+                        deliver(notice)
+            except Exception:  # a lost connection, or the store being closed
+                if stop.is_set():
+                    break
+                lost = True
+                stop.wait(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+
+    def _subscribed(self, pubsub: Any, stop: threading.Event) -> None:
+        """Subscribe to the notice channel and wait until the server confirms it, so
+        that every notice published from then on is received.
+
+        Raises:
+            StoreUnavailable: no confirmation within the timeout.
+        """
+        pubsub.subscribe(self.channel)
+        deadline = time.monotonic() + self._timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.1)
+            if message is not None and message.get("type") == "subscribe":
+                return
+        raise StoreUnavailable(str(self._store), "the notice subscription was not confirmed")
+
+    def read(self, data: object) -> Notice | None:
+        """The notice in a message of the channel; None for one of this handle's own,
+        and for anything that is not a statekit notice (ignored and counted: a
+        stray publisher must not cost every subscriber a resync)."""
+        try:
+            raw = json.loads(data)  # type: ignore[arg-type]
+            kind, sid, origin = raw["k"], raw["s"], raw.get("o", "")
+            names = raw.get("n") or []
+            names = [] if names == {} else names  # Lua's cjson writes an empty list as {}
+            reason = raw.get("r")
+            if (
+                kind not in ("changed", "ended")
+                or type(sid) is not str
+                or type(origin) is not str
+                or type(names) is not list
+                or any(type(name) is not str for name in names)
+                or (reason is not None and reason not in _REASONS)
+                or (kind == "ended" and reason is None)
+            ):
+                raise ValueError
+        except (ValueError, TypeError, KeyError, AttributeError):
+            self.ignored += 1
+            if self.ignored % _JUNK_LOG_EVERY == 1:
+                logger.warning(
+                    "ignored a message on %r that is not a statekit notice (%d so far): "
+                    "only statekit should publish there",
+                    self.channel,
+                    self.ignored,
+                )
+            return None
+        if origin == self._origin():
+            return None
+        return Notice(
+            kind=kind,
+            sid=sid,
+            names=tuple(names),
+            reason=None if reason is None else DeleteReason(reason),
+            origin=origin,
+        )
