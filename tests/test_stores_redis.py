@@ -1,13 +1,24 @@
+"""The Redis store: the store contract, the asyncio client, and the scripts as the
+server sees them (each cached once, every key they touch declared)."""
+
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
+import redis.asyncio as aioredis
 
-from statekit.stores import Store
+from statekit import StateEngine
+from statekit.exceptions import CodecError, SessionCorrupt
+from statekit.stores import Loaded, Store
 from statekit.stores.redis import RedisStore
-from statekit.testing import RedisServer
+from statekit.testing import FakeClock, RedisServer
 
 from .store_contract import SharedStoreContract
 
@@ -24,11 +35,7 @@ class TestRedisStore(SharedStoreContract):
 def test_async_events_use_the_asyncio_client_and_never_block_the_loop(
     redis_server: RedisServer,
 ) -> None:
-    import asyncio
-
-    import redis.asyncio as aioredis
-
-    from statekit import SessionState, StateEngine
+    from statekit import SessionState
 
     async def main() -> tuple[list[int], int, bool]:
         client = aioredis.Redis.from_url(redis_server.url)
@@ -75,3 +82,242 @@ def test_async_events_use_the_asyncio_client_and_never_block_the_loop(
     assert sorted(values) == list(range(30))
     assert used_async  # loads and commits went through the asyncio client
     assert ticks > 30  # the loop kept running while events waited on Redis
+
+
+# -- the scripts as the server sees them ---------------------------------------------
+
+
+def exercise(store: RedisStore, clock: FakeClock, app: str = "shop") -> None:
+    """Runs every script of the store through most of its branches: opens at capacity
+    (a closed session and a junk entry evicted), events, reads, a lease given back,
+    closes, values and sessions past their time, reaping around junk, globals,
+    damaged keys, a reply read back, and an event on an asyncio client."""
+    engine = StateEngine(store, app=app, clock=clock, idle_ttl=60, closed_ttl=30, capacity=3)
+    client = store.client
+    P = f"{store.prefix}:{{{app}}}:"
+    deleted: list[str] = []
+    note = engine.session_state("note", "", ttl=10, on_delete=lambda v, _: deleted.append(v))
+    first, second = engine.open_session(), engine.open_session()
+    with engine.event(first) as ev:
+        ev[note] = "one"
+    assert note.get(second) == ""
+    assert engine.close_session(second) is True
+    client.zadd(P + "lru", {"ghost": 0})
+    third = engine.open_session()  # evicts the closed session
+    fourth = engine.open_session()  # drops the junk entry
+    with engine.event(fourth) as ev:
+        ev[note] = "four"
+    with pytest.raises(RuntimeError), engine.event(third):
+        raise RuntimeError("the lease is given back")
+    clock.advance(11)
+    assert note.get(first) == ""  # the value's ttl passed
+    with engine.event(first) as ev:
+        ev[note] = "two"
+    junk = {"garbage": 0, "s\0nobody": 0, "v\0nobody\0note": 0, f"s\0{fourth}": 0}
+    client.zadd(P + "dl", junk)
+    engine.reap()  # around the junk
+    clock.advance(61)
+    assert engine.reap() == 4  # three sessions and a value
+    assert sorted(deleted) == ["four", "one", "two"]
+    visitors = engine.global_state("visitors", 0)
+    ratio = engine.global_state("ratio", 0.5)
+    assert visitors.increment() == 1
+    assert ratio.increment(0.25) == 0.75
+    visitors.set(5)
+    broken = engine.open_session()
+    client.delete(P + "s:" + broken)
+    client.set(P + "s:" + broken, "not a hash")
+    with pytest.raises(SessionCorrupt), engine.event(broken):
+        pass
+    with pytest.raises(SessionCorrupt):
+        note.get(broken)
+    client.set(P + "g:damaged", "not a hash")
+    with pytest.raises(CodecError):
+        engine.global_state("damaged", 0).increment()
+    client.delete(P + "gone:" + first)
+    client.hset(P + "gone:" + first, "not", "a tombstone")
+    assert not engine.exists(first)
+    ns: Any = store.namespace(app)
+    assert ns._run("REPLAY", [P + "q:nothing"], []) == [0]
+
+    async def on_asyncio() -> None:
+        store.async_client = aioredis.Redis.from_url(store.url or "")
+        async with engine.aevent(third) as ev:
+            ev[note] = "async"
+        await store.async_client.aclose()
+        store.async_client = None
+
+    third = engine.open_session()
+    asyncio.run(on_asyncio())
+    assert note.get(third) == "async"
+    engine.shutdown()
+
+
+def cached_scripts(client: redis.Redis) -> int:
+    return int(client.info("memory")["number_of_cached_scripts"])
+
+
+def test_the_servers_script_cache_holds_each_script_once() -> None:
+    """Scripts used to be written anew for each handle (its origin, channel and key
+    prefix in the text): every engine, and every forked worker, added about ten
+    scripts to the server's cache, which Redis never empties by itself."""
+    server = RedisServer().start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        clock = FakeClock(2_000_000_000.0)
+        exercise(RedisStore(server.url, prefix="one"), clock)
+        after_one = cached_scripts(client)
+        store = RedisStore(server.url, prefix="many")
+        for i in range(20):
+            exercise(store, clock, app=f"app{i}")
+        assert cached_scripts(client) == after_one
+        handles = list(store._handles)
+        origins = {handle.origin for handle in handles}
+        for handle in handles:  # as in the child of a fork: a new origin each
+            handle._after_fork()
+        assert origins.isdisjoint(handle.origin for handle in handles)
+        now = clock()
+        for handle in handles:  # each handle at work under its new name
+            sid = uuid.uuid4().hex
+            assert handle.create_session(sid, now=now, deadline=now + 60, capacity=100) == ()
+            loaded = handle.load_session(sid, now=now, touch_until=now + 70)
+            assert isinstance(loaded, Loaded)
+            handle.commit(
+                sid, version=loaded.version, writes={"note": b'"x"'}, ttl_deadlines={}, now=now
+            )
+            assert handle.close_session(sid, now=now, deadline=now + 1) is True
+            assert sid in {e.sid for e in handle.reap(now=now + 2, limit=10)}
+        assert cached_scripts(client) == after_one
+        assert after_one == 10  # every script ran, each cached once
+    finally:
+        server.stop()
+
+
+def _unquoted(line: bytes) -> list[bytes]:
+    """The arguments of a MONITOR line (``"arg" "arg"``, escaped as Redis writes them)."""
+    escapes = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("a"): 7, ord("b"): 8}
+    args: list[bytes] = []
+    i = line.index(b'"')
+    while i < len(line):
+        i += 1
+        arg = bytearray()
+        while line[i] != ord('"'):
+            if line[i] != ord("\\"):
+                arg.append(line[i])
+                i += 1
+            elif line[i + 1] == ord("x"):
+                arg.append(int(line[i + 2 : i + 4], 16))
+                i += 4
+            else:
+                arg.append(escapes.get(line[i + 1], line[i + 1]))
+                i += 2
+        args.append(bytes(arg))
+        i += 2  # the closing quote and the space after it
+    return args
+
+
+class KeyWatch:
+    """Watches a server's MONITOR stream: every command a script runs must name only
+    keys its call declared in KEYS. Redis 7.0 itself refuses only keys of another
+    cluster slot, and every key of an app shares one: this is what catches a key a
+    script builds from a prefix instead of receiving it. A command's keys are the ones
+    the server's own command table says (``COMMAND GETKEYS``)."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self._client = redis.Redis.from_url(server.url)
+        self._sock = socket.create_connection(("127.0.0.1", server.port))
+        self._sock.sendall(b"MONITOR\r\n")
+        self._lines = self._sock.makefile("rb")
+        assert self._lines.readline() == b"+OK\r\n"
+        self._positions: dict[tuple[bytes, int], list[int]] = {}
+        self.undeclared: list[str] = []
+        self.scripts: set[bytes] = set()
+        self._marks: set[bytes] = set()
+        self._seen = threading.Condition()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _keys(self, args: list[bytes]) -> list[bytes]:
+        shape = (args[0].lower(), len(args))
+        if shape in self._positions:  # where this command's keys sit, found before
+            return [args[i] for i in self._positions[shape]]
+        try:
+            found = self._client.command_getkeys(*args)
+        except redis.ResponseError:  # a command without keys (PUBLISH)
+            found = []
+        keys = [key if isinstance(key, bytes) else key.encode() for key in found]
+        positions = [i for i, arg in enumerate(args) if i and arg in keys]
+        if len(positions) == len(keys):  # unambiguous: remember where they sit
+            self._positions[shape] = positions
+        return keys
+
+    def _watch(self) -> None:
+        declared: set[bytes] | None = None
+        for raw in self._lines:
+            head, _, rest = raw.rstrip(b"\r\n").partition(b"] ")
+            args = _unquoted(rest)
+            if not head.endswith(b" lua"):
+                name = args[0].lower()
+                declared = None
+                if name in (b"evalsha", b"eval"):
+                    self.scripts.add(args[1])
+                    declared = set(args[3 : 3 + int(args[2])])
+                elif name == b"echo":
+                    with self._seen:
+                        self._marks.add(args[1])
+                        self._seen.notify_all()
+                continue
+            keys = self._keys(args)
+            missing = [key for key in keys if declared is None or key not in declared]
+            if missing:
+                with self._seen:
+                    self.undeclared.append(f"{args[0].decode()} {missing!r}")
+
+    def undeclared_since(self) -> list[str]:
+        """The undeclared keys scripts touched since the last call (each command once,
+        in order): waits until every command sent before this call was watched."""
+        mark = uuid.uuid4().hex.encode()
+        self._client.echo(mark)
+        with self._seen:
+            assert self._seen.wait_for(lambda: mark in self._marks, timeout=10)
+            found, self.undeclared = self.undeclared, []
+        return found
+
+    def close(self) -> None:
+        self._sock.close()
+        self._client.close()
+
+
+@pytest.fixture(scope="module")
+def watched() -> Iterator[tuple[RedisServer, KeyWatch]]:
+    server = RedisServer().start()
+    watch = KeyWatch(server)
+    yield server, watch
+    watch.close()
+    server.stop()
+
+
+def test_every_script_declares_every_key_it_touches(watched: tuple[RedisServer, KeyWatch]) -> None:
+    """Scripts used to reach the app's indexes, tombstones and other sessions by keys
+    they built themselves, which Redis forbids and Redis Cluster cannot route."""
+    server, watch = watched
+    watch.undeclared_since()
+    exercise(RedisStore(server.url, prefix=f"k{uuid.uuid4().hex[:6]}"), FakeClock(2e9))
+    assert watch.undeclared_since() == []
+    from statekit.stores.redis import SCRIPTS
+
+    assert {script.sha.encode() for script in SCRIPTS.values()} <= watch.scripts
+
+
+class TestRedisStoreDeclaringEveryKey(SharedStoreContract):
+    """The store contract, watched: no script touches a key it did not declare."""
+
+    @pytest.fixture(autouse=True)
+    def _server(self, watched: tuple[RedisServer, KeyWatch]) -> Iterator[None]:
+        self.server, watch = watched
+        watch.undeclared_since()
+        yield
+        assert watch.undeclared_since() == []
+
+    def make_store(self) -> Store:
+        return RedisStore(self.server.url, prefix=f"w{uuid.uuid4().hex[:6]}")
