@@ -54,8 +54,8 @@ _APPLIES = frozenset({"CREATE", "COMMIT", "CLOSE", "GLOBAL_CAS", "GLOBAL_ADD"})
 #: Scripts that may remove entries whose callbacks the caller must run.
 _CLAIMING = frozenset({"CREATE", "LOAD", "PEEK", "CLOSE", "REAP"})
 #: Where the request key and a session's id sit in an app script's KEYS and ARGV.
-_REQUEST = 3
-_SID = 5
+_REQUEST = 1
+_SID = 1
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -114,9 +114,10 @@ class RedisNamespace:
         "__weakref__",
         "_claims",
         "_feed",
-        "_head",
         "_indexes",
         "_notices",
+        "_request_ms",
+        "_settings",
         "_store",
         "channel",
         "origin",
@@ -126,7 +127,8 @@ class RedisNamespace:
         self._store = store
         self.P = f"{store.prefix}:{{{app}}}:"
         self.channel = self.P + "notices"
-        self._indexes = [self.P + "dl", self.P + "lru", self.P + "closed"]
+        # The indexes app scripts declare; bytes, which the client sends as they are.
+        self._indexes = [(self.P + name).encode() for name in ("dl", "lru", "closed")]
         self._claims = LostClaims(store, self._replay)
         self._notices = NoticeReceiver(
             store.client,
@@ -146,16 +148,14 @@ class RedisNamespace:
     def _draw_origin(self) -> None:
         """Name this handle in the notices it publishes (anew in the child of a fork: a
         child is a handle of its own). The scripts stay the same: the origin is one of
-        the values every app script receives first (see ``_redis_scripts``)."""
+        the settings every app script receives first (see ``_redis_scripts``)."""
         store = self._store
         self.origin = f"redis-{os.urandom(6).hex()}"
-        self._head = [
-            str(int(store.request_ttl * 1000)),
-            str(int(min(CLAIM_TTL, store.request_ttl) * 1000)),
-            str(TOMBSTONE_TTL),
-            self.origin,
-            self.channel,
-        ]
+        self._request_ms = str(int(store.request_ttl * 1000))
+        claim_ms = int(min(CLAIM_TTL, store.request_ttl) * 1000)
+        self._settings = " ".join(
+            [self._request_ms, str(claim_ms), str(TOMBSTONE_TTL), self.origin, self.channel]
+        ).encode()
 
     def _after_fork(self) -> None:
         self._draw_origin()
@@ -176,9 +176,12 @@ class RedisNamespace:
             keys += [prefix + b"s:" + raw, prefix + b"gone:" + raw]
         return keys
 
-    def _session(self, sid: str) -> list[Any]:
-        """The keys of an app script about one session (see Layout in the scripts)."""
-        return [*self._indexes, self._request(), self.P + "s:" + sid, self.P + "gone:" + sid]
+    def _session(self, sid: str, *, claims: bool = True) -> list[Any]:
+        """The keys of an app script about one session (see Layout in the scripts);
+        without the capacity orders for one that claims nothing (COMMIT)."""
+        dl, lru, closed = self._indexes
+        keys = [dl, self._request(), lru, closed] if claims else [dl, self._request()]
+        return [*keys, self.P + "s:" + sid, self.P + "gone:" + sid]
 
     def _run(self, name: str, keys: list[Any], args: list[Any]) -> Any:
         reply = self._store.run(
@@ -207,14 +210,14 @@ class RedisNamespace:
         """For a request that may claim entries (remove sessions or values): what keeps
         it when its answer is lost, so that the next reap reads its reply back and their
         callbacks still run, once."""
-        if name not in _CLAIMING:
-            return None
+        return functools.partial(self._keep, name, keys, args) if name in _CLAIMING else None
+
+    def _keep(self, name: str, keys: list[Any], args: list[Any]) -> None:
         ttl = self._store.request_ttl
-        return functools.partial(
-            self._claims.add,
+        self._claims.add(
             keys[_REQUEST],
             name,
-            "" if name == "REAP" else str(args[_SID]),
+            "" if name == "REAP" else replies.text(args[_SID]),
             keep=ttl if name in _APPLIES else min(CLAIM_TTL, ttl),
         )
 
@@ -234,11 +237,12 @@ class RedisNamespace:
         # At capacity the script names the sessions to evict, writing nothing; it is
         # run again with their keys declared, under the same request key.
         request = self._request()
-        args = [*self._head, sid, replies.num(now), replies.num(deadline), capacity]
+        args = [self._settings, sid, replies.num(now), replies.num(deadline), capacity]
         args.append(self._backstop(now, deadline))
         victims: list[Any] = []
         for _ in range(_EVICT_TRIES):
-            keys = [*self._indexes, request, self.P + "s:" + sid, *self._pairs(victims)]
+            dl, lru, closed = self._indexes
+            keys = [dl, request, lru, closed, self.P + "s:" + sid, *self._pairs(victims)]
             reply = self._run("CREATE", keys, [*args, *victims])
             if replies.text(reply[0]) != "full":
                 break
@@ -256,7 +260,7 @@ class RedisNamespace:
         self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
     ) -> _Plan[Loaded | Gone | Busy | None]:
         args = [
-            *self._head,
+            self._settings,
             sid,
             replies.num(now),
             "" if touch_until is None else replies.num(touch_until),
@@ -304,7 +308,7 @@ class RedisNamespace:
         if fast:
             return loaded
         args = [
-            *self._head,
+            self._settings,
             sid,
             replies.num(now),
             "" if touch_until is None else replies.num(touch_until),
@@ -326,13 +330,13 @@ class RedisNamespace:
         lease: str | None = None,
         release: bool = True,
     ) -> _Plan[int]:
-        args: list[Any] = [*self._head, sid, str(version), lease or "", "1" if release else "0"]
+        args: list[Any] = [self._settings, sid, str(version), lease or "", "1" if release else "0"]
         for name, value in writes.items():
             deadline = ttl_deadlines.get(name)
             args += [name, value, "" if deadline is None else replies.num(deadline)]
         return _Plan(
             "COMMIT",
-            self._session(sid),
+            self._session(sid, claims=False),
             args,
             functools.partial(replies.committed, sid, version, now),
         )
@@ -348,7 +352,7 @@ class RedisNamespace:
 
     def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
         args = [
-            *self._head,
+            self._settings,
             sid,
             replies.num(now),
             replies.num(deadline),
@@ -358,7 +362,7 @@ class RedisNamespace:
 
     def session_count(self) -> int:
         client = self._store.client
-        lru, closed = self._indexes[1:]
+        lru, closed = self.P + "lru", self.P + "closed"
 
         def count() -> list[Any]:
             pipe = client.pipeline(transaction=False)
@@ -386,7 +390,7 @@ class RedisNamespace:
         # pile of junk takes several (each read asks for more once junk turns up).
         budget = max(BUDGET_MIN, limit * BUDGET_PER_ENTRY)
         client = self._store.client
-        index = self._indexes[0]
+        index = self.P + "dl"
         out: list[Ended] = []
         junk: list[Any] = []
         size = limit
@@ -402,8 +406,9 @@ class RedisNamespace:
                 if not members:
                     break
                 sids = list(dict.fromkeys(s for m in members if (s := _sid_in(m)) is not None))
-                keys = [*self._indexes, self._request(), *self._pairs(sids)]
-                args = [*self._head, replies.num(now), limit - len(out), len(sids), *sids]
+                dl, lru, closed = self._indexes
+                keys = [dl, self._request(), lru, closed, *self._pairs(sids)]
+                args = [self._settings, replies.num(now), limit - len(out), len(sids), *sids]
                 ended, removed = self._run("REAP", keys, [*args, *members])
                 out.extend(replies.reaped(item) for item in ended)
                 junk.extend(removed)
@@ -447,7 +452,7 @@ class RedisNamespace:
         reply = self._run(
             "GLOBAL_CAS",
             [self.P + "g:" + name, self._request()],
-            [self._head[0], "" if version is None else str(version), value],
+            [self._request_ms, "" if version is None else str(version), value],
         )
         if isinstance(reply, list):  # {'wrongtype'}
             raise self._damaged_global(name, "holds another type of value")
@@ -457,7 +462,7 @@ class RedisNamespace:
         codec = self._store.codec
         if isinstance(codec, JSONCodec) and type(amount) is int and type(default) is int:
             try:
-                args = [self._head[0], str(amount), str(default)]
+                args = [self._request_ms, str(amount), str(default)]
             except ValueError:  # an int too long to write as text: the codec says so below
                 args = None
             if args is not None:

@@ -17,12 +17,15 @@ remembers the reply of a write for a while. Times travel as the strings Python w
 so Lua never rounds them.
 
 **Layout.** The six scripts about an application's sessions (CREATE, LOAD, PEEK,
-COMMIT, CLOSE, REAP) begin alike: KEYS[1..4] are the indexes ``dl``, ``lru`` and
-``closed`` and the request's key; ARGV[1..5] are the milliseconds a write's reply is
-remembered, the milliseconds a reply that only carries claims is, the seconds an
-ended id is remembered, the handle's origin and the notice channel. For one session,
-its hash and tombstone are KEYS[5] and KEYS[6] and its id ARGV[6]. The globals'
-scripts take the global and the request's key, and the milliseconds first.
+COMMIT, CLOSE, REAP) begin alike: KEYS[1] is the deadline index ``dl`` and KEYS[2]
+the request's key, then, in the five that may claim (all but COMMIT), KEYS[3] and
+KEYS[4] the capacity orders ``lru`` and ``closed``. ARGV[1] holds the handle's
+settings, separated by spaces: the milliseconds a write's reply is remembered, the
+milliseconds a reply that only carries claims is, the seconds an ended id is
+remembered, the handle's origin and the notice channel (one argument rather than
+five: each one costs the client time to send). A script about one session takes its
+hash and tombstone as its last two keys, and its id as ARGV[2]. The globals' scripts
+take the global and the request's key, and the milliseconds first.
 
 **Keys found on the way.** A reap claims the sessions the deadline index names, and an
 open at capacity evicts the least recently used: keys that are not known before the
@@ -56,9 +59,10 @@ __all__ = ["TEXTS"]
 
 # The start of the six scripts about an application's sessions (see Layout).
 _APP = r"""
-local DL, LRU, CLOSED, REQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local REQUEST_MS, CLAIM_MS, TOMBSTONE = ARGV[1], ARGV[2], ARGV[3]
-local ORIGIN, CHANNEL = ARGV[4], ARGV[5]
+local DL, REQ = KEYS[1], KEYS[2]
+local INDEXES = {DL}
+local REQUEST_MS, CLAIM_MS, TOMBSTONE, ORIGIN, CHANNEL =
+  string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%S+) (.+)$')
 
 local function notice(kind, sid, reason, names)
   local msg = {k = kind, s = sid, o = ORIGIN}
@@ -67,15 +71,35 @@ local function notice(kind, sid, reason, names)
   redis.call('PUBLISH', CHANNEL, cjson.encode(msg))
 end
 
--- Whether key holds a hash (a session statekit wrote), not another type.
-local function is_hash(key)
-  return redis.call('TYPE', key).ok == 'hash'
-end
-
 -- Whether key holds a hash or nothing: any other type is not one statekit wrote.
 local function hash_or_none(key)
   local kind = redis.call('TYPE', key).ok
   return kind == 'hash' or kind == 'none'
+end
+
+-- Whether text is a version statekit wrote: digits that HINCRBY can still add to.
+local function is_version(text)
+  return text ~= nil and #text <= 15 and string.find(text, '^%d+$') ~= nil
+end
+
+-- The answer for a session without a hash: why it ended, or that it is unknown.
+local function missing(gone)
+  local kind = redis.call('TYPE', gone).ok
+  if kind == 'none' then return {'none'} end
+  if kind ~= 'string' then return {'badgone'} end
+  return {'gone', redis.call('GET', gone)}
+end
+"""
+
+# Then, in the five that may claim sessions or values (all but COMMIT): the capacity
+# orders and what claims them.
+_CLAIMS = r"""
+local LRU, CLOSED = KEYS[3], KEYS[4]
+INDEXES = {DL, LRU, CLOSED}
+
+-- Whether key holds a hash (a session statekit wrote), not another type.
+local function is_hash(key)
+  return redis.call('TYPE', key).ok == 'hash'
 end
 
 -- Remove a whole session; return {sid, reason, at, closed, {name, value, ...}}.
@@ -135,24 +159,11 @@ local function claim_value(key, sid, name, at)
   return {sid, 'ttl', at, name, value}
 end
 
--- Whether text is a version statekit wrote: digits that HINCRBY can still add to.
-local function is_version(text)
-  return text ~= nil and #text <= 15 and string.find(text, '^%d+$') ~= nil
-end
-
 -- The first damaged field of a session's version and deadline, or nil.
 local function damaged(version, deadline)
   if not is_version(version) then return '_v' end
   if not tonumber(deadline) then return '_d' end
   return nil
-end
-
--- The answer for a session without a hash: why it ended, or that it is unknown.
-local function missing(gone)
-  local kind = redis.call('TYPE', gone).ok
-  if kind == 'none' then return {'none'} end
-  if kind ~= 'string' then return {'badgone'} end
-  return {'gone', redis.call('GET', gone)}
 end
 
 -- Where the keys of the sessions named by ARGV[first..last] are declared: the index
@@ -171,6 +182,13 @@ local function remember_claims(reply)
   redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', CLAIM_MS)
   return reply
 end
+
+-- Claim a session a load or a peek found past its deadline (meta: _v, _c, _d).
+local function expired(sid, key, gone, meta)
+  local reason = 'idle'
+  if meta[2] == '1' then reason = 'closed' end
+  return remember_claims({'expired', claim(sid, key, gone, reason, meta[3])})
+end
 """
 
 # After the locals REQ and REQUEST_MS, in every script that writes.
@@ -183,48 +201,39 @@ local function remember(reply)
 end
 """
 
-# After _APP and _ONCE: a damaged index is found before anything is written (Redis does
-# not undo a failing script).
+# After _ONCE: a damaged index is found before anything is written (Redis does not undo
+# a failing script).
 _INDEXES = r"""
-for _, index in ipairs({DL, LRU, CLOSED}) do
+for _, index in ipairs(INDEXES) do
   local kind = redis.call('TYPE', index).ok
   if kind ~= 'zset' and kind ~= 'none' then return {'damaged', index} end
 end
 """
 
-_APP_WRITES = _APP + _ONCE + _INDEXES
-
-# Then, in the scripts about one session (LOAD, PEEK, COMMIT, CLOSE): its keys and id.
-_SESSION = (
-    _APP_WRITES
-    + r"""
-local KEY, GONE, SID = KEYS[5], KEYS[6], ARGV[6]
+# Then, in the scripts about one session (LOAD, PEEK, COMMIT, CLOSE): its hash and
+# tombstone, the last two keys, and its id.
+_SESSION = r"""
+local KEY, GONE, SID = KEYS[#KEYS - 1], KEYS[#KEYS], ARGV[2]
 if not hash_or_none(KEY) then return {'wrongtype'} end
-
--- Claim the session, found past its deadline by a load or a peek (meta: _v, _c, _d).
-local function expired(meta)
-  local reason = 'idle'
-  if meta[2] == '1' then reason = 'closed' end
-  return remember_claims({'expired', claim(SID, KEY, GONE, reason, meta[3])})
-end
 """
-)
 
-# KEYS: dl, lru, closed, request, session, then the hash and tombstone of each victim.
-# ARGV: (5), sid, now, deadline, capacity, backstop_ms, then the victims' ids.
+_CLAIMING = _APP + _CLAIMS + _ONCE + _INDEXES
+
+# KEYS: dl, request, lru, closed, session, then the hash and tombstone of each victim.
+# ARGV: (1), sid, now, deadline, capacity, backstop_ms, then the victims' ids.
 # Returns {'ok', evicted, junk}: the sessions evicted, and index entries that named
 # nothing; {'taken'}; or {'full', victims} (nothing written) when sessions must be
 # evicted whose keys were not declared: the caller declares them and asks again.
 CREATE = (
-    _APP_WRITES
+    _CLAIMING
     + r"""
-local KEY, SID = KEYS[5], ARGV[6]
+local KEY, SID = KEYS[5], ARGV[2]
 if redis.call('EXISTS', KEY) == 1 then
   return {'taken'}
 end
-local need = redis.call('ZCARD', LRU) + redis.call('ZCARD', CLOSED) - tonumber(ARGV[9]) + 1
+local need = redis.call('ZCARD', LRU) + redis.call('ZCARD', CLOSED) - tonumber(ARGV[5]) + 1
 local victims = {}
-local slots = declared(6, 11, #ARGV)
+local slots = declared(6, 7, #ARGV)
 if need > 0 then
   -- Closed sessions first, then the least recently used open ones.
   local picked = {}
@@ -255,36 +264,37 @@ for _, victim in ipairs(victims) do
     junk[#junk + 1] = victim
   else
     local reason = 'evicted'
-    local at = ARGV[7]
+    local at = ARGV[3]
     local deadline = tonumber(meta[2])
-    if deadline and deadline <= tonumber(ARGV[7]) then
+    if deadline and deadline <= tonumber(ARGV[3]) then
       at = meta[2]
       if meta[1] == '1' then reason = 'closed' else reason = 'idle' end
     end
     evicted[#evicted + 1] = claim(victim, key, KEYS[slots[victim] + 1], reason, at)
   end
 end
-redis.call('HSET', KEY, '_v', 0, '_c', 0, '_d', ARGV[8])
-redis.call('PEXPIRE', KEY, ARGV[10])
-redis.call('ZADD', DL, ARGV[8], 's\0' .. SID)
-redis.call('ZADD', LRU, ARGV[7], SID)
+redis.call('HSET', KEY, '_v', 0, '_c', 0, '_d', ARGV[4])
+redis.call('PEXPIRE', KEY, ARGV[6])
+redis.call('ZADD', DL, ARGV[4], 's\0' .. SID)
+redis.call('ZADD', LRU, ARGV[3], SID)
 return remember({'ok', evicted, junk})
 """
 )
 
-# KEYS: dl, lru, closed, request, session, tombstone.
-# ARGV: (5), sid, now, touch_until|'', lease|'', lease_until, backstop_ms
+# KEYS: dl, request, lru, closed, session, tombstone.
+# ARGV: (1), sid, now, touch_until|'', lease|'', lease_until, backstop_ms
 LOAD = (
-    _SESSION
+    _CLAIMING
+    + _SESSION
     + r"""
-local now = tonumber(ARGV[7])
+local now = tonumber(ARGV[3])
 local meta = redis.call('HMGET', KEY, '_v', '_c', '_d', '_l', '_lu')
 if not meta[3] then return missing(GONE) end
 local bad = damaged(meta[1], meta[3])
 if bad then return {'corrupt', bad} end
 if meta[4] and not tonumber(meta[5]) then return {'corrupt', '_lu'} end
 local deadline = tonumber(meta[3])
-if deadline <= now then return expired(meta) end
+if deadline <= now then return expired(SID, KEY, GONE, meta) end
 local h = redis.call('HGETALL', KEY)
 local due = {}
 for i = 1, #h, 2 do
@@ -297,11 +307,11 @@ for i = 1, #h, 2 do
     end
   end
 end
-if ARGV[9] ~= '' then
-  if meta[4] and meta[4] ~= ARGV[9] and tonumber(meta[5]) > now then
+if ARGV[5] ~= '' then
+  if meta[4] and meta[4] ~= ARGV[5] and tonumber(meta[5]) > now then
     return {'busy', meta[5]}
   end
-  redis.call('HSET', KEY, '_l', ARGV[9], '_lu', ARGV[10])
+  redis.call('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
 end
 local values = {}
 local expired = {}
@@ -319,26 +329,27 @@ for name, at in pairs(due) do
   -- nil (and only the stray deadline removed) when the value is not there
   expired[#expired + 1] = claim_value(KEY, SID, name, at)
 end
-touch(KEY, SID, meta[2], deadline, ARGV[7], ARGV[8], ARGV[11])
+touch(KEY, SID, meta[2], deadline, ARGV[3], ARGV[4], ARGV[7])
 local reply = {'ok', meta[1], meta[2] or '0', values, expired}
 if #expired > 0 then return remember_claims(reply) end
 return reply
 """
 )
 
-# KEYS: dl, lru, closed, request, session, tombstone.
-# ARGV: (5), sid, now, touch_until|'', name, backstop_ms
+# KEYS: dl, request, lru, closed, session, tombstone.
+# ARGV: (1), sid, now, touch_until|'', name, backstop_ms
 PEEK = (
-    _SESSION
+    _CLAIMING
+    + _SESSION
     + r"""
-local now = tonumber(ARGV[7])
-local name = ARGV[9]
+local now = tonumber(ARGV[3])
+local name = ARGV[5]
 local meta = redis.call('HMGET', KEY, '_v', '_c', '_d', 'v:' .. name, 't:' .. name)
 if not meta[3] then return missing(GONE) end
 local bad = damaged(meta[1], meta[3])
 if bad then return {'corrupt', bad} end
 local deadline = tonumber(meta[3])
-if deadline <= now then return expired(meta) end
+if deadline <= now then return expired(SID, KEY, GONE, meta) end
 local values = {}
 local expired = {}
 if meta[5] then
@@ -351,27 +362,30 @@ end
 if meta[4] and not expired[1] then
   values = {name, meta[4]}
 end
-touch(KEY, SID, meta[2], deadline, ARGV[7], ARGV[8], ARGV[10])
+touch(KEY, SID, meta[2], deadline, ARGV[3], ARGV[4], ARGV[6])
 local reply = {'ok', meta[1], meta[2] or '0', values, expired}
 if expired[1] then return remember_claims(reply) end
 return reply
 """
 )
 
-# KEYS: dl, lru, closed, request, session, tombstone.
-# ARGV: (5), sid, version, lease|'', release '1'|'0', then name, value, deadline|''
+# KEYS: dl, request, session, tombstone.
+# ARGV: (1), sid, version, lease|'', release '1'|'0', then name, value, deadline|''
 #       for each write.
 COMMIT = (
-    _SESSION
+    _APP
+    + _ONCE
+    + _INDEXES
+    + _SESSION
     + r"""
 local meta = redis.call('HMGET', KEY, '_v', '_l')
 if not meta[1] then return missing(GONE) end
 if not is_version(meta[1]) then return {'corrupt', '_v'} end
-if meta[1] ~= ARGV[7] or (ARGV[8] ~= '' and meta[2] ~= ARGV[8]) then
+if meta[1] ~= ARGV[3] or (ARGV[4] ~= '' and meta[2] ~= ARGV[4]) then
   return {'conflict', meta[1]}
 end
 local names = {}
-for i = 10, #ARGV, 3 do
+for i = 6, #ARGV, 3 do
   local name = ARGV[i]
   names[#names + 1] = name
   redis.call('HSET', KEY, 'v:' .. name, ARGV[i + 1])
@@ -384,7 +398,7 @@ for i = 10, #ARGV, 3 do
   end
 end
 local version = redis.call('HINCRBY', KEY, '_v', 1)
-if ARGV[8] ~= '' and ARGV[9] == '1' then
+if ARGV[4] ~= '' and ARGV[5] == '1' then
   redis.call('HDEL', KEY, '_l', '_lu')
 end
 notice('changed', SID, nil, names)
@@ -400,31 +414,32 @@ end
 return 1
 """
 
-# KEYS: dl, lru, closed, request, session, tombstone.
-# ARGV: (5), sid, now, deadline, backstop_ms
+# KEYS: dl, request, lru, closed, session, tombstone.
+# ARGV: (1), sid, now, deadline, backstop_ms
 CLOSE = (
-    _SESSION
+    _CLAIMING
+    + _SESSION
     + r"""
 local meta = redis.call('HMGET', KEY, '_c', '_d', '_v')
 if not meta[2] then return missing(GONE) end
 if meta[1] == '1' then return {'already'} end
 local bad = damaged(meta[3], meta[2])
 if bad then return {'corrupt', bad} end
-if tonumber(meta[2]) <= tonumber(ARGV[7]) then
+if tonumber(meta[2]) <= tonumber(ARGV[3]) then
   return remember({'expired', claim(SID, KEY, GONE, 'idle', meta[2])})
 end
-redis.call('HSET', KEY, '_c', 1, '_d', ARGV[8])
-redis.call('PEXPIRE', KEY, ARGV[9])
-redis.call('ZADD', DL, ARGV[8], 's\0' .. SID)
+redis.call('HSET', KEY, '_c', 1, '_d', ARGV[4])
+redis.call('PEXPIRE', KEY, ARGV[5])
+redis.call('ZADD', DL, ARGV[4], 's\0' .. SID)
 redis.call('ZREM', LRU, SID)
-redis.call('ZADD', CLOSED, ARGV[7], SID)
+redis.call('ZADD', CLOSED, ARGV[3], SID)
 notice('ended', SID, 'closed', nil)
 return remember({'closed'})
 """
 )
 
-# KEYS: dl, lru, closed, request, then the hash and tombstone of each session in ARGV.
-# ARGV: (5), now, limit, how many sessions, their ids, then the members of the deadline
+# KEYS: dl, request, lru, closed, then the hash and tombstone of each session in ARGV.
+# ARGV: (1), now, limit, how many sessions, their ids, then the members of the deadline
 #       index to look at, as the caller read them (due, earliest first).
 # Returns {ended, junk}: what was claimed (at most limit entries), and members that
 # named nothing claimable, removed (junk). A member no longer in the index, or no
@@ -433,12 +448,12 @@ return remember({'closed'})
 # deadline), so one bad member never stops the others. Junk is not remembered:
 # removing it again is harmless.
 REAP = (
-    _APP_WRITES
+    _CLAIMING
     + r"""
-local now = tonumber(ARGV[6])
-local limit = tonumber(ARGV[7])
-local first = 9 + tonumber(ARGV[8])
-local slots = declared(5, 9, first - 1)
+local now = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local first = 5 + tonumber(ARGV[4])
+local slots = declared(5, 5, first - 1)
 local out = {}
 local junk = {}
 for i = first, #ARGV do
