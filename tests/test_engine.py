@@ -10,15 +10,19 @@ import pytest
 from statekit import (
     DeleteReason,
     EngineClosed,
+    Event,
     InvalidDeclaration,
     MemoryStore,
     SessionExpired,
     SessionNotFound,
+    SessionState,
     StateEngine,
+    UsageError,
 )
 from statekit.testing import FakeClock
 
 from .conftest import declared
+from .threads import run_threads
 
 
 def deletions(engine: StateEngine, name: str = "v", **kw: Any) -> list[tuple[Any, str]]:
@@ -424,3 +428,68 @@ def test_an_id_already_stored_is_drawn_again(
     monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(ids))
     assert engine.open_session() == "fresh" + "x" * 27
     assert engine.session_count() == 2
+
+
+#: What a store offers beyond the StoreNamespace protocol to be entered directly.
+ENTERING_ONLY = frozenset(
+    {
+        "enter",
+        "wait_turn",
+        "await_turn",
+        "enter_after_wait",
+        "give_back",
+        "leave",
+        "release_entered",
+        "occupancy",
+        "entered_type",
+    }
+)
+
+
+@pytest.mark.parametrize("way", ["entered directly", "locks and leases"])
+def test_a_store_of_ones_own_may_offer_either_way_into_a_session(
+    clock: FakeClock, way: str
+) -> None:
+    """The engine picks its way into sessions by the store's protocol, not its class: a
+    namespace offering EnteringNamespace is entered directly, any other through this
+    engine's locks and a lease. Both keep the same promises."""
+    from statekit.stores.base import EnteringNamespace
+
+    class Own(MemoryStore):
+        def namespace(self, app: str) -> Any:
+            ns = super().namespace(app)
+            if way == "entered directly":
+                return ns
+
+            class OnlyTheStoreProtocol:
+                def __getattr__(self, name: str) -> Any:
+                    if name in ENTERING_ONLY:
+                        raise AttributeError(name)
+                    return getattr(ns, name)
+
+            return OnlyTheStoreProtocol()
+
+    store = Own()
+    assert isinstance(store.namespace("probe"), EnteringNamespace) is (way == "entered directly")
+    engine = StateEngine(store, clock=clock)
+    log: SessionState[list[int]] = engine.session_state("log", [])
+    size = engine.session_state("size", 0)
+
+    @log.on_change
+    def count(ev: Event, value: list[int]) -> None:
+        ev[size] = len(value)
+
+    sid = engine.open_session()
+
+    def work(k: int) -> None:
+        for i in range(50):
+            with engine.event(sid) as ev:
+                ev[log].append(k * 100 + i)
+
+    run_threads(work, 4)
+    assert sorted(log.get(sid)) == sorted(k * 100 + i for k in range(4) for i in range(50))
+    assert size.get(sid) == 200  # listener rounds ran after every commit
+    with engine.event(sid), pytest.raises(UsageError, match="cannot nest"), engine.event(sid):
+        pass
+    assert engine.stats().held == 0
+    engine.shutdown()
