@@ -182,6 +182,19 @@ def _leave_queue(
     return granted
 
 
+def _leave_interrupted(
+    waiter: threading.Lock | AsyncWaiter,
+    latch: Latch,
+    mutex: threading.Lock,
+    forget: Callable[[], None] | None,
+    release: Callable[[], None],
+) -> None:
+    """After a wait was interrupted: leave the queue, or pass on a latch granted
+    meanwhile."""
+    if _leave_queue(waiter, latch, mutex, forget):
+        release()
+
+
 def wait_turn(
     waiter: threading.Lock,
     latch: Latch,
@@ -202,8 +215,7 @@ def wait_turn(
         if waiter.acquire(timeout=min(timeout, threading.TIMEOUT_MAX)):
             return True
     except BaseException:
-        if _leave_queue(waiter, latch, mutex, forget):
-            release()
+        _leave_interrupted(waiter, latch, mutex, forget, release)
         raise
     return _leave_queue(waiter, latch, mutex, forget)
 
@@ -230,8 +242,7 @@ async def await_turn(
     try:
         done, _ = await asyncio.wait((waiter.future,), timeout=timeout)
     except BaseException:
-        if _leave_queue(waiter, latch, mutex, forget):
-            release()
+        _leave_interrupted(waiter, latch, mutex, forget, release)
         raise
     return bool(done) or _leave_queue(waiter, latch, mutex, forget)
 

@@ -143,21 +143,36 @@ def ask(call: StoreCall[R]) -> Generator[StoreCall[R], R, R]:
     return (yield call)
 
 
+class _Finished:
+    """What steps returned, once they are done."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _advance(steps: Steps[Any], answer: Any, failed: bool) -> StoreCall[Any] | _Finished:
+    """Hand a call's answer (or, when it ``failed``, its exception, which the steps may
+    handle) to the steps; their next call, or what they returned."""
+    try:
+        return steps.throw(answer) if failed else steps.send(answer)
+    except StopIteration as stop:
+        return _Finished(stop.value)
+
+
 def drive(steps: Steps[R], ns: StoreNamespace) -> R:
     """Run ``steps`` with the namespace's blocking methods. An exception a call raises
     is thrown into the steps, which may handle it."""
-    try:
-        call = next(steps)
-        while True:
-            try:
-                result = call.run(ns)
-            except BaseException as exc:
-                call = steps.throw(exc)
-                continue
-            call = steps.send(result)
-    except StopIteration as stop:
-        value: R = stop.value
-        return value
+    step = _advance(steps, None, False)
+    while not isinstance(step, _Finished):
+        try:
+            answer, failed = step.run(ns), False
+        except BaseException as exc:
+            answer, failed = exc, True
+        step = _advance(steps, answer, failed)
+    value: R = step.value
+    return value
 
 
 async def adrive(
@@ -175,26 +190,24 @@ async def adrive(
     A call that was sent finishes even if the task is cancelled meanwhile (see
     :func:`_to_the_end`); ``salvage`` receives what it answered then.
     """
-    try:
-        call = next(steps)
-        while True:
-            try:
-                if isinstance(call, Sleep):
-                    await asyncio.sleep(call.seconds)
-                    result: Any = None
-                elif async_ns is not None and (coro := call.arun(async_ns)) is not None:
-                    result = await _to_the_end(coro, salvage)
-                elif shared:
-                    result = await _to_the_end(asyncio.to_thread(call.run, ns), salvage)
-                else:
-                    result = call.run(ns)
-            except BaseException as exc:
-                call = steps.throw(exc)
-                continue
-            call = steps.send(result)
-    except StopIteration as stop:
-        value: R = stop.value
-        return value
+    step = _advance(steps, None, False)
+    while not isinstance(step, _Finished):
+        try:
+            if isinstance(step, Sleep):
+                await asyncio.sleep(step.seconds)
+                answer, failed = None, False
+            elif async_ns is not None and (coro := step.arun(async_ns)) is not None:
+                answer, failed = await _to_the_end(coro, salvage), False
+            elif shared:
+                answer = await _to_the_end(asyncio.to_thread(step.run, ns), salvage)
+                failed = False
+            else:
+                answer, failed = step.run(ns), False
+        except BaseException as exc:
+            answer, failed = exc, True
+        step = _advance(steps, answer, failed)
+    value: R = step.value
+    return value
 
 
 async def _to_the_end(call: Coroutine[Any, Any, R], salvage: Callable[[Any], object]) -> R:
