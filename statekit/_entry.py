@@ -237,6 +237,10 @@ class LeaseEntry:
         # of the session takes the lease back rather than waiting it out.
         self._orphans: cachetools.LRUCache[str, str] = cachetools.LRUCache(10_000)
         self._orphans_lock = threading.Lock()
+        # Events polling for a lease another process holds (they hold this engine's
+        # lock of the session meanwhile).
+        self._polling = 0
+        self._polling_lock = threading.Lock()
         _fork.after_fork_in_child(self)
 
     def _after_fork(self) -> None:
@@ -245,9 +249,16 @@ class LeaseEntry:
         self._locks.keep_only_this_thread()
         _fork.free_lock(self._orphans_lock)
         self._orphans.clear()
+        _fork.free_lock(self._polling_lock)
+        self._polling = 0
 
     def occupancy(self) -> tuple[int, int]:
-        return self._locks.occupancy()
+        held, waiting = self._locks.occupancy()
+        return held, waiting + self._polling
+
+    def _count_polling(self, step: int) -> None:
+        with self._polling_lock:
+            self._polling += step
 
     def _adrive(self, steps: Steps[Any]) -> Any:
         return adrive(
@@ -297,23 +308,31 @@ class LeaseEntry:
         # grants the lease, the failure path still knows what to give back.
         ev.lease = token
         delay = 0.0005
-        while True:
-            ev.now = core.clock()
-            outcome = yield from ask(
-                LoadSession(
-                    sid=ev.sid,
-                    now=ev.now,
-                    touch_until=ev.now + core.idle_ttl,
-                    lease=Lease(token=token, until=ev.now + settings.lease_ttl),
+        polling = False
+        try:
+            while True:
+                ev.now = core.clock()
+                outcome = yield from ask(
+                    LoadSession(
+                        sid=ev.sid,
+                        now=ev.now,
+                        touch_until=ev.now + core.idle_ttl,
+                        lease=Lease(token=token, until=ev.now + settings.lease_ttl),
+                    )
                 )
-            )
-            if not isinstance(outcome, Busy):
-                break
-            waited = time.monotonic() - started
-            if waited > settings.lease_wait:
-                raise SessionBusy(ev.sid, waited)
-            yield from ask(Sleep(seconds=delay * (0.5 + secrets.randbelow(1000) / 1000)))
-            delay = min(delay * 2, 0.02)
+                if not isinstance(outcome, Busy):
+                    break
+                waited = time.monotonic() - started
+                if waited > settings.lease_wait:
+                    raise SessionBusy(ev.sid, waited)
+                if not polling:  # waiting for another process: counted as waiting
+                    polling = True
+                    self._count_polling(1)
+                yield from ask(Sleep(seconds=delay * (0.5 + secrets.randbelow(1000) / 1000)))
+                delay = min(delay * 2, 0.02)
+        finally:
+            if polling:
+                self._count_polling(-1)
         with self._orphans_lock:
             self._orphans.pop(ev.sid, None)
         ev.loaded = core.loaded_or_raise(ev.sid, ev.now, outcome, ev.pending)

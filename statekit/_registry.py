@@ -154,6 +154,12 @@ class SessionRegistry(Generic[T]):
             f"SessionRegistry({self.name!r}, app={self._host.app!r}, objects={len(self._objects)})"
         )
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A registry's name and engine are read-only once it is declared.
+        if name in ("name", "engine") and hasattr(self, name):
+            raise AttributeError(f"{name!r} of {self!r} is read-only")
+        object.__setattr__(self, name, value)
+
     def __len__(self) -> int:
         """How many objects this registry holds in this process."""
         return len(self._objects)

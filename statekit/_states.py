@@ -40,6 +40,29 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
+_READ_ONLY = frozenset(
+    {
+        "name",
+        "engine",
+        "listeners",
+        "delete_callbacks",
+        "remote_listeners",
+        "ttl",
+        "keys",
+        "storage_key",
+        "max_bytes",
+    }
+)
+
+
+def _is_set(obj: object, name: str) -> bool:
+    try:
+        object.__getattribute__(obj, name)
+    except AttributeError:
+        return False
+    return True
+
+
 def to_stored(name: str, value: Any, image: Image | None = None) -> Any:
     """The form in which ``value`` is stored (see :func:`statekit._copying.stored_form`).
 
@@ -79,6 +102,16 @@ class State(Generic[T]):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, app={self._host.app!r})"
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # What a declaration is, once made, is read-only: its name, engine, lifetime,
+        # keys, and the listeners it keeps (added through on_change and the like).
+        if name in _READ_ONLY and _is_set(self, name):
+            raise AttributeError(
+                f"{name!r} of {self!r} is read-only: declare another state, or add "
+                "listeners with on_change(), on_remote_change() or on_delete()"
+            )
+        object.__setattr__(self, name, value)
+
     @property
     def default(self) -> Any:
         """A copy of the declared default (``None`` for a session state made by a
@@ -88,7 +121,7 @@ class State(Generic[T]):
     def _add_listener(self, fn: Callable[..., object], what: str = "on_change") -> None:
         check_callable(fn, f"{what}() of state {self.name!r}")
         with self._lock:
-            self.listeners = (*self.listeners, fn)
+            object.__setattr__(self, "listeners", (*self.listeners, fn))
 
 
 class GlobalState(State[T]):
@@ -250,7 +283,7 @@ class SessionState(State[T]):
         """
         check_callable(fn, f"on_remote_change() of state {self.name!r}", runs="in a notice thread")
         with self._lock:
-            self.remote_listeners = (*self.remote_listeners, fn)
+            object.__setattr__(self, "remote_listeners", (*self.remote_listeners, fn))
         self._host.listen()
         return fn
 
@@ -265,7 +298,7 @@ class SessionState(State[T]):
         """
         check_callable(fn, f"on_delete() of state {self.name!r}", runs="as values are deleted")
         with self._lock:
-            self.delete_callbacks = (*self.delete_callbacks, fn)
+            object.__setattr__(self, "delete_callbacks", (*self.delete_callbacks, fn))
         return fn
 
 

@@ -500,3 +500,36 @@ class TestHardening:
         a.reap()
         b.reap()
         assert deleted == [(42, "ttl")]
+
+
+def test_stats_count_an_event_waiting_for_another_engines_session(
+    make_store: StoreFactory, clock: FakeClock
+) -> None:
+    """On a shared store, an event waiting for another process's lease holds only
+    this engine's lock of the session: it used to count as held, never as waiting."""
+    holder_engine = engine_on(make_store, clock)
+    engine = engine_on(make_store, clock, lease_wait=30)
+    sid = holder_engine.open_session()
+    entered, go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with holder_engine.event(sid):
+            entered.set()
+            go.wait(30)
+
+    def wait() -> None:
+        with engine.event(sid):
+            pass
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert entered.wait(30)
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    try:
+        assert wait_until(lambda: engine.stats().waiting == 1, timeout=10)
+    finally:
+        go.set()
+        holder.join(30)
+        waiter.join(30)
+    assert engine.stats().held == engine.stats().waiting == 0

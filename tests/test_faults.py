@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,3 +115,32 @@ def test_sqlite_locked_database_raises_store_unavailable(tmp_path: Path) -> None
 def test_sqlite_unwritable_location_raises_store_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match="SQLiteStore"):
         SQLiteStore(tmp_path / "missing-folder" / "state.db")
+
+
+def test_notices_lost_while_the_client_reconnects_by_itself_are_made_up_for(
+    redis_server: RedisServer,
+) -> None:
+    """redis-py reconnects a pub/sub connection that was cut (a proxy, CLIENT KILL) and
+    subscribes again without raising: notices published in the gap were lost without
+    any sign. The receiver watches for such a reconnection and resyncs, so that a
+    registry's object of a session closed meanwhile is still cleaned up."""
+    import redis
+
+    prefix = f"rc{uuid.uuid4().hex[:6]}"
+    closer = StateEngine(RedisStore(redis_server.url, prefix=prefix), app="shop")
+    worker = StateEngine(RedisStore(redis_server.url, prefix=prefix), app="shop")
+    cleaned: list[str] = []
+    objects = worker.registry("conn", lambda sid: sid, cleaned.append)
+    sid = closer.open_session()
+    objects.open(sid)
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.client_kill_filter(_type="pubsub")  # the worker's receiver is cut ...
+    closer.close_session(sid)  # ... and the notice of this close is published now
+    deadline = time.monotonic() + 10
+    while cleaned != [sid] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cleaned == [sid]
+    admin.close()
+    for engine in (closer, worker):
+        engine.shutdown()
+        engine.store.close()  # type: ignore[attr-defined]

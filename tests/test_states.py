@@ -139,3 +139,25 @@ class TestGlobalState:
         assert not any(t.is_alive() for t in threads)
         assert n.get() == 2400
         assert sorted(log.get()) == sorted(k * 1000 + i for k in range(8) for i in range(300))
+
+
+def test_what_a_declaration_is_cannot_be_changed_by_assignment(engine: StateEngine) -> None:
+    """Pointing a state at another engine would let that engine's events write it
+    without WrongEngine; replacing its listeners would skip their checks."""
+    other = StateEngine()
+    cart: SessionState[list[str]] = engine.session_state("cart", [])
+    objects = engine.registry("objects", lambda sid: sid)
+    for obj, name, value in (
+        (cart, "engine", other),
+        (cart, "name", "other"),
+        (cart, "listeners", ()),
+        (cart, "delete_callbacks", ()),
+        (cart, "remote_listeners", ()),
+        (objects, "engine", other),
+        (objects, "name", "other"),
+    ):
+        with pytest.raises(AttributeError, match="read-only"):
+            setattr(obj, name, value)
+    cart.on_change(lambda ev, value: None)  # the way to add one still works
+    assert len(cart.listeners) == 1
+    other.shutdown()

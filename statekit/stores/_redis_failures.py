@@ -65,10 +65,14 @@ def before_send(exc: BaseException) -> bool:
 
 def is_damage(exc: BaseException) -> bool:
     """Whether an error reply to a plain read means that the key read holds another
-    type of value than statekit writes there. Told by the error's class, never by its
-    text: redis-py gives every other refusal (permissions, a read-only replica, cluster
-    redirections, memory) a class of its own."""
-    return type(exc) is ResponseError
+    type of value than statekit writes there: its error code (by the Redis protocol,
+    the reply's first word, before any message) is ``WRONGTYPE``. redis-py has no class
+    for it; other bare replies (``BUSY`` while a long script runs elsewhere, a proxy's
+    ``ERR``) mean the server cannot answer now, not that data is damaged."""
+    if type(exc) is not ResponseError:
+        return False
+    text = str(exc)
+    return text.split(" ", 1)[0] == "WRONGTYPE" if text else False
 
 
 def read_failure(store: str, exc: BaseException, damaged: Callable[[], Exception]) -> Exception:

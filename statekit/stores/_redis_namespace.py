@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import random
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
 
@@ -42,9 +44,12 @@ BACKSTOP = 86_400.0
 #: one long script that would hold up every other client of the server.
 BUDGET_PER_ENTRY = 4
 BUDGET_MIN = 2048
-#: An open at capacity asks again when the sessions to evict changed under it (another
-#: process evicted them first); after this many tries it gives up.
-_EVICT_TRIES = 100
+#: An open at capacity asks again when too few of its candidates to evict are left
+#: (other processes evicted them first); after this many tries it opens over capacity.
+_EVICT_TRIES = 6
+#: A capacity no store reaches: an open that kept losing its candidates to other
+#: processes' opens goes over capacity by one rather than failing.
+_NO_LIMIT = 2**62
 
 #: Which scripts apply the caller's own write: an outcome that stays unknown after a
 #: lost connection is said for these (StoreUnavailable.outcome_unknown). The others
@@ -112,6 +117,7 @@ class RedisNamespace:
     __slots__ = (
         "P",
         "__weakref__",
+        "_candidates",
         "_claims",
         "_feed",
         "_indexes",
@@ -129,6 +135,9 @@ class RedisNamespace:
         self.channel = self.P + "notices"
         # The indexes app scripts declare; bytes, which the client sends as they are.
         self._indexes = [(self.P + name).encode() for name in ("dl", "lru", "closed")]
+        # The last candidates to evict the server named: at capacity, the next open
+        # declares those still unused at once (one script call, not two).
+        self._candidates: list[Any] = []
         self._claims = LostClaims(store, self._replay)
         self._notices = NoticeReceiver(
             store.client,
@@ -234,24 +243,31 @@ class RedisNamespace:
     def create_session(
         self, sid: str, *, now: float, deadline: float, capacity: int
     ) -> tuple[Ended, ...]:
-        # At capacity the script names the sessions to evict, writing nothing; it is
-        # run again with their keys declared, under the same request key.
+        # At capacity the script names candidates to evict (the oldest sessions, a few
+        # more than needed), writing nothing; it is run again with their keys declared,
+        # under the same request key, and evicts those still there. Other processes
+        # opening at once may take candidates first: a try that finds too few is made
+        # again after a short random pause, and after a few the session is opened over
+        # capacity (the next opens evict one more each) rather than failing a page load.
         request = self._request()
-        args = [self._settings, sid, replies.num(now), replies.num(deadline), capacity]
-        args.append(self._backstop(now, deadline))
-        victims: list[Any] = []
-        for _ in range(_EVICT_TRIES):
-            dl, lru, closed = self._indexes
-            keys = [dl, request, lru, closed, self.P + "s:" + sid, *self._pairs(victims)]
-            reply = self._run("CREATE", keys, [*args, *victims])
+        tail = [replies.num(now), replies.num(deadline)]
+        backstop = self._backstop(now, deadline)
+        candidates = self._candidates
+        dl, lru, closed = self._indexes
+        for attempt in range(_EVICT_TRIES + 1):
+            room = capacity if attempt < _EVICT_TRIES else _NO_LIMIT
+            args = [self._settings, sid, *tail, room, backstop, *candidates]
+            keys = [dl, request, lru, closed, self.P + "s:" + sid, *self._pairs(candidates)]
+            reply = self._run("CREATE", keys, args)
             if replies.text(reply[0]) != "full":
                 break
-            victims = reply[1]
-        else:
-            raise StoreUnavailable(
-                str(self._store), "the sessions to evict kept changing: nothing was written"
-            )
+            candidates = reply[1]
+            if attempt:  # a first refusal only names them; later ones lost a race
+                time.sleep(random.uniform(0, 0.001 * 2**attempt))
         evicted, junk = replies.created(reply)
+        gone = {e.sid.encode() for e in evicted} | set(junk)
+        # Kept for the next open while evictions go on; below capacity, nothing is.
+        self._candidates = [c for c in candidates if c not in gone] if evicted else []
         if junk:
             replies.warn_junk(self._store, self.P + "lru", junk)
         return evicted

@@ -30,6 +30,21 @@ _REASONS = frozenset(reason.value for reason in DeleteReason)
 _JUNK_LOG_EVERY = 1000
 
 
+class _Reconnects:
+    """Set when the pub/sub connection connected again (redis-py keeps its connect
+    callbacks as weak methods: this object holds the flag, the loop holds it)."""
+
+    def __init__(self) -> None:
+        self._seen = False
+
+    def seen(self, connection: object) -> None:
+        self._seen = True
+
+    def take(self) -> bool:
+        seen, self._seen = self._seen, False
+        return seen
+
+
 class NoticeReceiver:
     """Receives the notices of one channel for one handle (see ``NoticeFeed``, which
     runs :meth:`listen` in its thread).
@@ -67,13 +82,19 @@ class NoticeReceiver:
         ready: threading.Event,
         deliver: Callable[[Notice], None],
     ) -> None:
-        """Receive notices; after a lost connection, reconnect and send ``resync``."""
+        """Receive notices; after a lost connection, reconnect and send ``resync``.
+
+        redis-py may reconnect (and subscribe again) by itself, without raising:
+        notices published meanwhile were lost all the same, so a reconnection it makes
+        is watched for and answered with a resync too."""
         lost = False
         delay = 0.05
         while not stop.is_set():
             pubsub = self._client.pubsub()
+            reconnects = _Reconnects()
             try:
                 self._subscribed(pubsub, stop)
+                pubsub.connection.register_connect_callback(reconnects.seen)
                 ready.set()
                 if lost:
                     deliver(Notice(kind="resync", sid="", origin="redis"))
@@ -81,6 +102,8 @@ class NoticeReceiver:
                 delay = 0.05
                 while not stop.is_set():
                     message = pubsub.get_message(timeout=0.2)
+                    if reconnects.take():
+                        deliver(Notice(kind="resync", sid="", origin="redis"))
                     if message is None or message.get("type") != "message":
                         continue
                     notice = self.read(message["data"])

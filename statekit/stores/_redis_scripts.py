@@ -222,8 +222,9 @@ _CLAIMING = _APP + _CLAIMS + _ONCE + _INDEXES
 # KEYS: dl, request, lru, closed, session, then the hash and tombstone of each victim.
 # ARGV: (1), sid, now, deadline, capacity, backstop_ms, then the victims' ids.
 # Returns {'ok', evicted, junk}: the sessions evicted, and index entries that named
-# nothing; {'taken'}; or {'full', victims} (nothing written) when sessions must be
-# evicted whose keys were not declared: the caller declares them and asks again.
+# nothing; {'taken'}; or {'full', candidates} (nothing written) when too few of the
+# declared candidates are left to evict: the oldest sessions, a few more than needed,
+# which the caller declares when it asks again.
 CREATE = (
     _CLAIMING
     + r"""
@@ -235,18 +236,28 @@ local need = redis.call('ZCARD', LRU) + redis.call('ZCARD', CLOSED) - tonumber(A
 local victims = {}
 local slots = declared(6, 7, #ARGV)
 if need > 0 then
-  -- Closed sessions first, then the least recently used open ones.
-  local picked = {}
-  for _, index in ipairs({CLOSED, LRU}) do
-    for _, sid in ipairs(redis.call('ZRANGE', index, 0, need - 1)) do
-      if #victims < need and not picked[sid] then
-        picked[sid] = true
-        victims[#victims + 1] = sid
-      end
+  -- The sessions to evict: among the candidates this call declared (the oldest,
+  -- closed ones first, when the caller read them), those still indexed. Another
+  -- process may have evicted some meanwhile: the next candidates serve instead.
+  for i = 7, #ARGV do
+    if #victims >= need then break end
+    if redis.call('ZSCORE', CLOSED, ARGV[i]) or redis.call('ZSCORE', LRU, ARGV[i]) then
+      victims[#victims + 1] = ARGV[i]
     end
   end
-  for _, sid in ipairs(victims) do
-    if not slots[sid] then return {'full', victims} end
+  if #victims < need then
+    -- Too few left: name the oldest again, with room to spare for the next try.
+    local window = {}
+    local picked = {}
+    for _, index in ipairs({CLOSED, LRU}) do
+      for _, sid in ipairs(redis.call('ZRANGE', index, 0, need + 31)) do
+        if #window < need + 32 and not picked[sid] then
+          picked[sid] = true
+          window[#window + 1] = sid
+        end
+      end
+    end
+    return {'full', window}
   end
 end
 local evicted = {}
