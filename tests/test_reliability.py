@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import threading
+import time
 import types
 import uuid
 from collections.abc import Callable, Iterator
@@ -723,3 +724,51 @@ def test_junk_notices_are_ignored_and_counted(redis_engine: StateEngine) -> None
     assert ns.ignored_notices == len(junk)
     unsubscribe()
     other.shutdown()
+
+
+def test_a_server_busy_with_a_long_script_is_unavailable_not_damaged(
+    clock: FakeClock,
+) -> None:
+    """While another client's script runs past the server's busy threshold, every
+    command gets a BUSY error reply. That is not damaged data: reads must say the store
+    is unavailable (retry later), not that the session is corrupt (which a host answers
+    by dropping the session) or that a global must be deleted."""
+    import redis
+
+    server = RedisServer().start()
+    try:
+        admin = redis.Redis.from_url(server.url)
+        admin.config_set("busy-reply-threshold", 50)
+        engine = StateEngine(RedisStore(server.url, prefix="busy"), app="shop", clock=clock)
+        note = engine.session_state("note", "")
+        total = engine.global_state("total", 0)
+        sid = engine.open_session()
+        total.increment()
+        spin = threading.Thread(
+            target=lambda: redis.Redis.from_url(server.url).eval(
+                "local t = tonumber(redis.call('TIME')[1]) + 2 "
+                "while tonumber(redis.call('TIME')[1]) < t do end",
+                0,
+            )
+        )
+        spin.start()
+        busy = redis.Redis.from_url(server.url)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the server answers BUSY
+            try:
+                busy.ping()
+            except redis.exceptions.ResponseError:
+                break
+            time.sleep(0.01)
+        for call in (lambda: note.get(sid), total.get, engine.session_count):
+            with pytest.raises(StoreUnavailable) as info:
+                call()
+            assert not isinstance(info.value, SessionCorrupt)
+        spin.join(30)
+        assert (note.get(sid), total.get()) == ("", 1)  # all there once it is done
+        engine.shutdown()
+        engine.store.close()  # type: ignore[attr-defined]
+        busy.close()
+        admin.close()
+    finally:
+        server.stop()
