@@ -52,6 +52,33 @@ def reap(kind: str, where: str, prefix: str, shift: float, out: Any, start: Any)
     eng.reap()
 
 
+def open_at_capacity(
+    kind: str, where: str, prefix: str, capacity: int, times: int, start: Any, out: Any
+) -> None:
+    """Open ``times`` sessions (writing each one's id into it) at ``capacity``, all
+    processes at once; report the sessions opened, the failures, and each deletion
+    callback this process ran."""
+    eng = engine(kind, where, prefix, capacity=capacity)
+    deleted: list[str] = []
+    mark = eng.session_state("mark", "", on_delete=lambda value, reason: deleted.append(value))
+    opened: list[str] = []
+    failures = 0
+    start.wait()
+    for _ in range(times):
+        try:
+            sid = eng.open_session()
+        except Exception:
+            failures += 1
+            continue
+        opened.append(sid)
+        try:
+            with eng.event(sid) as ev:
+                ev[mark] = sid
+        except Exception:  # evicted by another process already: nothing was written
+            opened.pop()
+    out.put((opened, failures, deleted))
+
+
 def listen(kind: str, where: str, prefix: str, ready: Any, out: Any) -> None:
     """Report each remote change to ``cart`` as (sid, value, time received)."""
     eng = engine(kind, where, prefix)

@@ -175,3 +175,42 @@ def test_sqlite_writer_killed_mid_stream_loses_no_acknowledged_event(
 
     with sqlite3.connect(where) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_8_processes_opening_at_capacity_all_succeed_and_evict_each_session_once(
+    shared: tuple[str, str, str], parent: Any
+) -> None:
+    """Eviction when several processes open sessions at once, at capacity: every open
+    succeeds, every marked session is either still there or was deleted exactly once
+    (its on_delete ran in one process), and the store holds about ``capacity``."""
+    kind, where, prefix = shared
+    capacity = 20
+    engine = parent(kind, where, prefix, capacity=capacity)
+    mark: SessionState[str] = engine.session_state("mark", "")
+    for _ in range(capacity):  # full before the race starts
+        engine.open_session()
+    out, start = SPAWN.Queue(), SPAWN.Barrier(8)
+    workers = [
+        SPAWN.Process(
+            target=_workers.open_at_capacity,
+            args=(kind, where, prefix, capacity, 100, start, out),
+        )
+        for _ in range(8)
+    ]
+    run_all(workers)
+    opened: list[str] = []
+    deleted: list[str] = []
+    for _ in workers:
+        got_opened, failures, got_deleted = out.get(timeout=10)
+        assert failures == 0
+        opened += got_opened
+        deleted += got_deleted
+    assert len(deleted) == len(set(deleted))  # no session's callback ran twice
+    alive = {sid for sid in opened if engine.exists(sid)}
+    assert alive | set(deleted) == set(opened)  # each one still there, or deleted once
+    assert not alive & set(deleted)
+    assert all(mark.get(sid) == sid for sid in alive)
+    # Over capacity by at most one per open that kept losing its candidates, and the
+    # next opens evict back: one more open here brings it to capacity.
+    engine.open_session()
+    assert engine.session_count() == capacity
