@@ -90,6 +90,9 @@ class Committer:
         event's result is set. Returns the ChangeLoopError to raise, if the cascade was
         cut (everything before the cut is committed)."""
         changed = yield from self.commit_steps(ev, ev.lease, _no_listeners, collected)
+        if _no_listeners(changed):
+            ev.changed = changed  # no round: the result is made when asked for
+            return None
         all_changed = {state.name for state in changed}
         outputs = dict(ev.emitted) if ev.emitted else {}
         browser = ev.browser_io()
