@@ -4,6 +4,7 @@ server sees them (each cached once, every key they touch declared)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import uuid
@@ -284,6 +285,13 @@ class KeyWatch:
         return found
 
     def close(self) -> None:
+        """Stop watching: the stream ends, the watching thread reads its end, and the
+        socket is closed with the file reading it (a socket closed while a file still
+        reads it stays open until both are garbage, which warns)."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=10)
+        self._lines.close()
         self._sock.close()
         self._client.close()
 
