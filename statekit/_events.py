@@ -64,7 +64,8 @@ class ListenerFailure:
 
 @attrs.frozen(kw_only=True)
 class EventResult:
-    """What an event did, available as ``ev.result`` once the ``with`` block ends.
+    """What an event did: ``ev.result`` once the ``with`` block ended without an
+    exception.
 
     Attributes:
         sid: the session.
@@ -294,6 +295,24 @@ def _check(s: EventState, state: object) -> None:
         raise WrongEngine(state.name, state.engine.app, s.engine.app)
 
 
+def _no_result(ev: EventState) -> str:
+    """Why an event has no result (yet)."""
+    if not ev.started:
+        return (
+            "this event has no result yet: its 'with' block was not entered; read "
+            "ev.result after the block ends"
+        )
+    if ev.active:
+        return (
+            "this event has no result yet: its 'with' block is still running; read "
+            "ev.result after the block ends"
+        )
+    return (
+        "this event failed (its block, its entering or its commit raised), so nothing "
+        "of it was committed and it has no result"
+    )
+
+
 class Event(EventState):
     """One user action on one session; use as ``with engine.event(sid) as ev:``.
 
@@ -352,9 +371,18 @@ class Event(EventState):
     # -- what the host's code reads ------------------------------------------------
 
     @property
-    def result(self) -> EventResult | None:
-        """What the event did, once its block ended without an exception; else None."""
-        if self.done is None and self.changed is not None:
+    def result(self) -> EventResult:
+        """What the event did, once its block ended without an exception (and its
+        commit succeeded).
+
+        Raises:
+            UsageError: the block has not ended yet (or was never entered), or the
+                event failed — its block, its entering or its commit raised — so that
+                nothing of it was committed and there is no result to read.
+        """
+        if self.done is None:
+            if self.changed is None:
+                raise UsageError(_no_result(self))
             browser = self.browser
             self.done = EventResult(
                 sid=self.sid,

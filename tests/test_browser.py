@@ -409,13 +409,11 @@ class TestBrowserStateInEvents:
         with engine.event(sid) as ev:
             assert ev[creds] == ["", ""]
             ev[creds] = ["ann", "hunter2"]
-        assert ev.result is not None
         assert ev.result.browser_problems == {"credentials": TokenProblem.MISSING}
         token = ev.result.browser["login"]
         assert "hunter2" not in token
         with engine.event(engine.open_session(), browser={"login": token}) as ev2:
             assert ev2[creds] == ["ann", "hunter2"]  # a refresh: a new session, same value
-        assert ev2.result is not None
         assert ev2.result.browser == {}  # unchanged: nothing to send back
 
     @pytest.mark.parametrize("falsy", ["", 0, False, None, [], {}])
@@ -425,7 +423,6 @@ class TestBrowserStateInEvents:
         sid = engine.open_session()
         with engine.event(sid) as ev:
             ev[flag] = falsy
-        assert ev.result is not None
         token = ev.result.browser["flag"]
         with engine.event(sid, browser={"flag": token}) as ev:
             assert compare(ev[flag], falsy) is Change.SAME
@@ -438,7 +435,6 @@ class TestBrowserStateInEvents:
         with engine.event(sid) as ev:
             ev[creds][0] = "bob"
         assert seen == [["bob", ""]]
-        assert ev.result is not None
         assert ev.result.changed == {"credentials"}
 
     def test_bad_tokens_read_as_default_with_a_reason_and_never_raise(self) -> None:
@@ -453,7 +449,6 @@ class TestBrowserStateInEvents:
         ]:
             with engine.event(sid, browser={"login": bad, 5: "ignored"}) as ev:
                 assert ev[creds] == ["", ""]
-            assert ev.result is not None
             assert ev.result.browser_problems == {"credentials": problem}
 
     def test_expired_token_reads_as_default(self) -> None:
@@ -461,12 +456,10 @@ class TestBrowserStateInEvents:
         sid = engine.open_session()
         with engine.event(sid) as ev:
             ev[creds] = ["ann", "pw"]
-        assert ev.result is not None
         token = ev.result.browser["login"]
         creds._clock.advance(3601)
         with engine.event(engine.open_session(), browser={"login": token}) as ev:
             assert ev[creds] == ["", ""]
-        assert ev.result is not None
         assert ev.result.browser_problems == {"credentials": TokenProblem.EXPIRED}
 
     def test_a_token_of_a_retired_key_is_reissued(self) -> None:
@@ -479,7 +472,6 @@ class TestBrowserStateInEvents:
         sid = engine.open_session()
         with engine.event(sid, browser={"p": token}) as ev:
             assert ev[prefs] == "dark"
-        assert ev.result is not None
         fresh = ev.result.browser["p"]
         new_only = StateEngine().browser_state("p", "light", keys=BrowserKeys([SECRET]))
         assert new_only.decode(fresh).value == "dark"

@@ -279,7 +279,6 @@ class TestSnapshots:
             peak = tracemalloc.get_traced_memory()[1] - start
         finally:
             tracemalloc.stop()
-        assert ev.result is not None
         assert ev.result.changed == ({"big"} if mutate else set())
         # Unchanged: the working copy and its image. Changed: also the stored value,
         # opened for the exact walk.
@@ -302,7 +301,6 @@ class TestSnapshots:
             while len(inner) == 1 and isinstance(inner[0], list):
                 inner = inner[0]
             inner[0] = 2
-        assert ev.result is not None
         assert ev.result.changed == {"deep"}
         assert compare(deep.get(sid), nest(100_000, 2)) is Change.SAME
 

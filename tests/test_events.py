@@ -60,7 +60,6 @@ class TestReadWrite:
         sid = engine.open_session()
         with engine.event(sid) as ev:
             ev[profile].tags.append("admin")
-        assert ev.result is not None
         assert ev.result.changed == {"profile"}
         assert profile.get(sid) == Profile("ann", ["admin"])
 
@@ -118,7 +117,6 @@ class TestReadWrite:
         sid = engine.open_session()
         with engine.event(sid) as ev:
             ev[cart] = [1, 2]
-        assert ev.result is not None
         assert ev.result.changed == frozenset()
 
     def test_outputs_are_returned_in_the_result(self, engine: StateEngine) -> None:
@@ -127,10 +125,37 @@ class TestReadWrite:
             ev.emit("status", "ok")
             ev.emit("count", 3)
             assert ev.outputs == {"status": "ok", "count": 3}
-        assert ev.result is not None
         assert ev.result.outputs == {"status": "ok", "count": 3}
         assert ev.result.sid == sid
         assert sid not in repr(ev.result)
+
+    def test_the_result_is_there_after_a_good_block_and_says_why_not_otherwise(
+        self, engine: StateEngine
+    ) -> None:
+        """``ev.result`` is an EventResult once the block ended well (typed so, no
+        ``None`` to check); before that, or after a failed block, reading it raises
+        UsageError saying why (it used to answer None, which a host could mistake for
+        "nothing changed")."""
+        cart = engine.session_state("cart", [1])
+        sid = engine.open_session()
+        ev = engine.event(sid)
+        with pytest.raises(UsageError, match="was not entered"):
+            ev.result
+        with ev:
+            ev[cart].append(2)
+            with pytest.raises(UsageError, match="still running"):
+                ev.result
+        assert ev.result.changed == {"cart"}
+        with pytest.raises(RuntimeError, match="boom"), engine.event(sid) as failed:
+            failed[cart].append(3)
+            raise RuntimeError("boom")
+        with pytest.raises(UsageError, match="nothing of it was committed"):
+            failed.result
+        unknown = engine.event("x" * 32)
+        with pytest.raises(SessionNotFound), unknown:
+            pass
+        with pytest.raises(UsageError, match="failed"):
+            unknown.result
 
 
 class TestGlobalsInEvents:
@@ -244,7 +269,6 @@ class TestListeners:
         sid = engine.open_session()
         with engine.event(sid) as ev:
             ev[cart] = ["a", "b"]
-        assert ev.result is not None
         assert ev.result.changed == {"cart", "size", "label"}
         assert ev.result.outputs == {"label": "2 items"}
         assert label.get(sid) == "2 items"
@@ -284,7 +308,6 @@ class TestListeners:
         assert cart.get(sid) == ["a"]
         assert size.get(sid) == 0  # the broken listener's own write is discarded
         assert seen == [1]  # other listeners still ran
-        assert ev.result is not None
         (failure,) = ev.result.errors
         assert failure.state == "cart"
         assert "broken" in failure.listener
@@ -302,7 +325,6 @@ class TestListeners:
         sid = engine.open_session()
         with engine.event(sid) as ev:
             ev[cart] = ["a"]
-        assert ev.result is not None
         assert isinstance(ev.result.errors[0].error, UsageError)
 
     def test_global_listener_gets_the_new_value(self, engine: StateEngine) -> None:

@@ -23,11 +23,28 @@ def test_console_demo_walks_through_the_guide(capsys: pytest.CaptureFixture[str]
     assert "visitors: 7, live sessions: 3" in out
 
 
-def test_readme_example_runs_and_prints_what_it_says(capsys: pytest.CaptureFixture[str]) -> None:
+def readme_example() -> str:
     readme = (EXAMPLES.parent.parent / "README.md").read_text()
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    return readme.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_runs_and_prints_what_it_says(capsys: pytest.CaptureFixture[str]) -> None:
+    exec(compile(readme_example(), "README.md", "exec"), {"__name__": "readme"})
     assert capsys.readouterr().out.strip() == "{'cart_size': 1}"
+
+
+def test_readme_example_passes_mypy_strict_as_written(tmp_path: Path) -> None:
+    """A user's type checker accepts the first code they read: ``ev.result.outputs``
+    after the block is an EventResult's, not an optional's (an ``EventResult | None``
+    fails here with union-attr)."""
+    from mypy import api
+
+    example = tmp_path / "readme_example.py"
+    example.write_text(readme_example())
+    out, err, status = api.run(
+        [str(example), "--strict", "--cache-dir", str(tmp_path / "cache"), "--no-error-summary"]
+    )
+    assert (status, out, err) == (0, "", "")
 
 
 def test_import_statekit_loads_no_optional_dependency() -> None:

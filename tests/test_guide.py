@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from statekit import Event, SessionState, StateEngine
+from statekit import Event, EventResult, SessionState, StateEngine
 
 from .conftest import declared
 
@@ -49,7 +49,7 @@ class TestVisitorCounter:
 
 
 class TestCart:
-    def add_items(self, engine: StateEngine, sid: str, items: list[str]) -> object:
+    def add_items(self, engine: StateEngine, sid: str, items: list[str]) -> EventResult:
         cart = declared(engine, "cart")
         with engine.event(sid) as ev:
             ev[cart] = ev[cart] + items
@@ -70,12 +70,12 @@ class TestCart:
         cart_size = declared(engine, "cart_size")
         sid = engine.open_session()
         result = self.add_items(engine, sid, ["Milk", "Water"])
-        assert result.outputs == {"cart_size": 2}  # type: ignore[attr-defined]
+        assert result.outputs == {"cart_size": 2}
         assert cart_size.get(sid) == 2
         result = self.add_items(engine, sid, ["Cereal"])
-        assert result.outputs == {"cart_size": 3}  # type: ignore[attr-defined]
+        assert result.outputs == {"cart_size": 3}
         result = self.add_items(engine, sid, [])
-        assert result.outputs == {}  # type: ignore[attr-defined]
+        assert result.outputs == {}
         assert cart_size.get(sid) == 3
 
     def test_refresh_is_a_new_session_starting_from_the_default(self, engine: StateEngine) -> None:

@@ -146,7 +146,6 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
         async with engine.aevent(sid) as ev:
             ev[cart] = ev[cart] + items
             body = {"cart": ev[cart]}
-        assert ev.result is not None
         body["cart_size"] = ev.result.outputs.get("cart_size", len(body["cart"]))
         return respond(body, ev.result)
 
