@@ -1,11 +1,14 @@
 """The contract every store implements, run against each store by subclassing.
 
 A subclass provides ``make_store()``; every test then talks to the store's namespace
-directly, through the :class:`~statekit.stores.StoreNamespace` protocol only.
+directly, through the :class:`~statekit.stores.StoreNamespace` protocol only. A store
+whose namespaces also offer the async calls (``AsyncStoreNamespace``) runs the contract
+once more through them (:class:`Awaited`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -81,9 +84,34 @@ class _Decoded:
         return self._ns.global_cas(name, version=version, value=self._codec.encode(value))
 
 
+class Awaited:
+    """A namespace whose protocol methods are its async ones (``aload_session`` for
+    ``load_session``, ...), each awaited on ``loop`` — an event loop running in another
+    thread, the one its store's asyncio client belongs to — and answered as the
+    blocking method would be: the contract run through it checks each async method."""
+
+    def __init__(self, ns: StoreNamespace, loop: asyncio.AbstractEventLoop) -> None:
+        self._ns = ns
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        twin = getattr(self._ns, "a" + name, None)
+        if twin is None:  # subscribe, and attributes: as they are
+            return getattr(self._ns, name)
+
+        def awaited(*args: Any, **kwargs: Any) -> Any:
+            return asyncio.run_coroutine_threadsafe(twin(*args, **kwargs), self._loop).result(30)
+
+        return awaited
+
+
 class StoreContract:
     def make_store(self) -> Store:
         raise NotImplementedError
+
+    def through(self, ns: StoreNamespace) -> StoreNamespace:
+        """How the contract reaches a namespace (as it is, unless a subclass says)."""
+        return ns
 
     @pytest.fixture
     def store(self) -> Iterator[Store]:
@@ -95,7 +123,7 @@ class StoreContract:
 
     @pytest.fixture
     def ns(self, store: Store) -> StoreNamespace:
-        ns = store.namespace(f"contract-{uuid.uuid4().hex[:8]}")
+        ns = self.through(store.namespace(f"contract-{uuid.uuid4().hex[:8]}"))
         if store.codec is None:
             return ns
         return _Decoded(ns, store.codec)

@@ -17,11 +17,11 @@ import redis.asyncio as aioredis
 
 from statekit import StateEngine
 from statekit.exceptions import CodecError, SessionCorrupt
-from statekit.stores import Loaded, Store
+from statekit.stores import Loaded, Store, StoreNamespace
 from statekit.stores.redis import RedisStore
 from statekit.testing import FakeClock, RedisServer
 
-from .store_contract import SharedStoreContract
+from .store_contract import Awaited, SharedStoreContract
 
 
 class TestRedisStore(SharedStoreContract):
@@ -31,6 +31,33 @@ class TestRedisStore(SharedStoreContract):
 
     def make_store(self) -> Store:
         return RedisStore(self.server.url, prefix=f"t{uuid.uuid4().hex[:6]}")
+
+
+class TestRedisStoreAwaited(SharedStoreContract):
+    """The store contract through the namespace's async methods, on an asyncio client:
+    an open at capacity, a reap, a peek, a float's add, each made of several calls,
+    answer as the blocking ones do. Fails without them, or if one differs."""
+
+    @pytest.fixture(autouse=True)
+    def _loop(self, redis_server: RedisServer) -> Iterator[None]:
+        self.server = redis_server
+        self.loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        thread.start()
+        self.client = aioredis.Redis.from_url(redis_server.url)
+        yield
+        asyncio.run_coroutine_threadsafe(self.client.aclose(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        thread.join(10)
+        self.loop.close()
+
+    def make_store(self) -> Store:
+        return RedisStore(
+            self.server.url, async_client=self.client, prefix=f"aw{uuid.uuid4().hex[:6]}"
+        )
+
+    def through(self, ns: StoreNamespace) -> StoreNamespace:
+        return Awaited(ns, self.loop)
 
 
 def test_async_events_use_the_asyncio_client_and_never_block_the_loop(

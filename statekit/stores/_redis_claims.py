@@ -4,7 +4,8 @@ A load, peek, reap, open or close can remove expired sessions or values, whose
 callbacks run in the engine that receives the reply. When that reply is lost (and the
 store's resend gets none either), the request is kept here; the handle's next reap
 reads its remembered reply back from the server (``REPLAY``) and hands over what it
-removed, so that their callbacks still run, once.
+removed, so that their callbacks still run, once. Reading back is written as calls
+(``_redis_calls``), so that a reap or a shutdown does it on either client.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from statekit import _fork
 from statekit.exceptions import StoreUnavailable
 
+from ._redis_calls import Ops, Plan
 from ._redis_replies import claims_in
 from .base import Ended
 
@@ -39,13 +40,10 @@ class LostClaims:
 
     Args:
         store: names the store in warnings.
-        replay: reads the reply remembered under a request key: ``[1, reply]``, or
-            ``[0]`` when none is (any more).
     """
 
-    def __init__(self, store: object, replay: Callable[[str], list[Any]]) -> None:
+    def __init__(self, store: object) -> None:
         self._store = store
-        self._replay = replay
         # request key -> (script, session id, when to give up, on the monotonic clock)
         self._lost: dict[str, tuple[str, str, float]] = {}
         self._lock = threading.Lock()
@@ -64,12 +62,13 @@ class LostClaims:
         if dropped is not None:
             self._warn(dropped[0])
 
-    def resolve(self) -> list[Ended]:
-        """Read back the replies of the requests kept, and return what they claimed.
-        Each request is taken out of the table before it is read (so that two threads
-        never both hand its entries over) and put back if the read fails; what was read
-        is returned even then, and the rest waits for the next call, until too old
-        (then logged)."""
+    def resolve(self) -> Ops[list[Ended]]:
+        """Read back the replies of the requests kept (``REPLAY`` answers ``[1,
+        reply]``, or ``[0]`` when none is remembered any more), and return what they
+        claimed. Each request is taken out of the table before it is read (so that two
+        threads never both hand its entries over) and put back if the read fails; what
+        was read is returned even then, and the rest waits for the next call, until
+        too old (then logged)."""
         ended: list[Ended] = []
         now = time.monotonic()
         while True:
@@ -82,7 +81,7 @@ class LostClaims:
                 self._warn(name)
                 continue
             try:
-                found = self._replay(request)
+                found: list[Any] = yield Plan("REPLAY", [request], [], list)
             except StoreUnavailable:
                 with self._lock:
                     self._lost[request] = (name, sid, give_up)

@@ -1,10 +1,11 @@
 """One application's state in a Redis store: the store protocol's operations, each
-made of the keys and arguments of one script (see ``_redis_scripts``) and the reading
-of its reply (``_redis_replies``).
+made of the keys and arguments of scripts (see ``_redis_scripts``) and the reading of
+their replies (``_redis_replies``).
 
-An operation the engine also awaits (load, commit, release) is *planned* once — its
-script, keys and arguments, and how to read the answer — and run either blocking or on
-the store's asyncio client.
+Every operation is written once — a *plan* of one script call and how to read its
+answer, or a generator of the calls it makes (``_redis_calls``) — and run either
+blocking (``load_session``) or awaited (``aload_session``): on the store's asyncio
+client when it has one, else blocking in a worker thread.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
-
-import attrs
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from statekit import _fork
 from statekit._codec import JSONCodec
@@ -25,6 +24,7 @@ from statekit.exceptions import CodecError, SessionCorrupt, StoreUnavailable
 
 from . import _redis_replies as replies
 from ._notices import NoticeFeed
+from ._redis_calls import Call, Ops, Pause, Plan, Read, raw
 from ._redis_claims import CLAIM_TTL, LostClaims
 from ._redis_failures import DamagedKey, read_failure
 from ._redis_notices import NoticeReceiver
@@ -66,40 +66,48 @@ _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
 
-@attrs.frozen
-class _Plan(Generic[_T]):
-    """One script call of an operation, and how to read its reply."""
-
-    script: str
-    keys: list[Any]
-    args: list[Any]
-    answer: Callable[[Any], _T]
+_Operation = Callable[Concatenate["RedisNamespace", _P], "Plan[_T] | Ops[_T]"]
 
 
 def _blocking(
-    plan: Callable[Concatenate[RedisNamespace, _P], _Plan[_T]],
+    operation: _Operation[_P, _T],
 ) -> Callable[Concatenate[RedisNamespace, _P], _T]:
-    """The operation ``plan`` makes, run on the blocking client."""
+    """The operation, run on the blocking client (see :meth:`RedisNamespace._drive`)."""
 
-    @functools.wraps(plan)
+    @functools.wraps(operation)
     def run(self: RedisNamespace, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        call = plan(self, *args, **kwargs)
-        return call.answer(self._run(call.script, call.keys, call.args))
+        return self._drive(operation(self, *args, **kwargs))
 
     return run
 
 
 def _awaiting(
-    plan: Callable[Concatenate[RedisNamespace, _P], _Plan[_T]],
+    operation: _Operation[_P, _T],
 ) -> Callable[Concatenate[RedisNamespace, _P], Coroutine[Any, Any, _T]]:
-    """The operation ``plan`` makes, awaited (see :meth:`RedisNamespace._arun`)."""
+    """The operation, awaited (see :meth:`RedisNamespace._adrive`)."""
 
-    @functools.wraps(plan)
+    @functools.wraps(operation)
     async def run(self: RedisNamespace, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        call = plan(self, *args, **kwargs)
-        return call.answer(await self._arun(call.script, call.keys, call.args))
+        return await self._adrive(operation(self, *args, **kwargs))
 
     return run
+
+
+def _hmget(key: str, fields: tuple[str, ...], client: Any) -> Any:
+    return client.hmget(key, *fields)
+
+
+def _due(index: str, until: str, count: int, client: Any) -> Any:
+    return client.zrangebyscore(index, "-inf", until, start=0, num=count)
+
+
+def _cards(keys: tuple[str, ...], client: Any) -> Any:
+    """The sizes of sorted sets, in one round trip; an error in place of a size whose
+    key holds another type of value."""
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.zcard(key)
+    return pipe.execute(raise_on_error=False)
 
 
 def _sid_in(member: bytes) -> bytes | None:
@@ -138,7 +146,7 @@ class RedisNamespace:
         # The last candidates to evict the server named: at capacity, the next open
         # declares those still unused at once (one script call, not two).
         self._candidates: list[Any] = []
-        self._claims = LostClaims(store, self._replay)
+        self._claims = LostClaims(store)
         self._notices = NoticeReceiver(
             store.client,
             self.channel,
@@ -198,15 +206,69 @@ class RedisNamespace:
         )
         return self._checked(reply)
 
-    async def _arun(self, name: str, keys: list[Any], args: list[Any]) -> Any:
-        """:meth:`_run` on the store's asyncio client, or, without one, the blocking
-        client in a worker thread."""
-        client = self._store.async_client
-        if client is None:
-            return await asyncio.to_thread(self._run, name, keys, args)
+    async def _arun(self, client: Any, name: str, keys: list[Any], args: list[Any]) -> Any:
+        """:meth:`_run` on ``client``, an asyncio client."""
         lost = self._keeper(name, keys, args)
         reply = await self._store.arun(client, name, keys, args, name in _APPLIES, lost)
         return self._checked(reply)
+
+    def _drive(self, operation: Plan[_T] | Ops[_T]) -> _T:
+        """Run an operation on the blocking client. An exception a call raises is
+        thrown into the operation's calls, which may handle it."""
+        if isinstance(operation, Plan):
+            return operation.answer(self._run(operation.script, operation.keys, operation.args))
+        try:
+            call = operation.send(None)
+            while True:
+                try:
+                    answer = self._call(call)
+                except BaseException as exc:
+                    call = operation.throw(exc)
+                else:
+                    call = operation.send(answer)
+        except StopIteration as stop:
+            result: _T = stop.value
+            return result
+
+    def _call(self, call: Call) -> Any:
+        if isinstance(call, Plan):
+            return call.answer(self._run(call.script, call.keys, call.args))
+        if isinstance(call, Read):
+            client = self._store.client
+            return self._store.read(functools.partial(call.command, client), damaged=call.damaged)
+        time.sleep(call.seconds)
+        return None
+
+    async def _adrive(self, operation: Plan[_T] | Ops[_T]) -> _T:
+        """:meth:`_drive` on the store's asyncio client, or, without one, the blocking
+        client in a worker thread."""
+        client = self._store.async_client
+        if client is None:
+            return await asyncio.to_thread(self._drive, operation)
+        if isinstance(operation, Plan):
+            reply = await self._arun(client, operation.script, operation.keys, operation.args)
+            return operation.answer(reply)
+        try:
+            call = operation.send(None)
+            while True:
+                try:
+                    answer = await self._acall(client, call)
+                except BaseException as exc:
+                    call = operation.throw(exc)
+                else:
+                    call = operation.send(answer)
+        except StopIteration as stop:
+            result: _T = stop.value
+            return result
+
+    async def _acall(self, client: Any, call: Call) -> Any:
+        if isinstance(call, Plan):
+            return call.answer(await self._arun(client, call.script, call.keys, call.args))
+        if isinstance(call, Read):
+            command = functools.partial(call.command, client)
+            return await self._store.aread(command, damaged=call.damaged)
+        await asyncio.sleep(call.seconds)
+        return None
 
     def _checked(self, reply: Any) -> Any:
         """The reply, unless it says an index of the app is damaged (checked before
@@ -230,9 +292,6 @@ class RedisNamespace:
             keep=ttl if name in _APPLIES else min(CLAIM_TTL, ttl),
         )
 
-    def _replay(self, request: str) -> list[Any]:
-        return list(self._run("REPLAY", [request], []))
-
     def _backstop(self, now: float, deadline: float) -> int:
         """Milliseconds until the key's TTL: the deadline's distance plus the backstop
         (relative, so the server's clock and the engine's need not agree)."""
@@ -240,9 +299,9 @@ class RedisNamespace:
 
     # -- sessions ---------------------------------------------------------------
 
-    def create_session(
+    def _create(
         self, sid: str, *, now: float, deadline: float, capacity: int
-    ) -> tuple[Ended, ...]:
+    ) -> Ops[tuple[Ended, ...]]:
         # At capacity the script names candidates to evict (the oldest sessions, a few
         # more than needed), writing nothing; it is run again with their keys declared,
         # under the same request key, and evicts those still there. Other processes
@@ -258,12 +317,12 @@ class RedisNamespace:
             room = capacity if attempt < _EVICT_TRIES else _NO_LIMIT
             args = [self._settings, sid, *tail, room, backstop, *candidates]
             keys = [dl, request, lru, closed, self.P + "s:" + sid, *self._pairs(candidates)]
-            reply = self._run("CREATE", keys, args)
+            reply = yield Plan("CREATE", keys, args, raw)
             if replies.text(reply[0]) != "full":
                 break
             candidates = reply[1]
             if attempt:  # a first refusal only names them; later ones lost a race
-                time.sleep(random.uniform(0, 0.001 * 2**attempt))
+                yield Pause(random.uniform(0, 0.001 * 2**attempt))
         evicted, junk = replies.created(reply)
         gone = {e.sid.encode() for e in evicted} | set(junk)
         # Kept for the next open while evictions go on; below capacity, nothing is.
@@ -272,9 +331,12 @@ class RedisNamespace:
             replies.warn_junk(self._store, self.P + "lru", junk)
         return evicted
 
+    create_session = _blocking(_create)
+    acreate_session = _awaiting(_create)
+
     def _load(
         self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
-    ) -> _Plan[Loaded | Gone | Busy | None]:
+    ) -> Plan[Loaded | Gone | Busy | None]:
         args = [
             self._settings,
             sid,
@@ -284,22 +346,21 @@ class RedisNamespace:
             "" if lease is None else replies.num(lease.until),
             self._backstop(now, now if touch_until is None else touch_until),
         ]
-        return _Plan("LOAD", self._session(sid), args, functools.partial(replies.loaded, sid))
+        return Plan("LOAD", self._session(sid), args, functools.partial(replies.loaded, sid))
 
     load_session = _blocking(_load)
     aload_session = _awaiting(_load)
 
-    def peek(
+    def _peek(
         self, sid: str, name: str, *, now: float, touch_until: float | None
-    ) -> Loaded | Gone | None:
+    ) -> Ops[Loaded | Gone | None]:
         # Most reads need no script: one HMGET, like a raw GET, shows the session live,
         # the value not due and no touch due (see touch() in the scripts). Any
         # other case (gone, expired, a value past its ttl, a touch due, a field that
         # does not parse) runs the PEEK script, which decides it atomically.
         key = self.P + "s:" + sid
-        client = self._store.client
-        version, closed, deadline, value, value_deadline = self._store.read(
-            lambda: client.hmget(key, "_v", "_c", "_d", "v:" + name, "t:" + name),
+        version, closed, deadline, value, value_deadline = yield Read(
+            functools.partial(_hmget, key, ("_v", "_c", "_d", "v:" + name, "t:" + name)),
             damaged=lambda: SessionCorrupt(sid, "its Redis key holds another type of value"),
         )
         try:
@@ -331,9 +392,13 @@ class RedisNamespace:
             name,
             self._backstop(now, now if touch_until is None else touch_until),
         ]
-        outcome = replies.loaded(sid, self._run("PEEK", self._session(sid), args))
+        answer = functools.partial(replies.loaded, sid)
+        outcome: Loaded | Gone | Busy | None = yield Plan("PEEK", self._session(sid), args, answer)
         assert not isinstance(outcome, Busy)
         return outcome
+
+    peek = _blocking(_peek)
+    apeek = _awaiting(_peek)
 
     def _commit(
         self,
@@ -345,12 +410,12 @@ class RedisNamespace:
         now: float,
         lease: str | None = None,
         release: bool = True,
-    ) -> _Plan[int]:
+    ) -> Plan[int]:
         args: list[Any] = [self._settings, sid, str(version), lease or "", "1" if release else "0"]
         for name, value in writes.items():
             deadline = ttl_deadlines.get(name)
             args += [name, value, "" if deadline is None else replies.num(deadline)]
-        return _Plan(
+        return Plan(
             "COMMIT",
             self._session(sid, claims=False),
             args,
@@ -360,13 +425,13 @@ class RedisNamespace:
     commit = _blocking(_commit)
     acommit = _awaiting(_commit)
 
-    def _release(self, sid: str, *, lease: str) -> _Plan[None]:
-        return _Plan("RELEASE", [self.P + "s:" + sid], [lease], lambda reply: None)
+    def _release(self, sid: str, *, lease: str) -> Plan[None]:
+        return Plan("RELEASE", [self.P + "s:" + sid], [lease], lambda reply: None)
 
     release = _blocking(_release)
     arelease = _awaiting(_release)
 
-    def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
+    def _close(self, sid: str, *, now: float, deadline: float) -> Plan[bool | Gone | None]:
         args = [
             self._settings,
             sid,
@@ -374,30 +439,31 @@ class RedisNamespace:
             replies.num(deadline),
             self._backstop(now, deadline),
         ]
-        return replies.closed(sid, self._run("CLOSE", self._session(sid), args))
+        return Plan("CLOSE", self._session(sid), args, functools.partial(replies.closed, sid))
 
-    def session_count(self) -> int:
-        client = self._store.client
+    close_session = _blocking(_close)
+    aclose_session = _awaiting(_close)
+
+    def _count(self) -> Ops[int]:
         lru, closed = self.P + "lru", self.P + "closed"
-
-        def count() -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            pipe.zcard(lru)
-            pipe.zcard(closed)
-            return list(pipe.execute(raise_on_error=False))
-
-        counts = self._store.read(count, damaged=lambda: DamagedKey(str(self._store), lru))
+        counts = yield Read(
+            functools.partial(_cards, (lru, closed)),
+            damaged=functools.partial(DamagedKey, str(self._store), lru),
+        )
         for key, found in zip((lru, closed), counts, strict=True):
             if isinstance(found, Exception):
                 damaged = functools.partial(DamagedKey, str(self._store), key)
                 raise read_failure(str(self._store), found, damaged) from found
         return int(sum(counts))
 
+    session_count = _blocking(_count)
+    asession_count = _awaiting(_count)
+
     # -- lifetimes ---------------------------------------------------------------
 
-    def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
+    def _reap(self, *, now: float, limit: int) -> Ops[tuple[Ended, ...]]:
         if self._claims:
-            made_good = self._claims.resolve()
+            made_good = yield from self._claims.resolve()
             if made_good:  # hand these over first: a failing reap must not lose them
                 return tuple(made_good)
         # Two steps: read the due members of the deadline index, then claim them in a
@@ -405,7 +471,6 @@ class RedisNamespace:
         # when nothing more is due; no script looks at more than budget members, so a
         # pile of junk takes several (each read asks for more once junk turns up).
         budget = max(BUDGET_MIN, limit * BUDGET_PER_ENTRY)
-        client = self._store.client
         index = self.P + "dl"
         out: list[Ended] = []
         junk: list[Any] = []
@@ -413,10 +478,8 @@ class RedisNamespace:
         try:
             while len(out) < limit:
                 want = min(budget, max(size, limit - len(out)))
-                members: list[bytes] = self._store.read(
-                    functools.partial(
-                        client.zrangebyscore, index, "-inf", replies.num(now), start=0, num=want
-                    ),
+                members: list[bytes] = yield Read(
+                    functools.partial(_due, index, replies.num(now), want),
                     damaged=functools.partial(DamagedKey, str(self._store), index),
                 )
                 if not members:
@@ -425,7 +488,7 @@ class RedisNamespace:
                 dl, lru, closed = self._indexes
                 keys = [dl, self._request(), lru, closed, *self._pairs(sids)]
                 args = [self._settings, replies.num(now), limit - len(out), len(sids), *sids]
-                ended, removed = self._run("REAP", keys, [*args, *members])
+                ended, removed = yield Plan("REAP", keys, [*args, *members], raw)
                 out.extend(replies.reaped(item) for item in ended)
                 junk.extend(removed)
                 if removed:
@@ -434,6 +497,9 @@ class RedisNamespace:
         finally:
             if junk:
                 replies.warn_junk(self._store, index, junk)
+
+    reap = _blocking(_reap)
+    areap = _awaiting(_reap)
 
     # -- globals -----------------------------------------------------------------
 
@@ -445,11 +511,9 @@ class RedisNamespace:
             state=name,
         )
 
-    def global_get(self, name: str) -> tuple[Any, int] | None:
-        key = self.P + "g:" + name
-        client = self._store.client
-        value, version = self._store.read(
-            lambda: client.hmget(key, "v", "n"),
+    def _global_get(self, name: str) -> Ops[tuple[Any, int] | None]:
+        value, version = yield Read(
+            functools.partial(_hmget, self.P + "g:" + name, ("v", "n")),
             damaged=lambda: self._damaged_global(name, "holds another type of value"),
         )
         if value is None and version is None:
@@ -464,17 +528,26 @@ class RedisNamespace:
                 "is not a hash statekit wrote (a field is missing or its version is not a number)",
             ) from None
 
-    def global_cas(self, name: str, *, version: int | None, value: Any) -> int | None:
-        reply = self._run(
+    global_get = _blocking(_global_get)
+    aglobal_get = _awaiting(_global_get)
+
+    def _global_cas(self, name: str, *, version: int | None, value: Any) -> Plan[int | None]:
+        def answer(reply: Any) -> int | None:
+            if isinstance(reply, list):  # {'wrongtype'}
+                raise self._damaged_global(name, "holds another type of value")
+            return None if reply is None else int(reply)
+
+        return Plan(
             "GLOBAL_CAS",
             [self.P + "g:" + name, self._request()],
             [self._request_ms, "" if version is None else str(version), value],
+            answer,
         )
-        if isinstance(reply, list):  # {'wrongtype'}
-            raise self._damaged_global(name, "holds another type of value")
-        return None if reply is None else int(reply)
 
-    def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
+    global_cas = _blocking(_global_cas)
+    aglobal_cas = _awaiting(_global_cas)
+
+    def _global_add(self, name: str, amount: int | float, *, default: int | float) -> Ops[Any]:
         codec = self._store.codec
         if isinstance(codec, JSONCodec) and type(amount) is int and type(default) is int:
             try:
@@ -483,20 +556,24 @@ class RedisNamespace:
                 args = None
             if args is not None:
                 keys = [self.P + "g:" + name, self._request()]
-                raw = self._run("GLOBAL_ADD", keys, args)
-                if isinstance(raw, list):  # the key is not a hash statekit wrote
-                    self.global_get(name)  # raises, saying what is wrong
+                added = yield Plan("GLOBAL_ADD", keys, args, raw)
+                if isinstance(added, list):  # the key is not a hash statekit wrote
+                    yield from self._global_get(name)  # raises, saying what is wrong
                     raise self._damaged_global(name, "is damaged")
-                if raw is not None:
-                    return int(raw)
+                if added is not None:
+                    return int(added)
         # Floats, huge integers, other codecs: read, add, compare-and-set.
         while True:
-            found = self.global_get(name)
+            found = yield from self._global_get(name)
             current = default if found is None else codec.decode(found[0])
             total = current + amount
             version = None if found is None else found[1]
-            if self.global_cas(name, version=version, value=codec.encode(total)) is not None:
+            swapped = yield self._global_cas(name, version=version, value=codec.encode(total))
+            if swapped is not None:
                 return total
+
+    global_add = _blocking(_global_add)
+    aglobal_add = _awaiting(_global_add)
 
     # -- notices -----------------------------------------------------------------
 
@@ -513,7 +590,18 @@ class RedisNamespace:
         """Stop receiving notices; hand over what requests whose reply was lost
         removed, if it can still be read back (its callbacks are due here)."""
         self._feed.stop()
+        return self._drive(self._made_good())
+
+    async def ashutdown(self) -> tuple[Ended, ...]:
+        """:meth:`shutdown`, the notice thread stopped in a worker thread (it waits for
+        the thread) and the replies read back on the asyncio client."""
+        await asyncio.to_thread(self._feed.stop)
+        return await self._adrive(self._made_good())
+
+    def _made_good(self) -> Ops[tuple[Ended, ...]]:
+        if not self._claims:
+            return ()
         try:
-            return tuple(self._claims.resolve()) if self._claims else ()
+            return tuple((yield from self._claims.resolve()))
         except StoreUnavailable:  # pragma: no cover - resolve keeps what it cannot read
             return ()

@@ -321,15 +321,29 @@ class StoreNamespace(Protocol):
 
 @runtime_checkable
 class AsyncStoreNamespace(Protocol):
-    """A namespace that can also load, commit and release without blocking an event
-    loop (the Redis store with an asyncio client). Async events use these when the
-    namespace has them; other shared stores run their blocking methods in a worker
-    thread."""
+    """A namespace that can also make every store call without blocking an event loop
+    (the Redis store: on its asyncio client, or else in a worker thread of its own).
+    The engine's async methods use these when the namespace has them all; on another
+    shared store they run the blocking methods in a worker thread, and on a store of
+    this process (which does no I/O) they call them directly. Each method is as its
+    blocking namesake without the ``a``."""
+
+    async def acreate_session(
+        self, sid: str, *, now: float, deadline: float, capacity: int
+    ) -> tuple[Ended, ...]:
+        """As :meth:`StoreNamespace.create_session`."""
+        ...
 
     async def aload_session(
         self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
     ) -> Loaded | Gone | Busy | None:
         """As :meth:`StoreNamespace.load_session`."""
+        ...
+
+    async def apeek(
+        self, sid: str, name: str, *, now: float, touch_until: float | None
+    ) -> Loaded | Gone | None:
+        """As :meth:`StoreNamespace.peek`."""
         ...
 
     async def acommit(
@@ -348,6 +362,34 @@ class AsyncStoreNamespace(Protocol):
 
     async def arelease(self, sid: str, *, lease: str) -> None:
         """As :meth:`StoreNamespace.release`."""
+        ...
+
+    async def aclose_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
+        """As :meth:`StoreNamespace.close_session`."""
+        ...
+
+    async def areap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
+        """As :meth:`StoreNamespace.reap`."""
+        ...
+
+    async def asession_count(self) -> int:
+        """As :meth:`StoreNamespace.session_count`."""
+        ...
+
+    async def aglobal_get(self, name: str) -> tuple[Any, int] | None:
+        """As :meth:`StoreNamespace.global_get`."""
+        ...
+
+    async def aglobal_cas(self, name: str, *, version: int | None, value: Any) -> int | None:
+        """As :meth:`StoreNamespace.global_cas`."""
+        ...
+
+    async def aglobal_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
+        """As :meth:`StoreNamespace.global_add`."""
+        ...
+
+    async def ashutdown(self) -> tuple[Ended, ...]:
+        """As :meth:`StoreNamespace.shutdown` (stopping a receiving thread included)."""
         ...
 
 

@@ -29,7 +29,7 @@ import hashlib
 import logging
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 try:
@@ -205,6 +205,15 @@ class RedisStore:
         error reply, which means a key read holds another type, to ``damaged()``."""
         try:
             return fn()
+        except (*UNAVAILABLE, RedisError) as exc:
+            raise read_failure(self._label, exc, damaged) from exc
+
+    async def aread(
+        self, fn: Callable[[], Awaitable[Any]], *, damaged: Callable[[], Exception]
+    ) -> Any:
+        """:meth:`read` on the asyncio client: ``fn()`` sends the commands."""
+        try:
+            return await fn()
         except (*UNAVAILABLE, RedisError) as exc:
             raise read_failure(self._label, exc, damaged) from exc
 
