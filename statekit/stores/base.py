@@ -137,9 +137,13 @@ class SessionData(Protocol):
     def values(self) -> Mapping[str, Any]: ...
 
 
-@attrs.frozen(kw_only=True)
+@attrs.define(kw_only=True)
 class Loaded:
-    """A session as loaded at the start of an event.
+    """A session as loaded at the start of an event, or by a peek.
+
+    A plain record rather than a frozen one: one is made for every load and peek, and
+    a frozen record costs twice as much to make (a fifth of a peek on the memory
+    store). Treat it as read-only all the same.
 
     Attributes:
         sid: the session id.

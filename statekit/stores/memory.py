@@ -244,23 +244,32 @@ class _MemoryNamespace:
     def load_session(
         self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
     ) -> Loaded | Gone | Busy | None:
+        return self._loaded(sid, now, touch_until)  # leases are for shared stores
+
+    def _loaded(self, sid: str, now: float, touch_until: float | None) -> Loaded | Gone | None:
         expired: list[Ended] = []
         with self._lock:
-            rec = self._open.get(sid) or self._closed.get(sid)
+            rec = self._open.get(sid)
+            if rec is not None and rec.deadline > now and not rec.value_deadlines:
+                if touch_until is not None:  # the common case, inline
+                    rec.deadline = touch_until
+                    self._open.move_to_end(sid)
+                return Loaded(sid=sid, version=rec.version, closed=False, values=rec.values)
+            rec = rec or self._closed.get(sid)
             if rec is None:
                 return self._gone_answer(sid)
             gone = self._load(rec, expired, now, touch_until)
-        if gone is not None:
-            if self._subscribers:
-                self._publish(self._ended_notices((gone.ended,)))  # type: ignore[arg-type]
-            return gone
-        return Loaded(
-            sid=sid,
-            version=rec.version,
-            closed=rec.closed,
-            values=rec.values,
-            expired=tuple(expired),
-        )
+            if gone is None:
+                return Loaded(
+                    sid=sid,
+                    version=rec.version,
+                    closed=rec.closed,
+                    values=rec.values,
+                    expired=tuple(expired),
+                )
+        if self._subscribers:
+            self._publish(self._ended_notices((gone.ended,)))  # type: ignore[arg-type]
+        return gone
 
     def _load(
         self, rec: _Record, expired: list[Ended], now: float, touch_until: float | None
@@ -455,9 +464,7 @@ class _MemoryNamespace:
     def peek(
         self, sid: str, name: str, *, now: float, touch_until: float | None
     ) -> Loaded | Gone | None:
-        outcome = self.load_session(sid, now=now, touch_until=touch_until)
-        assert not isinstance(outcome, Busy)
-        return outcome
+        return self._loaded(sid, now, touch_until)
 
     def commit(
         self,
@@ -606,10 +613,8 @@ class _MemoryNamespace:
 
     def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
         with self._lock:
-            current = self._globals.get(name)
-            value, version = (default, 0) if current is None else current
-            value = value + amount
-            self._globals[name] = (value, version + 1)
+            value, version = self._globals.get(name, (default, 0))
+            self._globals[name] = (value := value + amount, version + 1)
             return value
 
     # -- end ---------------------------------------------------------------------
