@@ -1,6 +1,7 @@
 """The engine's shared context: its settings, store, declarations and hooks, and what
-every part of it does the same way — checking it is usable, reading a load's answer,
-running the callbacks of what ended, reaping a few entries on the way.
+every part of it does the same way — checking it is usable, driving steps without
+blocking the event loop, reading a load's answer, peeking at a value, running the
+callbacks of what ended, reaping (a few entries on the way, or all that are due).
 
 One :class:`Core` per engine. The engine's parts (entering and leaving sessions,
 committing, notices) each hold it; none of them holds another's internals.
@@ -14,16 +15,37 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _fork
 from ._checks import check_sid, qualname
 from ._clock import Clock
 from ._states import MISSING
-from ._steps import LoadSession, Steps, ask
+from ._steps import (
+    CloseSession,
+    CreateSession,
+    LoadSession,
+    Peek,
+    Reap,
+    Shutdown,
+    Steps,
+    StoreCall,
+    adrive,
+    ask,
+    drive,
+)
 from ._values import ValuePolicy, unreadable
 from .exceptions import EngineClosed, SessionExpired, SessionNotFound, StoreUnavailable, UsageError
-from .stores.base import Busy, DeleteReason, Ended, Gone, Loaded, Store, StoreNamespace
+from .stores.base import (
+    AsyncStoreNamespace,
+    Busy,
+    DeleteReason,
+    Ended,
+    Gone,
+    Loaded,
+    Store,
+    StoreNamespace,
+)
 
 if TYPE_CHECKING:
     from ._registry import SessionRegistry
@@ -32,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["LOCAL_REAP_QUIET", "REAP_BATCH", "SHARED_REAP_INTERVAL", "Core", "Settings"]
 
 logger = logging.getLogger("statekit")
+
+R = TypeVar("R")
 
 #: How many expired entries one ordinary operation reaps at most.
 REAP_BATCH = 8
@@ -81,6 +105,8 @@ class Core:
         self.idle_ttl = settings.idle_ttl
         self.store = store
         self.ns = ns
+        # The namespace's async methods, if it has them all (else a worker thread).
+        self.async_ns = ns if isinstance(ns, AsyncStoreNamespace) else None
         self.shared = store.shared
         self.clock = clock
         self.values = values
@@ -114,6 +140,16 @@ class Core:
         """Raise :class:`EngineClosed` once the engine was shut down."""
         if self.shut:
             raise EngineClosed(self.app)
+
+    # -- steps -------------------------------------------------------------------------
+
+    async def adrive(self, steps: Steps[R]) -> R:
+        """Run steps without blocking the event loop (see :func:`~statekit._steps.adrive`):
+        what they do between two store calls (callbacks, hooks) runs on the loop's
+        thread."""
+        return await adrive(
+            steps, self.ns, async_ns=self.async_ns, shared=self.shared, salvage=self.salvage_call
+        )
 
     # -- loads -------------------------------------------------------------------------
 
@@ -153,31 +189,51 @@ class Core:
         if loaded.closed:
             raise SessionExpired(sid, DeleteReason.CLOSED.value)
 
-    def peek(self, sid: str, state: SessionState[Any]) -> Any:
+    def peek_steps(self, sid: str, state: SessionState[Any]) -> Steps[Any]:
         """A session's value read from outside an event (one store call, touching the
         session), or a fresh initial value if it has none yet."""
-        self.check_usable()
-        check_sid(sid)
-        pending: list[Ended] = []
+        if self.shut:
+            raise EngineClosed(self.app)
+        if sid.__class__ is not str or self.shared:
+            check_sid(sid)  # a store of this process finds only the ids it issued
         now = self.clock()
-        try:
-            outcome = self.ns.peek(sid, state.name, now=now, touch_until=now + self.idle_ttl)
-            loaded = self.loaded_or_raise(sid, now, outcome, pending)
-        finally:
-            if pending:
-                self.run_ended(pending)
+        outcome = yield from ask(Peek(sid, state.name, now, now + self.idle_ttl))
+        if type(outcome) is Loaded and not outcome.expired:  # the common case, inline
+            loaded = outcome
+        else:
+            if outcome is None:
+                check_sid(sid)  # a malformed id: say what is wrong with it
+            pending: list[Ended] = []
+            try:
+                loaded = self.loaded_or_raise(sid, now, outcome, pending)
+            finally:
+                if pending:
+                    self.run_ended(pending)
         stored = loaded.values.get(state.name, MISSING)
         if stored is MISSING:
             return state.new_value()
         return self.open_value(state, stored)
 
     def salvage(self, outcome: object) -> None:
-        """Run the callbacks of what a store call removed, when its caller was
-        cancelled before it could take the answer."""
+        """Run the callbacks of what a load removed (it is their only caller)."""
         if isinstance(outcome, Loaded):
             self.run_ended(outcome.expired)
         elif isinstance(outcome, Gone) and outcome.ended is not None:
             self.run_ended((outcome.ended,))
+
+    def salvage_call(self, call: StoreCall[Any], answer: Any) -> None:
+        """Run the callbacks of what a store call removed or ended, when its caller was
+        cancelled before it could take the answer: a close's hooks, an open's evicted
+        sessions, what a reap, a load or a peek removed."""
+        if isinstance(call, (CreateSession, Reap, Shutdown)):
+            self.run_ended(answer)
+        elif isinstance(call, CloseSession):
+            if answer is True:
+                self.run_end_hooks(call.sid, DeleteReason.CLOSED)
+            else:
+                self.salvage(answer)
+        else:
+            self.salvage(answer)
 
     def open_value(self, state: State[Any], stored: Any) -> Any:
         """A private copy of ``state``'s stored value.
@@ -230,47 +286,72 @@ class Core:
             except Exception:
                 logger.exception("session-end hook %s raised", qualname(hook))
 
-    def reap(self, limit: int | None) -> int:
-        """Reap every due entry (at most ``limit``), running callbacks; how many."""
+    def reap_steps(self, limit: int | None) -> Steps[int]:
+        """Reap every due entry (at most ``limit``), running callbacks; how many.
+
+        Raises:
+            TypeError, ValueError: ``limit`` is neither None nor an int of at least 0.
+        """
         self.check_usable()
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int):
+                raise TypeError(f"reap(limit=...) takes an int or None, got {limit!r}")
+            if limit < 0:
+                raise ValueError(f"reap(limit=...) cannot be negative, got {limit}")
         done = 0
         now = self.clock()
         while limit is None or done < limit:
             batch = 1000 if limit is None else min(1000, limit - done)
-            ended = self.ns.reap(now=now, limit=batch)
+            ended = yield from ask(Reap(now=now, limit=batch))
             self.run_ended(ended)
             done += len(ended)
             if len(ended) < batch:
                 break
         return done
 
-    def reap_some(self, now: float) -> None:
-        """Reap a few due entries, as part of an ordinary operation.
+    def look_due(self, now: float) -> bool:
+        """Whether an ordinary operation at ``now`` should reap a few due entries on its
+        way (:meth:`look`); a yes counts as the look on a shared store.
 
         On a shared store each look costs a round trip, so an engine looks at most once
         per ``SHARED_REAP_INTERVAL`` seconds there; a store of this process is looked at
-        every time. A failing store is not this operation's concern: the next look
-        retries.
+        every time, except within a millisecond of a look that found nothing (an entry
+        falling due meanwhile is reaped a little later, and a load refuses it anyway).
         """
         if self.shared:
             if now - self._last_reap < SHARED_REAP_INTERVAL:
-                return
+                return False
             self._last_reap = now
-            try:
-                ended = self.ns.reap(now=now, limit=REAP_BATCH)
-            except StoreUnavailable:
-                return
-        else:
-            # After a look that found nothing, the next within a millisecond is skipped:
-            # an entry falling due meanwhile is reaped a little later, and a load
-            # refuses it anyway.
-            if now < self.next_local_look:
-                return
-            ended = self.ns.reap(now=now, limit=REAP_BATCH)
-            if not ended:
-                self.next_local_look = now + LOCAL_REAP_QUIET
+            return True
+        return now >= self.next_local_look
+
+    def look(self, now: float) -> Steps[None]:
+        """Reap a few due entries, as part of an ordinary operation (when
+        :meth:`look_due`). A failing shared store is not this operation's concern:
+        the next look retries."""
+        try:
+            ended = yield from ask(Reap(now=now, limit=REAP_BATCH))
+        except StoreUnavailable:
+            if not self.shared:
+                raise
+            return
         if ended:
             self.run_ended(ended)
+        elif not self.shared:
+            self.next_local_look = now + LOCAL_REAP_QUIET
+
+    def reap_some(self, now: float) -> None:
+        """:meth:`look`, if due, with the store's blocking methods."""
+        if self.look_due(now):
+            drive(self.look(now), self.ns)
+
+    def end_steps(self) -> Steps[None]:
+        """The end of this engine's use of its store (already marked shut): what the
+        store ends with it (a memory store's data, with its last engine) runs its
+        callbacks, then the shutdown hooks."""
+        ended = yield from ask(Shutdown())
+        self.run_ended(ended)
+        run_hooks(self.shutdown_hooks, "shutdown")
 
 
 def run_hooks(hooks: Iterable[Callable[..., object]], what: str, *args: Any) -> None:

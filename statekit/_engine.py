@@ -2,11 +2,16 @@
 events, reaping and shutdown.
 
 The work is done by the engine's parts, each in a module of its own and sharing one
-:class:`~statekit._core.Core`: ``_entry.py`` (taking and giving back a session),
-``_commit.py`` (commits and listener rounds), ``_globals.py`` (global values),
-``_remote.py`` (other engines' notices). States, registries and events reach the
-engine through :class:`_EngineHost`, which implements the one internal interface they
-know (:class:`~statekit._host.Host`).
+:class:`~statekit._core.Core`: ``_sessions.py`` (opening, closing, checking sessions),
+``_entry.py`` (taking and giving back a session), ``_commit.py`` (commits and listener
+rounds), ``_globals.py`` (global values), ``_remote.py`` (other engines' notices).
+States, registries and events reach the engine through an
+:class:`~statekit._engine_host.EngineHost`, which implements the one internal interface
+they know (:class:`~statekit._host.Host`).
+
+Every method that may touch the store has an async twin (``open_session`` and
+``aopen_session``, ...): the operation is written once, as steps (``_steps.py``), and
+the twin drives them without blocking the event loop.
 
 Locking: per-session locks serialize the events of one session; the store guards its
 own data. No user code (listeners, callbacks, factories) runs under the store's lock;
@@ -16,7 +21,7 @@ the event, and deletion callbacks run after every lock is released.
 
 from __future__ import annotations
 
-import secrets
+import asyncio
 from collections.abc import Callable, Coroutine, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
@@ -28,33 +33,24 @@ from ._browser import DEFAULT_MAX_BYTES, BrowserKeys
 from ._checks import check_callable, check_name, check_seconds, check_sid
 from ._clock import Clock, monotonic, wall
 from ._commit import Committer
-from ._core import Core, Settings, run_hooks
+from ._core import Core, Settings
+from ._engine_host import EngineHost
 from ._entry import Entry, LatchEntry, LeaseEntry
 from ._events import BrowserIO, Event
 from ._globals import Globals
 from ._registry import SessionRegistry
 from ._remote import Remote
+from ._sessions import Sessions
 from ._states import MISSING, BrowserState, GlobalState, SessionState, State
-from ._steps import adrive, drive
-from ._values import CheckedObjectValues, ValuePolicy, policy_for
-from .exceptions import InvalidDeclaration, SessionNotFound, UsageError
-from .stores.base import (
-    AsyncStoreNamespace,
-    DeleteReason,
-    EnteringNamespace,
-    Gone,
-    Loaded,
-    SessionIdTaken,
-    Store,
-)
+from ._steps import drive
+from ._values import policy_for
+from .exceptions import InvalidDeclaration, UsageError
+from .stores.base import DeleteReason, EnteringNamespace, Store
 from .stores.memory import MemoryStore
 
 __all__ = ["EngineStats", "StateEngine"]
 
 T = TypeVar("T")
-
-#: Session ids are this many random bytes (192 bits), URL-safe base64 encoded.
-SID_BYTES = 24
 
 
 @attrs.frozen(kw_only=True)
@@ -95,6 +91,13 @@ class StateEngine:
 
     Thread-safe: any method may be called from any thread. Use one engine per app per
     process; several engines may live in one process.
+
+    Async hosts use the async twins of the methods that touch the store
+    (:meth:`aopen_session`, :meth:`aclose_session`, :meth:`aexists`,
+    :meth:`asession_count`, :meth:`astats`, :meth:`areap`, :meth:`ashutdown`, and
+    :meth:`aevent`): same results, same errors, and the event loop is never blocked.
+    Hooks and callbacks stay plain functions; in async code they run on the loop's
+    thread, as they run in the calling thread of a blocking call.
 
     Raises:
         InvalidDeclaration: an argument is out of range.
@@ -146,8 +149,9 @@ class StateEngine:
             type(self.store).__name__,
             getattr(self.store, "check_values", None),
         )
-        ns = self.store.namespace(self.app)
+        ns = self._ns = self.store.namespace(self.app)
         core = self._core = Core(settings, self.store, ns, self.clock, values)
+        self._sessions = Sessions(core)
         committer = Committer(core)
         self._remote = Remote(core)
         # Chosen once: a store that keeps each session's lock with the session (the
@@ -157,7 +161,7 @@ class StateEngine:
             if isinstance(ns, EnteringNamespace)
             else LeaseEntry(core, committer, self._remote)
         )
-        self._host = _EngineHost(self, core, self._entry, self._remote, Globals(core))
+        self._host = EngineHost(core, self._entry, self._remote, Globals(core))
 
     def __repr__(self) -> str:
         return f"StateEngine(app={self.app!r}, store={type(self.store).__name__})"
@@ -167,6 +171,12 @@ class StateEngine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.ashutdown()
 
     # -- declarations ------------------------------------------------------------
 
@@ -321,9 +331,10 @@ class StateEngine:
         """Call ``fn(sid)`` after :meth:`open_session` starts a session: the guide's page
         load event (``engine.on_open(registry.open)`` makes a registry's objects then).
 
-        Runs in the thread that opened the session, outside every lock, in this process
-        only. An exception is logged (logger ``statekit``) and does not stop the other
-        hooks nor the opening. Usable as a decorator.
+        Runs in the thread that opened the session (the event loop's, for
+        :meth:`aopen_session`), outside every lock, in this process only. An exception
+        is logged (logger ``statekit``) and does not stop the other hooks nor the
+        opening. Usable as a decorator.
 
         Raises:
             InvalidDeclaration: ``fn`` is not callable or is a coroutine function
@@ -340,11 +351,12 @@ class StateEngine:
         :meth:`close_session` time) or ends without being closed (``idle``,
         ``evicted``, ``shutdown``): the guide's close event.
 
-        Runs outside every lock, in the thread that closed or reaped the session. With a
-        shared store it also runs in every other process whose engine has this app,
-        from the store's notification thread, when the session ends elsewhere: use it
-        for what each process holds. An exception is logged and never stops the other
-        hooks or reaping. Usable as a decorator.
+        Runs outside every lock, in the thread that closed or reaped the session (the
+        event loop's, for the async twins). With a shared store it also runs in every
+        other process whose engine has this app, from the store's notification thread,
+        when the session ends elsewhere: use it for what each process holds. An
+        exception is logged and never stops the other hooks or reaping. Usable as a
+        decorator.
 
         Raises:
             InvalidDeclaration: ``fn`` is not callable or is a coroutine function.
@@ -362,23 +374,12 @@ class StateEngine:
         At capacity, the least recently used session is evicted first (its deletion
         callbacks run with reason ``evicted``).
         """
-        core = self._core
-        core.check_usable()
-        now = core.clock()
-        for attempt in range(3):
-            sid = secrets.token_urlsafe(SID_BYTES)
-            try:
-                evicted = core.ns.create_session(
-                    sid, now=now, deadline=now + self.idle_ttl, capacity=self.capacity
-                )
-                break
-            except SessionIdTaken:  # 192 random bits: a broken random source, or a store
-                if attempt == 2:
-                    raise
-        core.run_ended(evicted)
-        core.reap_some(now)
-        run_hooks(core.open_hooks, "session-open", sid)
-        return sid
+        return drive(self._sessions.open(), self._ns)
+
+    async def aopen_session(self) -> str:
+        """:meth:`open_session` without blocking the event loop. ``on_open`` hooks and
+        the callbacks of evicted sessions run on the loop's thread."""
+        return await self._core.adrive(self._sessions.open())
 
     def close_session(self, sid: str) -> bool:
         """Signal that the session's page was closed.
@@ -391,26 +392,21 @@ class StateEngine:
         Raises:
             SessionNotFound: the id was never issued by this engine.
         """
-        core = self._core
-        core.check_usable()
-        check_sid(sid)
-        now = core.clock()
-        outcome = core.ns.close_session(sid, now=now, deadline=now + self.closed_ttl)
-        if outcome is None:
-            core.check_usable()  # a shutdown meanwhile emptied the store: say so
-            raise SessionNotFound(sid)
-        if isinstance(outcome, Gone):
-            if outcome.ended is not None:
-                core.run_ended((outcome.ended,))
-            return False
-        if outcome:
-            core.run_end_hooks(sid, DeleteReason.CLOSED)
-        core.reap_some(now)
-        return outcome
+        return drive(self._sessions.close(sid), self._ns)
+
+    async def aclose_session(self, sid: str) -> bool:
+        """:meth:`close_session` without blocking the event loop. Session-end hooks run
+        on the loop's thread (also when the task is cancelled once the store closed
+        the session)."""
+        return await self._core.adrive(self._sessions.close(sid))
 
     def session_count(self) -> int:
         """How many sessions (open or closed, not yet deleted) the store holds."""
-        return self._core.ns.session_count()
+        return drive(self._sessions.count(), self._ns)
+
+    async def asession_count(self) -> int:
+        """:meth:`session_count` without blocking the event loop."""
+        return await self._core.adrive(self._sessions.count())
 
     def exists(self, sid: str) -> bool:
         """Whether ``sid`` is a live session (open, or closed within its grace).
@@ -418,19 +414,24 @@ class StateEngine:
         Does not touch the session. A session whose stored data is damaged does not
         exist for this purpose.
         """
-        core = self._core
-        try:
-            check_sid(sid)
-            outcome = core.ns.load_session(sid, now=core.clock(), touch_until=None)
-        except SessionNotFound:  # a malformed id, or damaged data (SessionCorrupt)
-            return False
-        core.salvage(outcome)
-        return isinstance(outcome, Loaded)
+        return drive(self._sessions.exists(sid), self._ns)
+
+    async def aexists(self, sid: str) -> bool:
+        """:meth:`exists` without blocking the event loop."""
+        return await self._core.adrive(self._sessions.exists(sid))
 
     def stats(self) -> EngineStats:
-        """What the engine can tell about itself now (see :class:`EngineStats`)."""
+        """What the engine can tell about itself now (see :class:`EngineStats`). Asks
+        the store for its session count: async code awaits :meth:`astats`."""
         held, waiting = self._entry.occupancy()
-        return EngineStats(sessions=self._core.ns.session_count(), held=held, waiting=waiting)
+        sessions = drive(self._sessions.count(), self._ns)
+        return EngineStats(sessions=sessions, held=held, waiting=waiting)
+
+    async def astats(self) -> EngineStats:
+        """:meth:`stats` without blocking the event loop."""
+        held, waiting = self._entry.occupancy()
+        sessions = await self._core.adrive(self._sessions.count())
+        return EngineStats(sessions=sessions, held=held, waiting=waiting)
 
     # -- events ------------------------------------------------------------------
 
@@ -491,8 +492,16 @@ class StateEngine:
 
         Reaping also happens a few entries at a time during ordinary operations, so a
         host needs this only to sweep on a timer of its own.
+
+        Raises:
+            TypeError, ValueError: ``limit`` is neither None nor an int of at least 0.
         """
-        return self._core.reap(limit)
+        return drive(self._core.reap_steps(limit), self._ns)
+
+    async def areap(self, limit: int | None = None) -> int:
+        """:meth:`reap` without blocking the event loop; the callbacks run on the
+        loop's thread."""
+        return await self._core.adrive(self._core.reap_steps(limit))
 
     def shutdown(self) -> None:
         """Stop the engine: later calls raise :class:`EngineClosed`.
@@ -510,114 +519,27 @@ class StateEngine:
             return
         core.shut = True
         self._remote.stop()
-        core.run_ended(core.ns.shutdown())
-        run_hooks(core.shutdown_hooks, "shutdown")
+        drive(core.end_steps(), self._ns)
+
+    async def ashutdown(self) -> None:
+        """:meth:`shutdown` without blocking the event loop: a shared store's notice
+        thread is stopped in a worker thread, and what the store hands back (a memory
+        store's data, replies of lost requests a Redis store reads back) is read as the
+        other async calls read. Callbacks and shutdown hooks run on the loop's thread.
+        ``async with StateEngine() as engine:`` calls it."""
+        core = self._core
+        if core.shut:
+            return
+        core.shut = True
+        if core.shared:  # it waits for the thread that receives notices
+            await asyncio.to_thread(self._remote.stop)
+        else:
+            self._remote.stop()
+        await core.adrive(core.end_steps())
 
 
 _HOOKS_RUN = (
-    "in synchronous code; async hosts await their async work (such as "
-    "registry.aopen(sid)) after open_session() themselves"
+    "as a plain call, also from aopen_session() and aclose_session() (on the event "
+    "loop's thread); async hosts await their async work (such as registry.aopen(sid)) "
+    "after aopen_session() themselves"
 )
-
-
-class _EngineHost:
-    """The engine as its states, registries and events see it
-    (:class:`~statekit._host.Host`): declarations, session checks, value access,
-    entering and leaving sessions. Thread-safe."""
-
-    def __init__(
-        self,
-        engine: StateEngine,
-        core: Core,
-        entry: Entry,
-        remote: Remote,
-        globals_: Globals,
-    ) -> None:
-        self._engine = engine
-        self._core = core
-        self._remote = remote
-        self._globals = globals_
-        self.app = core.app
-        self.values: ValuePolicy = core.values
-        self._async_ns = core.ns if isinstance(core.ns, AsyncStoreNamespace) else None
-        # The hot paths, bound once.
-        self.enter = entry.enter
-        self.aenter = entry.aenter
-        self.leave = entry.leave
-        self.aleave = entry.aleave
-        self.open_value = core.open_value
-        self.check_usable = core.check_usable
-        self.listen = remote.listen
-        self.peek = core.peek
-        self.global_get = globals_.get
-        self.global_update = globals_.update
-        self.global_increment = globals_.increment
-
-    def declare(self, state: State[Any]) -> None:
-        core = self._core
-        if isinstance(state, BrowserState):
-            for other in core.states.values():
-                if isinstance(other, BrowserState) and other.storage_key == state.storage_key:
-                    raise InvalidDeclaration(
-                        f"browser states {other.name!r} and {state.name!r} would share the "
-                        f"localStorage key {state.storage_key!r}; give each its own"
-                    )
-        if state.name in core.states:
-            raise InvalidDeclaration(
-                f"a state named {state.name!r} is already declared on this engine "
-                f"(app {core.app!r}); state names must be unique"
-            )
-        if core.store.codec is not None or isinstance(core.values, CheckedObjectValues):
-            # A store that encodes values (or checks them) must be able to encode the
-            # default: refused now, not at its first use.
-            core.values.store(state.name, state.default)
-        core.states[state.name] = state
-        if isinstance(state, SessionState):
-            core.session_states[state.name] = state
-            if state.ttl is not None:
-                core.ttl_states[state.name] = state.ttl
-
-    def declare_registry(
-        self,
-        registry: SessionRegistry[Any],
-        *,
-        ended: Callable[[str, DeleteReason], object],
-        shutdown: Callable[[], object],
-        resync: Callable[[], object],
-    ) -> None:
-        core = self._core
-        core.check_usable()
-        registries = core.registries
-        with core.hooks_lock:
-            if registry.name in registries:
-                raise InvalidDeclaration(
-                    f"a registry named {registry.name!r} is already declared on this "
-                    f"engine (app {core.app!r}); registry names must be unique"
-                )
-            registries[registry.name] = registry
-        core.add_hook("end", ended)
-        core.add_hook("shutdown", shutdown)
-        core.add_hook("resync", resync)
-        self._remote.listen()
-
-    def require_open(self, sid: str) -> None:
-        self._core.check_usable()
-        drive(self._core.open_steps(sid, touch=True), self._core.ns)
-
-    async def arequire_open(self, sid: str) -> None:
-        core = self._core
-        core.check_usable()
-        await adrive(
-            core.open_steps(sid, touch=True),
-            core.ns,
-            async_ns=self._async_ns,
-            shared=core.shared,
-            salvage=core.salvage,
-        )
-
-    def is_open(self, sid: str) -> bool:
-        try:
-            drive(self._core.open_steps(sid, touch=False), self._core.ns)
-        except SessionNotFound:
-            return False
-        return True

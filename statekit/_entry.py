@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import cachetools
 
@@ -34,10 +34,9 @@ from ._core import Core
 from ._events import Collected, EventState
 from ._locks import SessionLocks, current_owner
 from ._remote import Remote
-from ._steps import LoadSession, Release, Sleep, Steps, adrive, ask, drive
+from ._steps import LoadSession, Release, Sleep, Steps, ask, drive
 from .exceptions import ChangeLoopError, SessionBusy, SessionNotFound, UsageError
 from .stores.base import (
-    AsyncStoreNamespace,
     Busy,
     EnteringNamespace,
     Gone,
@@ -229,7 +228,6 @@ class LeaseEntry:
     def __init__(self, core: Core, committer: Committer, remote: Remote) -> None:
         self._core = core
         self._ns = core.ns
-        self._async_ns = core.ns if isinstance(core.ns, AsyncStoreNamespace) else None
         self._committer = committer
         self._remote = remote
         self._locks = SessionLocks()
@@ -260,15 +258,6 @@ class LeaseEntry:
         with self._polling_lock:
             self._polling += step
 
-    def _adrive(self, steps: Steps[Any]) -> Any:
-        return adrive(
-            steps,
-            self._ns,
-            async_ns=self._async_ns,
-            shared=self._core.shared,
-            salvage=self._core.salvage,
-        )
-
     def enter(self, ev: EventState) -> None:
         _start(self._core, ev)
         check_sid(ev.sid)
@@ -291,7 +280,7 @@ class LeaseEntry:
         try:
             await self._locks.aacquire(ev.sid, self._core.settings.lease_wait)
             held = True
-            await self._adrive(self._enter_steps(ev, started))
+            await self._core.adrive(self._enter_steps(ev, started))
         except BaseException:
             self._not_entered(ev, held, in_task=True)
             raise
@@ -390,14 +379,12 @@ class LeaseEntry:
         ev.active = False
         loop_error: ChangeLoopError | None = None
         try:
-            loop_error = await self._adrive(self._leave_steps(ev, failed))
+            loop_error = await self._core.adrive(self._leave_steps(ev, failed))
         finally:
             self._locks.release(ev.sid)
             self._core.run_ended(ev.pending)
-        if self._core.shared:  # a round trip: not on the event loop
-            await asyncio.to_thread(self._core.reap_some, ev.now)
-        else:
-            self._core.reap_some(ev.now)
+        if self._core.look_due(ev.now):
+            await self._core.adrive(self._core.look(ev.now))
         if loop_error is not None:
             raise loop_error
 

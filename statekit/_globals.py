@@ -2,8 +2,10 @@
 
 A global's writes are immediate (not part of an event's commit): an update is a
 compare-and-set loop on the store, so that no update is lost to another thread or
-process; an increment is one atomic add. Listeners run after the write, in the
-writing thread, outside every lock.
+process; an increment is one atomic add. Each operation is written once, as steps
+(``_steps.py``), for the blocking methods and their async twins. Listeners run after
+the write, in the thread that drives the steps (the writer's, or the event loop's),
+outside every lock.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ._checks import qualname
 from ._copying import copy_value
 from ._core import Core
 from ._states import GlobalState
+from ._steps import GlobalAdd, GlobalCas, GlobalGet, Steps, ask
 from ._values import CheckedObjectValues, not_storable, unreadable
 from .exceptions import CodecError
 
@@ -33,25 +36,25 @@ class Globals:
     def __init__(self, core: Core) -> None:
         self._core = core
 
-    def get(self, state: GlobalState[T]) -> T:
+    def get(self, state: GlobalState[T]) -> Steps[T]:
         core = self._core
         core.check_usable()
-        found = core.ns.global_get(state.name)
+        found = yield from ask(GlobalGet(state.name))
         if found is None:
             value: T = state.default
             return value
         result: T = core.open_value(state, found[0])
         return result
 
-    def update(self, state: GlobalState[T], fn: Callable[[T], T] | None, new: Any) -> T:
+    def update(self, state: GlobalState[T], fn: Callable[[T], T] | None, new: Any) -> Steps[T]:
         """Replace a global's value with ``fn(current)``, or with ``new`` when ``fn`` is
         None (a ``set()``, which never reads the current value: it works even when that
         no longer opens)."""
         core = self._core
         core.check_usable()
-        ns, values, name = core.ns, core.values, state.name
+        values, name = core.values, state.name
         while True:
-            found = ns.global_get(name)
+            found = yield from ask(GlobalGet(name))
             if found is None:
                 version = None
                 if fn is not None:
@@ -65,14 +68,15 @@ class Globals:
                 verdict, stored = values.judge(name, old, new)
                 if verdict is SAME:
                     break  # nothing to write
-            if ns.global_cas(name, version=version, value=stored) is not None:
+            swapped = yield from ask(GlobalCas(name, version, stored))
+            if swapped is not None:
                 break
         if verdict is CHANGED:
             self._fire(state, values.open(stored))
         result: T = new
         return result
 
-    def increment(self, state: GlobalState[T], n: int | float) -> T:
+    def increment(self, state: GlobalState[T], n: int | float) -> Steps[T]:
         core = self._core
         core.check_usable()
         default = state.default
@@ -88,9 +92,9 @@ class Globals:
             def add(value: Any) -> Any:
                 return value + n
 
-            return self.update(state, add, None)
+            return (yield from self.update(state, add, None))
         try:
-            value: T = core.ns.global_add(state.name, n, default=default)
+            value: T = yield from ask(GlobalAdd(state.name, n, default))
         except CodecError as exc:
             if exc.where is None:  # the stored value did not decode: say which state
                 raise unreadable(state.name, state.kind, exc) from exc

@@ -84,16 +84,34 @@ class Host(Protocol):
         """A session's value read from outside an event (touching the session)."""
         ...
 
+    async def apeek(self, sid: str, state: SessionState[T]) -> T:
+        """:meth:`peek` without blocking the event loop."""
+        ...
+
     def global_get(self, state: GlobalState[T]) -> T:
         """A global's value (a copy)."""
+        ...
+
+    async def aglobal_get(self, state: GlobalState[T]) -> T:
+        """:meth:`global_get` without blocking the event loop."""
         ...
 
     def global_update(self, state: GlobalState[T], fn: Callable[[T], T] | None, new: Any) -> T:
         """Replace a global's value with ``fn(current)``, or with ``new`` (fn None)."""
         ...
 
+    async def aglobal_update(
+        self, state: GlobalState[T], fn: Callable[[T], T] | None, new: Any
+    ) -> T:
+        """:meth:`global_update` without blocking the event loop."""
+        ...
+
     def global_increment(self, state: GlobalState[T], n: int | float) -> T:
         """Add ``n`` to a numeric global, atomically."""
+        ...
+
+    async def aglobal_increment(self, state: GlobalState[T], n: int | float) -> T:
+        """:meth:`global_increment` without blocking the event loop."""
         ...
 
     # -- events --------------------------------------------------------------------------

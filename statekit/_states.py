@@ -132,6 +132,10 @@ class GlobalState(State[T]):
     thread-safe. Global writes are immediate: they are not part of an event's
     all-or-nothing commit. Values returned by :meth:`get` are copies, so mutating them
     changes nothing stored.
+
+    Each method has an async twin (:meth:`aget`, :meth:`aset`, :meth:`aupdate`,
+    :meth:`aincrement`) that gives the same results without blocking the event loop;
+    listeners then run on the loop's thread.
     """
 
     __slots__ = ()
@@ -152,6 +156,10 @@ class GlobalState(State[T]):
         """
         return self._host.global_get(self)
 
+    async def aget(self) -> T:
+        """:meth:`get` without blocking the event loop (same result, same errors)."""
+        return await self._host.aglobal_get(self)
+
     def set(self, value: T) -> None:
         """Replace the value. Works even when the stored value no longer opens (its
         class was moved by a deploy, say): it is not read.
@@ -162,6 +170,10 @@ class GlobalState(State[T]):
                 written).
         """
         self._host.global_update(self, None, value)
+
+    async def aset(self, value: T) -> None:
+        """:meth:`set` without blocking the event loop (same errors)."""
+        await self._host.aglobal_update(self, None, value)
 
     def update(self, fn: Callable[[T], T]) -> T:
         """Atomically replace the value with ``fn(current)`` and return the new value.
@@ -178,6 +190,12 @@ class GlobalState(State[T]):
         """
         return self._host.global_update(self, fn, None)
 
+    async def aupdate(self, fn: Callable[[T], T]) -> T:
+        """:meth:`update` without blocking the event loop (same result, same errors).
+        ``fn`` is a plain function: it runs on the loop's thread, maybe more than
+        once."""
+        return await self._host.aglobal_update(self, fn, None)
+
     def increment(self, n: int | float = 1) -> T:
         """Atomically add ``n`` to a numeric value and return the new value.
 
@@ -186,11 +204,17 @@ class GlobalState(State[T]):
         """
         return self._host.global_increment(self, n)
 
+    async def aincrement(self, n: int | float = 1) -> T:
+        """:meth:`increment` without blocking the event loop (same result, same
+        errors)."""
+        return await self._host.aglobal_increment(self, n)
+
     def on_change(self, fn: Callable[[T], object]) -> Callable[[T], object]:
         """Call ``fn(new_value)`` after each write that changes the value.
 
-        Listeners run in the thread that wrote, after the write, outside every lock; an
-        exception is logged and does not undo the write. Usable as a decorator.
+        Listeners run in the thread that wrote (for an async write, the event loop's),
+        after the write, outside every lock; an exception is logged and does not undo
+        the write. Usable as a decorator.
         """
         self._add_listener(fn)
         return fn
@@ -201,8 +225,8 @@ class SessionState(State[T]):
 
     Declare with :meth:`StateEngine.session_state`. Each session gets a deep copy of
     the default (or a fresh result of the factory) the first time an event reads the
-    state. Read and write inside events (``ev[state]``); :meth:`get` peeks from outside.
-    Thread-safe.
+    state. Read and write inside events (``ev[state]``); :meth:`get` (or :meth:`aget`
+    in async code) peeks from outside. Thread-safe.
     """
 
     __slots__ = ("_factory", "delete_callbacks", "remote_listeners", "ttl")
@@ -258,6 +282,11 @@ class SessionState(State[T]):
                 assigning a new value in an event replaces it.
         """
         return self._host.peek(sid, self)
+
+    async def aget(self, sid: str) -> T:
+        """:meth:`get` without blocking the event loop (same result, same errors).
+        Deletion callbacks of what the read found expired run on the loop's thread."""
+        return await self._host.apeek(sid, self)
 
     def on_change(self, fn: Callable[[Event, T], object]) -> Callable[[Event, T], object]:
         """Call ``fn(ev, value)`` after an event changes this state in a session.

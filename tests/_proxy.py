@@ -1,10 +1,12 @@
-"""A loopback TCP proxy that loses replies, for tests of lost connections.
+"""A loopback TCP proxy that loses replies or holds them, for tests of lost
+connections and of slow servers.
 
 It forwards every request of its clients to the server and every reply back, except
 that a request the test marks (``drop(request) -> True``) is forwarded, and when the
 server's reply to it arrives, both connections are closed instead: the server applied
 the request, and the client never hears of it — a server crash after the write, or a
-load balancer resetting a connection.
+load balancer resetting a connection. With ``delay``, every reply is held that long
+before it is passed on: a server (or a network) that answers slowly.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -23,12 +26,20 @@ class ReplyDropper:
     Args:
         target: the server's address.
         drop: called with the bytes of each request read from a client; True drops the
-            reply to it.
+            reply to it. None: no reply is dropped.
+        delay: seconds each reply is held before it is passed on.
     """
 
-    def __init__(self, target: tuple[str, int], drop: Callable[[bytes], bool]) -> None:
+    def __init__(
+        self,
+        target: tuple[str, int],
+        drop: Callable[[bytes], bool] | None = None,
+        *,
+        delay: float = 0.0,
+    ) -> None:
         self.target = target
-        self.drop = drop
+        self.drop = drop or (lambda request: False)
+        self.delay = delay
         self.dropped = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
@@ -92,4 +103,6 @@ class ReplyDropper:
                             )
                         return
                     else:
+                        if self.delay:
+                            time.sleep(self.delay)
                         client.sendall(data)

@@ -39,8 +39,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("_events",),
     ("_steps",),
     ("_core",),
-    ("_globals", "_commit", "_remote"),
+    ("_sessions", "_globals", "_commit", "_remote"),
     ("_entry",),
+    ("_engine_host",),
     ("_engine",),
     ("testing", "__init__"),
 ]

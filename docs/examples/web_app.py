@@ -12,7 +12,9 @@ without them the demo asks for an ephemeral secret, and says so: browser values 
 not survive a restart of the server.
 
 The host owns HTTP: it keeps the session id in a cookie, passes the browser tokens that
-``statekit.js`` sends to each event, and returns the new ones in a response header.
+``statekit.js`` sends to each event, and returns the new ones in a response header. Its
+handlers are async and use the engine's async calls (``aopen_session``, ``aevent``,
+``aincrement``, ...), which never block the event loop, whatever the store.
 """
 
 from __future__ import annotations
@@ -116,9 +118,9 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
     async def load(request: Request) -> JSONResponse:
         """Page load: a new session (a refresh is a new session), one more visitor,
         the tab's counter object, and the values the browser kept."""
-        sid = engine.open_session()
-        count = visitors.increment()
-        counters.open(sid)
+        sid = await engine.aopen_session()
+        count = await visitors.aincrement()
+        await counters.aopen(sid)
         async with engine.aevent(sid, browser=tokens(request)) as ev:
             username, password = ev[credentials]
             body = {
@@ -136,7 +138,7 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
 
     async def session_of(request: Request) -> str:
         sid = request.cookies.get(COOKIE, "")
-        if not engine.exists(sid):
+        if not await engine.aexists(sid):
             raise SessionNotFound(sid)
         return sid
 
@@ -165,14 +167,14 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
 
     async def close(request: Request) -> Response:
         sid = request.cookies.get(COOKIE, "")
-        if engine.exists(sid):
-            engine.close_session(sid)
+        if await engine.aexists(sid):
+            await engine.aclose_session(sid)
         return Response(status_code=204)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        engine.shutdown()
+        await engine.ashutdown()
 
     async def expired(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": "session ended: reload the page"}, status_code=409)

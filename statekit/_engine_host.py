@@ -1,0 +1,142 @@
+"""The engine as the objects it hands out see it: the one implementation of
+:class:`~statekit._host.Host`.
+
+States, registries and events hold an :class:`EngineHost` and call only its methods:
+declarations, session checks, values (each written once as steps, driven blocking or
+awaited), entering and leaving sessions. The engine makes one, with its parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ._core import Core
+from ._entry import Entry
+from ._globals import Globals
+from ._registry import SessionRegistry
+from ._remote import Remote
+from ._states import BrowserState, GlobalState, SessionState, State
+from ._steps import drive
+from ._values import CheckedObjectValues, ValuePolicy
+from .exceptions import InvalidDeclaration, SessionNotFound
+from .stores.base import DeleteReason
+
+__all__ = ["EngineHost"]
+
+T = TypeVar("T")
+
+
+class EngineHost:
+    """The engine as its states, registries and events see it
+    (:class:`~statekit._host.Host`): declarations, session checks, value access,
+    entering and leaving sessions. Thread-safe."""
+
+    def __init__(self, core: Core, entry: Entry, remote: Remote, globals_: Globals) -> None:
+        self._core = core
+        self._remote = remote
+        self._globals = globals_
+        self.app = core.app
+        self.values: ValuePolicy = core.values
+        self._ns = core.ns
+        self._adrive = core.adrive
+        # The hot paths, bound once.
+        self.enter = entry.enter
+        self.aenter = entry.aenter
+        self.leave = entry.leave
+        self.aleave = entry.aleave
+        self.open_value = core.open_value
+        self.check_usable = core.check_usable
+        self.listen = remote.listen
+
+    def declare(self, state: State[Any]) -> None:
+        core = self._core
+        if isinstance(state, BrowserState):
+            for other in core.states.values():
+                if isinstance(other, BrowserState) and other.storage_key == state.storage_key:
+                    raise InvalidDeclaration(
+                        f"browser states {other.name!r} and {state.name!r} would share the "
+                        f"localStorage key {state.storage_key!r}; give each its own"
+                    )
+        if state.name in core.states:
+            raise InvalidDeclaration(
+                f"a state named {state.name!r} is already declared on this engine "
+                f"(app {core.app!r}); state names must be unique"
+            )
+        if core.store.codec is not None or isinstance(core.values, CheckedObjectValues):
+            # A store that encodes values (or checks them) must be able to encode the
+            # default: refused now, not at its first use.
+            core.values.store(state.name, state.default)
+        core.states[state.name] = state
+        if isinstance(state, SessionState):
+            core.session_states[state.name] = state
+            if state.ttl is not None:
+                core.ttl_states[state.name] = state.ttl
+
+    def declare_registry(
+        self,
+        registry: SessionRegistry[Any],
+        *,
+        ended: Callable[[str, DeleteReason], object],
+        shutdown: Callable[[], object],
+        resync: Callable[[], object],
+    ) -> None:
+        core = self._core
+        core.check_usable()
+        registries = core.registries
+        with core.hooks_lock:
+            if registry.name in registries:
+                raise InvalidDeclaration(
+                    f"a registry named {registry.name!r} is already declared on this "
+                    f"engine (app {core.app!r}); registry names must be unique"
+                )
+            registries[registry.name] = registry
+        core.add_hook("end", ended)
+        core.add_hook("shutdown", shutdown)
+        core.add_hook("resync", resync)
+        self._remote.listen()
+
+    def require_open(self, sid: str) -> None:
+        self._core.check_usable()
+        drive(self._core.open_steps(sid, touch=True), self._ns)
+
+    async def arequire_open(self, sid: str) -> None:
+        self._core.check_usable()
+        await self._adrive(self._core.open_steps(sid, touch=True))
+
+    def is_open(self, sid: str) -> bool:
+        try:
+            drive(self._core.open_steps(sid, touch=False), self._ns)
+        except SessionNotFound:
+            return False
+        return True
+
+    # -- values: each written once as steps, driven blocking or awaited -------------
+
+    def peek(self, sid: str, state: SessionState[T]) -> T:
+        value: T = drive(self._core.peek_steps(sid, state), self._ns)
+        return value
+
+    async def apeek(self, sid: str, state: SessionState[T]) -> T:
+        value: T = await self._adrive(self._core.peek_steps(sid, state))
+        return value
+
+    def global_get(self, state: GlobalState[T]) -> T:
+        return drive(self._globals.get(state), self._ns)
+
+    async def aglobal_get(self, state: GlobalState[T]) -> T:
+        return await self._adrive(self._globals.get(state))
+
+    def global_update(self, state: GlobalState[T], fn: Callable[[T], T] | None, new: Any) -> T:
+        return drive(self._globals.update(state, fn, new), self._ns)
+
+    async def aglobal_update(
+        self, state: GlobalState[T], fn: Callable[[T], T] | None, new: Any
+    ) -> T:
+        return await self._adrive(self._globals.update(state, fn, new))
+
+    def global_increment(self, state: GlobalState[T], n: int | float) -> T:
+        return drive(self._globals.increment(state, n), self._ns)
+
+    async def aglobal_increment(self, state: GlobalState[T], n: int | float) -> T:
+        return await self._adrive(self._globals.increment(state, n))

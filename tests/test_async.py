@@ -1,0 +1,359 @@
+"""The async twins of every call that may touch a store: the same results as the
+blocking calls on every store, callbacks on the calling (the event loop's) thread, and
+an event loop that keeps running while a slow Redis answers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import attrs
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from statekit import DeleteReason, StateEngine, StateError, StoreUnavailable
+from statekit.stores.redis import SCRIPTS, RedisStore
+from statekit.testing import FakeClock, RedisServer
+
+from ._proxy import ReplyDropper
+from .conftest import StoreFactory
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@attrs.frozen
+class Raised:
+    """An error a call raised, as the scenario records it (a message names a session
+    by the first characters of its id, which differ from run to run)."""
+
+    kind: str
+    reason: object
+
+
+class Calls:
+    """Makes each call of a scenario blocking, or through its async twin."""
+
+    def __init__(self, twins: bool) -> None:
+        self.twins = twins
+
+    async def __call__(
+        self,
+        blocking: Callable[P, T],
+        twin: Callable[P, Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T | Raised:
+        try:
+            if self.twins:
+                return await twin(*args, **kwargs)
+            return blocking(*args, **kwargs)
+        except (StateError, TypeError) as exc:
+            return Raised(type(exc).__name__, getattr(exc, "reason", None))
+
+
+async def scenario(engine: StateEngine, clock: FakeClock, call: Calls) -> list[object]:
+    """Every call that may touch the store, through its expected outcomes: opens (at
+    capacity: an eviction), checks, counts, reads (a value past its ttl removed by the
+    read), globals (an int added by the store, a float by compare-and-set, an update,
+    a set, a refused increment), closes, reaping, shutdown, and calls after it. What
+    each call returns or raises, and every callback (with whether it ran on the
+    thread that called), goes to the log."""
+    log: list[object] = []
+    here = threading.get_ident()
+
+    def heard(*what: object) -> None:
+        log.append((*what, threading.get_ident() == here))
+
+    note = engine.session_state("note", "", ttl=10, on_delete=lambda v, r: heard("del", v, r))
+    visitors = engine.global_state("visitors", 0)
+    ratio = engine.global_state("ratio", 0.5)
+    title = engine.global_state("title", "shop")
+    visitors.on_change(lambda v: heard("visitors", v))
+    engine.on_open(lambda sid: heard("opened"))
+    engine.on_close(lambda sid, reason: heard("ended", reason))
+
+    first = await call(engine.open_session, engine.aopen_session)
+    second = await call(engine.open_session, engine.aopen_session)
+    assert isinstance(first, str)
+    assert isinstance(second, str)
+    with engine.event(first) as ev:
+        ev[note] = "kept"
+    log += [
+        await call(engine.exists, engine.aexists, first),
+        await call(engine.exists, engine.aexists, "n" * 32),  # never issued
+        await call(engine.exists, engine.aexists, "not an id\n"),
+        await call(note.get, note.aget, first),
+        await call(note.get, note.aget, second),  # the default
+        await call(note.get, note.aget, "n" * 32),
+        await call(visitors.get, visitors.aget),
+        await call(visitors.increment, visitors.aincrement),
+        await call(visitors.increment, visitors.aincrement, 2),
+        await call(visitors.update, visitors.aupdate, lambda v: v * 10),
+        await call(visitors.set, visitors.aset, 7),
+        await call(visitors.get, visitors.aget),
+        await call(ratio.increment, ratio.aincrement, 0.25),
+        await call(title.increment, title.aincrement),  # not a number
+        await call(title.update, title.aupdate, str.upper),
+        await call(engine.session_count, engine.asession_count),
+        await call(engine.stats, engine.astats),
+        await call(engine.close_session, engine.aclose_session, second),
+        await call(engine.close_session, engine.aclose_session, second),  # again
+        await call(engine.close_session, engine.aclose_session, "n" * 32),
+    ]
+    clock.advance(11)  # the note's ttl passes: the read removes it
+    log.append(await call(note.get, note.aget, first))
+    log.append(await call(engine.open_session, engine.aopen_session) is not None)
+    fourth = await call(engine.open_session, engine.aopen_session)  # at capacity
+    assert isinstance(fourth, str)
+    log += [
+        await call(engine.exists, engine.aexists, second),  # evicted (it was closed)
+        await call(engine.session_count, engine.asession_count),
+    ]
+    with engine.event(fourth) as ev:
+        ev[note] = "last"
+    clock.advance(61)  # every session idles out
+    log += [
+        await call(engine.reap, engine.areap, 1),
+        await call(engine.reap, engine.areap),
+        await call(engine.reap, engine.areap),  # nothing left
+        await call(note.get, note.aget, first),
+        await call(engine.session_count, engine.asession_count),
+    ]
+    last = await call(engine.open_session, engine.aopen_session)
+    assert isinstance(last, str)
+    with engine.event(last) as ev:
+        ev[note] = "at shutdown"
+    log += [
+        await call(engine.shutdown, engine.ashutdown),  # the memory store's data ends
+        await call(engine.shutdown, engine.ashutdown),  # twice: nothing
+        await call(engine.open_session, engine.aopen_session),
+        await call(engine.close_session, engine.aclose_session, last),
+        await call(note.get, note.aget, last),
+        await call(visitors.get, visitors.aget),
+        await call(visitors.increment, visitors.aincrement),
+        await call(engine.reap, engine.areap),
+    ]
+    return log
+
+
+def test_every_async_twin_gives_what_its_blocking_call_gives(
+    make_store: StoreFactory, redis_server: RedisServer
+) -> None:
+    """The same scenario, once with the blocking calls and once with their async twins
+    (on Redis, on an asyncio client), gives the same log: results, errors, callbacks,
+    and every callback on the thread that called (the event loop's, for the twins).
+    Fails without the twins (they do not exist), or if a twin differs from its
+    blocking call in a result, an error or a callback, or runs one in another thread."""
+
+    async def run(twins: bool) -> list[object]:
+        store = make_store()
+        client = None
+        if isinstance(store, RedisStore) and twins:
+            client = store.async_client = aioredis.Redis.from_url(redis_server.url)
+        clock = FakeClock()
+        engine = StateEngine(
+            store,
+            app=f"twins{twins}{uuid.uuid4().hex[:6]}",
+            clock=clock,
+            idle_ttl=60,
+            closed_ttl=30,
+            capacity=3,
+        )
+        try:
+            return await asyncio.wait_for(scenario(engine, clock, Calls(twins)), 60)
+        finally:
+            if client is not None:
+                await client.aclose()
+
+    blocking = asyncio.run(run(twins=False))
+    twins = asyncio.run(run(twins=True))
+    assert twins == blocking
+    closed = [entry for entry in blocking if isinstance(entry, tuple) and entry[0] == "ended"]
+    assert closed[0] == ("ended", DeleteReason.CLOSED, True)  # the log says what it should
+    assert Raised("EngineClosed", None) in blocking
+    assert all(entry[-1] is True for entry in blocking if isinstance(entry, tuple))
+
+
+def test_a_cancelled_aclose_session_still_runs_the_close_hooks(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task cancelled (a client that disconnected) while its close is in flight waits
+    for the close, then takes the cancellation. The store closed the session: its close
+    hooks — a registry's cleanup, say — must still run, once; otherwise the object
+    would outlive its session (the session's later end is not a close). Fails if the
+    answer of the cancelled call is dropped."""
+    store = RedisStore(redis_server.url, prefix=f"cc{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop")
+    ended: list[DeleteReason] = []
+    engine.on_close(lambda sid, reason: ended.append(reason))
+    sid = engine.open_session()
+    closing, finish = threading.Event(), threading.Event()
+    handle: Any = type(store.namespace("shop"))
+    original = handle._run
+
+    def slow(self: Any, name: str, keys: list[str], args: list[Any]) -> Any:
+        reply = original(self, name, keys, args)
+        if name == "CLOSE":
+            closing.set()
+            finish.wait(10)
+        return reply
+
+    monkeypatch.setattr(handle, "_run", slow)
+
+    async def main() -> None:
+        task = asyncio.create_task(engine.aclose_session(sid))
+        assert await asyncio.to_thread(closing.wait, 10)
+        task.cancel()
+        finish.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    assert ended == [DeleteReason.CLOSED]
+    assert engine.close_session(sid) is False  # it was closed, once
+    assert ended == [DeleteReason.CLOSED]
+    engine.shutdown()
+    store.close()
+
+
+# -- the event loop while a slow Redis answers -----------------------------------------
+
+#: Seconds the proxy holds each reply of the server.
+DELAY = 0.05
+
+
+class Ticker:
+    """A task that ticks every millisecond while a call waits, to show the event loop
+    running: how many times it ticked, and the longest it went without a tick."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.longest = 0.0
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        time = asyncio.get_running_loop().time
+        last = time()
+        while not self._stop.is_set():
+            await asyncio.sleep(0.001)
+            now = time()
+            self.ticks += 1
+            self.longest, last = max(self.longest, now - last), now
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.wait_for(self._task, 5)
+
+
+def unreachable() -> redis.Redis:
+    """A blocking client of a port nobody listens on: any use of it fails."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return redis.Redis(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0))
+
+
+@pytest.mark.parametrize("through", ["asyncio client", "worker thread"])
+def test_the_loop_keeps_running_while_every_twin_waits_on_a_slow_redis(
+    redis_server: RedisServer, through: str
+) -> None:
+    """Every reply of the server reaches the client 50 ms late (a loopback proxy holds
+    it). Each async twin — on the store's asyncio client (the blocking client then
+    reaches nothing, so that using it fails), or without one in a worker thread —
+    takes at least that long (it went through the slow server), and meanwhile a ticker
+    task ticks many times and never stands still for 50 ms (the event loop was not
+    blocked). ``ashutdown`` reads back, through the same slow server, a reap whose
+    reply was lost. Fails if a twin calls the store on the loop's thread, uses the
+    blocking client beside an asyncio client, or does not call the store at all."""
+    drops = {"left": 0}
+
+    def drop(request: bytes) -> bool:
+        if drops["left"] and b"EVALSHA" in request:
+            drops["left"] -= 1
+            return True
+        return False
+
+    proxy = ReplyDropper(("127.0.0.1", redis_server.port), drop, delay=DELAY)
+    with redis.Redis.from_url(redis_server.url) as direct:  # as a server in use, it
+        for script in SCRIPTS.values():  # knows the scripts: a lost reply is never
+            direct.script_load(script.text)  # a NOSCRIPT one, which applied nothing
+    clock = FakeClock(2_000_000_000.0)
+    measured: list[tuple[str, float, int, float]] = []
+
+    async def timed(name: str, call: Awaitable[T]) -> T:
+        loop_time = asyncio.get_running_loop().time
+        ticker = Ticker()
+        started = loop_time()
+        try:
+            return await asyncio.wait_for(call, 10)
+        finally:
+            elapsed = loop_time() - started
+            await ticker.stop()
+            measured.append((name, elapsed, ticker.ticks, ticker.longest))
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(proxy.url, retry=AsyncRetry(NoBackoff(), 0))
+        blocking = redis.Redis.from_url(proxy.url, retry=Retry(NoBackoff(), 0))
+        store = RedisStore(
+            url=None,
+            client=unreachable() if through == "asyncio client" else blocking,
+            async_client=client if through == "asyncio client" else None,
+            prefix=f"slow{uuid.uuid4().hex[:6]}",
+        )
+        engine = StateEngine(store, app="shop", clock=clock, idle_ttl=60, capacity=2)
+        note = engine.session_state("note", "", ttl=10)
+        visitors = engine.global_state("visitors", 0)
+        ratio = engine.global_state("ratio", 0.5)
+        deleted: list[str] = []
+        note.on_delete(lambda value, reason: deleted.append(value))
+
+        sid = await timed("aopen_session", engine.aopen_session())
+        assert await timed("aexists", engine.aexists(sid)) is True
+        assert await timed("aincrement", visitors.aincrement()) == 1
+        assert await timed("aincrement of a float", ratio.aincrement(0.25)) == 0.75
+        await timed("aset", visitors.aset(5))
+        assert await timed("aupdate", visitors.aupdate(lambda v: v + 1)) == 6
+        assert await timed("GlobalState.aget", visitors.aget()) == 6
+        assert await timed("SessionState.aget", note.aget(sid)) == ""
+        assert await timed("asession_count", engine.asession_count()) == 1
+        assert (await timed("astats", engine.astats())).sessions == 1
+        other = await timed("aopen_session", engine.aopen_session())
+        assert await timed("aclose_session", engine.aclose_session(other)) is True
+        await timed("aopen_session at capacity", engine.aopen_session())  # evicts other
+        assert not await timed("aexists", engine.aexists(other))
+        async with engine.aevent(sid) as ev:
+            ev[note] = "lost"
+        clock.advance(11)
+        drops["left"] = 2  # the reap's request and the store's resend: both replies lost
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(engine.areap(), 10)
+        assert deleted == []  # removed on the server; nobody heard back
+        await timed("ashutdown reading a lost reply back", engine.ashutdown())
+        assert deleted == ["lost"]
+        clock.advance(100)
+        later = StateEngine(store, app="shop", clock=clock)
+        assert await timed("areap", later.areap()) == 2
+        await later.ashutdown()
+        store.close()
+        blocking.close()
+        await client.aclose()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        proxy.close()
+    assert len(measured) == 16  # every call timed ran
+    for name, elapsed, ticks, longest in measured:
+        assert elapsed >= DELAY, f"{name} took {elapsed:.3f}s: it did not wait for the server"
+        assert ticks >= 10, f"the loop ticked {ticks} times during {name} ({elapsed:.3f}s)"
+        assert longest < DELAY, f"the loop stood still {longest:.3f}s during {name}"
