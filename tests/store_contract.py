@@ -90,14 +90,32 @@ class Awaited:
     thread, the one its store's asyncio client belongs to — and answered as the
     blocking method would be: the contract run through it checks each async method."""
 
+    #: The protocol's calls, each of which has an async form.
+    CALLS = frozenset(
+        {
+            "create_session",
+            "load_session",
+            "peek",
+            "commit",
+            "release",
+            "close_session",
+            "reap",
+            "session_count",
+            "global_get",
+            "global_cas",
+            "global_add",
+            "shutdown",
+        }
+    )
+
     def __init__(self, ns: StoreNamespace, loop: asyncio.AbstractEventLoop) -> None:
         self._ns = ns
         self._loop = loop
 
     def __getattr__(self, name: str) -> Any:
-        twin = getattr(self._ns, "a" + name, None)
-        if twin is None:  # subscribe, and attributes: as they are
+        if name not in self.CALLS:  # subscribe, and attributes: as they are
             return getattr(self._ns, name)
+        twin = getattr(self._ns, "a" + name)
 
         def awaited(*args: Any, **kwargs: Any) -> Any:
             return asyncio.run_coroutine_threadsafe(twin(*args, **kwargs), self._loop).result(30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -153,6 +154,22 @@ class TestIdleExpiry:
         assert engine.reap(limit=3) == 3
         assert engine.session_count() == 7
         assert engine.reap() == 7
+
+    def test_a_bad_reap_limit_is_refused_saying_why(
+        self, engine: StateEngine, clock: FakeClock
+    ) -> None:
+        """A negative limit used to reap nothing without a word, and a limit of another
+        type failed on a comparison the caller never wrote."""
+        engine.open_session()
+        clock.advance(61)
+        with pytest.raises(ValueError, match="cannot be negative"):
+            engine.reap(limit=-1)
+        with pytest.raises(TypeError, match=r"reap\(limit=...\) takes an int or None"):
+            engine.reap(limit="5")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="takes an int"):
+            asyncio.run(engine.areap(limit=2.5))  # type: ignore[arg-type]
+        assert engine.reap(limit=0) == 0  # at most none: none
+        assert engine.reap() == 1
 
 
 class TestClose:
