@@ -7,6 +7,9 @@ calls (:data:`Ops`) that receives the answer of each: a script (a :class:`Plan`)
 plain commands (:class:`Read`) or a pause between two tries (:class:`Pause`). The
 namespace runs an operation blocking, or on the store's asyncio client: redis-py's two
 clients have the same commands, so one :class:`Read` serves both.
+
+The records are plain (not frozen) ``attrs`` records, never changed once made: one or
+two are made for every operation, and a frozen one costs twice as much to make.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ __all__ = ["Call", "Ops", "Pause", "Plan", "Read", "raw"]
 _T = TypeVar("_T")
 
 
-@attrs.frozen
+@attrs.define
 class Plan(Generic[_T]):
     """One script call of an operation, and how to read its reply."""
 
@@ -31,7 +34,7 @@ class Plan(Generic[_T]):
     answer: Callable[[Any], _T]
 
 
-@attrs.frozen
+@attrs.define
 class Read:
     """Plain commands (reads, no script): ``command(client)`` sends them on either
     client (on the asyncio one it returns an awaitable); ``damaged()`` is the error
@@ -41,7 +44,7 @@ class Read:
     damaged: Callable[[], Exception]
 
 
-@attrs.frozen
+@attrs.define
 class Pause:
     """A pause between two tries: ``time.sleep`` or ``asyncio.sleep``."""
 

@@ -234,8 +234,8 @@ class RedisNamespace:
         if isinstance(call, Plan):
             return call.answer(self._run(call.script, call.keys, call.args))
         if isinstance(call, Read):
-            client = self._store.client
-            return self._store.read(functools.partial(call.command, client), damaged=call.damaged)
+            command, client = call.command, self._store.client
+            return self._store.read(lambda: command(client), damaged=call.damaged)
         time.sleep(call.seconds)
         return None
 
@@ -265,8 +265,8 @@ class RedisNamespace:
         if isinstance(call, Plan):
             return call.answer(await self._arun(client, call.script, call.keys, call.args))
         if isinstance(call, Read):
-            command = functools.partial(call.command, client)
-            return await self._store.aread(command, damaged=call.damaged)
+            command = call.command
+            return await self._store.aread(lambda: command(client), damaged=call.damaged)
         await asyncio.sleep(call.seconds)
         return None
 
