@@ -43,7 +43,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("_entry",),
     ("_engine_host",),
     ("_engine",),
+    ("web",),
     ("testing", "__init__"),
+    ("integrations*",),  # each framework's integration, over statekit.web
 ]
 PEERS_MAY_IMPORT = {"stores._redis*"}
 
