@@ -1,0 +1,225 @@
+"""The Django middleware: statekit's endpoints, each request's
+:class:`~statekit.web.Visit`, its response headers and the answers to ended sessions,
+from settings alone (no urls to add).
+
+::
+
+    # settings.py
+    MIDDLEWARE = ["statekit.integrations.django.StateKitMiddleware", ...]
+    STATEKIT_ENGINE = "myshop.state.engine"  # dotted path, or the engine itself
+
+    # views.py
+    from statekit.integrations.django import visit_of
+
+    def add(request):
+        with visit_of(request).event() as ev:
+            ev[cart].append(json.loads(request.body)["item"])
+            return JsonResponse({"cart": ev[cart]})
+
+Settings:
+
+- ``STATEKIT_ENGINE`` (required): the app's :class:`~statekit.StateEngine`, the
+  dotted path to one (``"myshop.state.engine"``), or a callable returning one (or the
+  dotted path to such a callable), called once per process;
+- ``STATEKIT_PREFIX`` (default ``"/statekit"``): where statekit's endpoints live;
+- ``STATEKIT_COOKIE`` (default True): whether a page load with no session of its own
+  may open one kept in a cookie (the fallback for pages without JavaScript: one
+  session per *browser*, every tab shares it).
+
+What the middleware does:
+
+- answers ``<prefix>/open``, ``<prefix>/close`` and ``<prefix>/statekit.js`` itself,
+  before any later middleware (so ``CsrfViewMiddleware`` does not see them: a close
+  beacon carries no CSRF token) and before URL resolution;
+- sets ``request.statekit`` to the request's :class:`~statekit.web.Visit`
+  (:func:`visit_of` reads it, typed): its session comes from the
+  ``X-Statekit-Session`` header, else the ``statekit_session`` field of a posted form
+  (read from ``request.POST``, as ``CsrfViewMiddleware`` reads it), else (on a page
+  load, when the cookie is on) the fallback cookie;
+- adds the visit's headers (new browser tokens, the fallback cookie) to the response;
+- answers :class:`~statekit.SessionNotFound` (and its kinds) raised by a view with
+  ``409`` and ``X-Statekit-Session-Ended``, :class:`~statekit.SessionBusy` and
+  :class:`~statekit.StoreUnavailable` with ``503`` and ``Retry-After``
+  (``process_exception``), as :func:`statekit.web.answer_for` says;
+- shuts each engine down once when the process exits (``atexit``: a WSGI server has no
+  shutdown signal for the app). An engine shut down before then is left alone.
+
+The engine's blocking calls are used (the middleware is synchronous; under ASGI Django
+runs it in a thread). Thread-safe.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.utils.module_loading import import_string
+
+from statekit import StateEngine
+from statekit.web import PREFIX, Answer, SessionGate, Visit
+
+__all__ = ["StateKitMiddleware", "engine_from_settings", "visit_of"]
+
+_FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+#: The most of a close beacon's body read (an id is 32 characters).
+_CLOSE_BODY_MAX = 1024
+
+
+class StateKitMiddleware:
+    """statekit on a Django project; list it in ``MIDDLEWARE`` before the middleware
+    whose views use it (first is simplest).
+
+    Args:
+        get_response: the next middleware or the view (Django passes it).
+
+    Raises:
+        ImproperlyConfigured: ``STATEKIT_ENGINE`` is missing or names no engine, or
+            ``STATEKIT_PREFIX`` is not a path like ``"/statekit"``.
+    """
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+        engine = engine_from_settings()
+        try:
+            self.gate = SessionGate(
+                engine,
+                prefix=getattr(settings, "STATEKIT_PREFIX", PREFIX),
+                cookie=bool(getattr(settings, "STATEKIT_COOKIE", True)),
+            )
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"STATEKIT_PREFIX: {exc}") from None
+        _shut_at_exit(engine)
+
+    def __repr__(self) -> str:
+        return f"StateKitMiddleware({self.gate!r})"
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        method = request.method or "GET"
+        endpoint = self.gate.endpoint(request.path_info)
+        if endpoint is not None:
+            body = request.read(_CLOSE_BODY_MAX) if endpoint == "close" else b""
+            answer = self.gate.serve(method, request.path_info, body)
+            assert answer is not None  # the path is one of the gate's
+            return _response(answer)
+        made = self.gate.visit(
+            method, request.headers, cookies=request.COOKIES, secure=request.is_secure()
+        )
+        if made.wants_form and method == "POST" and request.content_type in _FORMS:
+            made.use_form(request.POST)
+        request.statekit = made  # type: ignore[attr-defined]
+        response = self.get_response(request)
+        for name, value in made.response_headers():
+            if name.lower() == "set-cookie":
+                response.cookies.load(value)
+            else:
+                response[name] = value
+        return response
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        """The answer to an error a view raised that statekit answers (an ended
+        session, a busy session, an unavailable store), or None for Django to handle."""
+        made = getattr(request, "statekit", None)
+        if not isinstance(made, Visit):
+            return None
+        answer = made.answer(exception)
+        return None if answer is None else _response(answer)
+
+
+def visit_of(request: HttpRequest) -> Visit:
+    """The request's :class:`~statekit.web.Visit` (``request.statekit``), typed.
+
+    Raises:
+        RuntimeError: the request did not pass through :class:`StateKitMiddleware`
+            (it is not in ``MIDDLEWARE``, or comes after the middleware that calls
+            this).
+
+    Example::
+
+        def count(request):
+            with visit_of(request).event() as ev:
+                return JsonResponse(shop.show(ev))
+    """
+    made = getattr(request, "statekit", None)
+    if not isinstance(made, Visit):
+        raise RuntimeError(
+            "this request has no statekit visit: add "
+            "'statekit.integrations.django.StateKitMiddleware' to MIDDLEWARE (before "
+            "the middleware that uses it)"
+        )
+    return made
+
+
+_resolved: dict[Any, StateEngine] = {}
+_resolve_lock = threading.Lock()
+
+
+def engine_from_settings() -> StateEngine:
+    """The engine ``STATEKIT_ENGINE`` names: the engine itself, a dotted path to it, or
+    a callable (or the dotted path to one) returning it, called once per process.
+
+    Raises:
+        ImproperlyConfigured: the setting is missing, or names no engine.
+    """
+    setting = getattr(settings, "STATEKIT_ENGINE", None)
+    if setting is None:
+        raise ImproperlyConfigured(
+            "StateKitMiddleware needs STATEKIT_ENGINE in settings: the app's "
+            "StateEngine, or the dotted path to it (like 'myshop.state.engine')"
+        )
+    if isinstance(setting, StateEngine):
+        return setting
+    with _resolve_lock:
+        engine = _resolved.get(setting)
+        if engine is None:
+            engine = _resolved[setting] = _resolve(setting)
+    return engine
+
+
+def _resolve(setting: object) -> StateEngine:
+    found = setting
+    if isinstance(found, str):
+        try:
+            found = import_string(found)
+        except ImportError as exc:
+            raise ImproperlyConfigured(f"STATEKIT_ENGINE {setting!r}: {exc}") from None
+    if callable(found) and not isinstance(found, StateEngine):
+        found = found()
+    if not isinstance(found, StateEngine):
+        raise ImproperlyConfigured(
+            f"STATEKIT_ENGINE {setting!r} names a {type(found).__name__}, not a "
+            "StateEngine (or a callable returning one)"
+        )
+    return found
+
+
+def _response(answer: Answer) -> HttpResponse:
+    return HttpResponse(answer.body, status=answer.status, headers=dict(answer.headers))
+
+
+_engines: weakref.WeakSet[StateEngine] = weakref.WeakSet()
+_exit_lock = threading.Lock()
+
+
+def _shut_at_exit(engine: StateEngine) -> None:
+    with _exit_lock:
+        if not _engines:
+            atexit.unregister(_shut_all)  # registered once, however many engines
+            atexit.register(_shut_all)
+        _engines.add(engine)
+
+
+def _shut_all() -> None:
+    with _exit_lock:
+        engines = list(_engines)
+        _engines.clear()
+    for engine in engines:
+        engine.shutdown()  # one shut down already does nothing

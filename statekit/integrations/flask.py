@@ -1,0 +1,245 @@
+"""The Flask extension: statekit's endpoints, each request's :class:`~statekit.web.Visit`,
+its response headers and the answers to ended sessions, in one line of glue.
+
+::
+
+    from flask import Flask
+    from statekit.integrations.flask import StateKit, visit
+
+    app = Flask(__name__)
+    StateKit(app, engine)
+
+    @app.post("/api/cart")
+    def add():
+        with visit().event() as ev:
+            ev[cart].append(request.json["item"])
+            return {"cart": ev[cart]}
+
+What the extension does:
+
+- serves ``<prefix>/open``, ``<prefix>/close`` and ``<prefix>/statekit.js`` from a
+  blueprint named ``statekit``;
+- :func:`visit` gives the request's :class:`~statekit.web.Visit` (made on first use and
+  kept in ``flask.g``): its session comes from the ``X-Statekit-Session`` header, else
+  the ``statekit_session`` field of a posted form, else (on a page load, when ``cookie``
+  is on) the fallback cookie, one session per *browser*;
+- after each request, adds the visit's headers (new browser tokens, the fallback
+  cookie) to the response;
+- answers :class:`~statekit.SessionNotFound` (and its kinds) with ``409`` and
+  ``X-Statekit-Session-Ended``, :class:`~statekit.SessionBusy` and
+  :class:`~statekit.StoreUnavailable` with ``503`` and ``Retry-After``, as
+  :func:`statekit.web.answer_for` says;
+- shuts the engine down once when the process exits (``atexit``; Flask has no
+  shutdown of its own). An engine shut down before then is left alone, and the
+  extension holds it weakly for this: an app thrown away is not kept alive.
+
+The engine's blocking calls are used: a Flask view runs in a thread of its own.
+Thread-safe: one extension serves every thread of the app.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from collections.abc import Callable
+
+from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
+
+from statekit import StateEngine
+from statekit.exceptions import SessionBusy, SessionNotFound, StoreUnavailable
+from statekit.web import PREFIX, Answer, SessionGate, Visit
+
+__all__ = ["StateKit", "visit"]
+
+#: The key of the app's gate in ``app.extensions``.
+EXTENSION = "statekit"
+_FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+#: The most of a close beacon's body read (an id is 32 characters).
+_CLOSE_BODY_MAX = 1024
+
+
+class StateKit:
+    """statekit on a Flask app.
+
+    Args:
+        app: the app, or None to call :meth:`init_app` later (app factories).
+        engine: the app's engine (or pass it to :meth:`init_app`).
+        prefix: where statekit's endpoints live.
+        cookie: whether a page load with no session of its own may open one kept in a
+            cookie (the fallback for pages without JavaScript: one session per
+            *browser*, every tab shares it).
+        shutdown: whether to shut the engine down when the process exits.
+
+    Raises:
+        TypeError: ``engine`` is not a :class:`~statekit.StateEngine`.
+        ValueError: ``prefix`` is not a path like ``"/statekit"``.
+
+    Example, with an app factory::
+
+        kit = StateKit(engine=engine)
+
+        def create_app():
+            app = Flask(__name__)
+            kit.init_app(app)
+            return app
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        engine: StateEngine | None = None,
+        *,
+        prefix: str = PREFIX,
+        cookie: bool = True,
+        shutdown: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.prefix = prefix
+        self.cookie = cookie
+        self.shutdown = shutdown
+        if app is not None:
+            self.init_app(app)
+
+    def __repr__(self) -> str:
+        return f"StateKit(prefix={self.prefix!r}, cookie={self.cookie})"
+
+    def init_app(self, app: Flask, engine: StateEngine | None = None) -> SessionGate:
+        """Put statekit on ``app``: its endpoints, its error answers, its response
+        headers, and the engine's shutdown at exit.
+
+        Args:
+            app: the Flask app.
+            engine: the engine for this app (the extension's, if omitted).
+
+        Returns:
+            The app's :class:`~statekit.web.SessionGate` (also in
+            ``app.extensions["statekit"]``).
+
+        Raises:
+            TypeError: there is no engine, or it is not a StateEngine.
+            RuntimeError: the app has statekit already.
+        """
+        engine = engine if engine is not None else self.engine
+        if engine is None:
+            raise TypeError(
+                "StateKit needs the app's engine: StateKit(app, engine) or init_app(app, engine)"
+            )
+        if EXTENSION in app.extensions:
+            raise RuntimeError("this Flask app has statekit already: call init_app once")
+        gate = SessionGate(engine, prefix=self.prefix, cookie=self.cookie)
+        app.extensions[EXTENSION] = gate
+        app.register_blueprint(_blueprint(gate))
+        app.after_request(_add_headers)
+        for error in (SessionNotFound, SessionBusy, StoreUnavailable):
+            app.register_error_handler(error, _answer_error)
+        if self.shutdown:
+            _shut_at_exit(engine)
+        return gate
+
+
+def visit() -> Visit:
+    """The current request's :class:`~statekit.web.Visit` (made on first use, then the
+    same one for the whole request).
+
+    A posted form (``application/x-www-form-urlencoded`` or ``multipart/form-data``)
+    is read for the ``statekit_session`` field when no header named the session.
+
+    Raises:
+        RuntimeError: called outside a request, or on an app without
+            :class:`StateKit`.
+
+    Example::
+
+        @app.post("/api/visit")
+        def count():
+            with visit().event() as ev:
+                return shop.show(ev)
+    """
+    if not has_request_context():
+        raise RuntimeError(
+            "statekit.integrations.flask.visit() works only while Flask handles a "
+            "request (in a view, a before/after_request function or an error handler)"
+        )
+    made: Visit | None = g.get("statekit_visit")
+    if made is not None:
+        return made
+    gate = current_app.extensions.get(EXTENSION)
+    if not isinstance(gate, SessionGate):
+        raise RuntimeError(
+            f"the Flask app {current_app.name!r} has no statekit: call "
+            "StateKit(app, engine) or StateKit(engine=engine).init_app(app) first"
+        )
+    made = gate.visit(
+        request.method,
+        dict(request.headers),
+        cookies=request.cookies,
+        secure=request.is_secure,
+    )
+    if made.wants_form and request.mimetype in _FORMS:
+        made.use_form(request.form)
+    g.statekit_visit = made
+    return made
+
+
+def _blueprint(gate: SessionGate) -> Blueprint:
+    blueprint = Blueprint("statekit", __name__, url_prefix=gate.prefix)
+    for name in ("open", "close", "statekit.js"):
+        path = f"{gate.prefix}/{name}"
+        # Every method reaches the gate, which answers a wrong one with 405 and Allow.
+        blueprint.add_url_rule(
+            f"/{name}",
+            endpoint=name.replace(".", "_"),
+            view_func=_serve(gate, path),
+            methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+        )
+    return blueprint
+
+
+def _serve(gate: SessionGate, path: str) -> Callable[[], Response]:
+    def serve() -> Response:
+        body = request.stream.read(_CLOSE_BODY_MAX) if gate.endpoint(path) == "close" else b""
+        answer = gate.serve(request.method, path, body)
+        assert answer is not None  # the path is one of the gate's
+        return _response(answer)
+
+    return serve
+
+
+def _response(answer: Answer) -> Response:
+    return Response(answer.body, status=answer.status, headers=dict(answer.headers))
+
+
+def _add_headers(response: Response) -> Response:
+    made: Visit | None = g.get("statekit_visit")
+    if made is not None:
+        for name, value in made.response_headers():
+            response.headers.add(name, value)
+    return response
+
+
+def _answer_error(error: Exception) -> Response:
+    answer = visit().answer(error)
+    if answer is None:  # pragma: no cover - registered only for errors it answers
+        raise error
+    return _response(answer)
+
+
+_engines: weakref.WeakSet[StateEngine] = weakref.WeakSet()
+_exit_lock = threading.Lock()
+
+
+def _shut_at_exit(engine: StateEngine) -> None:
+    with _exit_lock:
+        if not _engines:
+            atexit.unregister(_shut_all)  # registered once, however many apps
+            atexit.register(_shut_all)
+        _engines.add(engine)
+
+
+def _shut_all() -> None:
+    with _exit_lock:
+        engines = list(_engines)
+        _engines.clear()
+    for engine in engines:
+        engine.shutdown()  # one shut down already does nothing
