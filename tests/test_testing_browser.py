@@ -1,0 +1,276 @@
+"""statekit.testing.Browser: a simulated browser that speaks statekit.js's wire through
+an app's own test client, and the pytest plugin that hands it to a user's tests.
+
+Most tests drive the shop (docs/examples/shop.py) over a transport written here against
+statekit.web alone, so that they check the browser's side of the wire, not an
+integration's."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from statekit import BrowserKeys, StateEngine
+from statekit.exceptions import UsageError
+from statekit.testing import Browser, BrowserError, Headers, TransportAnswer, transport_for
+from statekit.web import SessionGate
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "docs" / "examples"))
+
+from shop import PAGE, Shop  # noqa: E402
+
+SECRET = "browser-kit-secret-" + "s" * 24
+
+
+class ShopServer:
+    """The shop over statekit.web with no framework: a transport Browser can drive,
+    recording what it was sent."""
+
+    def __init__(self, keys: BrowserKeys | None = None, *, prefix: str = "/statekit") -> None:
+        self.shop = Shop(StateEngine(), keys or BrowserKeys([SECRET]))
+        self.gate = SessionGate(self.shop.engine, prefix=prefix)
+        self.sent: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.closed: list[str] = []
+        self.shop.engine.on_close(lambda sid, reason: self.closed.append(sid))
+
+    def __call__(
+        self, method: str, url: str, headers: dict[str, str], body: bytes
+    ) -> TransportAnswer:
+        self.sent.append((method, url, dict(headers), body))
+        answer = self.gate.serve(method, url, body)
+        if answer is not None:
+            return answer.status, answer.headers, answer.body
+        if url == "/":
+            return 200, {"Content-Type": "text/html"}, PAGE
+        if url not in ("/api/visit", "/api/cart", "/api/login"):
+            return 404, {}, b"not found"
+        visit = self.gate.visit(method, headers)
+        data = json.loads(body or b"{}")
+        try:
+            with visit.event() as ev:
+                if url == "/api/visit":
+                    shown = {**self.shop.show(ev), "visits": self.shop.visits.increment()}
+                elif url == "/api/cart":
+                    shown = self.shop.add(ev, data.get("item"))
+                else:
+                    shown = self.shop.login(ev, data.get("username"))
+        except ValueError as exc:
+            return 400, {"Content-Type": "application/json"}, json.dumps({"detail": str(exc)})
+        except Exception as exc:
+            answer = visit.answer(exc)
+            if answer is None:
+                raise
+            return answer.status, answer.headers, answer.body
+        headers_out = [("Content-Type", "application/json"), *visit.response_headers()]
+        return 200, headers_out, json.dumps(shown)
+
+    def requests_to(self, url: str) -> list[tuple[str, str, dict[str, str], bytes]]:
+        return [sent for sent in self.sent if sent[1] == url]
+
+
+def cart(tab: Any, item: str) -> Any:
+    response = tab.post("/api/cart", json={"item": item})
+    assert response.status == 200, response.text
+    return response.json()
+
+
+def test_each_tab_has_its_own_session_and_cart() -> None:
+    """A tab opened on the same page is a new session: carts kept per browser (one
+    cookie) rather than per tab fail here."""
+    browser = Browser(ShopServer())
+    one, two = browser.open("/"), browser.open("/")
+    assert one.sid
+    assert two.sid != one.sid
+    assert cart(one, "Milk")["cart"] == ["Milk"]
+    assert cart(two, "Water")["cart"] == ["Water"]
+    assert cart(one, "Cereal")["cart"] == ["Milk", "Cereal"]
+    assert one.post("/api/visit").json()["cart_size"] == 2
+
+
+def test_a_tab_loads_the_page_then_opens_its_session_as_statekit_js_does() -> None:
+    """What goes over the wire: a page load (GET accepting HTML, no session header),
+    then POST <prefix>/open; each later request carries the session and the tokens."""
+    server = ShopServer()
+    tab = Browser(server).open("/")
+    (method, url, headers, _), (open_method, open_url, open_headers, _) = server.sent
+    assert (method, url) == ("GET", "/")
+    assert "text/html" in headers["Accept"]
+    assert "X-Statekit-Session" not in headers
+    assert (open_method, open_url) == ("POST", "/statekit/open")
+    assert "X-Statekit-Session" not in open_headers
+    assert tab.page is not None
+    assert "statekit.js" in tab.page.text
+    tab.post("/api/visit")
+    _, _, sent, body = server.sent[-1]
+    assert sent["X-Statekit-Session"] == tab.sid
+    assert sent["X-Statekit-Browser"] == "{}"  # statekit.js always sends its tokens
+    assert body == b""
+
+
+def test_closing_a_tab_ends_only_its_session() -> None:
+    """Closing tab two sends a beacon with tab two's id only; tab one goes on. A beacon
+    for the wrong id, or a shared session, fails here."""
+    server = ShopServer()
+    browser = Browser(server)
+    one, two = browser.open("/"), browser.open("/")
+    cart(one, "Milk")
+    two.close()
+    [(_, _, headers, body)] = server.requests_to("/statekit/close")
+    assert body == two.sid.encode()
+    assert headers["Content-Type"].startswith("text/plain")  # what sendBeacon sends
+    assert server.closed == [two.sid]
+    assert cart(one, "Water")["cart"] == ["Milk", "Water"]
+    assert one.ended is None
+    assert "closed" in repr(two)
+
+
+def test_a_closed_tab_cannot_be_used() -> None:
+    browser = Browser(ShopServer())
+    tab = browser.open("/")
+    tab.close()
+    for use in (lambda: tab.post("/api/visit"), tab.reload, tab.close):
+        with pytest.raises(UsageError, match=r"tab 1 \(/\) was closed: open another"):
+            use()
+
+
+def test_reload_is_a_new_session_and_closes_the_old_one() -> None:
+    """A refresh: the old page's beacon, then a new session with an empty cart."""
+    server = ShopServer()
+    tab = Browser(server).open("/")
+    cart(tab, "Milk")
+    old = tab.sid
+    tab.reload()
+    assert tab.sid != old
+    assert server.closed == [old]
+    assert [body for *_, body in server.requests_to("/statekit/close")] == [old.encode()]
+    assert tab.post("/api/visit").json()["cart"] == []
+
+
+def test_browser_state_is_shared_by_tabs_through_local_storage() -> None:
+    """A login in one tab is stored once for the browser (under statekit.js's key) and
+    sent by every tab, open before or after."""
+    browser = Browser(ShopServer())
+    one, two = browser.open("/"), browser.open("/")
+    assert one.post("/api/login", json={"username": "ann"}).json()["user"] == "ann"
+    assert list(browser.local_storage) == ["statekit:login"]
+    assert browser.tokens == {"login": browser.local_storage["statekit:login"]}
+    assert "ann" not in browser.local_storage["statekit:login"]  # encrypted
+    assert two.post("/api/visit").json()["user"] == "ann"
+    assert browser.open("/").post("/api/visit").json()["user"] == "ann"
+
+
+def test_browsers_do_not_share_storage() -> None:
+    server = ShopServer()
+    Browser(server).open("/").post("/api/login", json={"username": "ann"})
+    assert Browser(server).open("/").post("/api/visit").json()["user"] == ""
+
+
+def test_storage_survives_a_restart_with_the_same_secrets() -> None:
+    """After a restart (a new app, same secrets, memory store): the open tab's session
+    is gone (409, the tab learns why), a reload opens a new one, and the login is read
+    back from local storage. With other secrets it is not."""
+    browser = Browser(ShopServer())
+    tab = browser.open("/")
+    tab.post("/api/login", json={"username": "ann"})
+    browser.restart(ShopServer())
+    gone = tab.post("/api/visit")
+    assert (gone.status, gone.ended, tab.ended) == (409, "unknown", "unknown")
+    assert "ended='unknown'" in repr(tab)
+    tab.reload()
+    assert tab.ended is None
+    assert tab.post("/api/visit").json()["user"] == "ann"
+    browser.restart(ShopServer())
+    tab.post("/api/visit")
+    tab.reopen()  # kit.reopen(): a new session, the page stays
+    assert (tab.ended, tab.post("/api/visit").json()["user"]) == (None, "ann")
+
+    other = Browser(ShopServer(BrowserKeys(["another-secret-" + "o" * 24])))
+    other.local_storage.update(browser.local_storage)
+    assert other.open("/").post("/api/visit").json()["user"] == ""
+
+
+def test_a_browser_can_start_with_another_browsers_storage() -> None:
+    first = Browser(ShopServer())
+    first.open("/").post("/api/login", json={"username": "bo"})
+    again = Browser(ShopServer(), local_storage=first.local_storage)
+    assert again.open("/").post("/api/visit").json()["user"] == "bo"
+
+
+def test_only_managed_keys_are_sent_and_kept() -> None:
+    """Browser(keys=[...]) behaves as StateKit.start({keys}): other keys the app sets
+    are not stored, stored ones not sent; null removes a key."""
+    browser = Browser(ShopServer(), keys=["other"])
+    tab = browser.open("/")
+    tab.post("/api/login", json={"username": "ann"})
+    assert browser.local_storage == {}
+    browser.local_storage.update({"statekit:login": "x", "statekit:other": "y", "z": "w"})
+    assert browser.tokens == {"other": "y"}
+    browser.store_tokens('{"other": null, "login": null}')
+    browser.store_tokens("not json")
+    browser.store_tokens("[1]")
+    assert browser.local_storage == {"statekit:login": "x", "z": "w"}
+
+
+def test_an_error_answer_is_returned_not_raised() -> None:
+    tab = Browser(ShopServer()).open("/")
+    refused = tab.post("/api/cart", json={"item": "Gold"})
+    assert (refused.status, refused.ok, refused.ended) == (400, False, None)
+    assert "unknown item 'Gold'" in refused.json()["detail"]
+    assert repr(refused) == "<Response 400 to POST /api/cart>"
+
+
+def test_a_page_or_open_that_fails_says_what_and_why() -> None:
+    """A wrong prefix or a page that does not load is a BrowserError naming the
+    request, its answer and a hint, not a tab without a session."""
+    with pytest.raises(BrowserError, match=r"page /nope did not load: GET answered 404"):
+        Browser(ShopServer()).open("/nope")
+    with pytest.raises(BrowserError, match=r"POST /kit/open .* 404.*prefix '/kit'\?") as info:
+        Browser(ShopServer(), prefix="/kit").open("/")
+    assert info.value.response.status == 404
+
+
+def test_request_bodies_and_headers() -> None:
+    server = ShopServer()
+    tab = Browser(server).open("/")
+    tab.post("/echo", form={"a": "1 2"})
+    _, _, headers, body = server.sent[-1]
+    assert (headers["Content-Type"].split(";")[0], body) == (
+        "application/x-www-form-urlencoded",
+        b"a=1+2",
+    )
+    tab.request("PUT", "/echo", body="raw", headers={"Content-Type": "text/plain"})
+    method, _, headers, body = server.sent[-1]
+    assert (method, headers["Content-Type"], body) == ("PUT", "text/plain", b"raw")
+    assert tab.get("/echo").status == 404
+    with pytest.raises(UsageError, match="give one body"):
+        tab.post("/echo", json={}, body=b"")
+
+
+def test_headers_read_in_any_case_and_keep_repeats() -> None:
+    headers = Headers([("Set-Cookie", "a=1"), ("set-cookie", "b=2"), ("X-One", "1")])
+    assert headers["SET-COOKIE"] == "a=1, b=2"
+    assert headers.get_all("set-cookie") == ["a=1", "b=2"]
+    assert "x-one" in headers
+    assert object() not in headers
+    assert (len(headers), sorted(headers)) == (2, ["set-cookie", "x-one"])
+
+
+def test_transport_for_refuses_what_is_not_a_client() -> None:
+    with pytest.raises(TypeError, match=r"Browser needs a test client .* got int"):
+        transport_for(5)
+
+
+def test_repr_shows_no_whole_session_id() -> None:
+    browser = Browser(ShopServer())
+    tab = browser.open("/")
+    tab.post("/api/login", json={"username": "ann"})
+    assert tab.sid not in repr(tab)
+    assert repr(tab).startswith("Tab(1, path='/', sid='")
+    assert repr(browser) == "Browser(prefix='/statekit', tabs=1, stored=['login'])"
+    browser.close()
+    assert repr(browser) == "Browser(prefix='/statekit', tabs=0, stored=['login'])"
