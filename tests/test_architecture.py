@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_engine",),
     ("web",),
     ("testing", "__init__"),
+    ("integrations.asgi",),  # the ASGI middleware, which the FastAPI dependency reads
     ("integrations*",),  # each framework's integration, over statekit.web
 ]
 PEERS_MAY_IMPORT = {"stores._redis*"}

@@ -1,0 +1,87 @@
+"""statekit in FastAPI: the request's visit as a dependency.
+
+With :class:`~statekit.integrations.asgi.StateKitMiddleware` on the app, a handler
+takes a :data:`CurrentVisit` and opens its events on it; the page's browser tokens go
+in and out, and an ended session is answered ``409`` as the page expects::
+
+    from fastapi import FastAPI
+    from statekit.integrations.asgi import StateKitMiddleware
+    from statekit.integrations.fastapi import CurrentVisit
+
+    app = FastAPI()
+    app.add_middleware(StateKitMiddleware, engine=engine)
+
+    @app.post("/api/cart")
+    async def add(item: Item, visit: CurrentVisit) -> dict[str, Any]:
+        async with visit.aevent() as ev:
+            ev[cart].append(item.name)
+        return {"cart": ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib.util import find_spec
+from typing import Annotated, Any
+from urllib.parse import parse_qsl
+
+from fastapi import Depends, Request
+
+from statekit import web
+from statekit.integrations.asgi import visit_of
+
+__all__ = ["CurrentVisit", "statekit_visit"]
+
+#: The largest urlencoded form read for its session field (a page's forms are small).
+_MAX_FORM_BYTES = 1024 * 1024
+
+
+async def statekit_visit(request: Request) -> web.Visit:
+    """The request's :class:`~statekit.web.Visit`, given by
+    :class:`~statekit.integrations.asgi.StateKitMiddleware`; for a form post that names
+    no session in a header, the session is taken from the form's ``statekit_session``
+    field (the hidden field ``statekit.js`` fills).
+
+    Args:
+        request: the request (FastAPI passes it).
+
+    Returns:
+        The request's visit.
+
+    Raises:
+        UsageError: the app has no :class:`~statekit.integrations.asgi.StateKitMiddleware`.
+
+    Example::
+
+        @app.post("/api/visit")
+        async def count(visit: Annotated[Visit, Depends(statekit_visit)]) -> ...:
+            async with visit.aevent() as ev:
+                ...
+    """
+    visit = visit_of(request)
+    if visit.wants_form and request.method == "POST":
+        form = await _form(request)
+        if form is not None:
+            visit.use_form(form)
+    return visit
+
+
+async def _form(request: Request) -> Mapping[str, Any] | None:
+    """The request's form fields, if it is a form: with Starlette's parser when
+    python-multipart is installed (what FastAPI's own ``Form`` fields need), else an
+    urlencoded form (what a plain HTML form sends) read with the standard library."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        return None
+    if find_spec("python_multipart") is None:
+        if kind != "application/x-www-form-urlencoded":
+            return None
+        body = await request.body()
+        if len(body) > _MAX_FORM_BYTES:
+            return None
+        return dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+    return await request.form()
+
+
+#: A handler's parameter for the request's visit: ``async def add(visit: CurrentVisit)``.
+CurrentVisit = Annotated[web.Visit, Depends(statekit_visit)]

@@ -1,0 +1,644 @@
+"""The ASGI middleware and the FastAPI dependency, through Starlette's and FastAPI's
+test clients and as a raw ASGI app: statekit's endpoints, the request's visit, browser
+tokens in and out, the answers to an ended session or a busy store, the cookie fallback,
+the form field, and the engine's shutdown with the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from statekit import (
+    BrowserKeys,
+    EngineClosed,
+    Event,
+    SessionBusy,
+    SessionState,
+    StateEngine,
+    StoreUnavailable,
+    UsageError,
+    web,
+)
+from statekit.integrations.asgi import StateKitMiddleware, visit_of
+from statekit.integrations.fastapi import CurrentVisit
+from statekit.testing import FakeClock
+
+KEYS = BrowserKeys(["k" * 32])
+PAGE_LOAD = {"accept": "text/html,application/xhtml+xml"}
+
+
+def headers(sid: str, tokens: dict[str, str] | None = None) -> dict[str, str]:
+    out = {web.SESSION_HEADER: sid}
+    if tokens is not None:
+        out[web.BROWSER_HEADER] = json.dumps(tokens)
+    return out
+
+
+def starlette_app(engine: StateEngine, **options: Any) -> Starlette:
+    """A small app on the middleware: a cart per session, a name kept in the browser."""
+    cart: SessionState[list[str]] = engine.session_state("cart", [])
+    name = engine.browser_state("name", "", keys=KEYS, storage_key="login")
+
+    async def page(request: Request) -> Response:
+        sid = await visit_of(request).asession()
+        return HTMLResponse(f"<p>{len(sid)}</p>")
+
+    async def add(request: Request) -> Response:
+        visit = request.state.statekit
+        async with visit.aevent() as ev:
+            ev[cart].append("milk")
+            body = {"cart": list(ev[cart]), "name": ev[name]}
+        return JSONResponse(body)
+
+    async def login(request: Request) -> Response:
+        async with visit_of(request).aevent() as ev:
+            ev[name] = (await request.json())["name"]
+        return JSONResponse({})
+
+    async def busy(request: Request) -> Response:
+        raise SessionBusy("x" * 32, 1.0)
+
+    async def down(request: Request) -> Response:
+        raise StoreUnavailable("redis", "connection refused")
+
+    async def bug(request: Request) -> Response:
+        raise RuntimeError("a bug of the app's")
+
+    return Starlette(
+        routes=[
+            Route("/", page),
+            Route("/add", add, methods=["POST"]),
+            Route("/login", login, methods=["POST"]),
+            Route("/busy", busy, methods=["POST"]),
+            Route("/down", down, methods=["POST"]),
+            Route("/bug", bug, methods=["POST"]),
+        ],
+        middleware=[_middleware(engine, **options)],
+    )
+
+
+def _middleware(engine: StateEngine, **options: Any) -> Any:
+    from starlette.middleware import Middleware
+
+    return Middleware(StateKitMiddleware, engine=engine, **options)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def engine(clock: FakeClock) -> Iterator[StateEngine]:
+    eng = StateEngine(clock=clock, idle_ttl=60, closed_ttl=30)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture
+def client(engine: StateEngine) -> Iterator[TestClient]:
+    with TestClient(starlette_app(engine)) as c:
+        yield c
+
+
+def open_session(c: TestClient) -> str:
+    response = c.post("/statekit/open")
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"
+    sid = response.json()["sid"]
+    assert isinstance(sid, str)
+    return sid
+
+
+# -- statekit's endpoints -------------------------------------------------------------
+
+
+def test_open_gives_each_tab_its_own_session(client: TestClient) -> None:
+    """Two opens are two sessions with carts of their own (one session per tab)."""
+    first, second = open_session(client), open_session(client)
+    assert first != second
+    assert client.post("/add", headers=headers(first)).json()["cart"] == ["milk"]
+    assert client.post("/add", headers=headers(first)).json()["cart"] == ["milk", "milk"]
+    assert client.post("/add", headers=headers(second)).json()["cart"] == ["milk"]
+    assert "set-cookie" not in client.post("/add", headers=headers(second)).headers
+
+
+def test_close_ends_only_the_session_it_names(
+    client: TestClient, engine: StateEngine, clock: FakeClock
+) -> None:
+    """A tab's close beacon ends its own session; the other tab goes on."""
+    closed, other = open_session(client), open_session(client)
+    response = client.post("/statekit/close", content=closed)
+    assert response.status_code == 204
+    clock.advance(31)  # past closed_ttl
+    ended = client.post("/add", headers=headers(closed))
+    assert ended.status_code == 409
+    assert ended.headers[web.ENDED_HEADER] == "closed"
+    assert client.post("/add", headers=headers(other)).status_code == 200
+    assert engine.exists(other)
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"never-issued-id", b"\xff\xfe", b"x" * 5000, b" " * 10], ids=repr
+)
+def test_close_of_an_unknown_id_or_a_bad_body_is_quietly_accepted(
+    client: TestClient, engine: StateEngine, body: bytes
+) -> None:
+    """A beacon cannot act on an answer: a bad close is 204 and closes nothing."""
+    sid = open_session(client)
+    assert client.post("/statekit/close", content=body).status_code == 204
+    assert engine.exists(sid)
+    assert client.post("/add", headers=headers(sid)).status_code == 200
+
+
+def test_a_close_body_sent_in_many_chunks_is_read(client: TestClient, engine: StateEngine) -> None:
+    sid = open_session(client)
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(sid), 5):
+            yield sid[i : i + 5].encode()
+
+    assert client.post("/statekit/close", content=chunks()).status_code == 204
+    assert engine.close_session(sid) is False  # already closed by the beacon
+
+
+def test_the_script_is_served_and_the_methods_are_checked(client: TestClient) -> None:
+    script = client.get("/statekit/statekit.js")
+    assert script.status_code == 200
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert script.content == web.script()
+    head = client.head("/statekit/statekit.js")
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(web.script()))
+    for method, path, allow in [
+        ("GET", "/statekit/open", "POST"),
+        ("GET", "/statekit/close", "POST"),
+        ("POST", "/statekit/statekit.js", "GET, HEAD"),
+    ]:
+        refused = client.request(method, path)
+        assert refused.status_code == 405, path
+        assert refused.headers["allow"] == allow
+        assert refused.json()["error"] == "method_not_allowed"
+
+
+def test_a_prefix_of_the_apps_own(engine: StateEngine) -> None:
+    with TestClient(starlette_app(engine, prefix="/_sk")) as c:
+        sid = c.post("/_sk/open").json()["sid"]
+        assert c.post("/add", headers=headers(sid)).status_code == 200
+        assert c.post("/statekit/open").status_code == 404  # the app's, not statekit's
+
+
+# -- the visit ------------------------------------------------------------------------
+
+
+def test_the_visit_is_in_request_state_and_visit_of_tells_a_missing_middleware(
+    engine: StateEngine,
+) -> None:
+    seen: list[Any] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request.state.statekit)
+        seen.append(visit_of(request))
+        seen.append(visit_of(request.scope))
+        return Response("ok")
+
+    with TestClient(starlette_app(engine)) as c:
+        c.app.router.routes.append(Route("/look", handler))
+        c.get("/look", headers=headers("a" * 32))
+    assert isinstance(seen[0], web.Visit)
+    assert seen[0] is seen[1] is seen[2]
+    assert seen[0].incoming.sid == "a" * 32
+
+    bare = Starlette(routes=[Route("/look", lambda request: visit_of(request))])
+    with TestClient(bare) as c, pytest.raises(UsageError, match="add StateKitMiddleware"):
+        c.get("/look")
+    with pytest.raises(UsageError, match="add StateKitMiddleware"):
+        visit_of({"type": "http"})
+
+
+def test_browser_tokens_go_out_and_come_back(client: TestClient) -> None:
+    """A value kept in the browser comes back as a token in a response header, and the
+    next request that sends it reads the value (from any tab)."""
+    sid = open_session(client)
+    saved = client.post("/login", json={"name": "ann"}, headers=headers(sid, {}))
+    tokens = json.loads(saved.headers[web.BROWSER_SET_HEADER])
+    assert set(tokens) == {"login"}
+    assert "ann" not in tokens["login"]
+    other_tab = open_session(client)
+    assert client.post("/add", headers=headers(other_tab, tokens)).json()["name"] == "ann"
+    assert client.post("/add", headers=headers(other_tab)).json()["name"] == ""
+    for garbage in ["not json", "[1]", '{"login": 5}', '{"login": "sk1.AAAA"}']:
+        answer = client.post("/add", headers={**headers(other_tab), web.BROWSER_HEADER: garbage})
+        assert answer.status_code == 200
+        assert answer.json()["name"] == ""
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def test_an_unknown_or_missing_session_is_409_with_the_reason(client: TestClient) -> None:
+    unknown = client.post("/add", headers=headers("forged-" + "x" * 25))
+    assert unknown.status_code == 409
+    assert unknown.headers[web.ENDED_HEADER] == "unknown"
+    assert unknown.json()["error"] == "session_ended"
+    missing = client.post("/add")
+    assert missing.status_code == 409
+    assert missing.headers[web.ENDED_HEADER] == "missing"
+    assert missing.json()["reason"] == "missing"
+
+
+def test_an_idle_session_is_409_idle(client: TestClient, clock: FakeClock) -> None:
+    sid = open_session(client)
+    clock.advance(61)
+    ended = client.post("/add", headers=headers(sid))
+    assert (ended.status_code, ended.headers[web.ENDED_HEADER]) == (409, "idle")
+    assert sid not in ended.text  # never a whole id in an answer
+
+
+@pytest.mark.parametrize(("path", "error"), [("/busy", "busy"), ("/down", "unavailable")])
+def test_a_busy_session_or_an_unreachable_store_is_503(
+    client: TestClient, path: str, error: str
+) -> None:
+    answer = client.post(path)
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "1"
+    assert answer.json()["error"] == error
+
+
+def test_an_error_of_the_apps_own_is_left_to_the_app(engine: StateEngine) -> None:
+    app = starlette_app(engine, shutdown=False)
+    with TestClient(app) as c, pytest.raises(RuntimeError, match="a bug"):
+        c.post("/bug")
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.post("/bug").status_code == 500
+
+
+# -- the cookie fallback --------------------------------------------------------------
+
+
+def test_the_cookie_session_opens_only_on_a_page_load(
+    client: TestClient, engine: StateEngine
+) -> None:
+    """A page without JavaScript gets one session per browser, kept in a cookie, opened
+    by a page load (a GET of HTML) and never by any other request."""
+    assert client.post("/add").status_code == 409
+    assert client.get("/", headers={"accept": "application/json"}).status_code == 409
+    assert engine.session_count() == 0
+    page = client.get("/", headers=PAGE_LOAD)
+    assert page.status_code == 200
+    cookie = page.headers["set-cookie"]
+    assert cookie.startswith(f"{web.SESSION_COOKIE}=")
+    assert "HttpOnly" in cookie
+    assert "samesite=lax" in cookie.lower()
+    assert engine.session_count() == 1
+    assert client.post("/add").json()["cart"] == ["milk"]  # the cookie names it
+    again = client.get("/", headers=PAGE_LOAD)
+    assert "set-cookie" not in again.headers  # the same session, kept
+    assert client.post("/add").json()["cart"] == ["milk", "milk"]
+
+
+def test_an_ended_cookie_session_clears_the_cookie_and_the_next_load_opens_one(
+    client: TestClient, engine: StateEngine, clock: FakeClock
+) -> None:
+    client.get("/", headers=PAGE_LOAD)
+    first = client.cookies[web.SESSION_COOKIE]
+    clock.advance(61)
+    ended = client.post("/add")
+    assert ended.status_code == 409
+    assert ended.headers[web.ENDED_HEADER] == "idle"
+    assert "max-age=0" in ended.headers["set-cookie"].lower()
+    assert web.SESSION_COOKIE not in client.cookies
+    # A browser that kept the cookie anyway: its next page load opens a new session.
+    reloaded = client.get("/", headers={**PAGE_LOAD, "cookie": f"{web.SESSION_COOKIE}={first}"})
+    assert reloaded.status_code == 200
+    second = reloaded.cookies[web.SESSION_COOKIE]
+    assert second != first
+    assert engine.exists(second)
+    assert client.post("/add").json()["cart"] == ["milk"]
+
+
+def test_without_the_cookie_fallback_a_page_load_has_no_session(engine: StateEngine) -> None:
+    with TestClient(starlette_app(engine, cookie=False)) as c:
+        c.cookies.set(web.SESSION_COOKIE, open_session(c))
+        page = c.get("/", headers=PAGE_LOAD)
+        assert page.status_code == 409
+        assert page.headers[web.ENDED_HEADER] == "missing"
+        assert "set-cookie" not in page.headers
+        assert c.post("/add").status_code == 409  # the cookie is not read either
+
+
+def test_a_header_session_wins_over_the_cookie(client: TestClient) -> None:
+    client.get("/", headers=PAGE_LOAD)
+    tab = open_session(client)
+    assert client.post("/add", headers=headers(tab)).json()["cart"] == ["milk"]
+    assert client.post("/add", headers=headers(tab)).json()["cart"] == ["milk", "milk"]
+    assert client.post("/add").json()["cart"] == ["milk"]  # the cookie's own cart
+
+
+# -- FastAPI --------------------------------------------------------------------------
+
+
+def fastapi_app(engine: StateEngine) -> FastAPI:
+    cart: SessionState[list[str]] = engine.session_state("cart", [])
+    app = FastAPI()
+    app.add_middleware(StateKitMiddleware, engine=engine)
+
+    @app.post("/add")
+    async def add(visit: CurrentVisit) -> dict[str, Any]:
+        async with visit.aevent() as ev:
+            ev[cart].append("milk")
+            items: list[str] = ev[cart]
+        return {"cart": items, "source": visit.incoming.source}
+
+    return app
+
+
+def test_fastapi_dependency_gives_the_visit_and_reads_a_forms_field(
+    engine: StateEngine,
+) -> None:
+    """A plain form's hidden ``statekit_session`` field names the session."""
+    with TestClient(fastapi_app(engine)) as c:
+        sid = open_session(c)
+        by_header = c.post("/add", headers=headers(sid)).json()
+        assert by_header == {"cart": ["milk"], "source": "header"}
+        by_form = c.post("/add", data={web.SESSION_FIELD: sid, "other": "x"}).json()
+        assert by_form == {"cart": ["milk", "milk"], "source": "field"}
+        other = open_session(c)
+        both = c.post("/add", data={web.SESSION_FIELD: sid}, headers=headers(other)).json()
+        assert both == {"cart": ["milk"], "source": "header"}  # the header wins
+        assert c.post("/add", data={"other": "x"}).status_code == 409
+        assert c.post("/add", json={web.SESSION_FIELD: sid}).status_code == 409  # not a form
+
+
+def test_fastapi_answers_an_ended_session_409(engine: StateEngine, clock: FakeClock) -> None:
+    with TestClient(fastapi_app(engine)) as c:
+        sid = open_session(c)
+        clock.advance(61)
+        ended = c.post("/add", headers=headers(sid))
+        assert (ended.status_code, ended.headers[web.ENDED_HEADER]) == (409, "idle")
+
+
+# -- only async engine calls ----------------------------------------------------------
+
+
+def test_only_the_engines_async_calls_are_used(
+    engine: StateEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Redis a blocking call would stall the event loop: with every blocking call of
+    the engine made to fail, the middleware's endpoints, the cookie fallback, events
+    and the lifespan shutdown all still work."""
+    ended: list[str] = []
+    engine.on_close(lambda sid, reason: ended.append(reason))
+    app = starlette_app(engine)
+
+    def blocking(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a blocking engine call on the event loop")
+
+    for name in ("open_session", "close_session", "exists", "session_count", "reap", "stats"):
+        monkeypatch.setattr(engine, name, blocking)
+    monkeypatch.setattr(engine, "shutdown", blocking)
+    monkeypatch.setattr(Event, "__enter__", blocking)
+    with TestClient(app) as c:
+        sid = open_session(c)
+        assert c.post("/add", headers=headers(sid)).status_code == 200
+        assert c.post("/statekit/close", content=sid).status_code == 204
+        assert c.get("/", headers=PAGE_LOAD).status_code == 200
+        assert c.post("/add").status_code == 200
+        c.cookies.set(web.SESSION_COOKIE, "gone-" + "x" * 27)
+        assert c.get("/", headers=PAGE_LOAD).status_code == 200  # aexists, aopen_session
+    assert ended.count("closed") == 1
+    assert ended.count("shutdown") == 2
+    monkeypatch.undo()
+
+
+# -- lifespan -------------------------------------------------------------------------
+
+
+def test_the_engine_shuts_down_after_the_apps_own_shutdown(engine: StateEngine) -> None:
+    """Sessions still open when the app stops end with reason ``shutdown``, after the
+    app's own shutdown code (which may still use the engine) has run."""
+    order: list[str] = []
+    engine.on_close(lambda sid, reason: order.append(f"ended: {reason}"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        order.append("app shutdown")
+        await engine.aopen_session()  # the engine still works here
+
+    app = starlette_app(engine)
+    app.router.lifespan_context = lifespan
+    with TestClient(app) as c:
+        open_session(c)
+    assert order == ["app shutdown", "ended: shutdown", "ended: shutdown"]
+
+
+def test_shutdown_false_leaves_the_engine_running(engine: StateEngine) -> None:
+    with TestClient(starlette_app(engine, shutdown=False)) as c:
+        sid = open_session(c)
+    assert engine.exists(sid)
+
+
+async def _no_lifespan_raises(scope: Any, receive: Any, send: Any) -> None:
+    assert scope["type"] == "http", "only http here"
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _no_lifespan_returns(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "http":
+        await _no_lifespan_raises(scope, receive, send)
+
+
+@pytest.mark.parametrize("app", [_no_lifespan_raises, _no_lifespan_returns])
+def test_an_app_without_lifespan_still_shuts_the_engine_down(
+    engine: StateEngine, app: Any
+) -> None:
+    ended: list[str] = []
+    engine.on_close(lambda sid, reason: ended.append(reason))
+    with TestClient(StateKitMiddleware(app, engine)) as c:
+        open_session(c)
+        assert c.get("/").status_code == 204
+    assert ended == ["shutdown"]
+
+
+def test_a_failing_app_startup_is_reported_and_the_engine_shut(engine: StateEngine) -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        raise RuntimeError("cannot start")
+        yield  # pragma: no cover
+
+    app = starlette_app(engine)
+    app.router.lifespan_context = lifespan
+    with pytest.raises(RuntimeError, match="cannot start"), TestClient(app):
+        pass  # pragma: no cover
+    with pytest.raises(EngineClosed):
+        engine.open_session()
+
+
+# -- raw ASGI -------------------------------------------------------------------------
+
+
+class Wire:
+    """A raw ASGI exchange: the request's messages in, the app's messages out."""
+
+    def __init__(self, *bodies: bytes) -> None:
+        self.inbox = [
+            {"type": "http.request", "body": b, "more_body": i < len(bodies) - 1}
+            for i, b in enumerate(bodies or [b""])
+        ]
+        self.sent: list[dict[str, Any]] = []
+
+    async def receive(self) -> dict[str, Any]:
+        return self.inbox.pop(0) if self.inbox else {"type": "http.disconnect"}
+
+    async def send(self, message: Any) -> None:
+        self.sent.append(dict(message))
+
+    @property
+    def status(self) -> int:
+        return int(self.sent[0]["status"])
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(self.sent[0]["headers"])
+
+
+def http_scope(path: str, method: str = "POST", headers: Any = ()) -> dict[str, Any]:
+    return {"type": "http", "method": method, "path": path, "headers": list(headers)}
+
+
+def test_raw_asgi_an_error_after_the_response_started_goes_on_up(engine: StateEngine) -> None:
+    """Once the response started, the page cannot be told: the error is the server's."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise StoreUnavailable("redis", "lost mid-stream")
+
+    wire = Wire()
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(StateKitMiddleware(app, engine)(http_scope("/x"), wire.receive, wire.send))
+    assert wire.status == 200
+    assert len(wire.sent) == 1
+
+
+def test_raw_asgi_headers_of_the_visit_join_the_apps_and_the_body_read_is_bounded(
+    engine: StateEngine,
+) -> None:
+    seen: list[Any] = []
+    name = engine.browser_state("name", "", keys=KEYS)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        visit = visit_of(scope)
+        seen.append(scope["state"])
+        async with visit.aevent() as ev:
+            ev[name] = "bo"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"a", b"1")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sid = engine.open_session()
+    middleware = StateKitMiddleware(app, engine)
+    wire = Wire()
+    scope = {**http_scope("/x", headers=[(b"x-statekit-session", sid.encode())]), "state": {}}
+    asyncio.run(middleware(scope, wire.receive, wire.send))
+    assert wire.headers[b"a"] == b"1"
+    assert set(json.loads(wire.headers[b"x-statekit-browser-set"])) == {"name"}
+    assert scope["state"] == {}  # the server's scope is not changed
+    assert seen[0]["statekit"].incoming.sid == sid
+
+    # A close body of many chunks, over the bound, reads as no id: nothing closes.
+    wire = Wire(sid.encode(), *([b"x" * 512] * 100))
+    asyncio.run(middleware(http_scope("/statekit/close"), wire.receive, wire.send))
+    assert wire.status == 204
+    assert len(wire.inbox) > 90  # the rest was never read
+    assert engine.close_session(sid) is True
+
+
+def test_raw_asgi_hostile_headers_read_as_absent(engine: StateEngine) -> None:
+    seen: list[web.Visit] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(visit_of(scope))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = StateKitMiddleware(app, engine)
+    hostile = [
+        (b"x-statekit-browser", b"{" * 300_000),
+        (b"cookie", b'=;;; statekit_session="quoted"; =x; \xff\xfe=\x00'),
+        (b"x-statekit-browser", b'{"login": "t"}'),
+        (b"accept", "text/html; é".encode("latin-1")),
+    ]
+    wire = Wire()
+    asyncio.run(
+        middleware(http_scope("/x", method="GET", headers=hostile), wire.receive, wire.send)
+    )
+    assert wire.status == 204
+    assert seen[0].incoming.sid == "quoted"
+    assert seen[0].incoming.source == "cookie"
+    assert seen[0].tokens == {}  # the joined header is not a JSON object
+
+    huge = [(b"x-filler", b"y" * 600_000), (b"x-statekit-session", b"late")]
+    wire = Wire()
+    asyncio.run(middleware(http_scope("/x", headers=huge), wire.receive, wire.send))
+    assert seen[1].incoming.sid is None  # past the bound, not read
+
+
+def test_raw_asgi_a_websocket_gets_a_visit_and_passes_through(engine: StateEngine) -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope["type"], visit_of(scope)))
+        await send({"type": "websocket.close"})
+
+    wire = Wire()
+    scope = {"type": "websocket", "path": "/ws", "headers": [(b"x-statekit-session", b"s1")]}
+    asyncio.run(StateKitMiddleware(app, engine)(scope, wire.receive, wire.send))
+    assert seen[0][0] == "websocket"
+    assert seen[0][1].incoming.sid == "s1"
+    assert seen[0][1].page_load is False
+    assert wire.sent == [{"type": "websocket.close"}]
+
+
+def test_streaming_response_gets_the_headers_of_events_before_it_starts(
+    engine: StateEngine,
+) -> None:
+    name = engine.browser_state("name", "", keys=KEYS, storage_key="login")
+
+    async def stream(request: Request) -> Response:
+        async with visit_of(request).aevent() as ev:
+            ev[name] = "cy"
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"a"
+            yield b"b"
+
+        return StreamingResponse(body())
+
+    app = Starlette(routes=[Route("/s", stream)])
+    app.add_middleware(StateKitMiddleware, engine=engine)
+    with TestClient(app) as c:
+        sid = open_session(c)
+        response = c.get("/s", headers=headers(sid))
+        assert response.text == "ab"
+        assert set(json.loads(response.headers[web.BROWSER_SET_HEADER])) == {"login"}
+
+
+def test_a_bad_engine_or_prefix_is_refused_at_once(engine: StateEngine) -> None:
+    with pytest.raises(TypeError, match="StateEngine"):
+        StateKitMiddleware(_no_lifespan_returns, object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="prefix"):
+        StateKitMiddleware(_no_lifespan_returns, engine, prefix="statekit/")
+    assert "prefix='/statekit'" in repr(StateKitMiddleware(_no_lifespan_returns, engine))
