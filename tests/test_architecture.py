@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_engine",),
     ("web",),
     ("testing", "__init__"),
+    ("pytest_plugin",),  # pytest's fixtures, over statekit.testing
     ("integrations.asgi",),  # the ASGI middleware, which the FastAPI dependency reads
     ("integrations*",),  # each framework's integration, over statekit.web
 ]
