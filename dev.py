@@ -5,16 +5,17 @@
     python3 dev.py test    run every check: ruff, mypy --strict, pytest with coverage
     python3 dev.py bench   run the benchmarks (optional)
 
-The first run creates a virtual environment in .venv and installs the project with
-its development extras into it; later runs reuse it until pyproject.toml changes.
+The first run creates a virtual environment in .venv and installs the project into it,
+with what the command needs (the demo: the "web" extra; the tests: the "dev" extra);
+later runs reuse it until pyproject.toml changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,10 +65,30 @@ def ensure_env(extras: str = EXTRAS) -> None:
     stamp.write_text(digest)
 
 
+DEMO_EXTRAS = "web"
+
+
 def demo(args: list[str]) -> None:
-    ensure_env()
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C stops the server
-        run(PY, ROOT / "docs" / "examples" / "web_app.py", *args)
+    """Serve the demo until Ctrl+C or SIGTERM, either of which stops it quietly."""
+    ensure_env(DEMO_EXTRAS)
+    cmd = [str(PY), str(ROOT / "docs" / "examples" / "web_app.py"), *args]
+    print("+", " ".join(cmd), flush=True)
+    # The server runs in a process group of its own, so that a signal reaches it once:
+    # from this process, which forwards Ctrl+C (SIGINT) and SIGTERM alike.
+    server = subprocess.Popen(cmd, cwd=ROOT, start_new_session=os.name != "nt")
+    stopping = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if server.poll() is None:
+            server.send_signal(signum if os.name != "nt" else signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    code = server.wait()
+    if code != 0 and not (stopping and code in (-signal.SIGINT, -signal.SIGTERM)):
+        sys.exit(code if code > 0 else 1)
 
 
 # Programs the tests start, and the Debian package of each.

@@ -1,55 +1,62 @@
-"""The statekit demo: the state guide's four patterns in one Starlette app.
+"""The statekit demo: the state guide's four patterns in one Starlette app, one session
+per browser tab.
 
 - a visitor counter shared by everyone (global state);
-- a cart with its size, per browser tab (session state and a change listener);
-- a counter object that cannot be copied, per tab (a session registry);
-- a username and password kept in the browser, encrypted (browser state).
+- a cart with its size, per tab (session state and a change listener);
+- a counter object that cannot be copied, per tab (a session registry whose objects are
+  made by ``engine.on_open`` when a tab's session opens);
+- a username and password kept in the browser, encrypted (browser state), shared by
+  every tab of the browser.
 
-Everything runs on the in-memory store. Run it with ``python3 dev.py demo`` (or
-``python docs/examples/web_app.py --port 8000``). Browser values are encrypted with the
+Run it with ``python3 dev.py demo`` (or ``python docs/examples/web_app.py --port
+8000``). Everything runs on the in-memory store. Browser values are encrypted with the
 secrets in ``STATEKIT_SECRETS`` (comma-separated, newest first, 32+ characters each);
-without them the demo asks for an ephemeral secret, and says so: browser values then do
-not survive a restart of the server.
+without them the demo makes a key for this run and says so: browser values then do not
+survive a restart of the server.
 
-The host owns HTTP: it keeps the session id in a cookie, passes the browser tokens that
-``statekit.js`` sends to each event, and returns the new ones in a response header. Its
-handlers are async and use the engine's async calls (``aopen_session``, ``aevent``,
-``aincrement``, ...), which never block the event loop, whatever the store.
+statekit's Starlette integration does the wiring: ``StateKitMiddleware`` serves
+``statekit.js`` and the endpoints that open and close a tab's session, gives each
+request its :class:`~statekit.web.Visit` (``visit_of(request)``), answers an ended
+session with 409 and a busy one with 503, and shuts the engine down with the app. The
+page's ``statekit.js`` opens a session per tab, sends it with every request, and closes
+it when the tab closes. The handlers use only the engine's async calls.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
-from collections.abc import AsyncIterator
-from importlib import resources
-from typing import Any
+import warnings
+from typing import Any, NoReturn
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from statekit import (
     BrowserKeys,
     BrowserState,
+    DeleteReason,
     Event,
-    EventResult,
-    SessionNotFound,
     SessionNotInitialized,
     SessionState,
     StateEngine,
 )
+from statekit.integrations.asgi import StateKitMiddleware, visit_of
+from statekit.web import ENDED_HEADER
 
 logger = logging.getLogger("statekit.demo")
 
-COOKIE = "statekit_sid"
 ITEMS = ["Cereal", "Milk", "Orange Juice", "Water"]
+#: The longest username or password the demo keeps.
+MAX_FIELD = 200
 
 
 class NonDeepCopyable:
@@ -65,18 +72,36 @@ class NonDeepCopyable:
             return self.counter
 
 
-def keys_from_environment() -> BrowserKeys:
+def keys_from_environment() -> tuple[BrowserKeys, bool]:
+    """The keys of browser values, and whether they come from ``STATEKIT_SECRETS``
+    (else a key is made for this run, which a demo may well use: said at INFO)."""
     secrets = [s for s in os.environ.get("STATEKIT_SECRETS", "").split(",") if s]
     if secrets:
-        return BrowserKeys(secrets)
-    return BrowserKeys.ephemeral()
+        return BrowserKeys(secrets), True
+    logger.info(
+        "STATEKIT_SECRETS is not set: browser values are encrypted with a key made for "
+        "this run, so they will not survive a restart of the server (set STATEKIT_SECRETS "
+        "to 32+ characters to keep them)"
+    )
+    with warnings.catch_warnings():
+        # The warning is for apps that forgot their secret; the demo chose this.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return BrowserKeys.ephemeral(), False
 
 
 def build_app(keys: BrowserKeys | None = None) -> Starlette:
-    """The demo app, with its own engine (one per app: tests build several)."""
-    keys = keys or keys_from_environment()
+    """The demo app, with its own engine (one per app: tests build several).
+
+    Args:
+        keys: the keys of browser values (default: from ``STATEKIT_SECRETS``, else a
+            key made for this run).
+    """
+    configured = keys is not None
+    if keys is None:
+        keys, configured = keys_from_environment()
     engine = StateEngine()
     visitors = engine.global_state("visitors", 0)
+    tabs = engine.global_state("tabs_open", 0)
     cart: SessionState[list[str]] = engine.session_state("cart", [])
     cart_size: SessionState[int] = engine.session_state("cart_size", 0)
     counters = engine.registry("counter", lambda sid: NonDeepCopyable())
@@ -84,148 +109,184 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
         "credentials", ["", ""], keys=keys, storage_key="login"
     )
 
+    # A tab's session opens when statekit.js asks for it: the guide's page-load event
+    # makes the tab's object then. The memory store answers these calls at once.
+    @engine.on_open
+    def tab_opened(sid: str) -> None:
+        counters.open(sid)
+        tabs.increment()
+
+    @engine.on_close
+    def tab_closed(sid: str, reason: DeleteReason) -> None:
+        if reason is not DeleteReason.SHUTDOWN:  # the server stopping closes every tab
+            tabs.increment(-1)
+
     @cart.on_change
     def update_size(ev: Event, value: list[str]) -> None:
         ev[cart_size] = len(value)
         ev.emit("cart_size", len(value))
 
-    def tokens(request: Request) -> dict[str, str]:
-        try:
-            sent = json.loads(request.headers.get("x-statekit-browser", "{}"))
-        except ValueError:
-            return {}
-        if not isinstance(sent, dict):
-            return {}
-        return {str(k): v for k, v in sent.items() if isinstance(v, str)}
-
-    def respond(body: dict[str, Any], result: EventResult | None = None) -> JSONResponse:
-        response = JSONResponse(body)
-        if result is not None:
-            if result.browser:
-                response.headers["x-statekit-browser-set"] = json.dumps(dict(result.browser))
-            for state, problem in result.browser_problems.items():
-                if problem.value != "missing":
-                    logger.info("browser state %s ignored: %s", state, problem)
-        return response
+    def bad_request(detail: str) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=400)
 
     async def page(request: Request) -> HTMLResponse:
         return HTMLResponse(PAGE)
 
-    async def script(request: Request) -> Response:
-        source = resources.files("statekit").joinpath("static/statekit.js").read_text()
-        return Response(source, media_type="text/javascript")
+    async def status(request: Request) -> JSONResponse:
+        """What everyone shares: visitors so far, tabs open now (no session needed)."""
+        return JSONResponse({"visitors": await visitors.aget(), "tabs": await tabs.aget()})
 
     async def load(request: Request) -> JSONResponse:
-        """Page load: a new session (a refresh is a new session), one more visitor,
-        the tab's counter object, and the values the browser kept."""
-        sid = await engine.aopen_session()
+        """A tab loaded: one more visitor, and everything the tab shows."""
+        visit = visit_of(request)
         count = await visitors.aincrement()
-        await counters.aopen(sid)
-        async with engine.aevent(sid, browser=tokens(request)) as ev:
+        async with visit.aevent() as ev:
             username, password = ev[credentials]
             body = {
                 "visitors": count,
+                "tabs": await tabs.aget(),
                 "cart": ev[cart],
                 "cart_size": ev[cart_size],
                 "counter": ev[counters].counter,
                 "username": username,
                 "password": password,
                 "items": ITEMS,
+                "secrets": "configured" if configured else "ephemeral",
             }
-        response = respond(body, ev.result)
-        response.set_cookie(COOKIE, sid, httponly=True, samesite="strict")
-        return response
-
-    async def session_of(request: Request) -> str:
-        sid = request.cookies.get(COOKIE, "")
-        if not await engine.aexists(sid):
-            raise SessionNotFound(sid)
-        return sid
+        for state, problem in ev.result.browser_problems.items():
+            if problem.value != "missing":
+                logger.info("browser value %s not read: %s", state, problem.value)
+        return JSONResponse(body)
 
     async def add_items(request: Request) -> JSONResponse:
-        sid = await session_of(request)
-        items = [i for i in (await request.json()).get("items", []) if i in ITEMS]
-        async with engine.aevent(sid) as ev:
+        items = (await _json(request)).get("items")
+        if not isinstance(items, list) or not items:
+            return bad_request("tick at least one item, then add")
+        unknown = [i for i in items if i not in ITEMS]
+        if unknown:
+            return bad_request(f"unknown item {unknown[0]!r}: choose among {', '.join(ITEMS)}")
+        async with visit_of(request).aevent() as ev:
             ev[cart] = ev[cart] + items
-            body = {"cart": ev[cart]}
-        body["cart_size"] = ev.result.outputs.get("cart_size", len(body["cart"]))
-        return respond(body, ev.result)
+            cart_now = ev[cart]
+        return JSONResponse({"cart": cart_now, "cart_size": ev.result.outputs["cart_size"]})
 
     async def increment(request: Request) -> JSONResponse:
-        sid = await session_of(request)
-        async with engine.aevent(sid) as ev:
+        async with visit_of(request).aevent() as ev:
             value = ev[counters].increment()
-        return respond({"counter": value}, ev.result)
+        return JSONResponse({"counter": value})
 
     async def save_credentials(request: Request) -> JSONResponse:
-        sid = await session_of(request)
-        data = await request.json()
-        pair = [str(data.get("username", ""))[:200], str(data.get("password", ""))[:200]]
-        async with engine.aevent(sid, browser=tokens(request)) as ev:
+        data = await _json(request)
+        pair = [data.get("username", ""), data.get("password", "")]
+        if not all(isinstance(v, str) and len(v) <= MAX_FIELD for v in pair):
+            return bad_request(f"a username and a password are text of {MAX_FIELD} or fewer")
+        async with visit_of(request).aevent() as ev:
             ev[credentials] = pair
-        return respond({"saved": True}, ev.result)
+        return JSONResponse({"saved": True})
 
-    async def close(request: Request) -> Response:
-        sid = request.cookies.get(COOKIE, "")
-        if await engine.aexists(sid):
-            await engine.aclose_session(sid)
-        return Response(status_code=204)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        await engine.ashutdown()
-
-    async def expired(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": "session ended: reload the page"}, status_code=409)
+    async def object_gone(request: Request, exc: Exception) -> JSONResponse:
+        # The tab's object went with its session (closed, or ended by the server):
+        # the page is told as for any ended session.
+        return JSONResponse(
+            {"error": "session_ended", "reason": "ended", "detail": str(exc)},
+            status_code=409,
+            headers={ENDED_HEADER: "ended"},
+        )
 
     return Starlette(
         routes=[
             Route("/", page),
-            Route("/statekit.js", script),
+            Route("/api/status", status),
             Route("/api/load", load, methods=["POST"]),
             Route("/api/cart", add_items, methods=["POST"]),
             Route("/api/counter", increment, methods=["POST"]),
             Route("/api/credentials", save_credentials, methods=["POST"]),
-            Route("/api/close", close, methods=["POST"]),
         ],
-        exception_handlers={SessionNotFound: expired, SessionNotInitialized: expired},
-        lifespan=lifespan,
+        middleware=[Middleware(StateKitMiddleware, engine=engine)],
+        exception_handlers={SessionNotInitialized: object_gone},
     )
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>statekit demo</title>
 <style>
- body { font-family: system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; }
+ body { font-family: system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; padding: 0 1rem; }
  section { border: 1px solid #ccc; border-radius: 6px; padding: .8rem 1rem; margin: 1rem 0; }
  h2 { font-size: 1.05rem; margin: 0 0 .5rem; }
+ #error:empty, #ended[hidden] { display: none; }
+ #error, #ended { border: 1px solid #c33; background: #fee; color: #800; border-radius: 6px;
+   padding: .6rem 1rem; }
+ .note { color: #555; font-size: .92rem; }
+ code { background: #f3f3f3; padding: 0 .2rem; }
 </style></head>
 <body>
 <h1>statekit demo</h1>
+<div id="ended" role="alert" hidden>
+ <span id="ended-text"></span> <button id="reload">Reload the page</button></div>
+<p id="error" role="alert"></p>
+<p>This tab's session: <code id="sid">…</code> · tabs open now: <strong id="tabs">…</strong></p>
+<section><h2>Try this</h2><ul>
+ <li><strong>Open this page in a second tab.</strong> It gets a session of its own: its
+  own cart and counter. The visitor count is shared by everyone, and the saved username
+  and password by every tab of this browser.</li>
+ <li><strong>Reload.</strong> A reload is a new session: a new id, an empty cart, the
+  counter back at 0. The username and password stay: the browser keeps them.</li>
+ <li><strong>Close a tab.</strong> Its session ends; the other tabs go on.</li>
+ <li><strong>Restart the server.</strong> This tab's session ends with it, and the page
+  says so. <span id="secrets-note"></span></li>
+</ul></section>
 <section><h2>Global state: visitors</h2>
  <p>Total visitors: <strong id="visitors">…</strong></p></section>
-<section><h2>Session state: cart</h2>
+<section><h2>Session state: this tab's cart</h2>
  <div id="items"></div>
  <button id="add">Add items</button>
  <p>Cart: <span id="cart">[]</span> — size <strong id="cart-size">0</strong></p></section>
-<section><h2>Per-session object: a counter holding a lock</h2>
+<section><h2>Per-tab object: a counter holding a lock</h2>
+ <p class="note">Made when the tab's session opens; it cannot be copied, so it lives in a
+ registry, not in a state.</p>
  <button id="increment">Increment counter</button> <strong id="counter">0</strong></section>
 <section><h2>Browser state: kept in this browser, encrypted</h2>
  <label>Username <input id="username"></label>
  <label>Password <input id="password" type="password"></label>
  <button id="save">Save</button> <span id="saved"></span></section>
-<script src="/statekit.js"></script>
+<script src="/statekit/statekit.js"></script>
 <script>
-const state = StateKit.create({ keys: ["login"] });
+"use strict";
 const $ = (id) => document.getElementById(id);
+let kit = null;
+function showError(text) { $("error").textContent = text; }
 async function post(url, body) {
-  const response = await state.fetch(url, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify(body || {}),
-  });
-  return response.json();
+  let response;
+  try {
+    response = await kit.fetch(url, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body || {}),
+    });
+  } catch (error) {
+    showError("The server cannot be reached: is it running? Start it, then reload the page.");
+    return null;
+  }
+  const data = await response.json().catch(() => ({}));
+  if (response.status === 409) return null;  // "statekit:ended" says it on the page
+  if (response.status === 503) {
+    showError("The server is busy: try again in a moment.");
+    return null;
+  }
+  if (!response.ok) {
+    showError(data.detail || ("The server answered " + response.status));
+    return null;
+  }
+  showError("");
+  return data;
 }
 function showCart(data) {
   $("cart").textContent = JSON.stringify(data.cart);
@@ -233,40 +294,72 @@ function showCart(data) {
 }
 async function load() {
   const data = await post("/api/load");
+  if (!data) return;
+  $("sid").textContent = kit.sid.slice(0, 8) + "…";
   $("visitors").textContent = data.visitors;
+  $("tabs").textContent = data.tabs;
   $("counter").textContent = data.counter;
   $("username").value = data.username;
   $("password").value = data.password;
   $("items").innerHTML = data.items.map((item) =>
     `<label><input type="checkbox" value="${item}"> ${item}</label>`).join(" ");
+  $("secrets-note").textContent = data.secrets === "configured"
+    ? "The server has STATEKIT_SECRETS set: the username and password survive a restart."
+    : "The server has no STATEKIT_SECRETS, so it encrypts with a key made for this run: "
+      + "the username and password do not survive a restart. Start it with "
+      + "STATEKIT_SECRETS set (32+ characters) to keep them.";
   showCart(data);
   document.body.dataset.ready = "yes";
 }
+addEventListener("statekit:ended", (event) => {
+  $("ended-text").textContent = "This tab's session has ended (" + event.detail.reason +
+    "): the server no longer knows it. Reload the page to start a new one.";
+  $("ended").hidden = false;
+});
+addEventListener("statekit:opened", (event) => {
+  // The first opening, and again when the page comes back from the back/forward cache.
+  kit = event.detail.kit;
+  $("ended").hidden = true;
+  load();
+});
+$("reload").onclick = () => location.reload();
 $("add").onclick = async () => {
   const items = [...document.querySelectorAll("#items input:checked")].map((i) => i.value);
-  showCart(await post("/api/cart", { items }));
+  const data = await post("/api/cart", { items });
+  if (data) showCart(data);
 };
 $("increment").onclick = async () => {
-  $("counter").textContent = (await post("/api/counter")).counter;
+  const data = await post("/api/counter");
+  if (data) $("counter").textContent = data.counter;
 };
 $("save").onclick = async () => {
-  await post("/api/credentials", { username: $("username").value, password: $("password").value });
-  $("saved").textContent = "Saved to local storage";
+  $("saved").textContent = "";
+  const data = await post("/api/credentials",
+    { username: $("username").value, password: $("password").value });
+  if (data) $("saved").textContent = "Saved in this browser (encrypted)";
 };
-addEventListener("pagehide", () => navigator.sendBeacon("/api/close"));
-load();
+StateKit.start({ keys: ["login"] }).catch((error) => {
+  showError("Could not open a session for this tab (" + error.message + "): reload the page.");
+});
 </script>
 </body></html>
 """
 
 
 def free_port(preferred: int) -> int:
+    """``preferred`` if it is free on 127.0.0.1, else a free port."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", preferred))
         except OSError:
             sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _stop(signum: int, frame: object) -> NoReturn:
+    # uvicorn stops gracefully on SIGTERM, then sends it again to the handler it
+    # found: this one, so that SIGTERM ends the demo as quietly as Ctrl+C.
+    raise SystemExit(0)
 
 
 def main() -> None:
@@ -278,9 +371,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     port = args.port if args.port is not None else free_port(8000)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    signal.signal(signal.SIGTERM, _stop)
+    app = build_app()
     print(f"statekit demo: http://127.0.0.1:{port}/  (Ctrl+C to stop)", flush=True)
-    uvicorn.run(build_app(), host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 if __name__ == "__main__":
