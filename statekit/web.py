@@ -150,7 +150,7 @@ def browser_tokens(value: str | bytes | None) -> dict[str, str]:
             value = value.decode("latin-1")
         except ValueError:  # pragma: no cover - latin-1 decodes every byte
             return {}
-    if len(value) > _MAX_TOKENS_BYTES:
+    if not isinstance(value, str) or len(value) > _MAX_TOKENS_BYTES:
         return {}
     try:
         raw = json.loads(value)
@@ -175,7 +175,7 @@ def is_page_load(method: str, headers: Mapping[str, str]) -> bool:
     lowered = _lower(headers)
     return (
         method.upper() == "GET"
-        and "text/html" in lowered.get("accept", "")
+        and "text/html" in str(lowered.get("accept", ""))
         and SESSION_HEADER.lower() not in lowered
     )
 
