@@ -642,3 +642,76 @@ def test_a_bad_engine_or_prefix_is_refused_at_once(engine: StateEngine) -> None:
     with pytest.raises(ValueError, match="prefix"):
         StateKitMiddleware(_no_lifespan_returns, engine, prefix="statekit/")
     assert "prefix='/statekit'" in repr(StateKitMiddleware(_no_lifespan_returns, engine))
+
+
+class Lifespan:
+    """A server's side of the lifespan protocol: startup, then shutdown."""
+
+    def __init__(self) -> None:
+        self.inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        self.sent: list[str] = []
+
+    async def receive(self) -> dict[str, Any]:
+        return self.inbox.pop(0)
+
+    async def send(self, message: Any) -> None:
+        self.sent.append(message["type"])
+
+
+def test_raw_asgi_an_engine_that_fails_to_shut_down_is_reported_to_the_server(
+    engine: StateEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken() -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(engine, "ashutdown", broken)
+    server = Lifespan()
+    asyncio.run(
+        StateKitMiddleware(_no_lifespan_returns, engine)(
+            {"type": "lifespan"}, server.receive, server.send
+        )
+    )
+    assert server.sent == ["lifespan.startup.complete", "lifespan.shutdown.failed"]
+    assert "shutdown failed" in caplog.text
+
+
+def test_raw_asgi_an_app_failing_in_its_lifespan_still_shuts_the_engine(
+    engine: StateEngine,
+) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        raise RuntimeError("crashed while serving")
+
+    ended: list[str] = []
+    engine.on_close(lambda sid, reason: ended.append(reason))
+    engine.open_session()
+    server = Lifespan()
+    with pytest.raises(RuntimeError, match="crashed"):
+        asyncio.run(
+            StateKitMiddleware(app, engine)({"type": "lifespan"}, server.receive, server.send)
+        )
+    assert ended == ["shutdown"]
+
+
+def test_raw_asgi_header_pairs_of_the_wrong_shape_are_skipped(engine: StateEngine) -> None:
+    seen: list[web.Visit] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(visit_of(scope))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    odd = [(b"a",), "xy", (None, b"v"), (b"x-statekit-session", b"kept")]
+    wire = Wire()
+    asyncio.run(
+        StateKitMiddleware(app, engine)(http_scope("/x", headers=odd), wire.receive, wire.send)
+    )
+    assert seen[0].incoming.sid == "kept"
+
+
+def test_fastapi_an_oversized_form_is_not_read_for_its_session(engine: StateEngine) -> None:
+    with TestClient(fastapi_app(engine)) as c:
+        sid = open_session(c)
+        big = {web.SESSION_FIELD: sid, "filler": "x" * (1024 * 1024)}
+        assert c.post("/add", data=big).status_code == 409
