@@ -167,3 +167,17 @@ def test_the_adapter_uses_only_public_names() -> None:
             private = node.attr.startswith("_") and not node.attr.startswith("__")
             assert not private, f"line {node.lineno}: {ast.unparse(node)}"
     assert imported == ["statekit"]
+
+
+def test_the_docs_show_the_adapter_as_it_is() -> None:
+    """docs/integrations-adapter.md explains the example's adapter line by line: each
+    line of its code block is in the example (comments aside), in the same order."""
+    doc = (EXAMPLES.parent / "integrations-adapter.md").read_text()
+    block = doc.split("## The adapter", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    source = (EXAMPLES / "aiohttp_shop.py").read_text().splitlines()
+    example = [line.split("  # ")[0].rstrip() for line in source]
+    at = 0
+    for line in block.splitlines():
+        if line.strip():
+            assert line in example[at:], f"not in the example (in order): {line!r}"
+            at = example.index(line, at) + 1
