@@ -7,8 +7,12 @@ integration's."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
+import runpy
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -388,3 +392,89 @@ def test_engine(statekit_engine, fake_clock):
     )
     result = pytester.runpytest_inprocess("-p", "statekit.pytest_plugin", "-W", "error")
     result.assert_outcomes(passed=1)
+
+
+# -- the framework examples, through their own test clients -----------------------------
+
+EXAMPLE_SECRET = "examples-browser-secret-" + "e" * 20
+
+
+@pytest.fixture
+def start_example(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[], object]]:
+    """``start()`` starts the example of a framework anew, as a new process would (a new
+    engine on the memory store, the secrets of ``STATEKIT_SECRETS``), and gives its
+    framework's own test client."""
+    monkeypatch.setenv("STATEKIT_SECRETS", EXAMPLE_SECRET)
+    for name in ("STATEKIT_REDIS_URL", "STATEKIT_SQLITE_PATH", "STATEKIT_EXAMPLE_PID_HEADER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.syspath_prepend(str(ROOT / "docs" / "examples"))
+    framework: str = request.param
+    with contextlib.ExitStack() as stack:
+
+        def start() -> object:
+            if framework == "fastapi":
+                from starlette.testclient import TestClient
+
+                app = importlib.import_module("fastapi_shop").build_app(Shop())
+                return stack.enter_context(TestClient(app))
+            if framework == "flask":
+                # The module makes its app and shop at import: run it again for a new one.
+                path = str(ROOT / "docs" / "examples" / "flask_shop.py")
+                return runpy.run_path(path, run_name="flask_shop_again")["app"].test_client()
+            # Django's settings are made once per process: a new shop, and a new client
+            # whose middleware is made over the new shop's engine.
+            from django.test import Client, override_settings
+
+            module = importlib.import_module("django_shop")
+            shop = Shop()
+            monkeypatch.setattr(module, "shop", shop)
+            stack.enter_context(override_settings(STATEKIT_ENGINE=shop.engine))
+            return Client(SERVER_NAME="localhost")
+
+        yield start
+
+
+@pytest.mark.parametrize("start_example", ["fastapi", "flask", "django"], indirect=True)
+def test_browser_drives_each_framework_example(start_example: Callable[[], object]) -> None:
+    """Browser over FastAPI's, Flask's and Django's own test clients: two tabs have
+    independent carts; a login made in one is seen by the other (one local storage);
+    closing one tab leaves the other going; a reload is a new session with an empty
+    cart; after a restart with the same STATEKIT_SECRETS the open tab's session is gone
+    (409) and the login reads back. A client Browser cannot drive, or an example that
+    keeps one session per browser, fails here."""
+    browser = Browser(start_example(), keys=["login"])
+    one, two = browser.open("/"), browser.open("/")
+    assert one.sid != two.sid
+    assert one.post("/api/visit").json()["visits"] == 1
+    assert cart(one, "Milk")["cart"] == ["Milk"]
+    assert cart(two, "Water")["cart"] == ["Water"]
+    assert one.post("/api/login", json={"username": "ann"}).json()["user"] == "ann"
+    shown = two.post("/api/visit").json()
+    assert (shown["cart"], shown["user"], shown["visits"]) == (["Water"], "ann", 2)
+    refused = two.post("/api/cart", json={"item": "Gold"})
+    assert refused.status == 400
+    assert "unknown item" in refused.json()["detail"]
+
+    two.close()
+    assert cart(one, "Cereal")["cart"] == ["Milk", "Cereal"]
+    assert two.closed
+    assert one.ended is None
+
+    old = one.sid
+    one.reload()
+    assert one.sid != old
+    assert one.post("/api/visit").json()["cart"] == []
+
+    browser.restart(start_example())
+    gone = one.post("/api/cart", json={"item": "Milk"})
+    assert (gone.status, gone.ended) == (409, "unknown")
+    assert repr(one).endswith("ended='unknown')")  # the tab was told
+    one.reload()
+    assert one.post("/api/visit").json() == {
+        "cart": [],
+        "cart_size": 0,
+        "user": "ann",
+        "visits": 1,
+    }
