@@ -285,3 +285,39 @@ def stop(server: subprocess.Popen[bytes]) -> None:
             server.wait(timeout=10)
     with contextlib.suppress(ProcessLookupError):  # a worker its master left behind
         os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_the_script_serves_the_shop_on_the_port_it_is_given(tmp_path: Path) -> None:
+    """``python docs/examples/fastapi_shop.py --port N`` serves the page on loopback."""
+    port = free_port()
+    env = {**os.environ, "STATEKIT_SECRETS": SECRET}
+    env.pop("STATEKIT_REDIS_URL", None)
+    log = tmp_path / "script.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "fastapi_shop.py"), "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=2) as http:
+            while True:
+                assert server.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "the script did not serve in 30 s"
+                try:
+                    page = http.get("/")
+                    break
+                except httpx2.TransportError:
+                    time.sleep(0.1)
+            assert page.status_code == 200
+            assert "statekit shop" in page.text
+            sid = http.post("/statekit/open").json()["sid"]
+            added = http.post(
+                "/api/cart", json={"item": "Milk"}, headers={"X-Statekit-Session": sid}
+            )
+            assert added.json()["cart"] == ["Milk"]
+    finally:
+        stop(server)
