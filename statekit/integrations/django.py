@@ -54,7 +54,6 @@ import atexit
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -158,8 +157,8 @@ def visit_of(request: HttpRequest) -> Visit:
     return made
 
 
-_resolved: dict[Any, StateEngine] = {}
-_resolve_lock = threading.Lock()
+_made: dict[Callable[[], object], StateEngine] = {}
+_made_lock = threading.Lock()
 
 
 def engine_from_settings() -> StateEngine:
@@ -175,34 +174,36 @@ def engine_from_settings() -> StateEngine:
             "StateKitMiddleware needs STATEKIT_ENGINE in settings: the app's "
             "StateEngine, or the dotted path to it (like 'myshop.state.engine')"
         )
-    if isinstance(setting, StateEngine):
-        return setting
-    with _resolve_lock:
-        engine = _resolved.get(setting)
-        if engine is None:
-            engine = _resolved[setting] = _resolve(setting)
-    return engine
-
-
-def _resolve(setting: object) -> StateEngine:
     found = setting
     if isinstance(found, str):
         try:
             found = import_string(found)
         except ImportError as exc:
             raise ImproperlyConfigured(f"STATEKIT_ENGINE {setting!r}: {exc}") from None
+    what = "is"
     if callable(found) and not isinstance(found, StateEngine):
-        found = found()
+        factory, what = found, "returned"
+        with _made_lock:  # once per process, however many times Django loads middleware
+            found = _made.get(factory)
+            if found is None:
+                found = factory()
+                if isinstance(found, StateEngine):
+                    _made[factory] = found
     if not isinstance(found, StateEngine):
         raise ImproperlyConfigured(
-            f"STATEKIT_ENGINE {setting!r} names a {type(found).__name__}, not a "
-            "StateEngine (or a callable returning one)"
+            f"STATEKIT_ENGINE {setting!r} {what} an object of type "
+            f"{type(found).__name__}, not a StateEngine (or a callable returning one)"
         )
     return found
 
 
 def _response(answer: Answer) -> HttpResponse:
-    return HttpResponse(answer.body, status=answer.status, headers=dict(answer.headers))
+    headers = dict(answer.headers)
+    cookie = headers.pop("Set-Cookie", None)
+    response = HttpResponse(answer.body, status=answer.status, headers=headers)
+    if cookie is not None:  # Django sends its cookies from response.cookies
+        response.cookies.load(cookie)
+    return response
 
 
 _engines: weakref.WeakSet[StateEngine] = weakref.WeakSet()
