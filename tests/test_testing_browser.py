@@ -478,3 +478,15 @@ def test_browser_drives_each_framework_example(start_example: Callable[[], objec
         "user": "ann",
         "visits": 1,
     }
+
+
+def test_the_testing_docs_example_passes_as_written(pytester: pytest.Pytester) -> None:
+    """docs/testing-web.md's complete example (app.py and test_app.py) and its logic
+    test, run as a user runs them, with the plugin enabled by ``-p``: all pass."""
+    doc = (ROOT / "docs" / "testing-web.md").read_text()
+    example = doc.split("## A complete example", 1)[1]
+    app, tests = [part.split("```", 1)[0] for part in example.split("```python\n")[1:3]]
+    logic = doc.split("## The logic without HTTP", 1)[1].split("```python\n")[1]
+    pytester.makepyfile(app=app, test_app=tests, test_logic=logic.split("```", 1)[0])
+    result = pytester.runpytest_inprocess("-p", "statekit.pytest_plugin", "-W", "error")
+    result.assert_outcomes(passed=6)
