@@ -71,11 +71,17 @@ class SessionNotFound(StateError, KeyError):
 
     def __init__(self, sid: object, detail: str = "") -> None:
         self.sid = sid
-        message = (
-            f"session {redact(sid)} is not a session of this engine"
-            f"{': ' + detail if detail else ''}; "
-            "ids are only issued by open_session(): open a new session"
-        )
+        if sid is None or sid == "":
+            message = (
+                f"no session was named{': ' + detail if detail else ''}; "
+                "open one with open_session()"
+            )
+        else:
+            message = (
+                f"session {redact(sid)} is not a session of this engine"
+                f"{': ' + detail if detail else ''}; "
+                "ids are only issued by open_session(): open a new session"
+            )
         super().__init__(message)
 
     def __str__(self) -> str:

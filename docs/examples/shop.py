@@ -75,7 +75,9 @@ class Shop:
         if item not in ITEMS:
             raise ValueError(f"unknown item {item!r}: choose one of {', '.join(ITEMS)}")
         ev[self.cart].append(str(item))
-        return self.show(ev)
+        # The size listener keeps the stored size when the event commits, after this
+        # answer is made: the answer says the size the commit will store.
+        return {**self.show(ev), "cart_size": len(ev[self.cart])}
 
     def login(self, ev: Event, username: object) -> dict[str, Any]:
         """Keep a username in the browser (every tab of it sees it).
@@ -122,6 +124,7 @@ async function call(url, body) {
     body: JSON.stringify(body || {}),
   });
   const data = await response.json();
+  if (response.status === 409) return;  // "statekit:ended" has said it on the page
   if (!response.ok) { $("error").textContent = data.detail || data.error; return; }
   $("error").textContent = "";
   show(data);
