@@ -44,7 +44,8 @@ settings.configure(
 
 
 class BadValue:
-    """A ValueError raised by a view is a bad request: ``400 {"detail": ...}``."""
+    """A ValueError raised by a view is a bad request: ``400 {"detail": ...}``. (With
+    ``STATEKIT_EXAMPLE_PID_HEADER=1``, each answer also names its worker, for tests.)"""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
         self.get_response = get_response
