@@ -525,13 +525,10 @@ class Tab:
                 answer = opened.json()
                 sid = answer.get("sid") if isinstance(answer, dict) else None
         if not isinstance(sid, str) or not sid:
-            hint = (
-                f": is statekit's integration installed, with prefix {self.browser.prefix!r}?"
-                if opened.status == 404
-                else ""
-            )
+            hint = f": is statekit's integration installed, with prefix {self.browser.prefix!r}?"
             raise BrowserError(
-                f"POST {url} gave the tab no session: {opened.status} {opened.body[:80]!r}{hint}",
+                f"POST {url} gave the tab no session: {opened.status} {opened.body[:80]!r}"
+                + (hint if opened.status == 404 else ""),
                 opened,
             )
         self.sid = sid
@@ -613,8 +610,7 @@ class Tab:
             UsageError: the tab is closed, or more than one body was given.
         """
         self._check_open()
-        given = [json is not _MISSING, form is not None, body is not None]
-        if sum(given) > 1:
+        if sum([json is not _MISSING, form is not None, body is not None]) > 1:
             raise UsageError("give one body: json=, form= or body=")
         sent: dict[str, str] = {"Accept": "*/*"}
         payload = b""
@@ -626,9 +622,13 @@ class Tab:
             payload = urlencode(form).encode()
         elif body is not None:
             payload = body.encode() if isinstance(body, str) else body
-        sent.update(headers or {})
-        sent[web.SESSION_HEADER] = self.sid
-        sent[web.BROWSER_HEADER] = _json.dumps(self.browser.tokens, separators=(",", ":"))
+        ours = {
+            web.SESSION_HEADER: self.sid,
+            web.BROWSER_HEADER: _json.dumps(self.browser.tokens, separators=(",", ":")),
+        }
+        for name, value in [*(headers or {}).items(), *ours.items()]:  # set in any case
+            sent = {k: v for k, v in sent.items() if k.lower() != name.lower()}
+            sent[name] = value
         response = self.browser.send(method.upper(), url, sent, payload)
         self.browser.store_tokens(response.headers.get(web.BROWSER_SET_HEADER))
         if response.ended is not None:

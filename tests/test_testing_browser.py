@@ -252,6 +252,16 @@ def test_request_bodies_and_headers() -> None:
     tab.request("PUT", "/echo", body="raw", headers={"Content-Type": "text/plain"})
     method, _, headers, body = server.sent[-1]
     assert (method, headers["Content-Type"], body) == ("PUT", "text/plain", b"raw")
+    # Headers are set in any case, as fetch's are: the tab's session always wins.
+    tab.post("/echo", json=[], headers={"content-type": "text/json", "x-statekit-session": "x"})
+    _, _, headers, _ = server.sent[-1]
+    assert {k.lower(): v for k, v in headers.items()} == {
+        "accept": "*/*",
+        "content-type": "text/json",
+        "x-statekit-session": tab.sid,
+        "x-statekit-browser": "{}",
+    }
+    assert len(headers) == 4
     assert tab.get("/echo").status == 404
     with pytest.raises(UsageError, match="give one body"):
         tab.post("/echo", json={}, body=b"")
