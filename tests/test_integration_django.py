@@ -179,6 +179,8 @@ def test_the_middleware_serves_the_endpoints_itself(shop: Shop, client: Client) 
 def test_settings_move_the_prefix_and_turn_off_the_cookie(shop: Shop) -> None:
     """``STATEKIT_PREFIX`` and ``STATEKIT_COOKIE``."""
     with project(shop, STATEKIT_PREFIX="/state", STATEKIT_COOKIE=False):
+        middleware = StateKitMiddleware(lambda request: HttpResponse())
+        assert repr(middleware) == "StateKitMiddleware(SessionGate(prefix='/state', cookie=False))"
         client = Client()
         assert client.post("/state/open").status_code == 200
         assert client.post("/statekit/open").status_code == 404

@@ -324,6 +324,7 @@ def test_an_app_factory_uses_init_app(shop: Shop) -> None:
     app = Flask("factory")
     gate = kit.init_app(app)
     assert app.extensions["statekit"] is gate
+    assert repr(kit) == "StateKit(prefix='/statekit', cookie=True)"
     assert app.test_client().post("/statekit/open").status_code == 200
 
 
