@@ -51,6 +51,7 @@ runs it in a thread). Thread-safe.
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import weakref
 from collections.abc import Callable
@@ -206,6 +207,7 @@ def _response(answer: Answer) -> HttpResponse:
     return response
 
 
+logger = logging.getLogger("statekit")
 _engines: weakref.WeakSet[StateEngine] = weakref.WeakSet()
 _exit_lock = threading.Lock()
 
@@ -223,4 +225,7 @@ def _shut_all() -> None:
         engines = list(_engines)
         _engines.clear()
     for engine in engines:
-        engine.shutdown()  # one shut down already does nothing
+        try:
+            engine.shutdown()  # one shut down already does nothing
+        except Exception:  # the process is ending: say so, and shut the others down
+            logger.exception("statekit: shutting down %r at exit failed", engine)

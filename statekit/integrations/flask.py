@@ -40,6 +40,7 @@ Thread-safe: one extension serves every thread of the app.
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import weakref
 from collections.abc import Callable
@@ -225,6 +226,7 @@ def _answer_error(error: Exception) -> Response:
     return _response(answer)
 
 
+logger = logging.getLogger("statekit")
 _engines: weakref.WeakSet[StateEngine] = weakref.WeakSet()
 _exit_lock = threading.Lock()
 
@@ -242,4 +244,7 @@ def _shut_all() -> None:
         engines = list(_engines)
         _engines.clear()
     for engine in engines:
-        engine.shutdown()  # one shut down already does nothing
+        try:
+            engine.shutdown()  # one shut down already does nothing
+        except Exception:  # the process is ending: say so, and shut the others down
+            logger.exception("statekit: shutting down %r at exit failed", engine)
