@@ -6,6 +6,7 @@ The server and browser helpers here are shared with ``test_tabs_e2e.py``."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -287,3 +288,99 @@ def test_the_page_says_when_the_server_is_down_and_what_to_try(server: Server, t
     server.stop()
     page.click("#increment")
     page.wait_for_selector("#error:has-text('cannot be reached')")
+
+
+FORM_SUBMITTED = """() => new Promise((resolve) => {
+  const form = document.createElement("form");
+  form.innerHTML = '<input type="hidden" name="statekit_session">';
+  document.body.appendChild(form);
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    resolve(form.elements.statekit_session.value);
+  });
+  form.requestSubmit();
+})"""
+
+HTMX_REQUESTS = """() => {
+  const ours = { headers: {}, path: "/api/cart" };
+  const foreign = { headers: {}, path: "https://example.org/api" };
+  for (const detail of [ours, foreign]) {
+    document.body.dispatchEvent(
+      new CustomEvent("htmx:configRequest", { detail, bubbles: true }));
+  }
+  return [ours.headers, foreign.headers];
+}"""
+
+HTMX_ENDED = """() => new Promise((resolve) => {
+  addEventListener("statekit:ended", (event) => resolve(event.detail.reason), { once: true });
+  const xhr = { getResponseHeader: (name) =>
+    name === "X-Statekit-Session-Ended" ? "closed" : null };
+  document.body.dispatchEvent(
+    new CustomEvent("htmx:afterRequest", { detail: { xhr }, bubbles: true }));
+})"""
+
+BACK_FORWARD_CACHE = """() => new Promise((resolve) => {
+  addEventListener("statekit:opened", (event) => resolve(event.detail.sid), { once: true });
+  dispatchEvent(new PageTransitionEvent("pagehide", { persisted: true }));
+  dispatchEvent(new PageTransitionEvent("pageshow", { persisted: true }));
+})"""
+
+
+def test_statekit_js_carries_the_session_in_forms_and_htmx_and_opens_anew(
+    server: Server, tabs: Tabs
+) -> None:
+    # Fails if a form's hidden field is not filled with the tab's session, if htmx
+    # requests to this origin lack the headers (or a foreign origin gets them), if an
+    # htmx answer's ended session is not dispatched, if a page back from the
+    # back/forward cache (simulated: real pagehide/pageshow events with persisted) does
+    # not close its session and open another, or if kit.reopen() does not give a
+    # working one.
+    page = tabs.open(server.url)
+    sid = page.evaluate("kit.sid")
+    assert page.evaluate(FORM_SUBMITTED) == sid
+
+    ours, foreign = page.evaluate(HTMX_REQUESTS)
+    assert ours["X-Statekit-Session"] == sid
+    assert ours["X-Statekit-Browser"] == "{}"
+    assert foreign == {}
+    assert page.evaluate(HTMX_ENDED) == "closed"
+    assert page.evaluate("kit.ended") == "closed"
+
+    closes = server.count(CLOSE_SEEN)
+    restored = page.evaluate(BACK_FORWARD_CACHE)
+    server.wait_for(CLOSE_SEEN, closes + 1)  # the hidden page closed its session
+    assert restored not in (None, sid)
+    assert page.evaluate("kit.ended") is None
+
+    reopened = page.evaluate("kit.reopen().then((kit) => kit.sid)")
+    assert reopened not in (sid, restored)
+    page.click("#increment")  # the demo made the new session's object when it opened
+    page.wait_for_selector("#counter:has-text('1')")
+    assert page.text_content("#error") == ""
+
+
+def test_the_older_token_helper_still_works(server: Server, tabs: Tabs) -> None:
+    # Fails if StateKit.create({keys}) no longer sends the stored tokens of its keys
+    # (and only those) or no longer stores the tokens an answer carries.
+    page = tabs.open(server.url)
+    page.evaluate("localStorage.setItem('statekit:other', 'not mine')")
+    save(page, "ann", "pw")
+    token = page.evaluate("localStorage.getItem('statekit:login')")
+    with page.expect_request("**/api/status") as sent:
+        page.evaluate("StateKit.create({ keys: ['login'] }).fetch('/api/status')")
+    assert sent.value.headers["x-statekit-browser"] == json.dumps(
+        {"login": token}, separators=(",", ":")
+    )
+    page.evaluate("localStorage.removeItem('statekit:login')")
+    kept = page.evaluate("""async () => {
+      const state = StateKit.create({ keys: ["login"] });
+      const response = await state.fetch("/api/credentials", {
+        method: "POST",
+        headers: { "X-Statekit-Session": kit.sid, "content-type": "application/json" },
+        body: JSON.stringify({ username: "bo", password: "pw" }),
+      });
+      return [response.status, localStorage.getItem("statekit:login")];
+    }""")
+    assert kept[0] == 200
+    assert kept[1]
+    assert kept[1] != token  # the new token, stored
