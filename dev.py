@@ -75,17 +75,20 @@ def demo(args: list[str]) -> None:
     print("+", " ".join(cmd), flush=True)
     # The server runs in a process group of its own, so that a signal reaches it once:
     # from this process, which forwards Ctrl+C (SIGINT) and SIGTERM alike.
-    server = subprocess.Popen(cmd, cwd=ROOT, start_new_session=os.name != "nt")
+    server: subprocess.Popen[bytes] | None = None
     stopping = False
 
     def forward(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
-        if server.poll() is None:
+        if server is not None and server.poll() is None:
             server.send_signal(signum if os.name != "nt" else signal.SIGTERM)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    server = subprocess.Popen(cmd, cwd=ROOT, start_new_session=os.name != "nt")
+    if stopping:  # a signal came while it started
+        server.send_signal(signal.SIGTERM)
     code = server.wait()
     if code != 0 and not (stopping and code in (-signal.SIGINT, -signal.SIGTERM)):
         sys.exit(code if code > 0 else 1)
