@@ -211,18 +211,27 @@ class BrowserKeys:
         return f"BrowserKeys(<{len(self._keys)} secret(s)>, {mode})"
 
     @classmethod
-    def ephemeral(cls, *, encrypt: bool = True, compress: bool | None = None) -> BrowserKeys:
+    def ephemeral(
+        cls, *, encrypt: bool = True, compress: bool | None = None, warn: bool = True
+    ) -> BrowserKeys:
         """Keys from a random secret made now, for development only.
 
-        Warns: tokens made with it cannot be read after this process ends, so every
-        browser value is lost on restart. Give real secrets in production.
+        Args:
+            warn: whether to warn (``RuntimeWarning``) that tokens made with these keys
+                cannot be read after this process ends, so that every browser value is
+                lost on restart. A demo or a test that chose this passes ``False`` (and
+                may say it as information).
+
+        Give real secrets in production.
         """
-        warnings.warn(
-            "BrowserKeys.ephemeral(): browser values will not survive a restart of this "
-            "process; pass BrowserKeys([secret]) with a secret kept in your configuration",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        if warn:
+            warnings.warn(
+                "BrowserKeys.ephemeral(): browser values will not survive a restart of "
+                "this process; pass BrowserKeys([secret]) with a secret kept in your "
+                "configuration",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return cls([os.urandom(32)], encrypt=encrypt, compress=compress)
 
     def _where(self, key: _Key, storage_key: str, bind: str) -> str:

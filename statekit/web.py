@@ -45,7 +45,13 @@ import attrs
 
 from ._engine import StateEngine
 from ._events import Event, EventResult
-from .exceptions import SessionBusy, SessionExpired, SessionNotFound, StoreUnavailable
+from .exceptions import (
+    SessionBusy,
+    SessionExpired,
+    SessionNotFound,
+    SessionNotInitialized,
+    StoreUnavailable,
+)
 
 __all__ = [
     "BROWSER_HEADER",
@@ -209,6 +215,9 @@ def answer_for(exc: BaseException) -> Answer | None:
     - :class:`~statekit.SessionNotFound` (ended, unknown, damaged): ``409``, with
       ``X-Statekit-Session-Ended`` naming the reason (``unknown`` when the id was never
       known, ``missing`` when the request named none): open a new session, or reload.
+    - :class:`~statekit.SessionNotInitialized` for a session that was closed (its
+      per-session objects were cleaned up): ``409``, reason ``closed``. One for a
+      session whose object was never made is the host's to handle.
     - :class:`~statekit.SessionBusy`: ``503``, ``Retry-After: 1``.
     - :class:`~statekit.StoreUnavailable`: ``503``, ``Retry-After: 1``.
 
@@ -223,6 +232,13 @@ def answer_for(exc: BaseException) -> Answer | None:
             409,
             {"error": "session_ended", "reason": reason, "detail": str(exc)},
             **{ENDED_HEADER: reason},
+        )
+    if isinstance(exc, SessionNotInitialized) and exc.closed:
+        # The tab's per-session object went with its session: the page was closed.
+        return _json_answer(
+            409,
+            {"error": "session_ended", "reason": "closed", "detail": str(exc)},
+            **{ENDED_HEADER: "closed"},
         )
     if isinstance(exc, SessionBusy):
         return _json_answer(503, {"error": "busy", "detail": str(exc)}, **{"Retry-After": "1"})

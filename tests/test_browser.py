@@ -349,6 +349,13 @@ def test_ephemeral_keys_warn_that_values_die_with_the_process() -> None:
     assert other_process.decode(token, storage_key="k", now=2).problem is TokenProblem.UNKNOWN_KEY
 
 
+def test_ephemeral_keys_chosen_on_purpose_do_not_warn() -> None:
+    # pytest turns warnings into errors here: a warning from warn=False fails this test.
+    keys = BrowserKeys.ephemeral(warn=False)
+    token = keys.encode("v", storage_key="k", now=1)
+    assert keys.decode(token, storage_key="k", now=2).value == "v"
+
+
 def os_random_text(n: int, alphabet: str = string.printable) -> str:
     rng = random.Random(7)
     return "".join(rng.choice(alphabet) for _ in range(n))

@@ -16,6 +16,7 @@ from statekit import (
     SessionBusy,
     SessionExpired,
     SessionNotFound,
+    SessionNotInitialized,
     SessionState,
     StateEngine,
     StoreUnavailable,
@@ -438,3 +439,14 @@ def test_events_carry_the_pages_tokens_in_and_the_new_ones_out(
     assert asyncio.run(read()) == ("ann", ["milk"])
     assert later.response_headers() == []  # nothing new to send
     assert dict(later.tokens) == tokens
+
+
+def test_a_closed_sessions_missing_object_is_answered_as_an_ended_session() -> None:
+    # Fails if a registry object that went with its closed session were the host's
+    # error (a 500), or if one never made (a bug of the host's) were hidden as a 409.
+    closed = web.answer_for(SessionNotInitialized("counter", "a" * 32, closed=True))
+    assert closed is not None
+    assert closed.status == 409
+    assert closed.headers[web.ENDED_HEADER] == "closed"
+    assert json.loads(closed.body)["reason"] == "closed"
+    assert web.answer_for(SessionNotInitialized("counter", "a" * 32)) is None

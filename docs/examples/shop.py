@@ -17,11 +17,14 @@ each), else with a key made for this process (values then do not survive a resta
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from statekit import BrowserKeys, Event, SessionState, StateEngine
 from statekit.stores import SQLiteStore, Store
+
+logger = logging.getLogger("statekit.shop")
 
 ITEMS = ("Cereal", "Milk", "Orange Juice", "Water")
 
@@ -40,9 +43,16 @@ def store_from_environment() -> Store | None:
 
 
 def keys_from_environment() -> BrowserKeys:
-    """The keys of browser values: ``STATEKIT_SECRETS``, else ephemeral ones."""
+    """The keys of browser values: ``STATEKIT_SECRETS``, else ones made for this
+    process (said at INFO: an example may well run so)."""
     secrets = [s for s in os.environ.get("STATEKIT_SECRETS", "").split(",") if s]
-    return BrowserKeys(secrets) if secrets else BrowserKeys.ephemeral()
+    if secrets:
+        return BrowserKeys(secrets)
+    logger.info(
+        "STATEKIT_SECRETS is not set: browser values will not survive a restart (set it "
+        "to one or more secrets of 32+ characters to keep them)"
+    )
+    return BrowserKeys.ephemeral(warn=False)
 
 
 class Shop:

@@ -31,7 +31,6 @@ import signal
 import socket
 import sys
 import threading
-import warnings
 from typing import Any, NoReturn
 
 from starlette.applications import Starlette
@@ -45,12 +44,10 @@ from statekit import (
     BrowserState,
     DeleteReason,
     Event,
-    SessionNotInitialized,
     SessionState,
     StateEngine,
 )
 from statekit.integrations.asgi import StateKitMiddleware, visit_of
-from statekit.web import ENDED_HEADER
 
 logger = logging.getLogger("statekit.demo")
 
@@ -83,10 +80,7 @@ def keys_from_environment() -> tuple[BrowserKeys, bool]:
         "this run, so they will not survive a restart of the server (set STATEKIT_SECRETS "
         "to 32+ characters to keep them)"
     )
-    with warnings.catch_warnings():
-        # The warning is for apps that forgot their secret; the demo chose this.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return BrowserKeys.ephemeral(), False
+    return BrowserKeys.ephemeral(warn=False), False
 
 
 def build_app(keys: BrowserKeys | None = None) -> Starlette:
@@ -184,15 +178,6 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
             ev[credentials] = pair
         return JSONResponse({"saved": True})
 
-    async def object_gone(request: Request, exc: Exception) -> JSONResponse:
-        # The tab's object went with its session (closed, or ended by the server):
-        # the page is told as for any ended session.
-        return JSONResponse(
-            {"error": "session_ended", "reason": "ended", "detail": str(exc)},
-            status_code=409,
-            headers={ENDED_HEADER: "ended"},
-        )
-
     return Starlette(
         routes=[
             Route("/", page),
@@ -203,7 +188,6 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
             Route("/api/credentials", save_credentials, methods=["POST"]),
         ],
         middleware=[Middleware(StateKitMiddleware, engine=engine)],
-        exception_handlers={SessionNotInitialized: object_gone},
     )
 
 
