@@ -35,11 +35,16 @@ two classes in a few lines.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import inspect
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from http.cookies import SimpleCookie
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -51,6 +56,7 @@ from .exceptions import (
     SessionNotFound,
     SessionNotInitialized,
     StoreUnavailable,
+    UsageError,
 )
 
 __all__ = [
@@ -64,6 +70,7 @@ __all__ = [
     "SESSION_COOKIE",
     "SESSION_FIELD",
     "SESSION_HEADER",
+    "SESSION_QUERY",
     "Answer",
     "Incoming",
     "SessionGate",
@@ -71,6 +78,7 @@ __all__ = [
     "answer_for",
     "browser_set_value",
     "browser_tokens",
+    "is_cross_site",
     "is_page_load",
     "opened",
     "read_request",
@@ -89,12 +97,22 @@ SCRIPT_PATH = "/statekit.js"
 SESSION_HEADER = "X-Statekit-Session"
 SESSION_FIELD = "statekit_session"
 SESSION_COOKIE = "statekit_session"
+#: The query parameter that names the session on a websocket handshake (a browser
+#: cannot set headers on one); read on websocket requests only.
+SESSION_QUERY = "statekit_session"
 BROWSER_HEADER = "X-Statekit-Browser"
 BROWSER_SET_HEADER = "X-Statekit-Browser-Set"
 ENDED_HEADER = "X-Statekit-Session-Ended"
 
 #: The largest header value read for browser tokens (a page's tokens are small).
 _MAX_TOKENS_BYTES = 256 * 1024
+
+logger = logging.getLogger("statekit")
+
+#: A form, or how to read one when it is needed (an integration's loader, which may be
+#: async): see :meth:`SessionGate.visit`.
+_Form: TypeAlias = "Mapping[str, Any]"
+FormSource: TypeAlias = "_Form | Callable[[], _Form | Awaitable[_Form | None] | None] | None"
 
 
 @attrs.frozen(kw_only=True)
@@ -104,12 +122,13 @@ class Incoming:
     Attributes:
         sid: the session id it names, or None.
         source: where the id came from: ``"header"`` (statekit.js), ``"field"`` (a
-            form), ``"cookie"`` (the no-JavaScript fallback), or None.
+            form), ``"query"`` (a websocket handshake), ``"cookie"`` (the
+            no-JavaScript fallback), or None.
         tokens: the page's browser-state tokens, by storage key.
     """
 
     sid: str | None
-    source: Literal["header", "field", "cookie"] | None
+    source: Literal["header", "field", "query", "cookie"] | None
     tokens: Mapping[str, str] = attrs.field(factory=dict)
 
 
@@ -122,22 +141,28 @@ def read_request(
     *,
     cookies: Mapping[str, str] | None = None,
     form: Mapping[str, Any] | None = None,
+    query: Mapping[str, Any] | None = None,
 ) -> Incoming:
-    """What a request carries: its session id (the header first, then a form field,
-    then the cookie) and its browser tokens. Never raises: a value that is not a
-    string, or a malformed tokens header, reads as absent.
+    """What a request carries: its session id (the header first, then a form field or
+    a websocket's query parameter, then the cookie) and its browser tokens. Never
+    raises: a value that is not a string, or a malformed tokens header, reads as absent.
 
     Args:
         headers: the request's headers (any case).
         cookies: its cookies, if the host reads them.
         form: its form fields, if the host has parsed them (statekit never reads a
             request's body itself).
+        query: a websocket handshake's query parameters (pass them for websockets
+            only: in any other request the id belongs in the header).
     """
     lowered = _lower(headers)
     tokens = browser_tokens(lowered.get(BROWSER_HEADER.lower()))
+    form = form if isinstance(form, Mapping) else None
+    query = query if isinstance(query, Mapping) else None
     for source, value in (
         ("header", lowered.get(SESSION_HEADER.lower())),
         ("field", (form or {}).get(SESSION_FIELD)),
+        ("query", (query or {}).get(SESSION_QUERY)),
         ("cookie", (cookies or {}).get(SESSION_COOKIE)),
     ):
         if isinstance(value, str) and value:
@@ -184,6 +209,32 @@ def is_page_load(method: str, headers: Mapping[str, str]) -> bool:
         and "text/html" in str(lowered.get("accept", ""))
         and SESSION_HEADER.lower() not in lowered
     )
+
+
+def is_cross_site(headers: Mapping[str, str], *, allowed_origins: Iterable[str] = ()) -> bool:
+    """Whether a browser sent a request from another site's page (a cross-site form or
+    ``fetch``): by ``Sec-Fetch-Site``, which every current browser sends, else by
+    ``Origin`` against ``Host``. A request with neither (a non-browser client) is not.
+
+    Args:
+        headers: the request's headers (any case).
+        allowed_origins: origins (``"https://app.example.com"``) whose pages may call,
+            for a front end served from another origin.
+    """
+    lowered = _lower(headers)
+    origin = lowered.get("origin")
+    origin = origin.strip().lower() if isinstance(origin, str) else ""
+    if origin and origin in {o.rstrip("/").lower() for o in allowed_origins}:
+        return False
+    site = lowered.get("sec-fetch-site")
+    if isinstance(site, str) and site.strip():
+        return site.strip().lower() not in ("same-origin", "none")
+    if not origin:
+        return False
+    if origin == "null":  # a sandboxed frame, a privacy-redirected request
+        return True
+    host = lowered.get("host")
+    return not isinstance(host, str) or urlsplit(origin).netloc != host.strip().lower()
 
 
 @attrs.frozen(kw_only=True)
@@ -286,12 +337,16 @@ class SessionGate:
             cookie (the fallback for pages without JavaScript: one session per
             *browser*). With ``cookie=False`` such a request is answered as having no
             session.
-        cookie_name: the fallback cookie's name.
+        cookie_name: the fallback cookie's name; over HTTPS it is sent as
+            ``__Host-<name>``, which a sibling subdomain cannot set.
+        allowed_origins: origins of pages served elsewhere that may open and close
+            sessions and name one in a form (by default only the app's own pages:
+            see :func:`is_cross_site`).
 
     Example, in a host with no integration of its own::
 
         gate = SessionGate(engine)
-        answer = await gate.aserve(method, path, body)  # statekit's own endpoints
+        answer = await gate.aserve(method, path, body, headers)  # statekit's endpoints
         if answer is None:
             visit = gate.visit(method, headers, cookies=cookies)
             async with visit.aevent() as ev:
@@ -306,6 +361,7 @@ class SessionGate:
         prefix: str = PREFIX,
         cookie: bool = True,
         cookie_name: str = SESSION_COOKIE,
+        allowed_origins: Iterable[str] = (),
     ) -> None:
         if not isinstance(engine, StateEngine):
             raise TypeError(
@@ -317,10 +373,16 @@ class SessionGate:
                 f"prefix must be a path that starts with '/' and does not end with one "
                 f"(like {PREFIX!r}), got {prefix!r}"
             )
+        if isinstance(allowed_origins, str):
+            raise TypeError(
+                "allowed_origins takes a list of origins, like ['https://app.example.com'], "
+                f"got the string {allowed_origins!r}"
+            )
         self.engine = engine
         self.prefix = prefix
         self.cookie = cookie
         self.cookie_name = cookie_name
+        self.allowed_origins = tuple(allowed_origins)
         self._paths: dict[str, _Endpoint] = {
             prefix + SCRIPT_PATH: "script",
             prefix + OPEN_PATH: "open",
@@ -330,36 +392,69 @@ class SessionGate:
     def __repr__(self) -> str:
         return f"SessionGate(prefix={self.prefix!r}, cookie={self.cookie})"
 
+    def cross_site(self, headers: Mapping[str, str]) -> bool:
+        """:func:`is_cross_site` with this gate's allowed origins."""
+        return is_cross_site(headers, allowed_origins=self.allowed_origins)
+
     # -- statekit's own endpoints ----------------------------------------------------
 
     def endpoint(self, path: str) -> _Endpoint | None:
         """Which of statekit's endpoints a path is, or None for the app's own."""
         return self._paths.get(path)
 
-    def serve(self, method: str, path: str, body: bytes = b"") -> Answer | None:
+    def serve(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+    ) -> Answer | None:
         """The answer to a request for one of statekit's endpoints, or None when the
-        path is the app's. ``body`` is only read for ``<prefix>/close``."""
-        endpoint, refused = self._check(method, path)
+        path is the app's.
+
+        Args:
+            method: the request's method.
+            path: its path.
+            body: its body (read only for ``<prefix>/close``, at most 256 bytes).
+            headers: its headers: a request another site's page sent to open or close
+                is refused (``403``), and the script is answered ``304`` to a browser
+                that has it.
+        """
+        endpoint, refused = self._check(method, path, headers or {})
         if endpoint is None or refused is not None:
             return refused
         if endpoint == "script":
-            return _script_answer()
+            return _script_answer(headers or {})
         if endpoint == "open":
-            return self._answer_or_raise(self.engine.open_session)
+            try:
+                return opened(self.engine.open_session())
+            except (SessionBusy, StoreUnavailable) as exc:
+                return answer_for(exc)
         sid = _close_body(body)
         if sid is not None:
-            # A beacon cannot act on an answer: an unknown id is no error.
-            with contextlib.suppress(SessionNotFound):
+            # A beacon cannot act on an answer: an unknown id is no error, and a close
+            # the store could not take is logged.
+            try:
                 self.engine.close_session(sid)
+            except (SessionBusy, StoreUnavailable) as exc:
+                logger.warning("statekit: a tab's close was not recorded: %s", exc)
+            except SessionNotFound:
+                pass
         return _closed()
 
-    async def aserve(self, method: str, path: str, body: bytes = b"") -> Answer | None:
+    async def aserve(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+    ) -> Answer | None:
         """:meth:`serve` with the engine's async calls (never blocks the event loop)."""
-        endpoint, refused = self._check(method, path)
+        endpoint, refused = self._check(method, path, headers or {})
         if endpoint is None or refused is not None:
             return refused
         if endpoint == "script":
-            return _script_answer()
+            return _script_answer(headers or {})
         if endpoint == "open":
             try:
                 return opened(await self.engine.aopen_session())
@@ -367,11 +462,19 @@ class SessionGate:
                 return answer_for(exc)
         sid = _close_body(body)
         if sid is not None:
-            with contextlib.suppress(SessionNotFound):
+            # A beacon cannot act on an answer: an unknown id is no error, and a close
+            # the store could not take is logged.
+            try:
                 await self.engine.aclose_session(sid)
+            except (SessionBusy, StoreUnavailable) as exc:
+                logger.warning("statekit: a tab's close was not recorded: %s", exc)
+            except SessionNotFound:
+                pass
         return _closed()
 
-    def _check(self, method: str, path: str) -> tuple[_Endpoint | None, Answer | None]:
+    def _check(
+        self, method: str, path: str, headers: Mapping[str, str]
+    ) -> tuple[_Endpoint | None, Answer | None]:
         endpoint = self._paths.get(path)
         if endpoint is None:
             return None, None
@@ -383,16 +486,16 @@ class SessionGate:
                 {"error": "method_not_allowed", "detail": f"{path} takes {wanted}"},
                 Allow=", ".join(allowed),
             )
+        if endpoint != "script" and self.cross_site(headers):
+            return endpoint, _json_answer(
+                403,
+                {
+                    "error": "cross_site",
+                    "detail": f"{path} is called by the app's own pages only; a page served "
+                    "from another origin is allowed with allowed_origins=[...]",
+                },
+            )
         return endpoint, None
-
-    @staticmethod
-    def _answer_or_raise(call: Any) -> Answer:
-        try:
-            return opened(call())
-        except (SessionBusy, StoreUnavailable) as exc:
-            answer = answer_for(exc)
-            assert answer is not None
-            return answer
 
     # -- the app's requests ----------------------------------------------------------
 
@@ -402,7 +505,8 @@ class SessionGate:
         headers: Mapping[str, str],
         *,
         cookies: Mapping[str, str] | None = None,
-        form: Mapping[str, Any] | None = None,
+        form: FormSource = None,
+        query: Mapping[str, Any] | None = None,
         secure: bool = False,
     ) -> Visit:
         """One request of the app's, as statekit sees it.
@@ -411,13 +515,34 @@ class SessionGate:
             method: the request's method.
             headers: its headers (any case).
             cookies: its cookies (the fallback cookie is read only when ``cookie`` is on).
-            form: its parsed form fields, if any (for the ``statekit_session`` field).
-            secure: whether it came over HTTPS (the fallback cookie is then ``Secure``).
+            form: its form fields (for the ``statekit_session`` field), or a function
+                that reads them (it may be async), called only when the session is asked
+                for and the request names none in a header: a handler that never asks
+                keeps its body unread. A form sent from another site's page is ignored.
+            query: a websocket handshake's query parameters (for websockets only).
+            secure: whether it came over HTTPS (the fallback cookie is then ``Secure``
+                and named ``__Host-<cookie_name>``).
         """
+        name = self.cookie_name_for(secure)
         incoming = read_request(
-            headers, cookies={} if not self.cookie else _only(cookies, self.cookie_name), form=form
+            headers,
+            cookies=_only(cookies, name) if self.cookie else {},
+            query=query,
         )
-        return Visit(self, incoming, page_load=is_page_load(method, headers), secure=secure)
+        visit = Visit(
+            self,
+            incoming,
+            page_load=is_page_load(method, headers),
+            secure=secure,
+            cross_site=self.cross_site(headers),
+        )
+        if form is not None:
+            visit.read_form_with(form)
+        return visit
+
+    def cookie_name_for(self, secure: bool) -> str:
+        """The fallback cookie's name on a request over HTTPS (``secure``) or not."""
+        return f"__Host-{self.cookie_name}" if secure else self.cookie_name
 
 
 def _only(cookies: Mapping[str, str] | None, name: str) -> dict[str, str]:
@@ -442,12 +567,24 @@ def _closed() -> Answer:
     return Answer(status=204, headers={"Cache-Control": "no-store"}, body=b"")
 
 
-def _script_answer() -> Answer:
+def _script_answer(headers: Mapping[str, str]) -> Answer:
+    body, etag = _script_and_tag()
+    sent = _lower(headers).get("if-none-match")
+    common = {"ETag": etag, "Cache-Control": "no-cache"}
+    if isinstance(sent, str) and etag in {t.strip() for t in sent.split(",")}:
+        return Answer(status=304, headers=common, body=b"")
     return Answer(
         status=200,
-        headers={"Content-Type": "text/javascript; charset=utf-8", "Cache-Control": "no-cache"},
-        body=script(),
+        headers={"Content-Type": "text/javascript; charset=utf-8", **common},
+        body=body,
     )
+
+
+@functools.cache
+def _script_and_tag() -> tuple[bytes, str]:
+    """The script, read once per process, and its ETag."""
+    body = script()
+    return body, '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
 
 
 class Visit:
@@ -458,36 +595,65 @@ class Visit:
     Attributes:
         incoming: what the request carried (session id, where from, tokens).
         page_load: whether it is a browser loading a page.
+        cross_site: whether another site's page sent it (its form field is ignored).
     """
 
-    def __init__(self, gate: SessionGate, incoming: Incoming, *, page_load: bool, secure: bool):
+    def __init__(
+        self,
+        gate: SessionGate,
+        incoming: Incoming,
+        *,
+        page_load: bool,
+        secure: bool,
+        cross_site: bool = False,
+    ):
         self.gate = gate
         self.incoming = incoming
         self.page_load = page_load
+        self.cross_site = cross_site
         self._secure = secure
         self._sid: str | None = incoming.sid
         self._tokens: dict[str, str] = dict(incoming.tokens)
         self._sent: dict[str, str | None] = {}
         self._cookie: str | None = None
         self._checked = False
+        self._form: FormSource = None
 
     def __repr__(self) -> str:
         return f"Visit(source={self.incoming.source!r}, page_load={self.page_load})"
 
     @property
     def wants_form(self) -> bool:
-        """Whether the session may be in the request's form (the request named none in
-        a header): an integration then reads the form, when it is one, and passes it
-        to :meth:`use_form`."""
+        """Whether the session may be in the request's form: it named none in a header
+        (or a websocket's query), and its form was not read yet."""
         return self.incoming.source in (None, "cookie") and not self._checked
 
     def use_form(self, form: Mapping[str, Any]) -> None:
         """Take the session from a form's ``statekit_session`` field (a page's hidden
-        field), when the request named none in a header."""
+        field), when the request named none in a header and came from the app's own
+        pages (a form another site posts cannot choose the session)."""
         value = form.get(SESSION_FIELD) if isinstance(form, Mapping) else None
-        if self.wants_form and isinstance(value, str) and value:
+        if self.wants_form and not self.cross_site and isinstance(value, str) and value:
             self.incoming = attrs.evolve(self.incoming, sid=value, source="field")
             self._sid = value
+
+    def read_form_with(self, form: FormSource) -> None:
+        """Read the form (a mapping, or a function returning one, which may be async)
+        only when the session is asked for and no header named it."""
+        self._form = form
+
+    def _take_form(self) -> Awaitable[Mapping[str, Any] | None] | None:
+        """Read the form if it is still wanted: use it now when it reads at once, or
+        hand back what to await."""
+        loader, self._form = self._form, None
+        if loader is None or not self.wants_form or self.cross_site:
+            return None
+        form = loader() if callable(loader) else loader
+        if inspect.isawaitable(form):
+            return form
+        if isinstance(form, Mapping):
+            self.use_form(form)
+        return None
 
     @property
     def tokens(self) -> Mapping[str, str]:
@@ -498,14 +664,24 @@ class Visit:
     # -- the session -------------------------------------------------------------------
 
     def session(self) -> str:
-        """The request's session id: the one the page sent, or, on a page load with the
-        cookie fallback on, the browser's cookie session (opened now if it has none or
-        its session ended).
+        """The request's session id: the one the page sent (header, form field), or, on
+        a page load with the cookie fallback on, the browser's cookie session (opened
+        now if it has none or its session ended).
 
         Raises:
             SessionNotFound: the request names no session and may not open one (it is
                 not a page load, or the fallback is off).
+            UsageError: the integration reads forms asynchronously: use
+                :meth:`asession` (or :meth:`aevent`).
         """
+        pending = self._take_form()
+        if pending is not None:
+            if hasattr(pending, "close"):
+                pending.close()
+            raise UsageError(
+                "this request's form is read asynchronously: use visit.asession() or "
+                "visit.aevent() in async code"
+            )
         if self._fallback_needed():
             self._checked = True
             if self._sid is None or not self.gate.engine.exists(self._sid):
@@ -514,6 +690,11 @@ class Visit:
 
     async def asession(self) -> str:
         """:meth:`session` with the engine's async calls."""
+        pending = self._take_form()
+        if pending is not None:
+            form = await pending
+            if isinstance(form, Mapping):
+                self.use_form(form)
         if self._fallback_needed():
             self._checked = True
             if self._sid is None or not await self.gate.engine.aexists(self._sid):
@@ -530,7 +711,9 @@ class Visit:
 
     def _opened(self, sid: str) -> None:
         self._sid = sid
-        self._cookie = _cookie_header(self.gate.cookie_name, sid, secure=self._secure)
+        self._cookie = _cookie_header(
+            self.gate.cookie_name_for(self._secure), sid, secure=self._secure
+        )
 
     def _named(self) -> str:
         if self._sid is None:
@@ -577,11 +760,23 @@ class Visit:
             out.append((BROWSER_SET_HEADER, value))
         if self._cookie is not None:
             out.append(("Set-Cookie", self._cookie))
+            # A response that sets a session cookie is this browser's alone.
+            out.append(("Cache-Control", "private, no-store"))
         return out
 
     def answer(self, exc: BaseException) -> Answer | None:
-        """:func:`answer_for` this request: an ended session kept in the fallback
-        cookie also clears the cookie, so that the next page load opens a new one."""
+        """:func:`answer_for` this request, for an error about *its* session (or the
+        store): an error about another session the handler looked up is the host's to
+        handle, not a sign that this page's session ended. An ended session kept in the
+        fallback cookie also clears the cookie, so that the next page load opens a new
+        one."""
+        named = getattr(exc, "sid", None)
+        if isinstance(exc, (SessionNotFound, SessionNotInitialized)) and named not in (
+            None,
+            "",
+            self._sid,
+        ):
+            return None
         answer = answer_for(exc)
         if (
             answer is not None
@@ -589,6 +784,7 @@ class Visit:
             and self.incoming.source == "cookie"
             and self._cookie is None
         ):
-            clear = _cookie_header(self.gate.cookie_name, "", secure=self._secure, max_age=0)
+            name = self.gate.cookie_name_for(self._secure)
+            clear = _cookie_header(name, "", secure=self._secure, max_age=0)
             answer = attrs.evolve(answer, headers={**answer.headers, "Set-Cookie": clear})
         return answer

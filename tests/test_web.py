@@ -350,8 +350,9 @@ def test_a_page_load_opens_a_cookie_session_once(
     sid = visit.session()
     assert visit.session() == sid  # once per request
     assert engine.exists(sid)
-    [(name, cookie)] = visit.response_headers()
+    [(name, cookie), cache] = visit.response_headers()
     assert name == "Set-Cookie"
+    assert cache == ("Cache-Control", "private, no-store")  # no shared cache keeps it
     assert cookie.startswith(f"statekit_session={sid};")
     assert "HttpOnly" in cookie
     assert "Secure" not in cookie
@@ -381,14 +382,17 @@ def test_an_ended_cookie_session_answer_clears_the_cookie(
 ) -> None:
     old = engine.open_session()
     clock.advance(61)
-    visit = gate.visit("POST", {}, cookies={"statekit_session": old}, secure=True)
+    # Over HTTPS the cookie is __Host- prefixed: a sibling subdomain cannot plant one.
+    tossed = gate.visit("POST", {}, cookies={"statekit_session": old}, secure=True)
+    assert tossed.incoming.sid is None
+    visit = gate.visit("POST", {}, cookies={"__Host-statekit_session": old}, secure=True)
     with pytest.raises(SessionExpired) as caught, visit.event():
         pass  # pragma: no cover
     answer = visit.answer(caught.value)
     assert answer is not None
     assert answer.headers[web.ENDED_HEADER] == "idle"
     cookie = answer.headers["Set-Cookie"]
-    assert cookie.startswith("statekit_session=")
+    assert cookie.startswith("__Host-statekit_session=")
     assert "Max-Age=0" in cookie
     assert "Secure" in cookie
     tab = gate.visit("POST", {"X-Statekit-Session": old})
