@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, request
+from flask import Flask, Response, request
 from flask.testing import FlaskClient
 
 from statekit import BrowserKeys, DeleteReason, StateEngine
@@ -304,6 +304,157 @@ def test_statekit_errors_are_answered_and_others_left_to_the_app(app: Flask) -> 
     assert client.get("/raise/other").status_code == 500
 
 
+def test_open_and_close_refuse_another_sites_page(shop: Shop) -> None:
+    """Another site's page cannot open a session in the visitor's browser, close one,
+    or choose one with a form field: ``open`` and ``close`` answer it ``403``, and its
+    form's field is ignored. The app's own pages (and clients that are no browser)
+    are served; ``allowed_origins`` lets in a front end served elsewhere. Fails if the
+    extension does not pass the request's headers to the gate."""
+    closed: list[str] = []
+    shop.engine.on_close(lambda sid, reason: closed.append(sid))
+    client = make_app(shop).test_client()
+    sid = open_tab(client)
+    other_site = {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}
+    assert client.post("/statekit/open", headers=other_site).status_code == 403
+    assert (
+        client.post("/statekit/open", headers={"Origin": "https://evil.example"}).status_code
+        == 403
+    )
+    refused = client.post("/statekit/close", data=sid, headers=other_site)
+    assert (refused.status_code, refused.get_json()["error"]) == (403, "cross_site")
+    assert closed == []
+    form = client.post("/form", data={"statekit_session": sid, "item": "Milk"}, headers=other_site)
+    assert (form.status_code, form.headers["X-Statekit-Session-Ended"]) == (409, "missing")
+    assert client.post("/api/show", headers=tab(sid)).get_json()["cart"] == []
+    own = {"Sec-Fetch-Site": "same-origin", "Origin": "http://localhost"}
+    assert client.post("/statekit/close", data=sid, headers=own).status_code == 204
+    assert closed == [sid]
+
+    front = {"Sec-Fetch-Site": "same-site", "Origin": "https://app.example.com"}
+    elsewhere = Flask("front_end_elsewhere")
+    StateKit(elsewhere, shop.engine, allowed_origins=["https://app.example.com"])
+    allowed = elsewhere.test_client()
+    assert allowed.post("/statekit/open", headers=front).status_code == 200
+    assert allowed.post("/statekit/open", headers=other_site).status_code == 403
+
+
+def test_the_script_is_answered_304_to_a_browser_that_has_it(app: Flask) -> None:
+    """A page load revalidates the script (``no-cache``): the browser's copy is
+    answered ``304`` by its ETag. Fails if the request's headers are not passed."""
+    client = app.test_client()
+    first = client.get("/statekit/statekit.js")
+    etag = first.headers["ETag"]
+    again = client.get("/statekit/statekit.js", headers={"If-None-Match": etag})
+    assert (again.status_code, again.data, again.headers["ETag"]) == (304, b"", etag)
+    assert client.get("/statekit/statekit.js", headers={"If-None-Match": '"old"'}).data == script()
+
+
+def test_over_https_the_cookie_is_host_prefixed_and_its_response_private(shop: Shop) -> None:
+    """Over HTTPS the fallback cookie is ``__Host-statekit_session`` (``Secure``,
+    ``Path=/``: a sibling subdomain cannot plant one) and a plain ``statekit_session``
+    cookie is not read; the response that sets it is ``Cache-Control: private,
+    no-store`` in one header (replacing a view's own, which would let a shared cache
+    hand the cookie to others), next to the view's own cookies."""
+    app = make_app(shop)
+
+    @app.get("/cached")
+    def cached() -> Response:
+        with visit().event() as ev:
+            response = Response(f"cart {ev[shop.cart]}")
+        response.headers["Cache-Control"] = "public, max-age=600"
+        response.set_cookie("theme", "dark")
+        return response
+
+    browser = app.test_client()
+    planted = shop.engine.open_session()
+    browser.set_cookie("statekit_session", planted)
+    first = browser.get("https://localhost/cached", headers={"Accept": "text/html"})
+    assert first.status_code == 200
+    assert first.headers.getlist("Cache-Control") == ["private, no-store"]
+    cookies = first.headers.getlist("Set-Cookie")
+    assert len(cookies) == 2
+    assert any(c.startswith("theme=dark") for c in cookies)
+    [ours] = [c for c in cookies if c.startswith("__Host-statekit_session=")]
+    assert ("; Secure" in ours, "; Path=/" in ours, "Domain" in ours) == (True, True, False)
+    sid = ours.split(";")[0].split("=", 1)[1]
+    assert sid != planted  # the plain cookie was not taken over HTTPS
+    again = browser.get("https://localhost/cached", headers={"Accept": "text/html"})
+    assert again.headers.getlist("Cache-Control") == ["public, max-age=600"]  # set nothing
+    assert not any("statekit" in c for c in again.headers.getlist("Set-Cookie"))
+    assert shop.engine.session_count() == 2  # the planted one and the browser's
+
+
+def test_the_form_is_read_only_when_the_session_is_asked_for(shop: Shop) -> None:
+    """A view that reads the raw body (a webhook checking a signature over it) keeps
+    it, also when it has made the visit first; asking for the session afterwards still
+    reads the form's field. Fails if the visit parses the form when it is made (the
+    body is then gone: ``get_data()`` is empty)."""
+    app = make_app(shop)
+
+    @app.post("/hook")
+    def hook() -> dict[str, Any]:
+        made = visit()  # a before_request function may well have made it
+        raw = request.get_data()
+        with made.event() as ev:
+            ev[shop.cart].append("Water")
+            return {"raw": len(raw), "cart": ev[shop.cart]}
+
+    @app.post("/raw")
+    def raw() -> dict[str, Any]:
+        visit()
+        return {"raw": len(request.get_data())}
+
+    client = app.test_client()
+    sid = open_tab(client)
+    fields = {"statekit_session": sid, "note": "x" * 100}
+    sent = client.post("/hook", data=fields, content_type="multipart/form-data")
+    assert sent.status_code == 200
+    assert sent.get_json()["raw"] > 100
+    assert sent.get_json()["cart"] == ["Water"]
+    only_raw = client.post("/raw", data={"note": "y" * 300})  # urlencoded, no session
+    assert only_raw.get_json() == {"raw": len("note=" + "y" * 300)}
+
+
+def test_an_error_about_another_session_is_the_apps_own(shop: Shop) -> None:
+    """A view that looks up some other session (an admin page, say) and finds it gone
+    gets the app's own handler for it (here ``KeyError`` → 404), not a 409 telling the
+    page that *its* session ended. Fails if the extension answers every
+    ``SessionNotFound``."""
+    app = make_app(shop)
+
+    @app.errorhandler(KeyError)
+    def not_found(exc: KeyError) -> tuple[dict[str, str], int]:
+        return {"detail": "no such thing"}, 404
+
+    @app.get("/other/<sid>")
+    def other(sid: str) -> dict[str, Any]:
+        visit().session()
+        with shop.engine.event(sid) as ev:
+            return {"cart": ev[shop.cart]}
+
+    client = app.test_client()
+    mine = open_tab(client)
+    answer = client.get("/other/" + "z" * 32, headers=tab(mine))
+    assert (answer.status_code, answer.get_json()) == (404, {"detail": "no such thing"})
+    assert "X-Statekit-Session-Ended" not in answer.headers
+    bare = Flask("no_handler_of_its_own")
+    StateKit(bare, shop.engine)
+
+    @bare.get("/other/<sid>")
+    def other_bare(sid: str) -> dict[str, Any]:
+        with shop.engine.event(sid) as ev:
+            return {"cart": ev[shop.cart]}
+
+    bare.testing = False  # no handler of the app's: Flask's own 500
+    bare_client = bare.test_client()
+    assert (
+        bare_client.get("/other/" + "z" * 32, headers=tab(open_tab(bare_client))).status_code
+        == 500
+    )
+    ended = client.get("/other/" + "q" * 32, headers=tab("q" * 32))  # its own: 409
+    assert (ended.status_code, ended.headers["X-Statekit-Session-Ended"]) == (409, "unknown")
+
+
 def test_misuse_is_refused_saying_what_to_do(shop: Shop) -> None:
     """visit() outside a request, or on an app without the extension; an extension
     without an engine, or twice on one app."""
@@ -428,6 +579,19 @@ def test_the_example_serves_the_shop(example: Any) -> None:
     tokens = json.loads(signed.headers["X-Statekit-Browser-Set"])
     assert client.post("/api/visit", headers=tab(two, tokens)).get_json()["user"] == "ann"
     assert client.post("/api/cart", json={"item": "Milk"}).status_code == 409
+
+
+def test_the_example_counts_no_visit_for_an_ended_session(example: Any) -> None:
+    """A page whose session the server no longer has (ended and deleted, or lost in a
+    restart) is answered 409 and is not counted as a visit. Fails if ``/api/visit``
+    increments before its event checks the session."""
+    client = example.app.test_client()
+    before = client.post("/api/visit", headers=tab(open_tab(client))).get_json()["visits"]
+    for _ in range(3):
+        ended = client.post("/api/visit", headers=tab("e" * 32))
+        assert (ended.status_code, ended.headers["X-Statekit-Session-Ended"]) == (409, "unknown")
+    after = client.post("/api/visit", headers=tab(open_tab(client))).get_json()["visits"]
+    assert after == before + 1
 
 
 # -- under gunicorn, two workers, on Redis -------------------------------------------

@@ -49,8 +49,8 @@ def page() -> str:
 
 @app.post("/api/visit")
 def count_visit() -> dict[str, Any]:
-    visits = shop.visits.increment()
-    with visit().event() as ev:
+    with visit().event() as ev:  # raises first when the tab's session has ended
+        visits = shop.visits.increment()
         return {**shop.show(ev), "visits": visits}
 
 

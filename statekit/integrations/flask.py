@@ -19,16 +19,21 @@ What the extension does:
 
 - serves ``<prefix>/open``, ``<prefix>/close`` and ``<prefix>/statekit.js`` from a
   blueprint named ``statekit``;
+- refuses ``open`` and ``close`` sent by another site's page (``403``; a front end
+  served from another origin is let in with ``allowed_origins``);
 - :func:`visit` gives the request's :class:`~statekit.web.Visit` (made on first use and
   kept in ``flask.g``): its session comes from the ``X-Statekit-Session`` header, else
-  the ``statekit_session`` field of a posted form, else (on a page load, when ``cookie``
-  is on) the fallback cookie, one session per *browser*;
+  the ``statekit_session`` field of a posted form (read only when the session is asked
+  for: a view that reads the raw body keeps it), else (on a page load, when ``cookie``
+  is on) the fallback cookie, one session per *browser* (``__Host-statekit_session``
+  over HTTPS);
 - after each request, adds the visit's headers (new browser tokens, the fallback
-  cookie) to the response;
-- answers :class:`~statekit.SessionNotFound` (and its kinds) with ``409`` and
-  ``X-Statekit-Session-Ended``, :class:`~statekit.SessionBusy` and
-  :class:`~statekit.StoreUnavailable` with ``503`` and ``Retry-After``, as
-  :func:`statekit.web.answer_for` says;
+  cookie with ``Cache-Control: private, no-store``) to the response;
+- answers :class:`~statekit.SessionNotFound` (and its kinds) about the request's own
+  session with ``409`` and ``X-Statekit-Session-Ended``, :class:`~statekit.SessionBusy`
+  and :class:`~statekit.StoreUnavailable` with ``503`` and ``Retry-After``, as
+  :func:`statekit.web.answer_for` says (an error about another session a view looked
+  up goes to the app's own error handlers);
 - shuts the engine down once when the process exits (``atexit``; Flask has no
   shutdown of its own). An engine shut down before then is left alone, and the
   extension holds it weakly for this: an app thrown away is not kept alive.
@@ -43,7 +48,8 @@ import atexit
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
 
@@ -71,9 +77,13 @@ class StateKit:
             cookie (the fallback for pages without JavaScript: one session per
             *browser*, every tab shares it).
         shutdown: whether to shut the engine down when the process exits.
+        allowed_origins: origins (``"https://app.example.com"``) of pages served
+            elsewhere that may open and close sessions and name one in a form; by
+            default only the app's own pages may.
 
     Raises:
-        TypeError: ``engine`` is not a :class:`~statekit.StateEngine`.
+        TypeError: ``engine`` is not a :class:`~statekit.StateEngine`, or
+            ``allowed_origins`` is a string rather than a list.
         ValueError: ``prefix`` is not a path like ``"/statekit"``.
 
     Example, with an app factory::
@@ -94,11 +104,13 @@ class StateKit:
         prefix: str = PREFIX,
         cookie: bool = True,
         shutdown: bool = True,
+        allowed_origins: Iterable[str] = (),
     ) -> None:
         self.engine = engine
         self.prefix = prefix
         self.cookie = cookie
         self.shutdown = shutdown
+        self.allowed_origins = allowed_origins
         if app is not None:
             self.init_app(app)
 
@@ -128,7 +140,9 @@ class StateKit:
             )
         if EXTENSION in app.extensions:
             raise RuntimeError("this Flask app has statekit already: call init_app once")
-        gate = SessionGate(engine, prefix=self.prefix, cookie=self.cookie)
+        gate = SessionGate(
+            engine, prefix=self.prefix, cookie=self.cookie, allowed_origins=self.allowed_origins
+        )
         app.extensions[EXTENSION] = gate
         app.register_blueprint(_blueprint(gate))
         app.after_request(_add_headers)
@@ -144,7 +158,9 @@ def visit() -> Visit:
     same one for the whole request).
 
     A posted form (``application/x-www-form-urlencoded`` or ``multipart/form-data``)
-    is read for the ``statekit_session`` field when no header named the session.
+    is read for the ``statekit_session`` field only when the session is asked for
+    (``session()``, ``event()``) and no header named it: a view that reads
+    ``request.get_data()`` first keeps the raw body.
 
     Raises:
         RuntimeError: called outside a request, or on an app without
@@ -174,13 +190,17 @@ def visit() -> Visit:
     made = gate.visit(
         request.method,
         dict(request.headers),
-        cookies=request.cookies,
+        cookies=request.cookies,  # the gate reads gate.cookie_name_for(secure)
+        form=_form,
         secure=request.is_secure,
     )
-    if made.wants_form and request.mimetype in _FORMS:
-        made.use_form(request.form)
     g.statekit_visit = made
     return made
+
+
+def _form() -> Mapping[str, Any] | None:
+    """The request's form, when it is one (read when the visit's session is asked for)."""
+    return request.form if request.mimetype in _FORMS else None
 
 
 def _blueprint(gate: SessionGate) -> Blueprint:
@@ -200,7 +220,7 @@ def _blueprint(gate: SessionGate) -> Blueprint:
 def _serve(gate: SessionGate, path: str) -> Callable[[], Response]:
     def serve() -> Response:
         body = request.stream.read(_CLOSE_BODY_MAX) if gate.endpoint(path) == "close" else b""
-        answer = gate.serve(request.method, path, body)
+        answer = gate.serve(request.method, path, body, dict(request.headers))
         assert answer is not None  # the path is one of the gate's
         return _response(answer)
 
@@ -215,15 +235,35 @@ def _add_headers(response: Response) -> Response:
     made: Visit | None = g.get("statekit_visit")
     if made is not None:
         for name, value in made.response_headers():
-            response.headers.add(name, value)
+            if name.lower() == "set-cookie":
+                response.headers.add(name, value)  # next to the app's own cookies
+            else:  # one value: Cache-Control replaces a view's (a cookie is private)
+                response.headers[name] = value
     return response
 
 
-def _answer_error(error: Exception) -> Response:
+def _answer_error(error: Exception) -> Response | Any:
     answer = visit().answer(error)
-    if answer is None:  # pragma: no cover - registered only for errors it answers
+    if answer is not None:
+        return _response(answer)
+    # Not about this request's session (a view looked up another one): the app's own
+    # handler for it, as if statekit had none, else Flask's unhandled error.
+    handler = _app_handler(error)
+    if handler is None:
         raise error
-    return _response(answer)
+    return current_app.ensure_sync(handler)(error)
+
+
+def _app_handler(error: Exception) -> Callable[[Exception], Any] | None:
+    """The app's error handler for ``error`` other than statekit's, found as Flask
+    finds one (the request's blueprints, then the app; by the error's classes)."""
+    for scope in (*request.blueprints, None):
+        handlers = current_app.error_handler_spec.get(scope, {}).get(None, {})
+        for cls in type(error).__mro__:
+            handler = handlers.get(cls)
+            if handler is not None and handler is not _answer_error:
+                return handler
+    return None
 
 
 logger = logging.getLogger("statekit")
