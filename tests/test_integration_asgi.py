@@ -16,21 +16,28 @@ from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
 
 from statekit import (
     BrowserKeys,
     EngineClosed,
     Event,
     SessionBusy,
+    SessionNotFound,
     SessionState,
     StateEngine,
     StoreUnavailable,
     UsageError,
     web,
 )
-from statekit.integrations.asgi import StateKitMiddleware, visit_of
+from statekit.integrations.asgi import (
+    StateKitMiddleware,
+    exception_handlers,
+    install,
+    visit_of,
+)
 from statekit.integrations.fastapi import CurrentVisit
 from statekit.testing import FakeClock
 
@@ -555,8 +562,10 @@ def test_raw_asgi_headers_of_the_visit_join_the_apps_and_the_body_read_is_bounde
     asyncio.run(middleware(scope, wire.receive, wire.send))
     assert wire.headers[b"a"] == b"1"
     assert set(json.loads(wire.headers[b"x-statekit-browser-set"])) == {"name"}
-    assert scope["state"] == {}  # the server's scope is not changed
-    assert seen[0]["statekit"].incoming.sid == sid
+    # The visit is kept in the request's own scope and state, not in copies of them.
+    assert seen[0] is scope["state"]
+    assert scope["state"]["statekit"] is scope["statekit"]
+    assert scope["statekit"].incoming.sid == sid
 
     # A close body of many chunks, over the bound, reads as no id: nothing closes.
     wire = Wire(sid.encode(), *([b"x" * 512] * 100))
@@ -715,3 +724,370 @@ def test_fastapi_an_oversized_form_is_not_read_for_its_session(engine: StateEngi
         sid = open_session(c)
         big = {web.SESSION_FIELD: sid, "filler": "x" * (1024 * 1024)}
         assert c.post("/add", data=big).status_code == 409
+
+
+# -- what the app writes in its request is seen around it -------------------------------
+
+
+def test_what_the_app_writes_in_its_request_is_seen_by_the_middleware_around_it(
+    engine: StateEngine,
+) -> None:
+    """An access log or a metrics middleware outside statekit's reads what the app wrote
+    during the request: ``request.state.user`` (an auth dependency's) and the matched
+    route (Starlette writes ``scope["route"]``). A middleware that handed the app a copy
+    of the scope or of its state would hide both (``None`` here)."""
+    app = FastAPI()
+    app.add_middleware(StateKitMiddleware, engine=engine)
+
+    @app.middleware("http")
+    async def log(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        response.headers["x-user"] = str(getattr(request.state, "user", None))
+        response.headers["x-route"] = str(getattr(request.scope.get("route"), "path", None))
+        response.headers["x-visit"] = str(visit_of(request).incoming.source)
+        return response
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int, request: Request) -> dict[str, Any]:
+        request.state.user = "ann"
+        return {}
+
+    with TestClient(app) as c:
+        answer = c.get("/items/3", headers=headers("a" * 32))
+    assert answer.headers["x-user"] == "ann"
+    assert answer.headers["x-route"] == "/items/{item_id}"
+    assert answer.headers["x-visit"] == "header"
+
+
+# -- another site's page ----------------------------------------------------------------
+
+CROSS_SITE = {"origin": "https://evil.example", "sec-fetch-site": "cross-site"}
+
+
+def test_another_sites_page_cannot_open_or_close_a_session(
+    client: TestClient, engine: StateEngine
+) -> None:
+    """A page of another site cannot open sessions (to fill the store and evict the
+    tabs of real users) or close a tab's session by posting its id: both are ``403``
+    and touch nothing. A middleware that did not hand the request's headers to the gate
+    would open and close here."""
+    sid = open_session(client)
+    refused = client.post("/statekit/open", headers=CROSS_SITE)
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "cross_site"
+    assert client.post("/statekit/close", content=sid, headers=CROSS_SITE).status_code == 403
+    assert engine.session_count() == 1
+    assert engine.exists(sid)
+    own = {"origin": "http://testserver", "sec-fetch-site": "same-origin"}
+    assert client.post("/statekit/open", headers=own).status_code == 200
+    assert client.get("/statekit/statekit.js", headers=CROSS_SITE).status_code == 200
+
+
+def test_allowed_origins_let_a_front_end_served_elsewhere_open_sessions(
+    engine: StateEngine,
+) -> None:
+    """A front end on another origin of the same site is refused unless it is listed
+    (``allowed_origins``, handed on to the gate); only the listed origin is let in."""
+    front = {"origin": "https://app.example.com", "sec-fetch-site": "same-site"}
+    sibling = {"origin": "https://blog.example.com", "sec-fetch-site": "same-site"}
+    app = starlette_app(engine, allowed_origins=["https://app.example.com"])
+    with TestClient(app) as c:
+        sid = c.post("/statekit/open", headers=front).json()["sid"]
+        assert c.post("/statekit/open", headers=sibling).status_code == 403
+        assert c.post("/statekit/open", headers=CROSS_SITE).status_code == 403
+        assert c.post("/statekit/close", content=sid, headers=sibling).status_code == 403
+        assert engine.exists(sid)
+        assert c.post("/statekit/close", content=sid, headers=front).status_code == 204
+        assert engine.close_session(sid) is False  # the allowed page closed it
+
+
+def test_the_script_is_answered_304_to_a_browser_that_has_it(client: TestClient) -> None:
+    """The middleware hands the gate ``If-None-Match``: a browser revalidating its copy
+    is told it is current, without the script's bytes."""
+    first = client.get("/statekit/statekit.js")
+    etag = first.headers["etag"]
+    again = client.get("/statekit/statekit.js", headers={"if-none-match": etag})
+    assert (again.status_code, again.content) == (304, b"")
+    assert again.headers["etag"] == etag
+    changed = client.get("/statekit/statekit.js", headers={"if-none-match": '"other"'})
+    assert (changed.status_code, changed.content) == (200, web.script())
+
+
+# -- websockets -------------------------------------------------------------------------
+
+
+def test_a_websocket_names_its_session_in_the_query(engine: StateEngine) -> None:
+    """A browser cannot set headers on a websocket: the page connects to
+    ``/ws?statekit_session=<id>`` and the socket's events run in the tab's session."""
+    cart: SessionState[list[str]] = engine.session_state("cart", [])
+
+    async def socket(ws: WebSocket) -> None:
+        await ws.accept()
+        visit = visit_of(ws)
+        async with visit.aevent() as ev:
+            ev[cart].append(await ws.receive_text())
+            await ws.send_json({"cart": ev[cart], "source": visit.incoming.source})
+        await ws.close()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", socket)])
+    app.add_middleware(StateKitMiddleware, engine=engine)
+    with TestClient(app) as c:
+        sid = open_session(c)
+        with c.websocket_connect(f"/ws?x=1&{web.SESSION_QUERY}={sid}") as ws:
+            ws.send_text("milk")
+            assert ws.receive_json() == {"cart": ["milk"], "source": "query"}
+        with c.websocket_connect(f"/ws?{web.SESSION_QUERY}={sid}") as ws:
+            ws.send_text("tea")
+            assert ws.receive_json()["cart"] == ["milk", "tea"]  # the same session
+
+
+def test_only_a_websocket_reads_the_session_from_the_query(engine: StateEngine) -> None:
+    """An http request that names its session in the query is not read (the id belongs
+    in the header, out of logs and the Referer); an oversized query reads as none."""
+    seen: list[web.Visit] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(visit_of(scope))
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    middleware = StateKitMiddleware(app, engine)
+    query = b"statekit_session=s1"
+    for scope in (
+        {**http_scope("/x"), "query_string": query},
+        {"type": "websocket", "path": "/ws", "headers": [], "query_string": query},
+        {"type": "websocket", "path": "/ws", "headers": [], "query_string": b"a" * 9000 + query},
+        {"type": "websocket", "path": "/ws", "headers": [], "query_string": "not bytes"},
+    ):
+        wire = Wire()
+        asyncio.run(middleware(scope, wire.receive, wire.send))
+    assert [(v.incoming.sid, v.incoming.source) for v in seen] == [
+        (None, None),
+        ("s1", "query"),
+        (None, None),
+        (None, None),
+    ]
+
+
+# -- an app's own exception handlers ----------------------------------------------------
+
+
+def handlers_app(engine: StateEngine, wire: str) -> FastAPI:
+    """An app with handlers of its own for the broad classes statekit's errors belong
+    to (``SessionNotFound`` is a ``KeyError``, ``StoreUnavailable`` a
+    ``ConnectionError``)."""
+    cart: SessionState[list[str]] = engine.session_state("cart", [])
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"detail": "not found"}, status_code=404)
+
+    def offline(request: Request, exc: Exception) -> Response:  # a sync handler
+        return JSONResponse({"detail": "offline"}, status_code=502)
+
+    own: dict[Any, Any] = {KeyError: not_found, ConnectionError: offline}
+    if wire == "exception_handlers":
+        app = FastAPI(exception_handlers={**own, **exception_handlers()})
+        app.add_middleware(StateKitMiddleware, engine=engine)
+    else:
+        app = FastAPI(exception_handlers=own)
+        if wire == "install":
+            install(app, engine)
+        else:
+            app.add_middleware(StateKitMiddleware, engine=engine)
+
+    @app.post("/add")
+    async def add(visit: CurrentVisit) -> dict[str, Any]:
+        async with visit.aevent() as ev:
+            ev[cart].append("milk")
+            return {"cart": ev[cart]}
+
+    @app.post("/peek/{other}")
+    async def peek(other: str, visit: CurrentVisit) -> dict[str, Any]:
+        await visit.asession()
+        async with engine.aevent(other) as ev:  # another session: the app's business
+            return {"cart": ev[cart]}
+
+    @app.post("/down")
+    async def down() -> None:
+        raise StoreUnavailable("redis", "connection refused")
+
+    @app.post("/missing")
+    async def missing() -> None:
+        raise KeyError("an item of the app's")
+
+    return app
+
+
+@pytest.mark.parametrize("wire", ["install", "exception_handlers"])
+def test_install_answers_statekits_errors_before_the_apps_own_handlers(
+    engine: StateEngine, wire: str
+) -> None:
+    """With the app's own ``KeyError`` handler (a "missing key: 404"), an ended session
+    is still the ``409`` statekit.js acts on, and an unreachable store the ``503`` to
+    retry. Without statekit's handlers the app's would answer ``404`` and ``502``. Its
+    handlers still answer its own errors, and an error about *another* session than the
+    request's (a lookup the handler made) is the app's: its ``404``."""
+    with TestClient(handlers_app(engine, wire)) as c:
+        sid = open_session(c)
+        assert c.post("/add", headers=headers(sid)).json() == {"cart": ["milk"]}
+        unknown = c.post("/add", headers=headers("forged-" + "x" * 25))
+        assert (unknown.status_code, unknown.headers[web.ENDED_HEADER]) == (409, "unknown")
+        missing = c.post("/add")
+        assert (missing.status_code, missing.headers[web.ENDED_HEADER]) == (409, "missing")
+        down = c.post("/down", headers=headers(sid))
+        assert (down.status_code, down.headers["retry-after"]) == (503, "1")
+        assert c.post("/missing").status_code == 404  # the app's own KeyError
+        other = c.post(f"/peek/{'o' * 32}", headers=headers(sid))
+        assert (other.status_code, other.json()) == (404, {"detail": "not found"})
+        assert web.ENDED_HEADER.lower() not in other.headers
+
+
+def test_without_install_an_apps_broad_handler_takes_statekits_errors(
+    engine: StateEngine,
+) -> None:
+    """Why :func:`install` exists: with ``add_middleware`` alone, the app's ``KeyError``
+    handler answers an ended session before the middleware sees it."""
+    with TestClient(handlers_app(engine, "add_middleware")) as c:
+        assert c.post("/add", headers=headers("forged-" + "x" * 25)).status_code == 404
+
+
+def test_statekits_handler_leaves_an_error_about_another_session_to_the_server(
+    engine: StateEngine,
+) -> None:
+    """With no handler of the app's for it, another session's error goes on up (a 500),
+    never a 409 telling this tab that its own session ended."""
+    cart: SessionState[list[str]] = engine.session_state("cart", [])
+
+    async def peek(request: Request) -> Response:
+        await visit_of(request).asession()
+        async with engine.aevent("o" * 32) as ev:
+            return JSONResponse(ev[cart])
+
+    app = Starlette(routes=[Route("/peek", peek, methods=["POST"])])
+    install(app, engine, shutdown=False)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        sid = open_session(c)
+        answer = c.post("/peek", headers=headers(sid))
+        assert answer.status_code == 500
+        assert web.ENDED_HEADER.lower() not in answer.headers
+    with TestClient(app) as c, pytest.raises(SessionNotFound):
+        c.post("/peek", headers=headers(c.post("/statekit/open").json()["sid"]))
+
+
+def test_install_passes_its_options_and_checks_them_at_once(engine: StateEngine) -> None:
+    app = Starlette()
+    install(app, engine, prefix="/sk", cookie=False, allowed_origins=iter(["https://a.example"]))
+    with TestClient(app) as c:
+        assert c.post("/sk/open", headers={"origin": "https://a.example"}).status_code == 200
+        assert c.post("/statekit/open").status_code == 404
+    with pytest.raises(ValueError, match="prefix"):
+        install(Starlette(), engine, prefix="sk/")
+    with pytest.raises(TypeError, match="allowed_origins"):
+        install(Starlette(), engine, allowed_origins="https://a.example")
+
+
+# -- FastAPI: the form, read only when asked for ------------------------------------------
+
+
+class Reads:
+    """An ASGI wrapper around the whole app that counts the body messages it read."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.count = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def counted() -> Any:
+            message = await receive()
+            if message.get("type") == "http.request":
+                self.count += 1
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def form_app(engine: StateEngine) -> FastAPI:
+    cart: SessionState[list[str]] = engine.session_state("cart", [])
+    app = FastAPI()
+    install(app, engine)
+
+    @app.post("/raw")
+    async def raw(visit: CurrentVisit) -> dict[str, Any]:
+        return {"wants_form": visit.wants_form}  # never asks for the session
+
+    @app.post("/add-then-body")
+    async def add_then_body(request: Request, visit: CurrentVisit) -> dict[str, Any]:
+        async with visit.aevent() as ev:
+            ev[cart].append("milk")
+            items: list[str] = ev[cart]
+        return {"cart": items, "body": (await request.body()).decode()}
+
+    @app.post("/stream-then-add")
+    async def stream_then_add(request: Request, visit: CurrentVisit) -> dict[str, Any]:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+        async with visit.aevent() as ev:
+            ev[cart].append("milk")
+        return {"size": size}
+
+    return app
+
+
+def test_fastapi_reads_the_form_only_when_the_session_is_asked_for(
+    engine: StateEngine,
+) -> None:
+    """A handler that never asks for its session (an upload, a webhook) keeps its body
+    unread: a dependency that read every form post up front would read it here."""
+    wrapped = Reads(form_app(engine))
+    with TestClient(wrapped) as c:
+        sid = open_session(c)
+        wrapped.count = 0
+        answer = c.post("/raw", data={web.SESSION_FIELD: sid, "x": "1"})
+        assert answer.json() == {"wants_form": True}
+        assert wrapped.count == 0
+
+
+def test_fastapi_a_handler_reads_the_body_after_its_session_came_from_the_form(
+    engine: StateEngine,
+) -> None:
+    """The form is read with ``request.body()``, which Starlette keeps: the handler
+    reads the same body again after its event."""
+    with TestClient(form_app(engine)) as c:
+        sid = open_session(c)
+        answer = c.post("/add-then-body", data={web.SESSION_FIELD: sid, "x": "1"})
+        assert answer.status_code == 200
+        assert answer.json() == {"cart": ["milk"], "body": f"{web.SESSION_FIELD}={sid}&x=1"}
+
+
+def test_fastapi_a_form_without_a_length_or_already_streamed_is_not_read(
+    engine: StateEngine,
+) -> None:
+    """The form is read only when its Content-Length says it is at most 1 MiB: a
+    chunked body of unknown size is not read (no session: 409), and neither is one the
+    handler consumed as a stream (409, not a crash)."""
+    with TestClient(form_app(engine)) as c:
+        sid = open_session(c)
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        chunked = c.post(
+            "/add-then-body", content=iter([f"{web.SESSION_FIELD}={sid}".encode()]), headers=form
+        )
+        assert (chunked.status_code, chunked.headers[web.ENDED_HEADER]) == (409, "missing")
+        streamed = c.post("/stream-then-add", data={web.SESSION_FIELD: sid})
+        assert (streamed.status_code, streamed.headers[web.ENDED_HEADER]) == (409, "missing")
+        by_header = c.post("/stream-then-add", data={"x": "1"}, headers=headers(sid))
+        assert by_header.json() == {"size": 3}
+
+
+def test_fastapi_a_form_another_site_posts_cannot_choose_the_session(
+    engine: StateEngine,
+) -> None:
+    """Another site's form that names a tab's session (one it learned) is not run in
+    that session: its field is ignored."""
+    with TestClient(form_app(engine)) as c:
+        sid = open_session(c)
+        forged = c.post("/add-then-body", data={web.SESSION_FIELD: sid}, headers=CROSS_SITE)
+        assert forged.status_code == 409
+        own = c.post("/add-then-body", data={"x": "1"}, headers=headers(sid))
+        assert own.json()["cart"] == ["milk"]  # the forged post added nothing

@@ -24,19 +24,34 @@ loop, whatever the store::
 Add it with ``add_middleware`` (or ``Starlette(middleware=[...])``) rather than around
 the app: Starlette answers an exception nobody handled with a ``500`` in its outermost
 layer, before a middleware around the whole app could answer it as the page expects.
+An app with exception handlers of its own for ``KeyError``, ``ConnectionError`` or
+``TimeoutError`` (which statekit's errors are) uses :func:`install` instead, which adds
+the middleware and handlers for statekit's errors that win over the app's::
+
+    install(app, engine)
 
 The framework-free part is plain ASGI: this module imports no framework.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping
 from typing import Any
+from urllib.parse import parse_qsl
 
-from statekit import StateEngine, UsageError, web
+from statekit import (
+    SessionBusy,
+    SessionNotFound,
+    SessionNotInitialized,
+    StateEngine,
+    StoreUnavailable,
+    UsageError,
+    web,
+)
 
-__all__ = ["StateKitMiddleware", "visit_of"]
+__all__ = ["StateKitMiddleware", "exception_handlers", "install", "visit_of"]
 
 logger = logging.getLogger("statekit")
 
@@ -52,6 +67,8 @@ SCOPE_KEY = "statekit"
 #: The most of ``<prefix>/close``'s body read (an id is 32 characters; the gate
 #: refuses a longer body, so reading more is never needed).
 _MAX_CLOSE_READ = 1024
+#: The longest websocket query string read for its session parameter.
+_MAX_QUERY_BYTES = 8 * 1024
 #: The most header bytes read into a visit (servers bound headers too; this bounds
 #: what a hostile request makes statekit decode).
 _MAX_HEADER_BYTES = 512 * 1024
@@ -108,6 +125,17 @@ def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     return out
 
 
+def _query(raw: object) -> dict[str, str]:
+    """The session parameter of a websocket handshake's query string (bounded; a
+    malformed one reads as absent)."""
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) > _MAX_QUERY_BYTES:
+        return {}
+    for name, value in parse_qsl(bytes(raw).decode("latin-1")):
+        if name == web.SESSION_QUERY:
+            return {name: value}
+    return {}
+
+
 def _cookies(header: str | None) -> dict[str, str]:
     """The cookies of a ``Cookie`` header, read leniently (as browsers send them, not as
     RFC 6265 would have them): a malformed pair is skipped, never an error."""
@@ -154,6 +182,9 @@ class StateKitMiddleware:
             cookie (the fallback for pages without JavaScript: one session per
             browser).
         shutdown: whether to shut the engine down with the app's lifespan.
+        allowed_origins: origins of pages served elsewhere (``"https://app.example.com"``)
+            that may open and close sessions; by default only the app's own pages may
+            (another site's is answered ``403``).
 
     Raises:
         TypeError: ``engine`` is not a :class:`~statekit.StateEngine`.
@@ -176,9 +207,12 @@ class StateKitMiddleware:
         prefix: str = web.PREFIX,
         cookie: bool = True,
         shutdown: bool = True,
+        allowed_origins: Iterable[str] = (),
     ) -> None:
         self.app = app
-        self.gate = web.SessionGate(engine, prefix=prefix, cookie=cookie)
+        self.gate = web.SessionGate(
+            engine, prefix=prefix, cookie=cookie, allowed_origins=allowed_origins
+        )
         self.engine = engine
         self.shutdown = shutdown
 
@@ -190,7 +224,8 @@ class StateKitMiddleware:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "websocket":
-            await self.app(self._with_visit(scope, "GET"), receive, send)
+            self._add_visit(scope, "GET")
+            await self.app(scope, receive, send)
         elif kind == "lifespan" and self.shutdown:
             await self._lifespan(scope, receive, send)
         else:
@@ -198,34 +233,35 @@ class StateKitMiddleware:
 
     # -- http ------------------------------------------------------------------------
 
-    def _with_visit(self, scope: Scope, method: str) -> Scope:
+    def _add_visit(self, scope: Scope, method: str) -> web.Visit:
+        """Make the request's visit and keep it in the request's own scope and state
+        (not in copies: what the app writes there is seen by the middleware around it)."""
         headers = _headers(scope.get("headers") or ())
+        websocket = scope.get("type") == "websocket"
         visit = self.gate.visit(
             method,
             headers,
             cookies=_cookies(headers.get("cookie")),
+            query=_query(scope.get("query_string")) if websocket else None,
             secure=scope.get("scheme") in ("https", "wss"),
         )
-        state = scope.get("state")
-        return {
-            **scope,
-            SCOPE_KEY: visit,
-            "state": {**(state if isinstance(state, Mapping) else {}), SCOPE_KEY: visit},
-        }
+        scope[SCOPE_KEY] = visit
+        scope.setdefault("state", {})[SCOPE_KEY] = visit
+        return visit
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = str(scope.get("method", "GET"))
         path = str(scope.get("path", ""))
         endpoint = self.gate.endpoint(path)
         if endpoint is not None:
+            headers = _headers(scope.get("headers") or ())
             body = await _read_body(receive) if endpoint == "close" else b""
-            answer = await self.gate.aserve(method, path, body)
+            answer = await self.gate.aserve(method, path, body, headers)
             assert answer is not None  # the path is one of the gate's
             await _send_answer(send, answer, head=method.upper() == "HEAD")
             return
 
-        scope = self._with_visit(scope, method)
-        visit: web.Visit = scope[SCOPE_KEY]
+        visit = self._add_visit(scope, method)
         started = False
 
         async def send_with_headers(message: Message) -> None:
@@ -312,6 +348,129 @@ class StateKitMiddleware:
             logger.exception("statekit: the engine's shutdown failed")
             return f"statekit: the engine's shutdown failed: {type(exc).__name__}: {exc}"
         return None
+
+
+#: The errors a visit answers as the page expects (see :func:`exception_handlers`).
+_ANSWERED: tuple[type[Exception], ...] = (
+    SessionNotFound,
+    SessionNotInitialized,
+    SessionBusy,
+    StoreUnavailable,
+)
+
+
+def exception_handlers() -> dict[Any, Callable[[Any, Any], Coroutine[Any, Any, Any]]]:
+    """Starlette exception handlers that answer statekit's errors as the page expects,
+    for an app with exception handlers of its own.
+
+    :class:`StateKitMiddleware` answers an ended session (``409``) or a busy store
+    (``503``) when the error reaches it. An app's own handler for a broader class sees
+    the error first, though: ``SessionNotFound`` is a ``KeyError``, ``StoreUnavailable``
+    a ``ConnectionError``, ``SessionBusy`` a ``TimeoutError``, so an app's "missing key:
+    404" handler would answer an ended session with its ``404``. Registered for
+    statekit's own classes, these handlers win (Starlette takes the most specific
+    handler) and answer with :meth:`Visit.answer <statekit.web.Visit.answer>`. An error
+    the visit leaves to the app (about another session than the request's own) goes to
+    the app's handler for its broader class, if it has one, else on up.
+
+    :func:`install` adds them with the middleware; this function is for an app built
+    with ``Starlette(exception_handlers=...)`` or ``FastAPI(exception_handlers=...)``.
+    The app needs :class:`StateKitMiddleware` too.
+
+    Returns:
+        A new dict of exception class to handler, to merge into the app's own (typed
+        loosely, so that it merges into Starlette's and FastAPI's own types).
+
+    Example::
+
+        app = FastAPI(exception_handlers={KeyError: not_found, **exception_handlers()})
+        app.add_middleware(StateKitMiddleware, engine=engine)
+    """
+    return dict.fromkeys(_ANSWERED, _answer_error)
+
+
+async def _answer_error(request: Any, exc: Exception) -> Any:
+    """A Starlette exception handler: the visit's answer to ``exc``, else the app's own
+    handler for a broader class of it, else ``exc`` goes on up."""
+    answer = visit_of(request).answer(exc)
+    if answer is not None:
+        return _AnswerApp(answer)
+    handler = _apps_handler(getattr(request, "scope", {}), exc)
+    if handler is None:
+        raise exc
+    if inspect.iscoroutinefunction(handler):
+        return await handler(request, exc)
+    from starlette.concurrency import run_in_threadpool  # in a Starlette app here
+
+    return await run_in_threadpool(handler, request, exc)
+
+
+def _apps_handler(scope: Mapping[str, Any], exc: Exception) -> Callable[..., Any] | None:
+    """The app's own Starlette handler for ``exc`` (statekit's own left out), if any."""
+    registered = scope.get("starlette.exception_handlers")
+    handlers = registered[0] if isinstance(registered, tuple) and registered else None
+    if not isinstance(handlers, Mapping):
+        return None
+    for cls in type(exc).__mro__:
+        handler = handlers.get(cls)
+        if handler is not None and handler is not _answer_error:
+            return handler  # type: ignore[no-any-return]
+    return None
+
+
+class _AnswerApp:
+    """An :class:`~statekit.web.Answer` as the ASGI app a Starlette exception handler
+    returns."""
+
+    def __init__(self, answer: web.Answer) -> None:
+        self.answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        head = str(scope.get("method", "")).upper() == "HEAD"
+        await _send_answer(send, self.answer, head=head)
+
+
+def install(
+    app: Any,
+    engine: StateEngine,
+    *,
+    prefix: str = web.PREFIX,
+    cookie: bool = True,
+    shutdown: bool = True,
+    allowed_origins: Iterable[str] = (),
+) -> None:
+    """Put a Starlette or FastAPI app's requests in statekit's sessions: adds
+    :class:`StateKitMiddleware` and the :func:`exception_handlers` that answer
+    statekit's errors before any handler of the app's own for a broader class
+    (``KeyError``, ``ConnectionError``, ``TimeoutError``) can.
+
+    Args:
+        app: the Starlette or FastAPI app, before it starts.
+        engine: the app's engine.
+        prefix, cookie, shutdown, allowed_origins: as for :class:`StateKitMiddleware`.
+
+    Raises:
+        TypeError: ``engine`` is not a :class:`~statekit.StateEngine`.
+        ValueError: ``prefix`` is not a path like ``"/statekit"``.
+
+    Example::
+
+        app = FastAPI()
+        install(app, engine)
+    """
+    if not isinstance(allowed_origins, str):
+        allowed_origins = tuple(allowed_origins)
+    web.SessionGate(engine, prefix=prefix, allowed_origins=allowed_origins)  # checked now
+    app.add_middleware(
+        StateKitMiddleware,
+        engine=engine,
+        prefix=prefix,
+        cookie=cookie,
+        shutdown=shutdown,
+        allowed_origins=allowed_origins,
+    )
+    for cls, handler in exception_handlers().items():
+        app.add_exception_handler(cls, handler)
 
 
 async def _read_body(receive: Receive) -> bytes:

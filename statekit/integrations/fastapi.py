@@ -20,6 +20,7 @@ in and out, and an ended session is answered ``409`` as the page expects::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from importlib.util import find_spec
 from typing import Annotated, Any
@@ -38,9 +39,11 @@ _MAX_FORM_BYTES = 1024 * 1024
 
 async def statekit_visit(request: Request) -> web.Visit:
     """The request's :class:`~statekit.web.Visit`, given by
-    :class:`~statekit.integrations.asgi.StateKitMiddleware`; for a form post that names
+    :class:`~statekit.integrations.asgi.StateKitMiddleware`. For a form post that names
     no session in a header, the session is taken from the form's ``statekit_session``
-    field (the hidden field ``statekit.js`` fills).
+    field (the hidden field ``statekit.js`` fills), read only when the handler asks for
+    the session: a handler that never does keeps the request's body unread, and one
+    that does can still read it (``request.body()``, ``request.form()``).
 
     Args:
         request: the request (FastAPI passes it).
@@ -60,27 +63,36 @@ async def statekit_visit(request: Request) -> web.Visit:
     """
     visit = visit_of(request)
     if visit.wants_form and request.method == "POST":
-        form = await _form(request)
-        if form is not None:
-            visit.use_form(form)
+        visit.read_form_with(functools.partial(_form, request))
     return visit
 
 
 async def _form(request: Request) -> Mapping[str, Any] | None:
-    """The request's form fields, if it is a form: with Starlette's parser when
-    python-multipart is installed (what FastAPI's own ``Form`` fields need), else an
-    urlencoded form (what a plain HTML form sends) read with the standard library."""
+    """The request's form fields, if it is a form of at most 1 MiB (by its
+    Content-Length, checked before anything is read). The body is read with
+    ``request.body()``, which Starlette keeps for the handler; the form is parsed from
+    it with Starlette's parser when python-multipart is installed (which keeps the form
+    for the handler too), else an urlencoded form is parsed with the standard library.
+    A body the handler already consumed as a stream reads as no form."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in ("application/x-www-form-urlencoded", "multipart/form-data"):
         return None
-    if find_spec("python_multipart") is None:
-        if kind != "application/x-www-form-urlencoded":
-            return None
+    length = request.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > _MAX_FORM_BYTES:
+        return None
+    multipart = find_spec("python_multipart") is not None
+    try:
         body = await request.body()
-        if len(body) > _MAX_FORM_BYTES:
+    except RuntimeError:  # consumed as a stream: only a form parsed already is left
+        body = None
+    if multipart:
+        try:
+            return await request.form()  # parsed from the body kept above, or kept
+        except RuntimeError:
             return None
-        return dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
-    return await request.form()
+    if body is None or kind != "application/x-www-form-urlencoded":
+        return None
+    return dict(parse_qsl(body[:_MAX_FORM_BYTES].decode("latin-1"), keep_blank_values=True))
 
 
 #: A handler's parameter for the request's visit: ``async def add(visit: CurrentVisit)``.
