@@ -15,15 +15,16 @@ import os
 import subprocess
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.test import Client, RequestFactory, override_settings
 from django.urls import path
+from django.views.decorators.csrf import csrf_exempt
 
 from statekit import BrowserKeys, DeleteReason, StateEngine
 from statekit.exceptions import SessionBusy, StoreUnavailable
@@ -81,6 +82,50 @@ def form(request: HttpRequest) -> JsonResponse:
         return JsonResponse(CURRENT["shop"].add(ev, request.POST.get("item")))
 
 
+def cached(request: HttpRequest) -> HttpResponse:
+    """A page of its own cache policy, setting a cookie of its own."""
+    with visit_of(request).event() as ev:
+        response = HttpResponse(f"cart {ev[CURRENT['shop'].cart]}")
+    response["Cache-Control"] = "public, max-age=600"
+    response.set_cookie("theme", "dark")
+    return response
+
+
+@csrf_exempt
+def hook(request: HttpRequest) -> JsonResponse:
+    """A webhook checking a signature over the raw body: never asks for the session."""
+    return JsonResponse({"raw": len(request.body)})
+
+
+@csrf_exempt
+def hook_then_session(request: HttpRequest) -> JsonResponse:
+    """Reads the raw body, then asks for the session (named in the form's field)."""
+    raw = request.body
+    with visit_of(request).event() as ev:
+        ev[CURRENT["shop"].cart].append("Water")
+        return JsonResponse({"raw": len(raw), "cart": ev[CURRENT["shop"].cart]})
+
+
+def other(request: HttpRequest, sid: str) -> JsonResponse:
+    """Looks up another session than the request's own (an admin page, say)."""
+    visit_of(request).session()
+    with CURRENT["shop"].engine.event(sid) as ev:
+        return JsonResponse({"cart": ev[CURRENT["shop"].cart]})
+
+
+class CatchAll:
+    """A project's middleware answering every error a view raises as JSON."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        return self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exc: Exception) -> HttpResponse:
+        return JsonResponse({"error": "caught", "type": type(exc).__name__}, status=500)
+
+
 def fail(request: HttpRequest, kind: str) -> HttpResponse:
     if kind == "busy":
         raise SessionBusy("b" * 32, 2.0)
@@ -96,6 +141,10 @@ urlpatterns = [
     path("page", page),
     path("form", form),
     path("raise/<str:kind>", fail),
+    path("cached", cached),
+    path("hook", hook),
+    path("hook-then-session", hook_then_session),
+    path("other/<str:sid>", other),
 ]
 
 
@@ -110,12 +159,13 @@ def shop(clock: FakeClock) -> Iterator[Shop]:
 
 
 def project(shop: Shop, *extra: str, **more: Any) -> override_settings:
-    """This module's views behind the middleware (and the example's ValueError → 400)."""
+    """This module's views behind the middleware, listed last as its page says (after
+    the example's ValueError → 400 and any ``extra`` middleware)."""
     return override_settings(
         **{
             "ROOT_URLCONF": __name__,
             "ALLOWED_HOSTS": ["testserver"],
-            "MIDDLEWARE": [MIDDLEWARE, *extra, "django_shop.BadValue"],
+            "MIDDLEWARE": [*extra, "django_shop.BadValue", MIDDLEWARE],  # statekit's last
             "STATEKIT_ENGINE": shop.engine,
             **more,
         }
@@ -197,6 +247,129 @@ def test_the_endpoints_come_before_csrf(shop: Shop) -> None:
         sid = open_tab(client)
         assert client.post("/statekit/close", sid, content_type="text/plain").status_code == 204
         assert post(client, "/api/cart", {"item": "Milk"}, headers=tab(sid)).status_code == 403
+
+
+OTHER_SITE = {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}
+
+
+def test_open_and_close_refuse_another_sites_page(shop: Shop) -> None:
+    """Another site's page cannot open a session in the visitor's browser, close one,
+    or choose one with a form field: ``open`` and ``close`` answer it ``403`` (they
+    come before CSRF, so they check this themselves), and its form's field is ignored.
+    ``STATEKIT_ALLOWED_ORIGINS`` lets in a front end served elsewhere. Fails if the
+    middleware does not pass the request's headers to the gate."""
+    closed: list[str] = []
+    shop.engine.on_close(lambda sid, reason: closed.append(sid))
+    with project(shop):
+        client = Client()
+        sid = open_tab(client)
+        assert client.post("/statekit/open", headers=OTHER_SITE).status_code == 403
+        only_origin = {"Origin": "https://evil.example"}
+        assert client.post("/statekit/open", headers=only_origin).status_code == 403
+        refused = client.post(
+            "/statekit/close", sid, content_type="text/plain", headers=OTHER_SITE
+        )
+        assert (refused.status_code, refused.json()["error"]) == (403, "cross_site")
+        assert closed == []
+        form = client.post("/form", {"statekit_session": sid, "item": "Milk"}, headers=OTHER_SITE)
+        assert (form.status_code, form.headers["X-Statekit-Session-Ended"]) == (409, "missing")
+        assert post(client, "/api/show", headers=tab(sid)).json()["cart"] == []
+        own = {"Sec-Fetch-Site": "same-origin", "Origin": "http://testserver"}
+        assert (
+            client.post("/statekit/close", sid, content_type="text/plain", headers=own).status_code
+            == 204
+        )
+        assert closed == [sid]
+    front = {"Sec-Fetch-Site": "same-site", "Origin": "https://app.example.com"}
+    with project(shop, STATEKIT_ALLOWED_ORIGINS=["https://app.example.com"]):
+        assert Client().post("/statekit/open", headers=front).status_code == 200
+        assert Client().post("/statekit/open", headers=OTHER_SITE).status_code == 403
+    with (
+        project(shop, STATEKIT_ALLOWED_ORIGINS="https://app.example.com"),
+        pytest.raises(ImproperlyConfigured, match=r"STATEKIT_ALLOWED_ORIGINS: .*list"),
+    ):
+        StateKitMiddleware(lambda request: HttpResponse())
+
+
+def test_the_script_is_answered_304_to_a_browser_that_has_it(client: Client) -> None:
+    """A page load revalidates the script (``no-cache``): the browser's copy is
+    answered ``304`` by its ETag. Fails if the request's headers are not passed."""
+    etag = client.get("/statekit/statekit.js").headers["ETag"]
+    again = client.get("/statekit/statekit.js", headers={"If-None-Match": etag})
+    assert (again.status_code, again.content, again.headers["ETag"]) == (304, b"", etag)
+
+
+def test_over_https_the_cookie_is_host_prefixed_and_its_response_private(
+    shop: Shop, client: Client
+) -> None:
+    """Over HTTPS the fallback cookie is ``__Host-statekit_session`` (``Secure``,
+    ``Path=/``, no domain: a sibling subdomain cannot plant one) and a plain
+    ``statekit_session`` cookie is not read; the response that sets it says
+    ``Cache-Control: private, no-store`` (replacing the view's own, which would let a
+    shared cache hand the cookie to others) and keeps the view's own cookies."""
+    planted = shop.engine.open_session()
+    client.cookies["statekit_session"] = planted
+    first = client.get("/cached", headers={"Accept": "text/html"}, secure=True)
+    assert first.status_code == 200
+    assert first.headers["Cache-Control"] == "private, no-store"
+    assert first.cookies["theme"].value == "dark"
+    ours = first.cookies["__Host-statekit_session"]
+    assert (ours["secure"], ours["path"], ours["domain"], ours["httponly"]) == (
+        True,
+        "/",
+        "",
+        True,
+    )
+    assert ours.value != planted  # the plain cookie was not taken over HTTPS
+    assert "statekit_session" not in first.cookies
+    again = client.get("/cached", headers={"Accept": "text/html"}, secure=True)
+    assert again.headers["Cache-Control"] == "public, max-age=600"  # it set nothing
+    assert "__Host-statekit_session" not in again.cookies
+    assert shop.engine.session_count() == 2  # the planted one and the browser's
+
+
+def test_a_view_that_reads_the_raw_body_keeps_it(shop: Shop) -> None:
+    """The form is read (``request.POST``) only when the session is asked for: a
+    ``csrf_exempt`` multipart webhook that reads ``request.body`` works (Django refuses
+    ``body`` once ``POST`` was read), and a view that reads the body first can still ask
+    for the session its form names. Fails if the middleware reads the form up front."""
+    with project(shop, "django.middleware.csrf.CsrfViewMiddleware"):
+        client = Client(enforce_csrf_checks=True, raise_request_exception=True)
+        fields = {"note": "x" * 100, "statekit_session": ""}
+        assert client.post("/hook", fields).json()["raw"] > 100  # multipart, no session
+        sid = open_tab(client)
+        answer = client.post("/hook-then-session", {"statekit_session": sid, "note": "y"})
+        assert answer.status_code == 200
+        assert answer.json()["raw"] > len(sid)
+        assert answer.json()["cart"] == ["Water"]
+
+
+def test_list_the_middleware_last_so_that_it_answers_first(shop: Shop, clock: FakeClock) -> None:
+    """Django calls ``process_exception`` from the last middleware listed to the first:
+    listed last, as its page says, statekit answers an ended session 409 before a
+    project middleware that answers every error; listed first, that middleware answers
+    it (500) and the page never learns its session ended. An error about another
+    session than the request's own is left to the project either way."""
+    catch_all = f"{__name__}.CatchAll"
+    with project(shop, catch_all):  # [CatchAll, BadValue, StateKitMiddleware]
+        client = Client()
+        sid = open_tab(client)
+        clock.advance(61)
+        ended = post(client, "/api/show", headers=tab(sid))
+        assert (ended.status_code, ended.headers["X-Statekit-Session-Ended"]) == (409, "idle")
+        mine = open_tab(client)
+        other = client.get("/other/" + "z" * 32, headers=tab(mine))
+        assert (other.status_code, other.json()) == (
+            500,
+            {"error": "caught", "type": "SessionNotFound"},
+        )
+    with project(shop, MIDDLEWARE=[MIDDLEWARE, catch_all]):  # listed first: too late
+        client = Client()
+        sid = open_tab(client)
+        clock.advance(61)
+        ended = post(client, "/api/show", headers=tab(sid))
+        assert ended.status_code == 500
+        assert "X-Statekit-Session-Ended" not in ended.headers
 
 
 def test_two_tabs_have_independent_carts(client: Client) -> None:
@@ -409,6 +582,7 @@ django.setup()
 from django.http import HttpResponse
 from django.test import Client
 from django.urls import path
+from django.views.decorators.csrf import csrf_exempt
 from statekit.integrations.django import visit_of
 
 def write(request):
@@ -452,7 +626,7 @@ def test_the_example_serves_the_shop() -> None:
     """The Django example: the page, a visit counter shared by every tab, a cart per
     tab, sign-in kept by the browser, a bad value answered 400 with its detail."""
     client = Client(HTTP_HOST="localhost")
-    assert client.get("/").content.decode() == PAGE
+    assert client.get("/").content.decode() == django_shop.DJANGO_PAGE
     assert client.post("/").status_code == 405
     one, two = open_tab(client), open_tab(client)
     first = post(client, "/api/visit", headers=tab(one)).json()["visits"]
@@ -477,8 +651,56 @@ def test_the_example_serves_the_shop() -> None:
     assert django_shop.shop.engine.exists(one)
 
 
+def test_the_example_keeps_csrf_on_and_its_page_sends_the_token() -> None:
+    """The example runs with ``CsrfViewMiddleware``, as a new Django project does: its
+    page is the shop's with a ``headers`` hook that sends the ``csrftoken`` cookie's
+    token as ``X-CSRFToken`` with every ``kit.fetch``, and the page sets that cookie.
+    The API is served with the token and refused (403) without it; ``open`` and
+    ``close`` need none (a beacon cannot send one) but refuse another site's page."""
+    client = Client(HTTP_HOST="localhost", enforce_csrf_checks=True)
+    page = client.get("/")
+    token = page.cookies["csrftoken"].value
+    hook = (
+        ' headers: () => ({ "X-CSRFToken": '
+        "(document.cookie.match(/(?:^|; )csrftoken=([^;]+)/) || [])[1] }),"
+    )
+    html = page.content.decode()
+    assert "StateKit.start({" + hook in html  # per request: a rotated token is read anew
+    assert html.replace(hook, "", 1) == PAGE  # otherwise the shop's page
+
+    sid = open_tab(client)  # no token
+    with_token = {**tab(sid), "X-CSRFToken": token}
+    counted = post(client, "/api/visit", headers=with_token)
+    assert counted.status_code == 200
+    assert post(client, "/api/visit", headers=tab(sid)).status_code == 403
+    added = post(client, "/api/cart", {"item": "Milk"}, headers=with_token)
+    assert added.json()["cart"] == ["Milk"]
+    assert post(client, "/api/cart", {"item": "Milk"}, headers=tab(sid)).status_code == 403
+    assert post(client, "/api/visit", headers=with_token).json()["cart"] == ["Milk"]
+
+    assert client.post("/statekit/open", headers=OTHER_SITE).status_code == 403
+    assert client.post("/statekit/close", sid, "text/plain", headers=OTHER_SITE).status_code == 403
+    assert django_shop.shop.engine.exists(sid)
+    assert client.post("/statekit/close", sid, content_type="text/plain").status_code == 204
+
+
+def test_the_example_counts_no_visit_for_an_ended_session() -> None:
+    """A page whose session the server no longer has (ended and deleted, or lost in a
+    restart) is answered 409 and is not counted as a visit. Fails if ``/api/visit``
+    increments before its event checks the session."""
+    client = Client(HTTP_HOST="localhost")
+    before = post(client, "/api/visit", headers=tab(open_tab(client))).json()["visits"]
+    for _ in range(3):
+        ended = post(client, "/api/visit", headers=tab("e" * 32))
+        assert (ended.status_code, ended.headers["X-Statekit-Session-Ended"]) == (409, "unknown")
+    after = post(client, "/api/visit", headers=tab(open_tab(client))).json()["visits"]
+    assert after == before + 1
+
+
 @pytest.mark.parametrize("preload", [False, True], ids=["import-per-worker", "preload"])
 def test_the_example_under_gunicorn_with_two_workers_on_redis(
     preload: bool, tmp_path: Path
 ) -> None:
-    run_shop_under_gunicorn("django_shop:application", preload=preload, tmp_path=tmp_path)
+    run_shop_under_gunicorn(
+        "django_shop:application", preload=preload, tmp_path=tmp_path, csrf=True
+    )

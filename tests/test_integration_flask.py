@@ -19,6 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -603,11 +604,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def call(port: int, path: str, sid: str | None = None, body: object = None) -> tuple[Any, str]:
-    """POST to the server: (JSON answer, worker pid)."""
+def call(
+    port: int,
+    path: str,
+    sid: str | None = None,
+    body: object = None,
+    extra: dict[str, str] | None = None,
+) -> tuple[Any, str]:
+    """POST to the server (with ``extra`` headers): (JSON answer, worker pid)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
     try:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **(extra or {})}
         if sid is not None:
             headers["X-Statekit-Session"] = sid
         connection.request("POST", path, json.dumps(body or {}), headers)
@@ -619,11 +626,28 @@ def call(port: int, path: str, sid: str | None = None, body: object = None) -> t
         connection.close()
 
 
-def run_shop_under_gunicorn(target: str, *, preload: bool, tmp_path: Path) -> None:
+def csrf_headers(port: int) -> dict[str, str]:
+    """Django's CSRF cookie, from the page, and the header its script sends."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+    try:
+        connection.request("GET", "/", headers={"Accept": "text/html"})
+        answer = connection.getresponse()
+        answer.read()
+        cookie = SimpleCookie(answer.getheader("Set-Cookie") or "")
+        token = cookie["csrftoken"].value
+        return {"Cookie": f"csrftoken={token}", "X-CSRFToken": token}
+    finally:
+        connection.close()
+
+
+def run_shop_under_gunicorn(
+    target: str, *, preload: bool, tmp_path: Path, csrf: bool = False
+) -> None:
     """Serve an example with gunicorn ``-w 2`` on a private Redis; two clients at once,
     each with its own session, 200 cart adds and 200 visits each. Every total must be
     exact, and each client's requests must have been served by both workers (a
-    session's state lives in Redis, not in a worker)."""
+    session's state lives in Redis, not in a worker). With ``csrf``, the clients send
+    Django's CSRF token, as the example's page does."""
     redis = RedisServer().start()
     port = free_port()
     errors = tmp_path / "gunicorn.err"
@@ -657,17 +681,19 @@ def run_shop_under_gunicorn(target: str, *, preload: bool, tmp_path: Path) -> No
 
         def client(number: int) -> None:
             try:
-                sid = call(port, "/statekit/open")[0]["sid"]
+                sid = call(port, "/statekit/open")[0]["sid"]  # no token: before CSRF
+                token = csrf_headers(port) if csrf else {}
                 pids: set[str] = set()
                 visits: list[int] = []
                 start.wait()
                 for i in range(actions):
-                    _, pid = call(port, "/api/cart", sid, {"item": ITEMS[(i + number) % 4]})
+                    item = {"item": ITEMS[(i + number) % 4]}
+                    _, pid = call(port, "/api/cart", sid, item, token)
                     pids.add(pid)
-                    data, pid = call(port, "/api/visit", sid)
+                    data, pid = call(port, "/api/visit", sid, extra=token)
                     pids.add(pid)
                     visits.append(data["visits"])
-                results[number] = {"sid": sid, "pids": pids, "visits": visits}
+                results[number] = {"sid": sid, "pids": pids, "visits": visits, "token": token}
             except BaseException as exc:
                 failures.append(exc)
 
@@ -682,7 +708,7 @@ def run_shop_under_gunicorn(target: str, *, preload: bool, tmp_path: Path) -> No
         assert time.monotonic() - began < 4 * WAIT
 
         for number, result in results.items():
-            final, _ = call(port, "/api/visit", result["sid"])
+            final, _ = call(port, "/api/visit", result["sid"], extra=result["token"])
             expected = [ITEMS[(i + number) % 4] for i in range(actions)]
             assert final["cart"] == expected  # every add kept, in order, in its own cart
             assert final["cart_size"] == actions  # the listener ran for each one

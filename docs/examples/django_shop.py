@@ -29,6 +29,7 @@ from django.conf import settings
 from django.core.wsgi import get_wsgi_application
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.urls import path
+from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.decorators.http import require_GET, require_POST
 from shop import PAGE, Shop
 
@@ -38,8 +39,21 @@ shop = Shop()
 settings.configure(
     ROOT_URLCONF=__name__,
     ALLOWED_HOSTS=["localhost", "127.0.0.1"],
-    MIDDLEWARE=["statekit.integrations.django.StateKitMiddleware", f"{__name__}.BadValue"],
+    MIDDLEWARE=[
+        "django.middleware.security.SecurityMiddleware",
+        "django.middleware.common.CommonMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",  # on, as in a new project
+        "django.middleware.clickjacking.XFrameOptionsMiddleware",
+        f"{__name__}.BadValue",
+        "statekit.integrations.django.StateKitMiddleware",  # last: it answers errors first
+    ],
     STATEKIT_ENGINE=shop.engine,
+)
+#: The shop's page, sending Django's CSRF token (from its cookie) with each kit.fetch.
+DJANGO_PAGE = PAGE.replace(
+    "StateKit.start({",
+    "StateKit.start({ headers: () => "
+    '({ "X-CSRFToken": (document.cookie.match(/(?:^|; )csrftoken=([^;]+)/) || [])[1] }),',
 )
 
 
@@ -70,14 +84,15 @@ def field(request: HttpRequest, name: str) -> object:
 
 
 @require_GET
+@ensure_csrf_cookie  # the page's script reads the token from this cookie
 def page(request: HttpRequest) -> HttpResponse:
-    return HttpResponse(PAGE)
+    return HttpResponse(DJANGO_PAGE)
 
 
 @require_POST
 def count_visit(request: HttpRequest) -> JsonResponse:
-    visits = shop.visits.increment()
-    with visit_of(request).event() as ev:
+    with visit_of(request).event() as ev:  # raises first when the tab's session has ended
+        visits = shop.visits.increment()
         return JsonResponse({**shop.show(ev), "visits": visits})
 
 

@@ -5,7 +5,7 @@ from settings alone (no urls to add).
 ::
 
     # settings.py
-    MIDDLEWARE = ["statekit.integrations.django.StateKitMiddleware", ...]
+    MIDDLEWARE = [..., "statekit.integrations.django.StateKitMiddleware"]  # last
     STATEKIT_ENGINE = "myshop.state.engine"  # dotted path, or the engine itself
 
     # views.py
@@ -24,23 +24,35 @@ Settings:
 - ``STATEKIT_PREFIX`` (default ``"/statekit"``): where statekit's endpoints live;
 - ``STATEKIT_COOKIE`` (default True): whether a page load with no session of its own
   may open one kept in a cookie (the fallback for pages without JavaScript: one
-  session per *browser*, every tab shares it).
+  session per *browser*, every tab shares it);
+- ``STATEKIT_ALLOWED_ORIGINS`` (default none): origins
+  (``"https://app.example.com"``) of pages served elsewhere that may open and close
+  sessions and name one in a form; by default only the project's own pages may.
+
+List the middleware **last** in ``MIDDLEWARE``: Django calls ``process_exception``
+from the last middleware listed to the first, and a view's exception reaches only that
+hook (Django turns it into a response inside ``get_response``), so a middleware listed
+after this one that answers every error would answer statekit's first.
 
 What the middleware does:
 
 - answers ``<prefix>/open``, ``<prefix>/close`` and ``<prefix>/statekit.js`` itself,
-  before any later middleware (so ``CsrfViewMiddleware`` does not see them: a close
-  beacon carries no CSRF token) and before URL resolution;
+  wherever it is listed, before URL resolution and before any ``process_view`` (so
+  ``CsrfViewMiddleware`` does not see them: a close beacon carries no CSRF token); it
+  refuses ``open`` and ``close`` sent by another site's page (``403``) instead;
 - sets ``request.statekit`` to the request's :class:`~statekit.web.Visit`
   (:func:`visit_of` reads it, typed): its session comes from the
   ``X-Statekit-Session`` header, else the ``statekit_session`` field of a posted form
-  (read from ``request.POST``, as ``CsrfViewMiddleware`` reads it), else (on a page
-  load, when the cookie is on) the fallback cookie;
-- adds the visit's headers (new browser tokens, the fallback cookie) to the response;
-- answers :class:`~statekit.SessionNotFound` (and its kinds) raised by a view with
-  ``409`` and ``X-Statekit-Session-Ended``, :class:`~statekit.SessionBusy` and
-  :class:`~statekit.StoreUnavailable` with ``503`` and ``Retry-After``
-  (``process_exception``), as :func:`statekit.web.answer_for` says;
+  (read from ``request.POST`` only when the session is asked for: a view that reads
+  ``request.body`` and never asks keeps it), else (on a page load, when the cookie is
+  on) the fallback cookie (``__Host-statekit_session`` over HTTPS);
+- adds the visit's headers to the response (new browser tokens; the fallback cookie,
+  through ``response.cookies``, with ``Cache-Control: private, no-store``);
+- answers :class:`~statekit.SessionNotFound` (and its kinds) about the request's own
+  session, raised by a view, with ``409`` and ``X-Statekit-Session-Ended``,
+  :class:`~statekit.SessionBusy` and :class:`~statekit.StoreUnavailable` with ``503``
+  and ``Retry-After`` (``process_exception``), as :func:`statekit.web.answer_for`
+  says;
 - shuts each engine down once when the process exits (``atexit``: a WSGI server has no
   shutdown signal for the app). An engine shut down before then is left alone.
 
@@ -54,7 +66,8 @@ import atexit
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -72,15 +85,17 @@ _CLOSE_BODY_MAX = 1024
 
 
 class StateKitMiddleware:
-    """statekit on a Django project; list it in ``MIDDLEWARE`` before the middleware
-    whose views use it (first is simplest).
+    """statekit on a Django project; list it last in ``MIDDLEWARE``, so that its
+    ``process_exception`` is the first Django calls (it calls them from the last
+    middleware listed to the first).
 
     Args:
         get_response: the next middleware or the view (Django passes it).
 
     Raises:
         ImproperlyConfigured: ``STATEKIT_ENGINE`` is missing or names no engine, or
-            ``STATEKIT_PREFIX`` is not a path like ``"/statekit"``.
+            ``STATEKIT_PREFIX`` is not a path like ``"/statekit"``, or
+            ``STATEKIT_ALLOWED_ORIGINS`` is a string rather than a list.
     """
 
     sync_capable = True
@@ -94,9 +109,12 @@ class StateKitMiddleware:
                 engine,
                 prefix=getattr(settings, "STATEKIT_PREFIX", PREFIX),
                 cookie=bool(getattr(settings, "STATEKIT_COOKIE", True)),
+                allowed_origins=getattr(settings, "STATEKIT_ALLOWED_ORIGINS", ()),
             )
         except ValueError as exc:
             raise ImproperlyConfigured(f"STATEKIT_PREFIX: {exc}") from None
+        except TypeError as exc:
+            raise ImproperlyConfigured(f"STATEKIT_ALLOWED_ORIGINS: {exc}") from None
         _shut_at_exit(engine)
 
     def __repr__(self) -> str:
@@ -107,26 +125,33 @@ class StateKitMiddleware:
         endpoint = self.gate.endpoint(request.path_info)
         if endpoint is not None:
             body = request.read(_CLOSE_BODY_MAX) if endpoint == "close" else b""
-            answer = self.gate.serve(method, request.path_info, body)
+            answer = self.gate.serve(method, request.path_info, body, request.headers)
             assert answer is not None  # the path is one of the gate's
             return _response(answer)
+
+        def form() -> Mapping[str, Any] | None:  # read when the session is asked for
+            return request.POST if method == "POST" and request.content_type in _FORMS else None
+
         made = self.gate.visit(
-            method, request.headers, cookies=request.COOKIES, secure=request.is_secure()
+            method,
+            request.headers,
+            cookies=request.COOKIES,  # the gate reads gate.cookie_name_for(secure)
+            form=form,
+            secure=request.is_secure(),
         )
-        if made.wants_form and method == "POST" and request.content_type in _FORMS:
-            made.use_form(request.POST)
         request.statekit = made  # type: ignore[attr-defined]
         response = self.get_response(request)
         for name, value in made.response_headers():
             if name.lower() == "set-cookie":
-                response.cookies.load(value)
-            else:
+                response.cookies.load(value)  # Django sends response.cookies itself
+            else:  # one value: Cache-Control replaces a view's (a cookie is private)
                 response[name] = value
         return response
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
-        """The answer to an error a view raised that statekit answers (an ended
-        session, a busy session, an unavailable store), or None for Django to handle."""
+        """The answer to an error a view raised that statekit answers (this request's
+        session ended, a busy session, an unavailable store), or None for Django (and
+        the middleware listed before this one) to handle."""
         made = getattr(request, "statekit", None)
         if not isinstance(made, Visit):
             return None
@@ -139,8 +164,9 @@ def visit_of(request: HttpRequest) -> Visit:
 
     Raises:
         RuntimeError: the request did not pass through :class:`StateKitMiddleware`
-            (it is not in ``MIDDLEWARE``, or comes after the middleware that calls
-            this).
+            (it is not in ``MIDDLEWARE``, or a middleware listed before it asks in its
+            ``__call__`` before calling ``get_response``: ask in ``process_view``,
+            which Django calls once every middleware has seen the request).
 
     Example::
 
@@ -152,8 +178,8 @@ def visit_of(request: HttpRequest) -> Visit:
     if not isinstance(made, Visit):
         raise RuntimeError(
             "this request has no statekit visit: add "
-            "'statekit.integrations.django.StateKitMiddleware' to MIDDLEWARE (before "
-            "the middleware that uses it)"
+            "'statekit.integrations.django.StateKitMiddleware' to MIDDLEWARE (last; "
+            "a middleware asks for the visit in process_view, not before get_response)"
         )
     return made
 
