@@ -27,6 +27,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import Depends, Request
+from starlette.types import Message
 
 from statekit import web
 from statekit.integrations.asgi import visit_of
@@ -68,12 +69,15 @@ async def statekit_visit(request: Request) -> web.Visit:
 
 
 async def _form(request: Request) -> Mapping[str, Any] | None:
-    """The request's form fields, if it is a form of at most 1 MiB (by its
-    Content-Length, checked before anything is read). The body is read with
-    ``request.body()``, which Starlette keeps for the handler; the form is parsed from
-    it with Starlette's parser when python-multipart is installed (which keeps the form
-    for the handler too), else an urlencoded form is parsed with the standard library.
-    A body the handler already consumed as a stream reads as no form."""
+    """The request's form fields (only its session field, for a multipart form), if it
+    is a form of at most 1 MiB by its Content-Length, checked before anything is read.
+
+    The body is read with ``request.body()``, which Starlette keeps, so the handler
+    reads it again (``request.body()``, ``request.stream()``, ``request.form()``). An
+    urlencoded form is parsed with the standard library; a multipart form, with
+    Starlette's parser (python-multipart), over a copy of the request whose files are
+    closed at once. A form FastAPI already parsed for the handler's ``Form`` fields is
+    used as it is; a body the handler consumed as a stream reads as no form."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in ("application/x-www-form-urlencoded", "multipart/form-data"):
         return None
@@ -83,16 +87,24 @@ async def _form(request: Request) -> Mapping[str, Any] | None:
     multipart = find_spec("python_multipart") is not None
     try:
         body = await request.body()
-    except RuntimeError:  # consumed as a stream: only a form parsed already is left
-        body = None
-    if multipart:
+    except RuntimeError:  # consumed: a form FastAPI parsed (and closes) is kept, or none
+        if not multipart:
+            return None
         try:
-            return await request.form()  # parsed from the body kept above, or kept
+            return await request.form()
         except RuntimeError:
             return None
-    if body is None or kind != "application/x-www-form-urlencoded":
+    if kind == "application/x-www-form-urlencoded":
+        return dict(parse_qsl(body[:_MAX_FORM_BYTES].decode("latin-1"), keep_blank_values=True))
+    if not multipart:
         return None
-    return dict(parse_qsl(body[:_MAX_FORM_BYTES].decode("latin-1"), keep_blank_values=True))
+
+    async def replay() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async with Request(request.scope, replay).form() as form:
+        value = form.get(web.SESSION_FIELD)
+    return {web.SESSION_FIELD: value} if isinstance(value, str) else {}
 
 
 #: A handler's parameter for the request's visit: ``async def add(visit: CurrentVisit)``.
