@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import weakref
@@ -33,7 +34,15 @@ from statekit.testing import FakeClock
 from statekit.web import script
 
 from .conftest import declared
-from .test_integration_flask import EXAMPLES, ROOT, SECRET, WAIT, run_shop_under_gunicorn
+from .test_integration_flask import (
+    EXAMPLES,
+    ROOT,
+    SECRET,
+    WAIT,
+    free_port,
+    run_shop_under_gunicorn,
+    wait_for_port,
+)
 
 sys.path.insert(0, str(EXAMPLES))
 
@@ -44,6 +53,15 @@ with pytest.MonkeyPatch.context() as _env:
 from shop import PAGE, Shop
 
 MIDDLEWARE = "statekit.integrations.django.StateKitMiddleware"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 #: The shop of the running test (the views below serve it).
 CURRENT: dict[str, Shop] = {}
 
@@ -695,6 +713,60 @@ def test_the_example_counts_no_visit_for_an_ended_session() -> None:
         assert (ended.status_code, ended.headers["X-Statekit-Session-Ended"]) == (409, "unknown")
     after = post(client, "/api/visit", headers=tab(open_tab(client))).json()["visits"]
     assert after == before + 1
+
+
+def test_the_example_page_works_in_chromium_with_csrf_enforced(tmp_path: Path) -> None:
+    """The example's page in a real browser against the example served by gunicorn,
+    CSRF on: the page's first visit, a cart addition and a sign-in all succeed (each a
+    ``kit.fetch`` POST that Django refuses without the token). Fails if the page's
+    ``headers`` hook is missing or the script does not send what it returns."""
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    errors = tmp_path / "gunicorn.err"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STATEKIT_SECRETS": SECRET}
+    for name in ("STATEKIT_REDIS_URL", "STATEKIT_SQLITE_PATH"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "gunicorn", "--workers", "1", "--chdir", str(EXAMPLES)]
+    command += ["--bind", f"127.0.0.1:{port}", "--no-control-socket", "django_shop:application"]
+    with errors.open("wb") as err:
+        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_for_port(port, server, errors)
+        if not Path(CHROMIUM).exists():
+            raise RuntimeError("Chromium is not installed (Debian: apt-get install -y chromium)")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            try:
+                page = browser.new_context().new_page()
+                page.set_default_timeout(WAIT * 1000 / 3)
+                failed: list[str] = []
+                page.on("pageerror", lambda exc: failed.append(str(exc)))
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.wait_for_selector("body[data-ready=yes]")
+                assert page.text_content("#error") == ""
+                assert (page.text_content("#visits") or "").isdigit()
+                page.click("button[data-item=Milk]")
+                page.wait_for_function("document.getElementById('cart-size').textContent === '1'")
+                page.fill("#name", "ann")
+                page.click("#login")
+                page.wait_for_function("document.getElementById('user').textContent === 'ann'")
+                assert (page.text_content("#cart"), page.text_content("#error")) == (
+                    '["Milk"]',
+                    "",
+                )
+                assert failed == []
+            finally:
+                browser.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=WAIT)
+    log = errors.read_text()
+    assert "Traceback" not in log, log
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["import-per-worker", "preload"])

@@ -626,6 +626,19 @@ def call(
         connection.close()
 
 
+def wait_for_port(port: int, server: subprocess.Popen[bytes], errors: Path) -> None:
+    """Wait (bounded) until the server listens; fail with its errors if it exited."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert server.poll() is None, errors.read_text()
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+
 def csrf_headers(port: int) -> dict[str, str]:
     """Django's CSRF cookie, from the page, and the header its script sends."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
@@ -664,15 +677,7 @@ def run_shop_under_gunicorn(
     with errors.open("wb") as err:
         server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.monotonic() + WAIT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None, errors.read_text()
-                assert time.monotonic() < deadline, "gunicorn did not start"
-                time.sleep(0.05)
+        wait_for_port(port, server, errors)
 
         actions = 200
         start = threading.Barrier(2, timeout=WAIT)
