@@ -20,6 +20,7 @@ from statekit import (
     SessionState,
     StateEngine,
     StoreUnavailable,
+    UsageError,
     web,
 )
 from statekit.exceptions import SessionCorrupt
@@ -454,3 +455,269 @@ def test_a_closed_sessions_missing_object_is_answered_as_an_ended_session() -> N
     assert closed.headers[web.ENDED_HEADER] == "closed"
     assert json.loads(closed.body)["reason"] == "closed"
     assert web.answer_for(SessionNotInitialized("counter", "a" * 32)) is None
+
+
+# -- another site's page ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "refused"),
+    [
+        ({"Sec-Fetch-Site": "cross-site"}, True),
+        ({"Sec-Fetch-Site": "same-site"}, True),  # a sibling subdomain's page
+        ({"Sec-Fetch-Site": "same-origin"}, False),
+        ({"Sec-Fetch-Site": "none"}, False),  # typed by the user
+        ({"Sec-Fetch-Site": "Same-Origin", "Origin": "https://evil.example"}, False),
+        ({"Origin": "https://evil.example", "Host": "shop.example"}, True),
+        ({"Origin": "https://shop.example", "Host": "shop.example"}, False),
+        ({"Origin": "http://shop.example:8000", "Host": "shop.example:8000"}, False),
+        ({"Origin": "https://shop.example:8443", "Host": "shop.example"}, True),
+        ({"Origin": "https://shop.example"}, True),  # no Host to match
+        ({"Origin": "null", "Host": "shop.example"}, True),  # a sandboxed frame
+        ({}, False),  # not a browser (curl, a test client)
+    ],
+    ids=repr,
+)
+def test_another_sites_page_cannot_open_or_close_a_session(
+    gate: web.SessionGate, engine: StateEngine, headers: dict[str, str], refused: bool
+) -> None:
+    """A browser says which site's page sent a request (``Sec-Fetch-Site``, else
+    ``Origin`` against ``Host``): another site's page may not open sessions (to fill the
+    store and evict real tabs) nor close a tab's by its id. A gate that did not look
+    would answer 200/204 and close the session here."""
+    sid = engine.open_session()
+    for serve in (gate.serve, lambda *a: asyncio.run(gate.aserve(*a))):
+        opened = serve("POST", "/statekit/open", b"", headers)
+        closed = serve("POST", "/statekit/close", sid.encode(), headers)
+        assert opened is not None
+        assert closed is not None
+        if refused:
+            assert (opened.status, closed.status) == (403, 403)
+            assert body(opened)["error"] == "cross_site"
+        else:
+            assert (opened.status, closed.status) == (200, 204)
+    assert engine.close_session(sid) is refused  # still open only if refused
+    assert engine.session_count() == (1 if refused else 3)
+    script = gate.serve("GET", "/statekit/statekit.js", b"", headers)
+    assert script is not None
+    assert script.status == 200  # a script may be loaded by any page
+
+
+def test_allowed_origins_let_a_front_end_served_elsewhere_in(engine: StateEngine) -> None:
+    """A front end on another origin is let in when listed (any case, a trailing slash
+    ignored); any other origin is still refused."""
+    gate = web.SessionGate(engine, allowed_origins=["https://APP.example.com/"])
+    front = {"Origin": "https://app.example.com", "Sec-Fetch-Site": "same-site"}
+    other = {"Origin": "https://blog.example.com", "Sec-Fetch-Site": "same-site"}
+    allowed = gate.serve("POST", "/statekit/open", b"", front)
+    assert allowed is not None
+    assert allowed.status == 200
+    assert gate.serve("POST", "/statekit/open", b"", other).status == 403  # type: ignore[union-attr]
+    assert not gate.cross_site(front)
+    assert web.is_cross_site(front)  # without the gate's list
+    with pytest.raises(TypeError, match="allowed_origins"):
+        web.SessionGate(engine, allowed_origins="https://app.example.com")
+
+
+def test_a_form_another_site_posts_cannot_name_the_session(gate: web.SessionGate) -> None:
+    """Another site's form naming a tab's session (learned somehow) is not run in it:
+    its field is ignored, and a form loader is not even called."""
+    cross = {"Sec-Fetch-Site": "cross-site"}
+    visit = gate.visit("POST", cross)
+    assert visit.cross_site
+    visit.use_form({web.SESSION_FIELD: "tab"})
+    with pytest.raises(SessionNotFound):
+        visit.session()
+    calls: list[str] = []
+    lazy = gate.visit("POST", cross, form=lambda: calls.append("read") or {})  # type: ignore[func-returns-value]
+    with pytest.raises(SessionNotFound):
+        lazy.session()
+    assert calls == []
+
+
+def test_a_close_the_store_cannot_take_is_204_and_logged(
+    gate: web.SessionGate,
+    engine: StateEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A close beacon cannot act on an answer: with the store down, the close is still
+    ``204`` (not a 500 in the server's log for every tab closed) and a warning says the
+    close was not recorded."""
+
+    def down(sid: str) -> bool:
+        raise StoreUnavailable("redis", "connection refused")
+
+    async def adown(sid: str) -> bool:
+        raise StoreUnavailable("redis", "connection refused")
+
+    monkeypatch.setattr(engine, "close_session", down)
+    monkeypatch.setattr(engine, "aclose_session", adown)
+    sid = "s" * 32
+    sync = gate.serve("POST", "/statekit/close", sid.encode())
+    asynchronous = asyncio.run(gate.aserve("POST", "/statekit/close", sid.encode()))
+    assert sync is not None
+    assert asynchronous is not None
+    assert (sync.status, asynchronous.status) == (204, 204)
+    warnings = [r for r in caplog.records if "close was not recorded" in r.getMessage()]
+    assert len(warnings) == 2
+    assert all(r.levelname == "WARNING" for r in warnings)
+
+
+def test_the_script_is_answered_304_to_a_browser_that_has_it(gate: web.SessionGate) -> None:
+    """The script carries an ETag; a browser that sends it back (alone or in a list) is
+    told its copy is current, without the bytes; another tag gets the script."""
+    first = gate.serve("GET", "/statekit/statekit.js")
+    assert first is not None
+    etag = first.headers["ETag"]
+    assert first.headers["Cache-Control"] == "no-cache"  # revalidated on every load
+    for sent in (etag, f'"old", {etag}'):
+        again = asyncio.run(
+            gate.aserve("GET", "/statekit/statekit.js", b"", {"If-None-Match": sent})
+        )
+        assert again is not None
+        assert (again.status, again.body, again.headers["ETag"]) == (304, b"", etag)
+    other = gate.serve("GET", "/statekit/statekit.js", b"", {"if-none-match": '"old"'})
+    assert other is not None
+    assert (other.status, other.body) == (200, web.script())
+
+
+# -- the form, read only when asked for -------------------------------------------------
+
+
+def test_a_form_loader_is_called_only_when_the_session_is_asked_for(
+    gate: web.SessionGate,
+) -> None:
+    """A handler that never asks for its session keeps its body unread: the loader is
+    called on the first ``session()``, once."""
+    calls: list[str] = []
+
+    def load() -> dict[str, str]:
+        calls.append("read")
+        return {web.SESSION_FIELD: "from-form"}
+
+    visit = gate.visit("POST", {}, form=load)
+    assert calls == []
+    assert visit.wants_form
+    assert (visit.session(), visit.incoming.source) == ("from-form", "field")
+    assert visit.session() == "from-form"
+    assert calls == ["read"]
+    given = gate.visit("POST", {}, form={web.SESSION_FIELD: "mapped"})  # a mapping too
+    assert given.session() == "mapped"
+
+
+def test_an_async_form_loader_is_awaited_by_asession(gate: web.SessionGate) -> None:
+    calls: list[str] = []
+
+    async def load() -> dict[str, str]:
+        calls.append("read")
+        return {web.SESSION_FIELD: "from-form"}
+
+    visit = gate.visit("POST", {}, form=load)
+    assert calls == []
+    assert asyncio.run(visit.asession()) == "from-form"
+    assert calls == ["read"]
+    nothing = gate.visit("POST", {}, form=lambda: None)
+    with pytest.raises(SessionNotFound):
+        asyncio.run(nothing.asession())
+
+
+def test_an_async_form_loader_in_blocking_code_is_a_usage_error(gate: web.SessionGate) -> None:
+    """``session()`` cannot await: it says to use ``asession()``, and the loader's
+    coroutine is closed (no "never awaited" warning, an error under pytest here)."""
+
+    async def load() -> dict[str, str]:
+        return {web.SESSION_FIELD: "from-form"}  # pragma: no cover
+
+    visit = gate.visit("POST", {}, form=load)
+    with pytest.raises(UsageError, match="asession"):
+        visit.session()
+
+
+def test_a_form_loader_is_never_called_when_a_header_names_the_session(
+    gate: web.SessionGate,
+) -> None:
+    def load() -> dict[str, str]:
+        raise AssertionError("the form was read")
+
+    async def aload() -> dict[str, str]:
+        raise AssertionError("the form was read")
+
+    assert gate.visit("POST", {"X-Statekit-Session": "tab"}, form=load).session() == "tab"
+    tab = gate.visit("POST", {"X-Statekit-Session": "tab"}, form=aload)
+    assert tab.session() == "tab"  # no UsageError either: nothing to await
+    assert asyncio.run(tab.asession()) == "tab"
+
+
+# -- a websocket's query ----------------------------------------------------------------
+
+
+def test_the_query_names_the_session_only_when_given(gate: web.SessionGate) -> None:
+    """A websocket handshake names its session in the ``statekit_session`` query
+    parameter, which an integration passes for websockets only; a header still wins,
+    and the query wins over the cookie."""
+    query = {web.SESSION_QUERY: "q"}
+    ws = gate.visit("GET", {}, query=query, cookies={web.SESSION_COOKIE: "c"})
+    assert (ws.incoming.sid, ws.incoming.source) == ("q", "query")
+    assert not ws.wants_form
+    assert gate.visit("GET", {"X-Statekit-Session": "h"}, query=query).incoming.sid == "h"
+    assert gate.visit("GET", {}).incoming.sid is None  # no query given: none read
+    for bad in ({web.SESSION_QUERY: ["q"]}, {web.SESSION_QUERY: ""}, "statekit_session=q"):
+        assert gate.visit("GET", {}, query=bad).incoming.sid is None  # type: ignore[arg-type]
+
+
+# -- the fallback cookie over HTTPS -----------------------------------------------------
+
+
+def test_over_https_the_fallback_cookie_is_host_prefixed(
+    gate: web.SessionGate, engine: StateEngine
+) -> None:
+    """Over HTTPS the cookie is ``__Host-statekit_session``: Secure, Path=/, no Domain,
+    so a sibling subdomain cannot set it (and plant its session in this site's
+    pages)."""
+    assert gate.cookie_name_for(True) == "__Host-statekit_session"
+    assert gate.cookie_name_for(False) == "statekit_session"
+    visit = gate.visit("GET", PAGE_LOAD, secure=True)
+    sid = visit.session()
+    cookie = dict(visit.response_headers())["Set-Cookie"]
+    assert cookie.startswith(f"__Host-statekit_session={sid};")
+    assert "Secure" in cookie
+    assert "Path=/" in cookie
+    assert "Domain" not in cookie
+    kept = gate.visit("GET", PAGE_LOAD, cookies={"__Host-statekit_session": sid}, secure=True)
+    assert kept.session() == sid
+    assert kept.response_headers() == []
+    plain = gate.visit("GET", PAGE_LOAD, cookies={"statekit_session": sid}, secure=True)
+    assert plain.session() != sid  # an unprefixed cookie is not read over HTTPS
+    assert engine.session_count() == 2
+
+
+# -- errors about another session -------------------------------------------------------
+
+
+def test_a_visit_answers_only_errors_about_its_own_session(
+    gate: web.SessionGate, engine: StateEngine
+) -> None:
+    """A handler that looks up another session (an admin page, a shared cart) and
+    finds it ended gets its own error to handle: telling this page that *its* session
+    ended (409) would make statekit.js reload a tab whose session is fine."""
+    sid, other = "a" * 32, "b" * 32
+    visit = gate.visit("POST", {"X-Statekit-Session": sid})
+    for exc in (
+        SessionNotFound(other),
+        SessionExpired(other, "idle"),
+        SessionNotInitialized("cart", other, closed=True),
+    ):
+        assert visit.answer(exc) is None, exc
+    for exc in (
+        SessionNotFound(sid),
+        SessionExpired(sid, "idle"),
+        SessionNotInitialized("cart", sid, closed=True),
+        SessionNotFound(None, "no session"),
+    ):
+        answer = visit.answer(exc)
+        assert answer is not None, exc
+        assert answer.status == 409
+    down = visit.answer(StoreUnavailable("redis", "refused"))
+    assert down is not None
+    assert down.status == 503  # the store is everyone's
