@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import sys
 import threading
 from collections.abc import Coroutine, Iterator
@@ -22,7 +23,7 @@ from statekit.testing import Browser, FakeClock, TransportAnswer
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-from aiohttp_shop import make_app  # noqa: E402
+from aiohttp_shop import VISIT, make_app  # noqa: E402
 from shop import Shop  # noqa: E402
 
 SECRET = "aiohttp-example-secret-" + "a" * 20
@@ -74,11 +75,13 @@ def new_shop(secret: str = SECRET) -> Shop:
 
 @pytest.fixture
 def serve() -> Iterator[Any]:
-    """Starts the example's app over a shop; every app started is stopped after the test."""
+    """Starts the example's app over a shop (or an app made by ``make_app``); every app
+    started is stopped after the test."""
     started: list[AiohttpTransport] = []
 
-    def start(shop: Shop) -> AiohttpTransport:
-        started.append(AiohttpTransport(make_app(shop)))
+    def start(shop_or_app: Shop | aio.Application) -> AiohttpTransport:
+        app = shop_or_app if isinstance(shop_or_app, aio.Application) else make_app(shop_or_app)
+        started.append(AiohttpTransport(app))
         return started[-1]
 
     yield start
@@ -181,3 +184,76 @@ def test_the_docs_show_the_adapter_as_it_is() -> None:
         if line.strip():
             assert line in example[at:], f"not in the example (in order): {line!r}"
             at = example.index(line, at) + 1
+
+
+def send(
+    transport: AiohttpTransport, method: str, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, Any, bytes]:
+    """One request, its redirects not followed: (status, headers, body)."""
+
+    async def go() -> tuple[int, Any, bytes]:
+        async with transport.client.request(
+            method, url, headers=headers or {}, allow_redirects=False
+        ) as answer:
+            return answer.status, answer.headers.copy(), await answer.read()
+
+    return transport.run(go())
+
+
+def test_the_visits_headers_go_out_on_a_raised_redirect(serve: Any) -> None:
+    """aiohttp's redirects are raised (``HTTPFound``) yet sent as responses: a login
+    that redirects still sends the new browser token, and a plain page that opened the
+    fallback cookie session still sets its cookie. An adapter that added its headers
+    only to returned responses loses both here."""
+    shop = new_shop()
+    app = make_app(shop)
+
+    async def login_and_go(request: aio.Request) -> aio.Response:
+        async with request[VISIT].aevent() as ev:
+            shop.login(ev, "ann")
+        raise aio.HTTPFound("/")
+
+    async def plain_page(request: aio.Request) -> aio.Response:
+        await request[VISIT].asession()  # a page without statekit.js: the cookie session
+        raise aio.HTTPFound("/")
+
+    app.router.add_post("/login-and-go", login_and_go)
+    app.router.add_get("/plain", plain_page)
+    transport = serve(app)
+    sid = json.loads(send(transport, "POST", "/statekit/open")[2])["sid"]
+    status, headers, _ = send(transport, "POST", "/login-and-go", {"X-Statekit-Session": sid})
+    assert status == 302
+    assert set(json.loads(headers["X-Statekit-Browser-Set"])) == {"login"}
+    status, headers, _ = send(transport, "GET", "/plain", {"Accept": "text/html"})
+    assert status == 302
+    assert headers["Set-Cookie"].startswith("statekit_session=")
+
+
+def test_the_gate_sees_the_requests_headers(serve: Any) -> None:
+    """The adapter hands the gate the request's headers: another site's page cannot
+    open a session (403), and a browser that has the script is answered 304."""
+    transport = serve(new_shop())
+    status, _, body = send(transport, "POST", "/statekit/open", {"Sec-Fetch-Site": "cross-site"})
+    assert (status, json.loads(body)["error"]) == (403, "cross_site")
+    status, headers, _ = send(transport, "GET", "/statekit/statekit.js")
+    assert status == 200
+    status, _, body = send(
+        transport, "GET", "/statekit/statekit.js", {"If-None-Match": headers["ETag"]}
+    )
+    assert (status, body) == (304, b"")
+
+
+def test_a_request_whose_session_ended_counts_no_visit(serve: Any) -> None:
+    """The shop counts a visit inside its event, once the session was checked: a tab
+    idle past its ttl, or a request naming no session, is answered 409 and adds nothing
+    to the counter. Counting before the event would make the last visit 3, not 1."""
+    clock = FakeClock()
+    transport = serve(Shop(StateEngine(clock=clock, idle_ttl=60), KEYS))
+    idle = json.loads(send(transport, "POST", "/statekit/open")[2])["sid"]
+    clock.advance(61)
+    status, headers, _ = send(transport, "POST", "/api/visit", {"X-Statekit-Session": idle})
+    assert (status, headers["X-Statekit-Session-Ended"]) == (409, "idle")
+    assert send(transport, "POST", "/api/visit")[0] == 409
+    live = json.loads(send(transport, "POST", "/statekit/open")[2])["sid"]
+    _, _, body = send(transport, "POST", "/api/visit", {"X-Statekit-Session": live})
+    assert json.loads(body)["visits"] == 1

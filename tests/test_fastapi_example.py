@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from starlette.testclient import TestClient
 
 from statekit import BrowserKeys, StateEngine
-from statekit.testing import Browser, RedisServer
+from statekit.testing import Browser, FakeClock, RedisServer
 
 if TYPE_CHECKING:
     from shop import Shop
@@ -321,3 +322,41 @@ def test_the_script_serves_the_shop_on_the_port_it_is_given(tmp_path: Path) -> N
             assert added.json()["cart"] == ["Milk"]
     finally:
         stop(server)
+
+
+def test_a_request_whose_session_ended_counts_no_visit(example: Any) -> None:
+    """The shop counts a visit inside its event, once the session was checked: a tab
+    idle past its ttl, or a request naming no session, is answered 409 and adds nothing
+    to the counter. Counting before the event would make the last visit 3, not 1."""
+    clock = FakeClock()
+    shop_module = importlib.import_module("shop")
+    engine = StateEngine(app="shop", clock=clock, idle_ttl=60)
+    with TestClient(example.build_app(shop_module.Shop(engine, BrowserKeys([SECRET])))) as c:
+        idle = c.post("/statekit/open").json()["sid"]
+        clock.advance(61)
+        gone = c.post("/api/visit", headers={"X-Statekit-Session": idle})
+        assert (gone.status_code, gone.headers["x-statekit-session-ended"]) == (409, "idle")
+        assert c.post("/api/visit").status_code == 409
+        live = c.post("/statekit/open").json()["sid"]
+        counted = c.post("/api/visit", headers={"X-Statekit-Session": live})
+        assert counted.json()["visits"] == 1
+
+
+def test_the_shop_answers_an_ended_session_409_despite_an_apps_keyerror_handler(
+    example: Any, shop: Shop
+) -> None:
+    """The example wires statekit with ``install``: a handler of the app's own for
+    ``KeyError`` (which ``SessionNotFound`` is) does not turn an ended session into its
+    404."""
+    app: FastAPI = example.build_app(shop)
+
+    async def not_found(request: Any, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "not found"}, status_code=404)
+
+    app.add_exception_handler(KeyError, not_found)
+    with TestClient(app) as c:
+        unknown = c.post("/api/visit", headers={"X-Statekit-Session": "gone-" + "x" * 27})
+        assert (unknown.status_code, unknown.headers["x-statekit-session-ended"]) == (
+            409,
+            "unknown",
+        )

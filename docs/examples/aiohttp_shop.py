@@ -23,6 +23,12 @@ from statekit import web
 VISIT = aio.RequestKey("statekit", web.Visit)
 
 
+def add_headers(response: aio.StreamResponse, visit: web.Visit) -> None:
+    """Add the visit's headers to a response: new browser tokens, a fallback cookie."""
+    for name, value in visit.response_headers():
+        response.headers.add(name, value)  # add: a Set-Cookie of the app's is kept
+
+
 def make_app(shop: Shop) -> aio.Application:
     """The shop's aiohttp app, its requests in statekit's sessions."""
     gate = web.SessionGate(shop.engine)  # one per app: statekit's endpoints, visits
@@ -33,7 +39,7 @@ def make_app(shop: Shop) -> aio.Application:
     @aio.middleware
     async def statekit(request: aio.Request, handler: Handler) -> aio.StreamResponse:
         body = await request.read() if gate.endpoint(request.path) == "close" else b""
-        served = await gate.aserve(request.method, request.path, body)
+        served = await gate.aserve(request.method, request.path, body, request.headers)
         if served is not None:  # statekit's endpoints: open, close, statekit.js
             return reply(served)
         visit = gate.visit(
@@ -42,13 +48,15 @@ def make_app(shop: Shop) -> aio.Application:
         request[VISIT] = visit  # what the handlers open their events on
         try:
             response = await handler(request)
+        except aio.HTTPException as exc:  # a redirect or an error page, raised: sent too
+            add_headers(exc, visit)
+            raise
         except Exception as exc:
             answer = visit.answer(exc)  # an ended session: 409; busy: 503; else None
             if answer is None:
                 raise
             return reply(answer)
-        for name, value in visit.response_headers():  # new browser tokens, a cookie
-            response.headers.add(name, value)
+        add_headers(response, visit)
         return response
 
     async def shut_down(app: aio.Application) -> None:
@@ -85,8 +93,8 @@ def routes(shop: Shop) -> aio.RouteTableDef:
 
     @table.post("/api/visit")
     async def count_visit(request: aio.Request) -> aio.Response:
-        visits = await shop.visits.aincrement()
-        async with request[VISIT].aevent() as ev:
+        async with request[VISIT].aevent() as ev:  # the session is checked first
+            visits = await shop.visits.aincrement()
             return aio.json_response({**shop.show(ev), "visits": visits})
 
     @table.post("/api/cart")

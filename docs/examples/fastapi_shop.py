@@ -27,7 +27,7 @@ from fastapi import Body, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from shop import PAGE, Shop
 
-from statekit.integrations.asgi import StateKitMiddleware
+from statekit.integrations.asgi import install
 from statekit.integrations.fastapi import CurrentVisit
 
 #: A field of the request's JSON object (None when absent).
@@ -38,7 +38,7 @@ def build_app(shop: Shop | None = None) -> FastAPI:
     """The shop's app, over ``shop`` (a new :class:`shop.Shop` by default)."""
     shop = shop or Shop()
     app = FastAPI(title="statekit shop")
-    app.add_middleware(StateKitMiddleware, engine=shop.engine)
+    install(app, shop.engine)  # statekit's middleware and its error answers
 
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, exc: ValueError) -> JSONResponse:
@@ -50,8 +50,8 @@ def build_app(shop: Shop | None = None) -> FastAPI:
 
     @app.post("/api/visit")
     async def count_visit(visit: CurrentVisit) -> dict[str, Any]:
-        visits = await shop.visits.aincrement()
-        async with visit.aevent() as ev:
+        async with visit.aevent() as ev:  # the session is checked first
+            visits = await shop.visits.aincrement()
             return {**shop.show(ev), "visits": visits}
 
     @app.post("/api/cart")
