@@ -159,15 +159,20 @@ class StateKitMiddleware:
     Per ``http`` request: statekit's endpoints are answered here (with
     :meth:`SessionGate.aserve <statekit.web.SessionGate.aserve>`; only the close
     endpoint's body is read, at most 1 KiB); any other request gets a
-    :class:`~statekit.web.Visit`, kept in ``scope["statekit"]`` and
-    ``scope["state"]["statekit"]`` (``request.state.statekit``), whose headers are
-    added when the response starts. An exception the app raises that
+    :class:`~statekit.web.Visit`, kept in the request's own ``scope["statekit"]`` and
+    ``scope["state"]["statekit"]`` (``request.state.statekit``; not in copies, so what
+    the app writes in its scope and state is seen by middleware around it), whose
+    headers are added when the response starts. Statekit's endpoints get the request's
+    headers: another site's page may not open or close sessions (``403``) unless its
+    origin is in ``allowed_origins``. An exception the app raises that
     :meth:`Visit.answer <statekit.web.Visit.answer>` maps (an ended session: ``409``; a
     busy session or unreachable store: ``503``) is answered, if the response has not
     started; any other, or one raised after the response started, goes on up.
 
     ``websocket`` requests get a visit too (never a page load, so never a cookie
-    session), and pass through untouched.
+    session), whose session is the ``statekit_session`` query parameter (a browser
+    cannot set headers on a websocket; ``kit.url(path, {websocket: true})`` adds it),
+    and pass through untouched.
 
     ``lifespan``: with ``shutdown`` on, the engine is shut down (``ashutdown``) after
     the app's own shutdown completes, so its session-end callbacks run with reason
