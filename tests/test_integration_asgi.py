@@ -1091,3 +1091,18 @@ def test_fastapi_a_form_another_site_posts_cannot_choose_the_session(
         assert forged.status_code == 409
         own = c.post("/add-then-body", data={"x": "1"}, headers=headers(sid))
         assert own.json()["cart"] == ["milk"]  # the forged post added nothing
+
+
+def test_statekits_handlers_leave_a_websockets_error_to_the_server(engine: StateEngine) -> None:
+    """A websocket has no HTTP answer to send: an ended session in a websocket handler
+    goes on up (the handshake is refused), with no HTTP message sent on the socket."""
+
+    async def socket(ws: WebSocket) -> None:
+        async with visit_of(ws).aevent():
+            pass  # pragma: no cover
+
+    app = Starlette(routes=[WebSocketRoute("/ws", socket)])
+    install(app, engine, shutdown=False)
+    url = f"/ws?{web.SESSION_QUERY}=gone-{'x' * 27}"
+    with TestClient(app) as c, pytest.raises(SessionNotFound), c.websocket_connect(url):
+        pass  # pragma: no cover

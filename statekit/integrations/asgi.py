@@ -376,7 +376,8 @@ def exception_handlers() -> dict[Any, Callable[[Any, Any], Coroutine[Any, Any, A
     statekit's own classes, these handlers win (Starlette takes the most specific
     handler) and answer with :meth:`Visit.answer <statekit.web.Visit.answer>`. An error
     the visit leaves to the app (about another session than the request's own) goes to
-    the app's handler for its broader class, if it has one, else on up.
+    the app's handler for its broader class, if it has one, else on up; so does one
+    raised in a websocket (which has no HTTP answer to send).
 
     :func:`install` adds them with the middleware; this function is for an app built
     with ``Starlette(exception_handlers=...)`` or ``FastAPI(exception_handlers=...)``.
@@ -397,10 +398,12 @@ def exception_handlers() -> dict[Any, Callable[[Any, Any], Coroutine[Any, Any, A
 async def _answer_error(request: Any, exc: Exception) -> Any:
     """A Starlette exception handler: the visit's answer to ``exc``, else the app's own
     handler for a broader class of it, else ``exc`` goes on up."""
-    answer = visit_of(request).answer(exc)
+    scope = getattr(request, "scope", {})
+    visit = visit_of(request)
+    answer = visit.answer(exc) if scope.get("type") == "http" else None  # not a websocket
     if answer is not None:
         return _AnswerApp(answer)
-    handler = _apps_handler(getattr(request, "scope", {}), exc)
+    handler = _apps_handler(scope, exc)
     if handler is None:
         raise exc
     if inspect.iscoroutinefunction(handler):
