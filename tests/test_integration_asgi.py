@@ -1106,3 +1106,22 @@ def test_statekits_handlers_leave_a_websockets_error_to_the_server(engine: State
     url = f"/ws?{web.SESSION_QUERY}=gone-{'x' * 27}"
     with TestClient(app) as c, pytest.raises(SessionNotFound), c.websocket_connect(url):
         pass  # pragma: no cover
+
+
+def test_fastapi_reads_a_multipart_forms_session_field_and_leaves_the_body_to_the_handler(
+    engine: StateEngine,
+) -> None:
+    """A multipart form (a form with a file) names its session in the hidden field, as
+    an urlencoded one does, and the handler still reads the whole body afterwards (fails
+    if the multipart branch consumed the stream, or ignored the field: a 409)."""
+    with TestClient(form_app(engine)) as c:
+        sid = open_session(c)
+        answer = c.post(
+            "/add-then-body",
+            data={web.SESSION_FIELD: sid},
+            files={"upload": ("notes.txt", b"hello", "text/plain")},
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["cart"] == ["milk"]
+        assert 'name="upload"' in answer.json()["body"]
+        assert "hello" in answer.json()["body"]
