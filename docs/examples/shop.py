@@ -120,7 +120,8 @@ PAGE = """<!doctype html>
 <script src="/statekit/statekit.js"></script>
 <script>
 const $ = (id) => document.getElementById(id);
-let kit;
+const buttons = () => document.querySelectorAll("button");
+let kit = null;
 function show(data) {
   $("cart").textContent = JSON.stringify(data.cart);
   $("cart-size").textContent = data.cart_size;
@@ -128,14 +129,25 @@ function show(data) {
   if (data.visits !== undefined) $("visits").textContent = data.visits;
 }
 async function call(url, body) {
-  const response = await kit.fetch(url, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify(body || {}),
-  });
-  const data = await response.json();
+  if (!kit) return;  // the buttons are disabled until the tab's session is open
+  let response;
+  try {
+    response = await kit.fetch(url, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body || {}),
+    });
+  } catch (error) {
+    $("error").textContent = "The server cannot be reached (" + error.message + "): try again.";
+    return;
+  }
   if (response.status === 409) return;  // "statekit:ended" has said it on the page
-  if (!response.ok) { $("error").textContent = data.detail || data.error; return; }
+  const data = await response.json().catch(() => null);  // a proxy's page is not JSON
+  if (!response.ok || data === null) {
+    $("error").textContent = (data && (data.detail || data.error)) ||
+      "The server answered " + response.status + " " + response.statusText + ".";
+    return;
+  }
   $("error").textContent = "";
   show(data);
 }
@@ -143,15 +155,23 @@ addEventListener("statekit:ended", (event) => {
   $("error").textContent = "This tab's session ended (" + event.detail.reason +
     "): reload the page to start a new one.";
 });
+buttons().forEach((button) => { button.disabled = true; });
 document.querySelectorAll("[data-item]").forEach((button) => {
   button.onclick = () => call("/api/cart", { item: button.dataset.item });
 });
 $("login").onclick = () => call("/api/login", { username: $("name").value });
-StateKit.start({ keys: ["login"] }).then(async (started) => {
-  kit = started;
-  await call("/api/visit");
-  document.body.dataset.ready = "yes";
-});
+StateKit.start({ keys: ["login"] }).then(
+  async (started) => {
+    kit = started;
+    buttons().forEach((button) => { button.disabled = false; });
+    await call("/api/visit");
+    document.body.dataset.ready = "yes";
+  },
+  (error) => {
+    $("error").textContent = "No session could be opened for this tab (" + error.message +
+      "): reload the page to try again.";
+  },
+);
 </script>
 </body></html>
 """.replace(

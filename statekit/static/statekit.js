@@ -1,7 +1,7 @@
 /*
  * statekit.js: one statekit session per browser tab, and the browser's state kept in
- * step with the server. No build step, no dependency; plain ES5 over fetch and
- * Promise (every current browser).
+ * step with the server. No build step, no dependency; plain ES5 over fetch, Promise and
+ * URL (every current browser).
  *
  *   <script src="/statekit/statekit.js"></script>
  *   <script>
@@ -10,24 +10,30 @@
  *     });
  *   </script>
  *
- * StateKit.start({prefix: "/statekit", keys: [...]}) opens this tab's session
- * (POST <prefix>/open) and resolves to a kit. The session id lives in page memory
- * only: a refresh or a duplicated tab opens a new session. The kit
+ * StateKit.start({prefix: "/statekit", keys: [...], headers: fn}) opens this tab's
+ * session (POST <prefix>/open) and resolves to a kit; a second call on the page resolves
+ * to the same kit (one session per tab). The session id lives in page memory only: a
+ * refresh or a duplicated tab opens a new session. The kit
  *
- * - sends the id (header X-Statekit-Session) and the stored browser tokens (header
- *   X-Statekit-Browser, a JSON object {storageKey: token}) with kit.fetch(), and with
- *   htmx requests to this origin (htmx:configRequest);
+ * - sends the id (header X-Statekit-Session), the stored browser tokens (header
+ *   X-Statekit-Browser, a JSON object {storageKey: token}) and the headers the page's
+ *   own `headers` function returns (a CSRF token, say) with kit.fetch() and with htmx
+ *   requests (htmx:configRequest): to this page's origin only, never to another;
+ * - holds back kit.fetch() calls and htmx requests (htmx:confirm) made while the
+ *   session is opening, and sends them once it is open;
  * - fills <input type="hidden" name="statekit_session"> in forms when they are
  *   submitted (and when the session opens, for forms submitted from script);
- * - stores the tokens answers carry (X-Statekit-Browser-Set; null removes a key) in
- *   localStorage under "statekit:" + key, shared by every tab of the browser;
+ * - stores the tokens that answers from this origin carry (X-Statekit-Browser-Set; null
+ *   removes a key) in localStorage under "statekit:" + key, shared by every tab;
  * - on pagehide, sends its own id to <prefix>/close (navigator.sendBeacon); when the
  *   page comes back from the back/forward cache (pageshow, persisted), opens a new
  *   session;
- * - when an answer says the session ended (X-Statekit-Session-Ended), sets kit.ended
- *   and dispatches "statekit:ended" on window (detail {reason, kit}); kit.reopen()
- *   opens a new session, and every opened session dispatches "statekit:opened"
- *   (detail {sid, kit}).
+ * - when an answer from this origin says the session ended (X-Statekit-Session-Ended),
+ *   sets kit.ended and dispatches "statekit:ended" on window (detail {reason, kit});
+ *   kit.reopen() closes the tab's session if it is live and opens a new one, and every
+ *   opened session dispatches "statekit:opened" (detail {sid, kit});
+ * - kit.url(path) gives a URL of this origin naming the session in the query
+ *   (?statekit_session=<sid>), for a websocket, which cannot send headers.
  *
  * StateKit.create({keys}) is the token half alone (no session), for pages whose
  * server keeps the session itself.
@@ -40,7 +46,10 @@
   var SESSION = "X-Statekit-Session";
   var ENDED = "X-Statekit-Session-Ended";
   var FIELD = "statekit_session";
+  var PARAM = "statekit_session";
   var PREFIX = "statekit:";
+  var WEBSOCKET = { "http:": "ws:", "https:": "wss:" };
+  var HTTP = { "ws:": "http:", "wss:": "https:" };
 
   /* localStorage, or a page-memory stand-in where it is missing or refused. */
   function defaultStorage() {
@@ -61,6 +70,53 @@
         delete memory[key];
       },
     };
+  }
+
+  /* A URL (string, URL or Request) resolved against the page, or null. */
+  function resolve(target) {
+    var raw = target && typeof target.url === "string" ? target.url : String(target);
+    var here = global.location;
+    try {
+      return here && here.href ? new global.URL(raw, here.href) : new global.URL(raw);
+    } catch (error) {
+      return null;
+    }
+  }
+
+  /* Whether a URL (string, URL or Request) is of this page's origin (ws: counts as
+   * http:, wss: as https:). Without a page location, only a relative URL is. */
+  function sameOrigin(target) {
+    var here = global.location;
+    if (!here || !here.host) {
+      var raw = target && typeof target.url === "string" ? target.url : String(target);
+      return !/^([a-z][a-z0-9+.-]*:|\/\/)/i.test(raw);
+    }
+    var url = resolve(target);
+    if (!url) return false;
+    var protocol = HTTP[url.protocol] || url.protocol;
+    return protocol === here.protocol && url.host === here.host;
+  }
+
+  /* The app's own headers: what options.headers() returns, per request. */
+  function appHeaders(options) {
+    var hook = options && options.headers;
+    if (typeof hook !== "function") return {};
+    var made = hook() || {};
+    var out = {};
+    Object.keys(made).forEach(function (name) {
+      if (made[name] !== null && made[name] !== undefined) out[name] = String(made[name]);
+    });
+    return out;
+  }
+
+  /* Add headers to a Request: the app's where the caller set none, statekit's always. */
+  function addHeaders(request, app, ours) {
+    Object.keys(app).forEach(function (name) {
+      if (!request.headers.has(name)) request.headers.set(name, app[name]);
+    });
+    Object.keys(ours).forEach(function (name) {
+      request.headers.set(name, ours[name]);
+    });
   }
 
   function create(options) {
@@ -103,19 +159,27 @@
       });
     }
 
-    /* Store the tokens of a fetch Response's X-Statekit-Browser-Set header. */
+    /* Store the tokens of a fetch Response's X-Statekit-Browser-Set header, when it
+     * comes from this page's origin. */
     function absorb(response) {
+      if (response.url && !sameOrigin(response.url)) return;
       absorbValue(response.headers.get(RECEIVE));
     }
 
-    /* fetch() that sends the stored tokens and keeps the returned ones. */
-    function send(url, init) {
-      init = init || {};
-      var headers = new Headers(init.headers || {});
-      headers.set(SEND, JSON.stringify(tokens()));
-      init.headers = headers;
-      init.credentials = init.credentials || "same-origin";
-      return global.fetch(url, init).then(function (response) {
+    /* fetch() that sends the stored tokens to this origin and keeps the returned ones.
+     * The caller's init (and Request) are left as they are. */
+    function send(input, init) {
+      var request;
+      try {
+        request = new global.Request(input, init);
+      } catch (error) {
+        return Promise.reject(error);
+      }
+      if (!sameOrigin(request.url)) return global.fetch(request);
+      var ours = {};
+      ours[SEND] = JSON.stringify(tokens());
+      addHeaders(request, appHeaders(options), ours);
+      return global.fetch(request).then(function (response) {
         absorb(response);
         return response;
       });
@@ -131,25 +195,23 @@
   }
 
   function fire(name, detail) {
+    if (typeof global.dispatchEvent !== "function") return;
     var event;
     if (typeof global.CustomEvent === "function") {
       event = new global.CustomEvent(name, { detail: detail });
-    } else {
+    } else if (global.document) {
       event = global.document.createEvent("CustomEvent");
       event.initCustomEvent(name, false, false, detail);
+    } else {
+      return;
     }
     global.dispatchEvent(event);
   }
 
-  /* Whether a URL (as htmx gives it) is of this page's origin. */
-  function sameOrigin(url) {
-    var link = global.document.createElement("a");
-    link.href = url;
-    var here = global.location;
-    return link.protocol === here.protocol && link.host === here.host;
-  }
+  var started = null; /* the page's kit: one session per tab */
 
   function start(options) {
+    if (started) return started.sid ? Promise.resolve(started) : started.reopen();
     options = options || {};
     var prefix = options.prefix === undefined ? "/statekit" : String(options.prefix);
     var browser = create(options);
@@ -161,6 +223,7 @@
       keys: browser.keys,
       tokens: browser.tokens,
     };
+    started = kit;
 
     /* The headers that carry this tab's session and the browser's tokens. */
     kit.headers = function () {
@@ -181,31 +244,58 @@
     }
 
     function fillForms(root) {
-      var inputs = (root || global.document).querySelectorAll('input[name="' + FIELD + '"]');
+      var doc = global.document;
+      if (!doc || !doc.querySelectorAll) return;
+      var inputs = (root || doc).querySelectorAll('input[name="' + FIELD + '"]');
       for (var i = 0; i < inputs.length; i++) inputs[i].value = kit.sid || "";
     }
 
-    /* fetch() with this tab's session and the browser's tokens. */
-    kit.fetch = function (url, init) {
-      init = init || {};
-      var headers = new Headers(init.headers || {});
-      var ours = kit.headers();
-      Object.keys(ours).forEach(function (name) {
-        headers.set(name, ours[name]);
-      });
-      init.headers = headers;
-      init.credentials = init.credentials || "same-origin";
-      return global.fetch(url, init).then(function (response) {
-        answered(function (name) {
-          return response.headers.get(name);
+    /* fetch() with this tab's session, the browser's tokens and the app's headers, to
+     * this page's origin; another origin gets none of them. The caller's init (and
+     * Request) are left as they are; a call made while the session opens waits for it. */
+    kit.fetch = function (input, init) {
+      var request;
+      try {
+        request = new global.Request(input, init);
+      } catch (error) {
+        return Promise.reject(error);
+      }
+      if (!sameOrigin(request.url)) return global.fetch(request);
+      var ready = opening ? opening : Promise.resolve(kit);
+      return ready
+        .then(function () {
+          addHeaders(request, appHeaders(options), kit.headers());
+          return global.fetch(request);
+        })
+        .then(function (response) {
+          if (!response.url || sameOrigin(response.url)) {
+            answered(function (name) {
+              return response.headers.get(name);
+            });
+          }
+          return response;
         });
-        return response;
-      });
     };
 
-    /* Open a new session for this tab (after "statekit:ended", say). */
+    /* A URL of this page's origin that names the tab's session in its query
+     * (statekit_session=<sid>), for a websocket (options.websocket: ws: or wss:). */
+    kit.url = function (path, urlOptions) {
+      var url = resolve(path === undefined ? "" : path);
+      if (!url || !sameOrigin(url)) {
+        throw new Error("statekit: kit.url() makes URLs of this page's origin only, not " + path);
+      }
+      if (!kit.sid) throw new Error("statekit: the tab has no open session");
+      url.searchParams.set(PARAM, kit.sid);
+      if (urlOptions && urlOptions.websocket) url.protocol = WEBSOCKET[url.protocol] || url.protocol;
+      return url.href;
+    };
+
+    /* Open a new session for this tab (after "statekit:ended", say); a live one is
+     * closed first. */
     kit.reopen = function () {
       if (opening) return opening;
+      if (!kit.ended) close();
+      kit.sid = null;
       opening = global
         .fetch(prefix + "/open", {
           method: "POST",
@@ -254,18 +344,20 @@
       }
     }
 
-    global.addEventListener("pagehide", close);
-    global.addEventListener("pageshow", function (event) {
-      if (event.persisted && !kit.sid) {
-        kit.reopen().then(null, function () {
-          kit.ended = "unopened";
-          fire("statekit:ended", { reason: "unopened", kit: kit });
-        });
-      }
-    });
+    if (typeof global.addEventListener === "function") {
+      global.addEventListener("pagehide", close);
+      global.addEventListener("pageshow", function (event) {
+        if (event.persisted && !kit.sid) {
+          kit.reopen().then(null, function () {
+            kit.ended = "unopened";
+            fire("statekit:ended", { reason: "unopened", kit: kit });
+          });
+        }
+      });
+    }
 
     var doc = global.document;
-    if (doc) {
+    if (doc && typeof doc.addEventListener === "function") {
       doc.addEventListener(
         "submit",
         function (event) {
@@ -273,18 +365,41 @@
         },
         true
       );
+      /* An htmx request to this origin made while the session opens (hx-trigger="load",
+       * say) waits for it, then goes. */
+      doc.addEventListener("htmx:confirm", function (event) {
+        var detail = event.detail;
+        if (!opening || !detail || typeof detail.issueRequest !== "function") return;
+        if (detail.path && !sameOrigin(detail.path)) return;
+        event.preventDefault();
+        opening.then(
+          function () {
+            detail.issueRequest(false);
+          },
+          function () {
+            /* no session: start() or reopen() rejected, and the page says so */
+          }
+        );
+      });
       doc.addEventListener("htmx:configRequest", function (event) {
         var detail = event.detail;
-        if (!detail || !detail.headers || !kit.sid) return;
+        if (!detail || !detail.headers) return;
         if (detail.path && !sameOrigin(detail.path)) return;
+        var app = appHeaders(options);
+        Object.keys(app).forEach(function (name) {
+          if (!(name in detail.headers)) detail.headers[name] = app[name];
+        });
         var ours = kit.headers();
         Object.keys(ours).forEach(function (name) {
           detail.headers[name] = ours[name];
         });
       });
       doc.addEventListener("htmx:afterRequest", function (event) {
-        var xhr = event.detail && event.detail.xhr;
+        var detail = event.detail || {};
+        var xhr = detail.xhr;
         if (!xhr || !xhr.getResponseHeader) return;
+        var where = xhr.responseURL || (detail.pathInfo && detail.pathInfo.requestPath);
+        if (where && !sameOrigin(where)) return;
         answered(function (name) {
           return xhr.getResponseHeader(name);
         });
@@ -302,6 +417,7 @@
     SESSION: SESSION,
     ENDED: ENDED,
     FIELD: FIELD,
+    PARAM: PARAM,
     PREFIX: PREFIX,
   };
 })(typeof window !== "undefined" ? window : this);
