@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from typing_extensions import Self
 
@@ -187,6 +187,9 @@ TransportAnswer = tuple[int, Mapping[str, str] | Iterable[tuple[str, str]], byte
 Transport = Callable[[str, str, dict[str, str], bytes], TransportAnswer]
 
 #: What a browser's address bar sends when it loads a page.
+#: The answers a browser follows to another page, and how many in a row at most.
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 10
 PAGE_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 #: The key prefix statekit.js stores tokens under in ``localStorage``.
 STORAGE_PREFIX = "statekit:"
@@ -363,7 +366,8 @@ class Browser:
     Each :meth:`open` is a tab loading a page: it gets the page, then opens the tab's
     own session (``POST <prefix>/open``), kept by the tab only (a reload is a new
     session). The tabs share one :attr:`local_storage`, where browser-state tokens are
-    kept as statekit.js keeps them (under ``"statekit:" + key``): what one tab stores,
+    kept as statekit.js keeps them (under ``"statekit:" + key``), for the storage keys
+    the page names (``keys``, as in ``StateKit.start({keys})``): what one tab stores,
     every tab sends. Closing a tab sends the close beacon for its own session.
 
     Args:
@@ -372,14 +376,15 @@ class Browser:
             ``(method, url, headers, body) -> (status, headers, body)``; see
             :func:`transport_for`.
         prefix: where the app serves statekit's endpoints.
-        keys: the storage keys the page's statekit.js manages (``StateKit.start({keys})``);
-            None manages every key the app sets.
+        keys: the storage keys the page's statekit.js manages, as the page passes them
+            to ``StateKit.start({keys})``; none by default, as in statekit.js (tokens of
+            other keys the app sets are neither kept nor sent).
         local_storage: the storage to start with, such as another browser's
             :attr:`local_storage` (the same browser after a restart).
 
     Example::
 
-        browser = Browser(TestClient(app))
+        browser = Browser(TestClient(app), keys=["login"])
         one, two = browser.open("/"), browser.open("/")
         one.post("/api/cart", json={"item": "Milk"})
         two.close()
@@ -393,12 +398,14 @@ class Browser:
         client: object,
         *,
         prefix: str = web.PREFIX,
-        keys: Iterable[str] | None = None,
+        keys: Iterable[str] = (),
         local_storage: dict[str, str] | None = None,
     ) -> None:
         self._send = transport_for(client)
         self.prefix = prefix
-        self.keys = None if keys is None else tuple(keys)
+        if isinstance(keys, str):
+            raise TypeError(f"keys is a list of storage keys, such as [{keys!r}]")
+        self.keys = tuple(keys)
         #: The browser's ``localStorage``, shared by its tabs.
         self.local_storage: dict[str, str] = {} if local_storage is None else local_storage
         self.tabs: list[Tab] = []
@@ -426,7 +433,7 @@ class Browser:
         """
         self._opened += 1
         tab = Tab(self, self._opened, path)
-        tab.reload()
+        tab._navigate("GET", path, {"Accept": PAGE_ACCEPT}, b"")
         self.tabs.append(tab)
         return tab
 
@@ -448,7 +455,7 @@ class Browser:
     # -- what the tabs share -----------------------------------------------------------
 
     def _manages(self, key: str) -> bool:
-        return self.keys is None or key in self.keys
+        return key in self.keys
 
     def store_tokens(self, value: str | None) -> None:
         """Keep the tokens of an ``X-Statekit-Browser-Set`` header value, as statekit.js
@@ -504,17 +511,38 @@ class Tab:
 
     # -- the page's life ---------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _navigate(self, method: str, url: str, headers: dict[str, str], body: bytes) -> Response:
+        """The tab goes to another page, as a browser does: the request goes (following
+        redirects), the answer replaces the page, so the old page's close beacon goes
+        (``pagehide``), then the new page's statekit.js opens a session."""
         self._check_open()
-        page = self.browser.send("GET", self.path, {"Accept": PAGE_ACCEPT}, b"")
+        page = self.browser.send(method, url, headers, body)
+        for _ in range(MAX_REDIRECTS):
+            location = page.headers.get("Location")
+            if page.status not in REDIRECTS or not location:
+                break
+            parts = urlsplit(location)
+            url = (
+                parts.path + (f"?{parts.query}" if parts.query else "")
+                if parts.netloc
+                else location
+            )
+            if page.status in (307, 308):
+                page = self.browser.send(method, url, headers, body)
+            else:
+                method, body = "GET", b""
+                page = self.browser.send("GET", url, {"Accept": PAGE_ACCEPT}, b"")
+        self._beacon()
+        self.sid = ""
+        self.page = page
+        self.path = url
         if not page.ok:
             raise BrowserError(
-                f"the page {self.path} did not load: GET answered {page.status} "
-                f"{page.body[:80]!r}",
+                f"the page {url} did not load: {method} answered {page.status} {page.body[:80]!r}",
                 page,
             )
-        self.page = page
         self._open_session()
+        return page
 
     def _open_session(self) -> None:
         url = self.browser.prefix + web.OPEN_PATH
@@ -545,15 +573,50 @@ class Tab:
         self._open_session()
 
     def reload(self) -> None:
-        """Reload the page: the old page's close beacon goes first (``pagehide``), then
-        the page loads and opens a new session.
+        """Reload the page in a browser's order: the page is got again, then the old
+        page's close beacon goes (``pagehide``, as the new page replaces it), then the
+        new page opens a new session.
 
         Raises:
             UsageError: the tab is closed.
-            BrowserError: the page did not load (not 2xx), or the app gave no session.
+            BrowserError: the page did not load (not 2xx; the old session is closed all
+                the same), or the app gave no session.
         """
-        self._beacon()
-        self._load()
+        self._navigate("GET", self.path, {"Accept": PAGE_ACCEPT}, b"")
+
+    def submit(self, url: str, fields: Mapping[str, str] | None = None) -> Response:
+        """Submit a plain HTML form of the page (``method="post"``), as a browser does:
+        a urlencoded body with ``fields`` and the ``statekit_session`` hidden field
+        statekit.js filled, and none of statekit.js's headers (no session header, no
+        browser tokens: a form cannot send them, nor read the tokens its answer
+        carries). The answer is the tab's new page (redirects followed), so the old
+        page's close beacon goes after it, and the new page opens a new session.
+
+        Args:
+            url: the form's ``action``.
+            fields: the form's other fields.
+
+        Returns:
+            The answer (after redirects): the tab's new page.
+
+        Raises:
+            UsageError: the tab is closed.
+            BrowserError: the answer is not 2xx (the old session is closed all the
+                same), or the app gave the new page no session.
+
+        Example::
+
+            page = tab.submit("/cart", {"item": "Milk"})
+            assert "Milk" in page.text
+        """
+        self._check_open()
+        body = urlencode({**(fields or {}), web.SESSION_FIELD: self.sid}).encode()
+        headers = {
+            "Accept": PAGE_ACCEPT,
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Sec-Fetch-Site": "same-origin",  # the app's own page
+        }
+        return self._navigate("POST", url, headers, body)
 
     def close(self) -> None:
         """Close the tab: statekit.js sends the close beacon for its own session.

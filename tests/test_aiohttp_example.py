@@ -93,7 +93,7 @@ def test_tabs_carts_login_and_close(serve: Any) -> None:
     """Each tab its own cart; a login seen by every tab of the browser; closing one tab
     leaves the other going; a refused item is a 400 with the shop's reason. An adapter
     that shared one session per browser, or dropped the tokens' headers, fails here."""
-    browser = Browser(serve(new_shop()))
+    browser = Browser(serve(new_shop()), keys=["login"])
     one, two = browser.open("/"), browser.open("/")
     assert one.page is not None
     assert "statekit.js" in one.page.text
@@ -136,7 +136,7 @@ def test_storage_survives_a_restart_and_the_engine_ends_with_the_app(serve: Any)
     ended: list[str] = []
     shop.engine.on_close(lambda sid, reason: ended.append(reason))
     first = serve(shop)
-    browser = Browser(first)
+    browser = Browser(first, keys=["login"])
     tab = browser.open("/")
     tab.post("/api/login", json={"username": "ann"})
     first.close()

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 
@@ -42,6 +43,8 @@ class ShopServer:
         self.gate = SessionGate(self.shop.engine, prefix=prefix)
         self.sent: list[tuple[str, str, dict[str, str], bytes]] = []
         self.closed: list[str] = []
+        #: What each plain form put in a cart: (the session it named, the cart after).
+        self.form_carts: list[tuple[str, list[str]]] = []
         self.shop.engine.on_close(lambda sid, reason: self.closed.append(sid))
 
     def __call__(
@@ -53,6 +56,14 @@ class ShopServer:
             return answer.status, answer.headers, answer.body
         if url == "/":
             return 200, {"Content-Type": "text/html"}, PAGE
+        if url == "/form/cart":  # a plain form: the session is in its hidden field
+            form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+            visit = self.gate.visit(method, headers, form=form)
+            with visit.event() as ev:
+                self.shop.add(ev, form.get("item"))
+                now: list[str] = ev[self.shop.cart]
+                self.form_carts.append((visit.session(), list(now)))
+            return 303, {"Location": "http://testserver/"}, b""
         if url not in ("/api/visit", "/api/cart", "/api/login"):
             return 404, {}, b"not found"
         visit = self.gate.visit(method, headers)
@@ -145,12 +156,20 @@ def test_a_closed_tab_cannot_be_used() -> None:
 
 
 def test_reload_is_a_new_session_and_closes_the_old_one() -> None:
-    """A refresh: the old page's beacon, then a new session with an empty cart."""
+    """A refresh in a browser's order: the new page's GET, then the old page's beacon
+    (the new page replaces it), then the new page's open; a new session with an empty
+    cart. A beacon sent before the page is got (not what Chromium does) fails here."""
     server = ShopServer()
     tab = Browser(server).open("/")
     cart(tab, "Milk")
     old = tab.sid
+    before = len(server.sent)
     tab.reload()
+    assert [(method, url) for method, url, *_ in server.sent[before:]] == [
+        ("GET", "/"),
+        ("POST", "/statekit/close"),
+        ("POST", "/statekit/open"),
+    ]
     assert tab.sid != old
     assert server.closed == [old]
     assert [body for *_, body in server.requests_to("/statekit/close")] == [old.encode()]
@@ -160,7 +179,7 @@ def test_reload_is_a_new_session_and_closes_the_old_one() -> None:
 def test_browser_state_is_shared_by_tabs_through_local_storage() -> None:
     """A login in one tab is stored once for the browser (under statekit.js's key) and
     sent by every tab, open before or after."""
-    browser = Browser(ShopServer())
+    browser = Browser(ShopServer(), keys=["login"])
     one, two = browser.open("/"), browser.open("/")
     assert one.post("/api/login", json={"username": "ann"}).json()["user"] == "ann"
     assert list(browser.local_storage) == ["statekit:login"]
@@ -172,15 +191,15 @@ def test_browser_state_is_shared_by_tabs_through_local_storage() -> None:
 
 def test_browsers_do_not_share_storage() -> None:
     server = ShopServer()
-    Browser(server).open("/").post("/api/login", json={"username": "ann"})
-    assert Browser(server).open("/").post("/api/visit").json()["user"] == ""
+    Browser(server, keys=["login"]).open("/").post("/api/login", json={"username": "ann"})
+    assert Browser(server, keys=["login"]).open("/").post("/api/visit").json()["user"] == ""
 
 
 def test_storage_survives_a_restart_with_the_same_secrets() -> None:
     """After a restart (a new app, same secrets, memory store): the open tab's session
     is gone (409, the tab learns why), a reload opens a new one, and the login is read
     back from local storage. With other secrets it is not."""
-    browser = Browser(ShopServer())
+    browser = Browser(ShopServer(), keys=["login"])
     tab = browser.open("/")
     tab.post("/api/login", json={"username": "ann"})
     browser.restart(ShopServer())
@@ -195,16 +214,61 @@ def test_storage_survives_a_restart_with_the_same_secrets() -> None:
     tab.reopen()  # kit.reopen(): a new session, the page stays
     assert (tab.ended, tab.post("/api/visit").json()["user"]) == (None, "ann")
 
-    other = Browser(ShopServer(BrowserKeys(["another-secret-" + "o" * 24])))
+    other = Browser(ShopServer(BrowserKeys(["another-secret-" + "o" * 24])), keys=["login"])
     other.local_storage.update(browser.local_storage)
     assert other.open("/").post("/api/visit").json()["user"] == ""
 
 
 def test_a_browser_can_start_with_another_browsers_storage() -> None:
-    first = Browser(ShopServer())
+    first = Browser(ShopServer(), keys=["login"])
     first.open("/").post("/api/login", json={"username": "bo"})
-    again = Browser(ShopServer(), local_storage=first.local_storage)
+    again = Browser(ShopServer(), keys=["login"], local_storage=first.local_storage)
     assert again.open("/").post("/api/visit").json()["user"] == "bo"
+
+
+def test_by_default_no_browser_tokens_are_kept_as_in_statekit_js() -> None:
+    """Browser(client) manages no storage key, as StateKit.start() without keys: a
+    login's token is neither kept nor sent. A Browser that kept every key the app sets
+    (what a page without keys never does) fails here."""
+    browser = Browser(ShopServer())
+    tab = browser.open("/")
+    assert tab.post("/api/login", json={"username": "ann"}).json()["user"] == "ann"
+    assert browser.local_storage == {}
+    assert tab.post("/api/visit").json()["user"] == ""
+    with pytest.raises(TypeError, match=r"such as \['login'\]"):
+        Browser(ShopServer(), keys="login")
+
+
+def test_a_plain_form_sends_only_its_hidden_field_and_ends_the_page() -> None:
+    """tab.submit() posts a form as a browser does: urlencoded, the session only in the
+    statekit_session field (no session header, no tokens header: a form cannot send
+    them); the form's request is served in the tab's session, its answer (a redirect,
+    followed) is the new page, so the old session's beacon goes after it and the new
+    page opens another. A submit that sends statekit.js's headers, or closes the
+    session before the form is served, fails here."""
+    server = ShopServer()
+    browser = Browser(server, keys=["login"])
+    tab = browser.open("/")
+    tab.post("/api/login", json={"username": "ann"})
+    old = tab.sid
+    before = len(server.sent)
+    page = tab.submit("/form/cart", {"item": "Milk"})
+    sent = server.sent[before:]
+    assert [(method, url) for method, url, *_ in sent] == [
+        ("POST", "/form/cart"),
+        ("GET", "/"),
+        ("POST", "/statekit/close"),
+        ("POST", "/statekit/open"),
+    ]
+    _, _, headers, body = sent[0]
+    assert headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert not {name.lower() for name in headers} & {"x-statekit-session", "x-statekit-browser"}
+    assert parse_qs(body.decode()) == {"item": ["Milk"], "statekit_session": [old]}
+    assert server.form_carts == [(old, ["Milk"])]
+    assert server.closed == [old]
+    assert (page.status, tab.path, tab.page) == (200, "/", page)
+    assert tab.sid not in ("", old)
+    assert tab.post("/api/visit").json()["cart"] == []  # the new page's new session
 
 
 def test_only_managed_keys_are_sent_and_kept() -> None:
@@ -282,7 +346,7 @@ def test_transport_for_refuses_what_is_not_a_client() -> None:
 
 
 def test_repr_shows_no_whole_session_id() -> None:
-    browser = Browser(ShopServer())
+    browser = Browser(ShopServer(), keys=["login"])
     tab = browser.open("/")
     tab.post("/api/login", json={"username": "ann"})
     assert tab.sid not in repr(tab)
@@ -329,7 +393,7 @@ def build(keys: BrowserKeys, clock: FakeClock | None = None) -> Starlette:
 
 def test_two_tabs_one_closes_the_other_goes_on(statekit_browser, statekit_keys):
     with TestClient(build(statekit_keys)) as client:
-        browser = statekit_browser(client)
+        browser = statekit_browser(client, keys=["login"])
         one, two = browser.open("/"), browser.open("/")
         one.post("/add", json={"item": "milk", "user": "ann"})
         assert two.post("/add", json={"item": "tea"}).json() == {"cart": ["tea"], "user": "ann"}
@@ -339,7 +403,7 @@ def test_two_tabs_one_closes_the_other_goes_on(statekit_browser, statekit_keys):
 
 def test_storage_survives_a_restart(statekit_browser, statekit_keys):
     with TestClient(build(statekit_keys)) as client:
-        browser = statekit_browser(client)
+        browser = statekit_browser(client, keys=["login"])
         tab = browser.open("/")
         tab.post("/add", json={"item": "milk", "user": "ann"})
     with TestClient(build(statekit_keys)) as client:

@@ -248,6 +248,7 @@ const $ = (id) => document.getElementById(id);
 let kit = null;
 function showError(text) { $("error").textContent = text; }
 async function post(url, body) {
+  if (!kit) return null;  // no session yet: "statekit:opened" loads the page when it opens
   let response;
   try {
     response = await kit.fetch(url, {
