@@ -564,12 +564,17 @@ class Tab:
 
     def reopen(self) -> None:
         """Open a new session for the tab without reloading, as ``kit.reopen()`` does
-        (after ``statekit:ended``, say); the page stays, no beacon is sent.
+        (after ``statekit:ended``, say); the page stays. A session that is still live
+        (no answer said it ended) is closed first, with its beacon.
 
         Raises:
+            UsageError: the tab is closed.
             BrowserError: the app gave no session.
         """
         self._check_open()
+        if self.ended is None:
+            self._beacon()
+        self.sid = ""
         self._open_session()
 
     def reload(self) -> None:

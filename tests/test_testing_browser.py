@@ -176,6 +176,23 @@ def test_reload_is_a_new_session_and_closes_the_old_one() -> None:
     assert tab.post("/api/visit").json()["cart"] == []
 
 
+def test_reopen_closes_a_live_session_first_as_kit_reopen_does() -> None:
+    """tab.reopen() on a live session sends its beacon, then opens; on a session an
+    answer said ended, it only opens. A reopen that leaves the live session open on the
+    server (what statekit.js no longer does) fails here."""
+    server = ShopServer()
+    tab = Browser(server).open("/")
+    live = tab.sid
+    before = len(server.sent)
+    tab.reopen()
+    assert [(method, url) for method, url, *_ in server.sent[before:]] == [
+        ("POST", "/statekit/close"),
+        ("POST", "/statekit/open"),
+    ]
+    assert server.closed == [live]
+    assert tab.sid not in ("", live)
+
+
 def test_browser_state_is_shared_by_tabs_through_local_storage() -> None:
     """A login in one tab is stored once for the browser (under statekit.js's key) and
     sent by every tab, open before or after."""
