@@ -436,7 +436,12 @@ class StateEngine:
     # -- events ------------------------------------------------------------------
 
     def event(
-        self, sid: str, *, browser: Mapping[str, object] | None = None, bind: str = ""
+        self,
+        sid: str,
+        *,
+        browser: Mapping[str, object] | None = None,
+        bind: str = "",
+        renew: bool = False,
     ) -> Event:
         """One user action on session ``sid``: ``with engine.event(sid) as ev: ...``.
 
@@ -448,6 +453,10 @@ class StateEngine:
                 ``statekit.js`` puts in its request header). Entries that are not
                 strings are ignored: they read as missing.
             bind: the host's binding for browser tokens (a user id, say), if any.
+            renew: on a shared store, have the engine renew the event's lease every
+                ``lease_ttl / 3`` seconds while it runs, for handlers that may run
+                longer than ``lease_ttl`` (see :meth:`Event.extend` to renew by hand).
+                A hung handler then keeps its session until its event ends.
 
         Raises (on entering):
             SessionNotFound: the id was not issued by this engine.
@@ -461,7 +470,7 @@ class StateEngine:
         # The rest of the id is checked on entering: by the store's lookup (the memory
         # store finds only ids it issued; a miss then says what is wrong with the id)
         # or, on other stores, before anything is sent.
-        if browser is None and not bind:
+        if browser is None and not bind and not renew:
             return Event(self, self._host, sid)
         tokens: dict[str, str | None] = {}
         if browser is not None:
@@ -473,16 +482,24 @@ class StateEngine:
             tokens = {
                 k: v for k, v in browser.items() if isinstance(k, str) and isinstance(v, str)
             }
-        return Event(self, self._host, sid, BrowserIO(tokens, bind))
+        io = BrowserIO(tokens, bind) if browser is not None or bind else None
+        ev = Event(self, self._host, sid, io)
+        ev.renew = bool(renew)
+        return ev
 
     def aevent(
-        self, sid: str, *, browser: Mapping[str, object] | None = None, bind: str = ""
+        self,
+        sid: str,
+        *,
+        browser: Mapping[str, object] | None = None,
+        bind: str = "",
+        renew: bool = False,
     ) -> Event:
         """The async form of :meth:`event`: ``async with engine.aevent(sid) as ev: ...``.
 
         Neither waiting for the session nor store I/O blocks the event loop.
         """
-        return self.event(sid, browser=browser, bind=bind)
+        return self.event(sid, browser=browser, bind=bind, renew=renew)
 
     # -- lifetimes ---------------------------------------------------------------
 

@@ -45,6 +45,8 @@ class EngineHost:
         self.aenter = entry.aenter
         self.leave = entry.leave
         self.aleave = entry.aleave
+        self.extend = entry.extend
+        self.aextend = entry.aextend
         self.open_value = core.open_value
         self.check_usable = core.check_usable
         self.listen = remote.listen

@@ -11,7 +11,10 @@ engine by what its store offers.
 
 Both wait at most ``lease_wait`` for a session (then :class:`~statekit.SessionBusy`),
 both for threads (blocking) and asyncio tasks (without blocking their loop), and both
-run the callbacks of what ended only once the session is given back.
+run the callbacks of what ended only once the session is given back. A lease is renewed
+by the event (``ev.extend()``) or, for an event that asked, by the engine's
+:class:`~statekit._renewal.Renewer`; a lease another event took is lost for good, and
+the event raises :class:`~statekit.LeaseLost` rather than write.
 """
 
 from __future__ import annotations
@@ -34,8 +37,16 @@ from ._core import Core
 from ._events import Collected, EventState
 from ._locks import SessionLocks, current_owner
 from ._remote import Remote
-from ._steps import LoadSession, Release, Sleep, Steps, ask, drive
-from .exceptions import ChangeLoopError, SessionBusy, SessionNotFound, UsageError
+from ._renewal import Renewer
+from ._steps import LoadSession, Release, Renew, Sleep, Steps, ask, drive
+from .exceptions import (
+    ChangeLoopError,
+    LeaseLost,
+    SessionBusy,
+    SessionNotFound,
+    StoreConflict,
+    UsageError,
+)
 from .stores.base import (
     Busy,
     EnteringNamespace,
@@ -69,6 +80,12 @@ class Entry(Protocol):
         events wait."""
         ...
 
+    def extend(self, ev: EventState) -> None:
+        """Renew the open event's hold on its session for another ``lease_ttl``."""
+        ...
+
+    async def aextend(self, ev: EventState) -> None: ...
+
 
 def _start(core: Core, ev: EventState) -> None:
     core.check_usable()
@@ -94,6 +111,12 @@ class LatchEntry:
 
     def occupancy(self) -> tuple[int, int]:
         return self._ns.occupancy()
+
+    def extend(self, ev: EventState) -> None:
+        """Nothing to renew: the session's lock is this process's and never lapses."""
+
+    async def aextend(self, ev: EventState) -> None:
+        """As :meth:`extend`."""
 
     def enter(self, ev: EventState) -> None:
         core = self._core
@@ -239,6 +262,8 @@ class LeaseEntry:
         # lock of the session meanwhile).
         self._polling = 0
         self._polling_lock = threading.Lock()
+        self.renewer = Renewer(core)
+        core.add_hook("shutdown", self.renewer.stop)
         _fork.after_fork_in_child(self)
 
     def _after_fork(self) -> None:
@@ -271,6 +296,8 @@ class LeaseEntry:
             self._not_entered(ev, held)
             raise
         ev.active = True
+        if ev.renew:
+            self.renewer.add(ev)
 
     async def aenter(self, ev: EventState) -> None:
         _start(self._core, ev)
@@ -285,6 +312,8 @@ class LeaseEntry:
             self._not_entered(ev, held, in_task=True)
             raise
         ev.active = True
+        if ev.renew:
+            self.renewer.add(ev)
 
     def _enter_steps(self, ev: EventState, started: float) -> Steps[None]:
         """Lease and load the session, waiting while it is busy until ``lease_wait``
@@ -365,35 +394,64 @@ class LeaseEntry:
 
     def leave(self, ev: EventState, failed: bool) -> None:
         ev.active = False
+        lost = ev.renew and self.renewer.remove(ev)
         loop_error: ChangeLoopError | None = None
         try:
-            loop_error = drive(self._leave_steps(ev, failed), self._ns)
+            loop_error = drive(self._leave_steps(ev, failed or lost), self._ns)
         finally:
             self._locks.release(ev.sid)
             self._core.run_ended(ev.pending)
             self._core.reap_some(ev.now)
+        if lost and not failed:
+            raise LeaseLost(ev.sid, self._core.clock() - ev.now)
         if loop_error is not None:
             raise loop_error
 
     async def aleave(self, ev: EventState, failed: bool) -> None:
         ev.active = False
+        lost = ev.renew and self.renewer.remove(ev)
         loop_error: ChangeLoopError | None = None
         try:
-            loop_error = await self._core.adrive(self._leave_steps(ev, failed))
+            loop_error = await self._core.adrive(self._leave_steps(ev, failed or lost))
         finally:
             self._locks.release(ev.sid)
             self._core.run_ended(ev.pending)
         if self._core.look_due(ev.now):
             await self._core.adrive(self._core.look(ev.now))
+        if lost and not failed:
+            raise LeaseLost(ev.sid, self._core.clock() - ev.now)
         if loop_error is not None:
             raise loop_error
+
+    def extend(self, ev: EventState) -> None:
+        drive(self._extend_steps(ev), self._ns)
+
+    async def aextend(self, ev: EventState) -> None:
+        await self._core.adrive(self._extend_steps(ev))
+
+    def _extend_steps(self, ev: EventState) -> Steps[None]:
+        """Renew the event's lease for another ``lease_ttl``, fenced by its token."""
+        token = ev.lease
+        if token is None:  # given back already: nothing held to renew
+            return
+        core = self._core
+        now = core.clock()
+        held = yield from ask(Renew(ev.sid, token, now + core.settings.lease_ttl))
+        if not held:
+            raise LeaseLost(ev.sid, now - ev.now)
 
     def _leave_steps(self, ev: EventState, failed: bool) -> Steps[ChangeLoopError | None]:
         """Commit (unless the block failed), run listener rounds, give the lease back."""
         try:
             if failed:
                 return None
-            return (yield from self._committer.commit_with_listeners(ev, None))
+            try:
+                return (yield from self._committer.commit_with_listeners(ev, None))
+            except StoreConflict as exc:
+                # Under a lease no other event commits: the lease was lost.
+                if isinstance(exc, LeaseLost) or ev.lease is None:
+                    raise
+                raise LeaseLost(ev.sid, self._core.clock() - ev.now) from exc
         finally:
             if ev.lease is not None:
                 try:

@@ -141,6 +141,7 @@ class EventState:
         pending: what ended meanwhile (removed sessions and values), whose callbacks
             run once the session is given back.
         lease: on a shared store, the lease held (its token), if any.
+        renew: whether the engine renews the lease while the event runs.
         browser: the browser tokens in and out, or None.
         changed: set when the event ends well: the states it changed.
         done: the event's result, made when first asked for (or by listener rounds).
@@ -162,6 +163,7 @@ class EventState:
         "loaded",
         "now",
         "pending",
+        "renew",
         "sid",
         "started",
         "work",
@@ -185,6 +187,7 @@ class EventState:
         self.emitted: dict[str, Any] | None = None
         self.pending: list[Ended] = []
         self.lease: str | None = None
+        self.renew = False
         self.changed: list[Changeable] | None = None
         self.done: EventResult | None = None
         self.now = 0.0
@@ -475,6 +478,33 @@ class Event(EventState):
         items = values.items() if isinstance(values, Mapping) else values
         for state, value in items:
             self[state] = value
+
+    def extend(self) -> None:
+        """Renew the event's hold on its session for another ``lease_ttl`` seconds from
+        now, for work that runs longer than the engine's ``lease_ttl``: call it
+        between steps of long work (or open the event with ``renew=True``).
+
+        On a shared store this renews the event's lease, fenced by its token as the
+        commit is: once another event took the session (the lease lapsed before this
+        call), it cannot be renewed. On the memory store, whose sessions are held by
+        a lock of this process and never lapse, it does nothing.
+
+        Raises:
+            LeaseLost: the lease lapsed and another event took the session; nothing
+                of this event was written and its commit would be refused.
+            UsageError: the event is not open.
+            StoreUnavailable: the store cannot be reached (the lease still runs until
+                its end: try again).
+        """
+        if not self.active:
+            raise UsageError("extend() needs an open event: call it inside its 'with' block")
+        self.host.extend(self)
+
+    async def aextend(self) -> None:
+        """:meth:`extend` without blocking the event loop."""
+        if not self.active:
+            raise UsageError("aextend() needs an open event: call it inside its 'with' block")
+        await self.host.aextend(self)
 
     def emit(self, name: str, value: Any) -> None:
         """Record an output for the host to render (for example a component's new value)."""

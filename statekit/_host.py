@@ -133,3 +133,11 @@ class Host(Protocol):
     async def aleave(self, ev: EventState, failed: bool) -> None:
         """:meth:`leave` without blocking the event loop."""
         ...
+
+    def extend(self, ev: EventState) -> None:
+        """Renew the open event's lease for another ``lease_ttl`` (LeaseLost if lost)."""
+        ...
+
+    async def aextend(self, ev: EventState) -> None:
+        """:meth:`extend` without blocking the event loop."""
+        ...

@@ -1,9 +1,10 @@
 """Store work written once, run blocking or async: typed store calls and their drivers.
 
 Every operation that talks to a store (opening, closing and checking a session,
-peeking at a value, loading a session with its lease, committing and running listener
-rounds, reaping, a global's read-modify-write, the end of an engine) is written as a
-generator of *steps*: it yields a :class:`StoreCall` record and receives its result.
+peeking at a value, loading a session with its lease and renewing it, committing and
+running listener rounds, reaping, a global's read-modify-write, the end of an engine)
+is written as a generator of *steps*: it yields a :class:`StoreCall` record and
+receives its result.
 :func:`drive` runs the steps with the store's blocking methods; :func:`adrive` awaits
 the store's async methods (:class:`~statekit.stores.base.AsyncStoreNamespace`) or, for
 another shared store, runs the blocking ones in a worker thread; a store of this
@@ -52,6 +53,7 @@ __all__ = [
     "Peek",
     "Reap",
     "Release",
+    "Renew",
     "SessionCount",
     "Shutdown",
     "Sleep",
@@ -148,6 +150,21 @@ class Release(StoreCall[None]):
 
     def arun(self, ns: AsyncStoreNamespace) -> Coroutine[Any, Any, None]:
         return ns.arelease(self.sid, lease=self.lease)
+
+
+@attrs.define(slots=True)
+class Renew(StoreCall[bool]):
+    """:meth:`~statekit.stores.StoreNamespace.renew`."""
+
+    sid: str
+    lease: str
+    until: float
+
+    def run(self, ns: StoreNamespace) -> bool:
+        return ns.renew(self.sid, lease=self.lease, until=self.until)
+
+    def arun(self, ns: AsyncStoreNamespace) -> Coroutine[Any, Any, bool]:
+        return ns.arenew(self.sid, lease=self.lease, until=self.until)
 
 
 @attrs.define(slots=True)

@@ -20,6 +20,7 @@ catch                       for
 :class:`SessionNotInitialized`  a registry has no object for the session yet
 :class:`ChangeLoopError`    listeners kept changing each other (the event committed)
 :class:`StoreConflict`      a commit lost its session to another process: run again
+                            (``LeaseLost``, an event's lease lapsed, is a kind of it)
 :class:`UsageError`         the API was used in a way that cannot work: a bug to fix
                             (``WrongEngine``, ``EngineClosed`` are kinds of it;
                             ``InvalidDeclaration`` for declarations)
@@ -35,6 +36,7 @@ __all__ = [
     "CodecError",
     "EngineClosed",
     "InvalidDeclaration",
+    "LeaseLost",
     "SessionBusy",
     "SessionCorrupt",
     "SessionExpired",
@@ -204,6 +206,28 @@ class StoreConflict(StateError, RuntimeError):
             f"session {redact(sid)} was changed concurrently (expected version "
             f"{expected}, found {found}); run the event again"
         )
+
+
+class LeaseLost(StoreConflict):
+    """An event held its session longer than the engine's ``lease_ttl`` without
+    renewing its lease, and another event (in another process) took the session:
+    nothing of this event was written, and it can no longer be (a kind of
+    :class:`StoreConflict`).
+
+    Raised by :meth:`~statekit.Event.extend` and by the commit of such an event.
+    """
+
+    def __init__(self, sid: object, held: float) -> None:
+        StateError.__init__(
+            self,
+            f"session {redact(sid)}: this event held it {held:.3g}s, its lease lapsed and "
+            "another event took the session, so nothing of this event was written; run "
+            "it again, and renew the lease of long work (ev.extend(), or "
+            "engine.event(sid, renew=True))",
+        )
+        self.sid = sid
+        self.held = held
+        self.expected = self.found = None  # type: ignore[assignment]
 
 
 class UsageError(StateError, RuntimeError):

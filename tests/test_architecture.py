@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_events",),
     ("_steps",),
     ("_core",),
-    ("_sessions", "_globals", "_commit", "_remote"),
+    ("_sessions", "_globals", "_commit", "_remote", "_renewal"),
     ("_entry",),
     ("_engine_host",),
     ("_engine",),

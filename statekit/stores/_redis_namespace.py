@@ -431,6 +431,12 @@ class RedisNamespace:
     release = _blocking(_release)
     arelease = _awaiting(_release)
 
+    def _renew(self, sid: str, *, lease: str, until: float) -> Plan[bool]:
+        return Plan("RENEW", [self.P + "s:" + sid], [lease, replies.num(until)], bool)
+
+    renew = _blocking(_renew)
+    arenew = _awaiting(_renew)
+
     def _close(self, sid: str, *, now: float, deadline: float) -> Plan[bool | Gone | None]:
         args = [
             self._settings,

@@ -55,6 +55,8 @@ opening sessions.
 
 from __future__ import annotations
 
+from ._redis_renew import RENEW
+
 __all__ = ["TEXTS"]
 
 # The start of the six scripts about an application's sessions (see Layout).
@@ -589,6 +591,7 @@ TEXTS: dict[str, str] = {
     "PEEK": PEEK,
     "COMMIT": COMMIT,
     "RELEASE": RELEASE,
+    "RENEW": RENEW,
     "CLOSE": CLOSE,
     "REAP": REAP,
     "REPLAY": REPLAY,

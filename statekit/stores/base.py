@@ -12,7 +12,8 @@ namespace protocol is shaped for stores that live outside the process:
   so each deletion callback runs once even with many processes;
 - the store enforces the session capacity, evicting the least recently used session;
 - a shared store grants a per-session *lease* with the load, so that events of one
-  session in different processes run one at a time; the commit is fenced by it;
+  session in different processes run one at a time; commits (and a long event's
+  renewals) are fenced by it;
 - a shared store publishes a :class:`Notice` for every commit and every ended session,
   which other processes receive through :meth:`StoreNamespace.subscribe`.
 
@@ -272,6 +273,12 @@ class StoreNamespace(Protocol):
         """Drop the lease ``lease`` of ``sid`` if it still holds; write nothing."""
         ...
 
+    def renew(self, sid: str, *, lease: str, until: float) -> bool:
+        """Make the lease ``lease`` of ``sid`` last until ``until``, if the session is
+        still leased with that token (even past its end: no other event took it);
+        whether it was. A store without leases (of this process) answers True."""
+        ...
+
     def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
         """Mark an open session closed, to be removed at ``deadline``.
 
@@ -366,6 +373,10 @@ class AsyncStoreNamespace(Protocol):
 
     async def arelease(self, sid: str, *, lease: str) -> None:
         """As :meth:`StoreNamespace.release`."""
+        ...
+
+    async def arenew(self, sid: str, *, lease: str, until: float) -> bool:
+        """As :meth:`StoreNamespace.renew`."""
         ...
 
     async def aclose_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:

@@ -15,11 +15,9 @@ lock. Every engine of an application shares its records, hence its session locks
 
 If deadlines were ever given out of order (a wall clock stepping back), an entry is
 reaped late, never early, and a load still refuses anything past its own deadline.
-
 Engines that share an application through one store share its sessions, values and
-globals: they live until the last handle on the application shuts down (or is
-garbage-collected without a shutdown), and only that shutdown ends them (reason
-``shutdown``).
+globals until the last handle on the application shuts down (or is garbage-collected
+without a shutdown): only that shutdown ends them (reason ``shutdown``).
 """
 
 from __future__ import annotations
@@ -43,15 +41,14 @@ logger = logging.getLogger("statekit")
 
 __all__ = ["MemoryStore"]
 
-# How many ended session ids are remembered, to answer "expired" rather than
-# "unknown". Bounded, so that churn cannot grow memory without limit.
+# How many ended session ids are remembered, to answer "expired" rather than "unknown".
+# Bounded, so that churn cannot grow memory without limit.
 TOMBSTONES = 100_000
 
 
 class _Record(Latch):
-    """A session: its values, lifetime, and lock (``owner``/``waiters``, from
-    :class:`Latch`). ``removed`` once it left the store, for an event that holds it or
-    waits for it."""
+    """A session: its values, lifetime, and lock (``owner``/``waiters``, from Latch).
+    ``removed`` once it left the store, for an event that holds it or waits for it."""
 
     __slots__ = ("closed", "deadline", "removed", "sid", "value_deadlines", "values", "version")
 
@@ -215,6 +212,9 @@ class _MemoryNamespace:
 
     def release(self, sid: str, *, lease: str) -> None:
         """Leases are for shared stores; within one process the engine's locks serve."""
+
+    def renew(self, sid: str, *, lease: str, until: float) -> bool:
+        return True  # no leases (see release): the session's lock is held as long as needed
 
     # -- sessions ---------------------------------------------------------------
 

@@ -429,6 +429,14 @@ class _SQLiteNamespace:
                 (self._app, sid, lease),
             )
 
+    def renew(self, sid: str, *, lease: str, until: float) -> bool:
+        with self._store.transaction() as db:
+            renewed = db.execute(
+                "UPDATE sk_sessions SET lease_until=? WHERE app=? AND sid=? AND lease=?",
+                (until, self._app, sid, lease),
+            )
+            return renewed.rowcount == 1
+
     def close_session(self, sid: str, *, now: float, deadline: float) -> bool | Gone | None:
         with self._store.transaction() as db:
             row = self._row(db, sid)

@@ -1,0 +1,123 @@
+"""Automatic lease renewal, for events that asked for it
+(``engine.event(sid, renew=True)``) on a store other processes share.
+
+One daemon thread per engine, started with the first such event, renews the lease of
+every such event every ``lease_ttl / 3`` seconds (real time), each to the engine's
+clock plus ``lease_ttl``, fenced by the lease's token as a commit is. A renewal the
+store refuses means another event took the session: the event is marked lost, and its
+end raises :class:`~statekit.LeaseLost` instead of committing. A renewal that fails
+(the store cannot be reached) is logged and tried again at the next round, while the
+lease still runs.
+
+Renewal keeps a *running* handler's session; a handler that hangs keeps it too, for as
+long as its event is open. That is why it is asked for per event, not on by default.
+
+Thread-safe. No user code runs here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from . import _fork
+from ._core import Core
+from ._events import EventState
+from .exceptions import redact
+
+__all__ = ["Renewer"]
+
+logger = logging.getLogger("statekit")
+
+
+class Renewer:
+    """Renews the leases of one engine's events that asked for it, from one thread."""
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._lock = threading.Lock()
+        # Events being renewed, and those whose lease was found lost.
+        self._events: dict[int, EventState] = {}
+        self._lost: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Renewals the store accepted, and refused (the lease was lost).
+        self.renewed = 0
+        self.refused = 0
+        _fork.after_fork_in_child(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child the parent's events are the parent's, and no thread runs."""
+        _fork.free_lock(self._lock)
+        self._events.clear()
+        self._lost.clear()
+        self._thread = None
+
+    def add(self, ev: EventState) -> None:
+        """Renew ``ev``'s lease from now on (it was just granted)."""
+        with self._lock:
+            self._events[id(ev)] = ev
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(
+                    target=self._run, name=f"statekit-renew-{self._core.app}", daemon=True
+                )
+                self._thread.start()
+
+    def remove(self, ev: EventState) -> bool:
+        """Stop renewing ``ev``'s lease (its event is ending); whether a renewal found
+        the lease lost meanwhile."""
+        key = id(ev)
+        with self._lock:
+            self._events.pop(key, None)
+            if key in self._lost:
+                self._lost.discard(key)
+                return True
+        return False
+
+    def stop(self) -> None:
+        """Stop the thread (at the engine's shutdown)."""
+        self._stop.set()
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def _run(self) -> None:
+        interval = self._core.settings.lease_ttl / 3
+        while not self._stop.wait(interval):
+            with self._lock:
+                events = list(self._events.items())
+            for key, ev in events:
+                self._renew(key, ev)
+
+    def _renew(self, key: int, ev: EventState) -> None:
+        core = self._core
+        token = ev.lease
+        if token is None:
+            return
+        now = core.clock()
+        try:
+            held = core.ns.renew(ev.sid, lease=token, until=now + core.settings.lease_ttl)
+        except Exception as exc:
+            logger.warning(
+                "could not renew the lease of an event of session %s (tried again in %.3gs): %s",
+                redact(ev.sid),
+                core.settings.lease_ttl / 3,
+                exc,
+            )
+            return
+        with self._lock:
+            if key not in self._events:  # the event ended meanwhile: not its answer
+                return
+            if held:
+                self.renewed += 1
+                return
+            self.refused += 1
+            self._lost.add(key)
+            del self._events[key]
+        logger.warning(
+            "the lease of an event of session %s was lost (another event took the "
+            "session after %.3gs): the event will not commit",
+            redact(ev.sid),
+            now - ev.now,
+        )

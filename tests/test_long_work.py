@@ -1,0 +1,244 @@
+"""Long work: an event that runs longer than the engine's ``lease_ttl`` keeps its
+session by renewing its lease (``ev.extend()``, or ``engine.event(sid, renew=True)``),
+fenced by its token as commits are; once another event took the session, the long
+event fails with LeaseLost and never writes.
+
+On the memory store sessions are held by a lock of this process, which never lapses:
+extend() does nothing there and a long event always commits. "Another process" is a
+second engine on the same store (its own locks and leases); it tries the session from
+a thread of its own, with a short ``lease_wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from statekit import LeaseLost, SessionBusy, StateEngine, StoreConflict, UsageError
+from statekit.stores import Busy, Lease, Store
+from statekit.testing import FakeClock
+
+from .conftest import StoreFactory, declared
+
+LEASE_TTL = 30.0
+
+
+def engines(make_store: StoreFactory, clock: Any, lease_ttl: float = LEASE_TTL) -> Any:
+    """Two engines of one app on one store: "this process" and "another process"."""
+    store = make_store()
+    ours = StateEngine(store, app="long", clock=clock, lease_ttl=lease_ttl, lease_wait=5)
+    # The rival gives up at once (a real-time wait: the fake clock stands still).
+    theirs = StateEngine(
+        make_store(), app="long", clock=clock, lease_ttl=lease_ttl, lease_wait=0.05
+    )
+    return store, ours, theirs
+
+
+def rival(engine: StateEngine, sid: str, value: str) -> str:
+    """Try the session from another thread (as another process would): "busy" when
+    the session stayed held, "wrote" when the rival got it and wrote ``value``."""
+    outcome: list[str] = []
+
+    def attempt() -> None:
+        try:
+            with engine.event(sid) as ev:
+                ev[declared(engine, "log")] = value
+        except SessionBusy:
+            outcome.append("busy")
+        else:
+            outcome.append("wrote")
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    thread.join(timeout=30)
+    assert outcome, "the rival's attempt did not finish"
+    return outcome[0]
+
+
+def declare(*pair: StateEngine) -> None:
+    for engine in pair:
+        engine.session_state("log", "")
+
+
+def kind(store: Store) -> str:
+    return type(store).__name__
+
+
+def test_store_renews_a_lease_only_with_its_token(make_store: StoreFactory) -> None:
+    """The store call under extend(): a renewal moves the lease's end (a rival's load
+    is then refused until the new end), and a lease given back or taken by another
+    token is not renewed. Fails if a store renews a lease it does not hold (an event
+    could then write after losing its session) or ignores a renewal."""
+    store = make_store()
+    ns = store.namespace(f"renew-{id(store)}")
+    now = 1_000.0
+    ns.create_session("s" * 32, now=now, deadline=now + 3600, capacity=10)
+    sid = "s" * 32
+    assert not isinstance(
+        ns.load_session(sid, now=now, touch_until=None, lease=Lease(token="a", until=now + 30)),
+        Busy,
+    )
+    assert ns.renew(sid, lease="a", until=now + 100) is True
+    if not store.shared:
+        return  # the memory store has no leases: a renewal is always granted
+    # At now+50 the first lease would have lapsed; renewed, it holds until now+100.
+    taken = ns.load_session(
+        sid, now=now + 50, touch_until=None, lease=Lease(token="b", until=now + 80)
+    )
+    assert isinstance(taken, Busy)
+    assert ns.renew(sid, lease="zzz", until=now + 200) is False
+    # Past its end, unrenewed, it is taken; the old token can no longer renew.
+    taken = ns.load_session(
+        sid, now=now + 101, touch_until=None, lease=Lease(token="b", until=now + 131)
+    )
+    assert not isinstance(taken, Busy)
+    assert ns.renew(sid, lease="a", until=now + 300) is False
+    ns.release(sid, lease="b")
+    assert ns.renew(sid, lease="b", until=now + 300) is False
+
+
+def test_two_minutes_of_work_with_extend_commits(make_store: StoreFactory) -> None:
+    """A handler doing 2 minutes of work with lease_ttl=30, calling ev.extend() every
+    20 s: another process trying the session meanwhile finds it busy every time, and
+    the work commits. Fails if extend() does not renew (the rival takes the session
+    once 30 s passed) or if renewing breaks the commit."""
+    clock = FakeClock()
+    _store, ours, theirs = engines(make_store, clock)
+    declare(ours, theirs)
+    sid = ours.open_session()
+    with ours.event(sid) as ev:
+        for step in range(6):
+            clock.advance(20)
+            ev.extend()
+            assert rival(theirs, sid, f"rival {step}") == "busy"
+            ev[declared(ours, "log")] = f"step {step}"
+    assert ev.result.changed == {"log"}
+    with theirs.event(sid) as ev:
+        assert ev[declared(theirs, "log")] == "step 5"
+    ours.shutdown()
+    theirs.shutdown()
+
+
+def test_long_work_without_renewal_fails_clearly(make_store: StoreFactory) -> None:
+    """The same work without extend(): on a shared store, once lease_ttl passed another
+    process takes the session and commits, and the long event's commit raises
+    LeaseLost (a StoreConflict) — its write is not applied over the other's. On the
+    memory store nothing lapses: the rival stays out and the work commits. Fails if a
+    lapsed event's write lands."""
+    clock = FakeClock()
+    store, ours, theirs = engines(make_store, clock)
+    declare(ours, theirs)
+    sid = ours.open_session()
+    log = declared(ours, "log")
+    if not store.shared:
+        with ours.event(sid) as ev:
+            clock.advance(120)
+            assert rival(theirs, sid, "rival") == "busy"
+            ev[log] = "long work"
+        assert ev.result.changed == {"log"}
+        return
+    with pytest.raises(LeaseLost, match="lease lapsed") as caught, ours.event(sid) as ev:
+        clock.advance(LEASE_TTL + 1)
+        assert rival(theirs, sid, "rival") == "wrote"
+        ev[log] = "long work"
+    assert isinstance(caught.value, StoreConflict)
+    with theirs.event(sid) as ev:
+        assert ev[declared(theirs, "log")] == "rival"
+    ours.shutdown()
+    theirs.shutdown()
+
+
+def test_extend_after_losing_the_lease_raises(make_store: StoreFactory) -> None:
+    """extend() called once another process took the session raises LeaseLost at once
+    (the handler can stop its work), and nothing of the event is written. Fails if a
+    lost lease is renewed back (two events would hold one session)."""
+    clock = FakeClock()
+    store, ours, theirs = engines(make_store, clock)
+    declare(ours, theirs)
+    sid = ours.open_session()
+    if not store.shared:
+        with ours.event(sid) as ev:
+            clock.advance(LEASE_TTL + 1)
+            ev.extend()  # nothing to renew: no error
+        return
+    with pytest.raises(LeaseLost), ours.event(sid) as ev:
+        ev[declared(ours, "log")] = "mine"
+        clock.advance(LEASE_TTL + 1)
+        assert rival(theirs, sid, "rival") == "wrote"
+        ev.extend()
+    with theirs.event(sid) as ev:
+        assert ev[declared(theirs, "log")] == "rival"
+    ours.shutdown()
+    theirs.shutdown()
+
+
+def test_async_extend(make_store: StoreFactory) -> None:
+    """``await ev.aextend()`` renews as extend() does, from an async event."""
+    clock = FakeClock()
+    _store, ours, theirs = engines(make_store, clock)
+    declare(ours, theirs)
+    sid = ours.open_session()
+
+    async def work() -> None:
+        async with ours.aevent(sid) as ev:
+            for _ in range(4):
+                clock.advance(20)
+                await ev.aextend()
+            assert await asyncio.to_thread(rival, theirs, sid, "rival") == "busy"
+            ev[declared(ours, "log")] = "async work"
+
+    asyncio.run(work())
+    with theirs.event(sid) as ev:
+        assert ev[declared(theirs, "log")] == "async work"
+    ours.shutdown()
+    theirs.shutdown()
+
+
+def test_extend_outside_an_event_is_refused(engine: StateEngine) -> None:
+    """extend() on an event that is not open says where to call it."""
+    sid = engine.open_session()
+    ev = engine.event(sid)
+    with pytest.raises(UsageError, match="inside its 'with' block"):
+        ev.extend()
+
+
+@pytest.mark.parametrize("way", ["blocking", "async"])
+def test_automatic_renewal_keeps_a_long_event(make_store: StoreFactory, way: str) -> None:
+    """engine.event(sid, renew=True) on the real wall clock, with a short lease_ttl
+    (1.5 s): the handler works 2 lease_ttls (simulated by sleeping), a rival process
+    keeps finding the session busy, and the work commits. Fails if the engine's
+    renewer does not renew (the rival gets in after 1.5 s and the commit raises
+    LeaseLost). Bounded: about 3 s per store; nothing is timed."""
+    ttl = 1.5
+    ours = StateEngine(make_store(), app="auto", lease_ttl=ttl, lease_wait=5)
+    theirs = StateEngine(make_store(), app="auto", lease_ttl=ttl, lease_wait=0.05)
+    declare(ours, theirs)
+    sid = ours.open_session()
+    tries: list[str] = []
+
+    def work() -> None:
+        for step in range(4):
+            time.sleep(ttl / 2)
+            tries.append(rival(theirs, sid, f"rival {step}"))
+
+    if way == "blocking":
+        with ours.event(sid, renew=True) as ev:
+            work()
+            ev[declared(ours, "log")] = "renewed"
+    else:
+
+        async def main() -> None:
+            async with ours.aevent(sid, renew=True) as ev:
+                await asyncio.to_thread(work)
+                ev[declared(ours, "log")] = "renewed"
+
+        asyncio.run(main())
+    assert tries == ["busy"] * 4
+    with theirs.event(sid) as ev:
+        assert ev[declared(theirs, "log")] == "renewed"
+    ours.shutdown()
+    theirs.shutdown()
