@@ -95,12 +95,17 @@ def demo(args: list[str]) -> None:
 
 
 # Programs the tests start, and the Debian package of each.
-TEST_PROGRAMS = {"redis-server": "redis-server", "chromium": "chromium"}
+TEST_PROGRAMS = {
+    "redis-server": "redis-server",
+    "redis-sentinel": "redis-sentinel",
+    "chromium": "chromium",
+}
 
 
 def ensure_test_programs() -> None:
-    """The tests start private redis-server processes and drive Debian's Chromium:
-    install whichever is missing (as root, with apt-get), or say how."""
+    """The tests start private redis-server and redis-sentinel processes (redis-cli
+    comes with redis-server) and drive Debian's Chromium: install whichever is missing
+    (as root, with apt-get), or say how."""
     missing = [pkg for program, pkg in TEST_PROGRAMS.items() if not shutil.which(program)]
     if not missing:
         return

@@ -13,7 +13,7 @@ from statekit import SessionState, StateEngine
 from statekit.stores import MemoryStore, Notice, Store
 from statekit.stores.redis import RedisStore
 from statekit.stores.sqlite import SQLiteStore
-from statekit.testing import FakeClock, RedisServer
+from statekit.testing import FakeClock, RedisCluster, RedisSentinel, RedisServer
 
 settings.register_profile("default", max_examples=300)
 settings.register_profile("thorough", max_examples=5000)
@@ -38,6 +38,26 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A private Redis Cluster (3 masters, 3 replicas) shared by the whole run (fails,
+    never skips, without redis-server and redis-cli). Each test uses keys of its own
+    prefix; a test that kills a node calls ``redis_cluster.restore()`` in a finally, so
+    that the next test finds every master with its replica."""
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    """A private Sentinel set-up (master, replica, 3 sentinels) shared by the whole run
+    (fails, never skips, without redis-server and redis-sentinel). Each test uses keys
+    of its own prefix; a test that kills the master calls ``redis_sentinel.restore()``
+    in a finally, so that the next test finds a master with its replica."""
+    with RedisSentinel() as setup:
+        yield setup
 
 
 StoreFactory = Callable[[], Store]

@@ -46,7 +46,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("web.wire",),
     ("web.gate",),
     ("web",),
-    ("testing.fakes", "testing.redis_server", "testing.browser"),
+    ("testing._nodes",),  # redis-server processes, for the cluster and Sentinel helpers
+    (
+        "testing.fakes",
+        "testing.redis_server",
+        "testing.browser",
+        "testing.redis_cluster",
+        "testing.redis_sentinel",
+    ),
     ("testing", "__init__"),
     ("pytest_plugin",),  # pytest's fixtures, over statekit.testing
     ("integrations.asgi",),  # the ASGI middleware, which the FastAPI dependency reads

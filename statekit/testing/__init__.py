@@ -11,7 +11,9 @@ shared store would::
     engine.reap()  # the session is gone, its callbacks ran
 
 :class:`Browser` drives a web app through its framework's test client as pages using
-``statekit.js`` would, tab by tab; :class:`RedisServer` runs a private Redis server.
+``statekit.js`` would, tab by tab; :class:`RedisServer` runs a private Redis server,
+:class:`RedisCluster` a private Redis Cluster and :class:`RedisSentinel` a private
+Sentinel set-up (a master, its replica and three sentinels), each on loopback ports.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from statekit.testing.browser import (
     transport_for,
 )
 from statekit.testing.fakes import FakeClock, checked_store
+from statekit.testing.redis_cluster import RedisCluster
+from statekit.testing.redis_sentinel import RedisSentinel
 from statekit.testing.redis_server import RedisServer
 
 __all__ = [
@@ -34,6 +38,8 @@ __all__ = [
     "BrowserError",
     "FakeClock",
     "Headers",
+    "RedisCluster",
+    "RedisSentinel",
     "RedisServer",
     "Response",
     "Tab",
