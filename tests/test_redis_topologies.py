@@ -21,6 +21,7 @@ import redis.cluster
 import redis.sentinel
 
 from statekit.testing import RedisCluster, RedisSentinel
+from statekit.testing._nodes import free_ports
 
 T = TypeVar("T")
 
@@ -65,6 +66,21 @@ def cluster_client(cluster: RedisCluster) -> redis.cluster.RedisCluster:
 def port_of(client: redis.cluster.RedisCluster, key: str) -> int:
     """The port of the master that holds ``key``, as the client sees it now."""
     return int(client.get_node_from_key(key).port)  # type: ignore[no-untyped-call]
+
+
+def redis_children() -> set[int]:
+    """The process ids of this process's running redis-* children (Linux)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
+        state, ppid = rest.split()[:2]
+        if name.startswith("redis") and int(ppid) == os.getpid() and state != "Z":
+            found.add(int(entry.name))
+    return found
 
 
 def test_a_cluster_spreads_keys_over_its_three_masters(redis_cluster: RedisCluster) -> None:
@@ -122,14 +138,18 @@ def test_a_cluster_survives_a_master_killed(redis_cluster: RedisCluster) -> None
 def test_a_cluster_stops_every_process_it_started() -> None:
     """After ``with RedisCluster(...)``, no node's process runs and no port answers.
     Fails if a node outlives the block (a leaked process)."""
+    before = redis_children()
     with RedisCluster(masters=3, replicas=0) as cluster:
         pids = cluster.pids()
         ports = [port for _, port in cluster.startup_nodes]
+        assert redis_children() - before == set(pids)
         assert len(pids) == 3
-        assert redis.Redis(port=ports[0]).ping()
+        with redis.Redis(port=ports[0]) as node:
+            assert node.ping()
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    assert redis_children() == before
     assert all(refuses(port) for port in ports)
 
 
@@ -166,6 +186,19 @@ def test_sentinel_clients_follow_a_failover(redis_sentinel: RedisSentinel) -> No
             conn.close()
 
 
+def test_a_sentinel_set_up_stops_every_process_it_started() -> None:
+    """After ``with RedisSentinel()``, neither server nor sentinel runs. Fails if a
+    process outlives the block."""
+    before = redis_children()
+    with RedisSentinel() as setup:
+        pids = setup.pids()
+        ports = [port for _, port in setup.sentinels] + [setup.master()[1]]
+        assert redis_children() - before == set(pids)
+        assert len(pids) == 5  # master, replica, 3 sentinels
+    assert redis_children() == before
+    assert all(refuses(port) for port in ports)
+
+
 def test_missing_programs_fail_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Without the programs, the helpers raise (a test using them fails rather than
     skips) and name the package to install."""
@@ -177,6 +210,43 @@ def test_missing_programs_fail_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path
         RedisCluster()
     with pytest.raises(RuntimeError, match=r"redis-sentinel is not installed .*redis-sentinel"):
         RedisSentinel()
+
+
+def test_a_port_taken_meanwhile_is_chosen_anew(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port found free but taken before its node listens (another program was
+    quicker) costs a retry with new ports, not a failed start. Fails if the cluster
+    gives up, or runs a node on the taken port."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    choices: list[list[int]] = []
+
+    def choose(count: int, *, bus: bool = False) -> list[int]:
+        chosen = free_ports(count, bus=bus)
+        if not choices:
+            chosen[0] = port  # as if it had been free a moment before
+        choices.append(chosen)
+        return chosen
+
+    monkeypatch.setattr("statekit.testing.redis_cluster.free_ports", choose)
+    try:
+        with RedisCluster(masters=3, replicas=0) as cluster:
+            assert len(choices) == 2
+            assert port not in [p for _, p in cluster.startup_nodes]
+            assert len(cluster.masters()) == 3
+    finally:
+        taken.close()
+
+
+def test_a_cluster_that_does_not_come_up_says_why() -> None:
+    """A start that runs out of time raises, naming what did not happen and showing
+    the end of the nodes' logs, and leaves no node running."""
+    before = redis_children()
+    cluster = RedisCluster(start_timeout=0)
+    with pytest.raises(RuntimeError, match=r"(?s)did not answer in time.*-- cluster node"):
+        cluster.start()
+    assert redis_children() == before
 
 
 def test_impossible_topologies_are_refused() -> None:
