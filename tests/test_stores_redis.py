@@ -122,7 +122,7 @@ def exercise(store: RedisStore, clock: FakeClock, app: str = "shop") -> None:
     damaged keys, a reply read back, and an event on an asyncio client."""
     engine = StateEngine(store, app=app, clock=clock, idle_ttl=60, closed_ttl=30, capacity=3)
     client = store.client
-    P = f"{store.prefix}:{{{app}}}:"
+    keys = store.namespace(app).layout  # where each session's keys are (its bucket's)
     deleted: list[str] = []
     note = engine.session_state("note", "", ttl=10, on_delete=lambda v, _: deleted.append(v))
     first, second = engine.open_session(), engine.open_session()
@@ -130,7 +130,7 @@ def exercise(store: RedisStore, clock: FakeClock, app: str = "shop") -> None:
         ev[note] = "one"
     assert note.get(second) == ""
     assert engine.close_session(second) is True
-    client.zadd(P + "lru", {"ghost": 0})
+    client.zadd(keys.of("ghost").lru, {"ghost": 0})
     third = engine.open_session()  # evicts the closed session
     fourth = engine.open_session()  # drops the junk entry
     with engine.event(fourth) as ev:
@@ -142,8 +142,9 @@ def exercise(store: RedisStore, clock: FakeClock, app: str = "shop") -> None:
     assert note.get(first) == ""  # the value's ttl passed
     with engine.event(first) as ev:
         ev[note] = "two"
-    junk = {"garbage": 0, "s\0nobody": 0, "v\0nobody\0note": 0, f"s\0{fourth}": 0}
-    client.zadd(P + "dl", junk)
+    client.zadd(keys.first.dl, {"garbage": 0})
+    client.zadd(keys.of("nobody").dl, {"s\0nobody": 0, "v\0nobody\0note": 0})
+    client.zadd(keys.of(fourth).dl, {f"s\0{fourth}": 0})
     engine.reap()  # around the junk
     clock.advance(61)
     assert engine.reap() == 4  # three sessions and a value
@@ -154,20 +155,20 @@ def exercise(store: RedisStore, clock: FakeClock, app: str = "shop") -> None:
     assert ratio.increment(0.25) == 0.75
     visitors.set(5)
     broken = engine.open_session()
-    client.delete(P + "s:" + broken)
-    client.set(P + "s:" + broken, "not a hash")
+    client.delete(keys.of(broken).P + "s:" + broken)
+    client.set(keys.of(broken).P + "s:" + broken, "not a hash")
     with pytest.raises(SessionCorrupt), engine.event(broken):
         pass
     with pytest.raises(SessionCorrupt):
         note.get(broken)
-    client.set(P + "g:damaged", "not a hash")
+    client.set(keys.global_prefix("damaged") + "g:damaged", "not a hash")
     with pytest.raises(CodecError):
         engine.global_state("damaged", 0).increment()
-    client.delete(P + "gone:" + first)
-    client.hset(P + "gone:" + first, "not", "a tombstone")
+    client.delete(keys.of(first).P + "gone:" + first)
+    client.hset(keys.of(first).P + "gone:" + first, "not", "a tombstone")
     assert not engine.exists(first)
     ns: Any = store.namespace(app)
-    assert ns._run("REPLAY", [P + "q:nothing"], []) == [0]
+    assert ns._run("REPLAY", [keys.first.P + "q:nothing"], []) == [0]
 
     async def on_asyncio() -> None:
         store.async_client = aioredis.Redis.from_url(store.url or "")
@@ -195,10 +196,12 @@ def test_the_servers_script_cache_holds_each_script_once() -> None:
         client = redis.Redis.from_url(server.url)
         clock = FakeClock(2_000_000_000.0)
         exercise(RedisStore(server.url, prefix="one"), clock)
+        exercise(RedisStore(server.url, prefix="spread", buckets=4), clock)
         after_one = cached_scripts(client)
         store = RedisStore(server.url, prefix="many")
         for i in range(20):
             exercise(store, clock, app=f"app{i}")
+            exercise(RedisStore(server.url, prefix=f"many{i}", buckets=i + 2), clock)
         assert cached_scripts(client) == after_one
         handles = list(store._handles)
         origins = {handle.origin for handle in handles}
@@ -341,6 +344,8 @@ def test_every_script_declares_every_key_it_touches(watched: tuple[RedisServer, 
     server, watch = watched
     watch.undeclared_since()
     exercise(RedisStore(server.url, prefix=f"k{uuid.uuid4().hex[:6]}"), FakeClock(2e9))
+    spread = RedisStore(server.url, prefix=f"k{uuid.uuid4().hex[:6]}", buckets=4)
+    exercise(spread, FakeClock(2e9))  # EVICT runs only with several buckets
     assert watch.undeclared_since() == []
     from statekit.stores.redis import SCRIPTS
 
@@ -359,3 +364,20 @@ class TestRedisStoreDeclaringEveryKey(SharedStoreContract):
 
     def make_store(self) -> Store:
         return RedisStore(self.server.url, prefix=f"w{uuid.uuid4().hex[:6]}")
+
+
+class TestRedisStoreInBuckets(SharedStoreContract):
+    """The store contract with an app's sessions in 4 buckets on one server (as on a
+    cluster, each bucket with its own indexes and channel), watched: capacity, reaping
+    and notices across buckets answer as with one, and no script touches a key it did
+    not declare."""
+
+    @pytest.fixture(autouse=True)
+    def _server(self, watched: tuple[RedisServer, KeyWatch]) -> Iterator[None]:
+        self.server, watch = watched
+        watch.undeclared_since()
+        yield
+        assert watch.undeclared_since() == []
+
+    def make_store(self) -> Store:
+        return RedisStore(self.server.url, prefix=f"b{uuid.uuid4().hex[:6]}", buckets=4)

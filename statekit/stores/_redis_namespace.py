@@ -23,27 +23,25 @@ from statekit._codec import JSONCodec
 from statekit.exceptions import CodecError, SessionCorrupt, StoreUnavailable
 
 from . import _redis_replies as replies
+from . import _redis_spread as spread_ops
 from ._notices import NoticeFeed
 from ._redis_calls import Call, Ops, Pause, Plan, Read, raw
 from ._redis_claims import CLAIM_TTL, LostClaims
-from ._redis_failures import DamagedKey, read_failure
+from ._redis_failures import DamagedKey
+from ._redis_layout import Bucket, Layout
 from ._redis_notices import NoticeReceiver
+from ._redis_spread import BUDGET_MIN
 from .base import Busy, Ended, Gone, Lease, Loaded, Notice
 
 if TYPE_CHECKING:
     from .redis import RedisStore
 
-__all__ = ["RedisNamespace"]
+__all__ = ["BUDGET_MIN", "RedisNamespace"]
 
 #: Seconds an ended session's id is remembered, to answer "expired" not "unknown".
 TOMBSTONE_TTL = 86_400
 #: Key TTLs run this long past the engine's own deadlines (a backstop only).
 BACKSTOP = 86_400.0
-#: How many index members one reap script looks at, at most per entry asked for (and
-#: at least BUDGET_MIN): a pile of junk is cleared over several short calls, never in
-#: one long script that would hold up every other client of the server.
-BUDGET_PER_ENTRY = 4
-BUDGET_MIN = 2048
 #: An open at capacity asks again when too few of its candidates to evict are left
 #: (other processes evicted them first); after this many tries it opens over capacity.
 _EVICT_TRIES = 6
@@ -57,7 +55,7 @@ _NO_LIMIT = 2**62
 #: started.
 _APPLIES = frozenset({"CREATE", "COMMIT", "CLOSE", "GLOBAL_CAS", "GLOBAL_ADD"})
 #: Scripts that may remove entries whose callbacks the caller must run.
-_CLAIMING = frozenset({"CREATE", "LOAD", "PEEK", "CLOSE", "REAP"})
+_CLAIMING = frozenset({"CREATE", "EVICT", "LOAD", "PEEK", "CLOSE", "REAP"})
 #: Where the request key and a session's id sit in an app script's KEYS and ARGV.
 _REQUEST = 1
 _SID = 1
@@ -97,28 +95,6 @@ def _hmget(key: str, fields: tuple[str, ...], client: Any) -> Any:
     return client.hmget(key, *fields)
 
 
-def _due(index: str, until: str, count: int, client: Any) -> Any:
-    return client.zrangebyscore(index, "-inf", until, start=0, num=count)
-
-
-def _cards(keys: tuple[str, ...], client: Any) -> Any:
-    """The sizes of sorted sets, in one round trip; an error in place of a size whose
-    key holds another type of value."""
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.zcard(key)
-    return pipe.execute(raise_on_error=False)
-
-
-def _sid_in(member: bytes) -> bytes | None:
-    """The session id a deadline-index member names, read as the REAP script reads it
-    (None for a member that names none)."""
-    if member[:2] == b"s\0":
-        return member[2:]
-    cut = member.find(b"\0", 2)
-    return member[2:cut] if member[:2] == b"v\0" and cut >= 0 else None
-
-
 class RedisNamespace:
     """One application's state in a :class:`RedisStore`. Thread-safe."""
 
@@ -128,10 +104,9 @@ class RedisNamespace:
         "_candidates",
         "_claims",
         "_feed",
-        "_indexes",
+        "_layout",
         "_notices",
         "_request_ms",
-        "_settings",
         "_store",
         "channel",
         "origin",
@@ -139,20 +114,21 @@ class RedisNamespace:
 
     def __init__(self, store: RedisStore, app: str) -> None:
         self._store = store
-        self.P = f"{store.prefix}:{{{app}}}:"
-        self.channel = self.P + "notices"
-        # The indexes app scripts declare; bytes, which the client sends as they are.
-        self._indexes = [(self.P + name).encode() for name in ("dl", "lru", "closed")]
+        self._layout = Layout(store.prefix, app, store.buckets)
+        # The first bucket's (with one bucket, the app's) key prefix and channel.
+        self.P = self._layout.first.P
+        self.channel = self._layout.first.channel
         # The last candidates to evict the server named: at capacity, the next open
         # declares those still unused at once (one script call, not two).
         self._candidates: list[Any] = []
         self._claims = LostClaims(store)
         self._notices = NoticeReceiver(
             store.client,
-            self.channel,
+            [bucket.channel for bucket in self._layout.buckets],
             lambda: self.origin,
             store=store,
             timeout=store.socket_timeout,
+            sharded=store.cluster,
         )
         self._feed = NoticeFeed(
             f"statekit-redis-notices-{app}",
@@ -170,35 +146,55 @@ class RedisNamespace:
         self.origin = f"redis-{os.urandom(6).hex()}"
         self._request_ms = str(int(store.request_ttl * 1000))
         claim_ms = int(min(CLAIM_TTL, store.request_ttl) * 1000)
-        self._settings = " ".join(
-            [self._request_ms, str(claim_ms), str(TOMBSTONE_TTL), self.origin, self.channel]
-        ).encode()
+        publish = "SPUBLISH" if store.cluster else "PUBLISH"
+        head = [self._request_ms, str(claim_ms), str(TOMBSTONE_TTL), self.origin, publish]
+        for bucket in self._layout.buckets:
+            bucket.settings = " ".join([*head, bucket.channel]).encode()
 
     def _after_fork(self) -> None:
         self._draw_origin()
         self._claims.forget()
 
+    @property
+    def layout(self) -> Layout:
+        """Where this app's keys are (see ``_redis_layout``)."""
+        return self._layout
+
+    @property
+    def store(self) -> RedisStore:
+        return self._store
+
     # -- running scripts ---------------------------------------------------------
 
-    def _request(self) -> str:
-        """A new request key, drawn once per operation that writes."""
-        return self.P + "q:" + os.urandom(8).hex()
+    @staticmethod
+    def _request(prefix: str) -> str:
+        """A new request key under ``prefix`` (its bucket's, or its global's), drawn
+        once per operation that writes."""
+        return prefix + "q:" + os.urandom(8).hex()
 
-    def _pairs(self, sids: list[Any]) -> list[Any]:
-        """The hash and tombstone keys of each session, as a script declares them."""
-        prefix = self.P.encode()
+    @staticmethod
+    def pairs(bucket: Bucket, sids: list[Any]) -> list[Any]:
+        """The hash and tombstone keys of each session of ``bucket``, as a script
+        declares them."""
+        prefix = bucket.P.encode()
         keys: list[Any] = []
         for sid in sids:
             raw = sid if isinstance(sid, bytes) else sid.encode()
             keys += [prefix + b"s:" + raw, prefix + b"gone:" + raw]
         return keys
 
-    def _session(self, sid: str, *, claims: bool = True) -> list[Any]:
-        """The keys of an app script about one session (see Layout in the scripts);
-        without the capacity orders for one that claims nothing (COMMIT)."""
-        dl, lru, closed = self._indexes
-        keys = [dl, self._request(), lru, closed] if claims else [dl, self._request()]
-        return [*keys, self.P + "s:" + sid, self.P + "gone:" + sid]
+    def claiming_keys(self, bucket: Bucket) -> list[Any]:
+        """The first keys of a script about ``bucket`` that may claim sessions."""
+        return [bucket.dl, self._request(bucket.P), bucket.lru, bucket.closed]
+
+    def _session(self, sid: str, *, claims: bool = True) -> tuple[list[Any], bytes]:
+        """The keys of an app script about one session (see Layout in the scripts),
+        without the capacity orders for one that claims nothing (COMMIT); and its
+        bucket's settings, the script's first argument."""
+        bucket = self._layout.of(sid)
+        P = bucket.P
+        keys = self.claiming_keys(bucket) if claims else [bucket.dl, self._request(P)]
+        return [*keys, P + "s:" + sid, P + "gone:" + sid], bucket.settings
 
     def _run(self, name: str, keys: list[Any], args: list[Any]) -> Any:
         reply = self._store.run(
@@ -308,15 +304,18 @@ class RedisNamespace:
         # opening at once may take candidates first: a try that finds too few is made
         # again after a short random pause, and after a few the session is opened over
         # capacity (the next opens evict one more each) rather than failing a page load.
-        request = self._request()
+        # With several buckets, a script sees one: the session is stored first, then
+        # the app is brought back to capacity across buckets (see _redis_spread).
+        bucket = self._layout.of(sid)
+        spread = len(self._layout.buckets) > 1
+        first = self.claiming_keys(bucket)
         tail = [replies.num(now), replies.num(deadline)]
         backstop = self._backstop(now, deadline)
-        candidates = self._candidates
-        dl, lru, closed = self._indexes
+        candidates = [] if spread else self._candidates
         for attempt in range(_EVICT_TRIES + 1):
-            room = capacity if attempt < _EVICT_TRIES else _NO_LIMIT
-            args = [self._settings, sid, *tail, room, backstop, *candidates]
-            keys = [dl, request, lru, closed, self.P + "s:" + sid, *self._pairs(candidates)]
+            room = capacity if attempt < _EVICT_TRIES and not spread else _NO_LIMIT
+            args = [bucket.settings, sid, *tail, room, backstop, *candidates]
+            keys = [*first, bucket.P + "s:" + sid, *self.pairs(bucket, candidates)]
             reply = yield Plan("CREATE", keys, args, raw)
             if replies.text(reply[0]) != "full":
                 break
@@ -324,11 +323,15 @@ class RedisNamespace:
             if attempt:  # a first refusal only names them; later ones lost a race
                 yield Pause(random.uniform(0, 0.001 * 2**attempt))
         evicted, junk = replies.created(reply)
+        if spread:
+            return tuple(
+                (yield from spread_ops.evict_over(self, now=now, capacity=capacity, sid=sid))
+            )
         gone = {e.sid.encode() for e in evicted} | set(junk)
         # Kept for the next open while evictions go on; below capacity, nothing is.
         self._candidates = [c for c in candidates if c not in gone] if evicted else []
         if junk:
-            replies.warn_junk(self._store, self.P + "lru", junk)
+            replies.warn_junk(self._store, bucket.P + "lru", junk)
         return evicted
 
     create_session = _blocking(_create)
@@ -337,8 +340,9 @@ class RedisNamespace:
     def _load(
         self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
     ) -> Plan[Loaded | Gone | Busy | None]:
+        keys, settings = self._session(sid)
         args = [
-            self._settings,
+            settings,
             sid,
             replies.num(now),
             "" if touch_until is None else replies.num(touch_until),
@@ -346,7 +350,7 @@ class RedisNamespace:
             "" if lease is None else replies.num(lease.until),
             self._backstop(now, now if touch_until is None else touch_until),
         ]
-        return Plan("LOAD", self._session(sid), args, functools.partial(replies.loaded, sid))
+        return Plan("LOAD", keys, args, functools.partial(replies.loaded, sid))
 
     load_session = _blocking(_load)
     aload_session = _awaiting(_load)
@@ -358,7 +362,7 @@ class RedisNamespace:
         # the value not due and no touch due (see touch() in the scripts). Any
         # other case (gone, expired, a value past its ttl, a touch due, a field that
         # does not parse) runs the PEEK script, which decides it atomically.
-        key = self.P + "s:" + sid
+        key = self._layout.of(sid).P + "s:" + sid
         version, closed, deadline, value, value_deadline = yield Read(
             functools.partial(_hmget, key, ("_v", "_c", "_d", "v:" + name, "t:" + name)),
             damaged=lambda: SessionCorrupt(sid, "its Redis key holds another type of value"),
@@ -384,8 +388,9 @@ class RedisNamespace:
             fast = False
         if fast:
             return loaded
+        keys, settings = self._session(sid)
         args = [
-            self._settings,
+            settings,
             sid,
             replies.num(now),
             "" if touch_until is None else replies.num(touch_until),
@@ -393,7 +398,7 @@ class RedisNamespace:
             self._backstop(now, now if touch_until is None else touch_until),
         ]
         answer = functools.partial(replies.loaded, sid)
-        outcome: Loaded | Gone | Busy | None = yield Plan("PEEK", self._session(sid), args, answer)
+        outcome: Loaded | Gone | Busy | None = yield Plan("PEEK", keys, args, answer)
         assert not isinstance(outcome, Busy)
         return outcome
 
@@ -411,13 +416,14 @@ class RedisNamespace:
         lease: str | None = None,
         release: bool = True,
     ) -> Plan[int]:
-        args: list[Any] = [self._settings, sid, str(version), lease or "", "1" if release else "0"]
+        keys, settings = self._session(sid, claims=False)
+        args: list[Any] = [settings, sid, str(version), lease or "", "1" if release else "0"]
         for name, value in writes.items():
             deadline = ttl_deadlines.get(name)
             args += [name, value, "" if deadline is None else replies.num(deadline)]
         return Plan(
             "COMMIT",
-            self._session(sid, claims=False),
+            keys,
             args,
             functools.partial(replies.committed, sid, version, now),
         )
@@ -426,41 +432,35 @@ class RedisNamespace:
     acommit = _awaiting(_commit)
 
     def _release(self, sid: str, *, lease: str) -> Plan[None]:
-        return Plan("RELEASE", [self.P + "s:" + sid], [lease], lambda reply: None)
+        return Plan("RELEASE", [self._layout.of(sid).P + "s:" + sid], [lease], lambda reply: None)
 
     release = _blocking(_release)
     arelease = _awaiting(_release)
 
     def _renew(self, sid: str, *, lease: str, until: float) -> Plan[bool]:
-        return Plan("RENEW", [self.P + "s:" + sid], [lease, replies.num(until)], bool)
+        return Plan(
+            "RENEW", [self._layout.of(sid).P + "s:" + sid], [lease, replies.num(until)], bool
+        )
 
     renew = _blocking(_renew)
     arenew = _awaiting(_renew)
 
     def _close(self, sid: str, *, now: float, deadline: float) -> Plan[bool | Gone | None]:
+        keys, settings = self._session(sid)
         args = [
-            self._settings,
+            settings,
             sid,
             replies.num(now),
             replies.num(deadline),
             self._backstop(now, deadline),
         ]
-        return Plan("CLOSE", self._session(sid), args, functools.partial(replies.closed, sid))
+        return Plan("CLOSE", keys, args, functools.partial(replies.closed, sid))
 
     close_session = _blocking(_close)
     aclose_session = _awaiting(_close)
 
     def _count(self) -> Ops[int]:
-        lru, closed = self.P + "lru", self.P + "closed"
-        counts = yield Read(
-            functools.partial(_cards, (lru, closed)),
-            damaged=functools.partial(DamagedKey, str(self._store), lru),
-        )
-        for key, found in zip((lru, closed), counts, strict=True):
-            if isinstance(found, Exception):
-                damaged = functools.partial(DamagedKey, str(self._store), key)
-                raise read_failure(str(self._store), found, damaged) from found
-        return int(sum(counts))
+        return spread_ops.count(self)
 
     session_count = _blocking(_count)
     asession_count = _awaiting(_count)
@@ -472,54 +472,27 @@ class RedisNamespace:
             made_good = yield from self._claims.resolve()
             if made_good:  # hand these over first: a failing reap must not lose them
                 return tuple(made_good)
-        # Two steps: read the due members of the deadline index, then claim them in a
-        # script that declares their keys and checks each again. Fewer than limit only
-        # when nothing more is due; no script looks at more than budget members, so a
-        # pile of junk takes several (each read asks for more once junk turns up).
-        budget = max(BUDGET_MIN, limit * BUDGET_PER_ENTRY)
-        index = self.P + "dl"
-        out: list[Ended] = []
-        junk: list[Any] = []
-        size = limit
-        try:
-            while len(out) < limit:
-                want = min(budget, max(size, limit - len(out)))
-                members: list[bytes] = yield Read(
-                    functools.partial(_due, index, replies.num(now), want),
-                    damaged=functools.partial(DamagedKey, str(self._store), index),
-                )
-                if not members:
-                    break
-                sids = list(dict.fromkeys(s for m in members if (s := _sid_in(m)) is not None))
-                dl, lru, closed = self._indexes
-                keys = [dl, self._request(), lru, closed, *self._pairs(sids)]
-                args = [self._settings, replies.num(now), limit - len(out), len(sids), *sids]
-                ended, removed = yield Plan("REAP", keys, [*args, *members], raw)
-                out.extend(replies.reaped(item) for item in ended)
-                junk.extend(removed)
-                if removed:
-                    size = min(budget, 2 * want)
-            return tuple(out)
-        finally:
-            if junk:
-                replies.warn_junk(self._store, index, junk)
+        return tuple((yield from spread_ops.reap(self, now=now, limit=limit)))
 
     reap = _blocking(_reap)
     areap = _awaiting(_reap)
 
     # -- globals -----------------------------------------------------------------
 
+    def _global_key(self, name: str) -> str:
+        return self._layout.global_prefix(name) + "g:" + name
+
     def _damaged_global(self, name: str, why: str) -> CodecError:
         return CodecError(
             f"global state {name!r} is damaged in {self._store}: its key "
-            f"{self.P + 'g:' + name!r} {why}; delete that key to start it again from its "
+            f"{self._global_key(name)!r} {why}; delete that key to start it again from its "
             "default",
             state=name,
         )
 
     def _global_get(self, name: str) -> Ops[tuple[Any, int] | None]:
         value, version = yield Read(
-            functools.partial(_hmget, self.P + "g:" + name, ("v", "n")),
+            functools.partial(_hmget, self._global_key(name), ("v", "n")),
             damaged=lambda: self._damaged_global(name, "holds another type of value"),
         )
         if value is None and version is None:
@@ -545,7 +518,7 @@ class RedisNamespace:
 
         return Plan(
             "GLOBAL_CAS",
-            [self.P + "g:" + name, self._request()],
+            [self._global_key(name), self._request(self._layout.global_prefix(name))],
             [self._request_ms, "" if version is None else str(version), value],
             answer,
         )
@@ -561,7 +534,7 @@ class RedisNamespace:
             except ValueError:  # an int too long to write as text: the codec says so below
                 args = None
             if args is not None:
-                keys = [self.P + "g:" + name, self._request()]
+                keys = [self._global_key(name), self._request(self._layout.global_prefix(name))]
                 added = yield Plan("GLOBAL_ADD", keys, args, raw)
                 if isinstance(added, list):  # the key is not a hash statekit wrote
                     yield from self._global_get(name)  # raises, saying what is wrong

@@ -1,10 +1,14 @@
 """Notices of a Redis namespace handle: the pub/sub receive loop and the reading of
 each message.
 
-Scripts publish a JSON notice on the app's channel for every commit and every ended
+Scripts publish a JSON notice on the channel of the session's bucket (see
+``_redis_layout``: one channel per app with one bucket) for every commit and every ended
 session (``{"k": kind, "s": sid, "o": origin, "r": reason, "n": names}``). A handle
 skips its own notices, and a message that is not a statekit notice is ignored and
 counted, never mistaken for a lost connection (which costs every subscriber a resync).
+On a cluster, notices are sharded (``SPUBLISH``, received with ``SSUBSCRIBE``): each
+bucket's channel lives on its bucket's master, so notices never cross the cluster bus
+to every node.
 """
 
 from __future__ import annotations
@@ -46,15 +50,16 @@ class _Reconnects:
 
 
 class NoticeReceiver:
-    """Receives the notices of one channel for one handle (see ``NoticeFeed``, which
-    runs :meth:`listen` in its thread).
+    """Receives the notices of an app's channels for one handle (see ``NoticeFeed``,
+    which runs :meth:`listen` in its thread).
 
     Args:
         client: the blocking client (it makes the pub/sub connections).
-        channel: the app's notice channel.
+        channels: the app's notice channels, one per bucket.
         origin: the handle's current origin (it changes in the child of a fork).
         store: names the store in messages.
         timeout: seconds to wait for the server to confirm a subscription.
+        sharded: the channels are shard channels (on a cluster).
 
     Attributes:
         ignored: how many messages were not statekit notices.
@@ -63,14 +68,17 @@ class NoticeReceiver:
     def __init__(
         self,
         client: Any,
-        channel: str,
+        channels: list[str],
         origin: Callable[[], str],
         *,
         store: object,
         timeout: float,
+        sharded: bool = False,
     ) -> None:
         self._client = client
-        self.channel = channel
+        self.channels = channels
+        self.channel = channels[0]
+        self._sharded = sharded
         self._origin = origin
         self._store = store
         self._timeout = timeout
@@ -94,17 +102,18 @@ class NoticeReceiver:
             reconnects = _Reconnects()
             try:
                 self._subscribed(pubsub, stop)
-                pubsub.connection.register_connect_callback(reconnects.seen)
+                for connection in self._connections(pubsub):
+                    connection.register_connect_callback(reconnects.seen)
                 ready.set()
                 if lost:
                     deliver(Notice(kind="resync", sid="", origin="redis"))
                     lost = False
                 delay = 0.05
                 while not stop.is_set():
-                    message = pubsub.get_message(timeout=0.2)
+                    message = self._next(pubsub, 0.2)
                     if reconnects.take():
                         deliver(Notice(kind="resync", sid="", origin="redis"))
-                    if message is None or message.get("type") != "message":
+                    if message is None or message.get("type") not in ("message", "smessage"):
                         continue
                     notice = self.read(message["data"])
                     if notice is not None:
@@ -119,19 +128,36 @@ class NoticeReceiver:
                 with contextlib.suppress(Exception):
                     pubsub.close()
 
+    def _next(self, pubsub: Any, timeout: float) -> Any:
+        if self._sharded:
+            return pubsub.get_sharded_message(timeout=timeout)
+        return pubsub.get_message(timeout=timeout)
+
+    def _connections(self, pubsub: Any) -> list[Any]:
+        """The connections a subscription holds (one per master holding a channel on
+        a cluster)."""
+        if self._sharded:
+            nodes = list(pubsub.node_pubsub_mapping.values())
+            return [node.connection for node in nodes if node.connection is not None]
+        return [pubsub.connection]
+
     def _subscribed(self, pubsub: Any, stop: threading.Event) -> None:
-        """Subscribe to the notice channel and wait until the server confirms it, so
-        that every notice published from then on is received.
+        """Subscribe to the notice channels and wait until the server confirms each,
+        so that every notice published from then on is received.
 
         Raises:
             StoreUnavailable: no confirmation within the timeout.
         """
-        pubsub.subscribe(self.channel)
+        kind = "ssubscribe" if self._sharded else "subscribe"
+        (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(*self.channels)
+        waiting = {channel.encode() for channel in self.channels}
         deadline = time.monotonic() + self._timeout
         while not stop.is_set() and time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=0.1)
-            if message is not None and message.get("type") == "subscribe":
-                return
+            message = self._next(pubsub, 0.1)
+            if message is not None and message.get("type") == kind:
+                waiting.discard(message.get("channel"))
+                if not waiting:
+                    return
         raise StoreUnavailable(str(self._store), "the notice subscription was not confirmed")
 
     def read(self, data: object) -> Notice | None:

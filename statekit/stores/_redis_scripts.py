@@ -6,24 +6,25 @@ however many engines, handles and forked workers use it. What differs from call 
 call (the origin and channel of notices, lifetimes, times, ids) travels in ARGV, and
 every key a script reads or writes is declared in KEYS, as Redis asks of scripts.
 
-**Keys.** Every key of an application starts with ``<prefix>:{<app>}:`` so that the
-hash tag puts them in one cluster slot. ``s:<sid>`` is a session hash (``_v`` version,
+**Keys.** A session's keys share its bucket's hash tag (see ``_redis_layout``), so
+each script runs on one cluster slot: ``s:<sid>`` is a session hash (``_v`` version,
 ``_c`` closed, ``_d`` deadline, ``_l``/``_lu`` lease and its end, ``v:<name>`` values,
-``t:<name>`` value deadlines); ``dl`` is the deadline index (a sorted set of
-``s\\0<sid>`` and ``v\\0<sid>\\0<name>``); ``lru`` and ``closed`` order open sessions
-by last use and closed ones by close time; ``gone:<sid>`` remembers why a session
-ended; ``g:<name>`` is a global (``v`` value, ``n`` version); ``q:<request id>``
-remembers the reply of a write for a while. Times travel as the strings Python wrote,
-so Lua never rounds them.
+``t:<name>`` value deadlines); the bucket's ``dl`` is its deadline index (a sorted set
+of ``s\\0<sid>`` and ``v\\0<sid>\\0<name>``); ``lru`` and ``closed`` order its open
+sessions by last use and closed ones by close time; ``gone:<sid>`` remembers why a
+session ended; ``q:<request id>`` remembers the reply of a write for a while. A global
+is a hash ``g:<name>`` (``v`` value, ``n`` version) with request keys of its own tag.
+Times travel as the strings Python wrote, so Lua never rounds them.
 
-**Layout.** The six scripts about an application's sessions (CREATE, LOAD, PEEK,
-COMMIT, CLOSE, REAP) begin alike: KEYS[1] is the deadline index ``dl`` and KEYS[2]
-the request's key, then, in the five that may claim (all but COMMIT), KEYS[3] and
+**Layout.** The seven scripts about an application's sessions (CREATE, EVICT, LOAD,
+PEEK, COMMIT, CLOSE, REAP) begin alike: KEYS[1] is the deadline index ``dl`` and KEYS[2]
+the request's key, then, in the six that may claim (all but COMMIT), KEYS[3] and
 KEYS[4] the capacity orders ``lru`` and ``closed``. ARGV[1] holds the handle's
 settings, separated by spaces: the milliseconds a write's reply is remembered, the
 milliseconds a reply that only carries claims is, the seconds an ended id is
-remembered, the handle's origin and the notice channel (one argument rather than
-five: each one costs the client time to send). A script about one session takes its
+remembered, the handle's origin, the command that publishes a notice (``PUBLISH``, or
+``SPUBLISH`` on a cluster) and the bucket's notice channel (one argument rather than
+six: each one costs the client time to send). A script about one session takes its
 hash and tombstone as its last two keys, and its id as ARGV[2]. The globals' scripts
 take the global and the request's key, and the milliseconds first.
 
@@ -63,14 +64,14 @@ __all__ = ["TEXTS"]
 _APP = r"""
 local DL, REQ = KEYS[1], KEYS[2]
 local INDEXES = {DL}
-local REQUEST_MS, CLAIM_MS, TOMBSTONE, ORIGIN, CHANNEL =
-  string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%S+) (.+)$')
+local REQUEST_MS, CLAIM_MS, TOMBSTONE, ORIGIN, PUBLISH, CHANNEL =
+  string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%S+) (%S+) (.+)$')
 
 local function notice(kind, sid, reason, names)
   local msg = {k = kind, s = sid, o = ORIGIN}
   if reason then msg.r = reason end
   if names then msg.n = names end
-  redis.call('PUBLISH', CHANNEL, cjson.encode(msg))
+  redis.call(PUBLISH, CHANNEL, cjson.encode(msg))
 end
 
 -- Whether key holds a hash or nothing: any other type is not one statekit wrote.
@@ -178,6 +179,37 @@ local function declared(at, first, last)
   return slots
 end
 
+-- Claim each of victims (ids, their keys declared from slots) still in a capacity
+-- order, as evicted (or as idle or closed when its own deadline is past at now);
+-- drop an entry that names no session. Returns {evicted, junk}.
+local function evict(victims, slots, now)
+  local evicted = {}
+  local junk = {}
+  for _, victim in ipairs(victims) do
+    local key = KEYS[slots[victim]]
+    local meta = {}
+    if is_hash(key) then
+      meta = redis.call('HMGET', key, '_c', '_d')
+    end
+    if not meta[2] then
+      -- No session behind this entry: drop it, it holds no place.
+      redis.call('ZREM', LRU, victim)
+      redis.call('ZREM', CLOSED, victim)
+      junk[#junk + 1] = victim
+    else
+      local reason = 'evicted'
+      local at = now
+      local deadline = tonumber(meta[2])
+      if deadline and deadline <= tonumber(now) then
+        at = meta[2]
+        if meta[1] == '1' then reason = 'closed' else reason = 'idle' end
+      end
+      evicted[#evicted + 1] = claim(victim, key, KEYS[slots[victim] + 1], reason, at)
+    end
+  end
+  return evicted, junk
+end
+
 -- A reply that only carries what a load or a reap claimed (not the caller's own
 -- write) is kept for a shorter while: it holds deleted values.
 local function remember_claims(reply)
@@ -262,35 +294,32 @@ if need > 0 then
     return {'full', window}
   end
 end
-local evicted = {}
-local junk = {}
-for _, victim in ipairs(victims) do
-  local key = KEYS[slots[victim]]
-  local meta = {}
-  if is_hash(key) then
-    meta = redis.call('HMGET', key, '_c', '_d')
-  end
-  if not meta[2] then
-    -- No session behind this entry: drop it, it holds no place.
-    redis.call('ZREM', LRU, victim)
-    redis.call('ZREM', CLOSED, victim)
-    junk[#junk + 1] = victim
-  else
-    local reason = 'evicted'
-    local at = ARGV[3]
-    local deadline = tonumber(meta[2])
-    if deadline and deadline <= tonumber(ARGV[3]) then
-      at = meta[2]
-      if meta[1] == '1' then reason = 'closed' else reason = 'idle' end
-    end
-    evicted[#evicted + 1] = claim(victim, key, KEYS[slots[victim] + 1], reason, at)
-  end
-end
+local evicted, junk = evict(victims, slots, ARGV[3])
 redis.call('HSET', KEY, '_v', 0, '_c', 0, '_d', ARGV[4])
 redis.call('PEXPIRE', KEY, ARGV[6])
 redis.call('ZADD', DL, ARGV[4], 's\0' .. SID)
 redis.call('ZADD', LRU, ARGV[3], SID)
 return remember({'ok', evicted, junk})
+"""
+)
+
+# KEYS: dl, request, lru, closed, then the hash and tombstone of each victim.
+# ARGV: (1), now, then the ids of sessions to evict (the caller chose them, the oldest
+#       of every bucket, when the app's sessions are spread over several).
+# Returns {'ok', evicted, junk} as CREATE does; a victim no longer in a capacity order
+# (another process took it) is passed over.
+EVICT = (
+    _CLAIMING
+    + r"""
+local victims = {}
+for i = 3, #ARGV do
+  if redis.call('ZSCORE', CLOSED, ARGV[i]) or redis.call('ZSCORE', LRU, ARGV[i]) then
+    victims[#victims + 1] = ARGV[i]
+  end
+end
+local evicted, junk = evict(victims, declared(5, 3, #ARGV), ARGV[2])
+if #evicted > 0 then return remember_claims({'ok', evicted, junk}) end
+return {'ok', evicted, junk}
 """
 )
 
@@ -587,6 +616,7 @@ return remember(redis.call('HGET', KEYS[1], 'v'))
 #: The text of every script, by name.
 TEXTS: dict[str, str] = {
     "CREATE": CREATE,
+    "EVICT": EVICT,
     "LOAD": LOAD,
     "PEEK": PEEK,
     "COMMIT": COMMIT,

@@ -5,11 +5,12 @@ reap, and an open that must evict, take two: keys found first, then the script):
 script runs it atomically on the server, so a commit is all-or-nothing, each expired
 session is claimed by exactly one process, and a session's lease is taken together
 with its load. The scripts are constants, loaded once per server, and declare every
-key they touch; all keys of an app share a hash tag (``{app}``), so they are
-cluster-safe. Key TTLs are set only as a garbage-collection backstop, well after the
-deadlines the engine enforces; no ``CONFIG SET`` and no keyspace notifications are
-needed. Notices to other processes go through pub/sub (best effort: after a lost
-connection, subscribers get a ``resync`` notice).
+key they touch, all on one cluster slot: a session's keys share its bucket's hash tag
+(``_redis_layout``), so that on a Redis Cluster sessions spread over the masters. Key
+TTLs are set only as a garbage-collection backstop, well after the deadlines the
+engine enforces; no ``CONFIG SET`` and no keyspace notifications are needed. Notices
+to other processes go through pub/sub (best effort: after a lost connection,
+subscribers get a ``resync`` notice).
 
 Every write carries a request id, and the script remembers its reply under it for
 ``request_ttl`` seconds: a write sent again after a lost connection (by a retrying
@@ -17,7 +18,9 @@ client, or once by the store itself) returns the first outcome and is applied on
 When no answer can be had, :class:`~statekit.StoreUnavailable` says whether the
 request may have been applied (``outcome_unknown``).
 
-The parts: ``_redis_scripts`` (the Lua), ``_redis_namespace`` (an app's operations),
+The parts: ``_redis_scripts`` (the Lua), ``_redis_layout`` (the keys and buckets),
+``_redis_clients`` (the client for a URL), ``_redis_namespace`` (an app's operations),
+``_redis_spread`` (operations over every bucket),
 ``_redis_replies`` (reading script replies), ``_redis_failures`` (what a failure
 means), ``_redis_claims`` (removals whose reply was lost), ``_redis_notices``
 (pub/sub).
@@ -42,7 +45,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from statekit import _fork
 from statekit._codec import Codec, JSONCodec
 
-from ._redis_failures import UNAVAILABLE, Attempts, default_retry, read_failure, safe_url
+from ._redis_clients import is_cluster, make_client
+from ._redis_failures import UNAVAILABLE, Attempts, read_failure, safe_url
+from ._redis_layout import MAX_BUCKETS
 from ._redis_namespace import RedisNamespace
 from ._redis_scripts import TEXTS
 
@@ -92,13 +97,19 @@ SCRIPTS = {name: Script(name, text) for name, text in TEXTS.items()}
 
 
 class RedisStore:
-    """Keeps state in Redis, shared by every process and host that uses the server.
+    """Keeps state in Redis, shared by every process and host that uses the server: one
+    server, a Redis Cluster, or the master Sentinel names.
 
     Args:
-        url: the server, e.g. ``redis://127.0.0.1:6379/0`` (``rediss://`` for TLS).
-        client: a ``redis.Redis`` to use instead of one made from ``url``; it must not
-            decode responses.
-        async_client: a ``redis.asyncio.Redis`` that async events (``engine.aevent``) use
+        url: the server, e.g. ``redis://127.0.0.1:6379/0`` (``rediss://`` for TLS); a
+            cluster, ``redis+cluster://host:port,host:port`` (any of its nodes); the
+            master of a Sentinel set-up, ``redis+sentinel://host:port,host:port/service``
+            (the sentinels, and the service they watch).
+        client: a ``redis.Redis`` (a Sentinel master's too) or a
+            ``redis.cluster.RedisCluster`` to use instead of one made from ``url``; it
+            must not decode responses.
+        async_client: a ``redis.asyncio.Redis`` (``redis.asyncio.cluster.RedisCluster``
+            with a cluster) that async events (``engine.aevent``) use
             for their loads and commits. An asyncio client belongs to one event loop:
             pass the one your server's loop uses, and close it when the server stops.
             Without it, async events run the blocking client in a worker thread, so the
@@ -111,6 +122,13 @@ class RedisStore:
         request_ttl: seconds the server remembers the reply of each write, so that a
             write sent again (after a lost connection) returns its first outcome and is
             applied once. Engines refuse a ``lease_ttl`` above it.
+        buckets: how many buckets an app's sessions are spread over (1 to 256; see
+            ``docs/stores.md``): by default 48 on a cluster and 1 elsewhere. Part of the
+            key layout: every process of an app must use the same number.
+
+    Raises:
+        ValueError: a URL of no known form, a bad setting, or a client and an
+            asyncio client of different kinds (one a cluster's, one not).
 
     The client made from ``url`` retries a request three times after a lost connection
     (within about a second); a ``client`` of your own keeps its own retry policy. Both
@@ -126,15 +144,21 @@ class RedisStore:
         self,
         url: str | None = "redis://127.0.0.1:6379/0",
         *,
-        client: redis.Redis | None = None,
-        async_client: aioredis.Redis | None = None,
+        client: redis.Redis | redis.cluster.RedisCluster | None = None,
+        async_client: aioredis.Redis | aioredis.cluster.RedisCluster | None = None,
         prefix: str = "statekit",
         codec: Codec | None = None,
         socket_timeout: float = 5.0,
         request_ttl: float = 60.0,
+        buckets: int | None = None,
     ) -> None:
         if client is None and url is None:
             raise ValueError("RedisStore needs a url or a client")
+        if client is not None and not isinstance(client, redis.Redis) and not is_cluster(client):
+            raise ValueError(
+                f"RedisStore's client must be a redis.Redis or a redis.cluster.RedisCluster, "
+                f"got {type(client).__name__}"
+            )
         if isinstance(request_ttl, bool) or not isinstance(request_ttl, (int, float)):
             raise ValueError(f"request_ttl must be a number of seconds, got {request_ttl!r}")
         if not 1 <= request_ttl <= 86_400:
@@ -144,25 +168,35 @@ class RedisStore:
         self.prefix = prefix
         self.url = url
         self._label = f"RedisStore({safe_url(url)!r})" if url else "RedisStore(<client>)"
-        self.client: redis.Redis = (
-            client
-            if client is not None
-            else redis.Redis.from_url(
-                url or "",
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                retry=default_retry(),
-            )
-        )
-        self.async_client = async_client
-        _fork.after_fork_in_child(self)
-        self.socket_timeout = socket_timeout
-        self._handles: weakref.WeakSet[RedisNamespace] = weakref.WeakSet()
         if not _PREFIX.fullmatch(prefix):
             raise ValueError(
                 f"Redis key prefix {prefix!r} is not valid: use 1 to 64 characters among "
                 "letters, digits and _ . : -"
             )
+        self.client: Any = (
+            client
+            if client is not None
+            else make_client(url or "", socket_timeout=socket_timeout, shown=safe_url(url or ""))
+        )
+        #: Whether the store talks to a Redis Cluster (notices are then sharded).
+        self.cluster = is_cluster(self.client)
+        if async_client is not None and is_cluster(async_client) != self.cluster:
+            raise ValueError(
+                "RedisStore's async_client must reach the same kind of deployment as its "
+                "client: a redis.asyncio.cluster.RedisCluster with a cluster, a "
+                "redis.asyncio.Redis otherwise"
+            )
+        if buckets is None:
+            buckets = 48 if self.cluster else 1
+        if isinstance(buckets, bool) or not isinstance(buckets, int):
+            raise ValueError(f"buckets must be a whole number, got {buckets!r}")
+        if not 1 <= buckets <= MAX_BUCKETS:
+            raise ValueError(f"buckets must be between 1 and {MAX_BUCKETS}, got {buckets}")
+        self.buckets = buckets
+        self.async_client = async_client
+        _fork.after_fork_in_child(self)
+        self.socket_timeout = socket_timeout
+        self._handles: weakref.WeakSet[RedisNamespace] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return self._label

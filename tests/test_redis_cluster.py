@@ -1,0 +1,274 @@
+"""The Redis store on a real Redis Cluster (3 masters, 3 replicas on loopback): the
+whole store contract, sessions spread evenly over the masters, reaping on every master
+with each callback once, and exact totals from several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio.cluster as aiocluster
+
+from statekit import SessionState, StateEngine
+from statekit.stores import Loaded, Store, StoreNamespace
+from statekit.stores.redis import RedisStore
+from statekit.testing import RedisCluster
+
+from . import _workers
+from .store_contract import Awaited, SharedStoreContract
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def cluster_url(cluster: RedisCluster) -> str:
+    return "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in cluster.startup_nodes)
+
+
+def keys_per_master(cluster: RedisCluster, match: str) -> dict[int, int]:
+    """How many keys matching ``match`` each master holds."""
+    counts = {}
+    for port in cluster.masters():
+        node = redis.Redis(port=port)
+        try:
+            counts[port] = sum(1 for _ in node.scan_iter(match=match, count=1000))
+        finally:
+            node.close()
+    return counts
+
+
+class TestRedisStoreOnCluster(SharedStoreContract):
+    """The store contract on a cluster: every script runs on one slot (the cluster
+    refuses a script that touches keys of two), capacity and claims keep their
+    meaning across the buckets, notices arrive through sharded pub/sub."""
+
+    @pytest.fixture(autouse=True)
+    def _cluster(self, redis_cluster: RedisCluster) -> None:
+        self.url = cluster_url(redis_cluster)
+
+    def make_store(self) -> Store:
+        return RedisStore(self.url, prefix=f"c{uuid.uuid4().hex[:6]}")
+
+
+class TestRedisStoreOnClusterAwaited(SharedStoreContract):
+    """The contract through the async methods, on ``redis.asyncio.cluster``."""
+
+    @pytest.fixture(autouse=True)
+    def _loop(self, redis_cluster: RedisCluster) -> Iterator[None]:
+        self.url = cluster_url(redis_cluster)
+        self.loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        thread.start()
+        self.client = aiocluster.RedisCluster.from_url(redis_cluster.url)
+        yield
+        asyncio.run_coroutine_threadsafe(self.client.aclose(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        thread.join(10)
+        self.loop.close()
+
+    def make_store(self) -> Store:
+        return RedisStore(self.url, async_client=self.client, prefix=f"ca{uuid.uuid4().hex[:6]}")
+
+    def through(self, ns: StoreNamespace) -> StoreNamespace:
+        return Awaited(ns, self.loop)
+
+
+def test_a_cluster_is_chosen_by_url_or_by_client(redis_cluster: RedisCluster) -> None:
+    """``redis+cluster://`` and a RedisCluster client both make a cluster store (48
+    buckets, sharded notices); a plain URL to one node would not reach the others'
+    slots. Fails if either is taken for a single server."""
+    by_url = RedisStore(cluster_url(redis_cluster), prefix="kind")
+    client = redis.cluster.RedisCluster.from_url(redis_cluster.url)
+    by_client = RedisStore(client=client, prefix="kind")
+    try:
+        assert by_url.cluster
+        assert by_client.cluster
+        assert by_url.buckets == by_client.buckets == 48
+        with pytest.raises(ValueError, match="async_client"):
+            RedisStore(client=client, async_client=redis.asyncio.Redis())
+    finally:
+        by_url.close()
+        by_client.close()
+
+
+def test_10000_sessions_spread_evenly_over_the_masters(redis_cluster: RedisCluster) -> None:
+    """Each master holds a third of the sessions, within 10%. Fails when an app's
+    sessions share one slot (the old single hash tag) or buckets land unevenly."""
+    prefix = f"spread{uuid.uuid4().hex[:6]}"
+    store = RedisStore(cluster_url(redis_cluster), prefix=prefix)
+    ns = store.namespace("shop")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(
+                pool.map(
+                    lambda i: ns.create_session(
+                        f"sid{i:05d}", now=0.0, deadline=4e9, capacity=1_000_000
+                    ),
+                    range(10_000),
+                )
+            )
+        assert ns.session_count() == 10_000
+        counts = keys_per_master(redis_cluster, f"{prefix}:*:s:*")
+        assert len(counts) == 3
+        assert sum(counts.values()) == 10_000
+        assert all(abs(n - 10_000 / 3) <= 10_000 / 3 * 0.10 for n in counts.values()), counts
+    finally:
+        store.close()
+
+
+def test_capacity_holds_across_buckets(redis_cluster: RedisCluster) -> None:
+    """An app at capacity evicts its least recently used session, whichever bucket
+    holds it, and the count stays at capacity. Fails if capacity were checked per
+    bucket (evicting early) or not at all."""
+    store = RedisStore(cluster_url(redis_cluster), prefix=f"cap{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", capacity=10)
+    ended: list[str] = []
+    engine.on_close(lambda sid, reason: ended.append(sid))
+    try:
+        first = [engine.open_session() for _ in range(10)]
+        assert engine.session_count() == 10
+        assert ended == []
+        later = [engine.open_session() for _ in range(5)]
+        assert engine.session_count() == 10
+        assert ended == first[:5]
+        assert all(engine.exists(sid) for sid in first[5:] + later)
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+def _populate(url: str, prefix: str, sids: list[str], now: float) -> None:
+    store = RedisStore(url, prefix=prefix)
+    ns = store.namespace("mp")
+    try:
+        for sid in sids:
+            ns.create_session(sid, now=now, deadline=now + 60, capacity=1_000_000)
+            note = {"note": f'"{sid}"'.encode()}
+            ns.commit(sid, version=0, writes=note, ttl_deadlines={}, now=now)
+    finally:
+        store.close()
+
+
+def test_reaping_10000_sessions_runs_on_every_master_each_callback_once(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Four processes reap 10,000 expired sessions spread over the three masters:
+    every session's deletion callback runs exactly once, in one of them, and no
+    session is left on any master. Fails if a bucket were never reaped (its master's
+    sessions stay), or an entry were claimed twice."""
+    import time
+
+    url, prefix = cluster_url(redis_cluster), f"reap{uuid.uuid4().hex[:6]}"
+    sids = [f"r{i:05d}{uuid.uuid4().hex[:8]}" for i in range(10_000)]
+    now = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: _populate(url, prefix, sids[k::8], now), range(8)))
+    before = keys_per_master(redis_cluster, f"{prefix}:*:s:*")
+    assert len(before) == 3
+    assert min(before.values()) > 3000
+    out, start = SPAWN.Queue(), SPAWN.Barrier(4)
+    reapers = [
+        SPAWN.Process(target=_workers.reap, args=("redis", url, prefix, 120.0, out, start))
+        for _ in range(4)
+    ]
+    try:
+        for p in reapers:
+            p.start()
+        calls = [out.get(timeout=120) for _ in range(10_000)]
+        for p in reapers:
+            p.join(60)
+        assert [p.exitcode for p in reapers] == [0] * 4
+    finally:
+        for p in reapers:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    assert out.empty()
+    assert sorted(value for value, _ in calls) == sorted(sids)
+    assert {reason for _, reason in calls} == {"idle"}
+    assert keys_per_master(redis_cluster, f"{prefix}:*:s:*") == dict.fromkeys(before, 0)
+
+
+def _run_all(processes: list[Any], timeout: float = 240) -> None:
+    import time
+
+    for p in processes:
+        p.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for p in processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+        assert [p.exitcode for p in processes] == [0] * len(processes), "workers failed"
+    finally:
+        for p in processes:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+
+
+def test_8_processes_x_1000_increments_are_exact_on_a_cluster(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A global's add is one script on the global's own slot: 8,000 increments from 8
+    processes give exactly 8,000."""
+    url, prefix = cluster_url(redis_cluster), f"inc{uuid.uuid4().hex[:6]}"
+    _run_all(
+        [
+            SPAWN.Process(target=_workers.increment, args=("redis", url, prefix, 1000))
+            for _ in range(8)
+        ]
+    )
+    engine = _workers.engine("redis", url, prefix)
+    try:
+        assert engine.global_state("visitors", 0).get() == 8000
+    finally:
+        engine.shutdown()
+        engine.store.close()  # type: ignore[attr-defined]
+
+
+def test_8_processes_x_200_events_on_one_session_lose_none_on_a_cluster(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Events of one session from 8 processes take turns by the lease: every one of
+    the 1,600 appends is kept, once."""
+    url, prefix = cluster_url(redis_cluster), f"ev{uuid.uuid4().hex[:6]}"
+    engine = _workers.engine("redis", url, prefix)
+    try:
+        log: SessionState[list[int]] = engine.session_state("log", [])
+        sid = engine.open_session()
+        _run_all(
+            [
+                SPAWN.Process(target=_workers.append, args=("redis", url, prefix, sid, k, 200))
+                for k in range(8)
+            ]
+        )
+        assert sorted(log.get(sid)) == sorted(k * 10_000 + i for k in range(8) for i in range(200))
+    finally:
+        engine.shutdown()
+        engine.store.close()  # type: ignore[attr-defined]
+
+
+def test_a_session_loaded_on_the_cluster_reads_back_what_was_written(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A value written through one store is read through another (another client,
+    another process's view): the layout is the same for both."""
+    url = cluster_url(redis_cluster)
+    prefix = f"rw{uuid.uuid4().hex[:6]}"
+    one, two = RedisStore(url, prefix=prefix), RedisStore(url, prefix=prefix)
+    try:
+        a, b = one.namespace("shop"), two.namespace("shop")
+        a.create_session("s1", now=0.0, deadline=4e9, capacity=10)
+        a.commit("s1", version=0, writes={"cart": b"[1]"}, ttl_deadlines={}, now=0.0)
+        loaded = b.load_session("s1", now=1.0, touch_until=None)
+        assert isinstance(loaded, Loaded)
+        assert loaded.values == {"cart": b"[1]"}
+    finally:
+        one.close()
+        two.close()
