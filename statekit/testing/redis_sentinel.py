@@ -203,10 +203,13 @@ class RedisSentinel:
         return self.master()
 
     def restore(self, timeout: float = 30.0) -> None:
-        """Start the killed servers again as replicas of the current master and wait
-        until they are in sync and the sentinels see them."""
+        """Start the killed servers again as replicas of the current master (once the
+        sentinels elected one) and wait until they are in sync and the sentinels see
+        them."""
         deadline = time.monotonic() + timeout
-        master = self.master()[1]
+        if not self._killed:
+            return
+        master = self.wait_for_failover(deadline - time.monotonic())[1]
         for port in self._killed:
             node = self.servers[port]
             node.args = [*DATA, "--replicaof", HOST, str(master)]
