@@ -18,8 +18,9 @@ lifetimes, change detection and pluggable stores::
 from ._browser import BrowserKeys, DecodedToken, TokenProblem
 from ._changes import Change, changed, compare
 from ._codec import Codec, JSONCodec, SignedPickleCodec
-from ._engine import StateEngine
+from ._engine import EngineStats, StateEngine
 from ._events import Event, EventResult, ListenerFailure
+from ._metrics import Timings, ValueSize
 from ._registry import SessionRegistry
 from ._states import BrowserState, GlobalState, SessionState, State
 from .exceptions import (
@@ -53,6 +54,7 @@ __all__ = [
     "DecodedToken",
     "DeleteReason",
     "EngineClosed",
+    "EngineStats",
     "Event",
     "EventResult",
     "GlobalState",
@@ -76,10 +78,12 @@ __all__ = [
     "Store",
     "StoreConflict",
     "StoreUnavailable",
+    "Timings",
     "TokenProblem",
     "TokenTooLarge",
     "UsageError",
     "ValueNotStorable",
+    "ValueSize",
     "WrongEngine",
     "changed",
     "compare",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _fork
 from ._checks import check_sid, qualname
 from ._clock import Clock
+from ._metrics import Meter
 from ._states import MISSING
 from ._steps import (
     CloseSession,
@@ -69,7 +70,16 @@ LOCAL_REAP_QUIET = 0.001
 class Settings:
     """An engine's settings, checked by the engine before it makes them."""
 
-    __slots__ = ("app", "capacity", "closed_ttl", "idle_ttl", "lease_ttl", "lease_wait")
+    __slots__ = (
+        "app",
+        "capacity",
+        "closed_ttl",
+        "idle_ttl",
+        "lease_ttl",
+        "lease_wait",
+        "warn_hold",
+        "warn_size",
+    )
 
     def __init__(
         self,
@@ -80,6 +90,8 @@ class Settings:
         capacity: int,
         lease_ttl: float,
         lease_wait: float,
+        warn_hold: float | None = None,
+        warn_size: int | None = None,
     ) -> None:
         self.app = app
         self.idle_ttl = idle_ttl
@@ -87,6 +99,8 @@ class Settings:
         self.capacity = capacity
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
+        self.warn_hold = warn_hold
+        self.warn_size = warn_size
 
 
 class Core:
@@ -110,6 +124,8 @@ class Core:
         self.shared = store.shared
         self.clock = clock
         self.values = values
+        # What the engine counts and measures (engine.stats()), and its warnings.
+        self.meter = Meter(clock, warn_hold=settings.warn_hold, warn_size=settings.warn_size)
         # Declarations by name; the session states with a ttl of their own.
         self.states: dict[str, State[Any]] = {}
         self.session_states: dict[str, SessionState[Any]] = {}
@@ -129,6 +145,7 @@ class Core:
 
     def _after_fork(self) -> None:
         _fork.free_lock(self.hooks_lock)
+        self.meter.after_fork()
 
     def add_hook(self, kind: str, hook: Callable[..., object]) -> None:
         """Add a hook of ``kind`` (``end``, ``open``, ``shutdown``, ``resync``)."""
@@ -257,6 +274,8 @@ class Core:
     def run_ended(self, ended: Iterable[Ended]) -> None:
         """Run the callbacks of removed sessions and values. Never raises."""
         for item in ended:
+            if item.state is None:
+                self.meter.ended(item.reason)
             for name, value in item.values.items():
                 state = self.session_states.get(name)
                 if state is None or not state.delete_callbacks:

@@ -38,6 +38,7 @@ from ._engine_host import EngineHost
 from ._entry import Entry, LatchEntry, LeaseEntry
 from ._events import BrowserIO, Event
 from ._globals import Globals
+from ._metrics import Timings, ValueSize
 from ._registry import SessionRegistry
 from ._remote import Remote
 from ._sessions import Sessions
@@ -52,21 +53,52 @@ __all__ = ["EngineStats", "StateEngine"]
 
 T = TypeVar("T")
 
+_NO_TIMINGS = Timings(p50=0.0, p99=0.0, samples=0)
+
 
 @attrs.frozen(kw_only=True)
 class EngineStats:
-    """What an engine can tell about itself, for operations and tests.
+    """What an engine can tell about itself, for operations and tests. Counts are of
+    this engine since it was made (in this process); see the operations guide.
 
     Attributes:
-        sessions: sessions the store holds (open or closed, not yet deleted).
+        sessions: live sessions: those the store holds (open, or closed within their
+            grace), of every process.
         held: sessions that events of this process hold or wait for (on the memory
             store, of every engine of the app); 0 when no event is open.
         waiting: events waiting for a session another event holds.
+        events: events that entered their session.
+        ended: sessions this engine removed from the store, by reason (every
+            :class:`~statekit.DeleteReason` value is a key): reaped when idle or
+            after their close grace, evicted at capacity, ended at shutdown. With a
+            shared store each ended session is counted by one process only.
+        conflicts: events whose commit was refused (:class:`~statekit.StoreConflict`,
+            :class:`~statekit.LeaseLost` included).
+        busy: events that gave up waiting for their session
+            (:class:`~statekit.SessionBusy`).
+        renewals: leases renewed (:meth:`Event.extend` and ``renew=True``).
+        leases_lost: events that lost their lease to another
+            (:class:`~statekit.LeaseLost`).
+        lease_wait: how long the latest events waited for their session (for the
+            other events of the session, and on a shared store for its lease).
+        lease_hold: how long the latest events held their session (entering to
+            leaving their block).
+        largest: the largest values written, as state names and sizes in bytes,
+            largest first (at most five; never the values).
     """
 
     sessions: int
     held: int
     waiting: int
+    events: int = 0
+    ended: Mapping[str, int] = attrs.field(factory=dict)
+    conflicts: int = 0
+    busy: int = 0
+    renewals: int = 0
+    leases_lost: int = 0
+    lease_wait: Timings = _NO_TIMINGS
+    lease_hold: Timings = _NO_TIMINGS
+    largest: tuple[ValueSize, ...] = ()
 
 
 class StateEngine:
@@ -88,6 +120,10 @@ class StateEngine:
         lease_wait: seconds an event waits for its session while other events hold it
             (in this process, or with a shared store in another) before raising
             :class:`SessionBusy`.
+        warn_hold: log a warning (logger ``statekit``, at most once a minute) when an
+            event holds its session longer than this many seconds; None: never.
+        warn_size: log a warning (likewise) when an event writes a value larger than
+            this many bytes; None: never.
 
     Thread-safe: any method may be called from any thread. Use one engine per app per
     process; several engines may live in one process.
@@ -114,9 +150,17 @@ class StateEngine:
         clock: Clock | None = None,
         lease_ttl: float = 30,
         lease_wait: float = 30,
+        warn_hold: float | None = 5,
+        warn_size: int | None = 1_000_000,
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise InvalidDeclaration(f"capacity must be a positive int, got {capacity!r}")
+        if warn_size is not None and (
+            isinstance(warn_size, bool) or not isinstance(warn_size, int) or warn_size < 1
+        ):
+            raise InvalidDeclaration(
+                f"warn_size must be a positive int (bytes) or None, got {warn_size!r}"
+            )
         settings = Settings(
             app=check_name(app, "app"),
             idle_ttl=check_seconds(idle_ttl, "idle_ttl"),
@@ -124,6 +168,8 @@ class StateEngine:
             capacity=capacity,
             lease_ttl=check_seconds(lease_ttl, "lease_ttl"),
             lease_wait=check_seconds(lease_wait, "lease_wait"),
+            warn_hold=None if warn_hold is None else check_seconds(warn_hold, "warn_hold"),
+            warn_size=warn_size,
         )
         self.app = settings.app
         self.idle_ttl = settings.idle_ttl
@@ -422,16 +468,21 @@ class StateEngine:
 
     def stats(self) -> EngineStats:
         """What the engine can tell about itself now (see :class:`EngineStats`). Asks
-        the store for its session count: async code awaits :meth:`astats`."""
-        held, waiting = self._entry.occupancy()
+        the store for its session count (one store call; the rest is this process's):
+        async code awaits :meth:`astats`."""
         sessions = drive(self._sessions.count(), self._ns)
-        return EngineStats(sessions=sessions, held=held, waiting=waiting)
+        return self._stats(sessions)
 
     async def astats(self) -> EngineStats:
         """:meth:`stats` without blocking the event loop."""
-        held, waiting = self._entry.occupancy()
         sessions = await self._core.adrive(self._sessions.count())
-        return EngineStats(sessions=sessions, held=held, waiting=waiting)
+        return self._stats(sessions)
+
+    def _stats(self, sessions: int) -> EngineStats:
+        held, waiting = self._entry.occupancy()
+        return EngineStats(
+            sessions=sessions, held=held, waiting=waiting, **self._core.meter.read()
+        )
 
     # -- events ------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ class EngineHost:
         self._globals = globals_
         self.app = core.app
         self.values: ValuePolicy = core.values
+        self.meter = core.meter
         self._ns = core.ns
         self._adrive = core.adrive
         # The hot paths, bound once.

@@ -108,6 +108,11 @@ class LatchEntry:
         self._clock = core.clock
         self._idle_ttl = core.idle_ttl
         self._ttl_states = core.ttl_states  # filled in place as states are declared
+        meter = self._meter = core.meter
+        self._waited = meter.waited
+        self._held = meter.held
+        self._entered_one = meter.entered
+        self._warn_hold = meter.warn_hold
 
     def occupancy(self) -> tuple[int, int]:
         return self._ns.occupancy()
@@ -130,6 +135,7 @@ class LatchEntry:
         if type(entered) is self._record and not entered.closed:  # type: ignore[union-attr]
             ev.loaded = entered  # type: ignore[assignment]
             ev.active = True
+            self._waited(0.0)
             return
         ns = self._ns
         if isinstance(entered, Turn):
@@ -137,6 +143,7 @@ class LatchEntry:
                 waited = ns.wait_turn(entered, owner, core.settings.lease_wait)
                 entered = self._after_wait(ev, entered, waited)
         self._entered(ev, entered)
+        self._waited(max(0.0, ev.now - now))
 
     async def aenter(self, ev: EventState) -> None:
         core = self._core
@@ -150,6 +157,7 @@ class LatchEntry:
                 waited = await ns.await_turn(entered, owner, core.settings.lease_wait)
                 entered = self._after_wait(ev, entered, waited)
         self._entered(ev, entered)
+        self._waited(max(0.0, ev.now - now))
 
     @contextlib.contextmanager
     def _giving_back(self, turn: Turn, owner: object) -> Iterator[None]:
@@ -164,6 +172,7 @@ class LatchEntry:
         """Load the session whose lock was just handed to this event (if it ``came``:
         else :class:`~statekit.SessionBusy`)."""
         if not came:
+            self._meter.count("busy")
             raise SessionBusy(ev.sid, self._core.settings.lease_wait)
         ev.now = now = self._core.clock()
         return self._ns.enter_after_wait(
@@ -194,6 +203,12 @@ class LatchEntry:
         ev.active = False
         entered = ev.loaded
         try:
+            hold = self._clock() - ev.now
+        except Exception:  # a measure only: the session is given back all the same
+            hold = 0.0
+        self._held(hold)
+        self._entered_one()
+        try:
             if failed or not ev.work:
                 ns.release_entered(entered)
                 if not failed:
@@ -218,6 +233,9 @@ class LatchEntry:
             except SessionNotFound:
                 core.check_usable()  # a shutdown emptied the store: say so
                 raise
+            except StoreConflict:
+                self._meter.count("conflicts")
+                raise
             if tokens:
                 ev.hand_out(tokens)
             ev.changed = changed  # the result is made when asked for
@@ -226,6 +244,8 @@ class LatchEntry:
                 core.run_ended(ev.pending)
             if ev.now >= core.next_local_look:
                 core.reap_some(ev.now)
+            if hold > self._warn_hold:
+                self._meter.slow(ev.sid, hold)
 
     async def aleave(self, ev: EventState, failed: bool) -> None:
         self.leave(ev, failed)  # direct calls: nothing to wait for
@@ -263,6 +283,7 @@ class LeaseEntry:
         self._polling = 0
         self._polling_lock = threading.Lock()
         self.renewer = Renewer(core)
+        self._meter = core.meter
         core.add_hook("shutdown", self.renewer.stop)
         _fork.after_fork_in_child(self)
 
@@ -287,15 +308,20 @@ class LeaseEntry:
         _start(self._core, ev)
         check_sid(ev.sid)
         started = time.monotonic()  # lease_wait bounds the whole wait
+        asked = self._core.clock()
         held = False
         try:
             self._locks.acquire(ev.sid, self._core.settings.lease_wait)
             held = True
             drive(self._enter_steps(ev, started), self._ns)
-        except BaseException:
-            self._not_entered(ev, held)
+        except BaseException as exc:
+            self._not_entered(ev, held, exc)
             raise
+        self._entered(ev, asked)
+
+    def _entered(self, ev: EventState, asked: float) -> None:
         ev.active = True
+        self._meter.waited(max(0.0, ev.now - asked))
         if ev.renew:
             self.renewer.add(ev)
 
@@ -303,17 +329,16 @@ class LeaseEntry:
         _start(self._core, ev)
         check_sid(ev.sid)
         started = time.monotonic()
+        asked = self._core.clock()
         held = False
         try:
             await self._locks.aacquire(ev.sid, self._core.settings.lease_wait)
             held = True
             await self._core.adrive(self._enter_steps(ev, started))
-        except BaseException:
-            self._not_entered(ev, held, in_task=True)
+        except BaseException as exc:
+            self._not_entered(ev, held, exc, in_task=True)
             raise
-        ev.active = True
-        if ev.renew:
-            self.renewer.add(ev)
+        self._entered(ev, asked)
 
     def _enter_steps(self, ev: EventState, started: float) -> Steps[None]:
         """Lease and load the session, waiting while it is busy until ``lease_wait``
@@ -357,9 +382,13 @@ class LeaseEntry:
         ev.closed = ev.loaded.closed
         self._remote.saw(ev.sid, ev.loaded.version)
 
-    def _not_entered(self, ev: EventState, held: bool, *, in_task: bool = False) -> None:
-        """After an event failed to start: give back its session lock (if ``held``) and
-        any lease it may have been granted, run due callbacks."""
+    def _not_entered(
+        self, ev: EventState, held: bool, exc: BaseException, *, in_task: bool = False
+    ) -> None:
+        """After an event failed to start (with ``exc``): give back its session lock (if
+        ``held``) and any lease it may have been granted, run due callbacks."""
+        if isinstance(exc, SessionBusy):
+            self._meter.count("busy")
         if held:
             self._locks.release(ev.sid)
         release = self._abandon_lease(ev)
@@ -394,7 +423,7 @@ class LeaseEntry:
 
     def leave(self, ev: EventState, failed: bool) -> None:
         ev.active = False
-        lost = ev.renew and self.renewer.remove(ev)
+        lost = self._held(ev)
         loop_error: ChangeLoopError | None = None
         try:
             loop_error = drive(self._leave_steps(ev, failed or lost), self._ns)
@@ -402,24 +431,52 @@ class LeaseEntry:
             self._locks.release(ev.sid)
             self._core.run_ended(ev.pending)
             self._core.reap_some(ev.now)
+            self._warn(ev)
         if lost and not failed:
-            raise LeaseLost(ev.sid, self._core.clock() - ev.now)
+            raise self._lost(ev)
         if loop_error is not None:
             raise loop_error
 
+    def _held(self, ev: EventState) -> bool:
+        """Note how long the event held its session; whether its lease was found lost
+        by the renewer."""
+        meter = self._meter
+        meter.held(self._hold(ev))
+        meter.entered()
+        return ev.renew and self.renewer.remove(ev)
+
+    def _hold(self, ev: EventState) -> float:
+        """How long the event has held its session (0 if the clock fails: a measure
+        only, the session is given back all the same)."""
+        try:
+            return max(0.0, self._core.clock() - ev.now)
+        except Exception:
+            return 0.0
+
+    def _warn(self, ev: EventState) -> None:
+        hold = self._hold(ev)
+        if hold > self._meter.warn_hold:
+            self._meter.slow(ev.sid, hold)
+
+    def _lost(self, ev: EventState) -> LeaseLost:
+        self._meter.count("conflicts")
+        self._meter.count("leases_lost")
+        return LeaseLost(ev.sid, self._core.clock() - ev.now)
+
     async def aleave(self, ev: EventState, failed: bool) -> None:
         ev.active = False
-        lost = ev.renew and self.renewer.remove(ev)
+        lost = self._held(ev)
         loop_error: ChangeLoopError | None = None
         try:
             loop_error = await self._core.adrive(self._leave_steps(ev, failed or lost))
         finally:
             self._locks.release(ev.sid)
             self._core.run_ended(ev.pending)
+            self._warn(ev)
         if self._core.look_due(ev.now):
             await self._core.adrive(self._core.look(ev.now))
         if lost and not failed:
-            raise LeaseLost(ev.sid, self._core.clock() - ev.now)
+            raise self._lost(ev)
         if loop_error is not None:
             raise loop_error
 
@@ -438,7 +495,8 @@ class LeaseEntry:
         now = core.clock()
         held = yield from ask(Renew(ev.sid, token, now + core.settings.lease_ttl))
         if not held:
-            raise LeaseLost(ev.sid, now - ev.now)
+            raise self._lost(ev)
+        self._meter.count("renewals")
 
     def _leave_steps(self, ev: EventState, failed: bool) -> Steps[ChangeLoopError | None]:
         """Commit (unless the block failed), run listener rounds, give the lease back."""
@@ -448,10 +506,11 @@ class LeaseEntry:
             try:
                 return (yield from self._committer.commit_with_listeners(ev, None))
             except StoreConflict as exc:
-                # Under a lease no other event commits: the lease was lost.
                 if isinstance(exc, LeaseLost) or ev.lease is None:
+                    self._meter.count("conflicts")
                     raise
-                raise LeaseLost(ev.sid, self._core.clock() - ev.now) from exc
+                # Under a lease no other event commits: the lease was lost.
+                raise self._lost(ev) from exc
         finally:
             if ev.lease is not None:
                 try:

@@ -223,7 +223,8 @@ class EventState:
         tokens: dict[str, str] | None = None
         changed: list[Changeable] = []
         fresh = self.fresh
-        values = self.host.values
+        host = self.host
+        values = host.values
         for state, work in self.work.items():
             old = self.before[state]
             if state.__class__ is SessionState or not isinstance(state, BrowserState):
@@ -234,11 +235,14 @@ class EventState:
                         if type(old) is not type(work) or old != work:
                             writes[state.name] = work
                             changed.append(state)
+                            if work.__class__ is str:  # the one atom that may be large
+                                host.meter.sized(self.sid, state.name, work)
                             continue
                     else:
                         verdict, stored = values.judge(state.name, old, work)
                         if verdict is not SAME:
                             writes[state.name] = stored
+                            host.meter.sized(self.sid, state.name, stored)
                             if verdict is CHANGED:
                                 changed.append(state)
                             continue

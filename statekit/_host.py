@@ -16,6 +16,7 @@ from .stores.base import DeleteReason
 
 if TYPE_CHECKING:
     from ._events import EventState
+    from ._metrics import Meter
     from ._registry import SessionRegistry
     from ._states import GlobalState, SessionState, State
     from ._values import ValuePolicy
@@ -32,6 +33,8 @@ class Host(Protocol):
     app: str
     #: How values become what the store keeps, and back (and change detection).
     values: ValuePolicy
+    #: What the engine counts and measures; events note the sizes of what they write.
+    meter: Meter
 
     # -- declarations ---------------------------------------------------------------
 

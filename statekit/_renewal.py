@@ -41,9 +41,6 @@ class Renewer:
         self._lost: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Renewals the store accepted, and refused (the lease was lost).
-        self.renewed = 0
-        self.refused = 0
         _fork.after_fork_in_child(self)
 
     def _after_fork(self) -> None:
@@ -95,8 +92,8 @@ class Renewer:
         token = ev.lease
         if token is None:
             return
-        now = core.clock()
         try:
+            now = core.clock()
             held = core.ns.renew(ev.sid, lease=token, until=now + core.settings.lease_ttl)
         except Exception as exc:
             logger.warning(
@@ -110,9 +107,8 @@ class Renewer:
             if key not in self._events:  # the event ended meanwhile: not its answer
                 return
             if held:
-                self.renewed += 1
+                core.meter.count("renewals")
                 return
-            self.refused += 1
             self._lost.add(key)
             del self._events[key]
         logger.warning(

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("stores._redis*",),  # the Redis store's own modules may use each other
     ("stores.memory", "stores.sqlite", "stores.redis"),
     ("stores",),
-    ("_values",),
+    ("_values", "_metrics"),
     ("_host",),
     ("_states",),
     ("_registry",),

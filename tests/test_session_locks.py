@@ -246,12 +246,13 @@ def test_malformed_and_unknown_ids_are_refused_on_entering(engine: StateEngine, 
 
 
 class FlakyClock(FakeClock):
-    """A fake clock that raises once when told to."""
+    """A fake clock that raises once when told to (in the thread ``fail_in``, if set)."""
 
     fail_next = False
+    fail_in: threading.Thread | None = None
 
     def __call__(self) -> float:
-        if self.fail_next:
+        if self.fail_next and self.fail_in in (None, threading.current_thread()):
             self.fail_next = False
             raise OSError("clock unavailable")
         return super().__call__()
@@ -265,7 +266,8 @@ def test_a_failing_clock_after_the_wait_gives_the_session_back() -> None:
     holder = Holder(engine, sid, lambda ev: None)
     queued = waiter(engine, sid, lambda ev: None)
     wait_for_waiters(engine, sid, 1)
-    clock.fail_next = True  # the next clock call is the waiter's, once it has the turn
+    clock.fail_in = queued.thread  # the waiter's next clock call, once it has the turn
+    clock.fail_next = True
     assert holder.finish() is None
     queued.thread.join(JOIN)
     assert isinstance(queued.error, OSError)

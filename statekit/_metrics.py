@@ -1,0 +1,245 @@
+"""What an engine counts and measures about itself, for operations: events, how long
+they waited for and held their sessions, conflicts, busy sessions, lease renewals,
+sessions ended by reason, the largest values written; and the warnings it logs when an
+event holds its session too long or a value grows too large.
+
+Cheap on an event's path: the times of the last :data:`WINDOW` events go to two
+bounded deques and the events to a counter, each one C call that needs no lock
+(``deque.append`` and ``next`` of an :func:`itertools.count` are atomic); the rest
+(rare: a conflict, a busy session, a session ended, a new largest value, a warning)
+takes the meter's lock. Percentiles are computed when :meth:`Meter.read` is called.
+
+Memory is bounded: two deques of :data:`WINDOW` floats, and one size per session state
+declared.
+
+Thread-safe. The warnings go to the ``statekit`` logger; no other code runs here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+from collections import deque
+from typing import Any
+
+import attrs
+
+from ._clock import Clock
+from ._copying import Sealed
+from .exceptions import redact
+from .stores.base import DeleteReason
+
+__all__ = ["LARGEST", "WARN_EVERY", "WINDOW", "Meter", "Timings", "ValueSize", "stored_size"]
+
+logger = logging.getLogger("statekit")
+
+#: How many of the latest events the wait and hold percentiles are taken over.
+WINDOW = 1024
+#: How many of the largest values :attr:`Meter.largest` names.
+LARGEST = 5
+#: Each kind of warning is logged at most once per this many seconds (engine clock);
+#: the next one says how many were held back.
+WARN_EVERY = 60.0
+
+
+@attrs.frozen(kw_only=True)
+class Timings:
+    """Percentiles of a duration over the latest events (at most :data:`WINDOW`), in
+    seconds on the engine's clock; all 0 before any event.
+
+    Attributes:
+        p50: the median.
+        p99: the 99th percentile.
+        samples: how many events they are taken over.
+    """
+
+    p50: float
+    p99: float
+    samples: int
+
+
+@attrs.frozen(kw_only=True)
+class ValueSize:
+    """The largest value an event of this engine wrote for a state (its name only).
+
+    Attributes:
+        state: the session state's name.
+        size: bytes: the codec's encoding on SQLite and Redis, the sealed image on the
+            memory store (a value kept as a private deep copy is not sized there).
+    """
+
+    state: str
+    size: int
+
+
+def stored_size(stored: Any) -> int | None:
+    """How many bytes a stored form takes, when it is bytes (a codec's), a sealed image
+    or a string; None for an object whose size is not known without walking it."""
+    cls = stored.__class__
+    if cls is bytes or cls is str:
+        return len(stored)
+    if cls is Sealed:
+        return len(stored.blob)
+    return None
+
+
+def _count(counter: itertools.count[int]) -> int:
+    """An :func:`itertools.count`'s next value, without taking it (``count(5)``)."""
+    return int(repr(counter)[6:-1])
+
+
+def _timings(samples: list[float]) -> Timings:
+    if not samples:
+        return Timings(p50=0.0, p99=0.0, samples=0)
+    samples.sort()
+    n = len(samples)
+    # The nearest-rank percentile: the smallest sample at or above that share.
+    return Timings(
+        p50=samples[max(0, math.ceil(0.5 * n) - 1)],
+        p99=samples[max(0, math.ceil(0.99 * n) - 1)],
+        samples=n,
+    )
+
+
+class _Limiter:
+    """Lets a kind of warning through at most once per :data:`WARN_EVERY` seconds,
+    counting those held back. Used under the meter's lock."""
+
+    __slots__ = ("held_back", "next_at")
+
+    def __init__(self) -> None:
+        self.next_at = -math.inf
+        self.held_back = 0
+
+    def allow(self, now: float) -> int | None:
+        """How many were held back since the last one let through, if this one may be;
+        else None (it is counted)."""
+        if now < self.next_at:
+            self.held_back += 1
+            return None
+        held_back, self.held_back = self.held_back, 0
+        self.next_at = now + WARN_EVERY
+        return held_back
+
+
+class Meter:
+    """One engine's figures (see the module's docstring).
+
+    Args:
+        clock: the engine's clock, which warnings are rate-limited by.
+        warn_hold: log a warning when an event holds its session longer than this
+            many seconds; None: never.
+        warn_size: log a warning when an event writes a value larger than this many
+            bytes; None: never.
+    """
+
+    def __init__(self, clock: Clock, *, warn_hold: float | None, warn_size: int | None) -> None:
+        self._clock = clock
+        self.warn_hold: float = math.inf if warn_hold is None else warn_hold
+        self.warn_size: float = math.inf if warn_size is None else warn_size
+        self._lock = threading.Lock()
+        # The hot path: C calls that need no lock.
+        self._waits: deque[float] = deque(maxlen=WINDOW)
+        self._holds: deque[float] = deque(maxlen=WINDOW)
+        self._events = itertools.count()
+        self.waited = self._waits.append
+        self.held = self._holds.append
+        self.entered = self._events.__next__
+        # Under the lock.
+        self._counts = {"conflicts": 0, "busy": 0, "renewals": 0, "leases_lost": 0}
+        self._ended = dict.fromkeys(DeleteReason, 0)
+        self._largest: dict[str, int] = {}
+        self._slow = _Limiter()
+        self._large = _Limiter()
+
+    def after_fork(self) -> None:
+        """In a forked child: the lock freed (its figures are the parent's until then)."""
+        self._lock = threading.Lock()
+
+    # -- counting ------------------------------------------------------------------
+
+    def count(self, what: str) -> None:
+        """One more of ``what``: ``conflicts``, ``busy``, ``renewals``, ``leases_lost``."""
+        with self._lock:
+            self._counts[what] += 1
+
+    def ended(self, reason: DeleteReason) -> None:
+        """A session this process removed from the store, for ``reason``."""
+        with self._lock:
+            self._ended[reason] += 1
+
+    def sized(self, sid: str, name: str, stored: Any) -> None:
+        """Note the size of a value an event writes (and warn of one too large); a
+        stored form whose size is not known (see :func:`stored_size`) is left out."""
+        size = stored_size(stored)
+        if size is None:
+            return
+        largest = self._largest
+        if size > largest.get(name, -1):
+            with self._lock:
+                if size > largest.get(name, -1):
+                    largest[name] = size
+        if size > self.warn_size:
+            self._warn_large(sid, name, size)
+
+    # -- warnings ------------------------------------------------------------------
+
+    def slow(self, sid: str, hold: float) -> None:
+        """An event held its session ``hold`` seconds, past ``warn_hold``."""
+        held_back = self._allow(self._slow)
+        if held_back is not None:
+            logger.warning(
+                "an event held session %s for %.3gs (warn_hold=%gs): other requests of "
+                "the session waited meanwhile; move slow work out of the event, or renew "
+                "its lease if it must run that long%s",
+                redact(sid),
+                hold,
+                self.warn_hold,
+                _more(held_back),
+            )
+
+    def _allow(self, limiter: _Limiter) -> int | None:
+        try:
+            now = self._clock()
+        except Exception:  # a warning is not worth failing an event for
+            return None
+        with self._lock:
+            return limiter.allow(now)
+
+    def _warn_large(self, sid: str, name: str, size: int) -> None:
+        held_back = self._allow(self._large)
+        if held_back is not None:
+            logger.warning(
+                "state %r wrote a value of %d bytes in session %s (warn_size=%d bytes): "
+                "every load of the session reads it; keep large data elsewhere and store "
+                "a reference%s",
+                name,
+                size,
+                redact(sid),
+                self.warn_size,
+                _more(held_back),
+            )
+
+    # -- reading -------------------------------------------------------------------
+
+    def read(self) -> dict[str, Any]:
+        """The figures now, as :class:`~statekit.EngineStats` fields."""
+        waits, holds = list(self._waits), list(self._holds)
+        with self._lock:
+            counts = dict(self._counts)
+            ended = {reason.value: n for reason, n in self._ended.items()}
+            largest = sorted(self._largest.items(), key=lambda item: (-item[1], item[0]))
+        return {
+            "events": _count(self._events),
+            **counts,
+            "ended": ended,
+            "lease_wait": _timings(waits),
+            "lease_hold": _timings(holds),
+            "largest": tuple(ValueSize(state=n, size=s) for n, s in largest[:LARGEST]),
+        }
+
+
+def _more(held_back: int) -> str:
+    return f" ({held_back} more since the last such warning)" if held_back else ""

@@ -1,0 +1,332 @@
+"""engine.stats(): the figures an operator reads (events, waits and holds, conflicts,
+busy sessions, renewals, sessions ended by reason, the largest values), checked on
+every store; and the warnings an engine logs, rate-limited, on a FakeClock.
+
+Times are on the engine's clock, which the tests move: a FakeClock advanced inside an
+event is how long that event held its session. "Another process" is a second engine on
+the same store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from statekit import (
+    DeleteReason,
+    EngineStats,
+    InvalidDeclaration,
+    LeaseLost,
+    SessionBusy,
+    StateEngine,
+    Timings,
+    ValueSize,
+)
+from statekit._metrics import WINDOW
+from statekit.testing import FakeClock
+
+from .conftest import StoreFactory, declared
+
+
+def make_engine(make_store: StoreFactory, clock: FakeClock, **options: Any) -> StateEngine:
+    settings: dict[str, Any] = {
+        "app": "ops",
+        "clock": clock,
+        "idle_ttl": 60,
+        "closed_ttl": 30,
+        "lease_ttl": 30,
+        "lease_wait": 5,
+        "capacity": 100,
+    }
+    engine = StateEngine(make_store(), **{**settings, **options})
+    engine.session_state("note", "")
+    engine.session_state("cart", [])
+    return engine
+
+
+def within(timeout: float, condition: Callable[[], bool]) -> None:
+    """Wait (bounded) for another thread to reach a state; not a timing."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the other thread never got there"
+        time.sleep(0.002)
+
+
+def test_a_new_engine_reports_nothing_yet(make_store: StoreFactory) -> None:
+    """Before any event every figure is zero, and every reason is listed (a dashboard
+    reads each key). Fails if a reason is missing or a figure starts elsewhere."""
+    engine = make_engine(make_store, FakeClock())
+    stats = engine.stats()
+    assert stats == EngineStats(
+        sessions=0,
+        held=0,
+        waiting=0,
+        ended={reason.value: 0 for reason in DeleteReason},
+        lease_wait=Timings(p50=0.0, p99=0.0, samples=0),
+        lease_hold=Timings(p50=0.0, p99=0.0, samples=0),
+    )
+    engine.shutdown()
+
+
+def test_events_and_how_long_they_held_their_sessions(make_store: StoreFactory) -> None:
+    """Three events holding their session 2, 4 and 6 s (on the engine's clock): three
+    events, hold p50 4 s and p99 6 s, no wait; a failed block counts as an event too.
+    Fails if events are miscounted or holds are not measured from entering to
+    leaving the block."""
+    clock = FakeClock()
+    engine = make_engine(make_store, clock)
+    note = declared(engine, "note")
+    sid = engine.open_session()
+    for seconds in (2, 6, 4):
+        with engine.event(sid) as ev:
+            clock.advance(seconds)
+            ev[note] = f"held {seconds}"
+    with pytest.raises(KeyError), engine.event(sid):
+        raise KeyError("the handler failed")
+    stats = engine.stats()
+    assert stats.events == 4
+    assert stats.sessions == 1
+    assert stats.lease_hold == Timings(p50=2.0, p99=6.0, samples=4)  # 0, 2, 4, 6
+    assert stats.lease_wait == Timings(p50=0.0, p99=0.0, samples=4)
+    assert (stats.conflicts, stats.busy, stats.renewals, stats.leases_lost) == (0, 0, 0, 0)
+    engine.shutdown()
+
+
+def test_a_wait_and_a_busy_session_are_counted(make_store: StoreFactory) -> None:
+    """An event that waited 3 s for its session (another event held it) shows in the
+    wait percentiles; one that gave up (lease_wait) counts as busy. Fails if waits are
+    not measured or SessionBusy is not counted."""
+    clock = FakeClock()
+    engine = make_engine(make_store, clock)
+    quick = make_engine(make_store, clock, lease_wait=0.05)
+    note = declared(engine, "note")
+    sid = engine.open_session()
+    done: list[str] = []
+
+    def waiter() -> None:
+        with engine.event(sid) as ev:
+            ev[note] = "after the wait"
+        done.append("entered")
+
+    def gives_up() -> None:
+        try:
+            with quick.event(sid):
+                pass
+        except SessionBusy:
+            done.append("busy")
+
+    with engine.event(sid):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        within(10, lambda: engine.stats().waiting >= 1)
+        clock.advance(3)
+        other = threading.Thread(target=gives_up)
+        other.start()
+        other.join(timeout=30)
+    thread.join(timeout=30)
+    assert sorted(done) == ["busy", "entered"]
+    stats = engine.stats()
+    assert stats.events == 2
+    assert stats.lease_wait.p99 == 3.0
+    assert stats.lease_hold.p99 == 3.0
+    assert quick.stats().busy == 1
+    engine.shutdown()
+    quick.shutdown()
+
+
+def test_renewals_conflicts_and_lost_leases(make_store: StoreFactory) -> None:
+    """On a shared store ev.extend() counts a renewal, and an event whose lease lapsed
+    and was taken counts as a conflict and a lost lease; on the memory store neither
+    happens (sessions are held by a lock of this process). Fails if a renewal or a
+    LeaseLost goes uncounted."""
+    clock = FakeClock()
+    engine = make_engine(make_store, clock)
+    rival = make_engine(make_store, clock)
+    note = declared(engine, "note")
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        clock.advance(20)
+        ev.extend()
+        ev[note] = "renewed"
+    shared = engine.store.shared
+    if shared:
+        with pytest.raises(LeaseLost), engine.event(sid) as ev:
+            clock.advance(31)
+            with rival.event(sid) as theirs:
+                theirs[declared(rival, "note")] = "taken"
+            ev[note] = "too late"
+    stats = engine.stats()
+    assert stats.renewals == (1 if shared else 0)
+    assert (stats.conflicts, stats.leases_lost) == ((1, 1) if shared else (0, 0))
+    assert rival.stats().conflicts == 0
+    engine.shutdown()
+    rival.shutdown()
+
+
+def test_sessions_ended_by_reason(make_store: StoreFactory) -> None:
+    """Sessions evicted at capacity, reaped when idle, and deleted after their close
+    grace are counted by reason, by the engine that removed them. Fails if a reason is
+    miscounted, or a closed session is counted twice (at close and at deletion)."""
+    clock = FakeClock()
+    engine = make_engine(make_store, clock, capacity=3)
+    opened = []
+    for _ in range(3):
+        opened.append(engine.open_session())
+        clock.advance(1)
+    first, second, third = opened
+    engine.open_session()  # evicts the least recently used: first
+    assert engine.close_session(second) is True
+    clock.advance(31)  # the closed session's grace is over
+    assert engine.reap() == 1
+    clock.advance(30)  # the open ones are idle (60 s)
+    assert engine.reap() == 2
+    stats = engine.stats()
+    assert stats.ended == {"idle": 2, "closed": 1, "evicted": 1, "ttl": 0, "shutdown": 0}
+    assert stats.sessions == 0
+    assert not engine.exists(first)
+    assert not engine.exists(third)
+    engine.shutdown()
+
+
+def test_the_largest_values_by_name_only(make_store: StoreFactory) -> None:
+    """The largest values written are named with their sizes, largest first, and never
+    shown: a cart of 2,000 items outranks a note. Fails if sizes are not noted, the
+    order is wrong, or a value's content leaks into the figures."""
+    clock = FakeClock()
+    engine = make_engine(make_store, clock)
+    note, cart = declared(engine, "note"), declared(engine, "cart")
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[cart] = [f"item-{i}" for i in range(2000)]
+        ev[note] = "secret-note"
+    with engine.event(sid) as ev:
+        ev[cart] = ["small"]
+    largest = engine.stats().largest
+    assert [v.state for v in largest] == ["cart", "note"]
+    assert largest[0].size > 10_000 > largest[1].size >= len("secret-note")
+    assert all(isinstance(v, ValueSize) for v in largest)
+    assert "secret" not in repr(engine.stats())
+    assert "item-" not in repr(engine.stats())
+    engine.shutdown()
+
+
+def test_the_windows_are_bounded(engine: StateEngine, clock: FakeClock) -> None:
+    """Percentiles are taken over the latest WINDOW events, so that memory stays
+    bounded however long the engine runs; the event count goes on. Fails if the
+    samples grow without bound."""
+    sid = engine.open_session()
+    for i in range(WINDOW + 50):
+        with engine.event(sid):
+            if i >= 50:
+                clock.advance(1)
+    stats = engine.stats()
+    assert stats.events == WINDOW + 50
+    assert stats.lease_hold == Timings(p50=1.0, p99=1.0, samples=WINDOW)
+
+
+def test_astats_reads_the_same(make_store: StoreFactory) -> None:
+    """await engine.astats() gives what stats() gives."""
+    clock = FakeClock()
+    engine = make_engine(make_store, clock)
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[declared(engine, "note")] = "x"
+    assert asyncio.run(engine.astats()) == engine.stats()
+    engine.shutdown()
+
+
+@pytest.fixture
+def statekit_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.WARNING, logger="statekit")
+    return caplog
+
+
+def said(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+
+def test_a_slow_event_is_logged_once_a_minute(
+    make_store: StoreFactory, statekit_log: pytest.LogCaptureFixture
+) -> None:
+    """An event holding its session past warn_hold logs a warning naming the session
+    by its short label only; more slow events within the minute are held back and
+    counted in the next warning. Fails if every slow event logs (a flood), if none
+    does, or if the whole session id (a bearer secret) appears."""
+    clock = FakeClock()
+    engine = make_engine(make_store, clock, warn_hold=5, idle_ttl=3600)
+    sid = engine.open_session()
+    for seconds in (4, 6, 7, 8):  # the first is within warn_hold
+        with engine.event(sid):
+            clock.advance(seconds)
+    first = said(statekit_log, "an event held session")
+    assert len(first) == 1
+    assert "6s" in first[0]
+    assert "warn_hold=5s" in first[0]
+    assert sid not in statekit_log.text
+    clock.advance(60)
+    with engine.event(sid):
+        clock.advance(9)
+    warnings = said(statekit_log, "an event held session")
+    assert len(warnings) == 2
+    assert "9s" in warnings[1]
+    assert "2 more since the last" in warnings[1]
+    engine.shutdown()
+
+
+def test_a_large_value_is_logged_by_name_once_a_minute(
+    make_store: StoreFactory, statekit_log: pytest.LogCaptureFixture
+) -> None:
+    """A value written larger than warn_size logs a warning naming its state and size,
+    never its content, at most once a minute. Fails if the value leaks into the log,
+    or if small values or every large write warn."""
+    clock = FakeClock()
+    engine = make_engine(make_store, clock, warn_size=1000, idle_ttl=3600)
+    cart = declared(engine, "cart")
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[cart] = ["tiny"]
+    assert said(statekit_log, "wrote a value") == []
+    for n in (500, 600):
+        with engine.event(sid) as ev:
+            ev[cart] = [f"secret-{i}" for i in range(n)]
+    warnings = said(statekit_log, "wrote a value")
+    assert len(warnings) == 1
+    assert "'cart'" in warnings[0]
+    assert "warn_size=1000 bytes" in warnings[0]
+    assert "secret" not in statekit_log.text
+    clock.advance(61)
+    with engine.event(sid) as ev:
+        ev[cart] = [f"secret-{i}" for i in range(700)]
+    warnings = said(statekit_log, "wrote a value")
+    assert len(warnings) == 2
+    assert "1 more since the last" in warnings[1]
+    engine.shutdown()
+
+
+def test_warnings_can_be_turned_off(
+    engine: StateEngine, clock: FakeClock, statekit_log: pytest.LogCaptureFixture
+) -> None:
+    """warn_hold=None and warn_size=None log nothing, however slow or large."""
+    quiet = StateEngine(clock=clock, app="quiet", warn_hold=None, warn_size=None)
+    big = quiet.session_state("big", "")
+    sid = quiet.open_session()
+    with quiet.event(sid) as ev:
+        clock.advance(3600)
+        ev[big] = "x" * 2_000_000
+    assert statekit_log.records == []
+    quiet.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("warn_hold", 0), ("warn_hold", "5"), ("warn_size", 0), ("warn_size", 1.5)],
+)
+def test_bad_thresholds_are_refused(option: str, value: Any) -> None:
+    with pytest.raises(InvalidDeclaration, match=option):
+        StateEngine(**{option: value})
