@@ -369,6 +369,11 @@ class StateEngine:
         return SessionRegistry(self, self._host, name, factory, cleanup)
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` was called (later calls raise EngineClosed)."""
+        return self._core.shut
+
+    @property
     def states(self) -> Mapping[str, State[Any]]:
         """The states declared on this engine, by name (a read-only view)."""
         return MappingProxyType(self._core.states)

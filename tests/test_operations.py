@@ -17,18 +17,22 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from statekit import (
     DeleteReason,
     EngineStats,
     InvalidDeclaration,
     LeaseLost,
+    MemoryStore,
     SessionBusy,
     StateEngine,
+    StoreUnavailable,
     Timings,
     ValueSize,
 )
 from statekit._metrics import WINDOW
+from statekit.integrations import prometheus
 from statekit.testing import FakeClock
 
 from .conftest import StoreFactory, declared
@@ -330,3 +334,93 @@ def test_warnings_can_be_turned_off(
 def test_bad_thresholds_are_refused(option: str, value: Any) -> None:
     with pytest.raises(InvalidDeclaration, match=option):
         StateEngine(**{option: value})
+
+
+# -- the Prometheus exporter ------------------------------------------------------------
+
+
+def scrape(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def test_prometheus_reads_the_stats_at_scrape_time(make_store: StoreFactory) -> None:
+    """A registry scraped after some events reports the engine's figures, labelled by
+    app: counters, ended sessions by reason, percentiles, the largest values, and the
+    store up. Fails if a metric is missing, stale (read at registration instead of
+    scrape) or labelled wrongly."""
+    clock = FakeClock()
+    engine = make_engine(make_store, clock, capacity=2)
+    cart = declared(engine, "cart")
+    registry = CollectorRegistry()
+    prometheus.register(engine, registry)
+    assert scrape(registry, "statekit_events_total", app="ops") == 0
+    sid = engine.open_session()
+    for seconds in (1, 3):
+        with engine.event(sid) as ev:
+            clock.advance(seconds)
+            ev[cart] = ["item"] * 100
+    engine.open_session()
+    engine.open_session()  # evicts the first
+    stats = engine.stats()
+    text = generate_latest(registry).decode()
+    assert 'statekit_events_total{app="ops"} 2.0' in text
+    assert scrape(registry, "statekit_sessions", app="ops") == stats.sessions == 2
+    assert scrape(registry, "statekit_sessions_held", app="ops") == 0
+    assert scrape(registry, "statekit_sessions_ended_total", app="ops", reason="evicted") == 1
+    assert scrape(registry, "statekit_sessions_ended_total", app="ops", reason="idle") == 0
+    assert scrape(registry, "statekit_lease_hold_seconds", app="ops", quantile="0.99") == 3.0
+    assert scrape(registry, "statekit_lease_wait_seconds", app="ops", quantile="0.5") == 0.0
+    assert scrape(registry, "statekit_value_largest_bytes", app="ops", state="cart") == (
+        stats.largest[0].size
+    )
+    for name in ("conflicts", "busy", "lease_renewals", "leases_lost"):
+        assert scrape(registry, f"statekit_{name}_total", app="ops") == 0
+    assert scrape(registry, "statekit_store_up", app="ops") == 1
+    engine.shutdown()
+
+
+def test_prometheus_serves_several_engines_and_leaves_out_ended_ones() -> None:
+    """Two engines (apps) on one registry share one collector, each labelled; an engine
+    shut down drops out of the next scrape. Fails if the second registration clashes
+    (duplicate metrics) or a closed engine breaks the scrape."""
+    registry = CollectorRegistry()
+    shop, blog = StateEngine(app="shop"), StateEngine(app="blog")
+    assert prometheus.register(shop, registry) is prometheus.register(blog, registry)
+    prometheus.register(shop, registry)  # twice: nothing more
+    shop.open_session()
+    assert scrape(registry, "statekit_sessions", app="shop") == 1
+    assert scrape(registry, "statekit_sessions", app="blog") == 0
+    shop.shutdown()
+    assert scrape(registry, "statekit_sessions", app="shop") is None
+    assert scrape(registry, "statekit_store_up", app="blog") == 1
+    blog.shutdown()
+
+
+class Unreachable(MemoryStore):
+    """A store that cannot count its sessions, as an unreachable one."""
+
+    def namespace(self, app: str) -> Any:
+        ns = super().namespace(app)
+
+        class Handle:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(ns, name)
+
+            def session_count(self) -> int:
+                raise StoreUnavailable("the store", "connection refused")
+
+        return Handle()
+
+
+def test_prometheus_reports_a_store_that_does_not_answer(
+    statekit_log: pytest.LogCaptureFixture,
+) -> None:
+    """When the store cannot be asked, the scrape still succeeds and says so
+    (statekit_store_up 0) rather than failing every metric of the process."""
+    registry = CollectorRegistry()
+    engine = StateEngine(Unreachable(), app="down")
+    prometheus.register(engine, registry)
+    assert scrape(registry, "statekit_store_up", app="down") == 0
+    assert scrape(registry, "statekit_events_total", app="down") is None
+    assert said(statekit_log, "the store failed")
+    engine.shutdown()
