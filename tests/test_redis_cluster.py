@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ import pytest
 import redis
 import redis.asyncio.cluster as aiocluster
 
-from statekit import SessionState, StateEngine
+from statekit import SessionState, StateEngine, StoreUnavailable
 from statekit.stores import Loaded, Store, StoreNamespace
 from statekit.stores.redis import RedisStore
 from statekit.testing import RedisCluster
@@ -196,8 +197,6 @@ def test_reaping_10000_sessions_runs_on_every_master_each_callback_once(
 
 
 def _run_all(processes: list[Any], timeout: float = 240) -> None:
-    import time
-
     for p in processes:
         p.start()
     deadline = time.monotonic() + timeout
@@ -272,3 +271,78 @@ def test_a_session_loaded_on_the_cluster_reads_back_what_was_written(
     finally:
         one.close()
         two.close()
+
+
+def _master_of(store: RedisStore, sid: str) -> int:
+    """The port of the master holding session ``sid``."""
+    key = store.namespace("shop").layout.of(sid).P + "s:" + sid
+    return int(store.client.get_node_from_key(key).port)
+
+
+def _events_until(
+    engine: StateEngine, sid: str, n: SessionState[int], ok: int
+) -> tuple[int, list[StoreUnavailable]]:
+    """Events adding 1 to ``n`` until ``ok`` of them succeeded in a row (at most 60 s);
+    returns (successes, the StoreUnavailable raised, in order)."""
+    acked, row = 0, 0
+    errors: list[StoreUnavailable] = []
+    deadline = time.monotonic() + 60
+    while row < ok:
+        assert time.monotonic() < deadline, f"no recovery: {errors[-3:]}"
+        try:
+            with engine.event(sid) as ev:
+                ev[n] += 1
+        except StoreUnavailable as exc:
+            errors.append(exc)
+            row = 0
+            time.sleep(0.05)
+        else:
+            acked += 1
+            row += 1
+    return acked, errors
+
+
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+def test_a_master_killed_mid_run_raises_store_unavailable_then_the_engine_recovers(
+    redis_cluster: RedisCluster, wait_replicas: int
+) -> None:
+    """SIGKILL the master of a session while events run on it: events raise
+    StoreUnavailable (an event whose commit may have been applied says
+    outcome_unknown), and once the replica is promoted (and, for the replica-wait
+    option, has a replica of its own again) the same engine carries on. With
+    ``wait_replicas=1`` no acknowledged event is lost: the count stored is at least
+    the events acknowledged, and above it only by events whose outcome was said
+    unknown. Fails if an error of another kind escapes, if the engine needs a
+    restart, or (with the option) if an acknowledged event is missing."""
+    url = cluster_url(redis_cluster)
+    store = RedisStore(
+        url, prefix=f"fo{uuid.uuid4().hex[:6]}", socket_timeout=1.0, wait_replicas=wait_replicas
+    )
+    engine = StateEngine(store, app="shop")
+    n: SessionState[int] = engine.session_state("n", 0)
+    try:
+        sid = engine.open_session()
+        before, errors = _events_until(engine, sid, n, 50)
+        assert errors == []
+        port = _master_of(store, sid)
+        redis_cluster.kill(port)
+        try:
+            with pytest.raises(StoreUnavailable), engine.event(sid) as ev:
+                ev[n] += 1
+            redis_cluster.wait_for_failover(port)
+            if wait_replicas:  # a promoted master needs a replica to acknowledge
+                redis_cluster.restore()
+            after, errors = _events_until(engine, sid, n, 50)
+        finally:
+            redis_cluster.restore()
+        acked = before + after
+        unknown = sum(1 for exc in errors if exc.outcome_unknown)
+        stored = n.get(sid)
+        if wait_replicas:
+            assert acked <= stored <= acked + unknown + 1  # +1: the event that raised
+        else:
+            assert stored <= acked + unknown + 1
+            assert stored >= after  # what came after the failover is all there
+    finally:
+        engine.shutdown()
+        store.close()

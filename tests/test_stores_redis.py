@@ -19,7 +19,7 @@ from statekit import StateEngine
 from statekit.exceptions import CodecError, SessionCorrupt
 from statekit.stores import Loaded, Store, StoreNamespace
 from statekit.stores.redis import RedisStore
-from statekit.testing import FakeClock, RedisServer
+from statekit.testing import FakeClock, RedisSentinel, RedisServer
 
 from .store_contract import Awaited, SharedStoreContract
 
@@ -381,3 +381,99 @@ class TestRedisStoreInBuckets(SharedStoreContract):
 
     def make_store(self) -> Store:
         return RedisStore(self.server.url, prefix=f"b{uuid.uuid4().hex[:6]}", buckets=4)
+
+
+# -- deployments: URLs, Sentinel, the replica wait -------------------------------------
+
+
+def test_urls_and_settings_of_no_known_form_are_refused_saying_what_to_use() -> None:
+    """A URL RedisStore cannot read fails at once, naming the forms it knows (not at
+    the first request, as an unreachable server would)."""
+    for url in ("http://127.0.0.1:6379", "redis+cluster://nohost", "redis+sentinel://h:1"):
+        with pytest.raises(ValueError, match="redis"):
+            RedisStore(url)
+    with pytest.raises(ValueError, match="buckets"):
+        RedisStore(buckets=0)
+    with pytest.raises(ValueError, match="wait_replicas"):
+        RedisStore(wait_replicas=-1)
+    with pytest.raises(ValueError, match="async_client"):
+        RedisStore(async_client=aioredis.cluster.RedisCluster(host="127.0.0.1", port=1))
+
+
+def test_a_write_no_replica_confirms_stands_but_says_it_may_be_lost(
+    redis_server: RedisServer,
+) -> None:
+    """With ``wait_replicas=1`` on a server without replicas, a write is applied on
+    the master but raises StoreUnavailable with ``outcome_unknown``: acknowledging it
+    would promise what a failover could take back."""
+    from statekit import StoreUnavailable
+
+    prefix = f"wait{uuid.uuid4().hex[:6]}"
+    waiting = StateEngine(
+        RedisStore(redis_server.url, prefix=prefix, wait_replicas=1, wait_timeout=0.05), app="a"
+    )
+    plain = StateEngine(RedisStore(redis_server.url, prefix=prefix), app="a")
+    try:
+        with pytest.raises(StoreUnavailable, match="0 of 1 replicas") as raised:
+            waiting.global_state("visitors", 0).set(5)
+        assert raised.value.outcome_unknown
+        assert plain.global_state("visitors", 0).get() == 5
+    finally:
+        waiting.shutdown()
+        plain.shutdown()
+
+
+def sentinel_url(setup: RedisSentinel) -> str:
+    hosts = ",".join(f"{host}:{port}" for host, port in setup.sentinels)
+    return f"redis+sentinel://{hosts}/{setup.service_name}"
+
+
+class TestRedisStoreOnSentinel(SharedStoreContract):
+    """The store contract on the master a Sentinel set-up names
+    (``redis+sentinel://``)."""
+
+    @pytest.fixture(autouse=True)
+    def _setup(self, redis_sentinel: RedisSentinel) -> None:
+        self.url = sentinel_url(redis_sentinel)
+
+    def make_store(self) -> Store:
+        return RedisStore(self.url, prefix=f"sn{uuid.uuid4().hex[:6]}")
+
+
+def test_a_sentinel_failover_raises_store_unavailable_then_the_engine_carries_on(
+    redis_sentinel: RedisSentinel,
+) -> None:
+    """SIGKILL the master: events raise StoreUnavailable; once the sentinels promote
+    the replica, the same engine finds it and its events succeed. Fails if the store
+    kept talking to the dead master, or another error escaped."""
+    import time
+
+    from statekit import StoreUnavailable
+
+    store = RedisStore(sentinel_url(redis_sentinel), prefix=f"sf{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", lease_wait=1)
+    n = engine.session_state("n", 0)
+    try:
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[n] += 1
+        redis_sentinel.kill_master()
+        try:
+            with pytest.raises(StoreUnavailable), engine.event(sid) as ev:
+                ev[n] += 1
+            redis_sentinel.wait_for_failover()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with engine.event(sid) as ev:
+                        ev[n] += 1
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() < deadline, "the new master was never used"
+                    time.sleep(0.1)
+        finally:
+            redis_sentinel.restore()
+        assert n.get(sid) >= 2
+    finally:
+        engine.shutdown()
+        store.close()

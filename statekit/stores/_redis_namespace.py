@@ -239,7 +239,7 @@ class RedisNamespace:
         """:meth:`_drive` on the store's asyncio client, or, without one, the blocking
         client in a worker thread."""
         client = self._store.async_client
-        if client is None:
+        if client is None or self._store.wait_replicas:
             return await asyncio.to_thread(self._drive, operation)
         if isinstance(operation, Plan):
             reply = await self._arun(client, operation.script, operation.keys, operation.args)
@@ -324,6 +324,8 @@ class RedisNamespace:
                 yield Pause(random.uniform(0, 0.001 * 2**attempt))
         evicted, junk = replies.created(reply)
         if spread:
+            if not spread_ops.may_be_full(reply[3], capacity, len(self._layout.buckets)):
+                return ()
             return tuple(
                 (yield from spread_ops.evict_over(self, now=now, capacity=capacity, sid=sid))
             )

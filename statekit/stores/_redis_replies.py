@@ -123,7 +123,7 @@ def created(reply: list[Any]) -> tuple[tuple[Ended, ...], list[Any]]:
     """
     if text(reply[0]) == "taken":
         raise SessionIdTaken
-    _, evicted, junk = reply
+    evicted, junk = reply[1], reply[2]
     return tuple(ended(item) for item in evicted), junk
 
 
@@ -178,7 +178,7 @@ def claims_in(name: str, sid: str, reply: list[Any]) -> list[Ended]:
     kind = text(reply[0]) if reply and not isinstance(reply[0], list) else ""
     if name == "REAP":
         return [reaped(item) for item in reply[0]]
-    if name == "CREATE":
+    if name in ("CREATE", "EVICT"):
         return list(created(reply)[0]) if kind == "ok" else []
     if kind == "closed":  # a close that took effect: its hooks are still due
         return [Ended(sid=sid, reason=DeleteReason.CLOSED, values={}, at=0.0)]

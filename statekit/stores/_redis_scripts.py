@@ -255,10 +255,11 @@ _CLAIMING = _APP + _CLAIMS + _ONCE + _INDEXES
 
 # KEYS: dl, request, lru, closed, session, then the hash and tombstone of each victim.
 # ARGV: (1), sid, now, deadline, capacity, backstop_ms, then the victims' ids.
-# Returns {'ok', evicted, junk}: the sessions evicted, and index entries that named
-# nothing; {'taken'}; or {'full', candidates} (nothing written) when too few of the
-# declared candidates are left to evict: the oldest sessions, a few more than needed,
-# which the caller declares when it asks again.
+# Returns {'ok', evicted, junk, size}: the sessions evicted, index entries that named
+# nothing, and the sessions the bucket holds now; {'taken'}; or {'full', candidates}
+# (nothing written) when too few of the declared candidates are left to evict: the
+# oldest sessions, a few more than needed, which the caller declares when it asks
+# again.
 CREATE = (
     _CLAIMING
     + r"""
@@ -299,7 +300,7 @@ redis.call('HSET', KEY, '_v', 0, '_c', 0, '_d', ARGV[4])
 redis.call('PEXPIRE', KEY, ARGV[6])
 redis.call('ZADD', DL, ARGV[4], 's\0' .. SID)
 redis.call('ZADD', LRU, ARGV[3], SID)
-return remember({'ok', evicted, junk})
+return remember({'ok', evicted, junk, redis.call('ZCARD', LRU) + redis.call('ZCARD', CLOSED)})
 """
 )
 

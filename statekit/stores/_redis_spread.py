@@ -15,6 +15,13 @@ session is evicted once only, whoever races for it. Reading and evicting are sep
 steps, so opens racing at capacity may each count the others' sessions and leave the
 app over capacity by at most the number of opens in flight at once; each later open
 evicts down to capacity again.
+
+Reading every bucket costs a batch of two reads per bucket, which redis-py takes
+milliseconds to make: an open counts only when its own bucket (whose size the
+``CREATE`` script returns) holds more than 3/4 of its share of capacity. Session ids
+are random, so buckets fill evenly: an app far below capacity never pays for the
+count, and one at capacity has most of its buckets above 3/4 of their share, so
+nearly every open counts and evicts (with a small capacity, every open counts).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ if TYPE_CHECKING:
     from ._redis_layout import Bucket
     from ._redis_namespace import RedisNamespace
 
-__all__ = ["BUDGET_MIN", "BUDGET_PER_ENTRY", "count", "evict_over", "reap"]
+__all__ = ["BUDGET_MIN", "BUDGET_PER_ENTRY", "count", "evict_over", "may_be_full", "reap"]
 
 #: How many index members one reap script looks at, at most per entry asked for (and
 #: at least BUDGET_MIN): a pile of junk is cleared over several short calls, never in
@@ -132,6 +139,13 @@ def _sid_in(member: bytes) -> bytes | None:
         return member[2:]
     cut = member.find(b"\0", 2)
     return member[2:cut] if member[:2] == b"v\0" and cut >= 0 else None
+
+
+def may_be_full(size: int, capacity: int, buckets: int) -> bool:
+    """Whether an open whose bucket now holds ``size`` sessions counts every bucket:
+    when its bucket holds more than 3/4 of its share of ``capacity`` (see Capacity over
+    several buckets above)."""
+    return 4 * size * buckets > 3 * capacity
 
 
 def evict_over(ns: RedisNamespace, *, now: float, capacity: int, sid: str) -> Ops[list[Ended]]:

@@ -28,6 +28,7 @@ means), ``_redis_claims`` (removals whose reply was lost), ``_redis_notices``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -44,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from statekit import _fork
 from statekit._codec import Codec, JSONCodec
+from statekit.exceptions import StoreUnavailable
 
 from ._redis_clients import is_cluster, make_client
 from ._redis_failures import UNAVAILABLE, Attempts, read_failure, safe_url
@@ -125,6 +127,14 @@ class RedisStore:
         buckets: how many buckets an app's sessions are spread over (1 to 256; see
             ``docs/stores.md``): by default 48 on a cluster and 1 elsewhere. Part of the
             key layout: every process of an app must use the same number.
+        wait_replicas: acknowledge a write (an open, a commit, a close, a global's
+            write) only once this many replicas of its master have it (``WAIT``): a
+            failover then loses no acknowledged write. 0 (the default): replication is
+            asynchronous, and a master that fails right after a write may take it with
+            it. When fewer replicas confirm within ``wait_timeout``, the write stands on
+            the master but StoreUnavailable (``outcome_unknown``) says it may be lost.
+            Async calls then run in a worker thread.
+        wait_timeout: seconds a write waits for its replicas.
 
     Raises:
         ValueError: a URL of no known form, a bad setting, or a client and an
@@ -151,6 +161,8 @@ class RedisStore:
         socket_timeout: float = 5.0,
         request_ttl: float = 60.0,
         buckets: int | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         if client is None and url is None:
             raise ValueError("RedisStore needs a url or a client")
@@ -193,6 +205,16 @@ class RedisStore:
         if not 1 <= buckets <= MAX_BUCKETS:
             raise ValueError(f"buckets must be between 1 and {MAX_BUCKETS}, got {buckets}")
         self.buckets = buckets
+        if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int):
+            raise ValueError(f"wait_replicas must be a whole number, got {wait_replicas!r}")
+        if wait_replicas < 0:
+            raise ValueError(f"wait_replicas must be 0 or more, got {wait_replicas}")
+        if isinstance(wait_timeout, bool) or not isinstance(wait_timeout, (int, float)):
+            raise ValueError(f"wait_timeout must be a number of seconds, got {wait_timeout!r}")
+        if not 0 < wait_timeout <= 60:
+            raise ValueError(f"wait_timeout must be above 0 and at most 60 s, got {wait_timeout}")
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = float(wait_timeout)
         self.async_client = async_client
         _fork.after_fork_in_child(self)
         self.socket_timeout = socket_timeout
@@ -220,10 +242,55 @@ class RedisStore:
         called when no answer came to a request that may have been applied. See
         ``Attempts`` in ``_redis_failures``.
         """
+        if not (applies and self.wait_replicas):
+            for attempt in Attempts(self._label, applies=applies, lost=lost):
+                with attempt:
+                    return SCRIPTS[script](self.client, keys, args)
+            raise AssertionError("unreachable")  # pragma: no cover
         for attempt in Attempts(self._label, applies=applies, lost=lost):
             with attempt:
-                return SCRIPTS[script](self.client, keys, args)
-        raise AssertionError("unreachable")  # pragma: no cover
+                reply, acked = self._waited(SCRIPTS[script], keys, args)
+                break
+        if acked < self.wait_replicas:
+            if lost is not None:
+                lost()
+            raise StoreUnavailable(
+                self._label,
+                f"{script} was applied on the master, but {acked} of {self.wait_replicas} "
+                f"replicas confirmed it within {self.wait_timeout:g} s: a failover now could "
+                "lose it",
+                outcome_unknown=True,
+            )
+        return reply
+
+    def _waited(self, script: Script, keys: list[Any], args: list[Any]) -> tuple[Any, int]:
+        """The script's reply, and how many replicas have its write: the script and
+        ``WAIT`` on one connection (``WAIT`` counts the replicas that have that
+        connection's writes), in one round trip. On a cluster, the connection is to
+        the master of the keys' slot; after a failure there, the client learns the
+        cluster's slots again."""
+        client = self.client
+        if self.cluster:
+            client = client.get_redis_connection(client.get_node_from_key(keys[0]))
+        try:
+            for _ in range(2):
+                pipe = client.pipeline(transaction=False)
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", self.wait_replicas, int(self.wait_timeout * 1000))
+                reply, acked = pipe.execute(raise_on_error=False)
+                if not isinstance(reply, NoScriptError):
+                    break
+                client.script_load(script.text)
+            if isinstance(reply, Exception):
+                raise reply
+            if isinstance(acked, Exception):
+                raise acked
+        except RedisError:
+            if self.cluster:
+                with contextlib.suppress(RedisError, OSError):
+                    self.client.nodes_manager.initialize()
+            raise
+        return reply, int(acked)
 
     async def arun(
         self, client: Any, script: str, keys: list[Any], args: list[Any], applies: bool, lost: Lost
