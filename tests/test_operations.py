@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -423,4 +426,32 @@ def test_prometheus_reports_a_store_that_does_not_answer(
     assert scrape(registry, "statekit_store_up", app="down") == 0
     assert scrape(registry, "statekit_events_total", app="down") is None
     assert said(statekit_log, "the store failed")
+    engine.shutdown()
+
+
+# -- the operations page ---------------------------------------------------------------
+
+
+def test_the_operations_page_names_every_figure_and_metric() -> None:
+    """docs/operations.md lists each EngineStats field and each exported metric: a
+    field or metric added without its line (or a line left after one is removed)
+    fails here."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \|", page, flags=re.MULTILINE)
+    fields = {name for name in rows if not name.startswith("statekit_")}
+    assert fields == {field.name for field in attrs.fields(EngineStats)}
+    documented = set(re.findall(r"`(statekit_\w+)`", page))
+    registry = CollectorRegistry()
+    engine = StateEngine(app="page")
+    engine.session_state("note", "")
+    with engine.event(engine.open_session()) as ev:
+        ev[declared(engine, "note")] = "x"
+    prometheus.register(engine, registry)
+    exported = {
+        sample.name
+        for family in registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+    assert documented == exported
     engine.shutdown()
