@@ -423,7 +423,7 @@ class LeaseEntry:
 
     def leave(self, ev: EventState, failed: bool) -> None:
         ev.active = False
-        lost = self._held(ev)
+        hold, lost = self._held(ev)
         loop_error: ChangeLoopError | None = None
         try:
             loop_error = drive(self._leave_steps(ev, failed or lost), self._ns)
@@ -431,19 +431,21 @@ class LeaseEntry:
             self._locks.release(ev.sid)
             self._core.run_ended(ev.pending)
             self._core.reap_some(ev.now)
-            self._warn(ev)
+            if hold > self._meter.warn_hold:
+                self._meter.slow(ev.sid, hold)
         if lost and not failed:
-            raise self._lost(ev)
+            raise self._lost(ev, hold)
         if loop_error is not None:
             raise loop_error
 
-    def _held(self, ev: EventState) -> bool:
-        """Note how long the event held its session; whether its lease was found lost
-        by the renewer."""
+    def _held(self, ev: EventState) -> tuple[float, bool]:
+        """Note how long the event held its session (the clock read once as it
+        leaves); that, and whether the renewer found its lease lost."""
         meter = self._meter
-        meter.held(self._hold(ev))
+        hold = self._hold(ev)
+        meter.held(hold)
         meter.entered()
-        return ev.renew and self.renewer.remove(ev)
+        return hold, ev.renew and self.renewer.remove(ev)
 
     def _hold(self, ev: EventState) -> float:
         """How long the event has held its session (0 if the clock fails: a measure
@@ -453,30 +455,26 @@ class LeaseEntry:
         except Exception:
             return 0.0
 
-    def _warn(self, ev: EventState) -> None:
-        hold = self._hold(ev)
-        if hold > self._meter.warn_hold:
-            self._meter.slow(ev.sid, hold)
-
-    def _lost(self, ev: EventState) -> LeaseLost:
+    def _lost(self, ev: EventState, held: float) -> LeaseLost:
         self._meter.count("conflicts")
         self._meter.count("leases_lost")
-        return LeaseLost(ev.sid, self._core.clock() - ev.now)
+        return LeaseLost(ev.sid, held)
 
     async def aleave(self, ev: EventState, failed: bool) -> None:
         ev.active = False
-        lost = self._held(ev)
+        hold, lost = self._held(ev)
         loop_error: ChangeLoopError | None = None
         try:
             loop_error = await self._core.adrive(self._leave_steps(ev, failed or lost))
         finally:
             self._locks.release(ev.sid)
             self._core.run_ended(ev.pending)
-            self._warn(ev)
+            if hold > self._meter.warn_hold:
+                self._meter.slow(ev.sid, hold)
         if self._core.look_due(ev.now):
             await self._core.adrive(self._core.look(ev.now))
         if lost and not failed:
-            raise self._lost(ev)
+            raise self._lost(ev, hold)
         if loop_error is not None:
             raise loop_error
 
@@ -495,7 +493,7 @@ class LeaseEntry:
         now = core.clock()
         held = yield from ask(Renew(ev.sid, token, now + core.settings.lease_ttl))
         if not held:
-            raise self._lost(ev)
+            raise self._lost(ev, now - ev.now)
         self._meter.count("renewals")
 
     def _leave_steps(self, ev: EventState, failed: bool) -> Steps[ChangeLoopError | None]:
@@ -510,7 +508,7 @@ class LeaseEntry:
                     self._meter.count("conflicts")
                     raise
                 # Under a lease no other event commits: the lease was lost.
-                raise self._lost(ev) from exc
+                raise self._lost(ev, self._hold(ev)) from exc
         finally:
             if ev.lease is not None:
                 try:

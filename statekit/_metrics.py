@@ -5,7 +5,8 @@ event holds its session too long or a value grows too large.
 
 Cheap on an event's path: the times of the last :data:`WINDOW` events go to two
 bounded deques and the events to a counter, each one C call that needs no lock
-(``deque.append`` and ``next`` of an :func:`itertools.count` are atomic); the rest
+(``deque.append`` and ``next`` of an :func:`itertools.count` are single steps under
+CPython's GIL); the rest
 (rare: a conflict, a busy session, a session ended, a new largest value, a warning)
 takes the meter's lock. Percentiles are computed when :meth:`Meter.read` is called.
 

@@ -49,6 +49,9 @@ class Renewer:
         self._events.clear()
         self._lost.clear()
         self._thread = None
+        stopped, self._stop = self._stop.is_set(), threading.Event()
+        if stopped:
+            self._stop.set()
 
     def add(self, ev: EventState) -> None:
         """Renew ``ev``'s lease from now on (it was just granted)."""

@@ -12,6 +12,8 @@ a thread of its own, with a short ``lease_wait``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 import time
 from typing import Any
@@ -242,3 +244,38 @@ def test_automatic_renewal_keeps_a_long_event(make_store: StoreFactory, way: str
         assert ev[declared(theirs, "log")] == "renewed"
     ours.shutdown()
     theirs.shutdown()
+
+
+def test_a_lease_the_renewer_finds_taken_fails_the_event(
+    make_store: StoreFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With renew=True, once another event took the session (here a load leasing it
+    directly in the store, at a time past our lease), the engine's renewer finds the
+    lease gone, logs it, and the event ends with LeaseLost instead of committing —
+    counted in stats(). On the memory store nothing can take a held session: the event
+    commits. Fails if the renewer renews a lease it lost, or the event still writes."""
+    caplog.set_level(logging.WARNING, logger="statekit")
+    clock = FakeClock()
+    store = make_store()
+    engine = StateEngine(store, app="stolen", clock=clock, lease_ttl=0.3, lease_wait=5)
+    declare(engine)
+    sid = engine.open_session()
+    thief = make_store().namespace("stolen")
+    with pytest.raises(LeaseLost) if store.shared else contextlib.nullcontext():  # noqa: SIM117
+        with engine.event(sid, renew=True) as ev:
+            ev[declared(engine, "log")] = "mine"
+            if store.shared:
+                later = clock() + 100  # past any renewal the engine makes meanwhile
+                taken = thief.load_session(
+                    sid, now=later, touch_until=None, lease=Lease(token="thief", until=later + 30)
+                )
+                assert not isinstance(taken, Busy)
+                deadline = time.monotonic() + 20
+                while not any("was lost" in r.getMessage() for r in caplog.records):
+                    assert time.monotonic() < deadline, "the renewer never ran"
+                    time.sleep(0.01)
+    assert engine.stats().leases_lost == (1 if store.shared else 0)
+    if store.shared:
+        thief.release(sid, lease="thief")
+    assert declared(engine, "log").get(sid) == ("" if store.shared else "mine")
+    engine.shutdown()
