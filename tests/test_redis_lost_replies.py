@@ -118,14 +118,16 @@ def test_lost_replies_never_apply_a_write_twice_and_unknown_outcomes_are_said(
     direct.close()
 
 
+@pytest.mark.parametrize("buckets", [1, 4])
 def test_every_write_sent_twice_is_applied_once(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, buckets: int
 ) -> None:
     """Each script the store runs is sent twice, as a client does whose first answer was
     lost: the second must return the first outcome. Without request ids, the second
     open would find its session id in use, the second close would answer 'already
     closed' (and hooks would not run), the second commit would conflict, increments
-    and reaped callbacks would count twice."""
+    and reaped callbacks would count twice. With several buckets (as on a cluster),
+    the eviction at capacity is a script of its own (EVICT), sent twice too."""
     original = RedisStore.run
 
     def twice(self: RedisStore, script: Any, keys: list[str], args: list[Any], **kw: Any) -> Any:
@@ -134,7 +136,7 @@ def test_every_write_sent_twice_is_applied_once(
 
     monkeypatch.setattr(RedisStore, "run", twice)
     clock = FakeClock(2_000_000_000.0)
-    store = RedisStore(redis_server.url, prefix=f"twice{uuid.uuid4().hex[:6]}")
+    store = RedisStore(redis_server.url, prefix=f"twice{uuid.uuid4().hex[:6]}", buckets=buckets)
     engine = StateEngine(store, app="shop", clock=clock, idle_ttl=60, capacity=2)
     deleted: list[tuple[str, DeleteReason]] = []
     note = engine.session_state("note", "", on_delete=lambda v, r: deleted.append((v, r)))

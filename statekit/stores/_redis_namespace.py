@@ -284,7 +284,7 @@ class RedisNamespace:
         self._claims.add(
             keys[_REQUEST],
             name,
-            "" if name == "REAP" else replies.text(args[_SID]),
+            "" if name in ("REAP", "EVICT") else replies.text(args[_SID]),
             keep=ttl if name in _APPLIES else min(CLAIM_TTL, ttl),
         )
 
