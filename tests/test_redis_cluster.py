@@ -346,3 +346,45 @@ def test_a_master_killed_mid_run_raises_store_unavailable_then_the_engine_recove
     finally:
         engine.shutdown()
         store.close()
+
+
+def test_remote_listeners_hear_again_after_a_master_fails_over(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Notices are sharded: the subscription to a killed master's channels is lost
+    with it. The listening engine subscribes again where the slots went and hears
+    later changes (after a resync). Fails if it kept asking the dead master."""
+    url, prefix = cluster_url(redis_cluster), f"nf{uuid.uuid4().hex[:6]}"
+    writer = StateEngine(RedisStore(url, prefix=prefix, socket_timeout=1.0), app="shop")
+    reader = StateEngine(RedisStore(url, prefix=prefix, socket_timeout=1.0), app="shop")
+    n: SessionState[int] = writer.session_state("n", 0)
+    heard: list[int] = []
+    got = threading.Condition()
+
+    def on_change(sid: str, value: int) -> None:
+        with got:
+            heard.append(value)
+            got.notify_all()
+
+    reader.session_state("n", 0).on_remote_change(on_change)
+    try:
+        sid = writer.open_session()
+        with writer.event(sid) as ev:
+            ev[n] = 1
+        with got:
+            assert got.wait_for(lambda: 1 in heard, timeout=10)
+        port = _master_of(writer.store, sid)  # type: ignore[arg-type]
+        redis_cluster.kill(port)
+        try:
+            redis_cluster.wait_for_failover(port)
+            _events_until(writer, sid, n, 1)
+            with writer.event(sid) as ev:
+                ev[n] = 100
+            with got:
+                assert got.wait_for(lambda: 100 in heard, timeout=30), heard
+        finally:
+            redis_cluster.restore()
+    finally:
+        for engine in (writer, reader):
+            engine.shutdown()
+            engine.store.close()  # type: ignore[attr-defined]

@@ -124,6 +124,9 @@ class NoticeReceiver:
                 lost = True
                 stop.wait(delay)
                 delay = min(delay * 2, 2.0)
+                if self._sharded:  # a master may have failed over: where is each slot?
+                    with contextlib.suppress(Exception):
+                        self._client.nodes_manager.initialize()
             finally:
                 with contextlib.suppress(Exception):
                     pubsub.close()
