@@ -35,6 +35,9 @@ is answered ``{'full', victims}`` by its script, which then writes nothing) and 
 the script again with their hashes and tombstones declared; the script checks every
 candidate again, atomically (still in the index and due, still the one to evict), so
 that each entry is claimed by one caller only, and passes over one that moved on.
+With several buckets, an open cannot see the other buckets' sessions: it is stored
+first, and the oldest sessions of all buckets, read by the caller, are evicted by
+``EVICT`` in their own buckets, each checked again the same way (``_redis_spread``).
 
 **Idempotent writes.** Every script that writes takes a key made of a request id that
 the caller draws once per operation. Before doing anything, the script looks for a
