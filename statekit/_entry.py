@@ -36,6 +36,7 @@ from ._commit import Committer
 from ._core import Core
 from ._events import Collected, EventState
 from ._locks import SessionLocks, current_owner
+from ._metrics import WINDOW
 from ._remote import Remote
 from ._renewal import Renewer
 from ._steps import LoadSession, Release, Renew, Sleep, Steps, ask, drive
@@ -61,6 +62,7 @@ __all__ = ["Entry", "LatchEntry", "LeaseEntry"]
 logger = logging.getLogger("statekit")
 
 _get_running_loop = asyncio._get_running_loop
+_MASK = WINDOW - 1  # an event's place in the meter's ring of holds
 _get_ident = threading.get_ident
 
 
@@ -109,9 +111,8 @@ class LatchEntry:
         self._idle_ttl = core.idle_ttl
         self._ttl_states = core.ttl_states  # filled in place as states are declared
         meter = self._meter = core.meter
-        self._waited = meter.waited
-        self._held = meter.held
-        self._entered_one = meter.entered
+        self._holds = meter.holds
+        self._number = meter.number
         self._warn_hold = meter.warn_hold
 
     def occupancy(self) -> tuple[int, int]:
@@ -135,7 +136,6 @@ class LatchEntry:
         if type(entered) is self._record and not entered.closed:  # type: ignore[union-attr]
             ev.loaded = entered  # type: ignore[assignment]
             ev.active = True
-            self._waited(0.0)
             return
         ns = self._ns
         if isinstance(entered, Turn):
@@ -143,7 +143,8 @@ class LatchEntry:
                 waited = ns.wait_turn(entered, owner, core.settings.lease_wait)
                 entered = self._after_wait(ev, entered, waited)
         self._entered(ev, entered)
-        self._waited(max(0.0, ev.now - now))
+        if ev.now > now:
+            self._meter.waited(ev.now - now)
 
     async def aenter(self, ev: EventState) -> None:
         core = self._core
@@ -157,7 +158,8 @@ class LatchEntry:
                 waited = await ns.await_turn(entered, owner, core.settings.lease_wait)
                 entered = self._after_wait(ev, entered, waited)
         self._entered(ev, entered)
-        self._waited(max(0.0, ev.now - now))
+        if ev.now > now:
+            self._meter.waited(ev.now - now)
 
     @contextlib.contextmanager
     def _giving_back(self, turn: Turn, owner: object) -> Iterator[None]:
@@ -206,8 +208,7 @@ class LatchEntry:
             hold = self._clock() - ev.now
         except Exception:  # a measure only: the session is given back all the same
             hold = 0.0
-        self._held(hold)
-        self._entered_one()
+        self._holds[self._number() & _MASK] = hold
         try:
             if failed or not ev.work:
                 ns.release_entered(entered)
@@ -321,7 +322,8 @@ class LeaseEntry:
 
     def _entered(self, ev: EventState, asked: float) -> None:
         ev.active = True
-        self._meter.waited(max(0.0, ev.now - asked))
+        if ev.now > asked:
+            self._meter.waited(ev.now - asked)
         if ev.renew:
             self.renewer.add(ev)
 
@@ -444,7 +446,6 @@ class LeaseEntry:
         meter = self._meter
         hold = self._hold(ev)
         meter.held(hold)
-        meter.entered()
         return hold, ev.renew and self.renewer.remove(ev)
 
     def _hold(self, ev: EventState) -> float:

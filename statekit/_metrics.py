@@ -3,15 +3,17 @@ they waited for and held their sessions, conflicts, busy sessions, lease renewal
 sessions ended by reason, the largest values written; and the warnings it logs when an
 event holds its session too long or a value grows too large.
 
-Cheap on an event's path: the times of the last :data:`WINDOW` events go to two
-bounded deques and the events to a counter, each one C call that needs no lock
-(``deque.append`` and ``next`` of an :func:`itertools.count` are single steps under
-CPython's GIL); the rest
+Cheap on an event's path: an event leaving draws its number from a counter and writes
+how long it held its session into a ring of the last :data:`WINDOW` holds, at that
+number; one C call and one list store, no lock (``next`` of an :func:`itertools.count`
+is a single step under CPython's GIL, so no two events draw one number). Only an event
+that had to wait notes its wait (with the number of events before it): the others
+waited 0, which reading the figures fills in. The rest
 (rare: a conflict, a busy session, a session ended, a new largest value, a warning)
 takes the meter's lock. Percentiles are computed when :meth:`Meter.read` is called.
 
-Memory is bounded: two deques of :data:`WINDOW` floats, and one size per session state
-declared.
+Memory is bounded: two windows of :data:`WINDOW` entries, and one size per session
+state declared.
 
 Thread-safe. The warnings go to the ``statekit`` logger; no other code runs here.
 """
@@ -36,8 +38,10 @@ __all__ = ["LARGEST", "WARN_EVERY", "WINDOW", "Meter", "Timings", "ValueSize", "
 
 logger = logging.getLogger("statekit")
 
-#: How many of the latest events the wait and hold percentiles are taken over.
+#: How many of the latest events the wait and hold percentiles are taken over (a power
+#: of two: an event's place in the ring is its number masked).
 WINDOW = 1024
+_MASK = WINDOW - 1
 #: How many of the largest values :attr:`Meter.largest` names.
 LARGEST = 5
 #: Each kind of warning is logged at most once per this many seconds (engine clock);
@@ -141,13 +145,14 @@ class Meter:
         self.warn_hold: float = math.inf if warn_hold is None else warn_hold
         self.warn_size: float = math.inf if warn_size is None else warn_size
         self._lock = threading.Lock()
-        # The hot path: C calls that need no lock.
-        self._waits: deque[float] = deque(maxlen=WINDOW)
-        self._holds: deque[float] = deque(maxlen=WINDOW)
+        # The hot path, no lock: events[next(number) & MASK] = hold.
         self._events = itertools.count()
-        self.waited = self._waits.append
-        self.held = self._holds.append
-        self.entered = self._events.__next__
+        #: The ring of the latest holds, written at each event's number masked.
+        self.holds = [0.0] * WINDOW
+        #: Draws the next event's number.
+        self.number = self._events.__next__
+        # The waits of events that waited, with the number of events before them.
+        self._waits: deque[tuple[int, float]] = deque(maxlen=WINDOW)
         # Under the lock.
         self._counts = {"conflicts": 0, "busy": 0, "renewals": 0, "leases_lost": 0}
         self._ended = dict.fromkeys(DeleteReason, 0)
@@ -160,6 +165,14 @@ class Meter:
         self._lock = threading.Lock()
 
     # -- counting ------------------------------------------------------------------
+
+    def held(self, hold: float) -> None:
+        """One more event, which held its session ``hold`` seconds."""
+        self.holds[self.number() & _MASK] = hold
+
+    def waited(self, wait: float) -> None:
+        """An event waited ``wait`` seconds (more than 0) for its session."""
+        self._waits.append((_count(self._events), wait))
 
     def count(self, what: str) -> None:
         """One more of ``what``: ``conflicts``, ``busy``, ``renewals``, ``leases_lost``."""
@@ -227,17 +240,22 @@ class Meter:
 
     def read(self) -> dict[str, Any]:
         """The figures now, as :class:`~statekit.EngineStats` fields."""
-        waits, holds = list(self._waits), list(self._holds)
+        waited, holds = list(self._waits), list(self.holds)
+        events = _count(self._events)
+        latest = min(events, WINDOW)
+        # The waits of the latest events: those noted, and 0 for the others.
+        waits = [wait for number, wait in waited if number >= events - WINDOW]
+        waits += [0.0] * (latest - len(waits))
         with self._lock:
             counts = dict(self._counts)
             ended = {reason.value: n for reason, n in self._ended.items()}
             largest = sorted(self._largest.items(), key=lambda item: (-item[1], item[0]))
         return {
-            "events": _count(self._events),
+            "events": events,
             **counts,
             "ended": ended,
             "lease_wait": _timings(waits),
-            "lease_hold": _timings(holds),
+            "lease_hold": _timings(holds[:latest]),
             "largest": tuple(ValueSize(state=n, size=s) for n, s in largest[:LARGEST]),
         }
 
