@@ -36,7 +36,7 @@ from ._commit import Committer
 from ._core import Core, Settings
 from ._engine_host import EngineHost
 from ._entry import Entry, LatchEntry, LeaseEntry
-from ._events import BrowserIO, Event
+from ._events import BrowserIO, Event, RenewingEvent
 from ._globals import Globals
 from ._metrics import Timings, ValueSize
 from ._registry import SessionRegistry
@@ -539,9 +539,7 @@ class StateEngine:
                 k: v for k, v in browser.items() if isinstance(k, str) and isinstance(v, str)
             }
         io = BrowserIO(tokens, bind) if browser is not None or bind else None
-        ev = Event(self, self._host, sid, io)
-        ev.renew = bool(renew)
-        return ev
+        return (RenewingEvent if renew else Event)(self, self._host, sid, io)
 
     def aevent(
         self,

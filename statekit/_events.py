@@ -42,6 +42,7 @@ __all__ = [
     "EventResult",
     "EventState",
     "ListenerFailure",
+    "RenewingEvent",
 ]
 
 T = TypeVar("T")
@@ -141,11 +142,15 @@ class EventState:
         pending: what ended meanwhile (removed sessions and values), whose callbacks
             run once the session is given back.
         lease: on a shared store, the lease held (its token), if any.
-        renew: whether the engine renews the lease while the event runs.
+        renew: whether the engine renews the lease while the event runs (a class
+            attribute: True for a :class:`RenewingEvent`, so that an event costs no
+            more for it).
         browser: the browser tokens in and out, or None.
         changed: set when the event ends well: the states it changed.
         done: the event's result, made when first asked for (or by listener rounds).
     """
+
+    renew = False
 
     __slots__ = (
         "active",
@@ -163,7 +168,6 @@ class EventState:
         "loaded",
         "now",
         "pending",
-        "renew",
         "sid",
         "started",
         "work",
@@ -187,7 +191,6 @@ class EventState:
         self.emitted: dict[str, Any] | None = None
         self.pending: list[Ended] = []
         self.lease: str | None = None
-        self.renew = False
         self.changed: list[Changeable] | None = None
         self.done: EventResult | None = None
         self.now = 0.0
@@ -519,3 +522,12 @@ class Event(EventState):
         if self.emitted is None:
             self.emitted = {}
         self.emitted[name] = value
+
+
+class RenewingEvent(Event):
+    """An :class:`Event` whose lease the engine renews while it runs
+    (``engine.event(sid, renew=True)``)."""
+
+    __slots__ = ()
+
+    renew = True
