@@ -16,13 +16,15 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
 
 from statekit import LeaseLost, SessionBusy, StateEngine, StoreConflict, UsageError
 from statekit.stores import Busy, Lease, Store
-from statekit.testing import FakeClock
+from statekit.stores.redis import RedisStore
+from statekit.testing import FakeClock, RedisCluster
 
 from .conftest import StoreFactory, declared
 
@@ -279,3 +281,36 @@ def test_a_lease_the_renewer_finds_taken_fails_the_event(
         thief.release(sid, lease="thief")
     assert declared(engine, "log").get(sid) == ("" if store.shared else "mine")
     engine.shutdown()
+
+
+def test_long_work_on_a_redis_cluster(redis_cluster: RedisCluster) -> None:
+    """On a real Redis Cluster (the renewal script runs on the session's slot): extend()
+    keeps a long event's session from another process, and an event left to lapse
+    fails with LeaseLost while the other's write stands. Fails if RENEW is routed to
+    another slot or renews a lease taken by another token."""
+    url = "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in redis_cluster.startup_nodes)
+    prefix = f"lw{uuid.uuid4().hex[:6]}"
+    stores = [RedisStore(url, prefix=prefix), RedisStore(url, prefix=prefix)]
+    clock = FakeClock()
+    ours = StateEngine(stores[0], app="long", clock=clock, lease_wait=5)
+    theirs = StateEngine(stores[1], app="long", clock=clock, lease_wait=0.05)
+    declare(ours, theirs)
+    try:
+        sid = ours.open_session()
+        with ours.event(sid) as ev:
+            for _ in range(4):
+                clock.advance(20)
+                ev.extend()
+                assert rival(theirs, sid, "rival") == "busy"
+            ev[declared(ours, "log")] = "extended"
+        with pytest.raises(LeaseLost), ours.event(sid) as ev:
+            clock.advance(LEASE_TTL + 1)
+            assert rival(theirs, sid, "rival") == "wrote"
+            ev[declared(ours, "log")] = "too late"
+        assert declared(theirs, "log").get(sid) == "rival"
+        assert ours.stats().renewals == 4
+    finally:
+        ours.shutdown()
+        theirs.shutdown()
+        for store in stores:
+            store.close()
