@@ -38,10 +38,13 @@ class Plan(Generic[_T]):
 class Read:
     """Plain commands (reads, no script): ``command(client)`` sends them on either
     client (on the asyncio one it returns an awaitable); ``damaged()`` is the error
-    for an error reply, which means a key read holds another type of value."""
+    for an error reply, which means a key read holds another type of value.
+    ``plain``: the same as one command's name and arguments, when it is one (the
+    blocking store then sends it on a connection of its own, at less cost)."""
 
     command: Callable[[Any], Any]
     damaged: Callable[[], Exception]
+    plain: tuple[Any, ...] | None = None
 
 
 @attrs.define

@@ -230,6 +230,8 @@ class RedisNamespace:
         if isinstance(call, Plan):
             return call.answer(self._run(call.script, call.keys, call.args))
         if isinstance(call, Read):
+            if call.plain is not None:
+                return self._store.read_command(call.plain, damaged=call.damaged)
             command, client = call.command, self._store.client
             return self._store.read(lambda: command(client), damaged=call.damaged)
         time.sleep(call.seconds)
@@ -365,9 +367,11 @@ class RedisNamespace:
         # other case (gone, expired, a value past its ttl, a touch due, a field that
         # does not parse) runs the PEEK script, which decides it atomically.
         key = self._layout.of(sid).P + "s:" + sid
+        fields = ("_v", "_c", "_d", "v:" + name, "t:" + name)
         version, closed, deadline, value, value_deadline = yield Read(
-            functools.partial(_hmget, key, ("_v", "_c", "_d", "v:" + name, "t:" + name)),
+            functools.partial(_hmget, key, fields),
             damaged=lambda: SessionCorrupt(sid, "its Redis key holds another type of value"),
+            plain=("HMGET", key, *fields),
         )
         try:
             fast = (
@@ -493,9 +497,11 @@ class RedisNamespace:
         )
 
     def _global_get(self, name: str) -> Ops[tuple[Any, int] | None]:
+        key = self._global_key(name)
         value, version = yield Read(
-            functools.partial(_hmget, self._global_key(name), ("v", "n")),
+            functools.partial(_hmget, key, ("v", "n")),
             damaged=lambda: self._damaged_global(name, "holds another type of value"),
+            plain=("HMGET", key, "v", "n"),
         )
         if value is None and version is None:
             return None

@@ -39,7 +39,7 @@ from typing import Any
 try:
     import redis
     import redis.asyncio as aioredis
-    from redis.exceptions import NoScriptError, RedisError
+    from redis.exceptions import NoScriptError, RedisError, ResponseError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("RedisStore needs the redis package: pip install 'statekit[redis]'") from exc
 
@@ -216,6 +216,16 @@ class RedisStore:
         self.wait_replicas = wait_replicas
         self.wait_timeout = float(wait_timeout)
         self.async_client = async_client
+        #: Connections the store keeps for its own sends (see _direct), on a single
+        #: server or a Sentinel master through a plain pool; None: the client's own
+        #: path (a cluster, a client of one connection, or one with a client cache).
+        self._conns: list[Any] | None = (
+            []
+            if isinstance(self.client, redis.Redis)
+            and self.client.connection is None
+            and getattr(self.client.connection_pool, "cache", None) is None
+            else None
+        )
         _fork.after_fork_in_child(self)
         self.socket_timeout = socket_timeout
         self._handles: weakref.WeakSet[RedisNamespace] = weakref.WeakSet()
@@ -245,6 +255,8 @@ class RedisStore:
         if not (applies and self.wait_replicas):
             for attempt in Attempts(self._label, applies=applies, lost=lost):
                 with attempt:
+                    if self._conns is not None:
+                        return self._evalsha(SCRIPTS[script], keys, args)
                     return SCRIPTS[script](self.client, keys, args)
             raise AssertionError("unreachable")  # pragma: no cover
         for attempt in Attempts(self._label, applies=applies, lost=lost):
@@ -262,6 +274,58 @@ class RedisStore:
                 outcome_unknown=True,
             )
         return reply
+
+    def _direct(self, command: tuple[Any, ...], script: Script | None = None) -> Any:
+        """Send one command on a connection the store keeps, and read its reply: what
+        ``client.execute_command`` does, without its per-call costs (the pool's lock
+        and readiness poll, events and metrics), which are most of a call's time on a
+        near server. The connection comes from the client's pool, with the client's
+        retry policy (``conn.retry``), and goes back to the store's own stack after an
+        answer (an error reply included: it was read whole); after any other failure
+        it is disconnected and given back to the pool, so that the next call takes a
+        connection from the pool (connecting it there: a failure to connect is then
+        known to come before anything was sent). ``script``: the command is its
+        ``EVALSHA``, and it is loaded on the same connection if the server does not
+        know it."""
+        conns = self._conns
+        assert conns is not None
+        try:
+            conn = conns.pop()
+        except IndexError:
+            conn = self.client.connection_pool.get_connection()
+        try:
+            packed = conn.pack_command(*command)
+
+            def exchange() -> Any:
+                conn.send_packed_command(packed)
+                return conn.read_response()
+
+            try:
+                reply = conn.retry.call_with_retry(exchange, lambda _: conn.disconnect())
+            except NoScriptError:
+                if script is None:
+                    raise
+                conn.send_command("SCRIPT", "LOAD", script.text)
+                conn.read_response()
+                reply = conn.retry.call_with_retry(exchange, lambda _: conn.disconnect())
+        except RedisError as exc:
+            if not isinstance(exc, ResponseError):
+                self._drop(conn)
+            else:
+                conns.append(conn)
+            raise
+        except BaseException:
+            self._drop(conn)
+            raise
+        conns.append(conn)
+        return reply
+
+    def _drop(self, conn: Any) -> None:
+        conn.disconnect()
+        self.client.connection_pool.release(conn)
+
+    def _evalsha(self, script: Script, keys: list[Any], args: list[Any]) -> Any:
+        return self._direct(("EVALSHA", script.sha, len(keys), *keys, *args), script)
 
     def _waited(self, script: Script, keys: list[Any], args: list[Any]) -> tuple[Any, int]:
         """The script's reply, and how many replicas have its write: the script and
@@ -309,6 +373,16 @@ class RedisStore:
         except (*UNAVAILABLE, RedisError) as exc:
             raise read_failure(self._label, exc, damaged) from exc
 
+    def read_command(self, command: tuple[Any, ...], *, damaged: Callable[[], Exception]) -> Any:
+        """:meth:`read` of one plain command (its name and arguments), sent on a
+        connection the store keeps when it can (see :meth:`_direct`)."""
+        if self._conns is None:
+            return self.read(lambda: self.client.execute_command(*command), damaged=damaged)
+        try:
+            return self._direct(command)
+        except (*UNAVAILABLE, RedisError) as exc:
+            raise read_failure(self._label, exc, damaged) from exc
+
     async def aread(
         self, fn: Callable[[], Awaitable[Any]], *, damaged: Callable[[], Exception]
     ) -> Any:
@@ -331,6 +405,8 @@ class RedisStore:
                 self,
             )
         self.async_client = None
+        if self._conns is not None:  # the parent's sockets: the pool makes new ones
+            self._conns = []
 
     def close(self) -> None:
         """Stop notice listeners and close the connection pool."""
