@@ -39,7 +39,7 @@ from typing import Any
 try:
     import redis
     import redis.asyncio as aioredis
-    from redis.exceptions import NoScriptError, RedisError, ResponseError
+    from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("RedisStore needs the redis package: pip install 'statekit[redis]'") from exc
 
@@ -236,14 +236,14 @@ class RedisStore:
         self.wait_replicas = wait_replicas
         self.wait_timeout = float(wait_timeout)
         self.async_client = async_client
-        #: Connections the store keeps for its own sends (see _direct), on a single
-        #: server or a Sentinel master through a plain pool; None: the client's own
-        #: path (a cluster, a client of one connection, or one with a client cache).
-        self._conns: list[Any] | None = (
-            []
-            if isinstance(self.client, redis.Redis)
-            and self.client.connection is None
-            and getattr(self.client.connection_pool, "cache", None) is None
+        #: Connections the store keeps for its own sends, by connection pool (see
+        #: _direct): the client's pool, or on a cluster each master's; None: the
+        #: client's own path (a client of one connection, or with a client cache).
+        plain: Any = self.client
+        self._stacks: dict[Any, list[Any]] | None = (
+            {}
+            if self.cluster
+            or (plain.connection is None and getattr(plain.connection_pool, "cache", None) is None)
             else None
         )
         _fork.after_fork_in_child(self)
@@ -275,7 +275,7 @@ class RedisStore:
         if not (applies and self.wait_replicas):
             for attempt in Attempts(self._label, applies=applies, lost=lost):
                 with attempt:
-                    if self._conns is not None:
+                    if self._stacks is not None:
                         return self._evalsha(SCRIPTS[script], keys, args)
                     return SCRIPTS[script](self.client, keys, args)
             raise AssertionError("unreachable")  # pragma: no cover
@@ -295,24 +295,28 @@ class RedisStore:
             )
         return reply
 
-    def _direct(self, command: tuple[Any, ...], script: Script | None = None) -> Any:
+    def _direct(self, command: tuple[Any, ...], script: Script | None, key: Any) -> Any:
         """Send one command on a connection the store keeps, and read its reply: what
         ``client.execute_command`` does, without its per-call costs (the pool's lock
         and readiness poll, events and metrics), which are most of a call's time on a
-        near server. The connection comes from the client's pool, with the client's
-        retry policy (``conn.retry``), and goes back to the store's own stack after an
-        answer (an error reply included: it was read whole); after any other failure
-        it is disconnected and given back to the pool, so that the next call takes a
-        connection from the pool (connecting it there: a failure to connect is then
-        known to come before anything was sent). ``script``: the command is its
-        ``EVALSHA``, and it is loaded on the same connection if the server does not
-        know it."""
-        conns = self._conns
-        assert conns is not None
+        near server. The connection comes from the pool of the server holding ``key``
+        (see :meth:`_pool`), with its retry policy (``conn.retry``), and goes back to
+        the store's own stack after an answer (an error reply included: it was read
+        whole); after any other failure it is disconnected and given back to its
+        pool, so that the next call takes a connection from the pool (connecting it
+        there: a failure to connect is then known to come before anything was sent).
+        ``script``: the command is its ``EVALSHA``, and it is loaded on the same
+        connection if the server does not know it."""
+        stacks = self._stacks
+        assert stacks is not None
+        pool = self._pool(key)
+        conns = stacks.get(pool)
+        if conns is None:
+            conns = stacks.setdefault(pool, [])
         try:
             conn = conns.pop()
         except IndexError:
-            conn = self.client.connection_pool.get_connection()
+            conn = pool.get_connection()
         try:
             packed = [_pack(conn, command)]
 
@@ -330,22 +334,49 @@ class RedisStore:
                 reply = conn.retry.call_with_retry(exchange, lambda _: conn.disconnect())
         except RedisError as exc:
             if not isinstance(exc, ResponseError):
-                self._drop(conn)
+                conn.disconnect()
+                pool.release(conn)
             else:
                 conns.append(conn)
             raise
         except BaseException:
-            self._drop(conn)
+            conn.disconnect()
+            pool.release(conn)
             raise
         conns.append(conn)
         return reply
 
-    def _drop(self, conn: Any) -> None:
-        conn.disconnect()
-        self.client.connection_pool.release(conn)
+    def _pool(self, key: Any) -> Any:
+        """The connection pool of the server holding ``key``: the client's, or on a
+        cluster the one of the master serving its slot, as the client knows it."""
+        if not self.cluster:
+            return self.client.connection_pool
+        client = self.client
+        return client.get_redis_connection(client.get_node_from_key(key)).connection_pool
 
     def _evalsha(self, script: Script, keys: list[Any], args: list[Any]) -> Any:
-        return self._direct(("EVALSHA", script.sha, len(keys), *keys, *args), script)
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        if not self.cluster:
+            return self._direct(command, script, None)
+        try:
+            return self._direct(command, script, keys[0])
+        except (RedisError, RedisClusterException, OSError) as exc:
+            if type(exc) is ResponseError:
+                raise
+        # A slot that moved, a master that failed or cannot be reached: the cluster
+        # client's own path follows redirections and learns the slots again (sending
+        # again is safe: every write is idempotent).
+        return script(self.client, keys, args)
+
+    def _plain(self, command: tuple[Any, ...]) -> Any:
+        if not self.cluster:
+            return self._direct(command, None, None)
+        try:
+            return self._direct(command, None, command[1])
+        except (RedisError, RedisClusterException, OSError) as exc:
+            if type(exc) is ResponseError:
+                raise
+        return self.client.execute_command(*command)  # as in _evalsha
 
     def _waited(self, script: Script, keys: list[Any], args: list[Any]) -> tuple[Any, int]:
         """The script's reply, and how many replicas have its write: the script and
@@ -396,10 +427,10 @@ class RedisStore:
     def read_command(self, command: tuple[Any, ...], *, damaged: Callable[[], Exception]) -> Any:
         """:meth:`read` of one plain command (its name and arguments), sent on a
         connection the store keeps when it can (see :meth:`_direct`)."""
-        if self._conns is None:
+        if self._stacks is None:
             return self.read(lambda: self.client.execute_command(*command), damaged=damaged)
         try:
-            return self._direct(command)
+            return self._plain(command)
         except (*UNAVAILABLE, RedisError) as exc:
             raise read_failure(self._label, exc, damaged) from exc
 
@@ -425,8 +456,8 @@ class RedisStore:
                 self,
             )
         self.async_client = None
-        if self._conns is not None:  # the parent's sockets: the pool makes new ones
-            self._conns = []
+        if self._stacks is not None:  # the parent's sockets: the pools make new ones
+            self._stacks = {}
 
     def close(self) -> None:
         """Stop notice listeners and close the connection pool."""
