@@ -77,12 +77,6 @@ local function notice(kind, sid, reason, names)
   redis.call(PUBLISH, CHANNEL, cjson.encode(msg))
 end
 
--- Whether key holds a hash or nothing: any other type is not one statekit wrote.
-local function hash_or_none(key)
-  local kind = redis.call('TYPE', key).ok
-  return kind == 'hash' or kind == 'none'
-end
-
 -- Whether text is a version statekit wrote: digits that HINCRBY can still add to.
 local function is_version(text)
   return text ~= nil and #text <= 15 and string.find(text, '^%d+$') ~= nil
@@ -248,10 +242,11 @@ end
 """
 
 # Then, in the scripts about one session (LOAD, PEEK, COMMIT, CLOSE): its hash and
-# tombstone, the last two keys, and its id.
+# tombstone, the last two keys, and its id. Each reads the hash first with
+# ``redis.pcall``: a key of another type answers {'wrongtype'}, before anything is
+# written (one call, where a TYPE before the read was two).
 _SESSION = r"""
 local KEY, GONE, SID = KEYS[#KEYS - 1], KEYS[#KEYS], ARGV[2]
-if not hash_or_none(KEY) then return {'wrongtype'} end
 """
 
 _CLAIMING = _APP + _CLAIMS + _ONCE + _INDEXES
@@ -334,14 +329,19 @@ LOAD = (
     + _SESSION
     + r"""
 local now = tonumber(ARGV[3])
-local meta = redis.call('HMGET', KEY, '_v', '_c', '_d', '_l', '_lu')
+local h = redis.pcall('HGETALL', KEY)
+if h.err then return {'wrongtype'} end
+local fields = {}
+for i = 1, #h, 2 do
+  fields[h[i]] = h[i + 1]
+end
+local meta = {fields._v, fields._c, fields._d, fields._l, fields._lu}
 if not meta[3] then return missing(GONE) end
 local bad = damaged(meta[1], meta[3])
 if bad then return {'corrupt', bad} end
 if meta[4] and not tonumber(meta[5]) then return {'corrupt', '_lu'} end
 local deadline = tonumber(meta[3])
 if deadline <= now then return expired(SID, KEY, GONE, meta) end
-local h = redis.call('HGETALL', KEY)
 local due = {}
 for i = 1, #h, 2 do
   local f = h[i]
@@ -390,7 +390,8 @@ PEEK = (
     + r"""
 local now = tonumber(ARGV[3])
 local name = ARGV[5]
-local meta = redis.call('HMGET', KEY, '_v', '_c', '_d', 'v:' .. name, 't:' .. name)
+local meta = redis.pcall('HMGET', KEY, '_v', '_c', '_d', 'v:' .. name, 't:' .. name)
+if meta.err then return {'wrongtype'} end
 if not meta[3] then return missing(GONE) end
 local bad = damaged(meta[1], meta[3])
 if bad then return {'corrupt', bad} end
@@ -424,31 +425,40 @@ COMMIT = (
     + _INDEXES
     + _SESSION
     + r"""
-local meta = redis.call('HMGET', KEY, '_v', '_l')
+local meta = redis.pcall('HMGET', KEY, '_v', '_l')
+if meta.err then return {'wrongtype'} end
 if not meta[1] then return missing(GONE) end
 if not is_version(meta[1]) then return {'corrupt', '_v'} end
 if meta[1] ~= ARGV[3] or (ARGV[4] ~= '' and meta[2] ~= ARGV[4]) then
   return {'conflict', meta[1]}
 end
+-- The values, their deadlines and the next version in one HSET (in pieces of at most
+-- 1,000 fields, which Lua's unpack can pass).
+local version = string.format('%d', tonumber(meta[1]) + 1)
+local sets = {'_v', version}
 local names = {}
 for i = 6, #ARGV, 3 do
   local name = ARGV[i]
   names[#names + 1] = name
-  redis.call('HSET', KEY, 'v:' .. name, ARGV[i + 1])
+  sets[#sets + 1] = 'v:' .. name
+  sets[#sets + 1] = ARGV[i + 1]
   local member = 'v\0' .. SID .. '\0' .. name
   if ARGV[i + 2] ~= '' then
-    redis.call('HSET', KEY, 't:' .. name, ARGV[i + 2])
+    sets[#sets + 1] = 't:' .. name
+    sets[#sets + 1] = ARGV[i + 2]
     redis.call('ZADD', DL, ARGV[i + 2], member)
   elseif redis.call('HDEL', KEY, 't:' .. name) == 1 then
     redis.call('ZREM', DL, member)
   end
 end
-local version = redis.call('HINCRBY', KEY, '_v', 1)
+for first = 1, #sets, 1000 do
+  redis.call('HSET', KEY, unpack(sets, first, math.min(first + 999, #sets)))
+end
 if ARGV[4] ~= '' and ARGV[5] == '1' then
   redis.call('HDEL', KEY, '_l', '_lu')
 end
 notice('changed', SID, nil, names)
-return remember({'ok', tostring(version)})
+return remember({'ok', version})
 """
 )
 
@@ -466,7 +476,8 @@ CLOSE = (
     _CLAIMING
     + _SESSION
     + r"""
-local meta = redis.call('HMGET', KEY, '_c', '_d', '_v')
+local meta = redis.pcall('HMGET', KEY, '_c', '_d', '_v')
+if meta.err then return {'wrongtype'} end
 if not meta[2] then return missing(GONE) end
 if meta[1] == '1' then return {'already'} end
 local bad = damaged(meta[3], meta[2])
