@@ -29,7 +29,7 @@ from ._events import (
 from ._steps import Commit, LoadSession, Steps, ask
 from .exceptions import ChangeLoopError
 
-__all__ = ["MAX_CASCADE", "Committer"]
+__all__ = ["MAX_CASCADE", "Committer", "no_listeners"]
 
 logger = logging.getLogger("statekit")
 
@@ -37,7 +37,8 @@ logger = logging.getLogger("statekit")
 MAX_CASCADE = 16
 
 
-def _no_listeners(states: list[Changeable]) -> bool:
+def no_listeners(states: list[Changeable]) -> bool:
+    """Whether none of ``states`` has a change listener (no listener round follows)."""
     return not any(state.listeners for state in states)
 
 
@@ -89,8 +90,8 @@ class Committer:
         """Commit the event, then run rounds of listeners, each in its own event; the
         event's result is set. Returns the ChangeLoopError to raise, if the cascade was
         cut (everything before the cut is committed)."""
-        changed = yield from self.commit_steps(ev, ev.lease, _no_listeners, collected)
-        if _no_listeners(changed):
+        changed = yield from self.commit_steps(ev, ev.lease, no_listeners, collected)
+        if no_listeners(changed):
             ev.changed = changed  # no round: the result is made when asked for
             return None
         all_changed = {state.name for state in changed}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -32,7 +33,7 @@ import cachetools
 
 from . import _fork
 from ._checks import check_sid
-from ._commit import Committer
+from ._commit import Committer, no_listeners
 from ._core import Core
 from ._events import Collected, EventState
 from ._locks import SessionLocks, current_owner
@@ -53,6 +54,7 @@ from .stores.base import (
     EnteringNamespace,
     Gone,
     Lease,
+    Loaded,
     SessionData,
     Turn,
 )
@@ -64,6 +66,7 @@ logger = logging.getLogger("statekit")
 _get_running_loop = asyncio._get_running_loop
 _MASK = WINDOW - 1  # an event's place in the meter's ring of holds
 _get_ident = threading.get_ident
+_urandom = os.urandom
 
 
 class Entry(Protocol):
@@ -306,15 +309,29 @@ class LeaseEntry:
             self._polling += step
 
     def enter(self, ev: EventState) -> None:
-        _start(self._core, ev)
-        check_sid(ev.sid)
+        core = self._core
+        _start(core, ev)
+        sid = ev.sid
+        check_sid(sid)
         started = time.monotonic()  # lease_wait bounds the whole wait
-        asked = self._core.clock()
+        asked = core.clock()
         held = False
         try:
-            self._locks.acquire(ev.sid, self._core.settings.lease_wait)
+            self._locks.acquire(sid, core.settings.lease_wait)
             held = True
-            drive(self._enter_steps(ev, started), self._ns)
+            token = self._lease_token(ev)
+            # The first try is a direct call (the lease is most often free); the steps
+            # poll while another process holds it.
+            ev.now = now = core.clock()
+            outcome = self._ns.load_session(
+                sid,
+                now=now,
+                touch_until=now + core.idle_ttl,
+                lease=Lease(token=token, until=now + core.settings.lease_ttl),
+            )
+            if isinstance(outcome, Busy):
+                outcome = drive(self._load_steps(ev, started, token, busy=True), self._ns)
+            self._loaded(ev, outcome)
         except BaseException as exc:
             self._not_entered(ev, held, exc)
             raise
@@ -336,37 +353,50 @@ class LeaseEntry:
         try:
             await self._locks.aacquire(ev.sid, self._core.settings.lease_wait)
             held = True
-            await self._core.adrive(self._enter_steps(ev, started))
+            token = self._lease_token(ev)
+            outcome = await self._core.adrive(self._load_steps(ev, started, token))
+            self._loaded(ev, outcome)
         except BaseException as exc:
             self._not_entered(ev, held, exc, in_task=True)
             raise
         self._entered(ev, asked)
 
-    def _enter_steps(self, ev: EventState, started: float) -> Steps[None]:
+    def _lease_token(self, ev: EventState) -> str:
+        """The event's lease token: a lease this engine failed to give back, else a new
+        one. Known before the load is sent: if the caller is cancelled while the store
+        grants the lease, the failure path still knows what to give back."""
+        token = None
+        if self._orphans:  # (most often empty: no lock to take)
+            with self._orphans_lock:
+                token = self._orphans.get(ev.sid)
+        ev.lease = token = token or _urandom(12).hex()  # as secrets.token_hex(12)
+        return token
+
+    def _load_steps(
+        self, ev: EventState, started: float, token: str, *, busy: bool = False
+    ) -> Steps[Loaded | Gone | None]:
         """Lease and load the session, waiting while it is busy until ``lease_wait``
-        after ``started`` (when the event began to wait)."""
+        after ``started`` (when the event began to wait); ``busy``: a first try found
+        the session leased already."""
         core = self._core
         settings = core.settings
-        with self._orphans_lock:
-            token = self._orphans.get(ev.sid) or secrets.token_hex(12)
-        # Known before the load is sent: if the caller is cancelled while the store
-        # grants the lease, the failure path still knows what to give back.
-        ev.lease = token
         delay = 0.0005
         polling = False
         try:
             while True:
-                ev.now = core.clock()
-                outcome = yield from ask(
-                    LoadSession(
-                        sid=ev.sid,
-                        now=ev.now,
-                        touch_until=ev.now + core.idle_ttl,
-                        lease=Lease(token=token, until=ev.now + settings.lease_ttl),
+                if not busy:
+                    ev.now = core.clock()
+                    outcome = yield from ask(
+                        LoadSession(
+                            sid=ev.sid,
+                            now=ev.now,
+                            touch_until=ev.now + core.idle_ttl,
+                            lease=Lease(token=token, until=ev.now + settings.lease_ttl),
+                        )
                     )
-                )
-                if not isinstance(outcome, Busy):
-                    break
+                    if not isinstance(outcome, Busy):
+                        return outcome
+                busy = False
                 waited = time.monotonic() - started
                 if waited > settings.lease_wait:
                     raise SessionBusy(ev.sid, waited)
@@ -378,11 +408,15 @@ class LeaseEntry:
         finally:
             if polling:
                 self._count_polling(-1)
-        with self._orphans_lock:
-            self._orphans.pop(ev.sid, None)
-        ev.loaded = core.loaded_or_raise(ev.sid, ev.now, outcome, ev.pending)
-        ev.closed = ev.loaded.closed
-        self._remote.saw(ev.sid, ev.loaded.version)
+
+    def _loaded(self, ev: EventState, outcome: Loaded | Gone | None) -> None:
+        """Open the event on what its load answered (or raise)."""
+        if self._orphans:
+            with self._orphans_lock:
+                self._orphans.pop(ev.sid, None)
+        loaded = ev.loaded = self._core.loaded_or_raise(ev.sid, ev.now, outcome, ev.pending)
+        ev.closed = loaded.closed
+        self._remote.saw(ev.sid, loaded.version)
 
     def _not_entered(
         self, ev: EventState, held: bool, exc: BaseException, *, in_task: bool = False
@@ -428,11 +462,16 @@ class LeaseEntry:
         hold, lost = self._held(ev)
         loop_error: ChangeLoopError | None = None
         try:
-            loop_error = drive(self._leave_steps(ev, failed or lost), self._ns)
+            if failed or lost or ev.lease is None:
+                loop_error = drive(self._leave_steps(ev, failed or lost), self._ns)
+            else:
+                loop_error = self._commit_and_release(ev)
         finally:
             self._locks.release(ev.sid)
-            self._core.run_ended(ev.pending)
-            self._core.reap_some(ev.now)
+            core = self._core
+            if ev.pending:
+                core.run_ended(ev.pending)
+            core.reap_some(ev.now)
             if hold > self._meter.warn_hold:
                 self._meter.slow(ev.sid, hold)
         if lost and not failed:
@@ -497,27 +536,84 @@ class LeaseEntry:
             raise self._lost(ev, now - ev.now)
         self._meter.count("renewals")
 
-    def _leave_steps(self, ev: EventState, failed: bool) -> Steps[ChangeLoopError | None]:
-        """Commit (unless the block failed), run listener rounds, give the lease back."""
+    def _commit_and_release(self, ev: EventState) -> ChangeLoopError | None:
+        """:meth:`_leave_steps` of a block that did not fail, with the store's blocking
+        methods; an event that writes with no listener due commits and gives its lease
+        back in one direct call (the most common event)."""
+        try:
+            collected = writes, tokens, changed = ev.collect()
+        except BaseException:
+            self._give_back(ev)
+            raise
+        if not writes or not no_listeners(changed):
+            return drive(self._leave_steps(ev, False, collected), self._ns)
+        lease = ev.lease
+        try:
+            self._ns.commit(
+                ev.sid,
+                version=ev.loaded.version,
+                writes=writes,
+                ttl_deadlines=self._core.ttl_deadlines(ev.now, writes),
+                now=ev.now,
+                lease=lease,
+                release=True,
+            )
+        except BaseException as exc:
+            try:
+                if isinstance(exc, StoreConflict):
+                    raise self._conflict(ev, exc) from exc
+                raise
+            finally:
+                self._give_back(ev)
+        ev.lease = None  # given back with the commit
+        ev.hand_out(tokens)
+        ev.changed = changed  # no round: the result is made when asked for
+        return None
+
+    def _give_back(self, ev: EventState) -> None:
+        """Give back the event's lease, if it still holds one (blocking)."""
+        if ev.lease is not None:
+            try:
+                self._ns.release(ev.sid, lease=ev.lease)
+            except BaseException as exc:
+                self._release_failed(ev, exc)
+
+    def _release_failed(self, ev: EventState, exc: BaseException) -> None:
+        """The event's lease could not be given back (``exc``)."""
+        assert ev.lease is not None
+        # Other processes wait until the lease lapses; this engine's next event of the
+        # session takes it back at once.
+        self._orphan(ev.sid, ev.lease)
+        if not isinstance(exc, Exception):
+            raise exc
+        logger.warning("could not release the lease of an event: %s", exc)
+
+    def _conflict(self, ev: EventState, exc: StoreConflict) -> StoreConflict:
+        """What a commit refused (``exc``) raises: under a lease no other event
+        commits, so the lease was lost."""
+        if isinstance(exc, LeaseLost) or ev.lease is None:
+            self._meter.count("conflicts")
+            return exc
+        return self._lost(ev, self._hold(ev))
+
+    def _leave_steps(
+        self, ev: EventState, failed: bool, collected: Collected | None = None
+    ) -> Steps[ChangeLoopError | None]:
+        """Commit (unless the block failed), run listener rounds, give the lease back.
+        ``collected``: what ``ev.collect()`` found, if the caller asked already."""
         try:
             if failed:
                 return None
             try:
-                return (yield from self._committer.commit_with_listeners(ev, None))
+                return (yield from self._committer.commit_with_listeners(ev, collected))
             except StoreConflict as exc:
-                if isinstance(exc, LeaseLost) or ev.lease is None:
-                    self._meter.count("conflicts")
+                error = self._conflict(ev, exc)
+                if error is exc:
                     raise
-                # Under a lease no other event commits: the lease was lost.
-                raise self._lost(ev, self._hold(ev)) from exc
+                raise error from exc
         finally:
             if ev.lease is not None:
                 try:
                     yield from ask(Release(sid=ev.sid, lease=ev.lease))
                 except BaseException as exc:
-                    # Other processes wait until the lease lapses; this engine's next
-                    # event of the session takes it back at once.
-                    self._orphan(ev.sid, ev.lease)
-                    if not isinstance(exc, Exception):
-                        raise
-                    logger.warning("could not release the lease of an event: %s", exc)
+                    self._release_failed(ev, exc)
