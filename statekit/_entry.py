@@ -67,6 +67,7 @@ _get_running_loop = asyncio._get_running_loop
 _MASK = WINDOW - 1  # an event's place in the meter's ring of holds
 _get_ident = threading.get_ident
 _urandom = os.urandom
+_monotonic = time.monotonic
 
 
 class Entry(Protocol):
@@ -310,11 +311,14 @@ class LeaseEntry:
 
     def enter(self, ev: EventState) -> None:
         core = self._core
-        _start(core, ev)
+        if core.shut or ev.started:
+            _start(core, ev)  # raises
+        ev.started = True
         sid = ev.sid
         check_sid(sid)
-        started = time.monotonic()  # lease_wait bounds the whole wait
-        asked = core.clock()
+        started = _monotonic()  # lease_wait bounds the whole wait
+        clock = core.clock
+        asked = clock()
         held = False
         try:
             self._locks.acquire(sid, core.settings.lease_wait)
@@ -322,7 +326,7 @@ class LeaseEntry:
             token = self._lease_token(ev)
             # The first try is a direct call (the lease is most often free); the steps
             # poll while another process holds it.
-            ev.now = now = core.clock()
+            ev.now = now = clock()
             outcome = self._ns.load_session(
                 sid,
                 now=now,
@@ -335,7 +339,11 @@ class LeaseEntry:
         except BaseException as exc:
             self._not_entered(ev, held, exc)
             raise
-        self._entered(ev, asked)
+        ev.active = True
+        if ev.now > asked:
+            self._meter.waited(ev.now - asked)
+        if ev.renew:
+            self.renewer.add(ev)
 
     def _entered(self, ev: EventState, asked: float) -> None:
         ev.active = True
@@ -414,7 +422,11 @@ class LeaseEntry:
         if self._orphans:
             with self._orphans_lock:
                 self._orphans.pop(ev.sid, None)
-        loaded = ev.loaded = self._core.loaded_or_raise(ev.sid, ev.now, outcome, ev.pending)
+        if outcome.__class__ is Loaded and not outcome.expired:
+            loaded: Loaded = outcome
+            ev.loaded = loaded
+        else:
+            loaded = ev.loaded = self._core.loaded_or_raise(ev.sid, ev.now, outcome, ev.pending)
         ev.closed = loaded.closed
         self._remote.saw(ev.sid, loaded.version)
 
@@ -482,9 +494,13 @@ class LeaseEntry:
     def _held(self, ev: EventState) -> tuple[float, bool]:
         """Note how long the event held its session (the clock read once as it
         leaves); that, and whether the renewer found its lease lost."""
-        meter = self._meter
-        hold = self._hold(ev)
-        meter.held(hold)
+        try:
+            hold = self._core.clock() - ev.now
+        except Exception:  # a measure only: the session is given back all the same
+            hold = 0.0
+        if hold < 0.0:
+            hold = 0.0
+        self._meter.held(hold)
         return hold, ev.renew and self.renewer.remove(ev)
 
     def _hold(self, ev: EventState) -> float:

@@ -271,6 +271,12 @@ class SessionLocks:
             SessionBusy: other events held it for ``timeout`` seconds.
         """
         owner = current_owner()
+        latches = self._latches
+        with self._mutex:  # a session no event holds: take it at once
+            if sid not in latches:
+                latches[sid] = latch = Latch()
+                latch.owner = owner
+                return
         latch, waiter = self._take_or_queue(sid, owner, blocking=True)
         if waiter is None:
             return
@@ -332,10 +338,11 @@ class SessionLocks:
         """Release the lock of ``sid``, handing it to the longest waiter if any. A lock
         no longer in the table (a fork dropped it: its owner was a task of the parent's
         loop) is already free."""
+        latches = self._latches
         with self._mutex:
-            latch = self._latches.get(sid)
+            latch = latches.get(sid)
             if latch is not None and not latch.hand_over():
-                del self._latches[sid]
+                del latches[sid]
 
     def held(self, sid: str) -> bool:
         """Whether some event holds the lock of ``sid`` (for diagnostics and tests)."""
