@@ -17,7 +17,7 @@ import pytest
 import redis
 import redis.asyncio.cluster as aiocluster
 
-from statekit import SessionState, StateEngine, StoreUnavailable
+from statekit import SessionBusy, SessionState, StateEngine, StoreUnavailable
 from statekit.stores import Loaded, Store, StoreNamespace
 from statekit.stores.redis import RedisStore
 from statekit.testing import RedisCluster
@@ -388,3 +388,171 @@ def test_remote_listeners_hear_again_after_a_master_fails_over(
         for engine in (writer, reader):
             engine.shutdown()
             engine.store.close()  # type: ignore[attr-defined]
+
+
+def _owner(cluster: RedisCluster, slot: int) -> tuple[str, int]:
+    """(node id, port) of the master serving ``slot``."""
+    for v in cluster.view():
+        if "master" not in v.flags:
+            continue
+        for span in v.slots:
+            if span.startswith("["):  # a slot being migrated or imported
+                continue
+            low, _, high = span.partition("-")
+            if int(low) <= slot <= int(high or low):
+                return v.id, v.port
+    raise AssertionError(f"no master serves slot {slot}")
+
+
+def _move_slot(cluster: RedisCluster, slot: int, to: tuple[str, int], pause: float) -> int:
+    """Move ``slot`` to the master ``to`` (id, port) as ``redis-cli --cluster
+    reshard`` does: IMPORTING on the target, MIGRATING on the source, its keys moved
+    20 to a MIGRATE (``pause`` seconds apart, so that calls meet the slot half moved:
+    some keys on each side), then the slot given to the target everywhere. Returns
+    how many MIGRATEs it took."""
+    src_id, src_port = _owner(cluster, slot)
+    dst_id, dst_port = to
+    if src_id == dst_id:
+        return 0
+    batches = 0
+    src: Any = redis.Redis(port=src_port)
+    dst: Any = redis.Redis(port=dst_port)
+    try:
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 20):
+            src.execute_command("MIGRATE", "127.0.0.1", dst_port, "", 0, 5000, "KEYS", *keys)
+            batches += 1
+            time.sleep(pause)
+        for port in [dst_port, src_port, *cluster.masters()]:
+            node: Any = redis.Redis(port=port)
+            try:
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            finally:
+                node.close()
+    finally:
+        src.close()
+        dst.close()
+    return batches
+
+
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+def test_slots_resharded_while_events_run_lose_no_acknowledged_write(
+    redis_cluster: RedisCluster, wait_replicas: int
+) -> None:
+    """Move the slots of some sessions' buckets and of a global to another master,
+    key by key, while two threads run events on those sessions (each appends a number
+    to a list) and increment the global; then move them back. Calls that meet a slot
+    half moved (a script's keys on two nodes: ASK, TRYAGAIN) may fail, but only with
+    StoreUnavailable or SessionBusy; afterwards every acknowledged append is stored
+    exactly once, nothing else is stored but appends whose outcome was said unknown,
+    the global counts every acknowledged increment (and at most the unknown ones
+    besides), and every session is still there. Fails if a call raises anything else
+    (a StoreConflict, a redirection error), returns a wrong value, or if a write is
+    lost or applied twice, or if a session cannot take an event once the slots are
+    back. With ``wait_replicas=1`` the writes take the path that waits for a replica
+    (sent to the master the client knows, the slots learnt again after a
+    redirection)."""
+    url = cluster_url(redis_cluster)
+    store = RedisStore(
+        url, prefix=f"rs{uuid.uuid4().hex[:6]}", socket_timeout=2.0, wait_replicas=wait_replicas
+    )
+    engine = StateEngine(store, app="shop", lease_wait=2)
+    log: SessionState[list[int]] = engine.session_state("log", [])
+    visitors = engine.global_state("visitors", 0)
+    sids = [engine.open_session() for _ in range(6)]
+    layout = store.namespace("shop").layout
+    slots = sorted(
+        {store.client.keyslot(layout.of(sid).P) for sid in sids}
+        | {store.client.keyslot(layout.global_prefix("visitors"))}
+    )
+    home = {slot: _owner(redis_cluster, slot) for slot in slots}
+    masters = {v.port: v.id for v in redis_cluster.view() if "master" in v.flags and v.slots}
+    ports = sorted(masters)
+    away = {
+        slot: (masters[p], p)
+        for slot, (_, port) in home.items()
+        for p in [ports[(ports.index(port) + 1) % len(ports)]]
+    }
+    stop = threading.Event()
+    lock = threading.Lock()
+    acked: dict[str, list[int]] = {sid: [] for sid in sids}
+    unknown: dict[str, list[int]] = {sid: [] for sid in sids}
+    adds = {"acked": 0, "unknown": 0}
+    refused: list[BaseException] = []
+    counter = iter(range(10**9))
+
+    def work() -> None:
+        while not stop.is_set():
+            for sid in sids:
+                with lock:
+                    i = next(counter)
+                try:
+                    with engine.event(sid) as ev:
+                        ev[log].append(i)
+                    with lock:
+                        acked[sid].append(i)
+                except (StoreUnavailable, SessionBusy) as exc:
+                    with lock:
+                        refused.append(exc)
+                        if getattr(exc, "outcome_unknown", False):
+                            unknown[sid].append(i)
+                try:
+                    value = visitors.increment()
+                    assert isinstance(value, int)
+                    with lock:
+                        adds["acked"] += 1
+                except StoreUnavailable as exc:
+                    with lock:
+                        refused.append(exc)
+                        if exc.outcome_unknown:
+                            adds["unknown"] += 1
+
+    deadline, batches = time.monotonic() + 30, 0
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(work) for _ in range(2)]
+            try:
+                time.sleep(0.2)
+                for there in (away, home):
+                    for slot in slots:
+                        batches += _move_slot(redis_cluster, slot, there[slot], pause=0.02)
+                time.sleep(0.2)
+            finally:
+                stop.set()
+            for each in running:
+                each.result(timeout=max(1.0, deadline - time.monotonic()))
+        assert time.monotonic() < deadline
+        for slot in slots:
+            assert _owner(redis_cluster, slot) == home[slot]
+        for sid in sids:  # each session is there and takes events again at once
+            assert acked[sid], f"{sid}: no event succeeded"
+            with engine.event(sid) as ev:
+                ev[log].append(-1)
+            acked[sid].append(-1)
+        reader = StateEngine(RedisStore(url, prefix=store.prefix), app="shop")
+        try:
+            stored_log: SessionState[list[int]] = reader.session_state("log", [])
+            for sid in sids:
+                stored = stored_log.get(sid)
+                assert len(stored) == len(set(stored)), f"{sid}: an append applied twice"
+                assert set(acked[sid]) <= set(stored), f"{sid}: an acknowledged append lost"
+                assert set(stored) <= set(acked[sid]) | set(unknown[sid])
+            total = reader.global_state("visitors", 0).get()
+            assert adds["acked"] <= total <= adds["acked"] + adds["unknown"]
+        finally:
+            reader.shutdown()
+            reader.store.close()  # type: ignore[attr-defined]
+        assert sum(map(len, acked.values())) > 0
+        assert batches > 2 * len(slots)  # some slot was met half moved, keys on both sides
+    finally:
+        stop.set()
+        for slot, owner in home.items():  # whatever happened, give every slot back
+            for port in masters:  # ending any move left half done
+                with redis.Redis(port=port) as node:
+                    node.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+            if _owner(redis_cluster, slot) != owner:
+                _move_slot(redis_cluster, slot, owner, pause=0)
+        redis_cluster.restore()
+        engine.shutdown()
+        store.close()
