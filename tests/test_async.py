@@ -227,8 +227,9 @@ def test_a_cancelled_aclose_session_still_runs_the_close_hooks(
 
 # -- the event loop while a slow Redis answers -----------------------------------------
 
-#: Seconds the proxy holds each reply of the server.
-DELAY = 0.05
+#: Seconds the proxy holds each reply of the server: a loop blocked by one reply stands
+#: still at least this long, longer than a busy machine's scheduling pauses.
+DELAY = 0.15
 
 
 class Ticker:
