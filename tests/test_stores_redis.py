@@ -440,6 +440,27 @@ class TestRedisStoreOnSentinel(SharedStoreContract):
         return RedisStore(self.url, prefix=f"sn{uuid.uuid4().hex[:6]}")
 
 
+def test_a_sentinel_stores_close_closes_its_connections_to_the_sentinels(
+    redis_sentinel: RedisSentinel,
+) -> None:
+    """A store made from a ``redis+sentinel://`` URL closes all it opened: the master's
+    connections and the sentinels' (left open, a sentinel's socket was closed only by
+    the garbage collector, with a ResourceWarning, in whatever test ran then)."""
+    store = RedisStore(sentinel_url(redis_sentinel), prefix=f"sc{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop")
+    engine.open_session()  # asks the sentinels for the master, then the master
+    manager = store.client.connection_pool.sentinel_manager
+    assert any(s.connection_pool._created_connections for s in manager.sentinels), (
+        "the store never asked a sentinel: this test would show nothing"
+    )
+    engine.shutdown()
+    store.close()
+    for sentinel in manager.sentinels:
+        pool = sentinel.connection_pool
+        assert all(c._sock is None for c in pool._available_connections), "left open"
+        assert not pool._in_use_connections
+
+
 def test_a_sentinel_failover_raises_store_unavailable_then_the_engine_carries_on(
     redis_sentinel: RedisSentinel,
 ) -> None:

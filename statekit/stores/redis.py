@@ -205,6 +205,9 @@ class RedisStore:
                 f"Redis key prefix {prefix!r} is not valid: use 1 to 64 characters among "
                 "letters, digits and _ . : -"
             )
+        #: Whether the store made its client (from ``url``): it then closes all of it,
+        #: a Sentinel set-up's connections to its sentinels included.
+        self._own_client = client is None
         self.client: Any = (
             client
             if client is not None
@@ -464,3 +467,8 @@ class RedisStore:
         for handle in list(self._handles):
             handle.shutdown()
         self.client.close()
+        pool = getattr(self.client, "connection_pool", None)  # a cluster client has none
+        manager = getattr(pool, "sentinel_manager", None)
+        if self._own_client and manager is not None:
+            for sentinel in manager.sentinels:  # what found the master: left open, they
+                sentinel.close()  # would be closed only by the garbage collector
