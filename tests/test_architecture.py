@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_entry",),
     ("_engine_host",),
     ("_engine",),
-    ("web.wire",),
+    ("web.wire", "web.at_exit"),
     ("web.gate",),
     ("web",),
     ("testing._nodes",),  # redis-server processes, for the cluster and Sentinel helpers

@@ -62,10 +62,7 @@ runs it in a thread). Thread-safe.
 
 from __future__ import annotations
 
-import atexit
-import logging
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,7 +72,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.module_loading import import_string
 
 from statekit import StateEngine
-from statekit.web import PREFIX, Answer, SessionGate, Visit
+from statekit.web import PREFIX, Answer, SessionGate, Visit, shut_down_at_exit
 
 __all__ = ["StateKitMiddleware", "engine_from_settings", "visit_of"]
 
@@ -115,7 +112,7 @@ class StateKitMiddleware:
             raise ImproperlyConfigured(f"STATEKIT_PREFIX: {exc}") from None
         except TypeError as exc:
             raise ImproperlyConfigured(f"STATEKIT_ALLOWED_ORIGINS: {exc}") from None
-        _shut_at_exit(engine)
+        shut_down_at_exit(engine)
 
     def __repr__(self) -> str:
         return f"StateKitMiddleware({self.gate!r})"
@@ -231,27 +228,3 @@ def _response(answer: Answer) -> HttpResponse:
     if cookie is not None:  # Django sends its cookies from response.cookies
         response.cookies.load(cookie)
     return response
-
-
-logger = logging.getLogger("statekit")
-_engines: weakref.WeakSet[StateEngine] = weakref.WeakSet()
-_exit_lock = threading.Lock()
-
-
-def _shut_at_exit(engine: StateEngine) -> None:
-    with _exit_lock:
-        if not _engines:
-            atexit.unregister(_shut_all)  # registered once, however many engines
-            atexit.register(_shut_all)
-        _engines.add(engine)
-
-
-def _shut_all() -> None:
-    with _exit_lock:
-        engines = list(_engines)
-        _engines.clear()
-    for engine in engines:
-        try:
-            engine.shutdown()  # one shut down already does nothing
-        except Exception:  # the process is ending: say so, and shut the others down
-            logger.exception("statekit: shutting down %r at exit failed", engine)

@@ -44,10 +44,6 @@ Thread-safe: one extension serves every thread of the app.
 
 from __future__ import annotations
 
-import atexit
-import logging
-import threading
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -55,7 +51,7 @@ from flask import Blueprint, Flask, Response, current_app, g, has_request_contex
 
 from statekit import StateEngine
 from statekit.exceptions import SessionBusy, SessionNotFound, StoreUnavailable
-from statekit.web import PREFIX, Answer, SessionGate, Visit
+from statekit.web import PREFIX, Answer, SessionGate, Visit, shut_down_at_exit
 
 __all__ = ["StateKit", "visit"]
 
@@ -149,7 +145,7 @@ class StateKit:
         for error in (SessionNotFound, SessionBusy, StoreUnavailable):
             app.register_error_handler(error, _answer_error)
         if self.shutdown:
-            _shut_at_exit(engine)
+            shut_down_at_exit(engine)
         return gate
 
 
@@ -264,27 +260,3 @@ def _app_handler(error: Exception) -> Callable[[Exception], Any] | None:
             if handler is not None and handler is not _answer_error:
                 return handler
     return None
-
-
-logger = logging.getLogger("statekit")
-_engines: weakref.WeakSet[StateEngine] = weakref.WeakSet()
-_exit_lock = threading.Lock()
-
-
-def _shut_at_exit(engine: StateEngine) -> None:
-    with _exit_lock:
-        if not _engines:
-            atexit.unregister(_shut_all)  # registered once, however many apps
-            atexit.register(_shut_all)
-        _engines.add(engine)
-
-
-def _shut_all() -> None:
-    with _exit_lock:
-        engines = list(_engines)
-        _engines.clear()
-    for engine in engines:
-        try:
-            engine.shutdown()  # one shut down already does nothing
-        except Exception:  # the process is ending: say so, and shut the others down
-            logger.exception("statekit: shutting down %r at exit failed", engine)

@@ -34,6 +34,7 @@ two classes in a few lines.
 
 from __future__ import annotations
 
+from statekit.web.at_exit import shut_down_at_exit
 from statekit.web.gate import FormSource, SessionGate, Visit
 from statekit.web.wire import (
     BROWSER_HEADER,
@@ -88,4 +89,5 @@ __all__ = [
     "read_request",
     "script",
     "script_answer",
+    "shut_down_at_exit",
 ]
