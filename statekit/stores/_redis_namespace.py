@@ -243,6 +243,13 @@ class RedisNamespace:
         client = self._store.async_client
         if client is None or self._store.wait_replicas:
             return await asyncio.to_thread(self._drive, operation)
+        if self._store.cluster:
+            # An asyncio cluster client that has not yet read the cluster's layout
+            # sends a script to any node (redis-py 8 routes keyed commands only once
+            # it knows a node), and tasks recovering from the MOVED replies together
+            # disconnect connections others are opening. Reading it first, once
+            # (a no-op after), routes every call by its keys from the start.
+            await client.initialize()
         if isinstance(operation, Plan):
             reply = await self._arun(client, operation.script, operation.keys, operation.args)
             return operation.answer(reply)
