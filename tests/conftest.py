@@ -21,16 +21,17 @@ settings.register_profile("thorough", max_examples=5000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-#: Modules whose tests fail a Redis master over or move its slots: a connection a
-#: client dropped there is collected right after each test, so that its
-#: ResourceWarning (an error here) fails the test that left it, not a later one.
-_COLLECT_AFTER = {"tests.test_redis_cluster", "tests.test_redis_topologies"}
+#: Fixtures of the set-ups whose masters tests fail over or whose slots they move: a
+#: connection a client dropped there is collected right after each test that used one,
+#: so that its ResourceWarning (an error here) fails the test that left it, not a
+#: later one.
+_COLLECT_AFTER = {"redis_cluster", "redis_sentinel"}
 
 
 @pytest.fixture(autouse=True)
 def _collect_dropped_connections(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    if request.module.__name__ in _COLLECT_AFTER:
+    if _COLLECT_AFTER.intersection(request.fixturenames):
         gc.collect()
 
 
@@ -124,11 +125,12 @@ def declared(engine: StateEngine, name: str) -> SessionState[Any]:
     return state
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
 def make_store(
     request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer
 ) -> Iterator[StoreFactory]:
-    """Makes stores of one kind; stores made for one test share their data."""
+    """Makes stores of one kind; stores made for one test share their data. On
+    ``redis-cluster`` the engine's sessions spread over the cluster's 48 buckets."""
     made: list[Store] = []
     memory = MemoryStore()
     prefix = f"t{uuid.uuid4().hex[:8]}"
@@ -139,8 +141,12 @@ def make_store(
             store = memory
         elif request.param == "sqlite":
             store = SQLiteStore(tmp_path / "state.db")
-        else:
+        elif request.param == "redis":
             store = RedisStore(redis_server.url, prefix=prefix)
+        else:
+            cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+            nodes = ",".join(f"{host}:{port}" for host, port in cluster.startup_nodes)
+            store = RedisStore(f"redis+cluster://{nodes}", prefix=prefix)
         made.append(store)
         return store
 

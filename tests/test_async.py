@@ -15,6 +15,7 @@ import attrs
 import pytest
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -146,7 +147,7 @@ async def scenario(engine: StateEngine, clock: FakeClock, call: Calls) -> list[o
 
 
 def test_every_async_twin_gives_what_its_blocking_call_gives(
-    make_store: StoreFactory, redis_server: RedisServer
+    make_store: StoreFactory, redis_server: RedisServer, request: pytest.FixtureRequest
 ) -> None:
     """The same scenario, once with the blocking calls and once with their async twins
     (on Redis, on an asyncio client), gives the same log: results, errors, callbacks,
@@ -156,9 +157,13 @@ def test_every_async_twin_gives_what_its_blocking_call_gives(
 
     async def run(twins: bool) -> list[object]:
         store = make_store()
-        client = None
+        client: Any = None
         if isinstance(store, RedisStore) and twins:
-            client = store.async_client = aioredis.Redis.from_url(redis_server.url)
+            client = store.async_client = (
+                aiocluster.RedisCluster.from_url(request.getfixturevalue("redis_cluster").url)
+                if store.cluster
+                else aioredis.Redis.from_url(redis_server.url)
+            )
         clock = FakeClock()
         engine = StateEngine(
             store,

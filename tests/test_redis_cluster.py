@@ -122,6 +122,11 @@ def test_a_cluster_is_chosen_by_url_or_by_client(redis_cluster: RedisCluster) ->
         assert by_url.buckets == by_client.buckets == 48
         with pytest.raises(ValueError, match="async_client"):
             RedisStore(client=client, async_client=redis.asyncio.Redis())
+        # Set later, as a worker does after a fork: checked the same way (a
+        # one-server client would find none of the cluster's sessions).
+        with pytest.raises(ValueError, match=r"on a cluster, so give it .*cluster"):
+            by_url.async_client = redis.asyncio.Redis()
+        assert by_url.async_client is None
     finally:
         by_url.close()
         by_client.close()

@@ -215,12 +215,8 @@ class RedisStore:
         )
         #: Whether the store talks to a Redis Cluster (notices are then sharded).
         self.cluster = is_cluster(self.client)
-        if async_client is not None and is_cluster(async_client) != self.cluster:
-            raise ValueError(
-                "RedisStore's async_client must reach the same kind of deployment as its "
-                "client: a redis.asyncio.cluster.RedisCluster with a cluster, a "
-                "redis.asyncio.Redis otherwise"
-            )
+        self._async_client: Any = None
+        self.async_client = async_client  # checked by the property
         if buckets is None:
             buckets = 48 if self.cluster else 1
         if isinstance(buckets, bool) or not isinstance(buckets, int):
@@ -238,7 +234,6 @@ class RedisStore:
             raise ValueError(f"wait_timeout must be above 0 and at most 60 s, got {wait_timeout}")
         self.wait_replicas = wait_replicas
         self.wait_timeout = float(wait_timeout)
-        self.async_client = async_client
         #: Connections the store keeps for its own sends, by connection pool (see
         #: _direct): the client's pool, or on a cluster each master's; None: the
         #: client's own path (a client of one connection, or with a client cache).
@@ -445,6 +440,33 @@ class RedisStore:
             return await fn()
         except (*UNAVAILABLE, RedisError) as exc:
             raise read_failure(self._label, exc, damaged) from exc
+
+    @property
+    def async_client(self) -> Any:
+        """The ``redis.asyncio`` client async calls are sent on, or ``None`` (worker
+        threads run the blocking client). Settable, e.g. in each worker after a fork.
+
+        Raises:
+            ValueError: when set to a client of another kind of deployment than the
+                store's (a cluster client for one server, or the reverse): its calls
+                would reach keys the store does not keep there.
+        """
+        return self._async_client
+
+    @async_client.setter
+    def async_client(self, client: Any) -> None:
+        if client is not None and is_cluster(client) != self.cluster:
+            want = (
+                "a redis.asyncio.cluster.RedisCluster"
+                if self.cluster
+                else "a redis.asyncio.Redis (not a cluster client)"
+            )
+            raise ValueError(
+                f"RedisStore's async_client must reach the same kind of deployment as its "
+                f"client: this store is on {'a cluster' if self.cluster else 'one server'}, "
+                f"so give it {want}"
+            )
+        self._async_client = client
 
     def _after_fork(self) -> None:
         """In the child of a fork: an asyncio client's pool (unlike the blocking
