@@ -75,6 +75,7 @@ class Settings:
         "capacity",
         "closed_ttl",
         "idle_ttl",
+        "lease_keep",
         "lease_ttl",
         "lease_wait",
         "warn_hold",
@@ -92,6 +93,7 @@ class Settings:
         lease_wait: float,
         warn_hold: float | None = None,
         warn_size: int | None = None,
+        lease_keep: float = 0.0,
     ) -> None:
         self.app = app
         self.idle_ttl = idle_ttl
@@ -101,6 +103,7 @@ class Settings:
         self.lease_wait = lease_wait
         self.warn_hold = warn_hold
         self.warn_size = warn_size
+        self.lease_keep = lease_keep
 
 
 class Core:

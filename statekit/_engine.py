@@ -35,9 +35,11 @@ from ._clock import Clock, monotonic, wall
 from ._commit import Committer
 from ._core import Core, Settings
 from ._engine_host import EngineHost
-from ._entry import Entry, LatchEntry, LeaseEntry
+from ._entry import Entry, LatchEntry
 from ._events import BrowserIO, Event, RenewingEvent
 from ._globals import Globals
+from ._kept import KeptLeases, check_lease_keep
+from ._lease_entry import LeaseEntry
 from ._metrics import Timings, ValueSize
 from ._registry import SessionRegistry
 from ._remote import Remote
@@ -120,6 +122,13 @@ class StateEngine:
         lease_wait: seconds an event waits for its session while other events hold it
             (in this process, or with a shared store in another) before raising
             :class:`SessionBusy`.
+        lease_keep: on a store that keeps leases (Redis), seconds after an event during
+            which the session's next event in this engine may reuse its lease and
+            values, skipping its load: one round trip per event instead of two, none
+            for an event that only reads. Another process that wants the session asks
+            for it and gets it within a notice's delay. 0 (the default): every event
+            loads its session and gives its lease back. At most half of ``lease_ttl``.
+            See the stores page, "Kept leases".
         warn_hold: log a warning (logger ``statekit``, at most once a minute) when an
             event holds its session longer than this many seconds; None: never.
         warn_size: log a warning (likewise) when an event writes a value larger than
@@ -150,6 +159,7 @@ class StateEngine:
         clock: Clock | None = None,
         lease_ttl: float = 30,
         lease_wait: float = 30,
+        lease_keep: float = 0,
         warn_hold: float | None = 5,
         warn_size: int | None = 1_000_000,
     ) -> None:
@@ -178,6 +188,9 @@ class StateEngine:
         self.lease_ttl = settings.lease_ttl
         self.lease_wait = settings.lease_wait
         self.store: Store = MemoryStore() if store is None else store
+        self.lease_keep = settings.lease_keep = check_lease_keep(
+            lease_keep, settings.lease_ttl, self.store
+        )
         # A store that remembers the replies of its writes (to answer a request sent
         # twice with its first outcome) must remember them for as long as a lease.
         request_ttl = getattr(self.store, "request_ttl", None)
@@ -202,11 +215,13 @@ class StateEngine:
         self._remote = Remote(core)
         # Chosen once: a store that keeps each session's lock with the session (the
         # memory store) is entered directly; any other takes locks here and a lease.
-        self._entry: Entry = (
-            LatchEntry(core, ns, committer)
-            if isinstance(ns, EnteringNamespace)
-            else LeaseEntry(core, committer, self._remote)
-        )
+        self._entry: Entry
+        self._kept: KeptLeases | None = None
+        if isinstance(ns, EnteringNamespace):
+            self._entry = LatchEntry(core, ns, committer)
+        else:
+            self._entry = leasing = LeaseEntry(core, committer, self._remote)
+            self._kept = leasing.kept
         self._host = EngineHost(core, self._entry, self._remote, Globals(core))
 
     def __repr__(self) -> str:
@@ -581,7 +596,7 @@ class StateEngine:
         last engine using the app's data, every session ends now and every deletion
         callback runs with reason ``shutdown`` (engines still using the data keep it).
         With any store, every registry object this engine holds is cleaned up (they are
-        process-local).
+        process-local), and leases kept between events (``lease_keep``) are given back.
         Call it after the host has stopped serving requests. Calling it twice does
         nothing.
         """
@@ -590,6 +605,8 @@ class StateEngine:
             return
         core.shut = True
         self._remote.stop()
+        if self._kept is not None:
+            drive(self._kept.release_steps(), self._ns)
         drive(core.end_steps(), self._ns)
 
     async def ashutdown(self) -> None:
@@ -606,6 +623,8 @@ class StateEngine:
             await asyncio.to_thread(self._remote.stop)
         else:
             self._remote.stop()
+        if self._kept is not None:
+            await core.adrive(self._kept.release_steps())
         await core.adrive(core.end_steps())
 
 

@@ -142,6 +142,9 @@ class EventState:
         pending: what ended meanwhile (removed sessions and values), whose callbacks
             run once the session is given back.
         lease: on a shared store, the lease held (its token), if any.
+        lease_until: when that lease lapses (engine clock), as last written.
+        deadline: the session's deadline as the event's load (or the commit before,
+            for an event on a kept lease) slid it.
         renew: whether the engine renews the lease while the event runs (a class
             attribute: True for a :class:`RenewingEvent`, so that an event costs no
             more for it).
@@ -158,6 +161,7 @@ class EventState:
         "browser",
         "changed",
         "closed",
+        "deadline",
         "done",
         "emitted",
         "engine",
@@ -165,6 +169,7 @@ class EventState:
         "global_reads",
         "host",
         "lease",
+        "lease_until",
         "loaded",
         "now",
         "pending",
@@ -191,6 +196,8 @@ class EventState:
         self.emitted: dict[str, Any] | None = None
         self.pending: list[Ended] = []
         self.lease: str | None = None
+        self.lease_until = 0.0
+        self.deadline = 0.0
         self.changed: list[Changeable] | None = None
         self.done: EventResult | None = None
         self.now = 0.0

@@ -87,7 +87,7 @@ class Remote:
             ]
             if states:
                 self._fire(notice.sid, states)
-        else:  # resync: notices may have been lost
+        elif notice.kind == "resync":  # notices may have been lost
             run_hooks(core.resync_hooks, "resync")
             with self._seen_lock:
                 seen = list(self._seen.items())

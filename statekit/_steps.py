@@ -37,6 +37,7 @@ from .stores.base import (
     Busy,
     Ended,
     Gone,
+    Keep,
     Lease,
     Loaded,
     StoreNamespace,
@@ -114,6 +115,7 @@ class Commit(StoreCall[int]):
     now: float
     lease: str | None
     release: bool
+    keep: Keep | None = None
 
     def run(self, ns: StoreNamespace) -> int:
         return ns.commit(
@@ -124,6 +126,7 @@ class Commit(StoreCall[int]):
             now=self.now,
             lease=self.lease,
             release=self.release,
+            keep=self.keep,
         )
 
     def arun(self, ns: AsyncStoreNamespace) -> Coroutine[Any, Any, int]:
@@ -135,6 +138,7 @@ class Commit(StoreCall[int]):
             now=self.now,
             lease=self.lease,
             release=self.release,
+            keep=self.keep,
         )
 
 

@@ -5,14 +5,14 @@ Every key is ``<prefix>:{<tag>}:<rest>``; Redis Cluster places a key by its tag 
 text between the braces) only, so every key of one tag is on one slot, and a script
 may touch them all.
 
-**Buckets.** An app's sessions are split into ``N`` buckets by their id
-(``crc32(sid) % N``); each bucket has its own tag, and with it its own deadline index
-``dl``, capacity orders ``lru`` and ``closed``, request keys ``q:<id>`` and notice
-channel ``notices``, all on one slot beside its sessions' hashes ``s:<sid>`` and
-tombstones ``gone:<sid>``. So every script about a session touches one slot, and the
-sessions, their writes and their notices spread over the masters. With one bucket
-(the default on a single server and on Sentinel) the tag is the app's name, and all
-of an app's keys, globals included, share it.
+**Buckets.** An app's sessions are split into ``N`` buckets by their id (``crc32(sid) %
+N``); each bucket has its own tag, and with it its own deadline index ``dl``, capacity
+orders ``lru`` and ``closed``, request keys ``q:<id>`` and notice channel ``notices``,
+all on one slot beside its sessions' hashes ``s:<sid>`` and tombstones ``gone:<sid>``,
+and the channel ``wanted`` of requests for kept leases. So every script about a session
+touches one slot, and the sessions, their writes and their notices spread over the
+masters. With one bucket (the default on a single server and on Sentinel) the tag is the
+app's name, and all of an app's keys, globals included, share it.
 
 **Even spread.** A tag made of a counter would land on a random slot, and with a few
 dozen buckets the masters would get noticeably uneven shares. Bucket ``k`` of ``N``
@@ -74,7 +74,7 @@ class Bucket:
     ``settings`` is the first argument of every app script run on the bucket (see
     ``_redis_scripts``); the namespace sets it. Mutable only through ``settings``."""
 
-    __slots__ = ("P", "channel", "closed", "dl", "index", "lru", "settings")
+    __slots__ = ("P", "channel", "closed", "dl", "index", "lru", "settings", "wanted")
 
     def __init__(self, index: int, prefix: str) -> None:
         self.index = index
@@ -83,6 +83,9 @@ class Bucket:
             prefix.encode() + name for name in (b"dl", b"lru", b"closed")
         )
         self.channel = prefix + "notices"
+        # Where loads ask for leases kept between events: a channel of its own, so
+        # that an engine that keeps leases does not receive every commit's notice.
+        self.wanted = prefix + "wanted"
         self.settings = b""
 
     def __repr__(self) -> str:

@@ -31,7 +31,7 @@ from ._redis_failures import DamagedKey
 from ._redis_layout import Bucket, Layout
 from ._redis_notices import NoticeReceiver
 from ._redis_spread import BUDGET_MIN
-from .base import Busy, Ended, Gone, Lease, Loaded, Notice
+from .base import Busy, Ended, Gone, Keep, Lease, Loaded, Notice
 
 if TYPE_CHECKING:
     from .redis import RedisStore
@@ -108,6 +108,7 @@ class RedisNamespace:
         "_notices",
         "_request_ms",
         "_store",
+        "_wanted",
         "channel",
         "origin",
     )
@@ -133,6 +134,20 @@ class RedisNamespace:
         self._feed = NoticeFeed(
             f"statekit-redis-notices-{app}",
             self._notices.listen,
+            ready_timeout=store.socket_timeout,
+        )
+        # Requests for the leases this handle keeps between events: a channel and a
+        # thread of their own (see subscribe_wanted).
+        self._wanted = NoticeFeed(
+            f"statekit-redis-wanted-{app}",
+            NoticeReceiver(
+                store.client,
+                [bucket.wanted for bucket in self._layout.buckets],
+                lambda: self.origin,
+                store=store,
+                timeout=store.socket_timeout,
+                sharded=store.cluster,
+            ).listen,
             ready_timeout=store.socket_timeout,
         )
         self._draw_origin()
@@ -428,9 +443,24 @@ class RedisNamespace:
         now: float,
         lease: str | None = None,
         release: bool = True,
+        keep: Keep | None = None,
     ) -> Plan[int]:
         keys, settings = self._session(sid, claims=False)
-        args: list[Any] = [settings, sid, str(version), lease or "", "1" if release else "0"]
+        mode = "1" if release else "0"
+        if keep is not None:
+            if lease is None:
+                raise ValueError("a commit keeps its lease (keep=) only with a lease")
+            mode = " ".join(
+                (
+                    "k",
+                    replies.num(keep.until),
+                    replies.num(keep.touch_until),
+                    replies.num(now),
+                    str(self._backstop(now, keep.touch_until)),
+                )
+            )
+            keys.insert(2, self._layout.of(sid).lru)
+        args: list[Any] = [settings, sid, str(version), lease or "", mode]
         for name, value in writes.items():
             deadline = ttl_deadlines.get(name)
             args += [name, value, "" if deadline is None else replies.num(deadline)]
@@ -580,16 +610,24 @@ class RedisNamespace:
     def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
         return self._feed.subscribe(callback)
 
+    def subscribe_wanted(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
+        """Receive the ``"wanted"`` notices of other handles' loads that found a lease
+        this handle keeps (``commit(keep=...)``), and ``"resync"`` after a lost
+        connection; not the app's other notices. Returns the unsubscribe."""
+        return self._wanted.subscribe(callback)
+
     def shutdown(self) -> tuple[Ended, ...]:
         """Stop receiving notices; hand over what requests whose reply was lost
         removed, if it can still be read back (its callbacks are due here)."""
         self._feed.stop()
+        self._wanted.stop()
         return self._drive(self._made_good())
 
     async def ashutdown(self) -> tuple[Ended, ...]:
         """:meth:`shutdown`, the notice thread stopped in a worker thread (it waits for
         the thread) and the replies read back on the asyncio client."""
         await asyncio.to_thread(self._feed.stop)
+        await asyncio.to_thread(self._wanted.stop)
         return await self._adrive(self._made_good())
 
     def _made_good(self) -> Ops[tuple[Ended, ...]]:

@@ -6,15 +6,16 @@ however many engines, handles and forked workers use it. What differs from call 
 call (the origin and channel of notices, lifetimes, times, ids) travels in ARGV, and
 every key a script reads or writes is declared in KEYS, as Redis asks of scripts.
 
-**Keys.** A session's keys share its bucket's hash tag (see ``_redis_layout``), so
-each script runs on one cluster slot: ``s:<sid>`` is a session hash (``_v`` version,
-``_c`` closed, ``_d`` deadline, ``_l``/``_lu`` lease and its end, ``v:<name>`` values,
-``t:<name>`` value deadlines); the bucket's ``dl`` is its deadline index (a sorted set
-of ``s\\0<sid>`` and ``v\\0<sid>\\0<name>``); ``lru`` and ``closed`` order its open
-sessions by last use and closed ones by close time; ``gone:<sid>`` remembers why a
-session ended; ``q:<request id>`` remembers the reply of a write for a while. A global
-is a hash ``g:<name>`` (``v`` value, ``n`` version) with request keys of its own tag.
-Times travel as the strings Python wrote, so Lua never rounds them.
+**Keys.** A session's keys share its bucket's hash tag (see ``_redis_layout``), so each
+script runs on one cluster slot: ``s:<sid>`` is a session hash (``_v`` version, ``_c``
+closed, ``_d`` deadline, ``_l``/``_lu`` lease and its end, ``_lk`` the token of a lease
+kept between events, ``v:<name>`` values, ``t:<name>`` value deadlines); the bucket's
+``dl`` is its deadline index (a sorted set of ``s\\0<sid>`` and ``v\\0<sid>\\0<name>``);
+``lru`` and ``closed`` order its open sessions by last use and closed ones by close
+time; ``gone:<sid>`` remembers why a session ended; ``q:<request id>`` remembers the
+reply of a write for a while. A global is a hash ``g:<name>`` (``v`` value, ``n``
+version) with request keys of its own tag. Times travel as the strings Python wrote, so
+Lua never rounds them.
 
 **Layout.** The seven scripts about an application's sessions (CREATE, EVICT, LOAD,
 PEEK, COMMIT, CLOSE, REAP) begin alike: KEYS[1] is the deadline index ``dl`` and KEYS[2]
@@ -59,7 +60,9 @@ opening sessions.
 
 from __future__ import annotations
 
-from ._redis_renew import RENEW
+from ._redis_global_scripts import GLOBAL_ADD, GLOBAL_CAS
+from ._redis_leases import RELEASE, RENEW
+from ._redis_requests import ONCE, REPLAY
 
 __all__ = ["TEXTS"]
 
@@ -75,6 +78,13 @@ local function notice(kind, sid, reason, names)
   if reason then msg.r = reason end
   if names then msg.n = names end
   redis.call(PUBLISH, CHANNEL, cjson.encode(msg))
+end
+
+-- Ask the engine keeping a session's lease between events (see COMMIT) to give it up,
+-- on the bucket's channel 'wanted' (its notice channel's name, 'notices' replaced).
+local function ask_keeper(sid)
+  redis.call(PUBLISH, string.sub(CHANNEL, 1, -8) .. 'wanted',
+    cjson.encode({k = 'wanted', s = sid, o = ORIGIN}))
 end
 
 -- Whether text is a version statekit wrote: digits that HINCRBY can still add to.
@@ -107,11 +117,16 @@ local function claim(sid, key, gone, reason, at)
   local h = redis.call('HGETALL', key)
   local closed = '0'
   local vals = {}
+  local lease, kept
   for i = 1, #h, 2 do
     local f = h[i]
     local prefix = string.sub(f, 1, 2)
     if f == '_c' then
       closed = h[i + 1]
+    elseif f == '_l' then
+      lease = h[i + 1]
+    elseif f == '_lk' then
+      kept = h[i + 1]
     elseif prefix == 'v:' then
       vals[#vals + 1] = string.sub(f, 3)
       vals[#vals + 1] = h[i + 1]
@@ -124,6 +139,7 @@ local function claim(sid, key, gone, reason, at)
   redis.call('ZREM', LRU, sid)
   redis.call('ZREM', CLOSED, sid)
   redis.call('SET', gone, reason .. '\0' .. at, 'EX', TOMBSTONE)
+  if kept and kept == lease then ask_keeper(sid) end
   if closed ~= '1' then
     notice('ended', sid, reason, nil)
   end
@@ -222,17 +238,7 @@ local function expired(sid, key, gone, meta)
 end
 """
 
-# After the locals REQ and REQUEST_MS, in every script that writes.
-_ONCE = r"""
-local seen = redis.call('GET', REQ)
-if seen then return cmsgpack.unpack(seen) end
-local function remember(reply)
-  redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', REQUEST_MS)
-  return reply
-end
-"""
-
-# After _ONCE: a damaged index is found before anything is written (Redis does not undo
+# After ONCE: a damaged index is found before anything is written (Redis does not undo
 # a failing script).
 _INDEXES = r"""
 for _, index in ipairs(INDEXES) do
@@ -249,7 +255,7 @@ _SESSION = r"""
 local KEY, GONE, SID = KEYS[#KEYS - 1], KEYS[#KEYS], ARGV[2]
 """
 
-_CLAIMING = _APP + _CLAIMS + _ONCE + _INDEXES
+_CLAIMING = _APP + _CLAIMS + ONCE + _INDEXES
 
 # KEYS: dl, request, lru, closed, session, then the hash and tombstone of each victim.
 # ARGV: (1), sid, now, deadline, capacity, backstop_ms, then the victims' ids.
@@ -355,6 +361,7 @@ for i = 1, #h, 2 do
 end
 if ARGV[5] ~= '' then
   if meta[4] and meta[4] ~= ARGV[5] and tonumber(meta[5]) > now then
+    if fields._lk == meta[4] then ask_keeper(SID) end
     return {'busy', meta[5]}
   end
   redis.call('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
@@ -416,26 +423,51 @@ return reply
 """
 )
 
-# KEYS: dl, request, session, tombstone.
-# ARGV: (1), sid, version, lease|'', release '1'|'0', then name, value, deadline|''
-#       for each write.
+# KEYS: dl, request, session, tombstone (keeping the lease: dl, request, lru, session,
+#       tombstone).
+# ARGV: (1), sid, version, lease|'', release '1'|'0'|'k <lease end> <deadline> <now>
+#       <backstop_ms>', then name, value, deadline|'' for each write.
 COMMIT = (
     _APP
-    + _ONCE
+    + ONCE
     + _INDEXES
     + _SESSION
     + r"""
-local meta = redis.pcall('HMGET', KEY, '_v', '_l')
+local meta = redis.pcall('HMGET', KEY, '_v', '_l', '_d', '_c')
 if meta.err then return {'wrongtype'} end
 if not meta[1] then return missing(GONE) end
 if not is_version(meta[1]) then return {'corrupt', '_v'} end
 if meta[1] ~= ARGV[3] or (ARGV[4] ~= '' and meta[2] ~= ARGV[4]) then
   return {'conflict', meta[1]}
 end
+-- Keeping the lease (ARGV[5] 'k <lease end> <deadline> <now> <backstop_ms>'): it
+-- lasts until the new end, marked as kept, and the session's deadline slides as a
+-- load's would (the next event here may skip its load).
+local keep_until, touch_until, keep_now, backstop =
+  string.match(ARGV[5], '^k (%S+) (%S+) (%S+) (%S+)$')
+local slide = false
+if keep_until and meta[2] == ARGV[4] and meta[4] ~= '1' and tonumber(meta[3]) then
+  local wanted = tonumber(touch_until)
+  slide = wanted - tonumber(meta[3]) >= math.min(1, (wanted - tonumber(keep_now)) / 10)
+  if slide then
+    local kind = redis.call('TYPE', KEYS[3]).ok
+    if kind ~= 'zset' and kind ~= 'none' then return {'damaged', KEYS[3]} end
+  end
+end
 -- The values, their deadlines and the next version in one HSET (in pieces of at most
 -- 1,000 fields, which Lua's unpack can pass).
 local version = string.format('%d', tonumber(meta[1]) + 1)
 local sets = {'_v', version}
+if keep_until then
+  sets[3], sets[4], sets[5], sets[6] = '_lu', keep_until, '_lk', ARGV[4]
+end
+if slide then
+  sets[#sets + 1] = '_d'
+  sets[#sets + 1] = touch_until
+  redis.call('PEXPIRE', KEY, backstop)
+  redis.call('ZADD', DL, touch_until, 's\0' .. SID)
+  redis.call('ZADD', KEYS[3], keep_now, SID)
+end
 local names = {}
 for i = 6, #ARGV, 3 do
   local name = ARGV[i]
@@ -455,20 +487,12 @@ for first = 1, #sets, 1000 do
   redis.call('HSET', KEY, unpack(sets, first, math.min(first + 999, #sets)))
 end
 if ARGV[4] ~= '' and ARGV[5] == '1' then
-  redis.call('HDEL', KEY, '_l', '_lu')
+  redis.call('HDEL', KEY, '_l', '_lu', '_lk')
 end
 notice('changed', SID, nil, names)
 return remember({'ok', version})
 """
 )
-
-# KEYS: session.  ARGV: lease.  Idempotent by nature: no request key.
-RELEASE = r"""
-if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HGET', KEYS[1], '_l') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], '_l', '_lu')
-end
-return 1
-"""
 
 # KEYS: dl, request, lru, closed, session, tombstone.
 # ARGV: (1), sid, now, deadline, backstop_ms
@@ -476,7 +500,7 @@ CLOSE = (
     _CLAIMING
     + _SESSION
     + r"""
-local meta = redis.pcall('HMGET', KEY, '_c', '_d', '_v')
+local meta = redis.pcall('HMGET', KEY, '_c', '_d', '_v', '_l', '_lk')
 if meta.err then return {'wrongtype'} end
 if not meta[2] then return missing(GONE) end
 if meta[1] == '1' then return {'already'} end
@@ -491,6 +515,7 @@ redis.call('ZADD', DL, ARGV[4], 's\0' .. SID)
 redis.call('ZREM', LRU, SID)
 redis.call('ZADD', CLOSED, ARGV[3], SID)
 notice('ended', SID, 'closed', nil)
+if meta[5] and meta[5] == meta[4] then ask_keeper(SID) end
 return remember({'closed'})
 """
 )
@@ -567,63 +592,6 @@ for i = first, #ARGV do
 end
 if #out > 0 then remember_claims({out, {}}) end
 return {out, junk}
-"""
-)
-
-# KEYS: request.  Returns {1, reply} with the reply remembered for a request, or {0}.
-REPLAY = r"""
-if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return {0} end
-return {1, cmsgpack.unpack(redis.call('GET', KEYS[1]))}
-"""
-
-# The start of the globals' scripts: KEYS[1] the global, KEYS[2] the request's key,
-# ARGV[1] the milliseconds its reply is remembered.
-_GLOBAL = (
-    r"""
-local REQ, REQUEST_MS = KEYS[2], ARGV[1]
-"""
-    + _ONCE
-    + r"""
-local kind = redis.call('TYPE', KEYS[1]).ok
-if kind ~= 'hash' and kind ~= 'none' then return {'wrongtype'} end
-"""
-)
-
-# KEYS: global, request.  ARGV: (1), version|'', value
-GLOBAL_CAS = (
-    _GLOBAL
-    + r"""
-local found = redis.call('HGET', KEYS[1], 'n')
-if (found or '') ~= ARGV[2] then return false end
-local version = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('HSET', KEYS[1], 'v', ARGV[3])
-return remember(version)
-"""
-)
-
-# KEYS: global, request.  ARGV: (1), amount, default
-# Adds on the server only when the stored value and the amount are plain integers (the
-# reply is the stored string, never a Lua number, which would round past 2**53); else
-# returns false and the caller adds in Python with a compare-and-set.
-GLOBAL_ADD = (
-    _GLOBAL
-    + r"""
-local function is_version(text)
-  return text ~= nil and #text <= 15 and string.find(text, '^%d+$') ~= nil
-end
-if kind == 'none' then
-  redis.call('HSET', KEYS[1], 'v', ARGV[3], 'n', 0)
-end
-local found = redis.call('HMGET', KEYS[1], 'v', 'n')
-local current = found[1]
-if not current or not is_version(found[2]) then return {'corrupt'} end
-if string.find(current, '^-?%d+$') == nil or string.find(ARGV[2], '^-?%d+$') == nil then
-  return false
-end
-local added = redis.pcall('HINCRBY', KEYS[1], 'v', ARGV[2])
-if type(added) == 'table' and added.err then return false end
-redis.call('HINCRBY', KEYS[1], 'n', 1)
-return remember(redis.call('HGET', KEYS[1], 'v'))
 """
 )
 

@@ -40,6 +40,7 @@ __all__ = [
     "Ended",
     "EnteringNamespace",
     "Gone",
+    "Keep",
     "Lease",
     "Loaded",
     "Notice",
@@ -48,6 +49,7 @@ __all__ = [
     "Store",
     "StoreNamespace",
     "Turn",
+    "refuse_keep",
 ]
 
 
@@ -176,6 +178,33 @@ class Lease:
 
 
 @attrs.frozen(kw_only=True)
+class Keep:
+    """A lease kept past its event's commit, so that the session's next event in this
+    process may skip its load (``StateEngine(lease_keep=...)``).
+
+    Attributes:
+        until: the lease's new end (engine clock).
+        touch_until: the session's new deadline, slid as a load's touch slides it.
+    """
+
+    until: float
+    touch_until: float
+
+
+def refuse_keep(keep: object, store: object) -> None:
+    """For a store whose commits cannot keep their lease: raise on ``keep=``.
+
+    Raises:
+        ValueError: ``keep`` was given.
+    """
+    if keep is not None:
+        raise ValueError(
+            f"{type(store).__name__} does not keep leases between events (keep=); only a "
+            "store whose keeps_leases is true does"
+        )
+
+
+@attrs.frozen(kw_only=True)
 class Busy:
     """The answer for a session whose lease another event holds until ``until``."""
 
@@ -187,16 +216,18 @@ class Notice:
     """What another process did to a session, as published by a shared store.
 
     Attributes:
-        kind: ``"changed"`` (a commit), ``"ended"`` (closed, expired, evicted) or
-            ``"resync"`` (notices may have been lost, for example while reconnecting:
-            re-check what you care about; ``sid`` is empty).
+        kind: ``"changed"`` (a commit), ``"ended"`` (closed, expired, evicted),
+            ``"wanted"`` (a load found the session's lease kept by another handle: its
+            holder gives it up) or ``"resync"`` (notices may have been lost, for
+            example while reconnecting: re-check what you care about; ``sid`` is
+            empty).
         sid: the session.
         names: for ``"changed"``, the states written.
         reason: for ``"ended"``, why.
         origin: the namespace handle that caused it; a handle does not receive its own.
     """
 
-    kind: Literal["changed", "ended", "resync"]
+    kind: Literal["changed", "ended", "wanted", "resync"]
     sid: str
     names: tuple[str, ...] = ()
     reason: DeleteReason | None = None
@@ -253,13 +284,16 @@ class StoreNamespace(Protocol):
         now: float,
         lease: str | None = None,
         release: bool = True,
+        keep: Keep | None = None,
     ) -> int:
         """Write ``writes`` all-or-nothing if the session is still at ``version`` (and,
         with ``lease``, still leased with that token), and publish a ``changed`` notice.
 
         ``ttl_deadlines`` gives the new deadline of each written value that has a ttl.
-        With ``release``, the lease is released in the same step. Returns the new
-        version.
+        With ``release``, the lease is released in the same step. With ``keep`` (and
+        ``lease``; only on a store whose ``keeps_leases`` is true), the lease stays
+        instead, as :class:`Keep` says, marked as kept: a load by another handle that
+        finds it busy publishes a ``"wanted"`` notice. Returns the new version.
 
         Raises:
             StoreConflict: the session was committed by someone else meanwhile, or the
@@ -367,6 +401,7 @@ class AsyncStoreNamespace(Protocol):
         now: float,
         lease: str | None = None,
         release: bool = True,
+        keep: Keep | None = None,
     ) -> int:
         """As :meth:`StoreNamespace.commit`."""
         ...
@@ -508,6 +543,10 @@ class Store(Protocol):
             sessions for the length of each event.
         codec: how values are turned into bytes, or ``None`` for a store that keeps
             Python objects.
+        keeps_leases: (optional; false if absent) whether commits take ``keep=``,
+            loads ask a kept lease's holder for it, and namespaces have
+            ``subscribe_wanted(callback)``, which delivers those requests as
+            ``"wanted"`` notices (``StateEngine(lease_keep=)``).
     """
 
     shared: bool

@@ -476,6 +476,7 @@ class _MemoryNamespace:
         now: float,
         lease: str | None = None,
         release: bool = True,
+        keep: object = None,  # no leases here: lease, release and keep mean nothing
     ) -> int:
         with self._lock:
             rec = self._open.get(sid) or self._closed.get(sid)
@@ -616,8 +617,6 @@ class _MemoryNamespace:
             value, version = self._globals.get(name, (default, 0))
             self._globals[name] = (value := value + amount, version + 1)
             return value
-
-    # -- end ---------------------------------------------------------------------
 
     def shutdown(self) -> tuple[Ended, ...]:
         """Let go of the application: its data ends (and is returned, with reason

@@ -169,6 +169,8 @@ class RedisStore:
     """
 
     shared = True
+    #: Commits may keep their lease for the next event (``StateEngine(lease_keep=)``).
+    keeps_leases = True
 
     def __init__(
         self,

@@ -35,7 +35,17 @@ from statekit.exceptions import (
 )
 
 from ._notices import NoticeFeed
-from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, SessionIdTaken
+from .base import (
+    Busy,
+    DeleteReason,
+    Ended,
+    Gone,
+    Lease,
+    Loaded,
+    Notice,
+    SessionIdTaken,
+    refuse_keep,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -97,6 +107,7 @@ class SQLiteStore:
     """
 
     shared = True
+    keeps_leases = False
 
     def __init__(
         self,
@@ -386,7 +397,9 @@ class _SQLiteNamespace:
         now: float,
         lease: str | None = None,
         release: bool = True,
+        keep: object = None,
     ) -> int:
+        refuse_keep(keep, self)
         with self._store.transaction(durable=True) as db:
             row = self._row(db, sid)
             if row is None:

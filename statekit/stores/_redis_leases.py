@@ -1,0 +1,25 @@
+"""The Redis scripts of an event's lease besides the load that takes it and the commit
+that keeps or gives it back: giving it back without a commit (``RELEASE``) and renewing
+it (``RENEW``), each fenced by the lease's token: a lease another event took is neither
+given back nor renewed."""
+
+from __future__ import annotations
+
+__all__ = ["RELEASE", "RENEW"]
+
+# KEYS: session.  ARGV: lease.  Idempotent by nature: no request key.
+RELEASE = r"""
+if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HGET', KEYS[1], '_l') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], '_l', '_lu', '_lk')
+end
+return 1
+"""
+
+# KEYS: session. ARGV: lease token, new lease end.
+RENEW = r"""
+if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HGET', KEYS[1], '_l') == ARGV[1] then
+  redis.call('HSET', KEYS[1], '_lu', ARGV[2])
+  return 1
+end
+return 0
+"""
