@@ -122,13 +122,15 @@ class StateEngine:
         lease_wait: seconds an event waits for its session while other events hold it
             (in this process, or with a shared store in another) before raising
             :class:`SessionBusy`.
-        lease_keep: on a store that keeps leases (Redis), seconds after an event during
-            which the session's next event in this engine may reuse its lease and
-            values, skipping its load: one round trip per event instead of two, none
-            for an event that only reads. Another process that wants the session asks
-            for it and gets it within a notice's delay. 0 (the default): every event
-            loads its session and gives its lease back. At most half of ``lease_ttl``.
-            See the stores page, "Kept leases".
+        lease_keep: on a store that keeps leases (Redis), seconds an event's lease and
+            values stay with this engine after it commits, so that the session's next
+            event here skips its load: one round trip instead of two. Another process
+            that wants the session asks and gets it within a notice's delay; one that
+            dies holding kept leases leaves those sessions waiting this long at most.
+            An event on a kept lease holds it for at least half of this before
+            another process may take it. 0 (the default): every event loads its
+            session and gives its lease back. At most ``lease_ttl``. See the stores
+            page, "Kept leases".
         warn_hold: log a warning (logger ``statekit``, at most once a minute) when an
             event holds its session longer than this many seconds; None: never.
         warn_size: log a warning (likewise) when an event writes a value larger than

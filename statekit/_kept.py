@@ -5,24 +5,29 @@ ends well may leave its session leased to this engine, with the values it commit
 so that the session's next event here skips its load: one round trip (the commit)
 where there were two, and none for an event that only reads. A kept lease is:
 
-- **used** by the session's next event here only while the lease has at least
-  ``lease_ttl - lease_keep`` seconds left (each commit renews it), the session's
-  deadline is at least half the idle ttl away (each commit slides it), and none of its
-  values has a ttl of its own (a kept copy would not see such a value end). Otherwise
-  the event loads the session as usual, with the kept token, which the store grants at
-  once;
+- **short**: a commit that keeps its lease makes it end ``lease_keep`` seconds later,
+  so that a process that dies holding kept leases leaves their sessions waiting that
+  long at most. An event that only read keeps its lease only if it ends as soon (one
+  on a kept lease does; one that loaded holds it for ``lease_ttl`` and gives it back);
+- **used** by the session's next event here only while the lease has at least half of
+  ``lease_keep`` left (each commit renews it) — the time the event is sure to hold its
+  session before another process may take it; its commit is refused after that — the
+  session's deadline is at least half the idle ttl away (each commit slides it), none
+  of its values has a ttl of its own (a kept copy would not see such a value end), and
+  the event does not renew its lease by itself (``renew=True``). Otherwise the event
+  loads the session as usual, with the kept token, which the store grants at once;
 - **fenced** as every commit is: refused unless the lease still holds and the session
   is at the version kept, so a copy that is no longer the session's is never written
   over it;
-- **given up** when another handle wants the session: its load, finding the lease
-  kept, publishes a ``wanted`` notice, and this engine releases the lease (at the end
-  of the event, if one runs) and keeps that session no more for a ``lease_ttl``;
+- **given up** when another handle wants the session: its load (or a close, or the
+  session's end), finding the lease kept, publishes a ``wanted`` notice, and this
+  engine releases the lease (at the end of the event, if one runs) and keeps that
+  session no more for a ``lease_ttl``: a session processes use in turn is loaded by
+  each event, as without ``lease_keep``;
 - **dropped** when the session ends (a close here or elsewhere only marks the copy
   closed), given back at shutdown, and forgotten in the child of a fork (the
   parent's).
 
-A process that dies holding kept leases leaves those sessions to wait until their
-leases lapse (at most ``lease_ttl``), as it would with events under way.
 """
 
 from __future__ import annotations
@@ -57,16 +62,16 @@ def check_lease_keep(lease_keep: object, lease_ttl: float, store: Store) -> floa
     """``lease_keep`` as seconds, checked against ``lease_ttl`` and the store.
 
     Raises:
-        InvalidDeclaration: not a duration, longer than half of ``lease_ttl``, or
+        InvalidDeclaration: not a duration, longer than ``lease_ttl``, or
             on a store whose commits cannot keep their lease.
     """
     if lease_keep == 0 and not isinstance(lease_keep, bool):
         return 0.0
     keep = check_seconds(lease_keep, "lease_keep")
-    if keep > lease_ttl / 2:
+    if keep > lease_ttl:
         raise InvalidDeclaration(
-            f"lease_keep ({keep:g}s) must be at most half of lease_ttl ({lease_ttl:g}s): "
-            "an event on a kept lease holds it for at least lease_ttl - lease_keep"
+            f"lease_keep ({keep:g}s) must be at most lease_ttl ({lease_ttl:g}s): a lease "
+            "kept between events lasts no longer than an event's"
         )
     if not getattr(store, "keeps_leases", False):
         raise InvalidDeclaration(
@@ -137,7 +142,7 @@ class KeptLeases:
         idle = settings.idle_ttl
         ttl_states = self._core.ttl_states
         return (
-            kept.until - now >= settings.lease_ttl - self.keep
+            kept.until - now >= self.keep / 2
             # A touch may have been skipped (it moves a deadline by at least a second,
             # or a tenth of the idle ttl): the deadline is at least this.
             and kept.deadline - min(1.0, idle / 10) - now >= idle / 2
@@ -153,8 +158,7 @@ class KeptLeases:
 
     def keep_for(self, now: float) -> Keep:
         """What a commit at ``now`` that keeps its lease asks of the store."""
-        settings = self._core.settings
-        return Keep(until=now + settings.lease_ttl, touch_until=now + settings.idle_ttl)
+        return Keep(until=now + self.keep, touch_until=now + self._core.settings.idle_ttl)
 
     def put(self, sid: str, kept: Kept) -> bool:
         """Keep ``kept``; False (the caller gives the lease back) once the engine is

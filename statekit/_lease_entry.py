@@ -106,6 +106,8 @@ class LeaseEntry:
             kept = reuse = None
             if self.kept is not None:
                 kept, reuse = self.kept.take(sid, now)
+                if ev.renew:  # renewed by the renewer from the start: loaded
+                    kept = None
             if kept is not None:
                 self._use_kept(ev, kept)
             else:
@@ -150,6 +152,8 @@ class LeaseEntry:
             if self.kept is not None:
                 ev.now = self._core.clock()
                 kept, reuse = self.kept.take(ev.sid, ev.now)
+                if ev.renew:
+                    kept = None
             if kept is not None:
                 self._use_kept(ev, kept)
             else:
@@ -412,8 +416,8 @@ class LeaseEntry:
         writes, tokens, changed = collected
         token = ev.lease
         assert token is not None
+        now = self._core.clock()
         if writes:
-            now = self._core.clock()
             keep = kept.keep_for(now)
             version = yield from ask(
                 Commit(
@@ -434,9 +438,11 @@ class LeaseEntry:
                 values={**ev.loaded.values, **writes},
             )
             entry = Kept(token=token, loaded=loaded, until=keep.until, deadline=keep.touch_until)
-        else:
+        elif ev.lease_until - now <= kept.keep:  # (an event on a kept lease)
             entry = Kept(token=token, loaded=ev.loaded, until=ev.lease_until, deadline=ev.deadline)
-        if kept.put(ev.sid, entry):
+        else:  # a lease kept longer than lease_keep: given back by the caller
+            entry = None
+        if entry is not None and kept.put(ev.sid, entry):
             ev.lease = None  # kept: not given back
         ev.hand_out(tokens)
         ev.changed = changed  # no round: the result is made when asked for

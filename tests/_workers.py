@@ -103,3 +103,14 @@ def count_forever(kind: str, where: str, prefix: str, sid: str) -> None:
 if __name__ == "__main__":
     kind, where, prefix, sid = sys.argv[1:5]
     count_forever(kind, where, prefix, sid)
+
+
+def increment_kept(where: str, prefix: str, sid: str, times: int) -> None:
+    """Increment a session's counter ``times`` times, each event on an engine that
+    keeps its leases between events."""
+    eng = engine("redis", where, prefix, lease_keep=5, lease_wait=20)
+    count = eng.session_state("count", 0)
+    for _ in range(times):
+        with eng.event(sid) as ev:
+            ev[count] += 1
+    eng.shutdown()

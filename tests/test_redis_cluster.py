@@ -18,7 +18,7 @@ import redis
 import redis.asyncio.cluster as aiocluster
 
 from statekit import SessionBusy, SessionState, StateEngine, StoreUnavailable
-from statekit.stores import Loaded, Store, StoreNamespace
+from statekit.stores import Loaded, Notice, Store, StoreNamespace
 from statekit.stores.redis import RedisStore
 from statekit.testing import RedisCluster
 
@@ -380,6 +380,39 @@ def test_a_master_killed_mid_run_raises_store_unavailable_then_the_engine_recove
     finally:
         engine.shutdown()
         store.close()
+
+
+def test_notices_of_one_busy_master_keep_up(redis_cluster: RedisCluster) -> None:
+    """200 commits of one session (one bucket, one master) reach another handle's
+    subscriber as 200 notices within 10 s. Fails if the receiver waits on the quiet
+    masters' connections in turn, as redis-py's sharded read does (a fifth of a second
+    per quiet master per notice: about 80 s)."""
+    url, prefix = cluster_url(redis_cluster), f"nb{uuid.uuid4().hex[:6]}"
+    writer = StateEngine(RedisStore(url, prefix=prefix), app="shop")
+    listening = RedisStore(url, prefix=prefix)
+    n: SessionState[int] = writer.session_state("n", 0)
+    changed: list[str] = []
+    all_heard = threading.Event()
+
+    def on_notice(notice: Notice) -> None:
+        if notice.kind == "changed":
+            changed.append(notice.sid)
+            if len(changed) == 200:
+                all_heard.set()
+
+    unsubscribe = listening.namespace("shop").subscribe(on_notice)
+    try:
+        sid = writer.open_session()
+        for i in range(200):
+            with writer.event(sid) as ev:
+                ev[n] = i
+        assert all_heard.wait(10), f"{len(changed)} of 200 notices"
+        assert set(changed) == {sid}
+    finally:
+        unsubscribe()
+        writer.shutdown()
+        for store in (writer.store, listening):
+            store.close()  # type: ignore[attr-defined]
 
 
 def test_remote_listeners_hear_again_after_a_master_fails_over(

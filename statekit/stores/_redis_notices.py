@@ -132,9 +132,26 @@ class NoticeReceiver:
                     pubsub.close()
 
     def _next(self, pubsub: Any, timeout: float) -> Any:
-        if self._sharded:
-            return pubsub.get_sharded_message(timeout=timeout)
-        return pubsub.get_message(timeout=timeout)
+        """The next message, or None after ``timeout`` seconds.
+
+        On a cluster, redis-py reads one master's connection per call, waiting there
+        for the whole timeout while messages wait on another: one message per master
+        per timeout. So every master is swept without waiting, then again after a
+        pause that grows from 2 to 50 ms while nothing comes."""
+        if not self._sharded:
+            return pubsub.get_message(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            for _ in range(max(1, len(pubsub.node_pubsub_mapping))):
+                message = pubsub.get_sharded_message(timeout=0.0)
+                if message is not None:
+                    return message
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
 
     def _connections(self, pubsub: Any) -> list[Any]:
         """The connections a subscription holds (one per master holding a channel on
