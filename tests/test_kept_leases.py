@@ -11,11 +11,9 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from statekit import (
@@ -26,6 +24,7 @@ from statekit import (
     SQLiteStore,
     StateEngine,
 )
+from statekit.stores._redis_namespace import RedisNamespace
 from statekit.stores.redis import RedisStore
 from statekit.testing import FakeClock, RedisCluster, RedisServer
 
@@ -39,9 +38,9 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def scripts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def scripts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the scripts the Redis stores run, in order (blocking and async)."""
-    handle: Any = type(RedisStore("redis://127.0.0.1:1/0").namespace("x"))
+    handle: Any = RedisNamespace
     ran: list[str] = []
     run, arun = handle._run, handle._arun
 
@@ -55,7 +54,7 @@ def scripts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
     monkeypatch.setattr(handle, "_run", counted)
     monkeypatch.setattr(handle, "_arun", acounted)
-    yield ran
+    return ran
 
 
 def lease_of(store: RedisStore, sid: str) -> list[bytes | None]:
