@@ -79,6 +79,10 @@ class EngineStats:
         busy: events that gave up waiting for their session
             (:class:`~statekit.SessionBusy`).
         renewals: leases renewed (:meth:`Event.extend` and ``renew=True``).
+        kept: sessions whose leases this engine keeps between events now
+            (``lease_keep``).
+        kept_events: events that ran on a lease kept from the session's previous
+            event here, without loading it (``lease_keep``).
         leases_lost: events that lost their lease to another
             (:class:`~statekit.LeaseLost`).
         lease_wait: how long the latest events waited for their session (for the
@@ -97,6 +101,8 @@ class EngineStats:
     conflicts: int = 0
     busy: int = 0
     renewals: int = 0
+    kept: int = 0
+    kept_events: int = 0
     leases_lost: int = 0
     lease_wait: Timings = _NO_TIMINGS
     lease_hold: Timings = _NO_TIMINGS
@@ -503,7 +509,11 @@ class StateEngine:
     def _stats(self, sessions: int) -> EngineStats:
         held, waiting = self._entry.occupancy()
         return EngineStats(
-            sessions=sessions, held=held, waiting=waiting, **self._core.meter.read()
+            sessions=sessions,
+            held=held,
+            waiting=waiting,
+            kept=0 if self._kept is None else len(self._kept),
+            **self._core.meter.read(),
         )
 
     # -- events ------------------------------------------------------------------

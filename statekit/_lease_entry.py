@@ -167,6 +167,7 @@ class LeaseEntry:
 
     def _use_kept(self, ev: EventState, kept: Kept) -> None:
         """Open the event on a lease this engine kept, without a load."""
+        self._meter.count("kept_events")
         ev.lease = kept.token
         ev.lease_until = kept.until
         ev.deadline = kept.deadline

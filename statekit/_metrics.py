@@ -154,7 +154,13 @@ class Meter:
         # The waits of events that waited, with the number of events before them.
         self._waits: deque[tuple[int, float]] = deque(maxlen=WINDOW)
         # Under the lock.
-        self._counts = {"conflicts": 0, "busy": 0, "renewals": 0, "leases_lost": 0}
+        self._counts = {
+            "conflicts": 0,
+            "busy": 0,
+            "renewals": 0,
+            "kept_events": 0,
+            "leases_lost": 0,
+        }
         self._ended = dict.fromkeys(DeleteReason, 0)
         self._largest: dict[str, int] = {}
         self._slow = _Limiter()
@@ -175,7 +181,8 @@ class Meter:
         self._waits.append((_count(self._events), wait))
 
     def count(self, what: str) -> None:
-        """One more of ``what``: ``conflicts``, ``busy``, ``renewals``, ``leases_lost``."""
+        """One more of ``what``: ``conflicts``, ``busy``, ``renewals``, ``kept_events``,
+        ``leases_lost``."""
         with self._lock:
             self._counts[what] += 1
 

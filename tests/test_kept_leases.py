@@ -91,6 +91,8 @@ def test_the_next_event_here_needs_only_its_commit(
             assert ev[count] == 10
         assert scripts == ([] if keep else ["LOAD", "RELEASE"])
         assert count.get(sid) == 10
+        stats = engine.stats()  # the operator's view: events that skipped their load
+        assert (stats.kept, stats.kept_events) == ((1, 10) if keep else (0, 0))
         engine.shutdown()
 
 

@@ -23,6 +23,8 @@ metric                                      type    from ``engine.stats()``
 ``statekit_conflicts_total``                counter ``conflicts``
 ``statekit_busy_total``                     counter ``busy``
 ``statekit_lease_renewals_total``           counter ``renewals``
+``statekit_leases_kept``                    gauge   ``kept``
+``statekit_kept_events_total``              counter ``kept_events``
 ``statekit_leases_lost_total``              counter ``leases_lost``
 ``statekit_sessions_ended_total{reason}``   counter ``ended``
 ``statekit_lease_wait_seconds{quantile}``   gauge   ``lease_wait`` (0.5 and 0.99)
@@ -126,6 +128,8 @@ def _families() -> dict[str, _Family]:
         "conflicts": counter("conflicts", "Events whose commit was refused (StoreConflict)."),
         "busy": counter("busy", "Events that gave up waiting for their session (SessionBusy)."),
         "renewals": counter("lease_renewals", "Leases renewed by long events."),
+        "kept": gauge("leases_kept", "Sessions whose leases this process keeps between events."),
+        "kept_events": counter("kept_events", "Events that ran on a kept lease, without a load."),
         "leases_lost": counter("leases_lost", "Events that lost their lease (LeaseLost)."),
         "ended": counter("sessions_ended", "Sessions this process removed, by reason.", "reason"),
         "lease_wait": gauge(
@@ -150,7 +154,8 @@ def _add(families: dict[str, _Family], app: str, stats: EngineStats) -> None:
     add("sessions", stats.sessions)
     add("held", stats.held)
     add("waiting", stats.waiting)
-    for key in ("events", "conflicts", "busy", "renewals", "leases_lost"):
+    add("kept", stats.kept)
+    for key in ("events", "conflicts", "busy", "renewals", "kept_events", "leases_lost"):
         add(key, getattr(stats, key))
     for reason, count in sorted(stats.ended.items()):
         add("ended", count, reason)
