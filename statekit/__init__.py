@@ -17,10 +17,10 @@ lifetimes, change detection and pluggable stores::
 
 from ._browser import BrowserKeys, DecodedToken, TokenProblem
 from ._changes import Change, changed, compare
-from ._codec import Codec, JSONCodec, SignedPickleCodec
-from ._engine import EngineStats, StateEngine
+from ._codec import Codec, JSONCodec, SignedPickleCodec, StoredEnum, StoredObject
+from ._engine import StateEngine
 from ._events import Event, EventResult, ListenerFailure
-from ._metrics import Timings, ValueSize
+from ._metrics import EngineStats, Timings, ValueSize
 from ._registry import SessionRegistry
 from ._states import BrowserState, GlobalState, SessionState, State
 from .exceptions import (
@@ -78,6 +78,8 @@ __all__ = [
     "Store",
     "StoreConflict",
     "StoreUnavailable",
+    "StoredEnum",
+    "StoredObject",
     "Timings",
     "TokenProblem",
     "TokenTooLarge",

@@ -50,7 +50,14 @@ import attrs
 
 from .exceptions import CodecError
 
-__all__ = ["Codec", "JSONCodec", "SignedPickleCodec", "locate_unencodable"]
+__all__ = [
+    "Codec",
+    "JSONCodec",
+    "SignedPickleCodec",
+    "StoredEnum",
+    "StoredObject",
+    "locate_unencodable",
+]
 
 
 @runtime_checkable
@@ -274,9 +281,49 @@ def locate_unencodable(value: Any) -> tuple[str, str, str] | None:
     return None
 
 
-def _tagged(items: Sequence[Any]) -> Any:
-    """Decode one single-key tagged object, given as its (tag, payload) item."""
+@attrs.frozen
+class StoredObject:
+    """A dataclass or attrs instance as it was stored, for a state's ``migrate``:
+    its class's ``"module:QualName"`` and its fields by name, whether or not that class
+    still exists (or still has those fields).
+
+    Attributes:
+        type: where the class was, ``"module:QualName"``.
+        fields: the stored fields by name (values decoded the same way).
+    """
+
+    type: str
+    fields: dict[str, Any]
+
+
+@attrs.frozen
+class StoredEnum:
+    """An enum member as it was stored, for a state's ``migrate``.
+
+    Attributes:
+        type: where the enum class was, ``"module:QualName"``.
+        value: the member's value.
+    """
+
+    type: str
+    value: Any
+
+
+def _tagged(items: Sequence[Any], as_stored: bool = False) -> Any:
+    """Decode one single-key tagged object, given as its (tag, payload) item; with
+    ``as_stored``, objects and enum members as :class:`StoredObject` and
+    :class:`StoredEnum` (no class is looked up)."""
     tag, payload = items[0]
+    if as_stored and tag == "$object":
+        path, fields = payload
+        if not isinstance(path, str) or not isinstance(fields, dict):
+            raise CodecError(f"invalid stored object {payload!r}")
+        return StoredObject(path, fields)
+    if as_stored and tag == "$enum":
+        path, raw = payload
+        if not isinstance(path, str):
+            raise CodecError(f"invalid stored enum member {payload!r}")
+        return StoredEnum(path, raw)
     if tag == "$tuple":
         return tuple(payload)
     if tag == "$set":
@@ -338,8 +385,17 @@ def _object_hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
+def _stored_hook(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1:
+        items = list(obj.items())
+        if items[0][0].startswith("$"):
+            return _tagged(items, as_stored=True)
+    return obj
+
+
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _DECODER = json.JSONDecoder(object_hook=_object_hook)
+_STORED_DECODER = json.JSONDecoder(object_hook=_stored_hook)
 
 
 class JSONCodec:
@@ -368,8 +424,19 @@ class JSONCodec:
             ) from None
 
     def decode(self, data: bytes) -> Any:
+        return self._decode(_DECODER, data)
+
+    def decode_stored(self, data: bytes) -> Any:
+        """``data`` as stored, for a state's ``migrate``: as :meth:`decode`, but with
+        dataclass and attrs instances as :class:`StoredObject` and enum members as
+        :class:`StoredEnum`, so that a class a deploy moved, renamed or changed is
+        still read (no class is looked up)."""
+        return self._decode(_STORED_DECODER, data)
+
+    @staticmethod
+    def _decode(decoder: json.JSONDecoder, data: bytes) -> Any:
         try:
-            return _DECODER.decode(data.decode("utf-8"))
+            return decoder.decode(data.decode("utf-8"))
         except CodecError:
             raise
         except (

@@ -97,6 +97,7 @@ class Committer:
         all_changed = {state.name for state in changed}
         outputs = dict(ev.emitted) if ev.emitted else {}
         browser = ev.browser_io()
+        problems = dict(ev.problems) if ev.problems else {}
         errors: list[ListenerFailure] = []
         loop_error: ChangeLoopError | None = None
         pending = [state for state in changed if state.listeners]
@@ -134,6 +135,8 @@ class Committer:
                     browser.out.update(sub_browser.out)
                     for name, problem in sub_browser.problems.items():
                         browser.problems.setdefault(name, problem)
+                    for name, text in (sub.problems or {}).items():
+                        problems.setdefault(name, text)
                     for changed_state in sub_changed:
                         all_changed.add(changed_state.name)
                         if changed_state.listeners:
@@ -146,6 +149,7 @@ class Committer:
             errors=tuple(errors),
             browser=dict(browser.out),
             browser_problems=dict(browser.problems),
+            value_problems=problems,
         )
         return loop_error
 

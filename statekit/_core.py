@@ -13,15 +13,17 @@ released. The hook tuples are replaced whole under ``hooks_lock`` and read witho
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _fork
 from ._checks import check_sid, qualname
 from ._clock import Clock
-from ._metrics import Meter
-from ._states import MISSING
+from ._metrics import WARN_EVERY, Meter
+from ._states import MISSING, SessionState
 from ._steps import (
     CloseSession,
     CreateSession,
@@ -36,7 +38,14 @@ from ._steps import (
     drive,
 )
 from ._values import ValuePolicy, unreadable
-from .exceptions import EngineClosed, SessionExpired, SessionNotFound, StoreUnavailable, UsageError
+from .exceptions import (
+    CodecError,
+    EngineClosed,
+    SessionExpired,
+    SessionNotFound,
+    StoreUnavailable,
+    UsageError,
+)
 from .stores.base import (
     AsyncStoreNamespace,
     Busy,
@@ -144,6 +153,8 @@ class Core:
         self._last_reap = float("-inf")
         # On a store of this process, when the next reaping look is due.
         self.next_local_look = float("-inf")
+        # When each state's unreadable value was last logged (at most once a minute).
+        self._warned: dict[str, float] = {}
         _fork.after_fork_in_child(self)
 
     def _after_fork(self) -> None:
@@ -256,16 +267,57 @@ class Core:
             self.salvage(answer)
 
     def open_value(self, state: State[Any], stored: Any) -> Any:
-        """A private copy of ``state``'s stored value.
+        """A private copy of ``state``'s stored value, migrated if an older version
+        stored it; the default (the reason logged) if it cannot be read or migrated.
 
         Raises:
-            CodecError: naming the state, when the stored value no longer opens (its
-                class was moved by a deploy, say).
+            CodecError: naming the state, when the stored value cannot be read or
+                migrated and the state is strict, or was stored by a newer version.
         """
+        return self.read_value(state, stored)[0]
+
+    def read_value(self, state: State[Any], stored: Any) -> tuple[Any, Any, str | None]:
+        """``state``'s stored value: ``(value, rewrite, problem)``. ``rewrite`` is the
+        stored form to write back (the value was migrated, or is the default in place
+        of one that could not be read), else None; ``problem`` says why the default
+        was read, else None.
+
+        Raises:
+            CodecError: as :meth:`open_value`.
+        """
+        values = self.values
         try:
-            return self.values.open(stored)
+            version = values.version_of(stored)
+            if version == state.version or version == 0:
+                return values.open(stored), None, None
         except Exception as exc:
-            raise unreadable(state.name, state.kind, exc) from exc
+            return self._unreadable(state, exc, "cannot be read")
+        if version > state.version:
+            raise CodecError(
+                f"the stored value of {state.kind} state {state.name!r} was written by "
+                f"version {version} of the app, and this code declares version "
+                f"{state.version}: it is left as it is; run the new code everywhere",
+                state=state.name,
+            )
+        try:
+            assert state.migrate is not None  # a state above version 1 has one
+            value = state.migrate(version, values.open_stored(stored))
+            return value, values.store(state.name, value), None
+        except Exception as exc:
+            return self._unreadable(state, exc, f"cannot be migrated from version {version}")
+
+    def _unreadable(self, state: State[Any], exc: Exception, why: str) -> tuple[Any, Any, str]:
+        """The default in place of a stored value that ``why`` (or raise, if strict)."""
+        error = unreadable(state.name, state.kind, exc)
+        if state.strict:
+            raise error from exc
+        problem = f"the stored value {why} ({error.__cause__ or exc}); read as the default"
+        now = time.monotonic()
+        if now - self._warned.get(state.name, -math.inf) >= WARN_EVERY:
+            self._warned[state.name] = now
+            logger.warning("%s state %r: %s", state.kind, state.name, problem)
+        value = state.new_value() if isinstance(state, SessionState) else state.default
+        return value, self.values.store(state.name, value), problem
 
     def ttl_deadlines(self, now: float, writes: Mapping[str, Any]) -> dict[str, float]:
         """When the written values of states with a ttl of their own expire."""
@@ -284,9 +336,11 @@ class Core:
                 if state is None or not state.delete_callbacks:
                     continue
                 try:
-                    value = self.values.open(value)
+                    value, _, problem = self.read_value(state, value)
                 except Exception:
                     logger.exception("stored value of state %r could not be read", name)
+                    continue
+                if problem is not None:  # unreadable (logged): no value to give
                     continue
                 for callback in state.delete_callbacks:
                     try:

@@ -26,7 +26,6 @@ from collections.abc import Callable, Coroutine, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
-import attrs
 from typing_extensions import Self
 
 from ._browser import DEFAULT_MAX_BYTES, BrowserKeys
@@ -40,7 +39,7 @@ from ._events import BrowserIO, Event, RenewingEvent
 from ._globals import Globals
 from ._kept import KeptLeases, check_lease_keep
 from ._lease_entry import LeaseEntry
-from ._metrics import Timings, ValueSize
+from ._metrics import EngineStats
 from ._registry import SessionRegistry
 from ._remote import Remote
 from ._sessions import Sessions
@@ -51,62 +50,9 @@ from .exceptions import InvalidDeclaration, UsageError
 from .stores.base import DeleteReason, EnteringNamespace, Store
 from .stores.memory import MemoryStore
 
-__all__ = ["EngineStats", "StateEngine"]
+__all__ = ["StateEngine"]
 
 T = TypeVar("T")
-
-_NO_TIMINGS = Timings(p50=0.0, p99=0.0, samples=0)
-
-
-@attrs.frozen(kw_only=True)
-class EngineStats:
-    """What an engine can tell about itself, for operations and tests. Counts are of
-    this engine since it was made (in this process); see the operations guide.
-
-    Attributes:
-        sessions: live sessions: those the store holds (open, or closed within their
-            grace), of every process.
-        held: sessions that events of this process hold or wait for (on the memory
-            store, of every engine of the app); 0 when no event is open.
-        waiting: events waiting for a session another event holds.
-        events: events that entered their session.
-        ended: sessions this engine removed from the store, by reason (every
-            :class:`~statekit.DeleteReason` value is a key): reaped when idle or
-            after their close grace, evicted at capacity, ended at shutdown. With a
-            shared store each ended session is counted by one process only.
-        conflicts: events whose commit was refused (:class:`~statekit.StoreConflict`,
-            :class:`~statekit.LeaseLost` included).
-        busy: events that gave up waiting for their session
-            (:class:`~statekit.SessionBusy`).
-        renewals: leases renewed (:meth:`Event.extend` and ``renew=True``).
-        kept: sessions whose leases this engine keeps between events now
-            (``lease_keep``).
-        kept_events: events that ran on a lease kept from the session's previous
-            event here, without loading it (``lease_keep``).
-        leases_lost: events that lost their lease to another
-            (:class:`~statekit.LeaseLost`).
-        lease_wait: how long the latest events waited for their session (for the
-            other events of the session, and on a shared store for its lease).
-        lease_hold: how long the latest events held their session (entering to
-            leaving their block).
-        largest: the largest values written, as state names and sizes in bytes,
-            largest first (at most five; never the values).
-    """
-
-    sessions: int
-    held: int
-    waiting: int
-    events: int = 0
-    ended: Mapping[str, int] = attrs.field(factory=dict)
-    conflicts: int = 0
-    busy: int = 0
-    renewals: int = 0
-    kept: int = 0
-    kept_events: int = 0
-    leases_lost: int = 0
-    lease_wait: Timings = _NO_TIMINGS
-    lease_hold: Timings = _NO_TIMINGS
-    largest: tuple[ValueSize, ...] = ()
 
 
 class StateEngine:
@@ -249,14 +195,25 @@ class StateEngine:
 
     # -- declarations ------------------------------------------------------------
 
-    def global_state(self, name: str, default: T) -> GlobalState[T]:
-        """Declare a value shared by every session.
+    def global_state(
+        self,
+        name: str,
+        default: T,
+        *,
+        version: int = 1,
+        migrate: Callable[[int, Any], T] | None = None,
+        strict: bool = False,
+    ) -> GlobalState[T]:
+        """Declare a value shared by every session. ``version``, ``migrate`` and
+        ``strict`` are as for :meth:`session_state`.
 
         Raises:
             InvalidDeclaration: the name is invalid or already declared.
             StateNotCopyable: the default cannot be deep-copied.
         """
-        return GlobalState(self, self._host, name, default)
+        return GlobalState(
+            self, self._host, name, default, version=version, migrate=migrate, strict=strict
+        )
 
     @overload
     def session_state(
@@ -266,6 +223,9 @@ class StateEngine:
         *,
         ttl: float | None = None,
         on_delete: Callable[[T, DeleteReason], object] | None = None,
+        version: int = 1,
+        migrate: Callable[[int, Any], T] | None = None,
+        strict: bool = False,
     ) -> SessionState[T]: ...
 
     @overload
@@ -276,6 +236,9 @@ class StateEngine:
         factory: Callable[[], T],
         ttl: float | None = None,
         on_delete: Callable[[T, DeleteReason], object] | None = None,
+        version: int = 1,
+        migrate: Callable[[int, Any], T] | None = None,
+        strict: bool = False,
     ) -> SessionState[T]: ...
 
     def session_state(
@@ -286,6 +249,9 @@ class StateEngine:
         factory: Callable[[], Any] | None = None,
         ttl: float | None = None,
         on_delete: Callable[[Any, DeleteReason], object] | None = None,
+        version: int = 1,
+        migrate: Callable[[int, Any], Any] | None = None,
+        strict: bool = False,
     ) -> SessionState[Any]:
         """Declare a value of which each session has its own copy.
 
@@ -297,6 +263,20 @@ class StateEngine:
             ttl: seconds after its last write after which the value is deleted; the
                 next read starts again from the default.
             on_delete: called as ``on_delete(value, reason)`` once per deleted value.
+            version: the version of the values this code writes; raise it when their
+                shape changes (a field renamed, a class moved). Values are stored with
+                it; one stored by an older version is migrated when first read, and
+                written back by the event that read it.
+            migrate: with a version above 1, ``migrate(old_version, old_value)``
+                returning the value now. ``old_value`` is the value as stored: with
+                the default codec, dataclass and attrs instances come as
+                :class:`~statekit.StoredObject` (class path and fields by name) and
+                enum members as :class:`~statekit.StoredEnum`, whatever classes exist.
+            strict: a stored value that cannot be read or migrated raises
+                :class:`CodecError`; by default it reads as the default, the reason is
+                logged and given in ``ev.result.value_problems``, and the event's
+                commit replaces it. A value stored by a newer version always raises
+                (it is left for the code that knows it).
 
         Raises:
             InvalidDeclaration: invalid name, duplicate name, both default and factory,
@@ -305,7 +285,16 @@ class StateEngine:
                 belong in a per-session registry.
         """
         return SessionState(
-            self, self._host, name, default, factory=factory, ttl=ttl, on_delete=on_delete
+            self,
+            self._host,
+            name,
+            default,
+            factory=factory,
+            ttl=ttl,
+            on_delete=on_delete,
+            version=version,
+            migrate=migrate,
+            strict=strict,
         )
 
     def browser_state(

@@ -49,6 +49,7 @@ class EngineHost:
         self.extend = entry.extend
         self.aextend = entry.aextend
         self.open_value = core.open_value
+        self.read_value = core.read_value
         self.check_usable = core.check_usable
         self.listen = remote.listen
 
@@ -66,6 +67,8 @@ class EngineHost:
                 f"a state named {state.name!r} is already declared on this engine "
                 f"(app {core.app!r}); state names must be unique"
             )
+        if state.version > 1:
+            core.values.versions[state.name] = state.version
         if core.store.codec is not None or isinstance(core.values, CheckedObjectValues):
             # A store that encodes values (or checks them) must be able to encode the
             # default: refused now, not at its first use.

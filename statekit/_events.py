@@ -78,6 +78,9 @@ class EventResult:
             (``statekit.js`` stores them).
         browser_problems: for each browser state whose token was refused, why (the
             state then read as its default).
+        value_problems: for each session state whose stored value could not be read
+            or migrated, why (the state then read as its default, which the event's
+            commit wrote in its place).
     """
 
     sid: str = attrs.field(repr=redact)
@@ -86,6 +89,7 @@ class EventResult:
     errors: tuple[ListenerFailure, ...] = ()
     browser: Mapping[str, str] = attrs.field(factory=dict, repr=False)
     browser_problems: Mapping[str, TokenProblem] = attrs.field(factory=dict)
+    value_problems: Mapping[str, str] = attrs.field(factory=dict)
 
 
 class _NotLoaded:
@@ -141,6 +145,8 @@ class EventState:
         emitted: outputs emitted, or None.
         pending: what ended meanwhile (removed sessions and values), whose callbacks
             run once the session is given back.
+        problems: for each session state whose stored value read as the default (it
+            could not be read or migrated), why; or None.
         lease: on a shared store, the lease held (its token), if any.
         lease_until: when that lease lapses (engine clock), as last written.
         deadline: the session's deadline as the event's load (or the commit before,
@@ -173,6 +179,7 @@ class EventState:
         "loaded",
         "now",
         "pending",
+        "problems",
         "sid",
         "started",
         "work",
@@ -195,6 +202,7 @@ class EventState:
         self.global_reads: dict[GlobalState[Any], Any] | None = None
         self.emitted: dict[str, Any] | None = None
         self.pending: list[Ended] = []
+        self.problems: dict[str, str] | None = None
         self.lease: str | None = None
         self.lease_until = 0.0
         self.deadline = 0.0
@@ -284,10 +292,19 @@ def _materialize(s: EventState, state: Changeable, *, read: bool = True) -> Any:
     else:
         stored = s.loaded.values.get(state.name, MISSING)
         if stored is not MISSING:
-            s.before[state] = stored
             if not read:
+                s.before[state] = stored
                 return MISSING
-            work = s.host.open_value(state, stored)
+            work, rewrite, problem = s.host.read_value(state, stored)
+            if rewrite is None:
+                s.before[state] = stored
+            else:  # migrated, or the default in place of what could not be read
+                s.before[state] = rewrite
+                s.mark_fresh(state)
+                if problem is not None:
+                    if s.problems is None:
+                        s.problems = {}
+                    s.problems[state.name] = problem
         else:
             work = state.new_value()
             s.before[state] = s.host.values.store(state.name, work)
@@ -407,6 +424,7 @@ class Event(EventState):
                 outputs=dict(self.emitted) if self.emitted else {},
                 browser=dict(browser.out) if browser else {},
                 browser_problems=dict(browser.problems) if browser else {},
+                value_problems=dict(self.problems) if self.problems else {},
             )
         return self.done
 

@@ -78,9 +78,14 @@ class Host(Protocol):
 
     # -- values ------------------------------------------------------------------------
 
+    def read_value(self, state: State[T], stored: Any) -> tuple[T, Any, str | None]:
+        """The stored value of ``state``, its stored form to write back (migrated, or
+        read as the default) or None, and why it read as the default or None."""
+        ...
+
     def open_value(self, state: State[T], stored: Any) -> T:
-        """A private copy of a stored value; CodecError naming the state if it no
-        longer opens."""
+        """A private copy of a stored value, migrated if older, the default if it
+        cannot be read (CodecError naming the state if the state is strict)."""
         ...
 
     def peek(self, sid: str, state: SessionState[T]) -> T:

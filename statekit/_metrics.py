@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -34,7 +35,16 @@ from ._copying import Sealed
 from .exceptions import redact
 from .stores.base import DeleteReason
 
-__all__ = ["LARGEST", "WARN_EVERY", "WINDOW", "Meter", "Timings", "ValueSize", "stored_size"]
+__all__ = [
+    "LARGEST",
+    "WARN_EVERY",
+    "WINDOW",
+    "EngineStats",
+    "Meter",
+    "Timings",
+    "ValueSize",
+    "stored_size",
+]
 
 logger = logging.getLogger("statekit")
 
@@ -269,3 +279,57 @@ class Meter:
 
 def _more(held_back: int) -> str:
     return f" ({held_back} more since the last such warning)" if held_back else ""
+
+
+_NO_TIMINGS = Timings(p50=0.0, p99=0.0, samples=0)
+
+
+@attrs.frozen(kw_only=True)
+class EngineStats:
+    """What an engine can tell about itself, for operations and tests. Counts are of
+    this engine since it was made (in this process); see the operations guide.
+
+    Attributes:
+        sessions: live sessions: those the store holds (open, or closed within their
+            grace), of every process.
+        held: sessions that events of this process hold or wait for (on the memory
+            store, of every engine of the app); 0 when no event is open.
+        waiting: events waiting for a session another event holds.
+        events: events that entered their session.
+        ended: sessions this engine removed from the store, by reason (every
+            :class:`~statekit.DeleteReason` value is a key): reaped when idle or
+            after their close grace, evicted at capacity, ended at shutdown. With a
+            shared store each ended session is counted by one process only.
+        conflicts: events whose commit was refused (:class:`~statekit.StoreConflict`,
+            :class:`~statekit.LeaseLost` included).
+        busy: events that gave up waiting for their session
+            (:class:`~statekit.SessionBusy`).
+        renewals: leases renewed (:meth:`Event.extend` and ``renew=True``).
+        kept: sessions whose leases this engine keeps between events now
+            (``lease_keep``).
+        kept_events: events that ran on a lease kept from the session's previous
+            event here, without loading it (``lease_keep``).
+        leases_lost: events that lost their lease to another
+            (:class:`~statekit.LeaseLost`).
+        lease_wait: how long the latest events waited for their session (for the
+            other events of the session, and on a shared store for its lease).
+        lease_hold: how long the latest events held their session (entering to
+            leaving their block).
+        largest: the largest values written, as state names and sizes in bytes,
+            largest first (at most five; never the values).
+    """
+
+    sessions: int
+    held: int
+    waiting: int
+    events: int = 0
+    ended: Mapping[str, int] = attrs.field(factory=dict)
+    conflicts: int = 0
+    busy: int = 0
+    renewals: int = 0
+    kept: int = 0
+    kept_events: int = 0
+    leases_lost: int = 0
+    lease_wait: Timings = _NO_TIMINGS
+    lease_hold: Timings = _NO_TIMINGS
+    largest: tuple[ValueSize, ...] = ()

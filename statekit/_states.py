@@ -51,8 +51,14 @@ _READ_ONLY = frozenset(
         "keys",
         "storage_key",
         "max_bytes",
+        "version",
+        "migrate",
+        "strict",
     }
 )
+
+#: What a state's ``migrate`` is: ``migrate(old_version, old_value)`` -> the value now.
+Migrate = Callable[[int, Any], Any]
 
 
 def _is_set(obj: object, name: str) -> bool:
@@ -83,11 +89,27 @@ class State(Generic[T]):
         engine: the :class:`~statekit.StateEngine` it was declared on.
         listeners: its change listeners, in the order added (read-only; add with
             ``on_change``).
+        version: the version of its values this code writes (1 unless declared).
+        migrate: ``migrate(old_version, old_value)``, which makes a value of this
+            version from one stored by an older one, or None.
+        strict: whether a stored value that cannot be read (or migrated) raises
+            :class:`~statekit.CodecError` rather than read as the default.
 
     Thread-safe: listeners may be added from any thread.
     """
 
-    __slots__ = ("__weakref__", "_default", "_host", "_lock", "engine", "listeners", "name")
+    __slots__ = (
+        "__weakref__",
+        "_default",
+        "_host",
+        "_lock",
+        "engine",
+        "listeners",
+        "migrate",
+        "name",
+        "strict",
+        "version",
+    )
 
     kind = "state"
 
@@ -98,6 +120,35 @@ class State(Generic[T]):
         self.listeners: tuple[Callable[..., object], ...] = ()
         self._lock = threading.Lock()
         self._default: Any = None  # the default's stored form, set by subclasses
+        self.version = 1
+        self.migrate: Migrate | None = None
+        self.strict = False
+
+    def _versioned(self, version: int, migrate: Migrate | None, strict: bool) -> None:
+        """Check and set what the state's values carry across deploys."""
+        what = f"{self.kind} state {self.name!r}"
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise InvalidDeclaration(
+                f"version of {what} must be an int of 1 or more, got {version!r}"
+            )
+        if version > 1 and migrate is None:
+            raise InvalidDeclaration(
+                f"{what} has version {version}: give it migrate=, a function "
+                "(old_version, old_value) -> value that reads values of older versions "
+                "(to drop them instead, return the default from it)"
+            )
+        if migrate is not None:
+            if version == 1:
+                raise InvalidDeclaration(
+                    f"{what} has migrate= but version 1: raise its version when its "
+                    "values change shape"
+                )
+            check_callable(migrate, f"migrate of {what}", runs="as older values are read")
+        if not isinstance(strict, bool):
+            raise InvalidDeclaration(f"strict of {what} must be True or False, got {strict!r}")
+        object.__setattr__(self, "version", version)  # (read-only once set)
+        object.__setattr__(self, "migrate", migrate)
+        object.__setattr__(self, "strict", strict)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, app={self._host.app!r})"
@@ -142,9 +193,20 @@ class GlobalState(State[T]):
 
     kind = "global"
 
-    def __init__(self, engine: StateEngine, host: Host, name: str, default: T) -> None:
+    def __init__(
+        self,
+        engine: StateEngine,
+        host: Host,
+        name: str,
+        default: T,
+        *,
+        version: int = 1,
+        migrate: Migrate | None = None,
+        strict: bool = False,
+    ) -> None:
         super().__init__(engine, host, name)
         self._default = to_stored(name, default)
+        self._versioned(version, migrate, strict)
         host.declare(self)
 
     def get(self) -> T:
@@ -243,8 +305,12 @@ class SessionState(State[T]):
         factory: Callable[[], T] | None = None,
         ttl: float | None = None,
         on_delete: Callable[[T, DeleteReason], object] | None = None,
+        version: int = 1,
+        migrate: Migrate | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__(engine, host, name)
+        self._versioned(version, migrate, strict)
         if factory is not None and default is not MISSING:
             raise InvalidDeclaration(
                 f"session state {name!r} takes a default or a factory, not both"

@@ -13,6 +13,13 @@ Two policies, chosen by the store:
 Either way the stored form doubles as the snapshot of change detection: a value whose
 new stored form equals the old one has not changed, and the exact walk runs only when
 they differ.
+
+**Versions.** A state declared with ``version=N`` (N > 1) stores its values as
+:data:`VERSION_MARK`, ``N`` in decimal, a NUL, then the codec's bytes; a value of version
+1 is the codec's bytes alone, as every value was before versions, so that data written
+earlier reads as version 1 and needs no change. (JSON never starts with a NUL, and a
+signed pickle does so with that whole mark with odds of one in 2**96.) A store that
+keeps Python objects keeps no versions: its values do not outlive the process.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from ._copying import open_value, stored_form
 from .exceptions import CodecError, StateNotCopyable, ValueNotStorable
 
 __all__ = [
+    "VERSION_MARK",
     "CheckedObjectValues",
     "EncodedValues",
     "ObjectValues",
@@ -35,6 +43,30 @@ __all__ = [
     "policy_for",
     "unreadable",
 ]
+
+
+#: The start of a stored value of version 2 or more (see Versions above).
+VERSION_MARK = b"\x00statekit-v"
+
+
+def with_version(data: bytes, version: int) -> bytes:
+    """``data`` (a codec's bytes) marked as a value of ``version``."""
+    return data if version == 1 else b"%b%d\x00%b" % (VERSION_MARK, version, data)
+
+
+def split_version(stored: bytes) -> tuple[int, bytes]:
+    """The version of a stored value and the codec's bytes.
+
+    Raises:
+        CodecError: a mark with no version after it.
+    """
+    if not stored.startswith(VERSION_MARK):
+        return 1, stored
+    end = stored.find(b"\x00", len(VERSION_MARK))
+    digits = stored[len(VERSION_MARK) : end]
+    if end < 0 or not digits.isdigit() or len(digits) > 9:
+        raise CodecError("stored data has a damaged version mark")
+    return int(digits), stored[end + 1 :]
 
 
 def not_storable(name: str, store: str, exc: CodecError) -> ValueNotStorable:
@@ -60,9 +92,21 @@ class ValuePolicy(Protocol):
     #: Types whose values the policy stores as they are and judges by ``type`` and
     #: ``==`` alone, so that an event may judge them without calling :meth:`judge`.
     exact_atoms: frozenset[type]
+    #: The version of each state declared with one above 1, by name.
+    versions: dict[str, int]
 
     def open(self, stored: Any) -> Any:
-        """A private copy of the value kept as ``stored``."""
+        """A private copy of the value kept as ``stored`` (whatever its version)."""
+        ...
+
+    def version_of(self, stored: Any) -> int:
+        """The version ``stored`` was written with; 0 for a policy that keeps no
+        versions (its values are always the current code's)."""
+        ...
+
+    def open_stored(self, stored: Any) -> Any:
+        """The value kept as ``stored``, for a ``migrate``: what the codec can read of
+        it whatever classes exist now (``JSONCodec.decode_stored``)."""
         ...
 
     def store(self, name: str, value: Any) -> Any:
@@ -80,6 +124,14 @@ class ObjectValues:
 
     exact_atoms = EXACT_ATOMS
     open = staticmethod(open_value)
+    open_stored = staticmethod(open_value)
+
+    def __init__(self) -> None:
+        self.versions: dict[str, int] = {}
+
+    def version_of(self, stored: Any) -> int:
+        """0: objects kept in the process outlive no deploy."""
+        return 0
 
     def store(self, name: str, value: Any) -> Any:
         try:
@@ -108,22 +160,36 @@ class EncodedValues:
     def __init__(self, codec: Codec, store_name: str) -> None:
         self.codec = codec
         self.store_name = store_name
+        self.versions: dict[str, int] = {}
 
     def open(self, stored: Any) -> Any:
+        if stored[:1] == b"\x00":
+            return self.codec.decode(split_version(stored)[1])
         return self.codec.decode(stored)
+
+    def version_of(self, stored: Any) -> int:
+        return 1 if stored[:1] != b"\x00" else split_version(stored)[0]
+
+    def open_stored(self, stored: Any) -> Any:
+        data = split_version(stored)[1]
+        decode_stored = getattr(self.codec, "decode_stored", None)
+        return self.codec.decode(data) if decode_stored is None else decode_stored(data)
 
     def store(self, name: str, value: Any) -> Any:
         try:
-            return self.codec.encode(value)
+            data = self.codec.encode(value)
         except CodecError as exc:
             raise not_storable(name, self.store_name, exc) from exc
+        if self.versions:
+            return with_version(data, self.versions.get(name, 1))
+        return data
 
     def judge(self, name: str, stored: Any, value: Any) -> tuple[Change, Any]:
         data = self.store(name, value)
         if data == stored:
             return SAME, None
         try:
-            before = self.codec.decode(stored)
+            before = self.open(stored)
         except Exception:  # the stored value no longer decodes (a class moved): replace it
             return CHANGED, data
         verdict = walk(before, value)
@@ -140,6 +206,7 @@ class CheckedObjectValues(ObjectValues):
     exact_atoms: frozenset[type] = frozenset()
 
     def __init__(self, codec: Codec, store_name: str) -> None:
+        super().__init__()
         self.codec = codec
         self.store_name = store_name
 

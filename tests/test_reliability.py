@@ -156,10 +156,10 @@ def test_a_global_that_no_longer_decodes_can_be_set_and_says_why_it_cannot_be_re
     make_store: StoreFactory, clock: FakeClock, moved_class: types.ModuleType
 ) -> None:
     """A deploy moved the class of a stored global. ``set()`` must still replace it
-    (it used to decode the old value first and raise); ``get()`` and ``update()``
-    raise a CodecError that names the state."""
+    (it used to decode the old value first and raise); ``get()`` and ``update()`` of a
+    strict state raise a CodecError that names the state."""
     engine = StateEngine(make_store(), app="shop", clock=clock)
-    holder: GlobalState[Any] = engine.global_state("holder", None)
+    holder: GlobalState[Any] = engine.global_state("holder", None, strict=True)
     fired, on_change = recorder()
     holder.on_change(on_change)
     holder.set(moved_class.Old(1))
@@ -178,7 +178,7 @@ def test_a_session_value_that_no_longer_decodes_says_which_state(
     make_store: StoreFactory, clock: FakeClock, moved_class: types.ModuleType
 ) -> None:
     engine = StateEngine(make_store(), app="shop", clock=clock)
-    holder: SessionState[Any] = engine.session_state("holder", None)
+    holder: SessionState[Any] = engine.session_state("holder", None, strict=True)
     sid = engine.open_session()
     with engine.event(sid) as ev:
         ev[holder] = [moved_class.Old(1)]
@@ -210,8 +210,8 @@ def test_with_signed_pickles_a_moved_class_can_be_replaced(
         else RedisStore(redis_server.url, prefix=f"p{uuid.uuid4().hex[:6]}", codec=codec)
     )
     engine = StateEngine(store, app="shop", clock=clock)
-    holder: SessionState[Any] = engine.session_state("holder", None)
-    shared: GlobalState[Any] = engine.global_state("shared", None)
+    holder: SessionState[Any] = engine.session_state("holder", None, strict=True)
+    shared: GlobalState[Any] = engine.global_state("shared", None, strict=True)
     sid = engine.open_session()
     with engine.event(sid) as ev:
         ev[holder] = moved_class.Old(1)
