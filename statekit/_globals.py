@@ -86,8 +86,9 @@ class Globals:
                     f"increment() of global state {state.name!r} needs numbers, but its "
                     f"{what} is a {type(number).__name__}; use update(fn) instead"
                 )
-        if isinstance(core.values, CheckedObjectValues):
-            # The store adds without looking: check the sum before it is written.
+        if isinstance(core.values, CheckedObjectValues) or state.version > 1:
+            # The store adds without looking: check the sum before it is written (or,
+            # for a value with a version, read it as one, and store it with its own).
 
             def add(value: Any) -> Any:
                 return value + n

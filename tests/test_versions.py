@@ -253,6 +253,29 @@ def test_a_strict_state_raises_and_keeps_the_stored_value(
         engine.shutdown()
 
 
+def test_a_versioned_global_counts_on(deploy: Callable[[], Store]) -> None:
+    """A counter stored by version 1 is migrated by the first increment of version 2
+    code, which stores the sum as version 2; increments go on from it. Fails if the
+    store's own addition reads (or writes) a versioned value as a plain one."""
+    old = StateEngine(deploy(), app="shop")
+    visits = old.global_state("visits", 0)
+    assert visits.increment(5) == 5
+    old.shutdown()
+    new = StateEngine(deploy(), app="shop")
+    seen: list[tuple[int, Any]] = []
+
+    def migrate(version: int, stored: Any) -> int:
+        seen.append((version, stored))
+        return int(stored) * 10  # version 2 counts in tenths
+
+    visits2 = new.global_state("visits", 0, version=2, migrate=migrate)
+    assert visits2.increment(1) == 51
+    assert visits2.increment(1) == 52
+    assert visits2.get() == 52
+    assert seen == [(1, 5)]
+    new.shutdown()
+
+
 def test_values_of_version_1_are_stored_as_before(deploy: Callable[[], Store]) -> None:
     """A state without a version stores the codec's bytes alone, as every value was
     stored before versions: data written earlier and data written now are alike.
