@@ -23,6 +23,7 @@ from ._events import Event, EventResult, ListenerFailure
 from ._metrics import EngineStats, Timings, ValueSize
 from ._registry import SessionRegistry
 from ._states import BrowserState, GlobalState, SessionState, State
+from ._watch import StateChange, Watch
 from .exceptions import (
     ChangeLoopError,
     CodecError,
@@ -72,6 +73,7 @@ __all__ = [
     "SessionState",
     "SignedPickleCodec",
     "State",
+    "StateChange",
     "StateEngine",
     "StateError",
     "StateNotCopyable",
@@ -86,6 +88,7 @@ __all__ = [
     "UsageError",
     "ValueNotStorable",
     "ValueSize",
+    "Watch",
     "WrongEngine",
     "changed",
     "compare",

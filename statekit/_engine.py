@@ -22,17 +22,17 @@ the event, and deletion callbacks run after every lock is released.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 from typing_extensions import Self
 
-from ._browser import DEFAULT_MAX_BYTES, BrowserKeys
 from ._checks import check_callable, check_name, check_seconds, check_sid
 from ._clock import Clock, monotonic, wall
 from ._commit import Committer
 from ._core import Core, Settings
+from ._declarations import Declarations
 from ._engine_host import EngineHost
 from ._entry import Entry, LatchEntry
 from ._events import BrowserIO, Event, RenewingEvent
@@ -40,12 +40,12 @@ from ._globals import Globals
 from ._kept import KeptLeases, check_lease_keep
 from ._lease_entry import LeaseEntry
 from ._metrics import EngineStats
-from ._registry import SessionRegistry
 from ._remote import Remote
 from ._sessions import Sessions
-from ._states import MISSING, BrowserState, GlobalState, SessionState, State
+from ._states import GlobalState, State
 from ._steps import drive
 from ._values import policy_for
+from ._watch import Watch, Watchers, global_names
 from .exceptions import InvalidDeclaration, UsageError
 from .stores.base import DeleteReason, EnteringNamespace, Store
 from .stores.memory import MemoryStore
@@ -55,7 +55,7 @@ __all__ = ["StateEngine"]
 T = TypeVar("T")
 
 
-class StateEngine:
+class StateEngine(Declarations):
     """Holds an application's states and the sessions that use them.
 
     Args:
@@ -176,7 +176,10 @@ class StateEngine:
         else:
             self._entry = leasing = LeaseEntry(core, committer, self._remote)
             self._kept = leasing.kept
-        self._host = EngineHost(core, self._entry, self._remote, Globals(core))
+        globals_ = Globals(core)
+        self._host = host = EngineHost(core, self._entry, self._remote, globals_)
+        self._watchers = Watchers(core, host.watched)
+        host.watchers = globals_.watchers = self._remote.watchers = self._watchers
 
     def __repr__(self) -> str:
         return f"StateEngine(app={self.app!r}, store={type(self.store).__name__})"
@@ -192,193 +195,6 @@ class StateEngine:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.ashutdown()
-
-    # -- declarations ------------------------------------------------------------
-
-    def global_state(
-        self,
-        name: str,
-        default: T,
-        *,
-        version: int = 1,
-        migrate: Callable[[int, Any], T] | None = None,
-        strict: bool = False,
-    ) -> GlobalState[T]:
-        """Declare a value shared by every session. ``version``, ``migrate`` and
-        ``strict`` are as for :meth:`session_state`.
-
-        Raises:
-            InvalidDeclaration: the name is invalid or already declared.
-            StateNotCopyable: the default cannot be deep-copied.
-        """
-        return GlobalState(
-            self, self._host, name, default, version=version, migrate=migrate, strict=strict
-        )
-
-    @overload
-    def session_state(
-        self,
-        name: str,
-        default: T,
-        *,
-        ttl: float | None = None,
-        on_delete: Callable[[T, DeleteReason], object] | None = None,
-        version: int = 1,
-        migrate: Callable[[int, Any], T] | None = None,
-        strict: bool = False,
-    ) -> SessionState[T]: ...
-
-    @overload
-    def session_state(
-        self,
-        name: str,
-        *,
-        factory: Callable[[], T],
-        ttl: float | None = None,
-        on_delete: Callable[[T, DeleteReason], object] | None = None,
-        version: int = 1,
-        migrate: Callable[[int, Any], T] | None = None,
-        strict: bool = False,
-    ) -> SessionState[T]: ...
-
-    def session_state(
-        self,
-        name: str,
-        default: Any = MISSING,
-        *,
-        factory: Callable[[], Any] | None = None,
-        ttl: float | None = None,
-        on_delete: Callable[[Any, DeleteReason], object] | None = None,
-        version: int = 1,
-        migrate: Callable[[int, Any], Any] | None = None,
-        strict: bool = False,
-    ) -> SessionState[Any]:
-        """Declare a value of which each session has its own copy.
-
-        Args:
-            name: unique in this engine; the key under which stores keep the value.
-            default: the initial value; each session gets a deep copy of it.
-            factory: instead of ``default``, a zero-argument callable making the
-                initial value (called once per session, on first read).
-            ttl: seconds after its last write after which the value is deleted; the
-                next read starts again from the default.
-            on_delete: called as ``on_delete(value, reason)`` once per deleted value.
-            version: the version of the values this code writes; raise it when their
-                shape changes (a field renamed, a class moved). Values are stored with
-                it; one stored by an older version is migrated when first read, and
-                written back by the event that read it.
-            migrate: with a version above 1, ``migrate(old_version, old_value)``
-                returning the value now. ``old_value`` is the value as stored: with
-                the default codec, dataclass and attrs instances come as
-                :class:`~statekit.StoredObject` (class path and fields by name) and
-                enum members as :class:`~statekit.StoredEnum`, whatever classes exist.
-            strict: a stored value that cannot be read or migrated raises
-                :class:`CodecError`; by default it reads as the default, the reason is
-                logged and given in ``ev.result.value_problems``, and the event's
-                commit replaces it. A value stored by a newer version always raises
-                (it is left for the code that knows it).
-
-        Raises:
-            InvalidDeclaration: invalid name, duplicate name, both default and factory,
-                or a ttl that is not a positive number.
-            StateNotCopyable: the default cannot be deep-copied; objects such as locks
-                belong in a per-session registry.
-        """
-        return SessionState(
-            self,
-            self._host,
-            name,
-            default,
-            factory=factory,
-            ttl=ttl,
-            on_delete=on_delete,
-            version=version,
-            migrate=migrate,
-            strict=strict,
-        )
-
-    def browser_state(
-        self,
-        name: str,
-        default: T,
-        *,
-        keys: BrowserKeys,
-        storage_key: str | None = None,
-        ttl: float | None = None,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        clock: Clock = wall,
-    ) -> BrowserState[T]:
-        """Declare a value kept in the browser (``localStorage``), as an opaque token.
-
-        Args:
-            name: unique in this engine.
-            default: the value when the browser has none (or sends a bad token).
-            keys: the secrets that make and read tokens, newest first; they never reach
-                the browser.
-            storage_key: the ``localStorage`` key (``name`` if omitted); tokens are bound
-                to it.
-            ttl: seconds a token stays valid after it is made; ``None``: no expiry.
-            max_bytes: the largest token allowed.
-            clock: the wall clock tokens are dated with (tokens cross processes).
-
-        Raises:
-            InvalidDeclaration: bad name, storage key, ttl or max_bytes, or no keys.
-            ValueNotStorable: the default is not JSON-typed.
-        """
-        return BrowserState(
-            self,
-            self._host,
-            name,
-            default,
-            keys=keys,
-            storage_key=storage_key,
-            ttl=ttl,
-            max_bytes=max_bytes,
-            clock=clock,
-        )
-
-    @overload
-    def registry(
-        self,
-        name: str,
-        factory: Callable[[str], Coroutine[Any, Any, T]],
-        cleanup: Callable[[T], object] | None = None,
-    ) -> SessionRegistry[T]: ...
-
-    @overload
-    def registry(
-        self,
-        name: str,
-        factory: Callable[[str], T],
-        cleanup: Callable[[T], object] | None = None,
-    ) -> SessionRegistry[T]: ...
-
-    def registry(
-        self,
-        name: str,
-        factory: Callable[[str], Any],
-        cleanup: Callable[[Any], object] | None = None,
-    ) -> SessionRegistry[Any]:
-        """Declare a per-session registry, for objects that cannot be deep-copied or
-        serialized (locks, connections, models). See :class:`SessionRegistry`.
-
-        Args:
-            name: unique among this engine's registries (1 to 128 of
-                ``A-Z a-z 0-9 _ . : / -``).
-            factory: ``factory(sid)`` makes a session's object; may be a coroutine
-                function (open with ``await registry.aopen(sid)``).
-            cleanup: ``cleanup(obj)`` runs exactly once per object when its session
-                ends or the registry closes it; may be a coroutine function.
-
-        With a shared store the engine starts receiving the store's notices, so that
-        objects here are cleaned up when their session ends in another process.
-
-        Raises:
-            InvalidDeclaration: invalid or duplicate name, or a factory or cleanup that
-                is not callable.
-            EngineClosed: the engine was shut down.
-        """
-        return SessionRegistry(self, self._host, name, factory, cleanup)
 
     @property
     def closed(self) -> bool:
@@ -570,6 +386,46 @@ class StateEngine:
         Neither waiting for the session nor store I/O blocks the event loop.
         """
         return self.event(sid, browser=browser, bind=bind, renew=renew)
+
+    def watch(
+        self,
+        sid: str | None = None,
+        *,
+        globals: Iterable[GlobalState[Any]] = (),
+        maxsize: int = 256,
+    ) -> Watch:
+        """A stream of the changes of session ``sid``'s states and of ``globals``: an
+        async iterator of :class:`StateChange` (``async for change in
+        engine.watch(sid):``), which ``async with`` closes. Fed by this engine's
+        events and global writes and, for the session on a shared store, by other
+        processes' commits. It keeps at most ``maxsize`` changes for a slow consumer,
+        dropping the oldest (the next change read says how many: ``missed``); writers
+        never wait. It ends when the session ends (also when it is closed), or it is
+        unknown, or the engine shuts down. See the guide, "Change streams".
+
+        Raises:
+            UsageError: neither a session nor a global to watch, a bad ``maxsize``.
+            WrongEngine: a global of another engine.
+        """
+        self._core.check_usable()
+        if sid is not None:
+            check_sid(sid)
+        names = global_names(self, globals)
+        if sid is None and not names:
+            raise UsageError("watch() needs a session id, globals=, or both")
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise UsageError(f"watch() needs a positive int maxsize, got {maxsize!r}")
+        watch = Watch(
+            self._watchers,
+            sid,
+            names,
+            maxsize,
+            None if sid is None else (lambda: self.aexists(sid)),
+        )
+        self._watchers.add(watch)
+        if sid is not None and self._core.shared:
+            self._remote.listen()  # other processes' commits of the session
+        return watch
 
     # -- lifetimes ---------------------------------------------------------------
 

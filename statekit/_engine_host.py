@@ -13,12 +13,14 @@ from typing import Any, TypeVar
 
 from ._core import Core
 from ._entry import Entry
+from ._events import EventState
 from ._globals import Globals
 from ._registry import SessionRegistry
 from ._remote import Remote
-from ._states import BrowserState, GlobalState, SessionState, State
+from ._states import MISSING, BrowserState, GlobalState, SessionState, State
 from ._steps import drive
 from ._values import CheckedObjectValues, ValuePolicy
+from ._watch import Watchers
 from .exceptions import InvalidDeclaration, SessionNotFound
 from .stores.base import DeleteReason
 
@@ -41,6 +43,9 @@ class EngineHost:
         self.meter = core.meter
         self._ns = core.ns
         self._adrive = core.adrive
+        self._entry = entry
+        #: The engine's open watches (set by the engine); see :meth:`watched`.
+        self.watchers: Watchers | None = None
         # The hot paths, bound once.
         self.enter = entry.enter
         self.aenter = entry.aenter
@@ -52,6 +57,44 @@ class EngineHost:
         self.read_value = core.read_value
         self.check_usable = core.check_usable
         self.listen = remote.listen
+
+    def watched(self, active: bool) -> None:
+        """Route events through the watches while one is open (``active``), so that
+        each event's changes reach them; else straight to the entry, at no cost."""
+        if active:
+            self.leave, self.aleave = self._leave_watched, self._aleave_watched
+        else:
+            self.leave, self.aleave = self._entry.leave, self._entry.aleave
+
+    def _leave_watched(self, ev: EventState, failed: bool) -> None:
+        self._entry.leave(ev, failed)
+        if not failed and self.watchers is not None and self.watchers.watching(ev.sid):
+            changes = self._changes(ev)
+            for i, (name, value) in enumerate(changes):
+                if value is MISSING:  # written by a change listener's own event
+                    changes[i] = (name, self.peek(ev.sid, self._core.session_states[name]))
+            self.watchers.session_changed(ev.sid, changes)
+
+    async def _aleave_watched(self, ev: EventState, failed: bool) -> None:
+        await self._entry.aleave(ev, failed)
+        if not failed and self.watchers is not None and self.watchers.watching(ev.sid):
+            changes = self._changes(ev)
+            for i, (name, value) in enumerate(changes):
+                if value is MISSING:
+                    state = self._core.session_states[name]
+                    changes[i] = (name, await self.apeek(ev.sid, state))
+            self.watchers.session_changed(ev.sid, changes)
+
+    def _changes(self, ev: EventState) -> list[tuple[str, Any]]:
+        """The session states an event changed, with their values (MISSING for one
+        only a change listener's event wrote)."""
+        states = self._core.session_states
+        names = (
+            ev.done.changed if ev.done is not None else {state.name for state in ev.changed or ()}
+        )
+        return [
+            (name, ev.work.get(states[name], MISSING)) for name in sorted(names) if name in states
+        ]
 
     def declare(self, state: State[Any]) -> None:
         core = self._core

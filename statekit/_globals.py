@@ -21,6 +21,7 @@ from ._core import Core
 from ._states import GlobalState
 from ._steps import GlobalAdd, GlobalCas, GlobalGet, Steps, ask
 from ._values import CheckedObjectValues, not_storable, unreadable
+from ._watch import Watchers
 from .exceptions import CodecError
 
 __all__ = ["Globals"]
@@ -35,6 +36,8 @@ class Globals:
 
     def __init__(self, core: Core) -> None:
         self._core = core
+        #: The engine's open watches (set by the engine), told of each change.
+        self.watchers: Watchers | None = None
 
     def get(self, state: GlobalState[T]) -> Steps[T]:
         core = self._core
@@ -105,6 +108,8 @@ class Globals:
         return value
 
     def _fire(self, state: GlobalState[Any], value: Any) -> None:
+        if self.watchers is not None:
+            self.watchers.global_changed(state.name, value)
         for listener in state.listeners:
             try:
                 listener(copy_value(value))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import cachetools
@@ -28,6 +28,7 @@ from . import _fork
 from ._checks import qualname
 from ._core import Core, run_hooks
 from ._states import MISSING, SessionState
+from ._watch import Watchers
 from .stores.base import Busy, Gone, Loaded, Notice
 
 __all__ = ["Remote"]
@@ -45,6 +46,8 @@ class Remote:
         # Versions of sessions this engine used lately, to re-check after lost notices.
         self._seen: cachetools.LRUCache[str, int] = cachetools.LRUCache(10_000)
         self._seen_lock = threading.Lock()
+        #: The engine's open watches (set by the engine), fed by other processes' commits.
+        self.watchers: Watchers | None = None
         _fork.after_fork_in_child(self)
 
     def _after_fork(self) -> None:
@@ -85,8 +88,9 @@ class Remote:
                 for name in notice.names
                 if (state := core.session_states.get(name)) is not None and state.remote_listeners
             ]
-            if states:
-                self._fire(notice.sid, states)
+            watched = self.watchers is not None and self.watchers.watching(notice.sid)
+            if states or watched:
+                self._fire(notice.sid, states, notice.names if watched else ())
         elif notice.kind == "resync":  # notices may have been lost
             run_hooks(core.resync_hooks, "resync")
             with self._seen_lock:
@@ -109,11 +113,27 @@ class Remote:
         core.salvage(outcome)
         return outcome
 
-    def _fire(self, sid: str, states: list[SessionState[Any]]) -> None:
+    def _fire(
+        self, sid: str, states: list[SessionState[Any]], watched: Iterable[str] = ()
+    ) -> None:
+        """Load the session once; call the remote listeners of ``states`` and give the
+        session's watches the new values of the states named ``watched``."""
         outcome = self._look(sid)
         if not isinstance(outcome, Loaded):
             return
         self.saw(sid, outcome.version)
+        if watched and self.watchers is not None:
+            changes = []
+            for name in watched:
+                state = self._core.session_states.get(name)
+                stored = outcome.values.get(name, MISSING)
+                if state is None or stored is MISSING:
+                    continue
+                try:
+                    changes.append((name, self._core.open_value(state, stored)))
+                except Exception:
+                    logger.exception("a watched value changed elsewhere could not be read")
+            self.watchers.session_changed(sid, changes)
         for state in states:
             stored = outcome.values.get(state.name, MISSING)
             for listener in state.remote_listeners:

@@ -1,0 +1,260 @@
+"""Change streams: ``engine.watch(sid, globals=...)``, an async iterator of the changes
+of one session's states and of some globals, for a web handler to forward (a
+websocket, Server-Sent Events).
+
+Fed by this engine's commits and global writes, and — for sessions on a shared store —
+by other processes' notices (the changed session is loaded once per notice, for all
+its watchers). Each stream is bounded: a consumer that falls behind loses the oldest
+changes, and the next change it reads says how many (``missed``); writers never wait
+for a consumer. A session's streams end when the session ends (closed elsewhere,
+expired, evicted), and every stream when the engine shuts down.
+
+Nothing here costs an event anything until a stream is open: the engine host routes
+events through :meth:`Watchers.after_event` only while one is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import attrs
+from typing_extensions import Self
+
+from ._copying import copy_value
+from ._core import Core
+from ._states import GlobalState
+from .exceptions import UsageError, WrongEngine
+from .stores.base import DeleteReason
+
+__all__ = ["StateChange", "Watch", "Watchers", "global_names"]
+
+
+@attrs.frozen(kw_only=True)
+class StateChange:
+    """One change a watch saw.
+
+    Attributes:
+        sid: the session whose state changed, or None for a global.
+        state: the state's name.
+        value: its new value (a copy of the consumer's own).
+        missed: how many changes this watch dropped just before this one, because
+            its consumer read too slowly (0 when none).
+    """
+
+    sid: str | None = attrs.field(repr=lambda sid: "None" if sid is None else "'…'")
+    state: str
+    value: Any
+    missed: int = 0
+
+
+class Watch:
+    """An async iterator of :class:`StateChange`, made by
+    :meth:`~statekit.StateEngine.watch`; ``async with`` closes it. Iterate it in one
+    task; changes arrive from any thread. Ends (``StopAsyncIteration``) once closed,
+    once its session ended, or once the engine shut down, after the changes already
+    queued."""
+
+    def __init__(
+        self,
+        hub: Watchers,
+        sid: str | None,
+        globals_: frozenset[str],
+        maxsize: int,
+        check: Callable[[], Awaitable[bool]] | None,
+    ) -> None:
+        self.sid = sid
+        self.globals = globals_
+        self._hub = hub
+        self._maxsize = maxsize
+        self._check = check
+        self._items: deque[StateChange] = deque()
+        self._missed = 0
+        self._closed = False
+        self._lock = threading.Lock()
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        what = "closed" if self._closed else "open"
+        return f"<Watch {what}, {len(self._items)} queued, globals {sorted(self.globals)}>"
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the watch ended (its queued changes may still be read)."""
+        return self._closed
+
+    def push(self, change: StateChange) -> None:
+        """Queue ``change`` (any thread): never waits; drops the oldest when full."""
+        with self._lock:
+            if self._closed:
+                return
+            if len(self._items) >= self._maxsize:
+                self._items.popleft()
+                self._missed += 1
+            self._items.append(change)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._wake(waiter)
+
+    def close(self) -> None:
+        """End the watch (any thread): iteration stops once the queue is read."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            waiter, self._waiter = self._waiter, None
+        self._hub.remove(self)
+        if waiter is not None:
+            self._wake(waiter)
+
+    def _wake(self, waiter: asyncio.Future[None]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            if not waiter.done():
+                waiter.set_result(None)
+        else:
+            loop.call_soon_threadsafe(_settle, waiter)
+
+    async def __anext__(self) -> StateChange:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            if self._check is not None and not await self._check():
+                self.close()  # an unknown or ended session: nothing will come
+        while True:
+            with self._lock:
+                if self._items:
+                    change = self._items.popleft()
+                    if self._missed:
+                        change = attrs.evolve(change, missed=self._missed)
+                        self._missed = 0
+                    return change
+                if self._closed:
+                    raise StopAsyncIteration
+                waiter = self._waiter = self._loop.create_future()
+            await waiter
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def global_names(engine: object, states: Iterable[object]) -> frozenset[str]:
+    """The names of ``states``, each a global state of ``engine``.
+
+    Raises:
+        UsageError: one is not a global state.
+        WrongEngine: one was declared on another engine.
+    """
+    names = set()
+    for state in states:
+        if not isinstance(state, GlobalState):
+            raise UsageError(f"watch(globals=...) takes global states, got {type(state).__name__}")
+        if state.engine is not engine:
+            raise WrongEngine(state.name, state.engine.app, getattr(engine, "app", "?"))
+        names.add(state.name)
+    return frozenset(names)
+
+
+class Watchers:
+    """The open watches of one engine, by session and by global. Thread-safe.
+
+    ``on_active(bool)`` is called when the first watch opens and the last closes (the
+    engine host then routes events through :meth:`after_event`, or stops)."""
+
+    def __init__(self, core: Core, on_active: Callable[[bool], object]) -> None:
+        self._core = core
+        self._on_active = on_active
+        self._sessions: dict[str, set[Watch]] = {}
+        self._globals: dict[str, set[Watch]] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+        core.add_hook("end", self._ended)
+        core.add_hook("shutdown", self.close_all)
+
+    def add(self, watch: Watch) -> None:
+        with self._lock:
+            if watch.sid is not None:
+                self._sessions.setdefault(watch.sid, set()).add(watch)
+            for name in watch.globals:
+                self._globals.setdefault(name, set()).add(watch)
+            self._count += 1
+            first = self._count == 1
+        if first:
+            self._on_active(True)
+
+    def remove(self, watch: Watch) -> None:
+        with self._lock:
+            found = False
+            if watch.sid is not None and watch in self._sessions.get(watch.sid, ()):
+                found = True
+                self._drop(self._sessions, watch.sid, watch)
+            for name in watch.globals:
+                if watch in self._globals.get(name, ()):
+                    found = True
+                    self._drop(self._globals, name, watch)
+            if not found:
+                return
+            self._count -= 1
+            last = self._count == 0
+        if last:
+            self._on_active(False)
+
+    @staticmethod
+    def _drop(table: dict[str, set[Watch]], key: str, watch: Watch) -> None:
+        watches = table[key]
+        watches.discard(watch)
+        if not watches:
+            del table[key]
+
+    def watching(self, sid: str) -> bool:
+        """Whether a watch of session ``sid`` is open (a dict lookup, no lock)."""
+        return sid in self._sessions
+
+    def session_changed(self, sid: str, changes: Iterable[tuple[str, Any]]) -> None:
+        """Give each watch of ``sid`` the new values (name, value) of its states."""
+        watches = list(self._sessions.get(sid, ()))
+        for name, value in changes:
+            for watch in watches:
+                watch.push(StateChange(sid=sid, state=name, value=copy_value(value)))
+
+    def global_changed(self, name: str, value: Any) -> None:
+        """Give each watch of global ``name`` its new value."""
+        for watch in list(self._globals.get(name, ())):
+            watch.push(StateChange(sid=None, state=name, value=copy_value(value)))
+
+    def _ended(self, sid: str, reason: DeleteReason) -> None:
+        """A session ended (closed too: its page is gone): its watches end."""
+        for watch in list(self._sessions.get(sid, ())):
+            watch.close()
+
+    def close_all(self) -> None:
+        """End every watch (at shutdown)."""
+        with self._lock:
+            watches = {
+                watch
+                for table in (self._sessions, self._globals)
+                for each in table.values()
+                for watch in each
+            }
+        for watch in watches:
+            watch.close()
