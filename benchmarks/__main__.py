@@ -13,7 +13,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from . import detector, lifecycle, scaling, session_rw, stores
+from . import detector, lifecycle, scaling, session_rw, stores, watch
 
 CASES: dict[str, ModuleType] = {
     "session": session_rw,
@@ -21,6 +21,7 @@ CASES: dict[str, ModuleType] = {
     "stores": stores,
     "lifecycle": lifecycle,
     "scaling": scaling,
+    "watch": watch,
 }
 
 
