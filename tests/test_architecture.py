@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_engine_host",),
     ("_declarations",),
     ("_engine",),
-    ("web.wire", "web.at_exit"),
+    ("web.wire", "web.at_exit", "web.stream"),
     ("web.gate",),
     ("web",),
     ("testing._nodes",),  # redis-server processes, for the cluster and Sentinel helpers

@@ -191,6 +191,26 @@ def test_two_tabs_have_their_own_carts_and_a_refresh_is_a_new_session(
     assert app.error(one) == app.error(two) == ""
 
 
+@pytest.mark.parametrize("app", [Demo()], ids=["demo"])
+def test_a_new_visitor_shows_in_every_open_tab_without_a_reload(
+    app: App, server: Server, tabs: Tabs
+) -> None:
+    # Fails if the change stream does not reach the page: the first tab's count would
+    # stay where its own load left it, since nothing in it asks the server again.
+    one = tabs.open(server.url)
+    one.wait_for_function("() => kit.stream && kit.stream.readyState === 1", timeout=WAIT_MS)
+    first = int(one.text_content("#visitors") or "0")
+    two = tabs.open(server.url)
+    second = int(two.text_content("#visitors") or "0")
+    assert second == first + 1
+    one.wait_for_function(
+        "n => document.querySelector('#visitors').textContent === String(n)",
+        arg=second,
+        timeout=WAIT_MS,
+    )
+    assert app.error(one) == app.error(two) == ""
+
+
 def test_closing_one_tab_ends_only_its_session(
     app: App, tabs: Tabs, redis_server: RedisServer
 ) -> None:

@@ -187,7 +187,7 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
             Route("/api/counter", increment, methods=["POST"]),
             Route("/api/credentials", save_credentials, methods=["POST"]),
         ],
-        middleware=[Middleware(StateKitMiddleware, engine=engine)],
+        middleware=[Middleware(StateKitMiddleware, engine=engine, streams=[visitors])],
     )
 
 
@@ -219,8 +219,9 @@ PAGE = """<!doctype html>
 <p>This tab's session: <code id="sid">…</code> · tabs open now: <strong id="tabs">…</strong></p>
 <section><h2>Try this</h2><ul>
  <li><strong>Open this page in a second tab.</strong> It gets a session of its own: its
-  own cart and counter. The visitor count is shared by everyone, and the saved username
-  and password by every tab of this browser.</li>
+  own cart and counter. The visitor count is shared by everyone (this tab's goes up at
+  once, without a reload), and the saved username and password by every tab of this
+  browser.</li>
  <li><strong>Reload.</strong> A reload is a new session: a new id, an empty cart, the
   counter back at 0. The username and password stay: the browser keeps them.</li>
  <li><strong>Close a tab.</strong> Its session ends; the other tabs go on.</li>
@@ -228,7 +229,9 @@ PAGE = """<!doctype html>
   says so. <span id="secrets-note"></span></li>
 </ul></section>
 <section><h2>Global state: visitors</h2>
- <p>Total visitors: <strong id="visitors">…</strong></p></section>
+ <p>Total visitors: <strong id="visitors" data-statekit-state="visitors">…</strong>
+ <span class="note">(live: a new tab counts here at once, through the change stream)</span>
+ </p></section>
 <section><h2>Session state: this tab's cart</h2>
  <div id="items"></div>
  <button id="add">Add items</button>
@@ -323,7 +326,7 @@ $("save").onclick = async () => {
     { username: $("username").value, password: $("password").value });
   if (data) $("saved").textContent = "Saved in this browser (encrypted)";
 };
-StateKit.start({ keys: ["login"] }).catch((error) => {
+StateKit.start({ keys: ["login"], watch: true }).catch((error) => {
   showError("Could not open a session for this tab (" + error.message + "): reload the page.");
 });
 </script>

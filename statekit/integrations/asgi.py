@@ -35,6 +35,7 @@ The framework-free part is plain ASGI: this module imports no framework.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping
@@ -42,14 +43,17 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from statekit import (
+    GlobalState,
     SessionBusy,
     SessionNotFound,
     SessionNotInitialized,
     StateEngine,
     StoreUnavailable,
     UsageError,
+    Watch,
     web,
 )
+from statekit.web import STREAM_HEADERS, server_sent_events
 
 __all__ = ["StateKitMiddleware", "exception_handlers", "install", "visit_of"]
 
@@ -190,6 +194,9 @@ class StateKitMiddleware:
         allowed_origins: origins of pages served elsewhere (``"https://app.example.com"``)
             that may open and close sessions; by default only the app's own pages may
             (another site's is answered ``403``).
+        streams: global states whose changes every tab's change stream carries
+            (``GET <prefix>/watch``, Server-Sent Events of the tab's session's changes;
+            ``StateKit.start({watch: true})`` opens it).
 
     Raises:
         TypeError: ``engine`` is not a :class:`~statekit.StateEngine`.
@@ -213,10 +220,15 @@ class StateKitMiddleware:
         cookie: bool = True,
         shutdown: bool = True,
         allowed_origins: Iterable[str] = (),
+        streams: Iterable[GlobalState[Any]] = (),
     ) -> None:
         self.app = app
         self.gate = web.SessionGate(
-            engine, prefix=prefix, cookie=cookie, allowed_origins=allowed_origins
+            engine,
+            prefix=prefix,
+            cookie=cookie,
+            allowed_origins=allowed_origins,
+            streams=streams,
         )
         self.engine = engine
         self.shutdown = shutdown
@@ -258,6 +270,9 @@ class StateKitMiddleware:
         method = str(scope.get("method", "GET"))
         path = str(scope.get("path", ""))
         endpoint = self.gate.endpoint(path)
+        if endpoint == "watch":
+            await self._watch(scope, receive, send, method, path)
+            return
         if endpoint is not None:
             headers = _headers(scope.get("headers") or ())
             body = await _read_body(receive) if endpoint == "close" else b""
@@ -299,6 +314,47 @@ class StateKitMiddleware:
             await _send_answer(send, answer, extra=extra, head=method.upper() == "HEAD")
 
     # -- lifespan --------------------------------------------------------------------
+
+    async def _watch(
+        self, scope: Scope, receive: Receive, send: Send, method: str, path: str
+    ) -> None:
+        """``GET <prefix>/watch``: the tab's change stream as Server-Sent Events, until
+        it ends or the page goes away (``http.disconnect``)."""
+        headers = _headers(scope.get("headers") or ())
+        opened = self.gate.open_watch(method, path, headers, _query(scope.get("query_string")))
+        if not isinstance(opened, Watch):
+            await _send_answer(send, opened, head=method.upper() == "HEAD")
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (k.lower().encode("latin-1"), v.encode("latin-1"))
+                    for k, v in STREAM_HEADERS.items()
+                ],
+            }
+        )
+
+        async def stream() -> None:
+            async for chunk in server_sent_events(opened):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def gone() -> None:
+            while (await receive()).get("type") != "http.disconnect":
+                pass
+
+        streaming, leaving = asyncio.ensure_future(stream()), asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({streaming, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            opened.close()
+            for task in (streaming, leaving):
+                task.cancel()
+            await asyncio.gather(streaming, leaving, return_exceptions=True)
+        if streaming.done() and not streaming.cancelled() and streaming.exception():
+            raise streaming.exception()  # type: ignore[misc]
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         seen: set[str] = set()  # the lifespan messages that went each way
@@ -446,6 +502,7 @@ def install(
     cookie: bool = True,
     shutdown: bool = True,
     allowed_origins: Iterable[str] = (),
+    streams: Iterable[GlobalState[Any]] = (),
 ) -> None:
     """Put a Starlette or FastAPI app's requests in statekit's sessions: adds
     :class:`StateKitMiddleware` and the :func:`exception_handlers` that answer
@@ -455,7 +512,8 @@ def install(
     Args:
         app: the Starlette or FastAPI app, before it starts.
         engine: the app's engine.
-        prefix, cookie, shutdown, allowed_origins: as for :class:`StateKitMiddleware`.
+        prefix, cookie, shutdown, allowed_origins, streams: as for
+            :class:`StateKitMiddleware`.
 
     Raises:
         TypeError: ``engine`` is not a :class:`~statekit.StateEngine`.
@@ -468,7 +526,8 @@ def install(
     """
     if not isinstance(allowed_origins, str):
         allowed_origins = tuple(allowed_origins)
-    web.SessionGate(engine, prefix=prefix, allowed_origins=allowed_origins)  # checked now
+    streams = tuple(streams)
+    web.SessionGate(engine, prefix=prefix, allowed_origins=allowed_origins, streams=streams)
     app.add_middleware(
         StateKitMiddleware,
         engine=engine,
@@ -476,6 +535,7 @@ def install(
         cookie=cookie,
         shutdown=shutdown,
         allowed_origins=allowed_origins,
+        streams=streams,
     )
     for cls, handler in exception_handlers().items():
         app.add_exception_handler(cls, handler)

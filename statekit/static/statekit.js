@@ -33,7 +33,14 @@
  *   kit.reopen() closes the tab's session if it is live and opens a new one, and every
  *   opened session dispatches "statekit:opened" (detail {sid, kit});
  * - kit.url(path) gives a URL of this origin naming the session in the query
- *   (?statekit_session=<sid>), for a websocket, which cannot send headers.
+ *   (?statekit_session=<sid>), for a websocket, which cannot send headers;
+ * - kit.watch() (or StateKit.start({watch: true})) opens the tab's change stream
+ *   (EventSource on <prefix>/watch, ASGI hosts): each change of the session's states
+ *   and of the globals the server streams is dispatched as "statekit:change" on window
+ *   (detail {scope, state, value, missed, kit}) and written into the page's elements
+ *   marked data-statekit-state="<name>" (a text, a number or a boolean, as text); the
+ *   stream follows the session when it is reopened, kit.unwatch() closes it, and
+ *   kit.stream is its EventSource (or null).
  *
  * StateKit.create({keys}) is the token half alone (no session), for pages whose
  * server keeps the session itself.
@@ -330,9 +337,72 @@
       return opening;
     };
 
+    /* The tab's change stream (Server-Sent Events of <prefix>/watch). */
+    var stream = null;
+    var watching = false;
+
+    function show(change) {
+      var doc = global.document;
+      if (!doc || !doc.querySelectorAll) return;
+      var value = change.value;
+      var kind = typeof value;
+      if (kind !== "string" && kind !== "number" && kind !== "boolean") return;
+      var marked = doc.querySelectorAll("[data-statekit-state]");
+      for (var i = 0; i < marked.length; i++) {
+        if (marked[i].getAttribute("data-statekit-state") === change.state) {
+          marked[i].textContent = String(value);
+        }
+      }
+    }
+
+    function listen() {
+      if (stream) stream.close();
+      stream = kit.stream = null;
+      if (!watching || !kit.sid || typeof global.EventSource !== "function") return;
+      var source = (stream = kit.stream = new global.EventSource(kit.url(prefix + "/watch")));
+      source.addEventListener("change", function (event) {
+        var change;
+        try {
+          change = JSON.parse(event.data);
+        } catch (error) {
+          return;
+        }
+        change.kit = kit;
+        show(change);
+        fire("statekit:change", change);
+      });
+      source.addEventListener("end", function () {
+        source.close();
+        if (stream === source) stream = kit.stream = null;
+      });
+    }
+
+    kit.watch = function () {
+      watching = true;
+      listen();
+      return kit;
+    };
+
+    kit.unwatch = function () {
+      watching = false;
+      listen();
+      return kit;
+    };
+
+    if (options.watch) watching = true;
+    if (typeof global.addEventListener === "function") {
+      global.addEventListener("statekit:opened", function (event) {
+        if (event.detail && event.detail.kit === kit) listen();
+      });
+    }
+
     function close() {
       var sid = kit.sid;
       if (!sid) return;
+      if (stream) {
+        stream.close();
+        stream = kit.stream = null;
+      }
       kit.sid = null;
       var url = prefix + "/close";
       var nav = global.navigator;

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from statekit.web.at_exit import shut_down_at_exit
 from statekit.web.gate import FormSource, SessionGate, Visit
+from statekit.web.stream import STREAM_HEADERS, change_event, server_sent_events
 from statekit.web.wire import (
     BROWSER_HEADER,
     BROWSER_SET_HEADER,
@@ -48,6 +49,7 @@ from statekit.web.wire import (
     SESSION_FIELD,
     SESSION_HEADER,
     SESSION_QUERY,
+    WATCH_PATH,
     Answer,
     Incoming,
     answer_for,
@@ -74,6 +76,8 @@ __all__ = [
     "SESSION_FIELD",
     "SESSION_HEADER",
     "SESSION_QUERY",
+    "STREAM_HEADERS",
+    "WATCH_PATH",
     "Answer",
     "FormSource",
     "Incoming",
@@ -82,6 +86,7 @@ __all__ = [
     "answer_for",
     "browser_set_value",
     "browser_tokens",
+    "change_event",
     "is_cross_site",
     "is_page_load",
     "json_answer",
@@ -89,5 +94,6 @@ __all__ = [
     "read_request",
     "script",
     "script_answer",
+    "server_sent_events",
     "shut_down_at_exit",
 ]

@@ -15,6 +15,8 @@ import attrs
 
 from statekit._engine import StateEngine
 from statekit._events import Event, EventResult
+from statekit._states import GlobalState
+from statekit._watch import Watch, global_names
 from statekit.exceptions import (
     SessionBusy,
     SessionNotFound,
@@ -31,6 +33,7 @@ from statekit.web.wire import (
     SESSION_COOKIE,
     SESSION_FIELD,
     SESSION_HEADER,
+    WATCH_PATH,
     Answer,
     Incoming,
     answer_for,
@@ -56,7 +59,7 @@ FormSource: TypeAlias = "_Form | Callable[[], _Form | Awaitable[_Form | None] | 
 #: The longest body ``<prefix>/close`` reads (an id is 32 characters).
 _MAX_CLOSE_BYTES = 256
 
-_Endpoint = Literal["script", "open", "close"]
+_Endpoint = Literal["script", "open", "close", "watch"]
 
 
 def _cookie_header(name: str, value: str, *, secure: bool, max_age: int | None = None) -> str:
@@ -89,6 +92,9 @@ class SessionGate:
         allowed_origins: origins of pages served elsewhere that may open and close
             sessions and name one in a form (by default only the app's own pages:
             see :func:`is_cross_site`).
+        streams: global states whose changes every tab's change stream carries
+            (``<prefix>/watch``), besides its own session's; none by default, since
+            any page may open a stream.
 
     Example, in a host with no integration of its own::
 
@@ -109,6 +115,7 @@ class SessionGate:
         cookie: bool = True,
         cookie_name: str = SESSION_COOKIE,
         allowed_origins: Iterable[str] = (),
+        streams: Iterable[GlobalState[Any]] = (),
     ) -> None:
         if not isinstance(engine, StateEngine):
             raise TypeError(
@@ -130,10 +137,13 @@ class SessionGate:
         self.cookie = cookie
         self.cookie_name = cookie_name
         self.allowed_origins = tuple(allowed_origins)
+        self.streams = tuple(streams)
+        global_names(engine, self.streams)  # raises for anything but its globals
         self._paths: dict[str, _Endpoint] = {
             prefix + SCRIPT_PATH: "script",
             prefix + OPEN_PATH: "open",
             prefix + CLOSE_PATH: "close",
+            prefix + WATCH_PATH: "watch",
         }
 
     def __repr__(self) -> str:
@@ -172,6 +182,8 @@ class SessionGate:
             return refused
         if endpoint == "script":
             return script_answer(headers or {})
+        if endpoint == "watch":
+            return _not_streamed()
         if endpoint == "open":
             try:
                 return opened(self.engine.open_session())
@@ -202,6 +214,8 @@ class SessionGate:
             return refused
         if endpoint == "script":
             return script_answer(headers or {})
+        if endpoint == "watch":
+            return _not_streamed()
         if endpoint == "open":
             try:
                 return opened(await self.engine.aopen_session())
@@ -225,7 +239,7 @@ class SessionGate:
         endpoint = self._paths.get(path)
         if endpoint is None:
             return None, None
-        wanted = "GET" if endpoint == "script" else "POST"
+        wanted = "GET" if endpoint in ("script", "watch") else "POST"
         allowed = ("GET", "HEAD") if wanted == "GET" else ("POST",)
         if method.upper() not in allowed:
             return endpoint, json_answer(
@@ -243,6 +257,34 @@ class SessionGate:
                 },
             )
         return endpoint, None
+
+    def open_watch(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        query: Mapping[str, str],
+    ) -> Watch | Answer:
+        """For ``GET <prefix>/watch`` (a host that streams: see
+        ``statekit.web.stream``): the tab's change stream, its session named by the
+        ``statekit_session`` query parameter (an ``EventSource`` cannot send headers)
+        or the session header; or the answer that refuses it (another site's page:
+        ``403``; no session: ``409``). A session unknown or ended gives a stream that
+        ends at once."""
+        endpoint, refused = self._check(method, path, headers)
+        if refused is not None:
+            return refused
+        if endpoint != "watch":
+            raise ValueError(f"{path} is not statekit's change stream")
+        sid = read_request(headers, query=query).sid
+        try:
+            if not sid:
+                raise SessionNotFound("")
+            return self.engine.watch(sid, globals=self.streams)
+        except SessionNotFound as exc:  # none, or a malformed id
+            answer = answer_for(exc)
+            assert answer is not None  # an ended session always has one
+            return answer
 
     # -- the app's requests ----------------------------------------------------------
 
@@ -308,6 +350,17 @@ def _close_body(body: bytes | str) -> str | None:
     except UnicodeDecodeError:
         return None
     return text or None
+
+
+def _not_streamed() -> Answer:
+    return json_answer(
+        404,
+        {
+            "error": "not_streamed",
+            "detail": "this server does not stream changes; an ASGI app with "
+            "StateKitMiddleware does",
+        },
+    )
 
 
 def _closed() -> Answer:

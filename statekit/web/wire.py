@@ -36,6 +36,7 @@ __all__ = [
     "SESSION_FIELD",
     "SESSION_HEADER",
     "SESSION_QUERY",
+    "WATCH_PATH",
     "Answer",
     "Incoming",
     "answer_for",
@@ -58,6 +59,9 @@ OPEN_PATH = "/open"
 CLOSE_PATH = "/close"
 #: ``GET <prefix>/statekit.js``: the page's helper.
 SCRIPT_PATH = "/statekit.js"
+#: ``GET <prefix>/watch?statekit_session=<sid>``: the tab's change stream, as
+#: Server-Sent Events (ASGI hosts; see ``statekit.web.stream``).
+WATCH_PATH = "/watch"
 
 SESSION_HEADER = "X-Statekit-Session"
 SESSION_FIELD = "statekit_session"
