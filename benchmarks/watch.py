@@ -1,9 +1,10 @@
 """Change streams: what a watch nobody reads costs the writer, in the same process.
 
-The same one-state event (a counter written) against the same session, with no watch
-and with a watch of that session whose consumer never reads (it keeps its 256 latest
+The same one-state event (a counter written), by an engine with no watch and by one
+whose session is watched by a consumer that never reads (it keeps its 256 latest
 changes and counts the rest as missed), on the memory store, SQLite and one private
-Redis server. Interleaved rounds, median.
+Redis server. Interleaved rounds, median. With a shared store the watching engine also
+listens to the store's notices (its own commits' included), as a watch needs.
 """
 
 from __future__ import annotations
@@ -26,13 +27,21 @@ TARGETS = [Target(WATCHED, BASELINE, "within", 1.1)]
 
 
 def contenders(make: Callable[[], Store]) -> dict[str, Callable[[int], object]]:
-    engine = StateEngine(make(), app=f"w{uuid.uuid4().hex[:6]}")
-    count = engine.session_state("count", 0)
-    plain, watched = engine.open_session(), engine.open_session()
-    watch = engine.watch(watched)  # never read: it keeps the latest and counts the rest
+    """Two engines of one app, each on a store object of its own: one with no watch
+    at all (it does not listen to the store's notices either), one whose session is
+    watched by a consumer that never reads."""
+    app = f"w{uuid.uuid4().hex[:6]}"
+    plain, watched = StateEngine(make(), app=app), StateEngine(make(), app=app)
+    written = {}
+    for engine in (plain, watched):
+        count = engine.session_state("count", 0)
+        written[engine] = (engine.open_session(), count)
+    watch = watched.watch(written[watched][0])  # never read: keeps the latest 256
     assert not watch.closed
 
-    def writer(sid: str) -> Callable[[int], object]:
+    def writer(engine: StateEngine) -> Callable[[int], object]:
+        sid, count = written[engine]
+
         def write(ops: int) -> None:
             for i in range(ops):
                 with engine.event(sid) as ev:

@@ -88,12 +88,18 @@ class EngineHost:
     def _changes(self, ev: EventState) -> list[tuple[str, Any]]:
         """The session states an event changed, with their values (MISSING for one
         only a change listener's event wrote)."""
+        work = ev.work
+        if ev.done is None:  # no listener round: the event's own changes
+            return [
+                (state.name, work[state])
+                for state in ev.changed or ()
+                if isinstance(state, SessionState)
+            ]
         states = self._core.session_states
-        names = (
-            ev.done.changed if ev.done is not None else {state.name for state in ev.changed or ()}
-        )
         return [
-            (name, ev.work.get(states[name], MISSING)) for name in sorted(names) if name in states
+            (name, work.get(states[name], MISSING))
+            for name in sorted(ev.done.changed)
+            if name in states
         ]
 
     def declare(self, state: State[Any]) -> None:

@@ -19,9 +19,8 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
-import attrs
 from typing_extensions import Self
 
 from ._copying import copy_value
@@ -33,9 +32,8 @@ from .stores.base import DeleteReason
 __all__ = ["StateChange", "Watch", "Watchers", "global_names"]
 
 
-@attrs.frozen(kw_only=True)
-class StateChange:
-    """One change a watch saw.
+class StateChange(NamedTuple):
+    """One change a watch saw (a named tuple: one is made per change per watch).
 
     Attributes:
         sid: the session whose state changed, or None for a global.
@@ -45,10 +43,17 @@ class StateChange:
             its consumer read too slowly (0 when none).
     """
 
-    sid: str | None = attrs.field(repr=lambda sid: "None" if sid is None else "'…'")
+    sid: str | None
     state: str
     value: Any
     missed: int = 0
+
+    def __repr__(self) -> str:  # the id is a secret: never in logs
+        sid = "None" if self.sid is None else "'…'"
+        return (
+            f"StateChange(sid={sid}, state={self.state!r}, value={self.value!r}, "
+            f"missed={self.missed})"
+        )
 
 
 class Watch:
@@ -144,7 +149,7 @@ class Watch:
                 if self._items:
                     change = self._items.popleft()
                     if self._missed:
-                        change = attrs.evolve(change, missed=self._missed)
+                        change = change._replace(missed=self._missed)
                         self._missed = 0
                     return change
                 if self._closed:
@@ -235,12 +240,12 @@ class Watchers:
         watches = list(self._sessions.get(sid, ()))
         for name, value in changes:
             for watch in watches:
-                watch.push(StateChange(sid=sid, state=name, value=copy_value(value)))
+                watch.push(StateChange(sid, name, copy_value(value)))
 
     def global_changed(self, name: str, value: Any) -> None:
         """Give each watch of global ``name`` its new value."""
         for watch in list(self._globals.get(name, ())):
-            watch.push(StateChange(sid=None, state=name, value=copy_value(value)))
+            watch.push(StateChange(None, name, copy_value(value)))
 
     def _ended(self, sid: str, reason: DeleteReason) -> None:
         """A session ended (closed too: its page is gone): its watches end."""

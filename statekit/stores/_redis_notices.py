@@ -32,6 +32,9 @@ logger = logging.getLogger("statekit")
 _REASONS = frozenset(reason.value for reason in DeleteReason)
 #: Warn about junk notices at the first and then every this many.
 _JUNK_LOG_EVERY = 1000
+#: Seconds the receiver pauses after reading what had come (see ``listen``): notices
+#: arrive at most this much later, and in bursts.
+_COALESCE = 0.005
 
 
 class _Reconnects:
@@ -113,11 +116,19 @@ class NoticeReceiver:
                     message = self._next(pubsub, 0.2)
                     if reconnects.take():
                         deliver(Notice(kind="resync", sid="", origin="redis"))
-                    if message is None or message.get("type") not in ("message", "smessage"):
+                    if message is None:
                         continue
-                    notice = self.read(message["data"])
-                    if notice is not None:
-                        deliver(notice)
+                    # Every commit of the app publishes, this process's own included:
+                    # read what has come, then pause, so that this thread wakes (and
+                    # takes the GIL from the app's threads) a few hundred times a second
+                    # at most, not once per commit.
+                    while message is not None:
+                        if message.get("type") in ("message", "smessage"):
+                            notice = self.read(message["data"])
+                            if notice is not None:
+                                deliver(notice)
+                        message = self._next(pubsub, 0.0)
+                    stop.wait(_COALESCE)
             except Exception:  # a lost connection, or the store being closed
                 if stop.is_set():
                     break
