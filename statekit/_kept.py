@@ -24,15 +24,16 @@ where there were two, and none for an event that only reads. A kept lease is:
   engine releases the lease (at the end of the event, if one runs) and keeps that
   session no more for a ``lease_ttl``: a session processes use in turn is loaded by
   each event, as without ``lease_keep``;
-- **dropped** when the session ends (a close here or elsewhere only marks the copy
-  closed), given back at shutdown, and forgotten in the child of a fork (the
-  parent's).
+- **dropped** when the session ends (after a close, here or elsewhere, the next event
+  loads the session: its deadline is its grace's now), given back at shutdown, and
+  forgotten in the child of a fork (the parent's).
 
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from ._checks import check_seconds
 from ._core import Core
 from ._steps import Release, Steps, ask
 from .exceptions import InvalidDeclaration
-from .stores.base import DeleteReason, Keep, Loaded, Notice, SessionData, Store
+from .stores.base import DeleteReason, Keep, Notice, SessionData, Store
 
 __all__ = ["Kept", "KeptLeases", "check_lease_keep"]
 
@@ -179,15 +180,15 @@ class KeptLeases:
             del self._kept[sid]
 
     def _ended(self, sid: str, reason: DeleteReason) -> None:
-        """A session ended: a closed one is still leased (its copy is marked closed);
-        any other is gone, and its lease with it."""
+        """A session ended. A closed one is still leased here, but its deadline is now
+        its grace's: its next event loads it (with the kept token, granted at once).
+        Any other is gone, and its lease with it."""
         with self._lock:
             kept = self._kept.get(sid)
             if kept is None:
                 return
             if reason is DeleteReason.CLOSED:
-                old = kept.loaded
-                kept.loaded = Loaded(sid=sid, version=old.version, closed=True, values=old.values)
+                kept.deadline = -math.inf  # (never usable again: see usable())
             else:
                 del self._kept[sid]
 

@@ -193,6 +193,30 @@ def test_a_close_elsewhere_reaches_the_keeper(redis_server: RedisServer) -> None
     closer.shutdown()
 
 
+def test_a_close_here_makes_the_next_event_load(
+    redis_server: RedisServer, scripts: list[str]
+) -> None:
+    """The keeper closes a kept session itself: the next event loads it (the kept
+    copy's deadline is not the grace's), reusing the kept lease at once, and sees it
+    closed. Fails if the event ran on the kept copy (ev.closed would be False, and
+    after the grace a deleted session's handler would run before its commit fails)."""
+    engine = StateEngine(
+        RedisStore(redis_server.url, prefix=prefix()), app="kept", lease_keep=10, lease_wait=2
+    )
+    count = engine.session_state("count", 0)
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[count] = 1
+    engine.close_session(sid)
+    scripts.clear()
+    with engine.event(sid) as ev:
+        assert ev.closed
+        ev[count] += 1
+    assert scripts[0] == "LOAD"
+    assert count.get(sid) == 2
+    engine.shutdown()
+
+
 def test_a_kept_session_slides_its_deadline_and_its_place(redis_server: RedisServer) -> None:
     """Events on a kept lease (no load) still keep their session alive and recent: used
     every 4 s for 160 s with idle_ttl 60, it is not reaped; at capacity, an idle
