@@ -293,18 +293,35 @@ class Core:
         except Exception as exc:
             return self._unreadable(state, exc, "cannot be read")
         if version > state.version:
-            raise CodecError(
-                f"the stored value of {state.kind} state {state.name!r} was written by "
-                f"version {version} of the app, and this code declares version "
-                f"{state.version}: it is left as it is; run the new code everywhere",
-                state=state.name,
-            )
+            raise self._newer(state, version)
         try:
             assert state.migrate is not None  # a state above version 1 has one
             value = state.migrate(version, values.open_stored(stored))
             return value, values.store(state.name, value), None
         except Exception as exc:
             return self._unreadable(state, exc, f"cannot be migrated from version {version}")
+
+    def check_writable(self, state: State[Any], stored: Any) -> None:
+        """Raise if ``stored`` (about to be replaced without being read) was written by
+        a newer version of the app: old code never overwrites what new code wrote.
+
+        Raises:
+            CodecError: as :meth:`open_value` for a newer version.
+        """
+        try:
+            version = self.values.version_of(stored)
+        except Exception:  # a damaged mark: replacing it is what helps
+            return
+        if version > state.version:
+            raise self._newer(state, version)
+
+    def _newer(self, state: State[Any], version: int) -> CodecError:
+        return CodecError(
+            f"the stored value of {state.kind} state {state.name!r} was written by "
+            f"version {version} of the app, and this code declares version "
+            f"{state.version}: it is left as it is; run the new code everywhere",
+            state=state.name,
+        )
 
     def _unreadable(self, state: State[Any], exc: Exception, why: str) -> tuple[Any, Any, str]:
         """The default in place of a stored value that ``why`` (or raise, if strict)."""

@@ -55,6 +55,7 @@ class EngineHost:
         self.aextend = entry.aextend
         self.open_value = core.open_value
         self.read_value = core.read_value
+        self.check_writable = core.check_writable
         self.check_usable = core.check_usable
         self.listen = remote.listen
 

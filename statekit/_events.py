@@ -293,6 +293,7 @@ def _materialize(s: EventState, state: Changeable, *, read: bool = True) -> Any:
         stored = s.loaded.values.get(state.name, MISSING)
         if stored is not MISSING:
             if not read:
+                s.host.check_writable(state, stored)
                 s.before[state] = stored
                 return MISSING
             work, rewrite, problem = s.host.read_value(state, stored)
@@ -482,6 +483,8 @@ class Event(EventState):
                 if stored is MISSING:
                     _materialize(self, state)  # the initial value, written if unchanged
                 else:
+                    if stored.__class__ is bytes and stored[:1] == b"\x00":  # a version
+                        self.host.check_writable(state, stored)
                     self.before[state] = stored
             self.work[state] = value
             return

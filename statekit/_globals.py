@@ -68,6 +68,8 @@ class Globals:
                 old, version = found
                 if fn is not None:
                     new = fn(core.open_value(state, old))
+                else:
+                    core.check_writable(state, old)
                 verdict, stored = values.judge(name, old, new)
                 if verdict is SAME:
                     break  # nothing to write

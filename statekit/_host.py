@@ -83,6 +83,10 @@ class Host(Protocol):
         read as the default) or None, and why it read as the default or None."""
         ...
 
+    def check_writable(self, state: State[Any], stored: Any) -> None:
+        """Raise CodecError if ``stored`` was written by a newer version of the app."""
+        ...
+
     def open_value(self, state: State[T], stored: Any) -> T:
         """A private copy of a stored value, migrated if older, the default if it
         cannot be read (CodecError naming the state if the state is strict)."""

@@ -189,6 +189,10 @@ class EncodedValues:
         if data == stored:
             return SAME, None
         try:
+            if self.versions and self.version_of(stored) != self.versions.get(name, 1):
+                # Stored by another version: equal as raw data is no equal value (the
+                # stored one would be migrated again when read).
+                return CHANGED, data
             before = self.open(stored)
         except Exception:  # the stored value no longer decodes (a class moved): replace it
             return CHANGED, data

@@ -276,6 +276,60 @@ def test_a_versioned_global_counts_on(deploy: Callable[[], Store]) -> None:
     new.shutdown()
 
 
+def test_a_value_written_without_a_read_is_stored_with_the_new_version(
+    deploy: Callable[[], Store],
+) -> None:
+    """Version 1 stored dollars (5); version 2 stores cents and migrates by * 100. Code
+    of version 2 that assigns 5 without reading (an event, a global's set) means 5
+    cents. Fails if the write is judged unchanged against the old raw 5 and skipped:
+    the value would read back as 500."""
+    old = StateEngine(deploy(), app="shop")
+    price, total = old.session_state("price", 0), old.global_state("total", 0)
+    sid = old.open_session()
+    with old.event(sid) as ev:
+        ev[price] = 5
+    total.set(5)
+    old.shutdown()
+    new = StateEngine(deploy(), app="shop")
+
+    def cents(version: int, dollars: Any) -> int:
+        return int(dollars) * 100
+
+    price2 = new.session_state("price", 0, version=2, migrate=cents)
+    total2 = new.global_state("total", 0, version=2, migrate=cents)
+    with new.event(sid) as ev:
+        ev[price2] = 5
+    total2.set(5)
+    assert (price2.get(sid), total2.get()) == (5, 5)
+    new.shutdown()
+
+
+def test_old_code_never_overwrites_what_new_code_wrote(deploy: Callable[[], Store]) -> None:
+    """During a rolling deploy, code of version 1 (no version declared) and of version
+    2 meet values version 3 wrote: assigning without reading, or a global's set(),
+    raises CodecError and the value stays. Fails if the old code's write replaced it."""
+    new = StateEngine(deploy(), app="shop")
+    keep: Callable[[int, Any], Any] = lambda version, old: old  # noqa: E731
+    cart = new.session_state("cart", [], version=3, migrate=keep)
+    shared = new.global_state("shared", [], version=3, migrate=keep)
+    sid = new.open_session()
+    with new.event(sid) as ev:
+        ev[cart] = ["new"]
+    shared.set(["new"])
+    declarations: list[dict[str, Any]] = [{}, {"version": 2, "migrate": keep}]
+    for declared in declarations:
+        old = StateEngine(deploy(), app="shop")
+        old_cart = old.session_state("cart", [], **declared)
+        old_shared = old.global_state("shared", [], **declared)
+        with pytest.raises(CodecError, match="version 3"), old.event(sid) as ev:
+            ev[old_cart] = ["old"]
+        with pytest.raises(CodecError, match="version 3"):
+            old_shared.set(["old"])
+        old.shutdown()
+    assert (cart.get(sid), shared.get()) == (["new"], ["new"])
+    new.shutdown()
+
+
 def test_values_of_version_1_are_stored_as_before(deploy: Callable[[], Store]) -> None:
     """A state without a version stores the codec's bytes alone, as every value was
     stored before versions: data written earlier and data written now are alike.
