@@ -20,6 +20,7 @@ import pytest
 
 from statekit import (
     CodecError,
+    GlobalState,
     InvalidDeclaration,
     MemoryStore,
     SessionState,
@@ -310,8 +311,8 @@ def test_old_code_never_overwrites_what_new_code_wrote(deploy: Callable[[], Stor
     raises CodecError and the value stays. Fails if the old code's write replaced it."""
     new = StateEngine(deploy(), app="shop")
     keep: Callable[[int, Any], Any] = lambda version, old: old  # noqa: E731
-    cart = new.session_state("cart", [], version=3, migrate=keep)
-    shared = new.global_state("shared", [], version=3, migrate=keep)
+    cart: SessionState[list[str]] = new.session_state("cart", [], version=3, migrate=keep)
+    shared: GlobalState[list[str]] = new.global_state("shared", [], version=3, migrate=keep)
     sid = new.open_session()
     with new.event(sid) as ev:
         ev[cart] = ["new"]
@@ -319,8 +320,8 @@ def test_old_code_never_overwrites_what_new_code_wrote(deploy: Callable[[], Stor
     declarations: list[dict[str, Any]] = [{}, {"version": 2, "migrate": keep}]
     for declared in declarations:
         old = StateEngine(deploy(), app="shop")
-        old_cart = old.session_state("cart", [], **declared)
-        old_shared = old.global_state("shared", [], **declared)
+        old_cart: SessionState[list[str]] = old.session_state("cart", [], **declared)
+        old_shared: GlobalState[list[str]] = old.global_state("shared", [], **declared)
         with pytest.raises(CodecError, match="version 3"), old.event(sid) as ev:
             ev[old_cart] = ["old"]
         with pytest.raises(CodecError, match="version 3"):
