@@ -34,7 +34,7 @@ from ._remote import Remote
 from ._renewal import Renewer
 from ._steps import Commit, LoadSession, Release, Renew, Sleep, Steps, ask, drive
 from .exceptions import ChangeLoopError, LeaseLost, SessionBusy, StoreConflict
-from .stores.base import Busy, Gone, Lease, Loaded
+from .stores.base import Busy, GivenBack, Gone, Lease, Loaded
 
 __all__ = ["LeaseEntry"]
 
@@ -432,13 +432,21 @@ class LeaseEntry:
                     keep=keep,
                 )
             )
-            loaded = Loaded(
-                sid=ev.sid,
-                version=version,
-                closed=ev.closed,
-                values={**ev.loaded.values, **writes},
-            )
-            entry = Kept(token=token, loaded=loaded, until=keep.until, deadline=keep.touch_until)
+            if isinstance(version, GivenBack):  # closed meanwhile: nothing is kept
+                ev.lease = None
+                entry = None
+            else:
+                loaded = Loaded(
+                    sid=ev.sid,
+                    version=version,
+                    closed=ev.closed,
+                    values={**ev.loaded.values, **writes},
+                )
+                entry = Kept(
+                    token=token, loaded=loaded, until=keep.until, deadline=keep.touch_until
+                )
+        elif ev.closed:  # a closed session's next event loads it: not kept
+            entry = None
         elif ev.lease_until - now <= kept.keep:  # (an event on a kept lease)
             entry = Kept(token=token, loaded=ev.loaded, until=ev.lease_until, deadline=ev.deadline)
         else:  # a lease kept longer than lease_keep: given back by the caller

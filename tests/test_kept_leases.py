@@ -217,6 +217,30 @@ def test_a_close_here_makes_the_next_event_load(
     engine.shutdown()
 
 
+def test_a_close_elsewhere_during_an_event_is_not_kept_over(
+    redis_server: RedisServer,
+) -> None:
+    """Another process closes the session while this engine's event runs (its lease not
+    yet a kept one, so nobody is asked): the event's commit gives the lease back rather
+    than keep it, and the next event sees the session closed. Fails if the lease is
+    kept on a closed session (the next events would say it is open and go on past its
+    grace)."""
+    where = prefix()
+    store = RedisStore(redis_server.url, prefix=where)
+    keeper = StateEngine(store, app="kept", lease_keep=10)
+    closer = StateEngine(RedisStore(redis_server.url, prefix=where), app="kept")
+    count = keeper.session_state("count", 0)
+    sid = keeper.open_session()
+    with keeper.event(sid) as ev:
+        closer.close_session(sid)
+        ev[count] = 1
+    assert lease_of(store, sid) == [None, None, None]  # given back
+    with keeper.event(sid) as ev:
+        assert ev.closed
+    keeper.shutdown()
+    closer.shutdown()
+
+
 def test_a_kept_session_slides_its_deadline_and_its_place(redis_server: RedisServer) -> None:
     """Events on a kept lease (no load) still keep their session alive and recent: used
     every 4 s for 160 s with idle_ttl 60, it is not reaped; at capacity, an idle

@@ -18,7 +18,7 @@ from statekit.exceptions import (
     redact,
 )
 
-from .base import Busy, DeleteReason, Ended, Gone, Loaded, SessionIdTaken
+from .base import Busy, DeleteReason, Ended, GivenBack, Gone, Loaded, SessionIdTaken
 
 __all__ = [
     "claims_in",
@@ -154,7 +154,7 @@ def committed(sid: str, version: int, now: float, reply: list[Any]) -> int:
     """
     kind = text(reply[0])
     if kind == "ok":
-        return int(reply[1])
+        return int(reply[1]) if len(reply) == 2 else GivenBack(int(reply[1]))
     if kind == "conflict":
         raise StoreConflict(sid, version, None if reply[1] is None else int(reply[1]))
     gone = _ended_here(sid, kind, reply)

@@ -458,7 +458,10 @@ end
 -- 1,000 fields, which Lua's unpack can pass).
 local version = string.format('%d', tonumber(meta[1]) + 1)
 local sets = {'_v', version}
-if keep_until then
+-- A session closed meanwhile is not kept: its lease is given back (and the reply
+-- says so), so that the next event loads it and sees it closed.
+local given_back = keep_until and meta[4] == '1'
+if keep_until and not given_back then
   sets[3], sets[4], sets[5], sets[6] = '_lu', keep_until, '_lk', ARGV[4]
 end
 if slide then
@@ -486,10 +489,11 @@ end
 for first = 1, #sets, 1000 do
   redis.call('HSET', KEY, unpack(sets, first, math.min(first + 999, #sets)))
 end
-if ARGV[4] ~= '' and ARGV[5] == '1' then
+if ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) then
   redis.call('HDEL', KEY, '_l', '_lu', '_lk')
 end
 notice('changed', SID, nil, names)
+if given_back then return remember({'ok', version, 'given back'}) end
 return remember({'ok', version})
 """
 )

@@ -39,6 +39,7 @@ __all__ = [
     "DeleteReason",
     "Ended",
     "EnteringNamespace",
+    "GivenBack",
     "Gone",
     "Keep",
     "Lease",
@@ -204,6 +205,13 @@ def refuse_keep(keep: object, store: object) -> None:
         )
 
 
+class GivenBack(int):
+    """The new version a commit asked to keep its lease (``keep=``) returns when it
+    gave the lease back instead: the session was closed meanwhile."""
+
+    __slots__ = ()
+
+
 @attrs.frozen(kw_only=True)
 class Busy:
     """The answer for a session whose lease another event holds until ``until``."""
@@ -293,7 +301,9 @@ class StoreNamespace(Protocol):
         With ``release``, the lease is released in the same step. With ``keep`` (and
         ``lease``; only on a store whose ``keeps_leases`` is true), the lease stays
         instead, as :class:`Keep` says, marked as kept: a load by another handle that
-        finds it busy publishes a ``"wanted"`` notice. Returns the new version.
+        finds it busy publishes a ``"wanted"`` notice; unless the session was closed
+        meanwhile: then the lease is given back and the version returned is a
+        :class:`GivenBack`. Returns the new version.
 
         Raises:
             StoreConflict: the session was committed by someone else meanwhile, or the
