@@ -22,7 +22,7 @@ the event, and deletion callbacks run after every lock is released.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -46,7 +46,7 @@ from ._states import GlobalState, State
 from ._steps import drive
 from ._values import policy_for
 from ._watch import Watch, Watchers, global_names
-from .exceptions import InvalidDeclaration, UsageError
+from .exceptions import InvalidDeclaration, SessionNotFound, UsageError
 from .stores.base import DeleteReason, EnteringNamespace, Store
 from .stores.memory import MemoryStore
 
@@ -416,16 +416,25 @@ class StateEngine(Declarations):
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise UsageError(f"watch() needs a positive int maxsize, got {maxsize!r}")
         watch = Watch(
-            self._watchers,
-            sid,
-            names,
-            maxsize,
-            None if sid is None else (lambda: self.aexists(sid)),
+            self._watchers, sid, names, maxsize, None if sid is None else self._open_now(sid)
         )
         self._watchers.add(watch)
         if sid is not None and self._core.shared:
             self._remote.listen()  # other processes' commits of the session
         return watch
+
+    def _open_now(self, sid: str) -> Callable[[], Coroutine[Any, Any, bool]]:
+        """Whether ``sid`` is open (not unknown, ended or closed), asked by a watch at
+        its first read: a closed session's end was told before the watch existed."""
+
+        async def check() -> bool:
+            try:
+                async with self.aevent(sid) as ev:
+                    return not ev.closed
+            except SessionNotFound:
+                return False
+
+        return check
 
     # -- lifetimes ---------------------------------------------------------------
 

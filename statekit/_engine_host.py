@@ -68,40 +68,50 @@ class EngineHost:
             self.leave, self.aleave = self._entry.leave, self._entry.aleave
 
     def _leave_watched(self, ev: EventState, failed: bool) -> None:
-        self._entry.leave(ev, failed)
-        if not failed and self.watchers is not None and self.watchers.watching(ev.sid):
-            changes = self._changes(ev)
-            for i, (name, value) in enumerate(changes):
-                if value is MISSING:  # written by a change listener's own event
-                    changes[i] = (name, self.peek(ev.sid, self._core.session_states[name]))
-            self.watchers.session_changed(ev.sid, changes)
+        try:
+            self._entry.leave(ev, failed)
+        finally:  # (a ChangeLoopError after the commit: what was committed stands)
+            if not failed and self._committed(ev):
+                changes = self._changes(ev)
+                for i, (name, value) in enumerate(changes):
+                    if value is MISSING:  # after listener rounds: read it as committed
+                        state = self._core.session_states[name]
+                        changes[i] = (name, self.peek(ev.sid, state))
+                self.watchers.session_changed(ev.sid, changes)  # type: ignore[union-attr]
 
     async def _aleave_watched(self, ev: EventState, failed: bool) -> None:
-        await self._entry.aleave(ev, failed)
-        if not failed and self.watchers is not None and self.watchers.watching(ev.sid):
-            changes = self._changes(ev)
-            for i, (name, value) in enumerate(changes):
-                if value is MISSING:
-                    state = self._core.session_states[name]
-                    changes[i] = (name, await self.apeek(ev.sid, state))
-            self.watchers.session_changed(ev.sid, changes)
+        try:
+            await self._entry.aleave(ev, failed)
+        finally:
+            if not failed and self._committed(ev):
+                changes = self._changes(ev)
+                for i, (name, value) in enumerate(changes):
+                    if value is MISSING:
+                        state = self._core.session_states[name]
+                        changes[i] = (name, await self.apeek(ev.sid, state))
+                self.watchers.session_changed(ev.sid, changes)  # type: ignore[union-attr]
+
+    def _committed(self, ev: EventState) -> bool:
+        """Whether ``ev`` committed changes a watch of its session waits for."""
+        watchers = self.watchers
+        return (
+            watchers is not None
+            and (ev.done is not None or ev.changed is not None)
+            and watchers.watching(ev.sid)
+        )
 
     def _changes(self, ev: EventState) -> list[tuple[str, Any]]:
-        """The session states an event changed, with their values (MISSING for one
-        only a change listener's event wrote)."""
-        work = ev.work
+        """The session states an event changed, with their values; MISSING for those
+        to read afresh (after listener rounds, which may have changed any of them)."""
         if ev.done is None:  # no listener round: the event's own changes
+            work = ev.work
             return [
                 (state.name, work[state])
                 for state in ev.changed or ()
                 if isinstance(state, SessionState)
             ]
         states = self._core.session_states
-        return [
-            (name, work.get(states[name], MISSING))
-            for name in sorted(ev.done.changed)
-            if name in states
-        ]
+        return [(name, MISSING) for name in sorted(ev.done.changed) if name in states]
 
     def declare(self, state: State[Any]) -> None:
         core = self._core

@@ -142,8 +142,15 @@ class Watch:
     async def __anext__(self) -> StateChange:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            if self._check is not None and not await self._check():
-                self.close()  # an unknown or ended session: nothing will come
+        check, self._check = self._check, None
+        if check is not None:
+            try:
+                live = await check()
+            except BaseException:
+                self._check = check  # cancelled (say): checked on the next read
+                raise
+            if not live:
+                self.close()  # an unknown, ended or closed session: nothing will come
         while True:
             with self._lock:
                 if self._items:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from statekit import (
+    ChangeLoopError,
     Event,
     SessionState,
     StateChange,
@@ -91,6 +92,29 @@ def test_changes_made_by_a_listener_are_streamed_too() -> None:
     asyncio.run(scenario())
 
 
+def test_an_event_cut_by_its_listeners_still_streams_what_it_committed() -> None:
+    """Listeners that keep changing states end the event with ChangeLoopError after
+    its commit and the rounds before the cut: the watch gets the values as committed.
+    Fails if a leave that raises streams nothing, or the event's own (pre-listener)
+    values."""
+
+    async def scenario() -> None:
+        engine = StateEngine()
+        a, b = engine.session_state("a", 0), engine.session_state("b", 0)
+        a.on_change(lambda ev, value: ev.__setitem__(b, ev[b] + 1))
+        b.on_change(lambda ev, value: ev.__setitem__(a, ev[a] + 1))
+        sid = engine.open_session()
+        async with engine.watch(sid) as watch:
+            with pytest.raises(ChangeLoopError):
+                async with engine.aevent(sid) as ev:
+                    ev[a] = 1
+            changes = {c.state: c.value for c in await take(watch, 2)}
+        assert changes == {"a": a.get(sid), "b": b.get(sid)}
+        assert changes["a"] > 1  # the listeners' value, not the event's own 1
+
+    asyncio.run(scenario())
+
+
 def test_a_consumer_that_never_reads_loses_the_oldest_and_is_told() -> None:
     """With maxsize 10 and 1,000 changes unread, the watch holds the latest 10, and the
     first change read says 990 were missed; writers were never held up. Fails if the
@@ -116,8 +140,9 @@ def test_a_consumer_that_never_reads_loses_the_oldest_and_is_told() -> None:
 
 def test_a_watch_ends_with_its_session_or_the_engine() -> None:
     """A watch ends (after what it queued) when its session is closed or expires, at
-    once for an unknown session, and at shutdown. Fails if a consumer waits forever
-    on a session that is gone."""
+    once for an unknown or closed session, and at shutdown. Fails if a consumer waits
+    forever on a session that is gone (a closed session's end was told before a watch
+    opened on it)."""
 
     async def scenario() -> None:
         engine = StateEngine()
@@ -131,6 +156,7 @@ def test_a_watch_ends_with_its_session_or_the_engine() -> None:
         assert [c.value async for c in closing] == [1]
         unknown = engine.watch("x" * 32)
         assert [c async for c in unknown] == []
+        assert [c async for c in engine.watch(sid)] == []  # opened after the close
         lasting = engine.watch(globals=[visitors])
         ended = asyncio.ensure_future(anext(lasting))
         await asyncio.sleep(0.01)
