@@ -163,9 +163,11 @@ class KeptLeases:
 
     def put(self, sid: str, kept: Kept) -> bool:
         """Keep ``kept``; False (the caller gives the lease back) once the engine is
-        shut down, or when this engine keeps as many sessions as it may."""
+        shut down, when another handle asked for the session meanwhile (during the
+        commit that kept it: a close or a claim asks once), or when this engine keeps
+        as many sessions as it may."""
         with self._lock:
-            if self._core.shut:
+            if self._core.shut or sid in self._wanted:
                 return False
             if len(self._kept) >= MAX_KEPT:
                 self._drop_lapsed(kept.until - self._core.settings.lease_ttl)

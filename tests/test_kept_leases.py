@@ -241,6 +241,39 @@ def test_a_close_elsewhere_during_an_event_is_not_kept_over(
     closer.shutdown()
 
 
+def test_a_close_while_the_keeping_commit_is_in_flight_is_heard(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process closes the session just after the commit that keeps its lease
+    was applied, and its one request for the lease reaches the keeper before the
+    keeper records the kept lease. The lease is given back all the same. Fails if the
+    request is lost in that window (the lease stays kept on a closed session)."""
+    where = prefix()
+    store = RedisStore(redis_server.url, prefix=where)
+    keeper = StateEngine(store, app="kept", lease_keep=10)
+    closer = StateEngine(RedisStore(redis_server.url, prefix=where), app="kept")
+    count = keeper.session_state("count", 0)
+    sid = keeper.open_session()
+    run = RedisNamespace._run
+
+    def commit_then_close(self: Any, name: str, keys: list[Any], args: list[Any]) -> Any:
+        reply = run(self, name, keys, args)
+        if name == "COMMIT":
+            closer.close_session(sid)  # asks the keeper, once
+            time.sleep(0.3)  # the request arrives before the keeper records the lease
+        return reply
+
+    monkeypatch.setattr(RedisNamespace, "_run", commit_then_close)
+    with keeper.event(sid) as ev:
+        ev[count] = 1
+    monkeypatch.setattr(RedisNamespace, "_run", run)
+    wait_until(lambda: lease_of(store, sid)[0] is None, "the lease was given back")
+    with keeper.event(sid) as ev:
+        assert ev.closed
+    keeper.shutdown()
+    closer.shutdown()
+
+
 def test_a_kept_session_slides_its_deadline_and_its_place(redis_server: RedisServer) -> None:
     """Events on a kept lease (no load) still keep their session alive and recent: used
     every 4 s for 160 s with idle_ttl 60, it is not reaped; at capacity, an idle
