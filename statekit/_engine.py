@@ -178,7 +178,7 @@ class StateEngine(Declarations):
             self._kept = leasing.kept
         globals_ = Globals(core)
         self._host = host = EngineHost(core, self._entry, self._remote, globals_)
-        self._watchers = Watchers(core, host.watched)
+        self._watchers = Watchers(core, host.watched, host.global_named)
         host.watchers = globals_.watchers = self._remote.watchers = self._watchers
 
     def __repr__(self) -> str:
@@ -397,8 +397,8 @@ class StateEngine(Declarations):
         """A stream of the changes of session ``sid``'s states and of ``globals``: an
         async iterator of :class:`StateChange` (``async for change in
         engine.watch(sid):``), which ``async with`` closes. Fed by this engine's
-        events and global writes and, for the session on a shared store, by other
-        processes' commits. It keeps at most ``maxsize`` changes for a slow consumer,
+        events and global writes and by other processes' commits of the session and
+        writes of the globals. It keeps at most ``maxsize`` changes for a slow consumer,
         dropping the oldest (the next change read says how many: ``missed``); writers
         never wait. It ends when the session ends (also when it is closed), or it is
         unknown, or the engine shuts down. See the guide, "Change streams".

@@ -187,6 +187,12 @@ class EngineHost:
         value: T = await self._adrive(self._core.peek_steps(sid, state))
         return value
 
+    def global_named(self, name: str) -> Any:
+        """The value now of the global state declared as ``name``."""
+        state = self._core.states[name]
+        assert isinstance(state, GlobalState)
+        return self.global_get(state)
+
     def global_get(self, state: GlobalState[T]) -> T:
         return drive(self._globals.get(state), self._ns)
 

@@ -2,20 +2,22 @@
 of one session's states and of some globals, for a web handler to forward (a
 websocket, Server-Sent Events).
 
-Fed by this engine's commits and global writes, and — for sessions on a shared store —
-by other processes' notices (the changed session is loaded once per notice, for all
-its watchers). Each stream is bounded: a consumer that falls behind loses the oldest
-changes, and the next change it reads says how many (``missed``); writers never wait
-for a consumer. A session's streams end when the session ends (closed elsewhere,
-expired, evicted), and every stream when the engine shuts down.
+Fed by this engine's commits and global writes, and by other processes' (or other
+engines') notices: of commits to a watched session (loaded once per notice, for all
+its watchers) and of global writes (the global read once per notice). Each stream is
+bounded: a consumer that falls behind loses the oldest changes, and the next change it
+reads says how many (``missed``); writers never wait for a consumer. A session's
+streams end when the session ends (closed, expired, evicted), and every stream when
+the engine shuts down.
 
 Nothing here costs an event anything until a stream is open: the engine host routes
-events through :meth:`Watchers.after_event` only while one is.
+events through its watches only while one is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,9 +29,11 @@ from ._copying import copy_value
 from ._core import Core
 from ._states import GlobalState
 from .exceptions import UsageError, WrongEngine
-from .stores.base import DeleteReason
+from .stores.base import DeleteReason, Notice
 
 __all__ = ["StateChange", "Watch", "Watchers", "global_names"]
+
+logger = logging.getLogger("statekit")
 
 
 class StateChange(NamedTuple):
@@ -191,11 +195,19 @@ class Watchers:
     """The open watches of one engine, by session and by global. Thread-safe.
 
     ``on_active(bool)`` is called when the first watch opens and the last closes (the
-    engine host then routes events through :meth:`after_event`, or stops)."""
+    engine host then routes events through its watches, or stops); ``read_global(name)``
+    reads a global's value now (for other processes' writes, which notices name)."""
 
-    def __init__(self, core: Core, on_active: Callable[[bool], object]) -> None:
+    def __init__(
+        self,
+        core: Core,
+        on_active: Callable[[bool], object],
+        read_global: Callable[[str], Any],
+    ) -> None:
         self._core = core
         self._on_active = on_active
+        self._read_global = read_global
+        self._hearing_globals = False
         self._sessions: dict[str, set[Watch]] = {}
         self._globals: dict[str, set[Watch]] = {}
         self._count = 0
@@ -211,8 +223,13 @@ class Watchers:
                 self._globals.setdefault(name, set()).add(watch)
             self._count += 1
             first = self._count == 1
+            hear = bool(watch.globals) and not self._hearing_globals
+            self._hearing_globals = self._hearing_globals or hear
         if first:
             self._on_active(True)
+        if hear:  # other processes' (and engines') global writes, from now on
+            ns: Any = self._core.ns
+            getattr(ns, "subscribe_globals", ns.subscribe)(self._on_notice)
 
     def remove(self, watch: Watch) -> None:
         with self._lock:
@@ -253,6 +270,20 @@ class Watchers:
         """Give each watch of global ``name`` its new value."""
         for watch in list(self._globals.get(name, ())):
             watch.push(StateChange(None, name, copy_value(value)))
+
+    def _on_notice(self, notice: Notice) -> None:
+        """A global written elsewhere (in the store's notification thread): its watches
+        get the value it has now."""
+        if notice.kind != "global" or self._core.shut:
+            return
+        for name in notice.names:
+            if name in self._globals:
+                try:
+                    value = self._read_global(name)
+                except Exception:
+                    logger.exception("a watched global changed elsewhere could not be read")
+                    continue
+                self.global_changed(name, value)
 
     def _ended(self, sid: str, reason: DeleteReason) -> None:
         """A session ended (closed too: its page is gone): its watches end."""

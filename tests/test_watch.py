@@ -16,13 +16,14 @@ import pytest
 from statekit import (
     ChangeLoopError,
     Event,
+    MemoryStore,
     SessionState,
     StateChange,
     StateEngine,
     UsageError,
     WrongEngine,
 )
-from statekit.testing import RedisServer
+from statekit.testing import RedisCluster, RedisServer
 
 from . import _workers
 
@@ -167,14 +168,19 @@ def test_a_watch_ends_with_its_session_or_the_engine() -> None:
     asyncio.run(scenario())
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def shared(
     request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer
 ) -> tuple[str, str, str]:
     """A shared store: its kind, place and key prefix (for the worker processes)."""
     if request.param == "sqlite":
         return "sqlite", str(tmp_path / "state.db"), ""
-    return "redis", redis_server.url, f"w{uuid.uuid4().hex[:6]}"
+    prefix = f"w{uuid.uuid4().hex[:6]}"
+    if request.param == "redis":
+        return "redis", redis_server.url, prefix
+    cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+    nodes = ",".join(f"{host}:{port}" for host, port in cluster.startup_nodes)
+    return "redis", f"redis+cluster://{nodes}", prefix
 
 
 def test_a_change_in_another_process_reaches_the_watch(shared: tuple[str, str, str]) -> None:
@@ -199,6 +205,49 @@ def test_a_change_in_another_process_reaches_the_watch(shared: tuple[str, str, s
         assert (change.sid, change.state, change.value) == (sid, "log", [70_000])
         await engine.ashutdown()
         store.close()  # type: ignore[attr-defined]
+
+    asyncio.run(scenario())
+
+
+def test_a_global_written_in_another_process_reaches_the_watch(
+    shared: tuple[str, str, str],
+) -> None:
+    """Another process increments a watched global: its new value reaches the watch
+    within a second. Fails if global writes publish no notice, or the watch does not
+    listen for them."""
+    kind, where, prefix = shared
+
+    async def scenario() -> None:
+        store = _workers.make_store(kind, where, prefix)
+        engine = StateEngine(store, app="mp")
+        visitors = engine.global_state("visitors", 0)
+        async with engine.watch(globals=[visitors]) as watch:
+            waiting = asyncio.ensure_future(anext(watch))
+            await asyncio.sleep(0.2)  # the subscription is up
+            writer = SPAWN.Process(target=_workers.increment, args=(kind, where, prefix, 1))
+            await asyncio.to_thread(writer.start)
+            await asyncio.to_thread(writer.join, 60)
+            assert writer.exitcode == 0
+            change = await asyncio.wait_for(waiting, 1.0)
+        assert (change.sid, change.state, change.value) == (None, "visitors", 1)
+        await engine.ashutdown()
+        store.close()  # type: ignore[attr-defined]
+
+    asyncio.run(scenario())
+
+
+def test_another_engine_on_one_memory_store_is_heard_too() -> None:
+    """Two engines of one app on one memory store: a global the other engine writes
+    reaches this engine's watch. Fails if only shared stores' notices are heard."""
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        mine, theirs = StateEngine(store, app="a"), StateEngine(store, app="a")
+        visitors, their_visitors = mine.global_state("n", 0), theirs.global_state("n", 0)
+        async with mine.watch(globals=[visitors]) as watch:
+            their_visitors.increment(5)
+            change = await asyncio.wait_for(anext(watch), 5)
+        assert (change.state, change.value) == ("n", 5)
 
     asyncio.run(scenario())
 

@@ -104,6 +104,8 @@ class RedisNamespace:
         "_candidates",
         "_claims",
         "_feed",
+        "_globals_channel",
+        "_globals_feed",
         "_layout",
         "_notices",
         "_request_ms",
@@ -134,6 +136,20 @@ class RedisNamespace:
         self._feed = NoticeFeed(
             f"statekit-redis-notices-{app}",
             self._notices.listen,
+            ready_timeout=store.socket_timeout,
+        )
+        # Notices of global writes: plain pub/sub on one channel of the app (a global's
+        # slot is its own on a cluster), received by a thread of their own.
+        self._globals_channel = f"{store.prefix}:{{{app}}}:globals"
+        self._globals_feed = NoticeFeed(
+            f"statekit-redis-globals-{app}",
+            NoticeReceiver(
+                store.client,
+                [self._globals_channel],
+                lambda: self.origin,
+                store=store,
+                timeout=store.socket_timeout,
+            ).listen,
             ready_timeout=store.socket_timeout,
         )
         # Requests for the leases this handle keeps between events: a channel and a
@@ -555,6 +571,10 @@ class RedisNamespace:
     global_get = _blocking(_global_get)
     aglobal_get = _awaiting(_global_get)
 
+    def _global_head(self, name: str) -> str:
+        """The first argument of a global's scripts (see ``_redis_global_scripts``)."""
+        return f"{self._request_ms} {self.origin} {name} {self._globals_channel}"
+
     def _global_cas(self, name: str, *, version: int | None, value: Any) -> Plan[int | None]:
         def answer(reply: Any) -> int | None:
             if isinstance(reply, list):  # {'wrongtype'}
@@ -564,7 +584,7 @@ class RedisNamespace:
         return Plan(
             "GLOBAL_CAS",
             [self._global_key(name), self._request(self._layout.global_prefix(name))],
-            [self._request_ms, "" if version is None else str(version), value],
+            [self._global_head(name), "" if version is None else str(version), value],
             answer,
         )
 
@@ -575,7 +595,7 @@ class RedisNamespace:
         codec = self._store.codec
         if isinstance(codec, JSONCodec) and type(amount) is int and type(default) is int:
             try:
-                args = [self._request_ms, str(amount), str(default)]
+                args = [self._global_head(name), str(amount), str(default)]
             except ValueError:  # an int too long to write as text: the codec says so below
                 args = None
             if args is not None:
@@ -616,11 +636,17 @@ class RedisNamespace:
         connection; not the app's other notices. Returns the unsubscribe."""
         return self._wanted.subscribe(callback)
 
+    def subscribe_globals(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
+        """Receive the ``"global"`` notices of other handles' global writes (and
+        ``"resync"`` after a lost connection). Returns the unsubscribe."""
+        return self._globals_feed.subscribe(callback)
+
     def shutdown(self) -> tuple[Ended, ...]:
         """Stop receiving notices; hand over what requests whose reply was lost
         removed, if it can still be read back (its callbacks are due here)."""
         self._feed.stop()
         self._wanted.stop()
+        self._globals_feed.stop()
         return self._drive(self._made_good())
 
     async def ashutdown(self) -> tuple[Ended, ...]:
@@ -628,6 +654,7 @@ class RedisNamespace:
         the thread) and the replies read back on the asyncio client."""
         await asyncio.to_thread(self._feed.stop)
         await asyncio.to_thread(self._wanted.stop)
+        await asyncio.to_thread(self._globals_feed.stop)
         return await self._adrive(self._made_good())
 
     def _made_good(self) -> Ops[tuple[Ended, ...]]:

@@ -202,7 +202,7 @@ class NoticeReceiver:
             names = [] if names == {} else names  # Lua's cjson writes an empty list as {}
             reason = raw.get("r")
             if (
-                kind not in ("changed", "ended", "wanted")
+                kind not in ("changed", "ended", "wanted", "global")
                 or type(sid) is not str
                 or type(origin) is not str
                 or type(names) is not list

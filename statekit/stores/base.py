@@ -226,7 +226,8 @@ class Notice:
     Attributes:
         kind: ``"changed"`` (a commit), ``"ended"`` (closed, expired, evicted),
             ``"wanted"`` (a load found the session's lease kept by another handle: its
-            holder gives it up) or ``"resync"`` (notices may have been lost, for
+            holder gives it up), ``"global"`` (a global was written: ``names`` holds
+            its name; ``sid`` is empty) or ``"resync"`` (notices may have been lost, for
             example while reconnecting: re-check what you care about; ``sid`` is
             empty).
         sid: the session.
@@ -235,7 +236,7 @@ class Notice:
         origin: the namespace handle that caused it; a handle does not receive its own.
     """
 
-    kind: Literal["changed", "ended", "wanted", "resync"]
+    kind: Literal["changed", "ended", "wanted", "global", "resync"]
     sid: str
     names: tuple[str, ...] = ()
     reason: DeleteReason | None = None

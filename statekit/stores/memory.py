@@ -539,8 +539,6 @@ class _MemoryNamespace:
     def session_count(self) -> int:
         return len(self._open) + len(self._closed)
 
-    # -- lifetimes ---------------------------------------------------------------
-
     def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
         out: list[Ended] = []
         with self._lock:
@@ -597,8 +595,6 @@ class _MemoryNamespace:
         gone = self._gone.get(sid)
         return None if gone is None else Gone(reason=gone[0], at=gone[1])
 
-    # -- globals -----------------------------------------------------------------
-
     def global_get(self, name: str) -> tuple[Any, int] | None:
         return self._globals.get(name)
 
@@ -610,13 +606,15 @@ class _MemoryNamespace:
                 return None
             new_version = 1 if found is None else found + 1
             self._globals[name] = (value, new_version)
-            return new_version
+        self._publish([Notice(kind="global", sid="", names=(name,), origin=self.origin)])
+        return new_version
 
     def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
         with self._lock:
             value, version = self._globals.get(name, (default, 0))
             self._globals[name] = (value := value + amount, version + 1)
-            return value
+        self._publish([Notice(kind="global", sid="", names=(name,), origin=self.origin)])
+        return value
 
     def shutdown(self) -> tuple[Ended, ...]:
         """Let go of the application: its data ends (and is returned, with reason

@@ -540,6 +540,7 @@ class _SQLiteNamespace:
                 "VALUES (?, ?, ?, ?)",
                 (self._app, name, value, new_version),
             )
+            self._notice(db, "global", "", time.time(), names=(name,))
         return new_version
 
     def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
@@ -555,6 +556,7 @@ class _SQLiteNamespace:
                 "VALUES (?, ?, ?, ?)",
                 (self._app, name, codec.encode(value), version + 1),
             )
+            self._notice(db, "global", "", time.time(), names=(name,))
         return value
 
     # -- notices -----------------------------------------------------------------
