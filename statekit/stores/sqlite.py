@@ -513,6 +513,10 @@ class _SQLiteNamespace:
             db.execute(
                 "DELETE FROM sk_notices WHERE app=? AND at < ?", (self._app, now - NOTICE_HORIZON)
             )
+            db.execute(  # global writes' notices are stamped with the wall clock
+                "DELETE FROM sk_notices WHERE app=? AND kind='global' AND at < ?",
+                (self._app, time.time() - NOTICE_HORIZON),
+            )
             db.execute(
                 "DELETE FROM sk_gone WHERE app=? AND at < ?", (self._app, now - TOMBSTONE_HORIZON)
             )
