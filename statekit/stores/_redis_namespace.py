@@ -24,12 +24,11 @@ from statekit.exceptions import CodecError, SessionCorrupt, StoreUnavailable
 
 from . import _redis_replies as replies
 from . import _redis_spread as spread_ops
-from ._notices import NoticeFeed
 from ._redis_calls import Call, Ops, Pause, Plan, Read, raw
 from ._redis_claims import CLAIM_TTL, LostClaims
 from ._redis_failures import DamagedKey
 from ._redis_layout import Bucket, Layout
-from ._redis_notices import NoticeReceiver
+from ._redis_notices import NoticeFeeds
 from ._redis_spread import BUDGET_MIN
 from .base import Busy, Ended, Gone, Keep, Lease, Loaded, Notice
 
@@ -103,14 +102,10 @@ class RedisNamespace:
         "__weakref__",
         "_candidates",
         "_claims",
-        "_feed",
-        "_globals_channel",
-        "_globals_feed",
+        "_feeds",
         "_layout",
-        "_notices",
         "_request_ms",
         "_store",
-        "_wanted",
         "channel",
         "origin",
     )
@@ -125,47 +120,7 @@ class RedisNamespace:
         # declares those still unused at once (one script call, not two).
         self._candidates: list[Any] = []
         self._claims = LostClaims(store)
-        self._notices = NoticeReceiver(
-            store.client,
-            [bucket.channel for bucket in self._layout.buckets],
-            lambda: self.origin,
-            store=store,
-            timeout=store.socket_timeout,
-            sharded=store.cluster,
-        )
-        self._feed = NoticeFeed(
-            f"statekit-redis-notices-{app}",
-            self._notices.listen,
-            ready_timeout=store.socket_timeout,
-        )
-        # Notices of global writes: plain pub/sub on one channel of the app (a global's
-        # slot is its own on a cluster), received by a thread of their own.
-        self._globals_channel = f"{store.prefix}:{{{app}}}:globals"
-        self._globals_feed = NoticeFeed(
-            f"statekit-redis-globals-{app}",
-            NoticeReceiver(
-                store.client,
-                [self._globals_channel],
-                lambda: self.origin,
-                store=store,
-                timeout=store.socket_timeout,
-            ).listen,
-            ready_timeout=store.socket_timeout,
-        )
-        # Requests for the leases this handle keeps between events: a channel and a
-        # thread of their own (see subscribe_wanted).
-        self._wanted = NoticeFeed(
-            f"statekit-redis-wanted-{app}",
-            NoticeReceiver(
-                store.client,
-                [bucket.wanted for bucket in self._layout.buckets],
-                lambda: self.origin,
-                store=store,
-                timeout=store.socket_timeout,
-                sharded=store.cluster,
-            ).listen,
-            ready_timeout=store.socket_timeout,
-        )
+        self._feeds = NoticeFeeds(store, app, self._layout, lambda: self.origin)
         self._draw_origin()
         _fork.after_fork_in_child(self)
 
@@ -573,7 +528,7 @@ class RedisNamespace:
 
     def _global_head(self, name: str) -> str:
         """The first argument of a global's scripts (see ``_redis_global_scripts``)."""
-        return f"{self._request_ms} {self.origin} {name} {self._globals_channel}"
+        return f"{self._request_ms} {self.origin} {name} {self._feeds.globals_channel}"
 
     def _global_cas(self, name: str, *, version: int | None, value: Any) -> Plan[int | None]:
         def answer(reply: Any) -> int | None:
@@ -625,36 +580,32 @@ class RedisNamespace:
     def ignored_notices(self) -> int:
         """How many messages on this app's notice channel were not statekit notices
         (ignored, each counted; the first and every thousandth are logged)."""
-        return self._notices.ignored
+        return self._feeds.receiver.ignored
 
     def subscribe(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
-        return self._feed.subscribe(callback)
+        return self._feeds.notices.subscribe(callback)
 
     def subscribe_wanted(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
         """Receive the ``"wanted"`` notices of other handles' loads that found a lease
         this handle keeps (``commit(keep=...)``), and ``"resync"`` after a lost
         connection; not the app's other notices. Returns the unsubscribe."""
-        return self._wanted.subscribe(callback)
+        return self._feeds.wanted.subscribe(callback)
 
     def subscribe_globals(self, callback: Callable[[Notice], None]) -> Callable[[], None]:
         """Receive the ``"global"`` notices of other handles' global writes (and
         ``"resync"`` after a lost connection). Returns the unsubscribe."""
-        return self._globals_feed.subscribe(callback)
+        return self._feeds.globals.subscribe(callback)
 
     def shutdown(self) -> tuple[Ended, ...]:
         """Stop receiving notices; hand over what requests whose reply was lost
         removed, if it can still be read back (its callbacks are due here)."""
-        self._feed.stop()
-        self._wanted.stop()
-        self._globals_feed.stop()
+        self._feeds.stop()
         return self._drive(self._made_good())
 
     async def ashutdown(self) -> tuple[Ended, ...]:
         """:meth:`shutdown`, the notice thread stopped in a worker thread (it waits for
         the thread) and the replies read back on the asyncio client."""
-        await asyncio.to_thread(self._feed.stop)
-        await asyncio.to_thread(self._wanted.stop)
-        await asyncio.to_thread(self._globals_feed.stop)
+        await asyncio.to_thread(self._feeds.stop)
         return await self._adrive(self._made_good())
 
     def _made_good(self) -> Ops[tuple[Ended, ...]]:

@@ -23,9 +23,11 @@ from typing import Any
 
 from statekit.exceptions import StoreUnavailable
 
+from ._notices import NoticeFeed
+from ._redis_layout import Layout
 from .base import DeleteReason, Notice
 
-__all__ = ["NoticeReceiver"]
+__all__ = ["NoticeFeeds", "NoticeReceiver"]
 
 logger = logging.getLogger("statekit")
 
@@ -230,3 +232,46 @@ class NoticeReceiver:
             reason=None if reason is None else DeleteReason(reason),
             origin=origin,
         )
+
+
+class NoticeFeeds:
+    """The notice feeds of one namespace handle, each a set of channels and a thread of
+    its own (started by its first subscriber):
+
+    - ``notices``: the app's commits and ended sessions, on each bucket's channel
+      (``receiver`` counts what was not a statekit notice);
+    - ``wanted``: requests for the leases this handle keeps between events, on each
+      bucket's ``wanted`` channel, so that a keeper does not wake for every commit;
+    - ``globals``: global writes, on one plain channel of the app (``globals_channel``;
+      a global's slot is its own on a cluster, so its script cannot publish on a
+      bucket's shard channel).
+    """
+
+    def __init__(self, store: Any, app: str, layout: Layout, origin: Callable[[], str]) -> None:
+        def feed(
+            kind: str, channels: list[str], sharded: bool
+        ) -> tuple[NoticeReceiver, NoticeFeed]:
+            receiver = NoticeReceiver(
+                store.client,
+                channels,
+                origin,
+                store=store,
+                timeout=store.socket_timeout,
+                sharded=sharded,
+            )
+            return receiver, NoticeFeed(
+                f"statekit-redis-{kind}-{app}", receiver.listen, ready_timeout=store.socket_timeout
+            )
+
+        buckets = layout.buckets
+        self.receiver, self.notices = feed(
+            "notices", [bucket.channel for bucket in buckets], store.cluster
+        )
+        self.wanted = feed("wanted", [bucket.wanted for bucket in buckets], store.cluster)[1]
+        self.globals_channel = f"{store.prefix}:{{{app}}}:globals"
+        self.globals = feed("globals", [self.globals_channel], False)[1]
+
+    def stop(self) -> None:
+        """Stop every feed (waiting briefly for each thread)."""
+        for each in (self.notices, self.wanted, self.globals):
+            each.stop()
