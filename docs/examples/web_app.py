@@ -281,9 +281,11 @@ function showCart(data) {
   $("cart-size").textContent = data.cart_size;
 }
 async function load() {
+  const sid = kit.sid;
   const data = await post("/api/load");
-  if (!data) return;
-  $("sid").textContent = kit.sid.slice(0, 8) + "…";
+  // A reopen meanwhile (kit.reopen(), back/forward cache) loads the page again itself.
+  if (!data || kit.sid !== sid) return;
+  $("sid").textContent = sid.slice(0, 8) + "…";
   $("visitors").textContent = data.visitors;
   $("tabs").textContent = data.tabs;
   $("counter").textContent = data.counter;
