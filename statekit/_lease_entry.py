@@ -19,6 +19,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import cachetools
 
@@ -376,12 +377,7 @@ class LeaseEntry:
             try:
                 drive(self._keep_steps(ev, collected, self.kept), self._ns)
             except BaseException as exc:
-                try:
-                    if isinstance(exc, StoreConflict):
-                        raise self._conflict(ev, exc) from exc
-                    raise
-                finally:
-                    self._give_back(ev)
+                self._commit_failed(ev, exc)
             self._give_back(ev)  # (when this engine could keep it no more)
             return None
         if not writes or not no_listeners(changed):
@@ -398,12 +394,7 @@ class LeaseEntry:
                 release=True,
             )
         except BaseException as exc:
-            try:
-                if isinstance(exc, StoreConflict):
-                    raise self._conflict(ev, exc) from exc
-                raise
-            finally:
-                self._give_back(ev)
+            self._commit_failed(ev, exc)
         ev.lease = None  # given back with the commit
         ev.hand_out(tokens)
         ev.changed = changed  # no round: the result is made when asked for
@@ -455,6 +446,16 @@ class LeaseEntry:
             ev.lease = None  # kept: not given back
         ev.hand_out(tokens)
         ev.changed = changed  # no round: the result is made when asked for
+
+    def _commit_failed(self, ev: EventState, exc: BaseException) -> NoReturn:
+        """Raise what a direct commit's failure ``exc`` means (a refused commit under a
+        lease: the lease was lost), once the event's lease is given back."""
+        try:
+            if isinstance(exc, StoreConflict):
+                raise self._conflict(ev, exc) from exc
+            raise exc
+        finally:
+            self._give_back(ev)
 
     def _give_back(self, ev: EventState) -> None:
         """Give back the event's lease, if it still holds one (blocking)."""

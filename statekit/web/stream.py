@@ -70,7 +70,7 @@ async def server_sent_events(
         while True:
             try:
                 change = await asyncio.wait_for(anext(watch), heartbeat)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (not the builtin one before Python 3.11)
                 yield b": idle\n\n"
                 continue
             except StopAsyncIteration:
