@@ -6,24 +6,33 @@ argument gets the same clear error wherever it is given.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import inspect
 import math
 import re
 
-from .exceptions import InvalidDeclaration, SessionNotFound
+from .exceptions import InvalidDeclaration, SessionNotFound, UsageError
 
 __all__ = [
     "MAX_SID_LENGTH",
+    "USER_PREFIX",
     "check_callable",
     "check_name",
     "check_seconds",
     "check_sid",
     "qualname",
+    "user_record",
 ]
 
 _NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 #: The longest session id accepted (ids statekit issues have 32 characters).
 MAX_SID_LENGTH = 256
+#: How the store ids of user records begin (``engine.user_state``): never a session
+#: id's (those statekit issues are URL-safe base64, without a colon).
+USER_PREFIX = "u:"
+#: The longest user id accepted.
+MAX_USER_LENGTH = 1024
 
 
 def check_name(name: object, what: str) -> str:
@@ -90,7 +99,26 @@ def check_sid(sid: object) -> str:
         raise SessionNotFound(sid, f"a session id has 1 to {MAX_SID_LENGTH} characters")
     if not (sid.isascii() and sid.isprintable()):
         raise SessionNotFound(sid, "a session id has printable ASCII characters only")
+    if sid.startswith(USER_PREFIX):
+        raise SessionNotFound(sid, "this is the id of a user's record, not of a session")
     return sid
+
+
+def user_record(user: object) -> str:
+    """The store id of a user's record: a digest of the user id, so that any id (an
+    email address, a number as text) makes a key of one form and length.
+
+    Raises:
+        UsageError: not a non-empty str of at most 1,024 characters.
+    """
+    if not isinstance(user, str) or not user or len(user) > MAX_USER_LENGTH:
+        raise UsageError(
+            "user= takes the id of the user the host authenticated: a non-empty str of "
+            f"at most {MAX_USER_LENGTH} characters, got "
+            f"{type(user).__name__ if not isinstance(user, str) else repr(user[:40])}"
+        )
+    digest = hashlib.sha256(user.encode("utf-8", "surrogatepass")).digest()
+    return USER_PREFIX + base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
 
 
 def qualname(fn: object) -> str:

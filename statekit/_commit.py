@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from ._checks import qualname
 from ._core import Core
@@ -26,8 +27,9 @@ from ._events import (
     EventState,
     ListenerFailure,
 )
-from ._steps import Commit, LoadSession, Steps, ask
+from ._steps import Commit, CommitJoint, LoadSession, Steps, ask
 from .exceptions import ChangeLoopError
+from .stores.base import CommitPart
 
 __all__ = ["MAX_CASCADE", "Committer", "no_listeners"]
 
@@ -66,6 +68,15 @@ class Committer:
         commit succeeded. ``collected``: what ``ev.collect()`` found, if the caller
         asked already."""
         writes, tokens, changed = collected if collected is not None else ev.collect()
+        part = ev.user_part
+        if part is not None and part.work:
+            user_writes, _, user_changed = part.collect()
+            if user_writes:
+                changed = yield from self._commit_with_user(
+                    ev, lease, release, writes, [*changed, *user_changed], user_writes
+                )
+                ev.hand_out(tokens)
+                return changed
         if writes:
             releasing = lease is not None and release(changed)
             yield from ask(
@@ -82,6 +93,58 @@ class Committer:
             if releasing:
                 ev.lease = None  # given back with the commit
         ev.hand_out(tokens)
+        return changed
+
+    def _commit_with_user(
+        self,
+        ev: EventState,
+        lease: str | None,
+        release: Callable[[list[Changeable]], bool],
+        writes: dict[str, Any],
+        changed: list[Changeable],
+        user_writes: dict[str, Any],
+    ) -> Steps[list[Changeable]]:
+        """Commit an event's writes to its session and to its user's record together:
+        one joint commit (one commit of the record, when the session has none)."""
+        part = ev.user_part
+        assert part is not None
+        core = self._core
+        releasing = release(changed)
+        user = CommitPart(
+            sid=part.sid,
+            version=part.loaded.version,
+            writes=user_writes,
+            ttl_deadlines=core.ttl_deadlines(ev.now, user_writes),
+            lease=part.lease,
+            release=part.lease is not None and releasing,
+        )
+        if writes:
+            own = CommitPart(
+                sid=ev.sid,
+                version=ev.loaded.version,
+                writes=writes,
+                ttl_deadlines=core.ttl_deadlines(ev.now, writes),
+                lease=lease,
+                release=lease is not None and releasing,
+            )
+            yield from ask(CommitJoint((own, user), ev.now))
+            if own.release:
+                ev.lease = None  # given back with the commit
+        else:
+            yield from ask(
+                Commit(
+                    sid=user.sid,
+                    version=user.version,
+                    writes=user_writes,
+                    ttl_deadlines=user.ttl_deadlines,
+                    now=ev.now,
+                    lease=user.lease,
+                    release=user.release,
+                )
+            )
+        if user.release:
+            part.lease = None
+        part.changed = [state for state in changed if state in part.work]
         return changed
 
     def commit_with_listeners(
@@ -160,10 +223,19 @@ class Committer:
         sub = Event(ev.engine, ev.host, ev.sid, BrowserIO(browser.tokens, browser.bind))
         sub.started = True
         sub.now = ev.now
-        outcome = yield from ask(
-            LoadSession(sid=ev.sid, now=ev.now, touch_until=ev.now + core.idle_ttl)
-        )
+        touch = ev.now + (ev.idle_ttl or core.idle_ttl)
+        outcome = yield from ask(LoadSession(sid=ev.sid, now=ev.now, touch_until=touch))
         sub.loaded = core.loaded_or_raise(ev.sid, ev.now, outcome, ev.pending)
         sub.closed = sub.loaded.closed
+        part = ev.user_part
+        if part is not None:  # the user's record too, under the lease ev holds
+            sub.user = ev.user
+            sub_part = sub.user_part = type(part)(ev.engine, ev.host, part.sid)
+            sub_part.started = True
+            sub_part.now = ev.now
+            outcome = yield from ask(LoadSession(sid=part.sid, now=ev.now, touch_until=None))
+            sub_part.loaded = core.loaded_or_raise(part.sid, ev.now, outcome, ev.pending)
+            sub_part.lease = part.lease
+            sub_part.active = True
         sub.active = True
         return sub

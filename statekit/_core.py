@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _fork
-from ._checks import check_sid, qualname
+from ._checks import USER_PREFIX, check_sid, qualname
 from ._clock import Clock
 from ._metrics import WARN_EVERY, Meter
 from ._states import MISSING, SessionState
@@ -87,6 +87,7 @@ class Settings:
         "lease_keep",
         "lease_ttl",
         "lease_wait",
+        "user_idle_ttl",
         "warn_hold",
         "warn_size",
     )
@@ -103,8 +104,10 @@ class Settings:
         warn_hold: float | None = None,
         warn_size: int | None = None,
         lease_keep: float = 0.0,
+        user_idle_ttl: float = 30 * 86_400,
     ) -> None:
         self.app = app
+        self.user_idle_ttl = user_idle_ttl
         self.idle_ttl = idle_ttl
         self.closed_ttl = closed_ttl
         self.capacity = capacity
@@ -141,8 +144,11 @@ class Core:
         # Declarations by name; the session states with a ttl of their own.
         self.states: dict[str, State[Any]] = {}
         self.session_states: dict[str, SessionState[Any]] = {}
+        self.user_states: dict[str, SessionState[Any]] = {}
         self.ttl_states: dict[str, float] = {}
         self.registries: dict[str, SessionRegistry[Any]] = {}
+        #: Told the id of each user record that ended (set by the engine's users).
+        self.user_ended: Callable[[str], None] | None = None
         # Hooks, each tuple replaced whole under hooks_lock.
         self.hooks_lock = threading.Lock()
         self.end_hooks: tuple[Callable[[str, DeleteReason], object], ...] = ()
@@ -225,7 +231,7 @@ class Core:
         session), or a fresh initial value if it has none yet."""
         if self.shut:
             raise EngineClosed(self.app)
-        if sid.__class__ is not str or self.shared:
+        if sid.__class__ is not str or self.shared or sid[:2] == USER_PREFIX:
             check_sid(sid)  # a store of this process finds only the ids it issued
         now = self.clock()
         outcome = yield from ask(Peek(sid, state.name, now, now + self.idle_ttl))
@@ -241,6 +247,20 @@ class Core:
                 if pending:
                     self.run_ended(pending)
         stored = loaded.values.get(state.name, MISSING)
+        if stored is MISSING:
+            return state.new_value()
+        return self.open_value(state, stored)
+
+    def peek_user_steps(self, record: str, state: SessionState[Any]) -> Steps[Any]:
+        """A user's value read from outside an event (touching the user's record), or a
+        fresh initial value if the user has none (or no record) yet."""
+        self.check_usable()
+        now = self.clock()
+        outcome = yield from ask(Peek(record, state.name, now, now + self.settings.user_idle_ttl))
+        self.salvage(outcome)
+        if not isinstance(outcome, Loaded):  # no record yet, or it expired: no value
+            return state.new_value()
+        stored = outcome.values.get(state.name, MISSING)
         if stored is MISSING:
             return state.new_value()
         return self.open_value(state, stored)
@@ -346,10 +366,12 @@ class Core:
     def run_ended(self, ended: Iterable[Ended]) -> None:
         """Run the callbacks of removed sessions and values. Never raises."""
         for item in ended:
-            if item.state is None:
+            user = item.sid.startswith(USER_PREFIX)  # a user's record
+            if item.state is None and not user:
                 self.meter.ended(item.reason)
+            states = self.user_states if user else self.session_states
             for name, value in item.values.items():
-                state = self.session_states.get(name)
+                state = states.get(name)
                 if state is None or not state.delete_callbacks:
                     continue
                 try:
@@ -373,6 +395,10 @@ class Core:
                 self.run_end_hooks(item.sid, item.reason)
 
     def run_end_hooks(self, sid: str, reason: DeleteReason) -> None:
+        if sid.startswith(USER_PREFIX):  # a user's record: no session ended
+            if self.user_ended is not None:
+                self.user_ended(sid)
+            return
         for hook in self.end_hooks:
             try:
                 hook(sid, reason)

@@ -1,4 +1,4 @@
-"""What an engine declares: its global, session and browser states and its registries
+"""What an engine declares: its global, session, user and browser states and its registries
 (the declaration methods of :class:`~statekit.StateEngine`, which inherits them).
 Each makes the declaration object, which registers itself through the engine host."""
 
@@ -11,7 +11,7 @@ from ._browser import DEFAULT_MAX_BYTES, BrowserKeys
 from ._clock import Clock, wall
 from ._engine_host import EngineHost
 from ._registry import SessionRegistry
-from ._states import MISSING, BrowserState, GlobalState, SessionState
+from ._states import MISSING, BrowserState, GlobalState, SessionState, UserState
 from .stores.base import DeleteReason
 
 if TYPE_CHECKING:
@@ -127,6 +127,76 @@ class Declarations:
                 belong in a per-session registry.
         """
         return SessionState(
+            self._engine,
+            self._host,
+            name,
+            default,
+            factory=factory,
+            ttl=ttl,
+            on_delete=on_delete,
+            version=version,
+            migrate=migrate,
+            strict=strict,
+        )
+
+    @overload
+    def user_state(
+        self,
+        name: str,
+        default: T,
+        *,
+        ttl: float | None = None,
+        on_delete: Callable[[T, DeleteReason], object] | None = None,
+        version: int = 1,
+        migrate: Callable[[int, Any], T] | None = None,
+        strict: bool = False,
+    ) -> UserState[T]: ...
+
+    @overload
+    def user_state(
+        self,
+        name: str,
+        *,
+        factory: Callable[[], T],
+        ttl: float | None = None,
+        on_delete: Callable[[T, DeleteReason], object] | None = None,
+        version: int = 1,
+        migrate: Callable[[int, Any], T] | None = None,
+        strict: bool = False,
+    ) -> UserState[T]: ...
+
+    def user_state(
+        self,
+        name: str,
+        default: Any = MISSING,
+        *,
+        factory: Callable[[], Any] | None = None,
+        ttl: float | None = None,
+        on_delete: Callable[[Any, DeleteReason], object] | None = None,
+        version: int = 1,
+        migrate: Callable[[int, Any], Any] | None = None,
+        strict: bool = False,
+    ) -> UserState[Any]:
+        """Declare a value of which each *user* has one copy, shared by all of the
+        user's sessions on every device: a cart, preferences, a chat history.
+
+        Events read and write it as session state, once opened with the id of the user
+        the host authenticated: ``engine.event(sid, user=user_id)``. Such an event also
+        takes the user's record, after its session (the lock order: a session, then
+        its user), so that events of the user's sessions take turns on it, in every
+        process; its writes to the session and to the user commit together, all or
+        nothing. An event opened without ``user=`` cannot touch user state.
+
+        The user's record expires after ``user_idle_ttl`` (an engine setting) without an
+        event of that user; ``on_delete`` then runs once per value, in one process.
+
+        Args are as :meth:`session_state`'s.
+
+        Raises:
+            InvalidDeclaration: as :meth:`session_state`; also on a store that cannot
+                commit a session and a user together (a Redis Cluster).
+        """
+        return UserState(
             self._engine,
             self._host,
             name,

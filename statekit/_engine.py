@@ -22,13 +22,14 @@ the event, and deletion callbacks run after every lock is released.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 from typing_extensions import Self
 
-from ._checks import check_callable, check_name, check_seconds, check_sid
+from ._checks import USER_PREFIX, check_callable, check_name, check_seconds, check_sid, user_record
 from ._clock import Clock, monotonic, wall
 from ._commit import Committer
 from ._core import Core, Settings
@@ -44,11 +45,14 @@ from ._remote import Remote
 from ._sessions import Sessions
 from ._states import GlobalState, State
 from ._steps import drive
+from ._users import RenewingUserEvent, UserEvent, Users
 from ._values import policy_for
 from ._watch import Watch, Watchers, global_names
 from .exceptions import InvalidDeclaration, SessionNotFound, UsageError
 from .stores.base import DeleteReason, EnteringNamespace, Store
 from .stores.memory import MemoryStore
+
+logger = logging.getLogger("statekit")
 
 __all__ = ["StateEngine"]
 
@@ -87,6 +91,8 @@ class StateEngine(Declarations):
             event holds its session longer than this many seconds; None: never.
         warn_size: log a warning (likewise) when an event writes a value larger than
             this many bytes; None: never.
+        user_idle_ttl: seconds a user's record (the values of :meth:`user_state`) is
+            kept without an event of that user; 30 days by default.
 
     Thread-safe: any method may be called from any thread. Use one engine per app per
     process; several engines may live in one process.
@@ -116,6 +122,7 @@ class StateEngine(Declarations):
         lease_keep: float = 0,
         warn_hold: float | None = 5,
         warn_size: int | None = 1_000_000,
+        user_idle_ttl: float = 30 * 86_400,
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise InvalidDeclaration(f"capacity must be a positive int, got {capacity!r}")
@@ -134,8 +141,10 @@ class StateEngine(Declarations):
             lease_wait=check_seconds(lease_wait, "lease_wait"),
             warn_hold=None if warn_hold is None else check_seconds(warn_hold, "warn_hold"),
             warn_size=warn_size,
+            user_idle_ttl=check_seconds(user_idle_ttl, "user_idle_ttl"),
         )
         self.app = settings.app
+        self.user_idle_ttl = settings.user_idle_ttl
         self.idle_ttl = settings.idle_ttl
         self.closed_ttl = settings.closed_ttl
         self.capacity = capacity
@@ -177,9 +186,12 @@ class StateEngine(Declarations):
             self._entry = leasing = LeaseEntry(core, committer, self._remote)
             self._kept = leasing.kept
         globals_ = Globals(core)
-        self._host = host = EngineHost(core, self._entry, self._remote, globals_)
+        users = Users(core, self._entry, logger)
+        self._host = host = EngineHost(core, self._entry, self._remote, globals_, users)
         self._watchers = Watchers(core, host.watched, host.global_named)
         host.watchers = globals_.watchers = self._remote.watchers = self._watchers
+        users.watchers = self._watchers
+        self._remote.users = users
 
     def __repr__(self) -> str:
         return f"StateEngine(app={self.app!r}, store={type(self.store).__name__})"
@@ -330,6 +342,7 @@ class StateEngine(Declarations):
         browser: Mapping[str, object] | None = None,
         bind: str = "",
         renew: bool = False,
+        user: str | None = None,
     ) -> Event:
         """One user action on session ``sid``: ``with engine.event(sid) as ev: ...``.
 
@@ -345,6 +358,12 @@ class StateEngine(Declarations):
                 ``lease_ttl / 3`` seconds while it runs, for handlers that may run
                 longer than ``lease_ttl`` (see :meth:`Event.extend` to renew by hand).
                 A hung handler then keeps its session until its event ends.
+            user: the id of the user the host authenticated for this request, if any:
+                the event may then read and write the :meth:`user_state` values of
+                that user. It takes the user's record after its session (and makes
+                it on first use); its writes to both commit together, all or
+                nothing. Never take it from the request unchecked: whoever names a
+                user reads and writes that user's values.
 
         Raises (on entering):
             SessionNotFound: the id was not issued by this engine.
@@ -353,12 +372,14 @@ class StateEngine(Declarations):
             UsageError: an event of this session is already open in this thread/task.
             StoreUnavailable: the store cannot be reached.
         """
-        if sid.__class__ is not str:
+        if sid.__class__ is not str or sid[:2] == USER_PREFIX:
             check_sid(sid)  # raises, saying what is wrong with it
         # The rest of the id is checked on entering: by the store's lookup (the memory
         # store finds only ids it issued; a miss then says what is wrong with the id)
         # or, on other stores, before anything is sent.
-        if browser is None and not bind and not renew:
+        if user is not None:
+            user_record(user)  # raises, saying what is wrong with it
+        elif browser is None and not bind and not renew:
             return Event(self, self._host, sid)
         tokens: dict[str, str | None] = {}
         if browser is not None:
@@ -371,7 +392,11 @@ class StateEngine(Declarations):
                 k: v for k, v in browser.items() if isinstance(k, str) and isinstance(v, str)
             }
         io = BrowserIO(tokens, bind) if browser is not None or bind else None
-        return (RenewingEvent if renew else Event)(self, self._host, sid, io)
+        if user is None:
+            return (RenewingEvent if renew else Event)(self, self._host, sid, io)
+        ev = (RenewingUserEvent if renew else UserEvent)(self, self._host, sid, io)
+        ev.user = user
+        return ev
 
     def aevent(
         self,
@@ -380,47 +405,56 @@ class StateEngine(Declarations):
         browser: Mapping[str, object] | None = None,
         bind: str = "",
         renew: bool = False,
+        user: str | None = None,
     ) -> Event:
         """The async form of :meth:`event`: ``async with engine.aevent(sid) as ev: ...``.
 
         Neither waiting for the session nor store I/O blocks the event loop.
         """
-        return self.event(sid, browser=browser, bind=bind, renew=renew)
+        return self.event(sid, browser=browser, bind=bind, renew=renew, user=user)
 
     def watch(
         self,
         sid: str | None = None,
         *,
+        user: str | None = None,
         globals: Iterable[GlobalState[Any]] = (),
         maxsize: int = 256,
     ) -> Watch:
-        """A stream of the changes of session ``sid``'s states and of ``globals``: an
-        async iterator of :class:`StateChange` (``async for change in
-        engine.watch(sid):``), which ``async with`` closes. Fed by this engine's
-        events and global writes and by other processes' commits of the session and
-        writes of the globals. It keeps at most ``maxsize`` changes for a slow consumer,
-        dropping the oldest (the next change read says how many: ``missed``); writers
-        never wait. It ends when the session ends (also when it is closed), or it is
-        unknown, or the engine shuts down. See the guide, "Change streams".
+        """A stream of the changes of session ``sid``'s states, of user ``user``'s
+        user states and of ``globals``: an async iterator of :class:`StateChange`
+        (``async for change in engine.watch(sid, user=user_id):``), which ``async
+        with`` closes. Fed by this engine's events and global writes and by other
+        processes' commits of the session and the user and writes of the globals. It
+        keeps at most ``maxsize`` changes for a slow consumer, dropping the oldest (the
+        next change read says how many: ``missed``); writers never wait. It ends when
+        the session ends (also when it is closed), or it is unknown, or the engine
+        shuts down. See the guide, "Change streams".
 
         Raises:
-            UsageError: neither a session nor a global to watch, a bad ``maxsize``.
+            UsageError: nothing to watch, a bad ``user`` or ``maxsize``.
             WrongEngine: a global of another engine.
         """
         self._core.check_usable()
         if sid is not None:
             check_sid(sid)
+        record = None if user is None else user_record(user)
         names = global_names(self, globals)
-        if sid is None and not names:
-            raise UsageError("watch() needs a session id, globals=, or both")
+        if sid is None and record is None and not names:
+            raise UsageError("watch() needs a session id, user=, globals=, or some of them")
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise UsageError(f"watch() needs a positive int maxsize, got {maxsize!r}")
         watch = Watch(
-            self._watchers, sid, names, maxsize, None if sid is None else self._open_now(sid)
+            self._watchers,
+            sid,
+            names,
+            maxsize,
+            None if sid is None else self._open_now(sid),
+            record=record,
         )
         self._watchers.add(watch)
-        if sid is not None and self._core.shared:
-            self._remote.listen()  # other processes' commits of the session
+        if (sid is not None or record is not None) and self._core.shared:
+            self._remote.listen()  # other processes' commits of the session or user
         return watch
 
     def _open_now(self, sid: str) -> Callable[[], Coroutine[Any, Any, bool]]:

@@ -11,14 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ._checks import user_record
 from ._core import Core
 from ._entry import Entry
 from ._events import EventState
 from ._globals import Globals
 from ._registry import SessionRegistry
 from ._remote import Remote
-from ._states import MISSING, BrowserState, GlobalState, SessionState, State
+from ._states import MISSING, BrowserState, GlobalState, SessionState, State, UserState
 from ._steps import drive
+from ._users import Users
 from ._values import CheckedObjectValues, ValuePolicy
 from ._watch import Watchers
 from .exceptions import InvalidDeclaration, SessionNotFound
@@ -34,8 +36,11 @@ class EngineHost:
     (:class:`~statekit._host.Host`): declarations, session checks, value access,
     entering and leaving sessions. Thread-safe."""
 
-    def __init__(self, core: Core, entry: Entry, remote: Remote, globals_: Globals) -> None:
+    def __init__(
+        self, core: Core, entry: Entry, remote: Remote, globals_: Globals, users: Users
+    ) -> None:
         self._core = core
+        self._users = users
         self._remote = remote
         self._globals = globals_
         self.app = core.app
@@ -91,6 +96,53 @@ class EngineHost:
                         changes[i] = (name, await self.apeek(ev.sid, state))
                 self.watchers.session_changed(ev.sid, changes)  # type: ignore[union-attr]
 
+    # -- events of a user: the session, then the user's record ------------------------
+
+    def enter_user(self, ev: EventState) -> None:
+        self.enter(ev)
+        try:
+            self._users.enter_part(ev)
+        except BaseException:
+            self._entry.leave(ev, True)
+            raise
+
+    async def aenter_user(self, ev: EventState) -> None:
+        await self.aenter(ev)
+        try:
+            await self._users.aenter_part(ev)
+        except BaseException:
+            await self._entry.aleave(ev, True)
+            raise
+
+    def leave_user(self, ev: EventState, failed: bool) -> None:
+        part = ev.user_part
+        assert part is not None
+        try:
+            self.leave(ev, failed)
+        finally:
+            self._entry.leave(part, True)  # given back (its writes went with ev's)
+        if not failed:
+            changes = self._users.changes(ev)
+            for i, (name, value) in enumerate(changes):
+                if value is MISSING:  # after listener rounds: read it as committed
+                    changes[i] = (name, self.peek_user(ev.user, self._core.user_states[name]))
+            self._users.changed(part.sid, changes, by=ev.sid)
+
+    async def aleave_user(self, ev: EventState, failed: bool) -> None:
+        part = ev.user_part
+        assert part is not None
+        try:
+            await self.aleave(ev, failed)
+        finally:
+            await self._entry.aleave(part, True)
+        if not failed:
+            changes = self._users.changes(ev)
+            for i, (name, value) in enumerate(changes):
+                if value is MISSING:
+                    state = self._core.user_states[name]
+                    changes[i] = (name, await self.apeek_user(ev.user, state))
+            self._users.changed(part.sid, changes, by=ev.sid)
+
     def _committed(self, ev: EventState) -> bool:
         """Whether ``ev`` committed changes a watch of its session waits for."""
         watchers = self.watchers
@@ -108,7 +160,7 @@ class EngineHost:
             return [
                 (state.name, work[state])
                 for state in ev.changed or ()
-                if isinstance(state, SessionState)
+                if state.__class__ is not UserState and isinstance(state, SessionState)
             ]
         states = self._core.session_states
         return [(name, MISSING) for name in sorted(ev.done.changed) if name in states]
@@ -133,8 +185,14 @@ class EngineHost:
             # A store that encodes values (or checks them) must be able to encode the
             # default: refused now, not at its first use.
             core.values.store(state.name, state.default)
+        if isinstance(state, UserState):
+            self._users.check_store(state.name)
         core.states[state.name] = state
-        if isinstance(state, SessionState):
+        if isinstance(state, UserState):
+            core.user_states[state.name] = state
+            if state.ttl is not None:
+                core.ttl_states[state.name] = state.ttl
+        elif isinstance(state, SessionState):
             core.session_states[state.name] = state
             if state.ttl is not None:
                 core.ttl_states[state.name] = state.ttl
@@ -181,6 +239,14 @@ class EngineHost:
 
     def peek(self, sid: str, state: SessionState[T]) -> T:
         value: T = drive(self._core.peek_steps(sid, state), self._ns)
+        return value
+
+    def peek_user(self, user: str | None, state: SessionState[T]) -> T:
+        value: T = drive(self._core.peek_user_steps(user_record(user), state), self._ns)
+        return value
+
+    async def apeek_user(self, user: str | None, state: SessionState[T]) -> T:
+        value: T = await self._adrive(self._core.peek_user_steps(user_record(user), state))
         return value
 
     async def apeek(self, sid: str, state: SessionState[T]) -> T:

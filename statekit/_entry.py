@@ -119,7 +119,8 @@ class LatchEntry:
         owner = _get_ident() if _get_running_loop() is None else current_owner()
         ev.now = now = self._clock()
         # positional arguments: sid, owner, expired, blocking, now, touch_until
-        entered = self._enter(ev.sid, owner, ev.pending, True, now, now + self._idle_ttl)
+        touch = now + (ev.idle_ttl or self._idle_ttl)
+        entered = self._enter(ev.sid, owner, ev.pending, True, now, touch)
         if type(entered) is self._record and not entered.closed:  # type: ignore[union-attr]
             ev.loaded = entered  # type: ignore[assignment]
             ev.active = True
@@ -139,7 +140,8 @@ class LatchEntry:
         ns = self._ns
         owner = current_owner()
         ev.now = now = core.clock()
-        entered = ns.enter(ev.sid, owner, ev.pending, False, now, now + core.idle_ttl)
+        touch = now + (ev.idle_ttl or core.idle_ttl)
+        entered = ns.enter(ev.sid, owner, ev.pending, False, now, touch)
         if isinstance(entered, Turn):
             with self._giving_back(entered, owner):
                 waited = await ns.await_turn(entered, owner, core.settings.lease_wait)
@@ -165,7 +167,7 @@ class LatchEntry:
             raise SessionBusy(ev.sid, self._core.settings.lease_wait)
         ev.now = now = self._core.clock()
         return self._ns.enter_after_wait(
-            turn, ev.pending, now=now, touch_until=now + self._core.idle_ttl
+            turn, ev.pending, now=now, touch_until=now + (ev.idle_ttl or self._core.idle_ttl)
         )
 
     def _entered(self, ev: EventState, entered: object) -> None:
@@ -197,6 +199,9 @@ class LatchEntry:
             hold = 0.0
         self._holds[self._number() & _MASK] = hold
         try:
+            if ev.user_part is not None and not failed:  # writes to its user, perhaps
+                self._leave_with_listeners(ev, None)
+                return
             if failed or not ev.work:
                 ns.release_entered(entered)
                 if not failed:
@@ -238,7 +243,7 @@ class LatchEntry:
     async def aleave(self, ev: EventState, failed: bool) -> None:
         self.leave(ev, failed)  # direct calls: nothing to wait for
 
-    def _leave_with_listeners(self, ev: EventState, collected: Collected) -> None:
+    def _leave_with_listeners(self, ev: EventState, collected: Collected | None) -> None:
         """Commit, run the listener rounds, give the session back."""
         entered = ev.loaded
         try:

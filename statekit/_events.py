@@ -25,7 +25,7 @@ from ._changes import CHANGED, SAME, walk
 from ._codec import JSONCodec
 from ._host import Host
 from ._registry import SessionRegistry
-from ._states import MISSING, BrowserState, GlobalState, SessionState, State
+from ._states import MISSING, BrowserState, GlobalState, SessionState, State, UserState
 from .exceptions import SessionNotInitialized, UsageError, WrongEngine, redact
 from .stores.base import Ended, SessionData
 
@@ -154,12 +154,19 @@ class EventState:
         renew: whether the engine renews the lease while the event runs (a class
             attribute: True for a :class:`RenewingEvent`, so that an event costs no
             more for it).
+        user: the id of the user the event was opened for (``user=``), or None.
+        user_part: the event's hold on that user's record (an event of its own on the
+            record, entered after the session), once entered.
+        user_writes: what the user part's ``collect()`` found, set as the event leaves
+            when it writes to the user: committed with the session's writes.
         browser: the browser tokens in and out, or None.
         changed: set when the event ends well: the states it changed.
         done: the event's result, made when first asked for (or by listener rounds).
     """
 
     renew = False
+    #: None but for an event's hold on a user's record: the record's idle ttl.
+    idle_ttl: float | None = None
 
     __slots__ = (
         "active",
@@ -182,6 +189,9 @@ class EventState:
         "problems",
         "sid",
         "started",
+        "user",
+        "user_part",
+        "user_writes",
         "work",
     )
 
@@ -209,6 +219,9 @@ class EventState:
         self.changed: list[Changeable] | None = None
         self.done: EventResult | None = None
         self.now = 0.0
+        self.user: str | None = None
+        self.user_part: EventState | None = None
+        self.user_writes: Collected | None = None
 
     def browser_io(self) -> BrowserIO:
         """The event's browser tokens, made empty on first use."""
@@ -330,6 +343,19 @@ def _check(s: EventState, state: object) -> None:
         raise WrongEngine(state.name, state.engine.app, s.engine.app)
 
 
+def _user_part(s: EventState, state: State[Any]) -> EventState:
+    """The event's hold on its user's record, for reading or writing ``state``."""
+    part = s.user_part
+    if part is None:
+        raise UsageError(
+            f"user state {state.name!r} needs an event opened for a user: "
+            "engine.event(sid, user=user_id), with the id of the user the host "
+            "authenticated"
+            + (" (a change listener's event has no user)" if s.user is not None else "")
+        )
+    return part
+
+
 def _no_result(ev: EventState) -> str:
     """Why an event has no result (yet)."""
     if not ev.started:
@@ -446,6 +472,12 @@ class Event(EventState):
                 value = _materialize(self, state)
             return value
         _check(self, state)
+        if state.__class__ is UserState:
+            part = _user_part(self, state)
+            value = part.work.get(state, MISSING)
+            if value is MISSING:
+                value = _materialize(part, state)
+            return value
         if isinstance(state, SessionRegistry):
             try:
                 return state.get(self.sid)
@@ -489,6 +521,12 @@ class Event(EventState):
             self.work[state] = value
             return
         _check(self, state)
+        if state.__class__ is UserState:
+            part = _user_part(self, state)
+            if state not in part.before:
+                _materialize(part, state, read=False)
+            part.work[state] = value
+            return
         if isinstance(state, SessionRegistry):
             raise UsageError(
                 f"registry {state.name!r} cannot be assigned in an event: its objects "

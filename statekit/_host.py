@@ -96,6 +96,31 @@ class Host(Protocol):
         """A session's value read from outside an event (touching the session)."""
         ...
 
+    def enter_user(self, ev: EventState) -> None:
+        """Enter an event's session, then its user's record."""
+        ...
+
+    async def aenter_user(self, ev: EventState) -> None:
+        """:meth:`enter_user` without blocking the event loop."""
+        ...
+
+    def leave_user(self, ev: EventState, failed: bool) -> None:
+        """Leave an event of a user: its writes to the session and to the user commit
+        together; then the user's record is given back."""
+        ...
+
+    async def aleave_user(self, ev: EventState, failed: bool) -> None:
+        """:meth:`leave_user` without blocking the event loop."""
+        ...
+
+    def peek_user(self, user: str, state: SessionState[T]) -> T:
+        """A user's value of a user state, read from outside an event."""
+        ...
+
+    async def apeek_user(self, user: str, state: SessionState[T]) -> T:
+        """:meth:`peek_user` without blocking the event loop."""
+        ...
+
     async def apeek(self, sid: str, state: SessionState[T]) -> T:
         """:meth:`peek` without blocking the event loop."""
         ...

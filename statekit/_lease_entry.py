@@ -95,7 +95,8 @@ class LeaseEntry:
             start_event(core, ev)  # raises
         ev.started = True
         sid = ev.sid
-        check_sid(sid)
+        if ev.idle_ttl is None:  # (a user's record, which has its own, is not checked)
+            check_sid(sid)
         started = _monotonic()  # lease_wait bounds the whole wait
         clock = core.clock
         asked = clock()
@@ -118,7 +119,7 @@ class LeaseEntry:
                 outcome = self._ns.load_session(
                     sid,
                     now=now,
-                    touch_until=now + core.idle_ttl,
+                    touch_until=now + (ev.idle_ttl or core.idle_ttl),
                     lease=Lease(token=token, until=now + core.settings.lease_ttl),
                 )
                 if isinstance(outcome, Busy):
@@ -142,7 +143,8 @@ class LeaseEntry:
 
     async def aenter(self, ev: EventState) -> None:
         start_event(self._core, ev)
-        check_sid(ev.sid)
+        if ev.idle_ttl is None:
+            check_sid(ev.sid)
         started = time.monotonic()
         asked = self._core.clock()
         held = False
@@ -206,7 +208,7 @@ class LeaseEntry:
                         LoadSession(
                             sid=ev.sid,
                             now=ev.now,
-                            touch_until=ev.now + core.idle_ttl,
+                            touch_until=ev.now + (ev.idle_ttl or core.idle_ttl),
                             lease=Lease(token=token, until=ev.now + settings.lease_ttl),
                         )
                     )
@@ -238,7 +240,7 @@ class LeaseEntry:
         ev.closed = loaded.closed
         settings = self._core.settings
         ev.lease_until = ev.now + settings.lease_ttl
-        ev.deadline = ev.now + settings.idle_ttl
+        ev.deadline = ev.now + (ev.idle_ttl or settings.idle_ttl)
         self._remote.saw(ev.sid, loaded.version)
 
     def _not_entered(
@@ -368,6 +370,8 @@ class LeaseEntry:
         """:meth:`_leave_steps` of a block that did not fail, with the store's blocking
         methods; an event that writes with no listener due commits and gives its lease
         back in one direct call (the most common event)."""
+        if ev.user_part is not None:  # its writes commit with its user's
+            return drive(self._leave_steps(ev, False), self._ns)
         try:
             collected = writes, tokens, changed = ev.collect()
         except BaseException:
@@ -493,7 +497,12 @@ class LeaseEntry:
                 return None
             try:
                 kept = self.kept
-                if kept is not None and ev.lease is not None and not kept.wanted(ev.sid):
+                if (
+                    kept is not None
+                    and ev.lease is not None
+                    and ev.user_part is None
+                    and not kept.wanted(ev.sid)
+                ):
                     if collected is None:
                         collected = ev.collect()
                     if no_listeners(collected[2]):

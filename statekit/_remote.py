@@ -20,15 +20,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cachetools
 
 from . import _fork
-from ._checks import qualname
+from ._checks import USER_PREFIX, qualname
 from ._core import Core, run_hooks
 from ._states import MISSING, SessionState
 from ._watch import Watchers
+
+if TYPE_CHECKING:
+    from ._users import Users
 from .stores.base import Busy, Gone, Loaded, Notice
 
 __all__ = ["Remote"]
@@ -48,6 +51,8 @@ class Remote:
         self._seen_lock = threading.Lock()
         #: The engine's open watches (set by the engine), fed by other processes' commits.
         self.watchers: Watchers | None = None
+        #: The engine's user records (set by the engine): their changes' listeners.
+        self.users: Users | None = None
         _fork.after_fork_in_child(self)
 
     def _after_fork(self) -> None:
@@ -82,6 +87,8 @@ class Remote:
         if notice.kind == "ended":
             assert notice.reason is not None
             core.run_end_hooks(notice.sid, notice.reason)
+        elif notice.kind == "changed" and notice.sid.startswith(USER_PREFIX):
+            self._user_changed(notice.sid, notice.names)
         elif notice.kind == "changed":
             states = [
                 state
@@ -100,6 +107,33 @@ class Remote:
                 outcome = self._look(sid)
                 if isinstance(outcome, Loaded) and outcome.version != version:
                     self._fire(sid, listened)
+
+    def _user_changed(self, record: str, names: Iterable[str]) -> None:
+        """Another engine committed to a user's record: tell the watches and the
+        remote listeners of the user's sessions here, if any wait for it."""
+        users = self.users
+        core = self._core
+        wanted = [
+            state
+            for name in names
+            if (state := core.user_states.get(name)) is not None
+            and (state.remote_listeners or (self.watchers and self.watchers.watching(record)))
+        ]
+        if not wanted or users is None:
+            return
+        outcome = self._look(record)
+        if not isinstance(outcome, Loaded):
+            return
+        changes = []
+        for state in wanted:
+            stored = outcome.values.get(state.name, MISSING)
+            if stored is MISSING:
+                continue
+            try:
+                changes.append((state.name, core.open_value(state, stored)))
+            except Exception:
+                logger.exception("a user's value changed elsewhere could not be read")
+        users.changed(record, changes)
 
     def _look(self, sid: str) -> Loaded | Gone | Busy | None:
         """Load a session without touching it, for notices; run the callbacks of what

@@ -25,7 +25,15 @@ if TYPE_CHECKING:
     from ._engine import StateEngine
     from ._events import Event
 
-__all__ = ["MISSING", "BrowserState", "GlobalState", "SessionState", "State", "to_stored"]
+__all__ = [
+    "MISSING",
+    "BrowserState",
+    "GlobalState",
+    "SessionState",
+    "State",
+    "UserState",
+    "to_stored",
+]
 
 T = TypeVar("T")
 
@@ -395,6 +403,50 @@ class SessionState(State[T]):
         with self._lock:
             object.__setattr__(self, "delete_callbacks", (*self.delete_callbacks, fn))
         return fn
+
+
+class UserState(SessionState[T]):
+    """A value of which each user has one copy, shared by all of the user's sessions
+    (every tab, every device).
+
+    Declare with :meth:`StateEngine.user_state`. An event opened with the id of the
+    user the host authenticated (``engine.event(sid, user=...)``) reads and writes it
+    as ``ev[state]``; its writes commit together with the session's own, all or
+    nothing, and events of the user's sessions take turns on it. :meth:`get` peeks at a
+    user's value from outside an event. Thread-safe.
+
+    The user's values live in a record of their own, which expires after the engine's
+    ``user_idle_ttl`` without an event of the user (``on_delete`` callbacks then run
+    once, with reason ``idle``).
+    """
+
+    __slots__ = ()
+
+    kind = "user"
+
+    def get(self, user: str) -> T:
+        """Peek at a user's value from outside an event (a copy; the default if the
+        user has no value yet, or no record). Counts as activity for the user's record.
+
+        Raises:
+            UsageError: ``user`` is not a user id (a non-empty str).
+            SessionCorrupt, CodecError: as :meth:`SessionState.get`.
+        """
+        return self._host.peek_user(user, self)
+
+    async def aget(self, user: str) -> T:
+        """:meth:`get` without blocking the event loop."""
+        return await self._host.apeek_user(user, self)
+
+    def on_remote_change(self, fn: Callable[[str, T], object]) -> Callable[[str, T], object]:
+        """Call ``fn(sid, value)`` for each session of the user that this engine served
+        lately, when another session of the user commits a change to this state (in
+        this process, or in another engine on the same shared store): for pushing the
+        new value to the user's other tabs. Runs in the notification thread (or, for a
+        change made here, the thread of the event that made it, after its commit),
+        outside every lock; an exception is logged. Usable as a decorator.
+        """
+        return super().on_remote_change(fn)
 
 
 _JSON = JSONCodec()

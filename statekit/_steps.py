@@ -35,6 +35,7 @@ import attrs
 from .stores.base import (
     AsyncStoreNamespace,
     Busy,
+    CommitPart,
     Ended,
     Gone,
     Keep,
@@ -46,6 +47,7 @@ from .stores.base import (
 __all__ = [
     "CloseSession",
     "Commit",
+    "CommitJoint",
     "CreateSession",
     "GlobalAdd",
     "GlobalCas",
@@ -140,6 +142,22 @@ class Commit(StoreCall[int]):
             release=self.release,
             keep=self.keep,
         )
+
+
+@attrs.define(slots=True)
+class CommitJoint(StoreCall["tuple[int, ...]"]):
+    """``commit_joint`` of a store whose ``joint_commits`` is true."""
+
+    parts: tuple[CommitPart, ...]
+    now: float
+
+    def run(self, ns: StoreNamespace) -> tuple[int, ...]:
+        joint: Callable[..., tuple[int, ...]] = getattr(ns, "commit_joint")  # noqa: B009
+        return joint(self.parts, now=self.now)
+
+    def arun(self, ns: AsyncStoreNamespace) -> Coroutine[Any, Any, tuple[int, ...]] | None:
+        joint = getattr(ns, "acommit_joint", None)
+        return None if joint is None else joint(self.parts, now=self.now)
 
 
 @attrs.define(slots=True)

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 from typing_extensions import Self
 
+from ._checks import USER_PREFIX
 from ._copying import copy_value
 from ._core import Core
 from ._states import GlobalState
@@ -40,7 +41,7 @@ class StateChange(NamedTuple):
     """One change a watch saw (a named tuple: one is made per change per watch).
 
     Attributes:
-        sid: the session whose state changed, or None for a global.
+        sid: the session whose state changed, or None for a global or a user state.
         state: the state's name.
         value: its new value (a copy of the consumer's own).
         missed: how many changes this watch dropped just before this one, because
@@ -74,8 +75,12 @@ class Watch:
         globals_: frozenset[str],
         maxsize: int,
         check: Callable[[], Awaitable[bool]] | None,
+        *,
+        record: str | None = None,
     ) -> None:
         self.sid = sid
+        #: The record of the user whose user states are watched, or None.
+        self.record = record
         self.globals = globals_
         self._hub = hub
         self._maxsize = maxsize
@@ -217,8 +222,9 @@ class Watchers:
 
     def add(self, watch: Watch) -> None:
         with self._lock:
-            if watch.sid is not None:
-                self._sessions.setdefault(watch.sid, set()).add(watch)
+            for key in (watch.sid, watch.record):
+                if key is not None:
+                    self._sessions.setdefault(key, set()).add(watch)
             for name in watch.globals:
                 self._globals.setdefault(name, set()).add(watch)
             self._count += 1
@@ -234,9 +240,10 @@ class Watchers:
     def remove(self, watch: Watch) -> None:
         with self._lock:
             found = False
-            if watch.sid is not None and watch in self._sessions.get(watch.sid, ()):
-                found = True
-                self._drop(self._sessions, watch.sid, watch)
+            for key in (watch.sid, watch.record):
+                if key is not None and watch in self._sessions.get(key, ()):
+                    found = True
+                    self._drop(self._sessions, key, watch)
             for name in watch.globals:
                 if watch in self._globals.get(name, ()):
                     found = True
@@ -260,11 +267,13 @@ class Watchers:
         return sid in self._sessions
 
     def session_changed(self, sid: str, changes: Iterable[tuple[str, Any]]) -> None:
-        """Give each watch of ``sid`` the new values (name, value) of its states."""
+        """Give each watch of ``sid`` (a session, or a user's record) the new values
+        (name, value) of its states."""
         watches = list(self._sessions.get(sid, ()))
+        shown = None if sid.startswith(USER_PREFIX) else sid
         for name, value in changes:
             for watch in watches:
-                watch.push(StateChange(sid, name, copy_value(value)))
+                watch.push(StateChange(shown, name, copy_value(value)))
 
     def global_changed(self, name: str, value: Any) -> None:
         """Give each watch of global ``name`` its new value."""

@@ -15,7 +15,7 @@ import functools
 import os
 import random
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from statekit import _fork
@@ -27,10 +27,11 @@ from . import _redis_spread as spread_ops
 from ._redis_calls import Call, Ops, Pause, Plan, Read, raw
 from ._redis_claims import CLAIM_TTL, LostClaims
 from ._redis_failures import DamagedKey
+from ._redis_joint import joint_committed
 from ._redis_layout import Bucket, Layout
 from ._redis_notices import NoticeFeeds
 from ._redis_spread import BUDGET_MIN
-from .base import Busy, Ended, Gone, Keep, Lease, Loaded, Notice
+from .base import Busy, CommitPart, Ended, Gone, Keep, Lease, Loaded, Notice
 
 if TYPE_CHECKING:
     from .redis import RedisStore
@@ -52,7 +53,7 @@ _NO_LIMIT = 2**62
 #: lost connection is said for these (StoreUnavailable.outcome_unknown). The others
 #: only read, lease, touch or claim: whatever they did, the caller's action had not
 #: started.
-_APPLIES = frozenset({"CREATE", "COMMIT", "CLOSE", "GLOBAL_CAS", "GLOBAL_ADD"})
+_APPLIES = frozenset({"CREATE", "COMMIT", "JOINT", "CLOSE", "GLOBAL_CAS", "GLOBAL_ADD"})
 #: Scripts that may remove entries whose callbacks the caller must run.
 _CLAIMING = frozenset({"CREATE", "EVICT", "LOAD", "PEEK", "CLOSE", "REAP"})
 #: Where the request key and a session's id sit in an app script's KEYS and ARGV.
@@ -444,6 +445,41 @@ class RedisNamespace:
 
     commit = _blocking(_commit)
     acommit = _awaiting(_commit)
+
+    def _commit_joint(self, parts: Iterable[CommitPart], *, now: float) -> Plan[tuple[int, ...]]:
+        if self._store.cluster:
+            raise ValueError(
+                "a joint commit needs every key on one server; on a Redis Cluster a "
+                "session and its user's record sit on different slots"
+            )
+        parts = tuple(parts)
+        first = self._layout.of(parts[0].sid)
+        keys: list[Any] = [self._request(first.P)]
+        args: list[Any] = [first.settings]
+        for part in parts:
+            bucket = self._layout.of(part.sid)
+            keys += [bucket.dl, bucket.P + "s:" + part.sid, bucket.P + "gone:" + part.sid]
+            args += [
+                part.sid,
+                str(part.version),
+                part.lease or "",
+                "1" if part.release else "0",
+                bucket.channel,
+                str(len(part.writes)),
+            ]
+            for name, value in part.writes.items():
+                deadline = part.ttl_deadlines.get(name)
+                args += [name, value, "" if deadline is None else replies.num(deadline)]
+
+        def answer(reply: list[Any]) -> tuple[int, ...]:
+            if len(reply) > 2 and reply[1] == b"damaged":
+                raise DamagedKey(str(self._store), replies.text(reply[2]))
+            return joint_committed(parts, now, reply)
+
+        return Plan("JOINT", keys, args, answer)
+
+    commit_joint = _blocking(_commit_joint)
+    acommit_joint = _awaiting(_commit_joint)
 
     def _release(self, sid: str, *, lease: str) -> Plan[None]:
         return Plan("RELEASE", [self._layout.of(sid).P + "s:" + sid], [lease], lambda reply: None)

@@ -61,6 +61,7 @@ opening sessions.
 from __future__ import annotations
 
 from ._redis_global_scripts import GLOBAL_ADD, GLOBAL_CAS
+from ._redis_joint import JOINT
 from ._redis_leases import RELEASE, RENEW
 from ._redis_requests import ONCE, REPLAY
 
@@ -607,6 +608,7 @@ TEXTS: dict[str, str] = {
     "LOAD": LOAD,
     "PEEK": PEEK,
     "COMMIT": COMMIT,
+    "JOINT": JOINT,
     "RELEASE": RELEASE,
     "RENEW": RENEW,
     "CLOSE": CLOSE,

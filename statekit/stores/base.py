@@ -36,6 +36,7 @@ from statekit.exceptions import StateError
 __all__ = [
     "AsyncStoreNamespace",
     "Busy",
+    "CommitPart",
     "DeleteReason",
     "Ended",
     "EnteringNamespace",
@@ -210,6 +211,29 @@ class GivenBack(int):
     gave the lease back instead: the session was closed meanwhile."""
 
     __slots__ = ()
+
+
+@attrs.frozen(kw_only=True)
+class CommitPart:
+    """One session's part of a joint commit (:meth:`commit_joint`, on a store whose
+    ``joint_commits`` is true): an event's own session and its user's record are
+    written together, all-or-nothing.
+
+    Attributes:
+        sid: the session (or user record).
+        version: the version loaded; the commit is refused if it moved on.
+        writes: the values to write, by state name.
+        ttl_deadlines: the new deadline of each written value that has a ttl.
+        lease: the lease the commit is fenced by, if any.
+        release: whether the lease is given back in the same step.
+    """
+
+    sid: str
+    version: int
+    writes: Mapping[str, Any]
+    ttl_deadlines: Mapping[str, float]
+    lease: str | None = None
+    release: bool = True
 
 
 @attrs.frozen(kw_only=True)
@@ -554,6 +578,13 @@ class Store(Protocol):
             sessions for the length of each event.
         codec: how values are turned into bytes, or ``None`` for a store that keeps
             Python objects.
+        joint_commits: (optional; false if absent) whether namespaces have
+            ``commit_joint(parts, *, now)``, which commits several
+            :class:`CommitPart` all-or-nothing: each is checked as
+            :meth:`StoreNamespace.commit` checks it, then all are written (each with its
+            ``changed`` notice) and their new versions returned in order; when one is
+            refused it raises as ``commit`` would and nothing is written. User state
+            (``engine.user_state``) needs it.
         keeps_leases: (optional; false if absent) whether commits take ``keep=``,
             loads ask a kept lease's holder for it, and namespaces have
             ``subscribe_wanted(callback)``, which delivers those requests as

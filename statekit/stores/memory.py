@@ -35,7 +35,18 @@ from statekit._codec import Codec
 from statekit._locks import AsyncWaiter, Latch, await_turn, wait_turn
 from statekit.exceptions import SessionExpired, SessionNotFound, StoreConflict
 
-from .base import Busy, DeleteReason, Ended, Gone, Lease, Loaded, Notice, SessionIdTaken, Turn
+from .base import (
+    Busy,
+    CommitPart,
+    DeleteReason,
+    Ended,
+    Gone,
+    Lease,
+    Loaded,
+    Notice,
+    SessionIdTaken,
+    Turn,
+)
 
 logger = logging.getLogger("statekit")
 
@@ -94,6 +105,7 @@ class MemoryStore:
     """
 
     shared = False
+    joint_commits = True
     codec: Codec | None = None
 
     def __init__(self, *, check_values: Codec | None = None) -> None:
@@ -490,6 +502,28 @@ class _MemoryNamespace:
                 [Notice(kind="changed", sid=sid, names=tuple(writes), origin=self.origin)]
             )
         return version
+
+    def commit_joint(self, parts: Iterable[CommitPart], *, now: float) -> tuple[int, ...]:
+        parts = tuple(parts)
+        with self._lock:
+            recs = []
+            for part in parts:  # every part checked before any is written
+                rec = self._open.get(part.sid) or self._closed.get(part.sid)
+                if rec is None:
+                    raise self._ended_error(part.sid, now)
+                if rec.version != part.version:
+                    raise StoreConflict(part.sid, part.version, rec.version)
+                recs.append(rec)
+            versions = tuple(
+                self._write(rec, part.writes, part.ttl_deadlines)
+                for rec, part in zip(recs, parts, strict=True)
+            )
+        if self._subscribers:
+            self._publish(
+                Notice(kind="changed", sid=p.sid, names=tuple(p.writes), origin=self.origin)
+                for p in parts
+            )
+        return versions
 
     def _write(
         self, rec: _Record, writes: Mapping[str, Any], ttl_deadlines: Mapping[str, float] | None

@@ -172,6 +172,12 @@ class RedisStore:
     #: Commits may keep their lease for the next event (``StateEngine(lease_keep=)``).
     keeps_leases = True
 
+    @property
+    def joint_commits(self) -> bool:
+        """Whether a session's writes and its user's commit in one script: on a single
+        server or Sentinel, not on a cluster (their keys sit on different slots)."""
+        return not self.cluster
+
     def __init__(
         self,
         url: str | None = "redis://127.0.0.1:6379/0",

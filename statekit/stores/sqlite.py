@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from statekit.exceptions import (
 from ._notices import NoticeFeed
 from .base import (
     Busy,
+    CommitPart,
     DeleteReason,
     Ended,
     Gone,
@@ -108,6 +109,7 @@ class SQLiteStore:
 
     shared = True
     keeps_leases = False
+    joint_commits = True
 
     def __init__(
         self,
@@ -400,38 +402,56 @@ class _SQLiteNamespace:
         keep: object = None,
     ) -> int:
         refuse_keep(keep, self)
+        part = CommitPart(
+            sid=sid,
+            version=version,
+            writes=writes,
+            ttl_deadlines=ttl_deadlines,
+            lease=lease,
+            release=release,
+        )
         with self._store.transaction(durable=True) as db:
-            row = self._row(db, sid)
-            if row is None:
-                gone = self._gone(db, sid)
-                if gone is None:
-                    raise SessionNotFound(sid)
-                raise SessionExpired(sid, gone.reason.value, max(0.0, now - gone.at))
-            found, _closed, _deadline, held, _until = row
-            if found != version:
-                raise StoreConflict(sid, version, found)
-            if lease is not None and held != lease:
-                raise StoreConflict(sid, version, found)
-            db.executemany(
-                "INSERT OR REPLACE INTO sk_values (app, sid, name, value, deadline) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [
-                    (self._app, sid, name, value, ttl_deadlines.get(name))
-                    for name, value in writes.items()
-                ],
+            return self._commit_in(db, part, now)
+
+    def commit_joint(self, parts: Iterable[CommitPart], *, now: float) -> tuple[int, ...]:
+        # One transaction: a part refused rolls back the parts written before it.
+        with self._store.transaction(durable=True) as db:
+            return tuple(self._commit_in(db, part, now) for part in parts)
+
+    def _commit_in(self, db: sqlite3.Connection, part: CommitPart, now: float) -> int:
+        """Inside a transaction: check and write one commit; the new version."""
+        sid, version, lease = part.sid, part.version, part.lease
+        row = self._row(db, sid)
+        if row is None:
+            gone = self._gone(db, sid)
+            if gone is None:
+                raise SessionNotFound(sid)
+            raise SessionExpired(sid, gone.reason.value, max(0.0, now - gone.at))
+        found, _closed, _deadline, held, _until = row
+        if found != version:
+            raise StoreConflict(sid, version, found)
+        if lease is not None and held != lease:
+            raise StoreConflict(sid, version, found)
+        db.executemany(
+            "INSERT OR REPLACE INTO sk_values (app, sid, name, value, deadline) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [
+                (self._app, sid, name, value, part.ttl_deadlines.get(name))
+                for name, value in part.writes.items()
+            ],
+        )
+        if lease is not None and part.release:
+            db.execute(
+                "UPDATE sk_sessions SET version=?, lease=NULL, lease_until=NULL "
+                "WHERE app=? AND sid=?",
+                (version + 1, self._app, sid),
             )
-            if lease is not None and release:
-                db.execute(
-                    "UPDATE sk_sessions SET version=?, lease=NULL, lease_until=NULL "
-                    "WHERE app=? AND sid=?",
-                    (version + 1, self._app, sid),
-                )
-            else:
-                db.execute(
-                    "UPDATE sk_sessions SET version=? WHERE app=? AND sid=?",
-                    (version + 1, self._app, sid),
-                )
-            self._notice(db, "changed", sid, now, names=tuple(writes))
+        else:
+            db.execute(
+                "UPDATE sk_sessions SET version=? WHERE app=? AND sid=?",
+                (version + 1, self._app, sid),
+            )
+        self._notice(db, "changed", sid, now, names=tuple(part.writes))
         return version + 1
 
     def release(self, sid: str, *, lease: str) -> None:

@@ -1,0 +1,111 @@
+"""A joint commit in the Redis store: a session's writes and its user's, all-or-nothing,
+in one script (``JOINT``).
+
+Redis does not undo a script that fails half-way, so the script checks every part
+(the hash is a session statekit wrote, its version and lease still hold, its indexes
+are sorted sets) before it writes any. It runs only where every key it declares lives
+on one server: a single server or Sentinel, not a cluster (whose sessions and user
+records sit on different slots); ``RedisStore.joint_commits`` says which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from . import _redis_replies as replies
+from ._redis_requests import ONCE
+from .base import CommitPart
+
+__all__ = ["JOINT", "joint_committed"]
+
+# KEYS: request, then for each part its deadline index, hash and tombstone.
+# ARGV: the first part's bucket settings (see ``_redis_scripts``), then for each part:
+#       sid, version, lease|'', release '1'|'0', its bucket's notice channel, the
+#       number of writes, then name, value, deadline|'' for each write.
+# Returns {'ok', version, ...} (each part's new version, in order), or the first
+# refusal as COMMIT answers it, with the part's index first: {index, 'conflict', found},
+# {index, 'none'}, {index, 'gone', why}, {index, 'corrupt', field}, {index, 'wrongtype'}
+# or {index, 'damaged', key}; nothing is written then.
+JOINT = (
+    r"""
+local REQ = KEYS[1]
+local REQUEST_MS, _, _, ORIGIN, PUBLISH =
+  string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%S+) (%S+) (.+)$')
+"""
+    + ONCE
+    + r"""
+local parts = {}
+local at = 2
+local key_at = 2
+while at <= #ARGV do
+  local part = {
+    dl = KEYS[key_at], key = KEYS[key_at + 1], gone = KEYS[key_at + 2],
+    sid = ARGV[at], version = ARGV[at + 1], lease = ARGV[at + 2],
+    release = ARGV[at + 3], channel = ARGV[at + 4], first = at + 6,
+    last = at + 5 + 3 * tonumber(ARGV[at + 5]),
+  }
+  parts[#parts + 1] = part
+  at = part.last + 1
+  key_at = key_at + 3
+end
+-- Every part checked before any is written.
+for i, part in ipairs(parts) do
+  local kind = redis.call('TYPE', part.dl).ok
+  if kind ~= 'zset' and kind ~= 'none' then return {i, 'damaged', part.dl} end
+  local meta = redis.pcall('HMGET', part.key, '_v', '_l')
+  if meta.err then return {i, 'wrongtype'} end
+  if not meta[1] then
+    local gone = redis.call('TYPE', part.gone).ok
+    if gone == 'none' then return {i, 'none'} end
+    if gone ~= 'string' then return {i, 'badgone'} end
+    return {i, 'gone', redis.call('GET', part.gone)}
+  end
+  if #meta[1] > 15 or not string.find(meta[1], '^%d+$') then return {i, 'corrupt', '_v'} end
+  if meta[1] ~= part.version or (part.lease ~= '' and meta[2] ~= part.lease) then
+    return {i, 'conflict', meta[1]}
+  end
+end
+local reply = {'ok'}
+for _, part in ipairs(parts) do
+  local version = string.format('%d', tonumber(part.version) + 1)
+  local sets = {'_v', version}
+  local names = {}
+  for j = part.first, part.last, 3 do
+    local name = ARGV[j]
+    names[#names + 1] = name
+    sets[#sets + 1] = 'v:' .. name
+    sets[#sets + 1] = ARGV[j + 1]
+    local member = 'v\0' .. part.sid .. '\0' .. name
+    if ARGV[j + 2] ~= '' then
+      sets[#sets + 1] = 't:' .. name
+      sets[#sets + 1] = ARGV[j + 2]
+      redis.call('ZADD', part.dl, ARGV[j + 2], member)
+    elseif redis.call('HDEL', part.key, 't:' .. name) == 1 then
+      redis.call('ZREM', part.dl, member)
+    end
+  end
+  for first = 1, #sets, 1000 do
+    redis.call('HSET', part.key, unpack(sets, first, math.min(first + 999, #sets)))
+  end
+  if part.lease ~= '' and part.release == '1' then
+    redis.call('HDEL', part.key, '_l', '_lu', '_lk')
+  end
+  if #names > 0 then
+    redis.call(PUBLISH, part.channel, cjson.encode({k = 'changed', s = part.sid, o = ORIGIN,
+      n = names}))
+  end
+  reply[#reply + 1] = version
+end
+return remember(reply)
+"""
+)
+
+
+def joint_committed(parts: Sequence[CommitPart], now: float, reply: list[Any]) -> tuple[int, ...]:
+    """Each part's new version, or the first refusal raised as a commit's would be."""
+    if replies.text(reply[0]) == "ok":
+        return tuple(int(version) for version in reply[1:])
+    part = parts[int(reply[0]) - 1]
+    replies.committed(part.sid, part.version, now, reply[1:])  # raises
+    raise AssertionError("a refused joint commit raises")  # pragma: no cover
