@@ -100,11 +100,6 @@ def count_forever(kind: str, where: str, prefix: str, sid: str) -> None:
         sys.stdout.flush()
 
 
-if __name__ == "__main__":
-    kind, where, prefix, sid = sys.argv[1:5]
-    count_forever(kind, where, prefix, sid)
-
-
 def increment_kept(where: str, prefix: str, sid: str, times: int) -> None:
     """Increment a session's counter ``times`` times, each event on an engine that
     keeps its leases between events."""
@@ -114,3 +109,34 @@ def increment_kept(where: str, prefix: str, sid: str, times: int) -> None:
         with eng.event(sid) as ev:
             ev[count] += 1
     eng.shutdown()
+
+
+def user_events(kind: str, where: str, prefix: str, worker: int, times: int, out: Any) -> None:
+    """From a session of its own, ``times`` events adding to user alice's cart and to
+    the session's own count (the two commit together); report the session."""
+    eng = engine(kind, where, prefix)
+    cart: SessionState[list[int]] = eng.user_state("cart", [])
+    count: SessionState[int] = eng.session_state("count", 0)
+    sid = eng.open_session()
+    for i in range(times):
+        with eng.event(sid, user="alice") as ev:
+            ev[cart].append(worker * 10_000 + i)
+            ev[count] += 1
+    out.put(sid)
+
+
+def reap_users(kind: str, where: str, prefix: str, shift: float, out: Any, start: Any) -> None:
+    """Reap with a clock ``shift`` seconds ahead; report each user value deleted."""
+
+    def record(value: list[str], reason: DeleteReason) -> None:
+        out.put((value, reason.value))
+
+    eng = engine(kind, where, prefix, shift=shift, user_idle_ttl=60)
+    eng.user_state("cart", [], on_delete=record)
+    start.wait()
+    eng.reap()
+
+
+if __name__ == "__main__":
+    kind, where, prefix, sid = sys.argv[1:5]
+    count_forever(kind, where, prefix, sid)

@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_sessions", "_globals", "_commit", "_remote", "_renewal", "_kept"),
     ("_entry",),
     ("_lease_entry",),
+    ("_users",),
     ("_engine_host",),
     ("_declarations",),
     ("_engine",),

@@ -214,3 +214,52 @@ def test_8_processes_opening_at_capacity_all_succeed_and_evict_each_session_once
     # next opens evict back: one more open here brings it to capacity.
     engine.open_session()
     assert engine.session_count() == capacity
+
+
+def test_8_processes_x_200_events_on_one_users_state_are_exact(
+    shared: tuple[str, str, str], parent: Any
+) -> None:
+    """Each process adds to user alice's cart from a session of its own, and to that
+    session's own count in the same events: the cart must hold all 1,600 items (events
+    of the user's sessions took turns) and each session's count 200 (its writes
+    committed with the user's)."""
+    kind, where, prefix = shared
+    out = SPAWN.Queue()
+    workers = [
+        SPAWN.Process(target=_workers.user_events, args=(kind, where, prefix, k, 200, out))
+        for k in range(8)
+    ]
+    run_all(workers)
+    engine = parent(kind, where, prefix)
+    cart: SessionState[list[int]] = engine.user_state("cart", [])
+    count: SessionState[int] = engine.session_state("count", 0)
+    assert sorted(cart.get("alice")) == sorted(
+        k * 10_000 + i for k in range(8) for i in range(200)
+    )
+    sids = [out.get(timeout=10) for _ in range(8)]
+    assert [count.get(sid) for sid in sids] == [200] * 8
+
+
+def test_a_users_idle_expiry_runs_on_delete_once_across_4_processes(
+    shared: tuple[str, str, str], parent: Any
+) -> None:
+    kind, where, prefix = shared
+    engine = parent(kind, where, prefix, user_idle_ttl=60)
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    sid = engine.open_session()
+    with engine.event(sid, user="alice") as ev:
+        ev[cart].append("x")
+    out, start = SPAWN.Queue(), SPAWN.Barrier(4)
+    # The reapers' clocks run 120 s ahead: to them alice's record expired 60 s ago
+    # (and her session, with its idle ttl of an hour, did not).
+    reapers = [
+        SPAWN.Process(target=_workers.reap_users, args=(kind, where, prefix, 120.0, out, start))
+        for _ in range(4)
+    ]
+    run_all(reapers, timeout=60)
+    calls = []
+    while not out.empty():
+        calls.append(out.get(timeout=1))
+    assert calls == [(["x"], "idle")]
+    assert engine.exists(sid)
+    assert cart.get("alice") == []  # a new record: the default

@@ -10,14 +10,20 @@ records sit on different slots); ``RedisStore.joint_commits`` says which.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import _redis_replies as replies
+from ._redis_calls import Plan
+from ._redis_failures import DamagedKey
+from ._redis_layout import Layout
 from ._redis_requests import ONCE
 from .base import CommitPart
 
-__all__ = ["JOINT", "joint_committed"]
+if TYPE_CHECKING:
+    from .redis import RedisStore
+
+__all__ = ["JOINT", "joint_committed", "joint_plan"]
 
 # KEYS: request, then for each part its deadline index, hash and tombstone.
 # ARGV: the first part's bucket settings (see ``_redis_scripts``), then for each part:
@@ -100,6 +106,49 @@ end
 return remember(reply)
 """
 )
+
+
+def joint_plan(
+    layout: Layout,
+    request: Callable[[str], str],
+    store: RedisStore,
+    parts: tuple[CommitPart, ...],
+    now: float,
+) -> Plan[tuple[int, ...]]:
+    """The JOINT script's call for ``parts``; ``request(prefix)`` draws a request key.
+
+    Raises:
+        ValueError: on a cluster (the parts' keys sit on different slots).
+    """
+    if store.cluster:
+        raise ValueError(
+            "a joint commit needs every key on one server; on a Redis Cluster a "
+            "session and its user's record sit on different slots"
+        )
+    first = layout.of(parts[0].sid)
+    keys: list[Any] = [request(first.P)]
+    args: list[Any] = [first.settings]
+    for part in parts:
+        bucket = layout.of(part.sid)
+        keys += [bucket.dl, bucket.P + "s:" + part.sid, bucket.P + "gone:" + part.sid]
+        args += [
+            part.sid,
+            str(part.version),
+            part.lease or "",
+            "1" if part.release else "0",
+            bucket.channel,
+            str(len(part.writes)),
+        ]
+        for name, value in part.writes.items():
+            deadline = part.ttl_deadlines.get(name)
+            args += [name, value, "" if deadline is None else replies.num(deadline)]
+
+    def answer(reply: list[Any]) -> tuple[int, ...]:
+        if len(reply) > 2 and reply[1] == b"damaged":
+            raise DamagedKey(str(store), replies.text(reply[2]))
+        return joint_committed(parts, now, reply)
+
+    return Plan("JOINT", keys, args, answer)
 
 
 def joint_committed(parts: Sequence[CommitPart], now: float, reply: list[Any]) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ from . import _redis_spread as spread_ops
 from ._redis_calls import Call, Ops, Pause, Plan, Read, raw
 from ._redis_claims import CLAIM_TTL, LostClaims
 from ._redis_failures import DamagedKey
-from ._redis_joint import joint_committed
+from ._redis_joint import joint_plan
 from ._redis_layout import Bucket, Layout
 from ._redis_notices import NoticeFeeds
 from ._redis_spread import BUDGET_MIN
@@ -447,36 +447,7 @@ class RedisNamespace:
     acommit = _awaiting(_commit)
 
     def _commit_joint(self, parts: Iterable[CommitPart], *, now: float) -> Plan[tuple[int, ...]]:
-        if self._store.cluster:
-            raise ValueError(
-                "a joint commit needs every key on one server; on a Redis Cluster a "
-                "session and its user's record sit on different slots"
-            )
-        parts = tuple(parts)
-        first = self._layout.of(parts[0].sid)
-        keys: list[Any] = [self._request(first.P)]
-        args: list[Any] = [first.settings]
-        for part in parts:
-            bucket = self._layout.of(part.sid)
-            keys += [bucket.dl, bucket.P + "s:" + part.sid, bucket.P + "gone:" + part.sid]
-            args += [
-                part.sid,
-                str(part.version),
-                part.lease or "",
-                "1" if part.release else "0",
-                bucket.channel,
-                str(len(part.writes)),
-            ]
-            for name, value in part.writes.items():
-                deadline = part.ttl_deadlines.get(name)
-                args += [name, value, "" if deadline is None else replies.num(deadline)]
-
-        def answer(reply: list[Any]) -> tuple[int, ...]:
-            if len(reply) > 2 and reply[1] == b"damaged":
-                raise DamagedKey(str(self._store), replies.text(reply[2]))
-            return joint_committed(parts, now, reply)
-
-        return Plan("JOINT", keys, args, answer)
+        return joint_plan(self._layout, self._request, self._store, tuple(parts), now)
 
     commit_joint = _blocking(_commit_joint)
     acommit_joint = _awaiting(_commit_joint)

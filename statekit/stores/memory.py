@@ -1,11 +1,12 @@
 """The in-memory store: the default, for one process.
 
 Values are kept as Python objects, never serialized. Lifetimes need no heap: the
-engine uses one idle ttl, one closed grace and one ttl per state, so in each of these
-queues deadlines arrive in the order entries are touched. Each queue is an
-``OrderedDict`` (touching moves an entry to the end, in O(1)), and reaping looks only
-at the queue fronts. The open-session queue doubles as the least-recently-used order
-for capacity eviction.
+engine uses one idle ttl, one closed grace, one idle ttl for users' records (ids
+beginning ``u:``) and one ttl per state, so in each of these queues deadlines arrive in
+the order entries are touched. Each queue is an ``OrderedDict`` (touching moves an
+entry to the end, in O(1)), and reaping looks only at the queue fronts. The queues
+double as the least-recently-used order for capacity eviction: closed sessions first,
+then open ones, then users' records.
 
 Each session's record also carries its lock (a :class:`~statekit._locks.Latch`): the
 engine's events take it in the same critical section as they load the session
@@ -25,16 +26,17 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from statekit import _fork
+from statekit._checks import USER_PREFIX
 from statekit._codec import Codec
-from statekit._locks import AsyncWaiter, Latch, await_turn, wait_turn
+from statekit._locks import AsyncWaiter, await_turn, wait_turn
 from statekit.exceptions import SessionExpired, SessionNotFound, StoreConflict
 
+from ._memory_records import AppState, Queued, Record
 from .base import (
     Busy,
     CommitPart,
@@ -55,36 +57,6 @@ __all__ = ["MemoryStore"]
 # How many ended session ids are remembered, to answer "expired" rather than "unknown".
 # Bounded, so that churn cannot grow memory without limit.
 TOMBSTONES = 100_000
-
-
-class _Record(Latch):
-    """A session: its values, lifetime, and lock (``owner``/``waiters``, from Latch).
-    ``removed`` once it left the store, for an event that holds it or waits for it."""
-
-    __slots__ = ("closed", "deadline", "removed", "sid", "value_deadlines", "values", "version")
-
-    def __init__(self, sid: str, deadline: float) -> None:
-        self.owner = None  # the Latch's fields, set here rather than by a call
-        self.waiters = None
-        self.sid = sid
-        self.version = 0
-        self.closed = False
-        self.removed = False
-        self.deadline = deadline
-        self.values: dict[str, Any] = {}
-        self.value_deadlines: dict[str, float] | None = None
-
-
-class Queued(Turn):
-    """An event waiting for a session another event holds: wait for the turn
-    (:meth:`_MemoryNamespace.wait_turn` in a thread, :meth:`~_MemoryNamespace.await_turn`
-    in a task), then :meth:`_MemoryNamespace.enter_after_wait`."""
-
-    __slots__ = ("record", "waiter")
-
-    def __init__(self, record: _Record, waiter: threading.Lock | AsyncWaiter) -> None:
-        self.record = record
-        self.waiter = waiter
 
 
 class MemoryStore:
@@ -115,7 +87,7 @@ class MemoryStore:
                 f"{type(check_values).__name__}"
             )
         self.check_values = check_values
-        self._apps: dict[str, _AppState] = {}
+        self._apps: dict[str, AppState] = {}
         self._lock = threading.Lock()
         _fork.after_fork_in_child(self)
 
@@ -128,7 +100,7 @@ class MemoryStore:
         with self._lock:
             state = self._apps.get(app)
             if state is None:
-                state = self._apps[app] = _AppState()
+                state = self._apps[app] = AppState()
             handle = _MemoryNamespace(state)
             with state.lock:
                 state.handles.add(handle)
@@ -141,26 +113,11 @@ class MemoryStore:
         me = threading.get_ident()  # an event open across the fork goes on here
         for state in self._apps.values():
             _fork.free_lock(state.lock)
-            for queue in (state.open, state.closed):
+            for queue in (state.open, state.closed, state.users):
                 for rec in queue.values():
                     if rec.owner != me:
                         rec.owner = None
                     rec.waiters = None
-
-
-class _AppState:
-    """The data of one application, shared by its handles."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.open: OrderedDict[str, _Record] = OrderedDict()
-        self.closed: OrderedDict[str, _Record] = OrderedDict()
-        self.ttl: dict[str, OrderedDict[str, float]] = {}
-        self.gone: OrderedDict[str, tuple[DeleteReason, float]] = OrderedDict()
-        self.globals: dict[str, tuple[Any, int]] = {}
-        self.subscribers: dict[int, tuple[str, Callable[[Notice], None]]] = {}
-        # Handles not shut down (nor garbage-collected): the data ends with the last.
-        self.handles: weakref.WeakSet[_MemoryNamespace] = weakref.WeakSet()
 
 
 _handles = itertools.count(1)
@@ -174,14 +131,15 @@ class _MemoryNamespace:
     An :class:`~statekit.stores.base.EnteringNamespace`: each session's lock lives in
     its record, shared by every engine of the application."""
 
-    entered_type = _Record
+    entered_type = Record
 
-    def __init__(self, state: _AppState) -> None:
+    def __init__(self, state: AppState) -> None:
         self._state = state
         self.origin = f"memory-{next(_handles)}"
         self._lock = state.lock
         self._open = state.open
         self._closed = state.closed
+        self._users = state.users
         self._ttl = state.ttl
         self._gone = state.gone
         self._globals = state.globals
@@ -235,12 +193,13 @@ class _MemoryNamespace:
     ) -> tuple[Ended, ...]:
         evicted: list[Ended] = []
         with self._lock:
-            if sid in self._open or sid in self._closed:
+            if sid in self._open or sid in self._closed or sid in self._users:
                 raise SessionIdTaken
-            while self._open or self._closed:
-                if len(self._open) + len(self._closed) < capacity:
+            while self._open or self._closed or self._users:
+                if len(self._open) + len(self._closed) + len(self._users) < capacity:
                     break
-                queue = self._closed if self._closed else self._open
+                # Closed sessions first, then open ones, then users' records.
+                queue = self._closed or self._open or self._users
                 victim = next(iter(queue.values()))
                 if victim.deadline <= now:
                     reason = DeleteReason.CLOSED if victim.closed else DeleteReason.IDLE
@@ -248,7 +207,8 @@ class _MemoryNamespace:
                 else:
                     reason, at = DeleteReason.EVICTED, now
                 evicted.append(self._remove(victim, reason, at))
-            self._open[sid] = _Record(sid, deadline)
+            order = self._users if sid.startswith(USER_PREFIX) else self._open
+            order[sid] = Record(sid, deadline, order)
         if evicted and self._subscribers:
             self._publish(self._ended_notices(evicted))
         return tuple(evicted)
@@ -267,7 +227,7 @@ class _MemoryNamespace:
                     rec.deadline = touch_until
                     self._open.move_to_end(sid)
                 return Loaded(sid=sid, version=rec.version, closed=False, values=rec.values)
-            rec = rec or self._closed.get(sid)
+            rec = rec or self._closed.get(sid) or self._users.get(sid)
             if rec is None:
                 return self._gone_answer(sid)
             gone = self._load(rec, expired, now, touch_until)
@@ -284,7 +244,7 @@ class _MemoryNamespace:
         return gone
 
     def _load(
-        self, rec: _Record, expired: list[Ended], now: float, touch_until: float | None
+        self, rec: Record, expired: list[Ended], now: float, touch_until: float | None
     ) -> Gone | None:
         """Under the lock: end a session past its deadline (its ``Gone``), or else move
         its values past their own ttl to ``expired`` and slide its deadline to
@@ -297,7 +257,7 @@ class _MemoryNamespace:
             expired.extend(self._claim_values(rec, now))
         if not rec.closed and touch_until is not None:
             rec.deadline = touch_until
-            self._open.move_to_end(rec.sid)
+            rec.order.move_to_end(rec.sid)
         return None
 
     # -- events: the session's lock and its load or commit in one critical section ---
@@ -310,7 +270,7 @@ class _MemoryNamespace:
         blocking: bool,
         now: float,
         touch_until: float,
-    ) -> _Record | Gone | Queued | None:
+    ) -> Record | Gone | Queued | None:
         """Take the lock of session ``sid`` for ``owner`` and load it (touching it):
         the session's record, whose values and version the caller reads while it holds
         the lock; ``Gone`` or None (unknown) if it cannot be entered; or, when another
@@ -324,7 +284,7 @@ class _MemoryNamespace:
         # acquire/release rather than 'with': half the cost, on every event
         self._lock.acquire()
         try:
-            rec = self._open.get(sid) or self._closed.get(sid)
+            rec = self._open.get(sid) or self._closed.get(sid) or self._users.get(sid)
             if rec is None:
                 return self._gone_answer(sid)
             if rec.owner is not None:
@@ -332,7 +292,7 @@ class _MemoryNamespace:
             rec.owner = owner
             if rec.deadline > now and not rec.value_deadlines and not rec.closed:
                 rec.deadline = touch_until  # the common case, inline
-                self._open.move_to_end(sid)
+                rec.order.move_to_end(sid)
                 return rec
             entered = self._load_held(rec, expired, now, touch_until)
         finally:
@@ -365,12 +325,12 @@ class _MemoryNamespace:
             rec, owner, await await_turn(queued.waiter, rec, self._lock, **waiting)
         )
 
-    def _waiting(self, rec: _Record, timeout: float) -> dict[str, Any]:
+    def _waiting(self, rec: Record, timeout: float) -> dict[str, Any]:
         """How long a waiter waits, and how it passes on a lock granted as it leaves."""
         return {"timeout": timeout, "release": lambda: self.release_entered(rec)}
 
     @staticmethod
-    def _granted(rec: _Record, owner: object, turn_came: bool) -> bool:
+    def _granted(rec: Record, owner: object, turn_came: bool) -> bool:
         """Record the new owner of a session whose lock was handed over."""
         if turn_came:
             rec.owner = owner
@@ -383,7 +343,7 @@ class _MemoryNamespace:
         *,
         now: float,
         touch_until: float,
-    ) -> _Record | Gone | None:
+    ) -> Record | Gone | None:
         """Load a session whose lock the caller holds after waiting for its turn."""
         assert isinstance(queued, Queued)
         rec = queued.record
@@ -397,8 +357,8 @@ class _MemoryNamespace:
         return entered
 
     def _load_held(
-        self, rec: _Record, expired: list[Ended], now: float, touch_until: float
-    ) -> _Record | Gone:
+        self, rec: Record, expired: list[Ended], now: float, touch_until: float
+    ) -> Record | Gone:
         """Under the lock, for the holder of the record's latch: load or end it."""
         gone = self._load(rec, expired, now, touch_until)
         if gone is not None:
@@ -466,7 +426,7 @@ class _MemoryNamespace:
         diagnostic: it looks at every session)."""
         held = waiting = 0
         with self._lock:
-            for queue in (self._open, self._closed):
+            for queue in (self._open, self._closed, self._users):
                 for rec in queue.values():
                     if not rec.idle:
                         held += 1
@@ -491,7 +451,7 @@ class _MemoryNamespace:
         keep: object = None,  # no leases here: lease, release and keep mean nothing
     ) -> int:
         with self._lock:
-            rec = self._open.get(sid) or self._closed.get(sid)
+            rec = self._open.get(sid) or self._closed.get(sid) or self._users.get(sid)
             if rec is None:
                 raise self._ended_error(sid, now)
             if rec.version != version:
@@ -508,7 +468,8 @@ class _MemoryNamespace:
         with self._lock:
             recs = []
             for part in parts:  # every part checked before any is written
-                rec = self._open.get(part.sid) or self._closed.get(part.sid)
+                sid = part.sid
+                rec = self._open.get(sid) or self._closed.get(sid) or self._users.get(sid)
                 if rec is None:
                     raise self._ended_error(part.sid, now)
                 if rec.version != part.version:
@@ -526,7 +487,7 @@ class _MemoryNamespace:
         return versions
 
     def _write(
-        self, rec: _Record, writes: Mapping[str, Any], ttl_deadlines: Mapping[str, float] | None
+        self, rec: Record, writes: Mapping[str, Any], ttl_deadlines: Mapping[str, float] | None
     ) -> int:
         """Under the lock: store a commit's values and deadlines; the new version."""
         rec.values.update(writes)
@@ -564,6 +525,7 @@ class _MemoryNamespace:
                 rec.closed = True
                 rec.deadline = deadline
                 self._closed[sid] = rec
+                rec.order = self._closed
                 ended = Ended(sid=sid, reason=DeleteReason.CLOSED, values={}, at=now)
                 outcome = True
         if self._subscribers:
@@ -571,7 +533,7 @@ class _MemoryNamespace:
         return outcome
 
     def session_count(self) -> int:
-        return len(self._open) + len(self._closed)
+        return len(self._open) + len(self._closed) + len(self._users)
 
     def reap(self, *, now: float, limit: int) -> tuple[Ended, ...]:
         out: list[Ended] = []
@@ -579,7 +541,7 @@ class _MemoryNamespace:
             while len(out) < limit:
                 best: float = now
                 pick: Any = None
-                for queue in (self._open, self._closed):
+                for queue in (self._open, self._closed, self._users):
                     if queue:
                         rec = next(iter(queue.values()))
                         if rec.deadline <= best:
@@ -591,31 +553,31 @@ class _MemoryNamespace:
                             best, pick = deadline, (name, sid)
                 if pick is None:
                     break
-                if isinstance(pick, _Record):
+                if isinstance(pick, Record):
                     reason = DeleteReason.CLOSED if pick.closed else DeleteReason.IDLE
                     out.append(self._remove(pick, reason, pick.deadline))
                 else:
                     name, sid = pick
-                    rec = self._open.get(sid) or self._closed[sid]
+                    rec = self._open.get(sid) or self._closed.get(sid) or self._users[sid]
                     out.append(self._claim_value(rec, name, best))
         if out and self._subscribers:
             self._publish(self._ended_notices(e for e in out if not e.was_closed))
         return tuple(out)
 
-    def _claim_values(self, rec: _Record, now: float) -> tuple[Ended, ...]:
+    def _claim_values(self, rec: Record, now: float) -> tuple[Ended, ...]:
         assert rec.value_deadlines is not None
         due = [name for name, deadline in rec.value_deadlines.items() if deadline <= now]
         return tuple(self._claim_value(rec, name, rec.value_deadlines[name]) for name in due)
 
-    def _claim_value(self, rec: _Record, name: str, at: float) -> Ended:
+    def _claim_value(self, rec: Record, name: str, at: float) -> Ended:
         assert rec.value_deadlines is not None
         del rec.value_deadlines[name]
         del self._ttl[name][rec.sid]
         value = rec.values.pop(name)
         return Ended(sid=rec.sid, reason=DeleteReason.TTL, values={name: value}, state=name, at=at)
 
-    def _remove(self, rec: _Record, reason: DeleteReason, at: float) -> Ended:
-        (self._closed if rec.closed else self._open).pop(rec.sid)
+    def _remove(self, rec: Record, reason: DeleteReason, at: float) -> Ended:
+        rec.order.pop(rec.sid)
         rec.removed = True
         if rec.value_deadlines:
             for name in rec.value_deadlines:
@@ -663,11 +625,12 @@ class _MemoryNamespace:
             self._state.handles.discard(self)
             if self._state.handles:
                 return ()
-            records = [*self._open.values(), *self._closed.values()]
+            records = [*self._open.values(), *self._closed.values(), *self._users.values()]
             for rec in records:
                 rec.removed = True
             self._open.clear()
             self._closed.clear()
+            self._users.clear()
             self._ttl.clear()
             self._globals.clear()
         return tuple(

@@ -1,0 +1,77 @@
+"""The memory store's data: a session's record (with its lock), an event's place in a
+session's queue, and an application's state, shared by its handles."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from statekit._locks import AsyncWaiter, Latch
+
+from .base import DeleteReason, Notice, Turn
+
+if TYPE_CHECKING:
+    from .memory import _MemoryNamespace
+
+__all__ = ["AppState", "Queued", "Record"]
+
+
+class Record(Latch):
+    """A session: its values, lifetime, and lock (``owner``/``waiters``, from Latch).
+    ``removed`` once it left the store, for an event that holds it or waits for it."""
+
+    __slots__ = (
+        "closed",
+        "deadline",
+        "order",
+        "removed",
+        "sid",
+        "value_deadlines",
+        "values",
+        "version",
+    )
+
+    def __init__(self, sid: str, deadline: float, order: OrderedDict[str, Record]) -> None:
+        self.owner = None  # the Latch's fields, set here rather than by a call
+        self.waiters = None
+        self.sid = sid
+        self.version = 0
+        self.closed = False
+        self.removed = False
+        self.deadline = deadline
+        self.values: dict[str, Any] = {}
+        self.value_deadlines: dict[str, float] | None = None
+        #: The queue it is in, in deadline order: open sessions, closed ones, or users'
+        #: records (whose idle span is another).
+        self.order = order
+
+
+class Queued(Turn):
+    """An event waiting for a session another event holds: wait for the turn
+    (:meth:`_MemoryNamespace.wait_turn` in a thread, :meth:`~_MemoryNamespace.await_turn`
+    in a task), then :meth:`_MemoryNamespace.enter_after_wait`."""
+
+    __slots__ = ("record", "waiter")
+
+    def __init__(self, record: Record, waiter: threading.Lock | AsyncWaiter) -> None:
+        self.record = record
+        self.waiter = waiter
+
+
+class AppState:
+    """The data of one application, shared by its handles."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open: OrderedDict[str, Record] = OrderedDict()
+        self.closed: OrderedDict[str, Record] = OrderedDict()
+        self.users: OrderedDict[str, Record] = OrderedDict()
+        self.ttl: dict[str, OrderedDict[str, float]] = {}
+        self.gone: OrderedDict[str, tuple[DeleteReason, float]] = OrderedDict()
+        self.globals: dict[str, tuple[Any, int]] = {}
+        self.subscribers: dict[int, tuple[str, Callable[[Notice], None]]] = {}
+        # Handles not shut down (nor garbage-collected): the data ends with the last.
+        self.handles: weakref.WeakSet[_MemoryNamespace] = weakref.WeakSet()

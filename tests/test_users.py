@@ -1,0 +1,358 @@
+"""User state: one value per user, shared by all of the user's sessions, on every store.
+
+Every test here would fail if user state were kept per session (the second session
+would see the default), if its writes were committed apart from the session's (the
+joint-commit tests see one part without the other), or if events of two sessions of
+one user did not take turns (the totals would come out short).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from statekit import (
+    DeleteReason,
+    InvalidDeclaration,
+    SessionNotFound,
+    SessionState,
+    StateEngine,
+    UsageError,
+)
+from statekit.exceptions import StoreConflict
+from statekit.stores import MemoryStore, RedisStore, SQLiteStore, Store
+from statekit.stores.base import CommitPart
+from statekit.testing import FakeClock, RedisServer
+
+StoreFactory = Callable[[], Store]
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def user_store(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[StoreFactory]:
+    """Makes stores of one kind that commit a session and a user together (a Redis
+    Cluster does not: test_a_cluster_refuses_user_state); stores made for one test
+    share their data."""
+    made: list[Store] = []
+    memory = MemoryStore()
+    prefix = f"u{uuid.uuid4().hex[:8]}"
+
+    def make() -> Store:
+        store: Store
+        if request.param == "memory":
+            store = memory
+        elif request.param == "sqlite":
+            store = SQLiteStore(tmp_path / "state.db")
+        else:
+            store = RedisStore(redis_server.url, prefix=prefix)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+
+
+@pytest.fixture
+def engines(user_store: StoreFactory) -> Iterator[Callable[..., StateEngine]]:
+    """Makes engines on the test's store kind (each on a store of its own, sharing its
+    data); shuts them down afterwards."""
+    made: list[StateEngine] = []
+
+    def make(**kw: Any) -> StateEngine:
+        engine = StateEngine(user_store(), app="users", **kw)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.shutdown()
+
+
+def test_two_sessions_of_one_user_share_its_values(
+    engines: Any,
+) -> None:
+    engine = engines()
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    phone, laptop, other = engine.open_session(), engine.open_session(), engine.open_session()
+    with engine.event(phone, user="alice") as ev:
+        ev[cart].append("apple")
+    with engine.event(laptop, user="alice") as ev:
+        assert ev[cart] == ["apple"]  # a per-session value would be []
+        ev[cart].append("pear")
+    with engine.event(other, user="bob") as ev:
+        assert ev[cart] == []  # another user's is their own
+    assert cart.get("alice") == ["apple", "pear"]
+    assert cart.get("carol") == []  # no record yet: the default
+    # Another engine (another process, on a shared store) reads the same record.
+    if engine.store.shared:
+        second = engines()
+        cart2 = second.user_state("cart", [])
+        assert cart2.get("alice") == ["apple", "pear"]
+
+
+def test_an_event_writes_its_session_and_its_user_together_or_not_at_all(
+    engines: Any,
+) -> None:
+    engine = engines()
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    count: SessionState[int] = engine.session_state("count", 0)
+    sid = engine.open_session()
+    with engine.event(sid, user="alice") as ev:
+        ev[cart].append("apple")
+        ev[count] += 1
+    assert ev.result.changed == {"cart", "count"}
+    with pytest.raises(RuntimeError), engine.event(sid, user="alice") as ev:
+        ev[cart].append("lost")
+        ev[count] += 1
+        raise RuntimeError("the handler failed")
+    assert cart.get("alice") == ["apple"]
+    assert count.get(sid) == 1
+
+
+def test_a_refused_joint_commit_writes_no_part(user_store: StoreFactory) -> None:
+    """The store's own guarantee: a joint commit checks every part before it writes
+    one. Here the second part's version is stale; a store that wrote the first part
+    before checking the second would leave "written" in the first session."""
+    engine = StateEngine(user_store(), app="joint")
+    try:
+        note = engine.session_state("note", "")
+        a, b = engine.open_session(), engine.open_session()
+        with engine.event(b) as ev:
+            ev[note] = "b moved on"
+        ns: Any = engine._ns  # the engine's own handle: what its commits use
+        stored = engine._core.values.store("note", "written")
+        with pytest.raises(StoreConflict):
+            ns.commit_joint(
+                (
+                    CommitPart(sid=a, version=0, writes={"note": stored}, ttl_deadlines={}),
+                    CommitPart(sid=b, version=0, writes={"note": stored}, ttl_deadlines={}),
+                ),
+                now=engine.clock(),
+            )
+        assert note.get(a) == ""
+        assert note.get(b) == "b moved on"
+        # Both current: both written, each version one more.
+        versions = ns.commit_joint(
+            (
+                CommitPart(sid=a, version=0, writes={"note": stored}, ttl_deadlines={}),
+                CommitPart(sid=b, version=1, writes={"note": stored}, ttl_deadlines={}),
+            ),
+            now=engine.clock(),
+        )
+        assert tuple(versions) == (1, 2)
+        assert note.get(a) == note.get(b) == "written"
+    finally:
+        engine.shutdown()
+
+
+def test_events_of_one_users_sessions_take_turns(
+    engines: Any,
+) -> None:
+    """4 threads, each on a session of its own, 50 read-modify-writes each of one
+    user's counter: any two overlapping would lose an increment."""
+    engine = engines()
+    total: SessionState[int] = engine.user_state("total", 0)
+    sids = [engine.open_session() for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def work(sid: str) -> None:
+        try:
+            for _ in range(50):
+                with engine.event(sid, user="alice") as ev:
+                    ev[total] = ev[total] + 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(sid,)) for sid in sids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert total.get("alice") == 200
+
+
+def test_async_events_of_a_user(
+    engines: Any,
+) -> None:
+    engine = engines()
+    total: SessionState[int] = engine.user_state("total", 0)
+    sids = [engine.open_session() for _ in range(3)]
+
+    async def work(sid: str) -> None:
+        for _ in range(20):
+            async with engine.aevent(sid, user="alice") as ev:
+                value = ev[total]
+                await asyncio.sleep(0)  # another task runs here: it must wait
+                ev[total] = value + 1
+
+    async def main() -> None:
+        await asyncio.gather(*(work(sid) for sid in sids))
+
+    asyncio.run(main())
+    assert total.get("alice") == 60
+    assert asyncio.run(total.aget("alice")) == 60
+
+
+def test_an_event_without_a_user_cannot_touch_user_state() -> None:
+    engine = StateEngine()
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        with pytest.raises(UsageError, match=r"engine\.event\(sid, user=user_id\)"):
+            ev[cart]
+        with pytest.raises(UsageError, match="needs an event opened for a user"):
+            ev[cart] = ["x"]
+    for bad in ("", 42, "x" * 1025):
+        with pytest.raises(UsageError, match="user= takes the id of the user"):
+            engine.event(sid, user=bad)  # type: ignore[arg-type]
+    engine.shutdown()
+
+
+def test_a_users_record_is_not_a_session_anywhere(
+    engines: Any,
+) -> None:
+    """A client that learns (or computes) a record's id cannot open it as a session."""
+    engine = engines()
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    note: SessionState[str] = engine.session_state("note", "")
+    sid = engine.open_session()
+    with engine.event(sid, user="alice") as ev:
+        ev[cart].append("apple")
+        record = ev.user_part.sid
+    assert record.startswith("u:")
+    with pytest.raises(SessionNotFound, match="a user's record"), engine.event(record):
+        pass
+    with pytest.raises(SessionNotFound, match="a user's record"):
+        engine.close_session(record)
+    with pytest.raises(SessionNotFound, match="a user's record"):
+        note.get(record)
+    with pytest.raises(SessionNotFound, match="a user's record"):
+        engine.watch(record)
+    assert not engine.exists(record)
+    assert cart.get("alice") == ["apple"]
+
+
+def test_a_users_record_expires_after_user_idle_ttl_and_on_delete_runs_once() -> None:
+    clock = FakeClock()
+    deleted: list[tuple[Any, DeleteReason]] = []
+    engine = StateEngine(clock=clock, idle_ttl=10_000, user_idle_ttl=100)
+    cart: SessionState[list[str]] = engine.user_state(
+        "cart", [], on_delete=lambda v, r: deleted.append((v, r))
+    )
+    sid = engine.open_session()
+    with engine.event(sid, user="alice") as ev:
+        ev[cart].append("apple")
+    clock.advance(90)
+    with engine.event(sid, user="alice") as ev:  # use slides the record's deadline
+        assert ev[cart] == ["apple"]
+    clock.advance(90)
+    assert engine.reap() == 0
+    assert deleted == []
+    clock.advance(20)
+    assert engine.reap() == 1
+    assert deleted == [(["apple"], DeleteReason.IDLE)]
+    assert engine.exists(sid)  # the session lives on; its user's record is new
+    with engine.event(sid, user="alice") as ev:
+        assert ev[cart] == []
+    engine.shutdown()
+    assert deleted[1:] == [([], DeleteReason.SHUTDOWN)]
+
+
+def test_user_state_listeners(
+    engines: Any,
+) -> None:
+    """on_change runs in an event that holds the user too; on_remote_change runs for the
+    user's other sessions (here and in another engine), not for the one that changed."""
+    engine = engines()
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    size: SessionState[int] = engine.user_state("size", 0)
+    last: SessionState[str] = engine.session_state("last", "")
+
+    @cart.on_change
+    def count(ev: Any, value: list[str]) -> None:
+        ev[size] = len(value)
+        ev[last] = value[-1]
+
+    told: list[tuple[str, Any]] = []
+    cart.on_remote_change(lambda sid, value: told.append((sid, value)))
+    phone, laptop = engine.open_session(), engine.open_session()
+    with engine.event(laptop, user="alice") as ev:
+        ev[size]
+    with engine.event(phone, user="alice") as ev:
+        ev[cart].append("apple")
+    assert ev.result.changed == {"cart", "size", "last"}
+    assert size.get("alice") == 1
+    assert last.get(phone) == "apple"
+    assert told == [(laptop, ["apple"])]
+
+
+def test_watch_a_user(
+    engines: Any,
+) -> None:
+    """A tab's stream carries its user's changes made from another session, in this
+    engine and in another one on the same store."""
+    engine = engines()
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    other = engines() if engine.store.shared else engine
+    cart2 = other.user_state("cart", []) if other is not engine else cart
+    tab, phone = engine.open_session(), engine.open_session()
+
+    async def main() -> list[Any]:
+        got = []
+        async with engine.watch(tab, user="alice") as watch:
+            with engine.event(phone, user="alice") as ev:
+                ev[cart].append("apple")
+            got.append(await asyncio.wait_for(watch.__anext__(), 10))
+            with other.event(phone, user="alice") as ev:
+                ev[cart2].append("pear")
+            got.append(await asyncio.wait_for(watch.__anext__(), 10))
+        return got
+
+    got = asyncio.run(main())
+    assert [(c.sid, c.state, c.value) for c in got] == [
+        (None, "cart", ["apple"]),
+        (None, "cart", ["apple", "pear"]),
+    ]
+
+
+def test_versioned_user_state_is_migrated(tmp_path: Path) -> None:
+    """A deploy: version 1 wrote the user's value; version 2 renamed its key."""
+    store = SQLiteStore(tmp_path / "deploy.db")
+    old = StateEngine(store, app="v")
+    old.user_state("prefs", {"colour": "red"})
+    sid = old.open_session()
+    with old.event(sid, user="alice") as ev:
+        ev[old.states["prefs"]]["colour"] = "blue"
+    new = StateEngine(store, app="v")
+    prefs = new.user_state(
+        "prefs", {"color": "red"}, version=2, migrate=lambda v, old: {"color": old["colour"]}
+    )
+    assert prefs.get("alice") == {"color": "blue"}
+    new.shutdown()
+    old.shutdown()
+
+
+def test_a_cluster_refuses_user_state(redis_cluster: Any) -> None:
+    """Its sessions and user records sit on different slots: no joint commit."""
+    nodes = ",".join(f"{host}:{port}" for host, port in redis_cluster.startup_nodes)
+    store = RedisStore(f"redis+cluster://{nodes}", prefix=f"c{uuid.uuid4().hex[:8]}")
+    engine = StateEngine(store, app="cluster-users")
+    try:
+        with pytest.raises(InvalidDeclaration, match="Redis Cluster"):
+            engine.user_state("cart", [])
+        assert "cart" not in engine.states
+        assert not store.joint_commits
+    finally:
+        engine.shutdown()
+        store.close()
