@@ -46,18 +46,20 @@ class StateChange(NamedTuple):
         value: its new value (a copy of the consumer's own).
         missed: how many changes this watch dropped just before this one, because
             its consumer read too slowly (0 when none).
+        scope: ``"session"``, ``"user"`` or ``"global"``: the kind of the state.
     """
 
     sid: str | None
     state: str
     value: Any
     missed: int = 0
+    scope: str = "session"
 
     def __repr__(self) -> str:  # the id is a secret: never in logs
         sid = "None" if self.sid is None else "'…'"
         return (
             f"StateChange(sid={sid}, state={self.state!r}, value={self.value!r}, "
-            f"missed={self.missed})"
+            f"missed={self.missed}, scope={self.scope!r})"
         )
 
 
@@ -270,15 +272,16 @@ class Watchers:
         """Give each watch of ``sid`` (a session, or a user's record) the new values
         (name, value) of its states."""
         watches = list(self._sessions.get(sid, ()))
-        shown = None if sid.startswith(USER_PREFIX) else sid
+        user = sid.startswith(USER_PREFIX)
+        shown, scope = (None, "user") if user else (sid, "session")
         for name, value in changes:
             for watch in watches:
-                watch.push(StateChange(shown, name, copy_value(value)))
+                watch.push(StateChange(shown, name, copy_value(value), 0, scope))
 
     def global_changed(self, name: str, value: Any) -> None:
         """Give each watch of global ``name`` its new value."""
         for watch in list(self._globals.get(name, ())):
-            watch.push(StateChange(None, name, copy_value(value)))
+            watch.push(StateChange(None, name, copy_value(value), 0, "global"))
 
     def _on_notice(self, notice: Notice) -> None:
         """A global written elsewhere (in the store's notification thread): its watches

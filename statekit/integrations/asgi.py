@@ -197,6 +197,10 @@ class StateKitMiddleware:
         streams: global states whose changes every tab's change stream carries
             (``GET <prefix>/watch``, Server-Sent Events of the tab's session's changes;
             ``StateKit.start({watch: true})`` opens it).
+        user_of: ``user_of(scope)``, the id of the user the app authenticated for a
+            request (for example ``scope["user"].identity`` behind Starlette's
+            ``AuthenticationMiddleware``, which must then run before this one), or
+            None: a tab's change stream then carries that user's user states too.
 
     Raises:
         TypeError: ``engine`` is not a :class:`~statekit.StateEngine`.
@@ -221,8 +225,10 @@ class StateKitMiddleware:
         shutdown: bool = True,
         allowed_origins: Iterable[str] = (),
         streams: Iterable[GlobalState[Any]] = (),
+        user_of: Callable[[Scope], str | None] | None = None,
     ) -> None:
         self.app = app
+        self.user_of = user_of
         self.gate = web.SessionGate(
             engine,
             prefix=prefix,
@@ -321,7 +327,9 @@ class StateKitMiddleware:
         """``GET <prefix>/watch``: the tab's change stream as Server-Sent Events, until
         it ends or the page goes away (``http.disconnect``)."""
         headers = _headers(scope.get("headers") or ())
-        opened = self.gate.open_watch(method, path, headers, _query(scope.get("query_string")))
+        user = None if self.user_of is None else self.user_of(scope)
+        query = _query(scope.get("query_string"))
+        opened = self.gate.open_watch(method, path, headers, query, user=user)
         if not isinstance(opened, Watch):
             await _send_answer(send, opened, head=method.upper() == "HEAD")
             return
@@ -503,6 +511,7 @@ def install(
     shutdown: bool = True,
     allowed_origins: Iterable[str] = (),
     streams: Iterable[GlobalState[Any]] = (),
+    user_of: Callable[[Scope], str | None] | None = None,
 ) -> None:
     """Put a Starlette or FastAPI app's requests in statekit's sessions: adds
     :class:`StateKitMiddleware` and the :func:`exception_handlers` that answer
@@ -512,7 +521,7 @@ def install(
     Args:
         app: the Starlette or FastAPI app, before it starts.
         engine: the app's engine.
-        prefix, cookie, shutdown, allowed_origins, streams: as for
+        prefix, cookie, shutdown, allowed_origins, streams, user_of: as for
             :class:`StateKitMiddleware`.
 
     Raises:
@@ -536,6 +545,7 @@ def install(
         shutdown=shutdown,
         allowed_origins=allowed_origins,
         streams=streams,
+        user_of=user_of,
     )
     for cls, handler in exception_handlers().items():
         app.add_exception_handler(cls, handler)

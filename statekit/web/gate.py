@@ -264,13 +264,15 @@ class SessionGate:
         path: str,
         headers: Mapping[str, str],
         query: Mapping[str, str],
+        user: str | None = None,
     ) -> Watch | Answer:
         """For ``GET <prefix>/watch`` (a host that streams: see
         ``statekit.web.stream``): the tab's change stream, its session named by the
         ``statekit_session`` query parameter (an ``EventSource`` cannot send headers)
-        or the session header; or the answer that refuses it (another site's page:
-        ``403``; no session: ``409``). A session unknown or ended gives a stream that
-        ends at once."""
+        or the session header, with the user states of ``user`` (the id of the user
+        the host authenticated for the request, if any); or the answer that refuses
+        it (another site's page: ``403``; no session: ``409``). A session unknown or
+        ended gives a stream that ends at once."""
         endpoint, refused = self._check(method, path, headers)
         if refused is not None:
             return refused
@@ -280,7 +282,7 @@ class SessionGate:
         try:
             if not sid:
                 raise SessionNotFound("")
-            return self.engine.watch(sid, globals=self.streams)
+            return self.engine.watch(sid, user=user, globals=self.streams)
         except SessionNotFound as exc:  # none, or a malformed id
             answer = answer_for(exc)
             assert answer is not None  # an ended session always has one
@@ -507,19 +509,23 @@ class Visit:
     # -- events ------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def event(self, *, bind: str = "") -> Iterator[Event]:
-        """``engine.event`` on the request's session with the page's browser tokens; the
-        tokens the event makes go back with the response."""
-        with self.gate.engine.event(self.session(), browser=self._tokens, bind=bind) as ev:
+    def event(self, *, bind: str = "", user: str | None = None) -> Iterator[Event]:
+        """``engine.event`` on the request's session with the page's browser tokens (and
+        ``user``, the id of the user the host authenticated, if any); the tokens the
+        event makes go back with the response."""
+        engine = self.gate.engine
+        with engine.event(self.session(), browser=self._tokens, bind=bind, user=user) as ev:
             yield ev
         self.keep(ev.result)
 
     @contextlib.asynccontextmanager
-    async def aevent(self, *, bind: str = "") -> AsyncIterator[Event]:
-        """``engine.aevent`` on the request's session with the page's browser tokens; the
-        tokens the event makes go back with the response."""
+    async def aevent(self, *, bind: str = "", user: str | None = None) -> AsyncIterator[Event]:
+        """``engine.aevent`` on the request's session with the page's browser tokens (and
+        ``user``, as :meth:`event`); the tokens the event makes go back with the
+        response."""
         sid = await self.asession()
-        async with self.gate.engine.aevent(sid, browser=self._tokens, bind=bind) as ev:
+        engine = self.gate.engine
+        async with engine.aevent(sid, browser=self._tokens, bind=bind, user=user) as ev:
             yield ev
         self.keep(ev.result)
 

@@ -2,7 +2,8 @@
 
 The page opens ``new EventSource(kit.url(prefix + "/watch"))`` (``statekit.js`` does,
 with ``StateKit.start({watch: true})``); the server answers ``text/event-stream`` and
-sends, for each change of the tab's session and of the globals the app chose to stream
+sends, for each change of the tab's session, of its user's user states and of the
+globals the app chose to stream
 (``SessionGate(streams=[...])``), one event::
 
     event: change
@@ -10,7 +11,8 @@ sends, for each change of the tab's session and of the globals the app chose to 
 
 ``value`` is the value in statekit's tagged JSON (the default codec's format: JSON's
 own types as they are, ``{"$tuple": [...]}`` and the like for the rest); ``scope`` is
-``"session"`` or ``"global"``; ``missed`` says how many changes before this one were
+``"session"``, ``"user"`` (the user states of the user the host authenticated
+for the stream's request) or ``"global"``; ``missed`` says how many changes before this one were
 dropped because the page read too slowly. The session's id is never sent. A comment
 line every 15 s keeps proxies from closing an idle stream; when the stream ends (the
 session ended, the engine shut down) a last ``event: end`` is sent, and the page
@@ -53,9 +55,7 @@ def change_event(change: StateChange) -> bytes | None:
     except Exception as exc:
         logger.warning("a change of state %r was not streamed: %s", change.state, exc)
         return None
-    head = json.dumps(
-        {"scope": "session" if change.sid is not None else "global", "state": change.state}
-    )
+    head = json.dumps({"scope": change.scope, "state": change.state})
     data = f'{head[:-1]}, "value": {value}, "missed": {change.missed}}}'
     return f"event: change\ndata: {data}\n\n".encode()
 
