@@ -211,6 +211,64 @@ def test_a_new_visitor_shows_in_every_open_tab_without_a_reload(
     assert app.error(one) == app.error(two) == ""
 
 
+def _sign_in_to_account(page: Page, name: str) -> None:
+    page.fill("#account-name", name)
+    page.click("#sign-in")
+    page.wait_for_selector(f"#account:has-text('{name}')")
+    page.wait_for_function("() => kit.stream && kit.stream.readyState === 1", timeout=WAIT_MS)
+
+
+def _account_cart(page: Page) -> list[str]:
+    items: list[str] = json.loads(page.text_content("#account-cart") or "null")
+    return items
+
+
+def _add_to_account(page: Page, item: str) -> None:
+    page.check(f"#items input[value='{item}']")
+    page.click("#account-add")
+    page.wait_for_function(
+        "item => JSON.parse(document.getElementById('account-cart').textContent).includes(item)",
+        arg=item,
+    )
+    page.uncheck(f"#items input[value='{item}']")
+
+
+@pytest.mark.parametrize("app", [Demo()], ids=["demo"])
+def test_two_browsers_signed_in_to_one_account_see_one_cart_live(
+    app: App, server: Server, browser: Browser, request: pytest.FixtureRequest
+) -> None:
+    """Two browser contexts (two browsers: no cookie, no localStorage in common) signed
+    in to one account. Fails if user state were per session or per browser (the second
+    would show an empty cart), or if its changes did not reach the other browser's
+    change stream (nothing in that page asks the server again)."""
+    browsers = [Tabs(browser), Tabs(browser), Tabs(browser)]
+    try:
+        laptop, phone, other = (tabs.open(server.url) for tabs in browsers)
+        _sign_in_to_account(laptop, "alice")
+        _sign_in_to_account(phone, "alice")
+        _sign_in_to_account(other, "bob")
+        _add_to_account(laptop, "Milk")
+        phone.wait_for_function(
+            "() => document.getElementById('account-cart').textContent === '[\"Milk\"]'",
+            timeout=WAIT_MS,
+        )
+        _add_to_account(phone, "Cereal")
+        laptop.wait_for_function(
+            "() => JSON.parse(document.getElementById('account-cart').textContent).length === 2",
+            timeout=WAIT_MS,
+        )
+        assert _account_cart(laptop) == _account_cart(phone) == ["Milk", "Cereal"]
+        assert _account_cart(other) == []  # bob's is his own
+        assert app.cart(laptop) == app.cart(phone) == []  # each tab's own cart is apart
+        reload(phone)  # a new session of the same browser: the account's cart is there
+        assert _account_cart(phone) == ["Milk", "Cereal"]
+        assert app.error(laptop) == app.error(phone) == app.error(other) == ""
+    finally:
+        for tabs in browsers:
+            tabs.finish(request)
+    assert [tabs.errors for tabs in browsers] == [[], [], []]
+
+
 def test_closing_one_tab_ends_only_its_session(
     app: App, tabs: Tabs, redis_server: RedisServer
 ) -> None:

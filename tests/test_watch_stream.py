@@ -112,6 +112,36 @@ def test_a_tab_streams_its_own_changes_and_the_chosen_globals() -> None:
     run(scenario)
 
 
+def test_a_tab_of_a_signed_in_user_streams_the_users_changes() -> None:
+    """With ``user_of``, the stream carries the changes of the request's user's user
+    states made from another session, as scope "user"; not another user's. Fails if
+    the middleware does not pass the user to the watch (nothing would arrive) or
+    mixes users up."""
+
+    async def scenario() -> None:
+        engine = StateEngine()
+        cart: SessionState[list[str]] = engine.user_state("cart", [])
+        middleware = StateKitMiddleware(
+            app, engine, user_of=lambda scope: dict(scope["headers"])[b"x-user"].decode()
+        )
+        tab, phone, other = engine.open_session(), engine.open_session(), engine.open_session()
+        request = Request(middleware, f"statekit_session={tab}", {**SAME, "x-user": "alice"})
+        await request.until(lambda: bool(request.sent))
+        async with engine.aevent(other, user="bob") as ev:
+            ev[cart].append("not yours")
+        async with engine.aevent(phone, user="alice") as ev:
+            ev[cart].append("apple")
+        await request.until(lambda: len(request.events()) == 1)
+        await engine.aclose_session(tab)
+        await asyncio.wait_for(request.task, 5)
+        assert request.events() == [
+            ("change", {"scope": "user", "state": "cart", "value": ["apple"], "missed": 0}),
+            ("end", {}),
+        ]
+
+    run(scenario)
+
+
 def test_a_page_that_goes_away_closes_its_watch() -> None:
     """The page hangs up: the request ends and the engine drops its watch (events no
     longer go through it). Fails if a gone page's watch lives on."""

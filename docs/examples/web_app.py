@@ -6,7 +6,9 @@ per browser tab.
 - a counter object that cannot be copied, per tab (a session registry whose objects are
   made by ``engine.on_open`` when a tab's session opens);
 - a username and password kept in the browser, encrypted (browser state), shared by
-  every tab of the browser.
+  every tab of the browser;
+- an account's cart, shared by every tab of every browser signed in to the account
+  (user state), updated live in each of them.
 
 Run it with ``python3 dev.py demo`` (or ``python docs/examples/web_app.py --port
 8000``). Everything runs on the in-memory store. Browser values are encrypted with the
@@ -25,8 +27,11 @@ it when the tab closes. The handlers use only the engine's async calls.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -48,12 +53,43 @@ from statekit import (
     StateEngine,
 )
 from statekit.integrations.asgi import StateKitMiddleware, visit_of
+from statekit.web import Visit
 
 logger = logging.getLogger("statekit.demo")
 
 ITEMS = ["Cereal", "Milk", "Orange Juice", "Water"]
 #: The longest username or password the demo keeps.
 MAX_FIELD = 200
+#: The cookie that says which account a browser signed in to.
+ACCOUNT_COOKIE = "demo_account"
+
+
+class Accounts:
+    """The demo's sign-in: an account name in a cookie signed by the server, so that
+    no page can name an account it did not sign in to. (A demo: any name signs in,
+    without a password. A real app authenticates its users its own way, then passes
+    the user's id to ``visit.aevent(user=...)``.)"""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)  # signed-in browsers sign in again after a restart
+
+    def cookie(self, name: str) -> str:
+        """The ``Set-Cookie`` value that signs this browser in to ``name``."""
+        return f"{ACCOUNT_COOKIE}={name}.{self._sign(name)}; Path=/; HttpOnly; SameSite=Lax"
+
+    def _sign(self, name: str) -> str:
+        return hmac.new(self._key, name.encode(), hashlib.sha256).hexdigest()
+
+    def of(self, cookies: dict[str, str]) -> str | None:
+        """The account a request's cookies name, if their signature holds."""
+        name, _, signature = cookies.get(ACCOUNT_COOKIE, "").rpartition(".")
+        if name and hmac.compare_digest(signature, self._sign(name)):
+            return name
+        return None
+
+    def of_scope(self, scope: Any) -> str | None:
+        """:meth:`of` for an ASGI scope (the change stream's request)."""
+        return self.of(Request(scope).cookies)
 
 
 class NonDeepCopyable:
@@ -102,6 +138,8 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
     credentials: BrowserState[list[str]] = engine.browser_state(
         "credentials", ["", ""], keys=keys, storage_key="login"
     )
+    accounts = Accounts()
+    account_cart: SessionState[list[str]] = engine.user_state("account_cart", [])
 
     # A tab's session opens when statekit.js asks for it: the guide's page-load event
     # makes the tab's object then. The memory store answers these calls at once.
@@ -147,6 +185,7 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
                 "items": ITEMS,
                 "secrets": "configured" if configured else "ephemeral",
             }
+        body.update(await account_view(request, visit))
         for state, problem in ev.result.browser_problems.items():
             if problem.value != "missing":
                 logger.info("browser value %s not read: %s", state, problem.value)
@@ -163,6 +202,34 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
             ev[cart] = ev[cart] + items
             cart_now = ev[cart]
         return JSONResponse({"cart": cart_now, "cart_size": ev.result.outputs["cart_size"]})
+
+    async def account_view(request: Request, visit: Visit) -> dict[str, Any]:
+        """The account the browser signed in to, and its cart."""
+        account = accounts.of(request.cookies)
+        if account is None:
+            return {"account": None, "account_cart": []}
+        async with visit.aevent(user=account) as ev:
+            return {"account": account, "account_cart": ev[account_cart]}
+
+    async def sign_in(request: Request) -> JSONResponse:
+        name = (await _json(request)).get("account")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_FIELD or "." in name:
+            return bad_request(f"an account name is text of 1 to {MAX_FIELD} characters, no dot")
+        response = JSONResponse({"account": name})
+        response.headers["set-cookie"] = accounts.cookie(name)
+        return response
+
+    async def add_to_account(request: Request) -> JSONResponse:
+        account = accounts.of(request.cookies)
+        if account is None:
+            return bad_request("sign in to an account first")
+        item = (await _json(request)).get("item")
+        if item not in ITEMS:
+            return bad_request(f"unknown item {item!r}: choose among {', '.join(ITEMS)}")
+        async with visit_of(request).aevent(user=account) as ev:
+            ev[account_cart] = ev[account_cart] + [item]
+            cart_now = ev[account_cart]
+        return JSONResponse({"account_cart": cart_now})
 
     async def increment(request: Request) -> JSONResponse:
         async with visit_of(request).aevent() as ev:
@@ -186,8 +253,17 @@ def build_app(keys: BrowserKeys | None = None) -> Starlette:
             Route("/api/cart", add_items, methods=["POST"]),
             Route("/api/counter", increment, methods=["POST"]),
             Route("/api/credentials", save_credentials, methods=["POST"]),
+            Route("/api/sign-in", sign_in, methods=["POST"]),
+            Route("/api/account-cart", add_to_account, methods=["POST"]),
         ],
-        middleware=[Middleware(StateKitMiddleware, engine=engine, streams=[visitors])],
+        middleware=[
+            Middleware(
+                StateKitMiddleware,
+                engine=engine,
+                streams=[visitors],
+                user_of=accounts.of_scope,
+            )
+        ],
     )
 
 
@@ -240,6 +316,14 @@ PAGE = """<!doctype html>
  <p class="note">Made when the tab's session opens; it cannot be copied, so it lives in a
  registry, not in a state.</p>
  <button id="increment">Increment counter</button> <strong id="counter">0</strong></section>
+<section><h2>User state: an account's cart, in every browser signed in to it</h2>
+ <p class="note">A demo sign-in: any name, no password. Sign in to the same account in
+ another browser (or a private window): both show one cart, and an item added in one
+ shows in the other at once.</p>
+ <p>Account: <strong id="account">not signed in</strong>
+ <label>Name <input id="account-name"></label> <button id="sign-in">Sign in</button></p>
+ <p><button id="account-add">Add the ticked items to the account's cart</button>
+ Account's cart: <span id="account-cart">[]</span></p></section>
 <section><h2>Browser state: kept in this browser, encrypted</h2>
  <label>Username <input id="username"></label>
  <label>Password <input id="password" type="password"></label>
@@ -299,8 +383,19 @@ async function load() {
       + "the username and password do not survive a restart. Start it with "
       + "STATEKIT_SECRETS set (32+ characters) to keep them.";
   showCart(data);
+  showAccount(data);
   document.body.dataset.ready = "yes";
 }
+function showAccount(data) {
+  $("account").textContent = data.account || "not signed in";
+  $("account-cart").textContent = JSON.stringify(data.account_cart);
+}
+addEventListener("statekit:change", (event) => {
+  // The account's cart changed, in this tab or in any browser signed in to it.
+  if (event.detail.state === "account_cart") {
+    $("account-cart").textContent = JSON.stringify(event.detail.value);
+  }
+});
 addEventListener("statekit:ended", (event) => {
   $("ended-text").textContent = "This tab's session has ended (" + event.detail.reason +
     "): the server no longer knows it. Reload the page to start a new one.";
@@ -317,6 +412,20 @@ $("add").onclick = async () => {
   const items = [...document.querySelectorAll("#items input:checked")].map((i) => i.value);
   const data = await post("/api/cart", { items });
   if (data) showCart(data);
+};
+$("sign-in").onclick = async () => {
+  const data = await post("/api/sign-in", { account: $("account-name").value });
+  if (data) {
+    kit.watch();  // the stream again: now with the account's changes
+    load();
+  }
+};
+$("account-add").onclick = async () => {
+  const ticked = [...document.querySelectorAll("#items input:checked")].map((i) => i.value);
+  for (const item of ticked) {
+    const data = await post("/api/account-cart", { item });
+    if (data) $("account-cart").textContent = JSON.stringify(data.account_cart);
+  }
 };
 $("increment").onclick = async () => {
   const data = await post("/api/counter");
