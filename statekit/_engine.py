@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from typing_extensions import Self
 
-from ._checks import USER_PREFIX, check_callable, check_name, check_seconds, check_sid, user_record
+from ._checks import check_callable, check_name, check_seconds, check_sid, user_record
 from ._clock import Clock, monotonic, wall
 from ._commit import Committer
 from ._core import Core, Settings
@@ -372,7 +372,7 @@ class StateEngine(Declarations):
             UsageError: an event of this session is already open in this thread/task.
             StoreUnavailable: the store cannot be reached.
         """
-        if sid.__class__ is not str or sid[:2] == USER_PREFIX:
+        if sid.__class__ is not str:
             check_sid(sid)  # raises, saying what is wrong with it
         # The rest of the id is checked on entering: by the store's lookup (the memory
         # store finds only ids it issued; a miss then says what is wrong with the id)

@@ -175,13 +175,18 @@ class LatchEntry:
         (after running the callbacks of what ended) if it could not be entered."""
         core = self._core
         if type(entered) is not self._record:
-            assert entered is None or isinstance(entered, Gone)
-            if entered is None:
-                check_sid(ev.sid)  # a malformed id: say what is wrong with it
-            try:
-                core.loaded_or_raise(ev.sid, ev.now, entered, ev.pending)
-            finally:
-                core.run_ended(ev.pending)
+            if isinstance(entered, self._record):  # a user's record, of a subclass
+                if ev.idle_ttl is None:  # asked for as a session: refused
+                    self._ns.release_entered(entered)  # type: ignore[arg-type]
+                    check_sid(ev.sid)  # raises, saying what it is
+            else:
+                assert entered is None or isinstance(entered, Gone)
+                if entered is None:
+                    check_sid(ev.sid)  # a malformed id: say what is wrong with it
+                try:
+                    core.loaded_or_raise(ev.sid, ev.now, entered, ev.pending)
+                finally:
+                    core.run_ended(ev.pending)
         ev.loaded = entered  # type: ignore[assignment]
         ev.closed = ev.loaded.closed  # as entered: the record may be closed meanwhile
         ev.active = True

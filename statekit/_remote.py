@@ -104,13 +104,17 @@ class Remote:
                 seen = list(self._seen.items())
             listened = [s for s in core.session_states.values() if s.remote_listeners]
             for sid, version in seen:
+                if sid.startswith(USER_PREFIX):  # a user's record: its own listeners
+                    self._user_changed(sid, core.user_states, version)
+                    continue
                 outcome = self._look(sid)
                 if isinstance(outcome, Loaded) and outcome.version != version:
                     self._fire(sid, listened)
 
-    def _user_changed(self, record: str, names: Iterable[str]) -> None:
+    def _user_changed(self, record: str, names: Iterable[str], seen: int | None = None) -> None:
         """Another engine committed to a user's record: tell the watches and the
-        remote listeners of the user's sessions here, if any wait for it."""
+        remote listeners of the user's sessions here, if any wait for it (after lost
+        notices: unless its version is still ``seen``)."""
         users = self.users
         core = self._core
         wanted = [
@@ -122,8 +126,9 @@ class Remote:
         if not wanted or users is None:
             return
         outcome = self._look(record)
-        if not isinstance(outcome, Loaded):
+        if not isinstance(outcome, Loaded) or outcome.version == seen:
             return
+        self.saw(record, outcome.version)
         changes = []
         for state in wanted:
             stored = outcome.values.get(state.name, MISSING)

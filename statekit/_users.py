@@ -71,6 +71,18 @@ class UserEvent(Event):
     async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         await self.host.aleave_user(self, exc_type is not None)
 
+    def extend(self) -> None:
+        """As :meth:`Event.extend`, for the session and for the user's record."""
+        super().extend()
+        if self.user_part is not None:
+            self.host.extend(self.user_part)
+
+    async def aextend(self) -> None:
+        """:meth:`extend` without blocking the event loop."""
+        await super().aextend()
+        if self.user_part is not None:
+            await self.host.aextend(self.user_part)
+
 
 class RenewingUserEvent(UserEvent):
     """A :class:`UserEvent` whose leases (the session's and the user's) the engine

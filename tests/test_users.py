@@ -20,6 +20,7 @@ import pytest
 from statekit import (
     DeleteReason,
     InvalidDeclaration,
+    SessionBusy,
     SessionNotFound,
     SessionState,
     StateEngine,
@@ -27,7 +28,7 @@ from statekit import (
 )
 from statekit.exceptions import StoreConflict
 from statekit.stores import MemoryStore, RedisStore, SQLiteStore, Store
-from statekit.stores.base import CommitPart
+from statekit.stores.base import CommitPart, Notice
 from statekit.testing import FakeClock, RedisServer
 
 StoreFactory = Callable[[], Store]
@@ -356,3 +357,47 @@ def test_a_cluster_refuses_user_state(redis_cluster: Any) -> None:
     finally:
         engine.shutdown()
         store.close()
+
+
+def test_extend_renews_the_users_record_too(tmp_path: Path) -> None:
+    """Long work in a user's event: ``ev.extend()`` keeps both leases. Without the
+    user's record renewed, the other session's event would take the record once its
+    lease lapsed (instead of SessionBusy), and the long event's commit would fail."""
+    clock = FakeClock(1_000_000.0)
+    store = SQLiteStore(tmp_path / "long.db")
+    engine = StateEngine(store, clock=clock, lease_ttl=30, lease_wait=0.2)
+    other = StateEngine(store, clock=clock, lease_ttl=30, lease_wait=0.2)
+    try:
+        cart: SessionState[list[str]] = engine.user_state("cart", [])
+        other.user_state("cart", [])
+        mine, theirs = engine.open_session(), engine.open_session()
+        with engine.event(mine, user="alice") as ev:
+            ev[cart].append("apple")
+            for _ in range(3):  # 60 s of work, renewed every 20 s
+                clock.advance(20)
+                ev.extend()
+            with pytest.raises(SessionBusy), other.event(theirs, user="alice"):
+                pass
+        assert cart.get("alice") == ["apple"]
+    finally:
+        engine.shutdown()
+        other.shutdown()
+        store.close()
+
+
+def test_lost_notices_do_not_call_session_listeners_with_a_users_record() -> None:
+    """After a resync, the engine re-checks what it used lately, users' records too:
+    those go to the user states' listeners, never to a session state's (which would
+    receive the record's id as a session id)."""
+    engine = StateEngine()
+    note: SessionState[str] = engine.session_state("note", "")
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    heard: list[str] = []
+    note.on_remote_change(lambda sid, value: heard.append(sid))
+    sid = engine.open_session()
+    with engine.event(sid, user="alice") as ev:
+        ev[cart].append("apple")
+    engine._remote.saw(ev.user_part.sid, 0)  # type: ignore[union-attr]  # as a shared store's entry does
+    engine._remote._on_notice(Notice(kind="resync", sid=""))
+    assert heard == []
+    engine.shutdown()

@@ -16,7 +16,7 @@ from .base import DeleteReason, Notice, Turn
 if TYPE_CHECKING:
     from .memory import _MemoryNamespace
 
-__all__ = ["AppState", "Queued", "Record"]
+__all__ = ["AppState", "Queued", "Record", "UserRecord"]
 
 
 class Record(Latch):
@@ -47,6 +47,14 @@ class Record(Latch):
         #: The queue it is in, in deadline order: open sessions, closed ones, or users'
         #: records (whose idle span is another).
         self.order = order
+
+
+class UserRecord(Record):
+    """A user's record (``engine.user_state``): a record of another class, so that the
+    engine's fastest path, which checks the class of what it entered, never takes one
+    for a session."""
+
+    __slots__ = ()
 
 
 class Queued(Turn):

@@ -36,7 +36,7 @@ from statekit._codec import Codec
 from statekit._locks import AsyncWaiter, await_turn, wait_turn
 from statekit.exceptions import SessionExpired, SessionNotFound, StoreConflict
 
-from ._memory_records import AppState, Queued, Record
+from ._memory_records import AppState, Queued, Record, UserRecord
 from .base import (
     Busy,
     CommitPart,
@@ -207,8 +207,10 @@ class _MemoryNamespace:
                 else:
                     reason, at = DeleteReason.EVICTED, now
                 evicted.append(self._remove(victim, reason, at))
-            order = self._users if sid.startswith(USER_PREFIX) else self._open
-            order[sid] = Record(sid, deadline, order)
+            if sid.startswith(USER_PREFIX):
+                self._users[sid] = UserRecord(sid, deadline, self._users)
+            else:
+                self._open[sid] = Record(sid, deadline, self._open)
         if evicted and self._subscribers:
             self._publish(self._ended_notices(evicted))
         return tuple(evicted)
