@@ -193,8 +193,8 @@ class Declarations:
         Args are as :meth:`session_state`'s.
 
         Raises:
-            InvalidDeclaration: as :meth:`session_state`; also on a store that cannot
-                commit a session and a user together (a Redis Cluster).
+            InvalidDeclaration: as :meth:`session_state`; also on a store of your own
+                that cannot commit a session and a user together (``joint_commits``).
         """
         return UserState(
             self._engine,

@@ -133,8 +133,8 @@ class Users:
         if not getattr(store, "joint_commits", False):
             raise InvalidDeclaration(
                 f"user state {name!r} needs a store that commits a session's writes and "
-                f"its user's together; {store!r} cannot (a Redis Cluster keeps them on "
-                "different slots): use a single Redis server or Sentinel, SQLite or memory"
+                f"its user's together (joint_commits); {store!r} does not: use the "
+                "memory, SQLite or Redis store"
             )
 
     # -- entering and leaving --------------------------------------------------------

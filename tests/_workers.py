@@ -137,6 +137,32 @@ def reap_users(kind: str, where: str, prefix: str, shift: float, out: Any, start
     eng.reap()
 
 
+def die_in_a_users_commit(url: str, prefix: str, step: str, sid: str) -> None:
+    """Commit an event of user alice from session ``sid`` on a Redis Cluster, and die
+    (``os._exit``) as the commit's ``step`` script is about to be sent: the process
+    that dies between two steps of a commit across slots."""
+    import os
+
+    from statekit.stores._redis_namespace import RedisNamespace
+    from statekit.stores.redis import RedisStore
+
+    send = RedisNamespace._run
+
+    def run(self: Any, name: str, keys: list[Any], args: list[Any]) -> Any:
+        if name == step:
+            os._exit(3)
+        return send(self, name, keys, args)
+
+    RedisNamespace._run = run  # type: ignore[method-assign]
+    eng = StateEngine(RedisStore(url, prefix=prefix), app="mp", lease_ttl=1)
+    cart: SessionState[list[str]] = eng.user_state("cart", [])
+    note: SessionState[str] = eng.session_state("note", "")
+    with eng.event(sid, user="alice") as ev:
+        ev[cart].append("from the process that died")
+        ev[note] = "written with the cart"
+    os._exit(0)  # not reached: the commit's step ended the process
+
+
 if __name__ == "__main__":
     kind, where, prefix, sid = sys.argv[1:5]
     count_forever(kind, where, prefix, sid)

@@ -35,6 +35,22 @@ def shared(
         yield "redis", redis_server.url, f"mp{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
+def shared_or_cluster(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[tuple[str, str, str]]:
+    """As ``shared``, and a Redis Cluster too (where a session's and its user's writes
+    commit in steps: ``_redis_staged``)."""
+    if request.param == "sqlite":
+        yield "sqlite", str(tmp_path / "shared.db"), ""
+    elif request.param == "redis":
+        yield "redis", redis_server.url, f"mp{uuid.uuid4().hex[:8]}"
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        nodes = ",".join(f"{host}:{port}" for host, port in cluster.startup_nodes)
+        yield "redis", f"redis+cluster://{nodes}", f"mp{uuid.uuid4().hex[:8]}"
+
+
 @pytest.fixture
 def parent() -> Iterator[Any]:
     """Makes the test process's own engines; closes their stores afterwards."""
@@ -217,13 +233,13 @@ def test_8_processes_opening_at_capacity_all_succeed_and_evict_each_session_once
 
 
 def test_8_processes_x_200_events_on_one_users_state_are_exact(
-    shared: tuple[str, str, str], parent: Any
+    shared_or_cluster: tuple[str, str, str], parent: Any
 ) -> None:
     """Each process adds to user alice's cart from a session of its own, and to that
     session's own count in the same events: the cart must hold all 1,600 items (events
     of the user's sessions took turns) and each session's count 200 (its writes
     committed with the user's)."""
-    kind, where, prefix = shared
+    kind, where, prefix = shared_or_cluster
     out = SPAWN.Queue()
     workers = [
         SPAWN.Process(target=_workers.user_events, args=(kind, where, prefix, k, 200, out))

@@ -11,13 +11,16 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 import redis
 import redis.asyncio as aioredis
 
-from statekit import StateEngine
-from statekit.exceptions import CodecError, SessionCorrupt
+from statekit import SessionState, StateEngine
+from statekit.exceptions import CodecError, SessionCorrupt, StoreConflict
 from statekit.stores import Loaded, Store, StoreNamespace
+from statekit.stores._redis_staged import settle, staged_commit
+from statekit.stores.base import CommitPart
 from statekit.stores.redis import RedisStore
 from statekit.testing import FakeClock, RedisSentinel, RedisServer
 
@@ -63,7 +66,6 @@ class TestRedisStoreAwaited(SharedStoreContract):
 def test_async_events_use_the_asyncio_client_and_never_block_the_loop(
     redis_server: RedisServer,
 ) -> None:
-    from statekit import SessionState
 
     async def main() -> tuple[list[int], int, bool]:
         client = aioredis.Redis.from_url(redis_server.url)
@@ -180,7 +182,27 @@ def exercise(store: RedisStore, clock: FakeClock, app: str = "shop") -> None:
     third = engine.open_session()
     asyncio.run(on_asyncio())
     assert note.get(third) == "async"
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    with engine.event(third, user="alice") as ev:  # a joint commit: the session's and
+        ev[note] = "both"  # the user's writes in one script
+        ev[cart].append("apple")
+    assert (note.get(third), cart.get("alice")) == ("both", ["apple"])
     engine.shutdown()
+    # A commit in steps (a cluster's: its slots apart), here on one server: decided,
+    # then refused after staging (the session moved on), its staged writes dropped.
+    handle: Any = store.namespace(app)
+    now = clock()
+    for sid in ("staged", "u:staged"):
+        handle.create_session(sid, now=now, deadline=now + 60, capacity=100)
+    parts = (
+        CommitPart(sid="staged", version=0, writes={"note": b'"x"'}, ttl_deadlines={}),
+        CommitPart(sid="u:staged", version=0, writes={"cart": b"[]"}, ttl_deadlines={}),
+    )
+    assert handle._drive(staged_commit(handle, parts, now)) == (1, 1)
+    stale = (parts[0], attrs.evolve(parts[1], version=1))
+    with pytest.raises(StoreConflict):
+        handle._drive(staged_commit(handle, stale, now))
+    assert handle._drive(settle(handle, "u:staged", abort=True)) is False  # nothing left
 
 
 def cached_scripts(client: redis.Redis) -> int:

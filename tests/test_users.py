@@ -9,6 +9,7 @@ one user did not take turns (the totals would come out short).
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,41 +27,22 @@ from statekit import (
     StateEngine,
     UsageError,
 )
+from statekit._checks import user_record
 from statekit.exceptions import StoreConflict
-from statekit.stores import MemoryStore, RedisStore, SQLiteStore, Store
+from statekit.stores import RedisStore, SQLiteStore, Store
 from statekit.stores.base import CommitPart, Notice
-from statekit.testing import FakeClock, RedisServer
+from statekit.testing import FakeClock
+
+from . import _workers
 
 StoreFactory = Callable[[], Store]
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def user_store(
-    request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer
-) -> Iterator[StoreFactory]:
-    """Makes stores of one kind that commit a session and a user together (a Redis
-    Cluster does not: test_a_cluster_refuses_user_state); stores made for one test
-    share their data."""
-    made: list[Store] = []
-    memory = MemoryStore()
-    prefix = f"u{uuid.uuid4().hex[:8]}"
-
-    def make() -> Store:
-        store: Store
-        if request.param == "memory":
-            store = memory
-        elif request.param == "sqlite":
-            store = SQLiteStore(tmp_path / "state.db")
-        else:
-            store = RedisStore(redis_server.url, prefix=prefix)
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        close = getattr(store, "close", None)
-        if close is not None:
-            close()
+@pytest.fixture
+def user_store(make_store: StoreFactory) -> StoreFactory:
+    """Makes stores of one kind (memory, SQLite, Redis, a Redis Cluster); stores made
+    for one test share their data."""
+    return make_store
 
 
 @pytest.fixture
@@ -344,21 +326,6 @@ def test_versioned_user_state_is_migrated(tmp_path: Path) -> None:
     old.shutdown()
 
 
-def test_a_cluster_refuses_user_state(redis_cluster: Any) -> None:
-    """Its sessions and user records sit on different slots: no joint commit."""
-    nodes = ",".join(f"{host}:{port}" for host, port in redis_cluster.startup_nodes)
-    store = RedisStore(f"redis+cluster://{nodes}", prefix=f"c{uuid.uuid4().hex[:8]}")
-    engine = StateEngine(store, app="cluster-users")
-    try:
-        with pytest.raises(InvalidDeclaration, match="Redis Cluster"):
-            engine.user_state("cart", [])
-        assert "cart" not in engine.states
-        assert not store.joint_commits
-    finally:
-        engine.shutdown()
-        store.close()
-
-
 def test_extend_renews_the_users_record_too(tmp_path: Path) -> None:
     """Long work in a user's event: ``ev.extend()`` keeps both leases. Without the
     user's record renewed, the other session's event would take the record once its
@@ -401,3 +368,68 @@ def test_lost_notices_do_not_call_session_listeners_with_a_users_record() -> Non
     engine._remote._on_notice(Notice(kind="resync", sid=""))
     assert heard == []
     engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("step", "committed"),
+    [("DECIDE", False), ("APPLY", True)],
+    ids=["after-staging", "after-deciding"],
+)
+def test_a_process_dying_inside_a_cluster_commit_leaves_it_whole(
+    redis_cluster: Any, step: str, committed: bool
+) -> None:
+    """On a cluster a session's and its user's writes commit in steps (the user's
+    staged, then the decision on the session's slot, then the user's applied). A
+    process killed before the decision commits neither part; one killed after it,
+    both: the next event of the user (and a mere peek) finds it settled. Fails if the
+    staged writes were lost after the decision, or applied without one, or if the
+    record stayed stuck."""
+    nodes = ",".join(f"{host}:{port}" for host, port in redis_cluster.startup_nodes)
+    url, prefix = f"redis+cluster://{nodes}", f"c{uuid.uuid4().hex[:8]}"
+    store = RedisStore(url, prefix=prefix)
+    engine = StateEngine(store, app="mp", lease_ttl=1, lease_wait=10)
+    try:
+        cart: SessionState[list[str]] = engine.user_state("cart", [])
+        note: SessionState[str] = engine.session_state("note", "")
+        doomed, mine = engine.open_session(), engine.open_session()
+        with engine.event(mine, user="alice") as ev:
+            ev[cart].append("before")
+        spawn = multiprocessing.get_context("spawn")
+        child = spawn.Process(
+            target=_workers.die_in_a_users_commit, args=(url, prefix, step, doomed)
+        )
+        child.start()
+        child.join(60)
+        assert child.exitcode == 3  # it died at that step
+        expected = ["before", "from the process that died"] if committed else ["before"]
+        if committed:  # decided: a look applies it (no lease needed)
+            assert cart.get("alice") == expected
+        # The dead process's leases lapse (lease_ttl 1 s); the next event settles.
+        with engine.event(mine, user="alice") as ev:
+            assert ev[cart] == expected
+            ev[cart].append("after")
+        assert cart.get("alice") == [*expected, "after"]
+        assert note.get(doomed) == ("written with the cart" if committed else "")
+        record = store.namespace("mp").layout.of(user_record("alice"))
+        staged = store.client.hmget(record.P + "s:" + user_record("alice"), "_tx", "_txw")
+        assert staged == [None, None]  # nothing left staged
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+def test_a_store_without_joint_commits_refuses_user_state(tmp_path: Path) -> None:
+    """A store of one's own that cannot commit a session and a user together."""
+
+    class Apart(SQLiteStore):
+        joint_commits = False
+
+    store = Apart(tmp_path / "apart.db")
+    engine = StateEngine(store)
+    try:
+        with pytest.raises(InvalidDeclaration, match="joint_commits"):
+            engine.user_state("cart", [])
+        assert "cart" not in engine.states
+    finally:
+        engine.shutdown()
+        store.close()

@@ -4,8 +4,8 @@ in one script (``JOINT``).
 Redis does not undo a script that fails half-way, so the script checks every part
 (the hash is a session statekit wrote, its version and lease still hold, its indexes
 are sorted sets) before it writes any. It runs only where every key it declares lives
-on one server: a single server or Sentinel, not a cluster (whose sessions and user
-records sit on different slots); ``RedisStore.joint_commits`` says which.
+on one server: a single server or Sentinel. On a cluster, whose sessions and user
+records sit on different slots, the commit is made in steps (``_redis_staged``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import _redis_replies as replies
 from ._redis_calls import Plan
 from ._redis_failures import DamagedKey
+from ._redis_fragments import PUT_VALUES
 from ._redis_layout import Layout
 from ._redis_requests import ONCE
 from .base import CommitPart
@@ -40,6 +41,7 @@ local REQUEST_MS, _, _, ORIGIN, PUBLISH =
   string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%S+) (%S+) (.+)$')
 """
     + ONCE
+    + PUT_VALUES
     + r"""
 local parts = {}
 local at = 2
@@ -75,25 +77,8 @@ end
 local reply = {'ok'}
 for _, part in ipairs(parts) do
   local version = string.format('%d', tonumber(part.version) + 1)
-  local sets = {'_v', version}
-  local names = {}
-  for j = part.first, part.last, 3 do
-    local name = ARGV[j]
-    names[#names + 1] = name
-    sets[#sets + 1] = 'v:' .. name
-    sets[#sets + 1] = ARGV[j + 1]
-    local member = 'v\0' .. part.sid .. '\0' .. name
-    if ARGV[j + 2] ~= '' then
-      sets[#sets + 1] = 't:' .. name
-      sets[#sets + 1] = ARGV[j + 2]
-      redis.call('ZADD', part.dl, ARGV[j + 2], member)
-    elseif redis.call('HDEL', part.key, 't:' .. name) == 1 then
-      redis.call('ZREM', part.dl, member)
-    end
-  end
-  for first = 1, #sets, 1000 do
-    redis.call('HSET', part.key, unpack(sets, first, math.min(first + 999, #sets)))
-  end
+  local names = put_values(part.key, part.dl, part.sid, ARGV, part.first, part.last,
+    {'_v', version})
   if part.lease ~= '' and part.release == '1' then
     redis.call('HDEL', part.key, '_l', '_lu', '_lk')
   end

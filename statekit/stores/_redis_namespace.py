@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from statekit import _fork
+from statekit._checks import USER_PREFIX
 from statekit._codec import JSONCodec
 from statekit.exceptions import CodecError, SessionCorrupt, StoreUnavailable
 
@@ -31,6 +32,7 @@ from ._redis_joint import joint_plan
 from ._redis_layout import Bucket, Layout
 from ._redis_notices import NoticeFeeds
 from ._redis_spread import BUDGET_MIN
+from ._redis_staged import load_record, settle, staged_commit
 from .base import Busy, CommitPart, Ended, Gone, Keep, Lease, Loaded, Notice
 
 if TYPE_CHECKING:
@@ -53,7 +55,7 @@ _NO_LIMIT = 2**62
 #: lost connection is said for these (StoreUnavailable.outcome_unknown). The others
 #: only read, lease, touch or claim: whatever they did, the caller's action had not
 #: started.
-_APPLIES = frozenset({"CREATE", "COMMIT", "JOINT", "CLOSE", "GLOBAL_CAS", "GLOBAL_ADD"})
+_APPLIES = frozenset({"CREATE", "COMMIT", "JOINT", "DECIDE", "CLOSE", "GLOBAL_CAS", "GLOBAL_ADD"})
 #: Scripts that may remove entries whose callbacks the caller must run.
 _CLAIMING = frozenset({"CREATE", "EVICT", "LOAD", "PEEK", "CLOSE", "REAP"})
 #: Where the request key and a session's id sit in an app script's KEYS and ARGV.
@@ -154,7 +156,7 @@ class RedisNamespace:
     # -- running scripts ---------------------------------------------------------
 
     @staticmethod
-    def _request(prefix: str) -> str:
+    def request(prefix: str) -> str:
         """A new request key under ``prefix`` (its bucket's, or its global's), drawn
         once per operation that writes."""
         return prefix + "q:" + os.urandom(8).hex()
@@ -172,7 +174,7 @@ class RedisNamespace:
 
     def claiming_keys(self, bucket: Bucket) -> list[Any]:
         """The first keys of a script about ``bucket`` that may claim sessions."""
-        return [bucket.dl, self._request(bucket.P), bucket.lru, bucket.closed]
+        return [bucket.dl, self.request(bucket.P), bucket.lru, bucket.closed]
 
     def _session(self, sid: str, *, claims: bool = True) -> tuple[list[Any], bytes]:
         """The keys of an app script about one session (see Layout in the scripts),
@@ -180,7 +182,7 @@ class RedisNamespace:
         bucket's settings, the script's first argument."""
         bucket = self._layout.of(sid)
         P = bucket.P
-        keys = self.claiming_keys(bucket) if claims else [bucket.dl, self._request(P)]
+        keys = self.claiming_keys(bucket) if claims else [bucket.dl, self.request(P)]
         return [*keys, P + "s:" + sid, P + "gone:" + sid], bucket.settings
 
     def _run(self, name: str, keys: list[Any], args: list[Any]) -> Any:
@@ -284,7 +286,7 @@ class RedisNamespace:
             keep=ttl if name in _APPLIES else min(CLAIM_TTL, ttl),
         )
 
-    def _backstop(self, now: float, deadline: float) -> int:
+    def backstop_ms(self, now: float, deadline: float) -> int:
         """Milliseconds until the key's TTL: the deadline's distance plus the backstop
         (relative, so the server's clock and the engine's need not agree)."""
         return max(1, int((deadline - now + BACKSTOP) * 1000))
@@ -306,7 +308,7 @@ class RedisNamespace:
         spread = len(self._layout.buckets) > 1
         first = self.claiming_keys(bucket)
         tail = [replies.num(now), replies.num(deadline)]
-        backstop = self._backstop(now, deadline)
+        backstop = self.backstop_ms(now, deadline)
         candidates = [] if spread else self._candidates
         for attempt in range(_EVICT_TRIES + 1):
             room = capacity if attempt < _EVICT_TRIES and not spread else _NO_LIMIT
@@ -337,7 +339,7 @@ class RedisNamespace:
 
     def _load(
         self, sid: str, *, now: float, touch_until: float | None, lease: Lease | None = None
-    ) -> Plan[Loaded | Gone | Busy | None]:
+    ) -> Plan[Loaded | Gone | Busy | None] | Ops[Loaded | Gone | Busy | None]:
         keys, settings = self._session(sid)
         args = [
             settings,
@@ -346,9 +348,12 @@ class RedisNamespace:
             "" if touch_until is None else replies.num(touch_until),
             "" if lease is None else lease.token,
             "" if lease is None else replies.num(lease.until),
-            self._backstop(now, now if touch_until is None else touch_until),
+            self.backstop_ms(now, now if touch_until is None else touch_until),
         ]
-        return Plan("LOAD", keys, args, functools.partial(replies.loaded, sid))
+        plan = Plan("LOAD", keys, args, functools.partial(replies.loaded, sid))
+        if self._store.cluster and sid.startswith(USER_PREFIX):
+            return load_record(self, plan, leased=lease is not None)
+        return plan
 
     load_session = _blocking(_load)
     aload_session = _awaiting(_load)
@@ -360,6 +365,8 @@ class RedisNamespace:
         # the value not due and no touch due (see touch() in the scripts). Any
         # other case (gone, expired, a value past its ttl, a touch due, a field that
         # does not parse) runs the PEEK script, which decides it atomically.
+        if self._store.cluster and sid.startswith(USER_PREFIX):
+            yield from settle(self, sid, abort=False)  # a decided commit, applied
         key = self._layout.of(sid).P + "s:" + sid
         fields = ("_v", "_c", "_d", "v:" + name, "t:" + name)
         version, closed, deadline, value, value_deadline = yield Read(
@@ -395,7 +402,7 @@ class RedisNamespace:
             replies.num(now),
             "" if touch_until is None else replies.num(touch_until),
             name,
-            self._backstop(now, now if touch_until is None else touch_until),
+            self.backstop_ms(now, now if touch_until is None else touch_until),
         ]
         answer = functools.partial(replies.loaded, sid)
         outcome: Loaded | Gone | Busy | None = yield Plan("PEEK", keys, args, answer)
@@ -428,7 +435,7 @@ class RedisNamespace:
                     replies.num(keep.until),
                     replies.num(keep.touch_until),
                     replies.num(now),
-                    str(self._backstop(now, keep.touch_until)),
+                    str(self.backstop_ms(now, keep.touch_until)),
                 )
             )
             keys.insert(2, self._layout.of(sid).lru)
@@ -446,8 +453,12 @@ class RedisNamespace:
     commit = _blocking(_commit)
     acommit = _awaiting(_commit)
 
-    def _commit_joint(self, parts: Iterable[CommitPart], *, now: float) -> Plan[tuple[int, ...]]:
-        return joint_plan(self._layout, self._request, self._store, tuple(parts), now)
+    def _commit_joint(
+        self, parts: Iterable[CommitPart], *, now: float
+    ) -> Plan[tuple[int, ...]] | Ops[tuple[int, ...]]:
+        if self._store.cluster:  # the parts' keys on two slots: in three steps
+            return staged_commit(self, tuple(parts), now)
+        return joint_plan(self._layout, self.request, self._store, tuple(parts), now)
 
     commit_joint = _blocking(_commit_joint)
     acommit_joint = _awaiting(_commit_joint)
@@ -473,7 +484,7 @@ class RedisNamespace:
             sid,
             replies.num(now),
             replies.num(deadline),
-            self._backstop(now, deadline),
+            self.backstop_ms(now, deadline),
         ]
         return Plan("CLOSE", keys, args, functools.partial(replies.closed, sid))
 
@@ -545,7 +556,7 @@ class RedisNamespace:
 
         return Plan(
             "GLOBAL_CAS",
-            [self._global_key(name), self._request(self._layout.global_prefix(name))],
+            [self._global_key(name), self.request(self._layout.global_prefix(name))],
             [self._global_head(name), "" if version is None else str(version), value],
             answer,
         )
@@ -561,7 +572,7 @@ class RedisNamespace:
             except ValueError:  # an int too long to write as text: the codec says so below
                 args = None
             if args is not None:
-                keys = [self._global_key(name), self._request(self._layout.global_prefix(name))]
+                keys = [self._global_key(name), self.request(self._layout.global_prefix(name))]
                 added = yield Plan("GLOBAL_ADD", keys, args, raw)
                 if isinstance(added, list):  # the key is not a hash statekit wrote
                     yield from self._global_get(name)  # raises, saying what is wrong

@@ -131,7 +131,7 @@ def loaded(sid: str, reply: list[Any]) -> Loaded | Gone | Busy | None:
     """The answer of a load or a peek."""
     kind = text(reply[0])
     if kind == "ok":
-        _, version, was_closed, flat, expired = reply
+        _, version, was_closed, flat, expired = reply[:5]
         return Loaded(
             sid=sid,
             version=int(version),

@@ -60,47 +60,16 @@ opening sessions.
 
 from __future__ import annotations
 
+from ._redis_fragments import APP as _APP
+from ._redis_fragments import INDEXES as _INDEXES
+from ._redis_fragments import SESSION as _SESSION
 from ._redis_global_scripts import GLOBAL_ADD, GLOBAL_CAS
 from ._redis_joint import JOINT
 from ._redis_leases import RELEASE, RENEW
 from ._redis_requests import ONCE, REPLAY
+from ._redis_staged import APPLY, DECIDE, DISCARD, RESOLVE, STAGE
 
 __all__ = ["TEXTS"]
-
-# The start of the six scripts about an application's sessions (see Layout).
-_APP = r"""
-local DL, REQ = KEYS[1], KEYS[2]
-local INDEXES = {DL}
-local REQUEST_MS, CLAIM_MS, TOMBSTONE, ORIGIN, PUBLISH, CHANNEL =
-  string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%S+) (%S+) (.+)$')
-
-local function notice(kind, sid, reason, names)
-  local msg = {k = kind, s = sid, o = ORIGIN}
-  if reason then msg.r = reason end
-  if names then msg.n = names end
-  redis.call(PUBLISH, CHANNEL, cjson.encode(msg))
-end
-
--- Ask the engine keeping a session's lease between events (see COMMIT) to give it up,
--- on the bucket's channel 'wanted' (its notice channel's name, 'notices' replaced).
-local function ask_keeper(sid)
-  redis.call(PUBLISH, string.sub(CHANNEL, 1, -8) .. 'wanted',
-    cjson.encode({k = 'wanted', s = sid, o = ORIGIN}))
-end
-
--- Whether text is a version statekit wrote: digits that HINCRBY can still add to.
-local function is_version(text)
-  return text ~= nil and #text <= 15 and string.find(text, '^%d+$') ~= nil
-end
-
--- The answer for a session without a hash: why it ended, or that it is unknown.
-local function missing(gone)
-  local kind = redis.call('TYPE', gone).ok
-  if kind == 'none' then return {'none'} end
-  if kind ~= 'string' then return {'badgone'} end
-  return {'gone', redis.call('GET', gone)}
-end
-"""
 
 # Then, in the five that may claim sessions or values (all but COMMIT): the capacity
 # orders and what claims them.
@@ -239,23 +208,6 @@ local function expired(sid, key, gone, meta)
 end
 """
 
-# After ONCE: a damaged index is found before anything is written (Redis does not undo
-# a failing script).
-_INDEXES = r"""
-for _, index in ipairs(INDEXES) do
-  local kind = redis.call('TYPE', index).ok
-  if kind ~= 'zset' and kind ~= 'none' then return {'damaged', index} end
-end
-"""
-
-# Then, in the scripts about one session (LOAD, PEEK, COMMIT, CLOSE): its hash and
-# tombstone, the last two keys, and its id. Each reads the hash first with
-# ``redis.pcall``: a key of another type answers {'wrongtype'}, before anything is
-# written (one call, where a TYPE before the read was two).
-_SESSION = r"""
-local KEY, GONE, SID = KEYS[#KEYS - 1], KEYS[#KEYS], ARGV[2]
-"""
-
 _CLAIMING = _APP + _CLAIMS + ONCE + _INDEXES
 
 # KEYS: dl, request, lru, closed, session, then the hash and tombstone of each victim.
@@ -385,6 +337,7 @@ for name, at in pairs(due) do
 end
 touch(KEY, SID, meta[2], deadline, ARGV[3], ARGV[4], ARGV[7])
 local reply = {'ok', meta[1], meta[2] or '0', values, expired}
+if fields._tx then reply[6] = fields._tx end  -- a user's record, with a commit staged
 if #expired > 0 then return remember_claims(reply) end
 return reply
 """
@@ -609,6 +562,11 @@ TEXTS: dict[str, str] = {
     "PEEK": PEEK,
     "COMMIT": COMMIT,
     "JOINT": JOINT,
+    "STAGE": STAGE,
+    "DECIDE": DECIDE,
+    "APPLY": APPLY,
+    "DISCARD": DISCARD,
+    "RESOLVE": RESOLVE,
     "RELEASE": RELEASE,
     "RENEW": RENEW,
     "CLOSE": CLOSE,

@@ -172,11 +172,10 @@ class RedisStore:
     #: Commits may keep their lease for the next event (``StateEngine(lease_keep=)``).
     keeps_leases = True
 
-    @property
-    def joint_commits(self) -> bool:
-        """Whether a session's writes and its user's commit in one script: on a single
-        server or Sentinel, not on a cluster (their keys sit on different slots)."""
-        return not self.cluster
+    #: A session's writes and its user's commit together: in one script (``JOINT``) on
+    #: a single server or Sentinel, in three steps around one atomic decision on a
+    #: cluster, whose slots no script reaches together (``_redis_staged``).
+    joint_commits = True
 
     def __init__(
         self,
