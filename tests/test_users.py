@@ -433,3 +433,43 @@ def test_a_store_without_joint_commits_refuses_user_state(tmp_path: Path) -> Non
     finally:
         engine.shutdown()
         store.close()
+
+
+def test_a_look_that_applies_a_decided_commit_first_leaves_the_lease_to_be_given_back(
+    redis_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a cluster, a look at the user's record between a commit's decision and its
+    last step applies the commit itself; the committer's last step must still give the
+    record's lease back. Were it not, the user's next event (here with lease_wait
+    0.5 s against a lease_ttl of 30 s) would wait for the lease and raise
+    SessionBusy."""
+    from statekit.stores._redis_namespace import RedisNamespace
+
+    nodes = ",".join(f"{host}:{port}" for host, port in redis_cluster.startup_nodes)
+    store = RedisStore(f"redis+cluster://{nodes}", prefix=f"c{uuid.uuid4().hex[:8]}")
+    engine = StateEngine(store, lease_wait=0.5)
+    looker = StateEngine(store)
+    try:
+        cart: SessionState[list[str]] = engine.user_state("cart", [])
+        note: SessionState[str] = engine.session_state("note", "")
+        seen: SessionState[list[str]] = looker.user_state("cart", [])
+        first, second = engine.open_session(), engine.open_session()
+        send = RedisNamespace._run
+        looked: list[list[str]] = []
+
+        def run(self: Any, name: str, keys: list[Any], args: list[Any]) -> Any:
+            if name == "APPLY" and not looked and args[2]:  # the committer's, with its lease
+                looked.append(seen.get("alice"))  # the look applies it first
+            return send(self, name, keys, args)
+
+        monkeypatch.setattr(RedisNamespace, "_run", run)
+        with engine.event(first, user="alice") as ev:
+            ev[cart].append("apple")
+            ev[note] = "with it"
+        assert looked == [["apple"]]
+        with engine.event(second, user="alice") as ev:  # the lease was given back
+            assert ev[cart] == ["apple"]
+    finally:
+        engine.shutdown()
+        looker.shutdown()
+        store.close()

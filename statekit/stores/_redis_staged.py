@@ -120,22 +120,23 @@ return remember({'ok', version})
 # KEYS: the record's hash, its bucket's deadline index.
 # ARGV: commit id, record id, lease|'' (given back if it still holds), origin, publish
 #       command, notice channel.
-# Returns {'ok', version}, or {'done'} when the commit is applied or discarded already.
+# Returns {'ok', version}, or {'done', version} when the commit was applied (by a look
+# that settled it) or discarded already; the lease is given back either way.
 APPLY = (
     PUT_VALUES
     + r"""
 local h = redis.pcall('HMGET', KEYS[1], '_tx', '_txw', '_v', '_l')
 if h.err then return {'wrongtype'} end
-if h[1] ~= ARGV[1] then return {'done'} end
+if ARGV[3] ~= '' and h[4] == ARGV[3] then
+  redis.call('HDEL', KEYS[1], '_l', '_lu', '_lk')
+end
+if h[1] ~= ARGV[1] then return {'done', h[3]} end
 local kind = redis.call('TYPE', KEYS[2]).ok
 if kind ~= 'zset' and kind ~= 'none' then return {'damaged', KEYS[2]} end
 local version = string.format('%d', tonumber(h[3]) + 1)
 local writes = cmsgpack.unpack(h[2])
 local names = put_values(KEYS[1], KEYS[2], ARGV[2], writes, 1, #writes, {'_v', version})
 redis.call('HDEL', KEYS[1], '_tx', '_txm', '_txw')
-if ARGV[3] ~= '' and h[4] == ARGV[3] then
-  redis.call('HDEL', KEYS[1], '_l', '_lu', '_lk')
-end
 if #names > 0 then
   redis.call(ARGV[5], ARGV[6], cjson.encode({k = 'changed', s = ARGV[2], o = ARGV[4],
     n = names}))
@@ -247,8 +248,15 @@ def _apply(ns: RedisNamespace, sid: str, tx: str, lease: str | None) -> Plan[int
         "APPLY",
         [bucket.P + "s:" + sid, bucket.dl],
         [tx, sid, lease or "", ns.origin, publish, bucket.channel],
-        lambda reply: int(reply[1]) if replies.text(reply[0]) == "ok" else None,
+        _applied,
     )
+
+
+def _applied(reply: list[Any]) -> int | None:
+    """The record's version after APPLY (None if it has none: it ended)."""
+    if replies.text(reply[0]) == "wrongtype" or len(reply) < 2 or reply[1] is None:
+        return None
+    return int(reply[1])
 
 
 def settle(ns: RedisNamespace, sid: str, *, abort: bool) -> Ops[bool]:
