@@ -13,7 +13,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from . import detector, lifecycle, scaling, session_rw, stores, watch
+from . import detector, lifecycle, scaling, session_rw, stores, users, watch
 
 CASES: dict[str, ModuleType] = {
     "session": session_rw,
@@ -22,6 +22,7 @@ CASES: dict[str, ModuleType] = {
     "lifecycle": lifecycle,
     "scaling": scaling,
     "watch": watch,
+    "users": users,
 }
 
 

@@ -58,7 +58,7 @@ def test_a_watch_sees_each_change_of_its_session_and_globals() -> None:
         assert changes == [
             StateChange(sid=sid, state="cart", value=["apple"]),
             StateChange(sid=sid, state="cart", value=["apple", "pear"]),
-            StateChange(sid=None, state="visitors", value=1),
+            StateChange(sid=None, state="visitors", value=1, scope="global"),
         ]
         changes[1].value.append("mutated")  # the consumer's own copy
         assert cart.get(sid) == ["apple", "pear"]
