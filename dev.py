@@ -4,6 +4,7 @@
     python3 dev.py demo    serve the demo web app on 127.0.0.1 and print its address
     python3 dev.py test    run every check: ruff, mypy --strict, pytest with coverage
     python3 dev.py bench   run the benchmarks (optional)
+    python3 dev.py docs    build the docs site into site/ (--serve: serve it on 127.0.0.1)
 
 The first run creates a virtual environment in .venv and installs the project into it,
 with what the command needs (the demo: the "web" extra; the tests: the "dev" extra);
@@ -26,6 +27,7 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 EXTRAS = "dev"
 BENCH_EXTRAS = "dev,bench"
+DOCS_EXTRAS = "docs"
 
 
 def run(*cmd: str | Path) -> None:
@@ -134,7 +136,20 @@ def bench(args: list[str]) -> None:
     run(PY, "-m", "benchmarks", *args)
 
 
-COMMANDS = {"demo": demo, "test": test, "bench": bench}
+def docs(args: list[str]) -> None:
+    """Build the docs site (``mkdocs build --strict``: any warning fails it) into
+    ``site/``; with ``--serve``, serve it on 127.0.0.1 and rebuild on changes."""
+    ensure_env(DOCS_EXTRAS)
+    os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")
+    if "--serve" in args:
+        rest = [a for a in args if a != "--serve"]
+        run(PY, "-m", "mkdocs", "serve", "--strict", "--dev-addr", "127.0.0.1:8001", *rest)
+    else:
+        run(PY, "-m", "mkdocs", "build", "--strict", *args)
+        print(f"the site: {ROOT / 'site' / 'index.html'}")
+
+
+COMMANDS = {"demo": demo, "test": test, "bench": bench, "docs": docs}
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from ._engine import StateEngine
 from ._events import Event, EventResult, ListenerFailure
 from ._metrics import EngineStats, Timings, ValueSize
 from ._registry import SessionRegistry
-from ._states import BrowserState, GlobalState, SessionState, State
+from ._states import BrowserState, GlobalState, SessionState, State, UserState
 from ._watch import StateChange, Watch
 from .exceptions import (
     ChangeLoopError,
@@ -86,6 +86,7 @@ __all__ = [
     "TokenProblem",
     "TokenTooLarge",
     "UsageError",
+    "UserState",
     "ValueNotStorable",
     "ValueSize",
     "Watch",

@@ -223,8 +223,7 @@ class SessionRegistry(Generic[T]):
         A synchronous factory is called in the event loop's thread. The object remembers
         the running loop: an async cleanup started by synchronous code runs there.
 
-        Raises:
-            The same as :meth:`open` (except the UsageError).
+        Raises the same errors as :meth:`open` (except the UsageError).
         """
         check_sid(sid)
         existing = self._existing(sid)

@@ -521,8 +521,12 @@ def install(
     Args:
         app: the Starlette or FastAPI app, before it starts.
         engine: the app's engine.
-        prefix, cookie, shutdown, allowed_origins, streams, user_of: as for
-            :class:`StateKitMiddleware`.
+        prefix: as for :class:`StateKitMiddleware`.
+        cookie: as for :class:`StateKitMiddleware`.
+        shutdown: as for :class:`StateKitMiddleware`.
+        allowed_origins: as for :class:`StateKitMiddleware`.
+        streams: as for :class:`StateKitMiddleware`.
+        user_of: as for :class:`StateKitMiddleware`.
 
     Raises:
         TypeError: ``engine`` is not a :class:`~statekit.StateEngine`.

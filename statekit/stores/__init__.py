@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .base import (
     Busy,
+    CommitPart,
     DeleteReason,
     Ended,
     Gone,
@@ -37,6 +38,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Busy",
+    "CommitPart",
     "DeleteReason",
     "Ended",
     "Gone",
