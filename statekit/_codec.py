@@ -404,6 +404,12 @@ class JSONCodec:
     name = "json"
 
     def encode(self, value: Any) -> bytes:
+        """The tagged JSON of ``value``, as UTF-8 bytes.
+
+        Raises:
+            CodecError: a type JSON cannot carry and the codec does not tag, naming it
+                and where it sits in the value.
+        """
         try:
             return _ENCODER.encode(_encode(value)).encode("utf-8")
         except RecursionError:
@@ -424,6 +430,12 @@ class JSONCodec:
             ) from None
 
     def decode(self, data: bytes) -> Any:
+        """The value ``encode`` made ``data`` from (classes imported by their path).
+
+        Raises:
+            CodecError: ``data`` is not tagged JSON this codec wrote, or names a class
+                that no longer exists.
+        """
         return self._decode(_DECODER, data)
 
     def decode_stored(self, data: bytes) -> Any:
@@ -478,6 +490,11 @@ class SignedPickleCodec:
         return f"SignedPickleCodec(<{len(self._keys)} secret(s)>)"
 
     def encode(self, value: Any) -> bytes:
+        """``value`` pickled, signed with the newest key.
+
+        Raises:
+            CodecError: the value cannot be pickled.
+        """
         try:
             data = pickle.dumps(value, protocol=5)
         except Exception as exc:
@@ -488,6 +505,11 @@ class SignedPickleCodec:
         return hmac.new(self._keys[0], data, hashlib.sha256).digest() + data
 
     def decode(self, data: bytes) -> Any:
+        """The value, unpickled only once its signature holds under one of the keys.
+
+        Raises:
+            CodecError: the signature holds under no key (nothing is unpickled).
+        """
         signature, body = data[:32], data[32:]
         for key in self._keys:
             if hmac.compare_digest(signature, hmac.new(key, body, hashlib.sha256).digest()):

@@ -8,6 +8,7 @@ awaited), entering and leaving sessions. The engine makes one, with its parts.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,6 +28,8 @@ from .exceptions import InvalidDeclaration, SessionNotFound
 from .stores.base import DeleteReason
 
 __all__ = ["EngineHost"]
+
+logger = logging.getLogger("statekit")
 
 T = TypeVar("T")
 
@@ -119,14 +122,16 @@ class EngineHost:
         assert part is not None
         try:
             self.leave(ev, failed)
-        finally:
-            self._entry.leave(part, True)  # given back (its writes went with ev's)
-        if not failed:
-            changes = self._users.changes(ev)
-            for i, (name, value) in enumerate(changes):
-                if value is MISSING:  # after listener rounds: read it as committed
-                    changes[i] = (name, self.peek_user(ev.user, self._core.user_states[name]))
-            self._users.changed(part.sid, changes, by=ev.sid)
+        finally:  # (a ChangeLoopError after the commit: what was committed stands)
+            try:
+                self._entry.give_back(part)  # its writes went with ev's
+            finally:
+                if not failed and self._users.heard(ev):
+                    changes = self._users.changes(ev)
+                    for i, (name, value) in enumerate(changes):
+                        if value is MISSING:  # after listener rounds: as committed
+                            changes[i] = (name, self._read_user(ev, name))
+                    self._users.changed(part.sid, changes, by=ev.sid)
 
     async def aleave_user(self, ev: EventState, failed: bool) -> None:
         part = ev.user_part
@@ -134,14 +139,31 @@ class EngineHost:
         try:
             await self.aleave(ev, failed)
         finally:
-            await self._entry.aleave(part, True)
-        if not failed:
-            changes = self._users.changes(ev)
-            for i, (name, value) in enumerate(changes):
-                if value is MISSING:
-                    state = self._core.user_states[name]
-                    changes[i] = (name, await self.apeek_user(ev.user, state))
-            self._users.changed(part.sid, changes, by=ev.sid)
+            try:
+                await self._entry.agive_back(part)
+            finally:
+                if not failed and self._users.heard(ev):
+                    changes = self._users.changes(ev)
+                    for i, (name, value) in enumerate(changes):
+                        if value is MISSING:
+                            changes[i] = (name, await self._aread_user(ev, name))
+                    self._users.changed(part.sid, changes, by=ev.sid)
+
+    def _read_user(self, ev: EventState, name: str) -> Any:
+        """A user's value as committed, for its watches and listeners (MISSING, logged,
+        if the store fails: the event committed, and stands)."""
+        try:
+            return self.peek_user(ev.user, self._core.user_states[name])
+        except Exception:
+            logger.exception("a user's changed value could not be read for its listeners")
+            return MISSING
+
+    async def _aread_user(self, ev: EventState, name: str) -> Any:
+        try:
+            return await self.apeek_user(ev.user, self._core.user_states[name])
+        except Exception:
+            logger.exception("a user's changed value could not be read for its listeners")
+            return MISSING
 
     def _committed(self, ev: EventState) -> bool:
         """Whether ``ev`` committed changes a watch of its session waits for."""

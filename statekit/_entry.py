@@ -74,6 +74,13 @@ class Entry(Protocol):
 
     async def aextend(self, ev: EventState) -> None: ...
 
+    def give_back(self, ev: EventState) -> None:
+        """Give back a session held with nothing to write, counting no event (an
+        event's hold on its user's record)."""
+        ...
+
+    async def agive_back(self, ev: EventState) -> None: ...
+
 
 def start_event(core: Core, ev: EventState) -> None:
     """Mark ``ev`` entered, or raise: the engine was shut down, or it was entered before."""
@@ -93,6 +100,9 @@ class LatchEntry:
         self._committer = committer
         # Bound once, for the fastest path.
         self._enter = ns.enter
+        # A user's record is entered by a call of its own, where the store has one (so
+        # that an id naming a record, sent as a session's, finds nothing).
+        self._enter_user = getattr(ns, "enter_user", ns.enter)
         self._leave = ns.leave
         self._clock = core.clock
         self._idle_ttl = core.idle_ttl
@@ -119,8 +129,11 @@ class LatchEntry:
         owner = _get_ident() if _get_running_loop() is None else current_owner()
         ev.now = now = self._clock()
         # positional arguments: sid, owner, expired, blocking, now, touch_until
-        touch = now + (ev.idle_ttl or self._idle_ttl)
-        entered = self._enter(ev.sid, owner, ev.pending, True, now, touch)
+        idle = ev.idle_ttl
+        if idle is None:
+            entered = self._enter(ev.sid, owner, ev.pending, True, now, now + self._idle_ttl)
+        else:  # an event's hold on its user's record
+            entered = self._enter_user(ev.sid, owner, ev.pending, True, now, now + idle)
         if type(entered) is self._record and not entered.closed:  # type: ignore[union-attr]
             ev.loaded = entered  # type: ignore[assignment]
             ev.active = True
@@ -140,8 +153,9 @@ class LatchEntry:
         ns = self._ns
         owner = current_owner()
         ev.now = now = core.clock()
+        enter = ns.enter if ev.idle_ttl is None else self._enter_user
         touch = now + (ev.idle_ttl or core.idle_ttl)
-        entered = ns.enter(ev.sid, owner, ev.pending, False, now, touch)
+        entered = enter(ev.sid, owner, ev.pending, False, now, touch)
         if isinstance(entered, Turn):
             with self._giving_back(entered, owner):
                 waited = await ns.await_turn(entered, owner, core.settings.lease_wait)
@@ -247,6 +261,19 @@ class LatchEntry:
 
     async def aleave(self, ev: EventState, failed: bool) -> None:
         self.leave(ev, failed)  # direct calls: nothing to wait for
+
+    def give_back(self, ev: EventState) -> None:
+        """Give back a session held with nothing to write, and count no event (an
+        event's hold on its user's record, whose writes went with the event's)."""
+        ev.active = False
+        try:
+            self._ns.release_entered(ev.loaded)
+        finally:
+            if ev.pending:
+                self._core.run_ended(ev.pending)
+
+    async def agive_back(self, ev: EventState) -> None:
+        self.give_back(ev)
 
     def _leave_with_listeners(self, ev: EventState, collected: Collected | None) -> None:
         """Commit, run the listener rounds, give the session back."""

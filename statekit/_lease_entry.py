@@ -347,6 +347,30 @@ class LeaseEntry:
         if loop_error is not None:
             raise loop_error
 
+    def give_back(self, ev: EventState) -> None:
+        """Give back a session held with nothing to write, counting no event (an
+        event's hold on its user's record): its lease, then its lock here."""
+        ev.active = False
+        if ev.renew:
+            self.renewer.remove(ev)
+        try:
+            drive(self._leave_steps(ev, True), self._ns)
+        finally:
+            self._locks.release(ev.sid)
+            if ev.pending:
+                self._core.run_ended(ev.pending)
+
+    async def agive_back(self, ev: EventState) -> None:
+        ev.active = False
+        if ev.renew:
+            self.renewer.remove(ev)
+        try:
+            await self._core.adrive(self._leave_steps(ev, True))
+        finally:
+            self._locks.release(ev.sid)
+            if ev.pending:
+                self._core.run_ended(ev.pending)
+
     def extend(self, ev: EventState) -> None:
         drive(self._extend_steps(ev), self._ns)
 

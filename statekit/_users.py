@@ -119,6 +119,8 @@ class Users:
         self._seen: cachetools.LRUCache[str, tuple[str, dict[str, None]]] = cachetools.LRUCache(
             REMEMBERED_USERS
         )
+        # Session id -> the record of the user it was last served for.
+        self._user_of: cachetools.LRUCache[str, str] = cachetools.LRUCache(REMEMBERED_USERS * 4)
         #: The engine's open watches (set by the engine).
         self.watchers: Watchers | None = None
         core.user_ended = self.ended
@@ -196,6 +198,12 @@ class Users:
         assert ev.user_part is not None
         record = ev.user_part.sid
         with self._lock:
+            before = self._user_of.get(ev.sid)
+            if before is not None and before != record:  # signed in as another user
+                other = self._seen.get(before)
+                if other is not None:
+                    other[1].pop(ev.sid, None)
+            self._user_of[ev.sid] = record
             seen = self._seen.get(record)
             if seen is None:
                 seen = self._seen[record] = (ev.user, {})
@@ -218,6 +226,17 @@ class Users:
             self._seen.pop(record, None)
 
     # -- after a commit ----------------------------------------------------------------
+
+    def heard(self, ev: EventState) -> bool:
+        """Whether anyone listens for the changes of ``ev``'s user: a watch here, or a
+        remote listener of a user state that ``ev`` committed."""
+        if ev.done is None and ev.changed is None:  # nothing was committed
+            return False
+        part = ev.user_part
+        assert part is not None
+        if self.watchers is not None and self.watchers.watching(part.sid):
+            return True
+        return any(state.remote_listeners for state in self._core.user_states.values())
 
     @staticmethod
     def changes(ev: EventState) -> list[tuple[str, Any]]:
@@ -243,7 +262,7 @@ class Users:
     ) -> None:
         """Tell the watches of ``record`` and the remote listeners of its states in
         the user's other sessions (all but ``by``) the new ``values`` (name, value)."""
-        values = list(values)
+        values = [(name, value) for name, value in values if value is not MISSING]
         if not values:
             return
         if self.watchers is not None and self.watchers.watching(record):

@@ -473,3 +473,124 @@ def test_a_look_that_applies_a_decided_commit_first_leaves_the_lease_to_be_given
         engine.shutdown()
         looker.shutdown()
         store.close()
+
+
+def test_a_session_id_naming_a_users_record_touches_nothing() -> None:
+    """A record's id is a digest anyone can compute from a user id. Sent as a session's,
+    it is refused before the store touches the record: its deadline stays the user's
+    (had the refused event slid it by the sessions' idle_ttl of 10 s, reaping 20 s
+    later would delete alice's cart)."""
+    clock = FakeClock()
+    engine = StateEngine(clock=clock, idle_ttl=10, user_idle_ttl=10_000)
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    sid = engine.open_session()
+    with engine.event(sid, user="alice") as ev:
+        ev[cart].append("apple")
+    with pytest.raises(SessionNotFound), engine.event(user_record("alice")):
+        pass
+    clock.advance(20)
+    engine.reap()
+    assert cart.get("alice") == ["apple"]
+    engine.shutdown()
+
+
+def test_a_committed_event_stands_when_its_listeners_cannot_read(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After listener rounds, the user's values are read again for its watches and
+    listeners; a store failing then must not make the committed event raise (its
+    caller would retry it, and apply it twice)."""
+    from statekit._engine_host import EngineHost
+    from statekit.exceptions import StoreUnavailable
+
+    engine = StateEngine()
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    size: SessionState[int] = engine.user_state("size", 0)
+    cart.on_change(lambda ev, value: ev.__setitem__(size, len(value)))
+    heard: list[object] = []
+    cart.on_remote_change(lambda sid, value: heard.append(value))
+
+    def failing(self: Any, user: Any, state: Any) -> Any:
+        raise StoreUnavailable("memory", "the store failed just then")
+
+    monkeypatch.setattr(EngineHost, "peek_user", failing)
+    sid = engine.open_session()
+    with engine.event(sid, user="alice") as ev:  # does not raise
+        ev[cart].append("apple")
+    monkeypatch.undo()
+    assert (cart.get("alice"), size.get("alice")) == (["apple"], 1)
+    assert "could not be read" in caplog.text
+    engine.shutdown()
+
+
+def test_a_session_signed_in_as_another_user_hears_only_its_new_user() -> None:
+    """A shared computer: alice signs out, bob signs in, in the same session. Alice's
+    later changes must not reach that session's listeners (bob's screen)."""
+    engine = StateEngine()
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    heard: list[tuple[str, list[str]]] = []
+    cart.on_remote_change(lambda sid, value: heard.append((sid, value)))
+    shared, alices_phone, bobs_phone = (engine.open_session() for _ in range(3))
+    with engine.event(shared, user="alice") as ev:
+        ev[cart]
+    with engine.event(shared, user="bob") as ev:  # alice signed out, bob in
+        ev[cart]
+    with engine.event(alices_phone, user="alice") as ev:
+        ev[cart].append("private item")
+    with engine.event(bobs_phone, user="bob") as ev:
+        ev[cart].append("gift")
+    assert heard == [(shared, ["gift"])]
+    engine.shutdown()
+
+
+def test_listeners_hear_what_a_cut_listener_loop_committed() -> None:
+    """Listener rounds cut by ChangeLoopError: what was committed before the cut
+    stands, and the user's other sessions hear it."""
+    from statekit import ChangeLoopError
+
+    engine = StateEngine()
+    count: SessionState[int] = engine.user_state("count", 0)
+    count.on_change(lambda ev, value: ev.__setitem__(count, value + 1))  # never settles
+    heard: list[int] = []
+    count.on_remote_change(lambda sid, value: heard.append(value))
+    mine, other = engine.open_session(), engine.open_session()
+    with engine.event(other, user="alice") as ev:
+        ev[count]
+    with pytest.raises(ChangeLoopError), engine.event(mine, user="alice") as ev:
+        ev[count] = 1
+    assert heard == [count.get("alice")]
+    assert heard[0] > 1
+    engine.shutdown()
+
+
+def test_an_event_of_a_user_counts_once_in_the_stats(engines: Any) -> None:
+    engine = engines()
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    sid = engine.open_session()
+    for _ in range(5):
+        with engine.event(sid, user="alice") as ev:
+            ev[cart].append("x")
+    assert engine.stats().events == 5
+
+
+def test_a_cluster_commit_leaves_no_decision_behind(redis_cluster: Any) -> None:
+    """Each commit of a session and a user on a cluster decides on a key of its own;
+    once applied, the key goes (else each commit would leave a key for a month)."""
+    nodes = ",".join(f"{host}:{port}" for host, port in redis_cluster.startup_nodes)
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    store = RedisStore(f"redis+cluster://{nodes}", prefix=prefix)
+    engine = StateEngine(store)
+    try:
+        cart: SessionState[list[str]] = engine.user_state("cart", [])
+        note: SessionState[str] = engine.session_state("note", "")
+        sid = engine.open_session()
+        for i in range(5):
+            with engine.event(sid, user="alice") as ev:
+                ev[cart].append(str(i))
+                ev[note] = str(i)
+        assert cart.get("alice") == ["0", "1", "2", "3", "4"]
+        left = list(store.client.scan_iter(match=f"{prefix}:*tx:*", target_nodes="all"))
+        assert left == []
+    finally:
+        engine.shutdown()
+        store.close()

@@ -93,6 +93,8 @@ class StatekitCollector(Collector):
         return iter(_families().values())
 
     def collect(self) -> Iterator[Metric]:
+        """The metrics of every registered engine, read from ``engine.stats()`` now
+        (prometheus_client calls it at each scrape)."""
         with self._lock:
             engines = sorted(self._engines, key=lambda engine: engine.app)
         families = _families()

@@ -1,12 +1,12 @@
 """The memory store's data: a session's record (with its lock), an event's place in a
-session's queue, and an application's state, shared by its handles."""
+session's queue, an application's state, shared by its handles, and its globals."""
 
 from __future__ import annotations
 
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from statekit._locks import AsyncWaiter, Latch
@@ -16,7 +16,7 @@ from .base import DeleteReason, Notice, Turn
 if TYPE_CHECKING:
     from .memory import _MemoryNamespace
 
-__all__ = ["AppState", "Queued", "Record", "UserRecord"]
+__all__ = ["AppState", "MemoryGlobals", "Queued", "Record", "UserRecord"]
 
 
 class Record(Latch):
@@ -83,3 +83,36 @@ class AppState:
         self.subscribers: dict[int, tuple[str, Callable[[Notice], None]]] = {}
         # Handles not shut down (nor garbage-collected): the data ends with the last.
         self.handles: weakref.WeakSet[_MemoryNamespace] = weakref.WeakSet()
+
+
+class MemoryGlobals:
+    """A memory namespace's global values (a base of the namespace): each write under
+    the application's lock, then a ``global`` notice to the other handles."""
+
+    _lock: threading.Lock
+    _globals: dict[str, tuple[Any, int]]
+    origin: str
+
+    def _publish(self, notices: Iterable[Notice]) -> None:
+        raise NotImplementedError
+
+    def global_get(self, name: str) -> tuple[Any, int] | None:
+        return self._globals.get(name)
+
+    def global_cas(self, name: str, *, version: int | None, value: Any) -> int | None:
+        with self._lock:
+            current = self._globals.get(name)
+            found = None if current is None else current[1]
+            if found != version:
+                return None
+            new_version = 1 if found is None else found + 1
+            self._globals[name] = (value, new_version)
+        self._publish([Notice(kind="global", sid="", names=(name,), origin=self.origin)])
+        return new_version
+
+    def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
+        with self._lock:
+            value, version = self._globals.get(name, (default, 0))
+            self._globals[name] = (value := value + amount, version + 1)
+        self._publish([Notice(kind="global", sid="", names=(name,), origin=self.origin)])
+        return value

@@ -27,6 +27,7 @@ past it the record is gone, with whatever was staged in it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -229,7 +230,11 @@ def staged_commit(
         applied = yield _apply(ns, user.sid, tx, user.lease if user.release else None)
     except StoreUnavailable:  # decided: the record's next load or look applies it
         logger.warning("a committed user's writes are staged; the next load applies them")
-        applied = user.version + 1
+        if user.release and user.lease:  # else the user's next event waits for it
+            with contextlib.suppress(StoreUnavailable):
+                yield Plan("RELEASE", [record_key], [user.lease], lambda reply: None)
+        return version, user.version + 1
+    yield from _forget(marker)
     return version, applied
 
 
@@ -275,6 +280,7 @@ def settle(ns: RedisNamespace, sid: str, *, abort: bool) -> Ops[bool]:
     decided = yield Plan("RESOLVE", [marker], ["1" if abort else "0", str(ABORT_MS)], replies.text)
     if decided == "c":
         yield _apply(ns, sid, tx, None)
+        yield from _forget(marker)
         return True
     if decided == "a":
         yield Plan("DISCARD", [key], [tx], lambda reply: None)
@@ -300,6 +306,24 @@ def load_record(
     if isinstance(first, Loaded) and isinstance(loaded, Loaded) and first.expired:
         loaded.expired = (*first.expired, *loaded.expired)
     return loaded
+
+
+def _forget(marker: str) -> Ops[None]:
+    """Delete a commit's decision once it is applied: nothing reads it any more (an
+    abort is kept: a late decision must still find it). Best effort: a key left
+    behind lapses with its lifetime."""
+    try:
+        yield Read(
+            functools.partial(_delete, marker),
+            damaged=lambda: StoreUnavailable(marker, "it holds another type of value"),
+            plain=("DEL", marker),
+        )
+    except StoreUnavailable:
+        logger.warning("could not delete an applied commit's decision key; it lapses")
+
+
+def _delete(key: str, client: Any) -> Any:
+    return client.delete(key)
 
 
 def _staging(key: str, client: Any) -> Any:

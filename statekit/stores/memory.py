@@ -36,7 +36,7 @@ from statekit._codec import Codec
 from statekit._locks import AsyncWaiter, await_turn, wait_turn
 from statekit.exceptions import SessionExpired, SessionNotFound, StoreConflict
 
-from ._memory_records import AppState, Queued, Record, UserRecord
+from ._memory_records import AppState, MemoryGlobals, Queued, Record, UserRecord
 from .base import (
     Busy,
     CommitPart,
@@ -123,7 +123,7 @@ class MemoryStore:
 _handles = itertools.count(1)
 
 
-class _MemoryNamespace:
+class _MemoryNamespace(MemoryGlobals):
     """A handle on one application's state in a :class:`MemoryStore`. Thread-safe: one
     lock guards every structure, and no user code runs under it. Notices go, after the
     lock is released, to the subscribers of the application's other handles.
@@ -286,7 +286,7 @@ class _MemoryNamespace:
         # acquire/release rather than 'with': half the cost, on every event
         self._lock.acquire()
         try:
-            rec = self._open.get(sid) or self._closed.get(sid) or self._users.get(sid)
+            rec = self._open.get(sid) or self._closed.get(sid)  # (a user's: enter_user)
             if rec is None:
                 return self._gone_answer(sid)
             if rec.owner is not None:
@@ -299,6 +299,29 @@ class _MemoryNamespace:
             entered = self._load_held(rec, expired, now, touch_until)
         finally:
             self._lock.release()
+        if type(entered) is Gone and self._subscribers:
+            self._publish(self._ended_notices((entered.ended,)))  # type: ignore[arg-type]
+        return entered
+
+    def enter_user(
+        self,
+        sid: str,
+        owner: object,
+        expired: list[Ended],
+        blocking: bool,
+        now: float,
+        touch_until: float,
+    ) -> Record | Gone | Queued | None:
+        """As :meth:`enter`, for a user's record (``engine.user_state``): only these
+        find one, so that a session id naming a record touches nothing."""
+        with self._lock:
+            rec = self._users.get(sid)
+            if rec is None:
+                return self._gone_answer(sid)
+            if rec.owner is not None:
+                return Queued(rec, rec.queue(sid, owner, blocking=blocking))
+            rec.owner = owner
+            entered = self._load_held(rec, expired, now, touch_until)
         if type(entered) is Gone and self._subscribers:
             self._publish(self._ended_notices((entered.ended,)))  # type: ignore[arg-type]
         return entered
@@ -592,27 +615,6 @@ class _MemoryNamespace:
     def _gone_answer(self, sid: str) -> Gone | None:
         gone = self._gone.get(sid)
         return None if gone is None else Gone(reason=gone[0], at=gone[1])
-
-    def global_get(self, name: str) -> tuple[Any, int] | None:
-        return self._globals.get(name)
-
-    def global_cas(self, name: str, *, version: int | None, value: Any) -> int | None:
-        with self._lock:
-            current = self._globals.get(name)
-            found = None if current is None else current[1]
-            if found != version:
-                return None
-            new_version = 1 if found is None else found + 1
-            self._globals[name] = (value, new_version)
-        self._publish([Notice(kind="global", sid="", names=(name,), origin=self.origin)])
-        return new_version
-
-    def global_add(self, name: str, amount: int | float, *, default: int | float) -> Any:
-        with self._lock:
-            value, version = self._globals.get(name, (default, 0))
-            self._globals[name] = (value := value + amount, version + 1)
-        self._publish([Notice(kind="global", sid="", names=(name,), origin=self.origin)])
-        return value
 
     def shutdown(self) -> tuple[Ended, ...]:
         """Let go of the application: its data ends (and is returned, with reason
