@@ -195,6 +195,13 @@ class Declarations:
         Raises:
             InvalidDeclaration: as :meth:`session_state`; also on a store of your own
                 that cannot commit a session and a user together (``joint_commits``).
+
+        Example:
+            ```python
+            cart = engine.user_state("cart", [])
+            with engine.event(sid, user=request_user_id) as ev:  # the host's login
+                ev[cart].append("Milk")  # every session of the user sees it
+            ```
         """
         return UserState(
             self._engine,

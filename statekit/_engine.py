@@ -106,6 +106,15 @@ class StateEngine(Declarations):
 
     Raises:
         InvalidDeclaration: an argument is out of range.
+
+    Example:
+        ```python
+        engine = StateEngine(SQLiteStore("state.db"), app="shop", idle_ttl=1800)
+        cart = engine.session_state("cart", [])
+        sid = engine.open_session()  # on page load
+        with engine.event(sid) as ev:  # one user action, all or nothing
+            ev[cart].append("Milk")
+        ```
     """
 
     def __init__(
@@ -434,6 +443,13 @@ class StateEngine(Declarations):
         Raises:
             UsageError: nothing to watch, a bad ``user`` or ``maxsize``.
             WrongEngine: a global of another engine.
+
+        Example:
+            ```python
+            async with engine.watch(sid, globals=[visitors]) as changes:
+                async for change in changes:  # until the session ends
+                    await websocket.send_json({"state": change.state, "value": change.value})
+            ```
         """
         self._core.check_usable()
         if sid is not None:
