@@ -79,7 +79,18 @@ class EngineHost:
         try:
             self._entry.leave(ev, failed)
         finally:  # (a ChangeLoopError after the commit: what was committed stands)
-            if not failed and self._committed(ev):
+            if failed:
+                pass
+            elif ev.done is None:  # no listener round: the event's own changes (fast)
+                changed = ev.changed
+                watchers = self.watchers
+                if changed and watchers is not None and watchers.watching(ev.sid):
+                    work = ev.work
+                    watchers.session_changed(
+                        ev.sid,
+                        [(s.name, work[s]) for s in changed if s.__class__ is SessionState],
+                    )
+            elif self._committed(ev):
                 changes = self._changes(ev)
                 for i, (name, value) in enumerate(changes):
                     if value is MISSING:  # after listener rounds: read it as committed

@@ -17,6 +17,7 @@ events through its watches only while one is.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 from collections import deque
@@ -87,8 +88,12 @@ class Watch:
         self._hub = hub
         self._maxsize = maxsize
         self._check = check
-        self._items: deque[StateChange] = deque()
-        self._missed = 0
+        # Each change as pushed: (its number, sid, state, value, scope). A deque with a
+        # maxlen drops the oldest by itself, and append and popleft are atomic: a
+        # writer takes no lock. The numbers tell the reader how many were dropped.
+        self._items: deque[tuple[int, str | None, str, Any, str]] = deque(maxlen=maxsize)
+        self._number = itertools.count().__next__
+        self._last = -1  # the number of the last change read
         self._closed = False
         self._lock = threading.Lock()
         self._waiter: asyncio.Future[None] | None = None
@@ -112,18 +117,17 @@ class Watch:
         """Whether the watch ended (its queued changes may still be read)."""
         return self._closed
 
-    def push(self, change: StateChange) -> None:
-        """Queue ``change`` (any thread): never waits; drops the oldest when full."""
-        with self._lock:
-            if self._closed:
-                return
-            if len(self._items) >= self._maxsize:
-                self._items.popleft()
-                self._missed += 1
-            self._items.append(change)
+    def push(self, sid: str | None, state: str, value: Any, scope: str) -> None:
+        """Queue a change (any thread): never waits, takes no lock; the oldest change
+        goes when the watch is full. ``value`` is copied when the change is read (the
+        writer's own copy: nothing else changes it)."""
+        if self._closed:
+            return
+        self._items.append((self._number(), sid, state, value, scope))
+        if self._waiter is not None:  # (set before the reader looks again: never missed)
             waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            self._wake(waiter)
+            if waiter is not None:
+                self._wake(waiter)
 
     def close(self) -> None:
         """End the watch (any thread): iteration stops once the queue is read."""
@@ -163,17 +167,21 @@ class Watch:
             if not live:
                 self.close()  # an unknown, ended or closed session: nothing will come
         while True:
-            with self._lock:
-                if self._items:
-                    change = self._items.popleft()
-                    if self._missed:
-                        change = change._replace(missed=self._missed)
-                        self._missed = 0
-                    return change
-                if self._closed:
-                    raise StopAsyncIteration
-                waiter = self._waiter = self._loop.create_future()
+            if self._items:
+                return self._take()
+            if self._closed:
+                raise StopAsyncIteration
+            waiter = self._waiter = self._loop.create_future()
+            if self._items or self._closed:  # pushed before the waiter was seen
+                self._waiter = None
+                continue
             await waiter
+
+    def _take(self) -> StateChange:
+        """The oldest queued change, copied; how many were dropped before it."""
+        number, sid, state, value, scope = self._items.popleft()
+        missed, self._last = number - self._last - 1, number
+        return StateChange(sid, state, copy_value(value), missed, scope)
 
 
 def _settle(waiter: asyncio.Future[None]) -> None:
@@ -271,17 +279,19 @@ class Watchers:
     def session_changed(self, sid: str, changes: Iterable[tuple[str, Any]]) -> None:
         """Give each watch of ``sid`` (a session, or a user's record) the new values
         (name, value) of its states."""
-        watches = list(self._sessions.get(sid, ()))
+        watches = self._sessions.get(sid)
+        if not watches:
+            return
         user = sid.startswith(USER_PREFIX)
         shown, scope = (None, "user") if user else (sid, "session")
-        for name, value in changes:
-            for watch in watches:
-                watch.push(StateChange(shown, name, copy_value(value), 0, scope))
+        for watch in tuple(watches):
+            for name, value in changes:
+                watch.push(shown, name, value, scope)
 
     def global_changed(self, name: str, value: Any) -> None:
         """Give each watch of global ``name`` its new value."""
         for watch in list(self._globals.get(name, ())):
-            watch.push(StateChange(None, name, copy_value(value), 0, "global"))
+            watch.push(None, name, value, "global")
 
     def _on_notice(self, notice: Notice) -> None:
         """A global written elsewhere (in the store's notification thread): its watches

@@ -6,7 +6,8 @@ cart with its size kept per browser tab (session state and a change listener). T
 it shows lifetimes: a closed tab, an idle tab that expires, and a full engine evicting
 its least recently used session. Time is simulated, so nothing waits.
 
-Run it with ``python3 dev.py demo``.
+Run it with ``.venv/bin/python docs/examples/console_demo.py`` (``python3 dev.py demo``
+serves the web demo, ``web_app.py``).
 """
 
 from __future__ import annotations
