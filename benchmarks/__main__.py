@@ -13,7 +13,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from . import detector, lifecycle, scaling, session_rw, stores, users, watch
+from . import detector, lifecycle, scaling, session_rw, stores, users, watch, web
 
 CASES: dict[str, ModuleType] = {
     "session": session_rw,
@@ -23,6 +23,7 @@ CASES: dict[str, ModuleType] = {
     "scaling": scaling,
     "watch": watch,
     "users": users,
+    "web": web,
 }
 
 
@@ -35,6 +36,8 @@ def run_case(case: ModuleType, quick: bool) -> dict[str, Any]:
             row: dict[str, Any] = {"name": m.name}
             if m.per_op is None:
                 row["error"] = m.error
+            elif m.unit == "bytes":
+                row["bytes_per_op"] = round(m.per_op)
             else:
                 row["us_per_op"] = round(m.per_op * 1e6, 3)
                 if base.per_op:
@@ -52,6 +55,8 @@ def print_case(case: dict[str, Any]) -> None:
         for row in group["results"]:
             if "error" in row:
                 print(f"    {row['name']:<34} {'fails: ' + row['error']:>19}")
+            elif "bytes_per_op" in row:
+                print(f"    {row['name']:<34} {row['bytes_per_op']:>10,} bytes")
             else:
                 times = row.get("times_baseline", float("nan"))
                 print(f"    {row['name']:<34} {row['us_per_op']:>13,.3f} µs {times:>7.2f}x")

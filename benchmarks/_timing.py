@@ -12,11 +12,14 @@ import attrs
 
 @attrs.frozen(kw_only=True)
 class Measure:
-    """The best time per operation of one contender, in seconds, or why it failed."""
+    """The best time per operation of one contender, in seconds, or why it failed; or,
+    with ``unit="bytes"``, a size per operation in bytes (not a time: it is printed in
+    its own column and never compared with the times)."""
 
     name: str
     per_op: float | None
     error: str | None = None
+    unit: str = "s"
 
 
 def best_per_op(
@@ -58,19 +61,32 @@ def best_per_op(
 class Target:
     """A ratio the issue sets, checked in every group that measured both contenders:
     ``faster``: ``other`` takes at least ``ratio`` times as long as ``ours``;
-    ``within``: ``ours`` takes at most ``ratio`` times as long as ``other``."""
+    ``within``: ``ours`` takes at most ``ratio`` times as long as ``other``;
+    ``adds``: what ``ours`` adds to ``base`` is at most ``ratio`` times what ``other``
+    adds to it (``(ours - base) / (other - base)``)."""
 
     ours: str
     other: str
-    kind: str  # "faster" | "within"
+    kind: str  # "faster" | "within" | "adds"
     ratio: float
+    base: str = ""
 
     def check(self, measures: list[Measure]) -> dict[str, object] | None:
         times = {m.name: m.per_op for m in measures}
         ours, other = times.get(self.ours), times.get(self.other)
         if not ours or not other:
             return None
-        if self.kind == "faster":
+        if self.kind == "adds":
+            base = times.get(self.base)
+            if not base or other <= base:
+                return None
+            found = (ours - base) / (other - base)
+            text = (
+                f"{self.ours} adds {(ours - base) * 1e6:.1f} µs to {self.base}, "
+                f"{found:.2f}x what {self.other} adds (target within {self.ratio:g}x)"
+            )
+            met = found <= self.ratio
+        elif self.kind == "faster":
             found = other / ours
             text = f"{self.ours} is {found:.2f}x faster than {self.other} (target {self.ratio:g}x)"
             met = found >= self.ratio

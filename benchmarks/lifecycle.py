@@ -84,15 +84,17 @@ def open_case(quick: bool) -> list[Measure]:
     count = 500 if quick else 5000
     memory = [
         Measure(
-            name="statekit bytes/session (as µs: bytes)",
-            per_op=bytes_per(lambda i: engine.open_session(), count) / 1e6,
+            name="statekit memory per session",
+            per_op=bytes_per(lambda i: engine.open_session(), count),
+            unit="bytes",
         )
     ]
     if holder is not None:
         memory.append(
             Measure(
-                name="gradio bytes/session (as µs: bytes)",
-                per_op=bytes_per(lambda i: holder[f"m{i}"], count) / 1e6,
+                name="gradio memory per session",
+                per_op=bytes_per(lambda i: holder[f"m{i}"], count),
+                unit="bytes",
             )
         )
     return measures + memory
