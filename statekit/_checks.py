@@ -7,6 +7,7 @@ argument gets the same clear error wherever it is given.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import inspect
 import math
@@ -117,6 +118,11 @@ def user_record(user: object) -> str:
             f"at most {MAX_USER_LENGTH} characters, got "
             f"{type(user).__name__ if not isinstance(user, str) else repr(user[:40])}"
         )
+    return _digest(str(user))
+
+
+@functools.lru_cache(maxsize=4096)  # a digest per event would cost more than the event
+def _digest(user: str) -> str:
     digest = hashlib.sha256(user.encode("utf-8", "surrogatepass")).digest()
     return USER_PREFIX + base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
 

@@ -20,10 +20,9 @@ state reaches the ``on_remote_change`` listeners of the user's other sessions, a
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
-
-import cachetools
 
 from . import _fork
 from ._checks import qualname, user_record
@@ -116,11 +115,9 @@ class Users:
         self._lock = threading.Lock()
         _fork.after_fork_in_child(self)
         # Record id -> the user's id and the sessions served lately (newest last).
-        self._seen: cachetools.LRUCache[str, tuple[str, dict[str, None]]] = cachetools.LRUCache(
-            REMEMBERED_USERS
-        )
+        self._seen: OrderedDict[str, tuple[str, dict[str, None]]] = OrderedDict()
         # Session id -> the record of the user it was last served for.
-        self._user_of: cachetools.LRUCache[str, str] = cachetools.LRUCache(REMEMBERED_USERS * 4)
+        self._user_of: OrderedDict[str, str] = OrderedDict()
         #: The engine's open watches (set by the engine).
         self.watchers: Watchers | None = None
         core.user_ended = self.ended
@@ -193,23 +190,38 @@ class Users:
         core.run_ended(evicted)
 
     def _saw(self, ev: EventState) -> None:
-        """Remember that this engine served ``ev``'s session for its user."""
+        """Remember that this engine served ``ev``'s session for its user (two ordered
+        dicts, the least recently used dropped past their bound)."""
         assert ev.user is not None
         assert ev.user_part is not None
-        record = ev.user_part.sid
+        record, sid = ev.user_part.sid, ev.sid
         with self._lock:
-            before = self._user_of.get(ev.sid)
-            if before is not None and before != record:  # signed in as another user
+            before = self._user_of.get(sid)
+            if before == record:  # the common case: the same user as last time
+                self._user_of.move_to_end(sid)
+                seen = self._seen.get(record)
+                if seen is not None:
+                    self._seen.move_to_end(record)
+                    seen[1].pop(sid, None)
+                    seen[1][sid] = None
+                    return
+            elif before is not None:  # signed in as another user since
                 other = self._seen.get(before)
                 if other is not None:
-                    other[1].pop(ev.sid, None)
-            self._user_of[ev.sid] = record
+                    other[1].pop(sid, None)
+            self._user_of[sid] = record
+            self._user_of.move_to_end(sid)
+            if len(self._user_of) > REMEMBERED_USERS * 4:
+                self._user_of.popitem(last=False)
             seen = self._seen.get(record)
             if seen is None:
                 seen = self._seen[record] = (ev.user, {})
+                if len(self._seen) > REMEMBERED_USERS:
+                    self._seen.popitem(last=False)
+            self._seen.move_to_end(record)
             sids = seen[1]
-            sids.pop(ev.sid, None)
-            sids[ev.sid] = None
+            sids.pop(sid, None)
+            sids[sid] = None
             if len(sids) > SESSIONS_PER_USER:
                 del sids[next(iter(sids))]
 
