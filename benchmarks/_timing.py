@@ -63,20 +63,34 @@ class Target:
     ``faster``: ``other`` takes at least ``ratio`` times as long as ``ours``;
     ``within``: ``ours`` takes at most ``ratio`` times as long as ``other``;
     ``adds``: what ``ours`` adds to ``base`` is at most ``ratio`` times what ``other``
-    adds to it (``(ours - base) / (other - base)``)."""
+    adds to it (``(ours - base) / (other - base)``);
+    ``grows``: ``ours`` grew from ``base`` at most ``ratio`` times as much as ``other``
+    grew from ``other_base`` (``(ours / base) / (other / other_base)``)."""
 
     ours: str
     other: str
     kind: str  # "faster" | "within" | "adds"
     ratio: float
     base: str = ""
+    other_base: str = ""
 
     def check(self, measures: list[Measure]) -> dict[str, object] | None:
         times = {m.name: m.per_op for m in measures}
         ours, other = times.get(self.ours), times.get(self.other)
         if not ours or not other:
             return None
-        if self.kind == "adds":
+        if self.kind == "grows":
+            base, other_base = times.get(self.base), times.get(self.other_base)
+            if not base or not other_base:
+                return None
+            ours_growth, other_growth = ours / base, other / other_base
+            found = ours_growth / other_growth
+            text = (
+                f"{self.ours} grew {ours_growth:.2f}x from {self.base}; {self.other} "
+                f"grew {other_growth:.2f}x (target: at most {self.ratio:g}x its growth)"
+            )
+            met = found <= self.ratio
+        elif self.kind == "adds":
             base = times.get(self.base)
             if not base or other <= base:
                 return None
