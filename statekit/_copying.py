@@ -21,6 +21,7 @@ hands other objects to :func:`copy.deepcopy` with a shared memo.
 from __future__ import annotations
 
 import copy
+import copyreg
 import datetime
 import decimal
 import fractions
@@ -75,22 +76,77 @@ class _NotFaithful(Exception):
     pass
 
 
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement
+_REFUSE, _DEFAULT, _DICT = "refuse", "default", "dict"
+
+
+def _plan(cls: type) -> str:
+    """How the faithful pickler takes an instance of ``cls`` (worked out once per class):
+
+    - ``_REFUSE``: the class copies itself (``__deepcopy__``): pickle would not call it;
+    - ``_DICT``: a plain class — made by a class statement on ``object`` alone (a
+      dataclass, say), no ``__slots__``, no ``__new__``, ``__reduce__``,
+      ``__reduce_ex__``, ``__getstate__``, ``__setstate__`` or ``__getnewargs__`` of
+      its own, no copyreg entry: its instances are exactly ``object.__new__(cls)`` with
+      their ``__dict__``, which is what ``copy.deepcopy`` makes of them, and the
+      pickler writes that without asking the object (the default protocol costs a
+      call into ``__reduce_ex__`` and, when opened, a Python call per object);
+    - ``_DEFAULT``: anything else: the ``__reduce_ex__`` protocol, as deepcopy uses it.
+    """
+    if issubclass(cls, type):  # a class, pickled by its name
+        return _DEFAULT
+    if getattr(cls, "__deepcopy__", None) is not None:
+        return _REFUSE
+    plain = (
+        all(base is object or base.__flags__ & _HEAPTYPE for base in cls.__mro__)
+        and all("__slots__" not in vars(base) for base in cls.__mro__)
+        and cls.__new__ is object.__new__
+        and cls.__reduce_ex__ is object.__reduce_ex__
+        and cls.__reduce__ is object.__reduce__
+        and getattr(cls, "__getstate__", None) in (None, getattr(object, "__getstate__", None))
+        and not hasattr(cls, "__setstate__")
+        and not hasattr(cls, "__getnewargs__")
+        and not hasattr(cls, "__getnewargs_ex__")
+        and cls not in copyreg_table
+    )
+    return _DICT if plain else _DEFAULT
+
+
+copyreg_table = copyreg.dispatch_table
+_PLANS: dict[type, str] = {}  # filled as classes are met; a class's plan never changes
+_MAX_PLANS = 4096
+
+
 class _FaithfulPickler(pickle.Pickler):
     """Pickles a value only where unpickling gives what ``copy.deepcopy`` would.
 
     Builtin containers and atoms take pickle's own fast paths; every other object comes
-    through :meth:`reducer_override`, which refuses classes with a ``__deepcopy__`` of
-    their own (deepcopy would call it, pickle would not) and lets the rest use the same
-    ``__reduce_ex__`` protocol that deepcopy uses.
+    through :meth:`reducer_override`, which follows its class's plan (:func:`_plan`):
+    refuse a class with a ``__deepcopy__`` of its own (deepcopy would call it, pickle
+    would not), write a plain class's instance as ``object.__new__(cls)`` and its
+    ``__dict__``, and let the rest use the same ``__reduce_ex__`` protocol that
+    deepcopy uses.
     """
 
     custom = False
 
     def reducer_override(self, obj: Any) -> Any:
-        if not isinstance(obj, type) and getattr(type(obj), "__deepcopy__", None) is not None:
+        cls = obj.__class__
+        plan = _PLANS.get(cls)
+        if plan is None:
+            if len(_PLANS) >= _MAX_PLANS:  # classes made at run time: bounded all the same
+                _PLANS.clear()
+            plan = _PLANS[cls] = _plan(cls)
+        if plan is _DICT:
+            self.custom = True
+            return _NEW, (cls,), obj.__dict__
+        if plan is _REFUSE:
             raise _NotFaithful
         self.custom = True
         return NotImplemented
+
+
+_NEW = object.__new__
 
 
 Image: TypeAlias = tuple[bytes, bool]

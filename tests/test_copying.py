@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import pytest
 
-from statekit._copying import copy_value
+from statekit._copying import copy_value, open_value, stored_form
 
 
 @pytest.mark.parametrize(
@@ -102,3 +103,90 @@ class BadReduce:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BadReduce:
         return BadReduce(self.n)
+
+
+@dataclasses.dataclass
+class _Plain:
+    id: int
+    tags: list[str]
+
+
+class _WithNew:
+    made: ClassVar[list[str]] = []
+
+    def __new__(cls) -> _WithNew:
+        cls.made.append("new")
+        return super().__new__(cls)
+
+
+class _WithSetstate:
+    def __init__(self) -> None:
+        self.n = 1
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, restored=True)
+
+
+class _Slotted:
+    __slots__ = ("a",)
+
+    def __init__(self) -> None:
+        self.a = [1]
+
+
+class _DictKind(dict):  # type: ignore[type-arg]
+    pass
+
+
+def _opened(value: Any) -> Any:
+    return open_value(stored_form(value))
+
+
+def test_plain_objects_take_the_fast_image_and_open_as_deepcopy_would() -> None:
+    """A plain class's instances are imaged as object.__new__(cls) and their __dict__
+    (no call into __reduce_ex__); the copy is deepcopy's: same class, equal fields,
+    nothing shared, sharing and cycles inside kept. Fails if the fast path lost a field,
+    shared a list with the original, or broke a cycle."""
+    from statekit import _copying
+
+    shared = ["x"]
+    a, b = _Plain(1, shared), _Plain(2, shared)
+    a.tags.append("y")
+    loop = _Plain(3, [])
+    loop.tags.append(loop)  # type: ignore[arg-type]
+    value = [a, b, a, loop]
+    copied = _opened(value)
+    assert _copying._PLANS[_Plain] == _copying._DICT
+    assert copied[:3] == copy.deepcopy(value[:3])  # (the cycle is compared below)
+    assert [type(v) for v in copied] == [_Plain] * 4
+    assert copied[0] is copied[2]  # sharing kept
+    assert copied[0].tags is copied[1].tags  # the shared list, still shared
+    assert copied[0].tags is not shared
+    assert copied[3].tags[0] is copied[3]  # the cycle kept
+
+
+@pytest.mark.parametrize("cls", [_WithNew, _WithSetstate, _Slotted, _DictKind])
+def test_objects_with_their_own_protocol_keep_it(cls: type) -> None:
+    """A class with its own __new__, __setstate__, __slots__, or a builtin base, is
+    not plain: it keeps the __reduce_ex__ protocol, as deepcopy does (so __new__ and
+    __setstate__ run when the copy is opened, and slots and items are kept)."""
+    from statekit import _copying
+
+    value: Any = cls()
+    if isinstance(value, dict):
+        value["k"] = [1]
+        value.extra = "attribute"  # type: ignore[attr-defined]
+    copied: Any = _opened([value])[0]
+    assert _copying._PLANS[cls] == _copying._DEFAULT
+    assert type(copied) is cls
+    expected = copy.deepcopy(value)
+    if cls is _WithSetstate:
+        assert copied.__dict__ == expected.__dict__ == {"n": 1, "restored": True}
+    elif cls is _Slotted:
+        assert getattr(copied, "a") == [1]  # noqa: B009
+        assert getattr(copied, "a") is not getattr(value, "a")  # noqa: B009
+    elif cls is _DictKind:
+        assert copied == expected == {"k": [1]}
+        assert getattr(copied, "extra") == "attribute"  # noqa: B009
+    else:
+        assert _WithNew.made.count("new") >= 3  # made, deep-copied, and opened with it
