@@ -35,7 +35,7 @@ two classes in a few lines.
 from __future__ import annotations
 
 from statekit.web.at_exit import shut_down_at_exit
-from statekit.web.gate import FormSource, SessionGate, Visit
+from statekit.web.gate import FormSource, SessionGate, Visit, VisitEvent
 from statekit.web.stream import STREAM_HEADERS, change_event, server_sent_events
 from statekit.web.wire import (
     BROWSER_HEADER,
@@ -83,6 +83,7 @@ __all__ = [
     "Incoming",
     "SessionGate",
     "Visit",
+    "VisitEvent",
     "answer_for",
     "browser_set_value",
     "browser_tokens",
