@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -594,3 +595,40 @@ def test_a_cluster_commit_leaves_no_decision_behind(redis_cluster: Any) -> None:
     finally:
         engine.shutdown()
         store.close()
+
+
+def test_an_event_opened_with_renew_keeps_its_users_record_too(tmp_path: Path) -> None:
+    """renew=True: the engine renews the event's leases while it runs, the user's
+    record's included, so another process's event of the user waits (SessionBusy
+    after lease_wait) rather than take the record once lease_ttl (1 s) passed; the
+    long event then commits. Real time: about 2 s."""
+    store, other_store = SQLiteStore(tmp_path / "r.db"), SQLiteStore(tmp_path / "r.db")
+    engine = StateEngine(store, lease_ttl=1, lease_wait=0.3)
+    other = StateEngine(other_store, lease_ttl=1, lease_wait=0.3)
+    try:
+        cart: SessionState[list[str]] = engine.user_state("cart", [])
+        other.user_state("cart", [])
+        mine, theirs = engine.open_session(), engine.open_session()
+        outcome: list[str] = []
+
+        def meanwhile() -> None:
+            time.sleep(1.3)  # past lease_ttl: the record's lease was renewed
+            try:
+                with other.event(theirs, user="alice"):
+                    outcome.append("entered")
+            except SessionBusy:
+                outcome.append("busy")
+
+        thread = threading.Thread(target=meanwhile)
+        thread.start()
+        with engine.event(mine, user="alice", renew=True) as ev:
+            ev[cart].append("apple")
+            time.sleep(1.8)
+        thread.join(10)
+        assert outcome == ["busy"]
+        assert cart.get("alice") == ["apple"]
+    finally:
+        engine.shutdown()
+        other.shutdown()
+        store.close()
+        other_store.close()
