@@ -107,10 +107,10 @@ def visit_of(request_or_scope: Any) -> web.Visit:
     return visit
 
 
-def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+def _headers(raw: Iterable[tuple[bytes, bytes]]) -> web.LowerHeaders:
     """The request's headers as one string per name (lower case): repeated headers
     joined as HTTP joins them (``; `` for cookies). Bounded; never raises."""
-    out: dict[str, str] = {}
+    out = web.LowerHeaders()
     total = 0
     for pair in raw:
         try:
@@ -315,8 +315,8 @@ class StateKitMiddleware:
             if answer is None or started:
                 raise
             # The page acts on this answer: it is not the app's failure to log.
-            headers = {**answer.headers}
-            extra = [(k, v) for k, v in visit.response_headers() if k not in headers]
+            answered = {**answer.headers}
+            extra = [(k, v) for k, v in visit.response_headers() if k not in answered]
             await _send_answer(send, answer, extra=extra, head=method.upper() == "HEAD")
 
     # -- lifespan --------------------------------------------------------------------

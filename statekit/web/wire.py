@@ -39,6 +39,7 @@ __all__ = [
     "WATCH_PATH",
     "Answer",
     "Incoming",
+    "LowerHeaders",
     "answer_for",
     "browser_set_value",
     "browser_tokens",
@@ -94,7 +95,16 @@ class Incoming:
     tokens: Mapping[str, str] = attrs.field(factory=dict)
 
 
-def _lower(mapping: Mapping[str, str]) -> dict[str, str]:
+class LowerHeaders(dict[str, str]):
+    """Headers whose names are lower case already (an ASGI server's are): read as they
+    are, where other mappings are lowered first (once per reader, on every request)."""
+
+    __slots__ = ()
+
+
+def _lower(mapping: Mapping[str, str]) -> Mapping[str, str]:
+    if mapping.__class__ is LowerHeaders:
+        return mapping
     return {str(k).lower(): v for k, v in mapping.items()}
 
 
