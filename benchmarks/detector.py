@@ -18,6 +18,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+
 from statekit._changes import judge
 from statekit._copying import open_value, stored_form
 
@@ -34,6 +36,29 @@ class Item:
     qty: int
 
 
+@attrs.define
+class AttrsItem:
+    sku: int
+    name: str
+    qty: int
+
+
+class SlotsItem:
+    __slots__ = ("name", "qty", "sku")
+
+    def __init__(self, sku: int, name: str, qty: int) -> None:
+        self.sku, self.name, self.qty = sku, name, qty
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SlotsItem) and (self.sku, self.name, self.qty) == (
+            other.sku,
+            other.name,
+            other.qty,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def nested(depth: int) -> list[Any]:
     value: list[Any] = [0]
     for _ in range(depth):
@@ -45,6 +70,10 @@ VALUES: dict[str, Callable[[], Any]] = {
     "100,000-int list": lambda: list(range(100_000)),
     "100,000-key dict of 2-item lists": lambda: {f"k{i}": [i, i + 1] for i in range(100_000)},
     "10,000 small dataclasses": lambda: [Item(i, f"item {i}", 1) for i in range(10_000)],
+    "10,000 small attrs instances": lambda: [AttrsItem(i, f"item {i}", 1) for i in range(10_000)],
+    "10,000 small __slots__ objects": lambda: [
+        SlotsItem(i, f"item {i}", 1) for i in range(10_000)
+    ],
     "1,000-deep nested list": lambda: nested(1_000),
 }
 
@@ -85,7 +114,24 @@ def contenders(value: Any) -> dict[str, Callable[[int], object]]:
 
 
 def run(quick: bool = False) -> list[tuple[str, list[Measure]]]:
-    return [
+    groups = [
         (label, best_per_op(contenders(make()), ops=1, rounds=2 if quick else 5))
         for label, make in VALUES.items()
     ]
+    plot_objects(quick)
+    return groups
+
+
+def plot_objects(quick: bool) -> None:
+    """Time per dataclass instance against how many the value holds, per contender:
+    ``benchmarks/results/objects.png`` (with matplotlib, in the ``bench`` extra)."""
+    from .scaling import plot
+
+    counts = [100, 1_000, 10_000]
+    series: dict[str, list[float]] = {}
+    for n in counts:
+        value = [Item(i, f"item {i}", 1) for i in range(n)]
+        for m in best_per_op(contenders(value), ops=1, rounds=2 if quick else 5):
+            if m.per_op is not None:
+                series.setdefault(m.name, []).append(m.per_op / n)
+    plot("objects (dataclass instances in a list)", counts, series, "µs per instance")

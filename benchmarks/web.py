@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import json
 import os
 import socket
@@ -332,4 +333,36 @@ def run(quick: bool = False) -> list[tuple[str, list[Measure]]]:
             f"   p99 {p99 * 1e3:6.2f} ms",
             file=sys.stderr,
         )
+    plot(inproc, loopback)
     return [("in-process ASGI (no network)", inproc), ("uvicorn on 127.0.0.1", loopback)]
+
+
+def plot(inproc: list[Measure], loopback: list[Measure]) -> None:
+    """Time per request of each variant, in-process and under uvicorn:
+    ``benchmarks/results/web.png`` (with matplotlib, in the ``bench`` extra)."""
+    try:
+        matplotlib: Any = importlib.import_module("matplotlib")
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    pyplot: Any = importlib.import_module("matplotlib.pyplot")
+    from .scaling import RESULTS
+
+    names = [NAMES[v] for v in VARIANTS]
+    figure, axes = pyplot.subplots(figsize=(7.2, 4))
+    width = 0.38
+    for offset, (label, measures) in enumerate(
+        (("in-process ASGI", inproc), ("uvicorn on 127.0.0.1", loopback))
+    ):
+        times = {m.name: (m.per_op or 0.0) * 1e6 for m in measures}
+        xs = [i + (offset - 0.5) * width for i in range(len(names))]
+        axes.bar(xs, [times[name] for name in names], width, label=label)
+    axes.set_xticks(range(len(names)), names, rotation=12)
+    axes.set_ylabel("µs per request")
+    axes.set_title("A cart request in a Starlette app")
+    axes.grid(True, axis="y", alpha=0.3)
+    axes.legend()
+    RESULTS.mkdir(exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(RESULTS / "web.png", dpi=110)
+    pyplot.close(figure)
