@@ -17,7 +17,7 @@ from ._timing import Measure, Target, best_per_op
 TITLE = "session value write+read"
 BASELINE = "TTLCache set+get"
 TARGETS = [
-    Target("statekit event (write+read)", "gradio session value write+read", "faster", 8),
+    Target("statekit event (write+read)", "gradio session value write+read", "faster", 12),
     Target("statekit read outside an event", "TTLCache get", "within", 2),
 ]
 
