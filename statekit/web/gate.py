@@ -585,7 +585,7 @@ class VisitEvent:
     def __enter__(self) -> Event:
         visit = self._visit
         ev = self._event = visit.gate.engine.event(
-            visit.session(), browser=visit._tokens, bind=self._bind, user=self._user
+            visit.session(), browser=visit.tokens, bind=self._bind, user=self._user
         )
         return ev.__enter__()
 
@@ -605,7 +605,7 @@ class VisitEvent:
         visit = self._visit
         sid = await visit.asession()
         ev = self._event = visit.gate.engine.aevent(
-            sid, browser=visit._tokens, bind=self._bind, user=self._user
+            sid, browser=visit.tokens, bind=self._bind, user=self._user
         )
         return await ev.__aenter__()
 
