@@ -105,7 +105,9 @@ class Committer:
         user_writes: dict[str, Any],
     ) -> Steps[list[Changeable]]:
         """Commit an event's writes to its session and to its user's record together:
-        one joint commit (one commit of the record, when the session has none)."""
+        one joint commit. When the session has none, the session's part only gives its
+        lease back (where a joint commit is one round trip), or the record alone is
+        committed and the lease given back after."""
         part = ev.user_part
         assert part is not None
         core = self._core
@@ -118,7 +120,13 @@ class Committer:
             lease=part.lease,
             release=part.lease is not None and releasing,
         )
-        if writes:
+        folded = (
+            not writes
+            and lease is not None
+            and releasing
+            and getattr(core.store, "joint_round_trips", 1) == 1
+        )
+        if writes or folded:
             own = CommitPart(
                 sid=ev.sid,
                 version=ev.loaded.version,

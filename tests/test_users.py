@@ -632,3 +632,51 @@ def test_an_event_opened_with_renew_keeps_its_users_record_too(tmp_path: Path) -
         other.shutdown()
         store.close()
         other_store.close()
+
+
+def test_an_event_writing_only_to_its_user_leaves_its_session_as_it_was(
+    engines: Any,
+) -> None:
+    """The session's part of such an event writes nothing: its version stays, and its
+    lease is given back (a next event of the session, from another engine, enters at
+    once)."""
+    engine = engines()
+    cart: SessionState[list[str]] = engine.user_state("cart", [])
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        before = ev.loaded.version
+    with engine.event(sid, user="alice") as ev:
+        ev[cart].append("apple")
+    other = engines(lease_wait=0.5) if engine.store.shared else engine
+    with other.event(sid) as ev:
+        assert ev.loaded.version == before
+    assert cart.get("alice") == ["apple"]
+
+
+def test_on_one_redis_server_a_user_only_event_gives_its_session_back_in_its_commit(
+    redis_server: Any,
+) -> None:
+    """Three scripts: the session's load, the record's, one joint commit that also
+    gives the session's lease back (four before: a commit of the record, then a
+    release of the session)."""
+    import redis
+
+    store = RedisStore(redis_server.url, prefix=f"f{uuid.uuid4().hex[:8]}")
+    # A clock that stands still: no reaping look (a script of its own) in between.
+    engine = StateEngine(store, clock=FakeClock(2_000_000_000.0))
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        cart: SessionState[list[str]] = engine.user_state("cart", [])
+        sid = engine.open_session()
+        with engine.event(sid, user="alice") as ev:
+            ev[cart].append("first")  # the record made
+        before = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        with engine.event(sid, user="alice") as ev:
+            ev[cart].append("apple")
+        after = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        assert after - before == 3
+        assert cart.get("alice") == ["first", "apple"]
+    finally:
+        engine.shutdown()
+        store.close()
+        client.close()

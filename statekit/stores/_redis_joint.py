@@ -76,9 +76,14 @@ for i, part in ipairs(parts) do
 end
 local reply = {'ok'}
 for _, part in ipairs(parts) do
-  local version = string.format('%d', tonumber(part.version) + 1)
-  local names = put_values(part.key, part.dl, part.sid, ARGV, part.first, part.last,
-    {'_v', version})
+  -- A part with no writes only gives its lease back: its version stays.
+  local version = part.version
+  local names = {}
+  if part.last >= part.first then
+    version = string.format('%d', tonumber(part.version) + 1)
+    names = put_values(part.key, part.dl, part.sid, ARGV, part.first, part.last,
+      {'_v', version})
+  end
   if part.lease ~= '' and part.release == '1' then
     redis.call('HDEL', part.key, '_l', '_lu', '_lk')
   end

@@ -583,8 +583,12 @@ class Store(Protocol):
             :class:`CommitPart` all-or-nothing: each is checked as
             :meth:`StoreNamespace.commit` checks it, then all are written (each with its
             ``changed`` notice) and their new versions returned in order; when one is
-            refused it raises as ``commit`` would and nothing is written. User state
-            (``engine.user_state``) needs it.
+            refused it raises as ``commit`` would and nothing is written. A part with
+            no writes is checked and its lease given back (if asked), its version left
+            as it is. User state (``engine.user_state``) needs it.
+        joint_round_trips: (optional; 1 if absent) how many round trips a joint
+            commit takes: where it is one, an event that writes only to its user
+            gives its session's lease back in the same commit.
         keeps_leases: (optional; false if absent) whether commits take ``keep=``,
             loads ask a kept lease's holder for it, and namespaces have
             ``subscribe_wanted(callback)``, which delivers those requests as

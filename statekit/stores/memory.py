@@ -501,13 +501,14 @@ class _MemoryNamespace(MemoryGlobals):
                     raise StoreConflict(part.sid, part.version, rec.version)
                 recs.append(rec)
             versions = tuple(
-                self._write(rec, part.writes, part.ttl_deadlines)
+                self._write(rec, part.writes, part.ttl_deadlines) if part.writes else rec.version
                 for rec, part in zip(recs, parts, strict=True)
             )
         if self._subscribers:
             self._publish(
                 Notice(kind="changed", sid=p.sid, names=tuple(p.writes), origin=self.origin)
                 for p in parts
+                if p.writes
             )
         return versions
 

@@ -177,6 +177,11 @@ class RedisStore:
     #: cluster, whose slots no script reaches together (``_redis_staged``).
     joint_commits = True
 
+    @property
+    def joint_round_trips(self) -> int:
+        """One script on a single server or Sentinel; three steps on a cluster."""
+        return 3 if self.cluster else 1
+
     def __init__(
         self,
         url: str | None = "redis://127.0.0.1:6379/0",

@@ -416,9 +416,11 @@ class _SQLiteNamespace:
     def commit_joint(self, parts: Iterable[CommitPart], *, now: float) -> tuple[int, ...]:
         # One transaction: a part refused rolls back the parts written before it.
         with self._store.transaction(durable=True) as db:
-            return tuple(self._commit_in(db, part, now) for part in parts)
+            return tuple(self._commit_in(db, part, now, joint=True) for part in parts)
 
-    def _commit_in(self, db: sqlite3.Connection, part: CommitPart, now: float) -> int:
+    def _commit_in(
+        self, db: sqlite3.Connection, part: CommitPart, now: float, *, joint: bool = False
+    ) -> int:
         """Inside a transaction: check and write one commit; the new version."""
         sid, version, lease = part.sid, part.version, part.lease
         row = self._row(db, sid)
@@ -432,6 +434,13 @@ class _SQLiteNamespace:
             raise StoreConflict(sid, version, found)
         if lease is not None and held != lease:
             raise StoreConflict(sid, version, found)
+        if joint and not part.writes:  # a part that only gives its lease back
+            if lease is not None and part.release:
+                db.execute(
+                    "UPDATE sk_sessions SET lease=NULL, lease_until=NULL WHERE app=? AND sid=?",
+                    (self._app, sid),
+                )
+            return version
         db.executemany(
             "INSERT OR REPLACE INTO sk_values (app, sid, name, value, deadline) "
             "VALUES (?, ?, ?, ?, ?)",
