@@ -86,7 +86,6 @@ class Watch:
         self.record = record
         self.globals = globals_
         self._hub = hub
-        self._maxsize = maxsize
         self._check = check
         # Each change as pushed: (its number, sid, state, value, scope). A deque with a
         # maxlen drops the oldest by itself, and append and popleft are atomic: a

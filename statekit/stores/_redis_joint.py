@@ -105,16 +105,8 @@ def joint_plan(
     parts: tuple[CommitPart, ...],
     now: float,
 ) -> Plan[tuple[int, ...]]:
-    """The JOINT script's call for ``parts``; ``request(prefix)`` draws a request key.
-
-    Raises:
-        ValueError: on a cluster (the parts' keys sit on different slots).
-    """
-    if store.cluster:
-        raise ValueError(
-            "a joint commit needs every key on one server; on a Redis Cluster a "
-            "session and its user's record sit on different slots"
-        )
+    """The JOINT script's call for ``parts`` (on one server: a cluster commits in
+    steps, ``_redis_staged``); ``request(prefix)`` draws a request key."""
     first = layout.of(parts[0].sid)
     keys: list[Any] = [request(first.P)]
     args: list[Any] = [first.settings]

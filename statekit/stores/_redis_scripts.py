@@ -62,6 +62,7 @@ from __future__ import annotations
 
 from ._redis_fragments import APP as _APP
 from ._redis_fragments import INDEXES as _INDEXES
+from ._redis_fragments import PUT_VALUES as _PUT_VALUES
 from ._redis_fragments import SESSION as _SESSION
 from ._redis_global_scripts import GLOBAL_ADD, GLOBAL_CAS
 from ._redis_joint import JOINT
@@ -386,6 +387,7 @@ COMMIT = (
     + ONCE
     + _INDEXES
     + _SESSION
+    + _PUT_VALUES
     + r"""
 local meta = redis.pcall('HMGET', KEY, '_v', '_l', '_d', '_c')
 if meta.err then return {'wrongtype'} end
@@ -408,8 +410,7 @@ if keep_until and meta[2] == ARGV[4] and meta[4] ~= '1' and tonumber(meta[3]) th
     if kind ~= 'zset' and kind ~= 'none' then return {'damaged', KEYS[3]} end
   end
 end
--- The values, their deadlines and the next version in one HSET (in pieces of at most
--- 1,000 fields, which Lua's unpack can pass).
+-- The values, their deadlines and the next version in one HSET (put_values).
 local version = string.format('%d', tonumber(meta[1]) + 1)
 local sets = {'_v', version}
 -- A session closed meanwhile is not kept: its lease is given back (and the reply
@@ -425,24 +426,7 @@ if slide then
   redis.call('ZADD', DL, touch_until, 's\0' .. SID)
   redis.call('ZADD', KEYS[3], keep_now, SID)
 end
-local names = {}
-for i = 6, #ARGV, 3 do
-  local name = ARGV[i]
-  names[#names + 1] = name
-  sets[#sets + 1] = 'v:' .. name
-  sets[#sets + 1] = ARGV[i + 1]
-  local member = 'v\0' .. SID .. '\0' .. name
-  if ARGV[i + 2] ~= '' then
-    sets[#sets + 1] = 't:' .. name
-    sets[#sets + 1] = ARGV[i + 2]
-    redis.call('ZADD', DL, ARGV[i + 2], member)
-  elseif redis.call('HDEL', KEY, 't:' .. name) == 1 then
-    redis.call('ZREM', DL, member)
-  end
-end
-for first = 1, #sets, 1000 do
-  redis.call('HSET', KEY, unpack(sets, first, math.min(first + 999, #sets)))
-end
+local names = put_values(KEY, DL, SID, ARGV, 6, #ARGV, sets)
 if ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) then
   redis.call('HDEL', KEY, '_l', '_lu', '_lk')
 end
