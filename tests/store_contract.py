@@ -315,6 +315,28 @@ class StoreContract:
         assert [(e.state, dict(e.values)) for e in loaded.expired] == [("t", {"t": 2})]
         assert ns.reap(now=18, limit=10) == ()  # claimed once, by that load
 
+    def test_a_value_written_without_a_deadline_loses_the_one_it_had(
+        self, ns: StoreNamespace
+    ) -> None:
+        """One value, and 250 at once (past what a Redis commit reads of their
+        deadlines first): rewritten without a deadline, none expires. Fails if a
+        commit kept a deadline it was not given."""
+        self.new(ns, ttl=100)
+        many = {f"m{i}": i for i in range(250)}
+        version = ns.commit(
+            "s1",
+            version=0,
+            writes={"t": 1, **many},
+            ttl_deadlines=dict.fromkeys(["t", *many], 5.0),
+            now=0,
+        )
+        version = ns.commit("s1", version=version, writes={"t": 2}, ttl_deadlines={}, now=1)
+        ns.commit("s1", version=version, writes=many, ttl_deadlines={}, now=2)
+        loaded = self.load(ns, "s1", now=9)
+        assert dict(loaded.values) == {"t": 2, **many}
+        assert list(loaded.expired) == []
+        assert ns.reap(now=15, limit=1000) == ()  # before the session's own deadline
+
     def test_each_expired_entry_is_claimed_by_one_reaper(self, ns: StoreNamespace) -> None:
         for i in range(400):
             ns.create_session(f"s{i}", now=0, deadline=float(i % 7), capacity=10_000)

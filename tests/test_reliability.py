@@ -561,6 +561,34 @@ def test_a_damaged_index_is_named_and_nothing_is_half_written(
     assert deleted == [("before", DeleteReason.TTL)]
 
 
+def test_a_damaged_index_stops_only_what_would_write_to_it(
+    redis_engine: StateEngine, clock: FakeClock
+) -> None:
+    """Loads and commits check the indexes only before writing to one (a type check
+    is a server call of its own, on every event otherwise). An event that writes no
+    index entry goes on; one that would (a deadline that slides, a value's own ttl) is
+    refused before it writes anything. Fails if the lazy check let a write through to
+    a damaged index, or if it refused events that do not touch it."""
+    engine = redis_engine
+    client, P = keys_of(engine)
+    count = engine.session_state("count", 0)
+    note = engine.session_state("note", "", ttl=30)
+    sid = engine.open_session()
+    client.delete(P + "dl")
+    client.set(P + "dl", "a string")
+    with engine.event(sid) as ev:  # no slide, no value deadline: no index written
+        ev[count] = 1
+    assert count.get(sid) == 1
+    with pytest.raises(StoreUnavailable, match="holds another type"), engine.event(sid) as ev:
+        ev[note] = "with a ttl"  # would index the value's deadline
+    clock.advance(20)  # the next load slides the session's deadline
+    before = client.hgetall(P + "s:" + sid)
+    with pytest.raises(StoreUnavailable, match="holds another type"), engine.event(sid) as ev:
+        ev[count] = 2
+    assert client.hgetall(P + "s:" + sid) == before  # not even the lease was taken
+    assert client.get(P + "dl") == b"a string"
+
+
 def test_a_version_too_large_to_count_on_is_damage_not_a_torn_write(
     redis_engine: StateEngine,
 ) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from statekit._locks import AsyncWaiter, Latch
@@ -47,6 +47,33 @@ class Record(Latch):
         #: The queue it is in, in deadline order: open sessions, closed ones, or users'
         #: records (whose idle span is another).
         self.order = order
+
+    def write(
+        self,
+        writes: Mapping[str, Any],
+        ttl_deadlines: Mapping[str, float] | None,
+        queues: dict[str, OrderedDict[str, float]],
+    ) -> int:
+        """Under the store's lock: store a commit's values and their deadlines (a value
+        written without one has none), kept in order in ``queues`` (one per state, the
+        app's); the new version."""
+        self.values.update(writes)
+        held = self.value_deadlines
+        if held:
+            for name in held.keys() & writes.keys() - (ttl_deadlines or {}).keys():
+                del held[name], queues[name][self.sid]
+        if ttl_deadlines:
+            if held is None:
+                held = self.value_deadlines = {}
+            for name, deadline in ttl_deadlines.items():
+                held[name] = deadline
+                queue = queues.get(name)
+                if queue is None:
+                    queue = queues[name] = OrderedDict()
+                queue[self.sid] = deadline
+                queue.move_to_end(self.sid)
+        self.version += 1
+        return self.version
 
 
 class UserRecord(Record):

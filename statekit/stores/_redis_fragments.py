@@ -3,7 +3,7 @@ layout of keys and arguments they assume)."""
 
 from __future__ import annotations
 
-__all__ = ["APP", "INDEXES", "PUT_VALUES", "SESSION"]
+__all__ = ["APP", "INDEXES", "INDEX_CHECK", "PUT_VALUES", "SESSION"]
 
 # The start of the six scripts about an application's sessions (see Layout).
 APP = r"""
@@ -41,13 +41,27 @@ end
 """
 
 # After ONCE: a damaged index is found before anything is written (Redis does not undo
-# a failing script).
-INDEXES = r"""
-for _, index in ipairs(INDEXES) do
-  local kind = redis.call('TYPE', index).ok
-  if kind ~= 'zset' and kind ~= 'none' then return {'damaged', index} end
+# a failing script). ``damaged_index()`` answers {'damaged', key} for the first of
+# INDEXES that holds another type than a sorted set, else nil. INDEX_CHECK defines it;
+# INDEXES also runs it at once, for the scripts that write to an index on most calls.
+# LOAD and COMMIT run it only before they write to one, which most of their calls do
+# not (a type check per index is a server call of its own).
+INDEX_CHECK = r"""
+local function damaged_index()
+  for _, index in ipairs(INDEXES) do
+    local kind = redis.call('TYPE', index).ok
+    if kind ~= 'zset' and kind ~= 'none' then return {'damaged', index} end
+  end
+  return nil
 end
 """
+INDEXES = (
+    INDEX_CHECK
+    + r"""
+local damaged_at_start = damaged_index()
+if damaged_at_start then return damaged_at_start end
+"""
+)
 
 # Then, in the scripts about one session (LOAD, PEEK, COMMIT, CLOSE): its hash and
 # tombstone, the last two keys, and its id. Each reads the hash first with
@@ -58,13 +72,15 @@ local KEY, GONE, SID = KEYS[#KEYS - 1], KEYS[#KEYS], ARGV[2]
 """
 
 
-# Writing values: put_values(key, dl, sid, t, first, last, sets) stores the values of
-# the (name, value, deadline|'') triples t[first..last] in a session's hash ``key``,
+# Writing values: put_values(key, dl, sid, t, first, last, sets, had) stores the values
+# of the (name, value, deadline|'') triples t[first..last] in a session's hash ``key``,
 # with the pairs already in ``sets`` (its version, say), in one HSET (in pieces of at
 # most 1,000 fields, which Lua's unpack can pass), indexes the values' deadlines in
-# ``dl``, and returns the names written.
+# ``dl``, and returns the names written. A value written without a deadline loses the
+# one it had; ``had`` names the values that had one, when the caller read them (nil:
+# each is looked for).
 PUT_VALUES = r"""
-local function put_values(key, dl, sid, t, first, last, sets)
+local function put_values(key, dl, sid, t, first, last, sets, had)
   local names = {}
   for j = first, last, 3 do
     local name = t[j]
@@ -76,7 +92,7 @@ local function put_values(key, dl, sid, t, first, last, sets)
       sets[#sets + 1] = 't:' .. name
       sets[#sets + 1] = t[j + 2]
       redis.call('ZADD', dl, t[j + 2], member)
-    elseif redis.call('HDEL', key, 't:' .. name) == 1 then
+    elseif (had == nil or had[name]) and redis.call('HDEL', key, 't:' .. name) == 1 then
       redis.call('ZREM', dl, member)
     end
   end

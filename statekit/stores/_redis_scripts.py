@@ -52,8 +52,8 @@ remembered reply back, for a request whose answer never came.
 **Damaged data.** Fields the scripts read as numbers, and the types of the keys they
 use, are checked before anything is written: a session with a damaged field is
 answered ``{'corrupt', field}``, one whose key holds another type ``{'wrongtype'}``,
-and left in place; a damaged index stops the script before it writes
-(``{'damaged', key}``); a member of an index that names nothing (or is not one
+and left in place; a script that would write to a damaged index stops before it
+writes anything (``{'damaged', key}``); a member of an index that names nothing (or is not one
 statekit writes) is removed and reported, so that one bad entry never stops reaping or
 opening sessions.
 """
@@ -61,6 +61,7 @@ opening sessions.
 from __future__ import annotations
 
 from ._redis_fragments import APP as _APP
+from ._redis_fragments import INDEX_CHECK as _INDEX_CHECK
 from ._redis_fragments import INDEXES as _INDEXES
 from ._redis_fragments import PUT_VALUES as _PUT_VALUES
 from ._redis_fragments import SESSION as _SESSION
@@ -117,15 +118,21 @@ local function claim(sid, key, gone, reason, at)
   return {sid, reason, at, closed, vals}
 end
 
--- Slide an open session's deadline to new_deadline ('' = a look, not a use). A touch that
--- would move it by less than a second (or a tenth of the idle ttl, if that is shorter)
--- is skipped: it saves four writes on busy sessions and changes an expiry by little.
-local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
+-- Whether a touch slides an open session's deadline to new_deadline ('' = a look, not
+-- a use). A touch that would move it by less than a second (or a tenth of the idle
+-- ttl, if that is shorter) is skipped: it saves four writes on busy sessions and
+-- changes an expiry by little.
+local function slides(closed, deadline, now, new_deadline)
   if closed == '1' or new_deadline == '' then
-    return
+    return false
   end
-  local slide = tonumber(new_deadline) - deadline
-  if slide < math.min(1, (tonumber(new_deadline) - tonumber(now)) / 10) then
+  local wanted = tonumber(new_deadline)
+  return wanted - deadline >= math.min(1, (wanted - tonumber(now)) / 10)
+end
+
+-- Slide the deadline, if the touch slides it (and index it).
+local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
+  if not slides(closed, deadline, now, new_deadline) then
     return
   end
   redis.call('HSET', key, '_d', new_deadline)
@@ -210,6 +217,8 @@ end
 """
 
 _CLAIMING = _APP + _CLAIMS + ONCE + _INDEXES
+# LOAD checks the indexes only before it writes to one (see INDEX_CHECK).
+_CLAIMING_LAZILY = _APP + _CLAIMS + ONCE + _INDEX_CHECK
 
 # KEYS: dl, request, lru, closed, session, then the hash and tombstone of each victim.
 # ARGV: (1), sid, now, deadline, capacity, backstop_ms, then the victims' ids.
@@ -285,7 +294,7 @@ return {'ok', evicted, junk}
 # KEYS: dl, request, lru, closed, session, tombstone.
 # ARGV: (1), sid, now, touch_until|'', lease|'', lease_until, backstop_ms
 LOAD = (
-    _CLAIMING
+    _CLAIMING_LAZILY
     + _SESSION
     + r"""
 local now = tonumber(ARGV[3])
@@ -301,8 +310,13 @@ local bad = damaged(meta[1], meta[3])
 if bad then return {'corrupt', bad} end
 if meta[4] and not tonumber(meta[5]) then return {'corrupt', '_lu'} end
 local deadline = tonumber(meta[3])
-if deadline <= now then return expired(SID, KEY, GONE, meta) end
+if deadline <= now then
+  local bad_index = damaged_index()
+  if bad_index then return bad_index end
+  return expired(SID, KEY, GONE, meta)
+end
 local due = {}
+local any_due = false
 for i = 1, #h, 2 do
   local f = h[i]
   if string.sub(f, 1, 2) == 't:' then
@@ -310,14 +324,20 @@ for i = 1, #h, 2 do
     if not at then return {'corrupt', f} end
     if at <= now then
       due[string.sub(f, 3)] = h[i + 1]
+      any_due = true
     end
   end
 end
+if ARGV[5] ~= '' and meta[4] and meta[4] ~= ARGV[5] and tonumber(meta[5]) > now then
+  if fields._lk == meta[4] then ask_keeper(SID) end
+  return {'busy', meta[5]}
+end
+-- Claiming a value or sliding the deadline writes to the indexes: checked first.
+if any_due or slides(meta[2], deadline, ARGV[3], ARGV[4]) then
+  local bad_index = damaged_index()
+  if bad_index then return bad_index end
+end
 if ARGV[5] ~= '' then
-  if meta[4] and meta[4] ~= ARGV[5] and tonumber(meta[5]) > now then
-    if fields._lk == meta[4] then ask_keeper(SID) end
-    return {'busy', meta[5]}
-  end
   redis.call('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
 end
 local values = {}
@@ -385,11 +405,18 @@ return reply
 COMMIT = (
     _APP
     + ONCE
-    + _INDEXES
+    + _INDEX_CHECK
     + _SESSION
     + _PUT_VALUES
     + r"""
-local meta = redis.pcall('HMGET', KEY, '_v', '_l', '_d', '_c')
+-- The session's version, lease, deadline and closed mark, then (for up to 200 values)
+-- the deadline of each value written, if it has one.
+local asked = {'_v', '_l', '_d', '_c'}
+local read_ttls = #ARGV - 5 <= 600
+if read_ttls then
+  for j = 6, #ARGV, 3 do asked[#asked + 1] = 't:' .. ARGV[j] end
+end
+local meta = redis.pcall('HMGET', KEY, unpack(asked))
 if meta.err then return {'wrongtype'} end
 if not meta[1] then return missing(GONE) end
 if not is_version(meta[1]) then return {'corrupt', '_v'} end
@@ -410,6 +437,26 @@ if keep_until and meta[2] == ARGV[4] and meta[4] ~= '1' and tonumber(meta[3]) th
     if kind ~= 'zset' and kind ~= 'none' then return {'damaged', KEYS[3]} end
   end
 end
+-- Sliding the deadline, or giving a value a deadline or taking one away, writes to
+-- the index: checked first (most commits do neither).
+local had = nil
+local indexes = slide or not read_ttls
+if read_ttls then
+  had = {}
+  local k = 5
+  for j = 6, #ARGV, 3 do
+    if meta[k] then
+      had[ARGV[j]] = true
+      indexes = true
+    end
+    if ARGV[j + 2] ~= '' then indexes = true end
+    k = k + 1
+  end
+end
+if indexes then
+  local bad_index = damaged_index()
+  if bad_index then return bad_index end
+end
 -- The values, their deadlines and the next version in one HSET (put_values).
 local version = string.format('%d', tonumber(meta[1]) + 1)
 local sets = {'_v', version}
@@ -426,7 +473,7 @@ if slide then
   redis.call('ZADD', DL, touch_until, 's\0' .. SID)
   redis.call('ZADD', KEYS[3], keep_now, SID)
 end
-local names = put_values(KEY, DL, SID, ARGV, 6, #ARGV, sets)
+local names = put_values(KEY, DL, SID, ARGV, 6, #ARGV, sets, had)
 if ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) then
   redis.call('HDEL', KEY, '_l', '_lu', '_lk')
 end

@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -411,8 +410,8 @@ class _MemoryNamespace(MemoryGlobals):
             if writes:
                 if rec.removed:
                     raise self._ended_error(rec.sid, now)
-                if ttl_deadlines:
-                    self._write(rec, writes, ttl_deadlines)
+                if ttl_deadlines or rec.value_deadlines:
+                    rec.write(writes, ttl_deadlines, self._ttl)
                 else:  # the common case, inline
                     rec.values.update(writes)
                     rec.version += 1
@@ -481,7 +480,7 @@ class _MemoryNamespace(MemoryGlobals):
                 raise self._ended_error(sid, now)
             if rec.version != version:
                 raise StoreConflict(sid, version, rec.version)
-            version = self._write(rec, writes, ttl_deadlines)
+            version = rec.write(writes, ttl_deadlines, self._ttl)
         if self._subscribers:  # notices are built only for someone to read them
             self._publish(
                 [Notice(kind="changed", sid=sid, names=tuple(writes), origin=self.origin)]
@@ -500,8 +499,9 @@ class _MemoryNamespace(MemoryGlobals):
                 if rec.version != part.version:
                     raise StoreConflict(part.sid, part.version, rec.version)
                 recs.append(rec)
+            queues = self._ttl
             versions = tuple(
-                self._write(rec, part.writes, part.ttl_deadlines) if part.writes else rec.version
+                rec.write(part.writes, part.ttl_deadlines, queues) if part.writes else rec.version
                 for rec, part in zip(recs, parts, strict=True)
             )
         if self._subscribers:
@@ -511,24 +511,6 @@ class _MemoryNamespace(MemoryGlobals):
                 if p.writes
             )
         return versions
-
-    def _write(
-        self, rec: Record, writes: Mapping[str, Any], ttl_deadlines: Mapping[str, float] | None
-    ) -> int:
-        """Under the lock: store a commit's values and deadlines; the new version."""
-        rec.values.update(writes)
-        if ttl_deadlines:
-            if rec.value_deadlines is None:
-                rec.value_deadlines = {}
-            for name, deadline in ttl_deadlines.items():
-                rec.value_deadlines[name] = deadline
-                queue = self._ttl.get(name)
-                if queue is None:
-                    queue = self._ttl[name] = OrderedDict()
-                queue[rec.sid] = deadline
-                queue.move_to_end(rec.sid)
-        rec.version += 1
-        return rec.version
 
     def _ended_error(self, sid: str, now: float) -> SessionExpired | SessionNotFound:
         gone = self._gone.get(sid)
