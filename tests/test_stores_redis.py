@@ -69,15 +69,27 @@ def test_async_events_use_the_asyncio_client_and_never_block_the_loop(
 
     async def main() -> tuple[list[int], int, bool]:
         client = aioredis.Redis.from_url(redis_server.url)
-        evalsha = client.evalsha
+        pool: Any = client.connection_pool
+        get_connection = pool.get_connection
         sent = 0
+        counting: set[int] = set()
 
-        def counted(*args: Any) -> Any:
-            nonlocal sent
-            sent += 1
-            return evalsha(*args)
+        async def counted_connection(*args: Any) -> Any:
+            # Count what is sent on the client's connections (the store keeps some).
+            conn = await get_connection(*args)
+            if id(conn) not in counting:
+                counting.add(id(conn))
+                send = conn.send_packed_command
 
-        client.evalsha = counted  # type: ignore[method-assign,assignment]
+                async def counted(*args: Any, **kwargs: Any) -> Any:
+                    nonlocal sent
+                    sent += 1
+                    return await send(*args, **kwargs)
+
+                conn.send_packed_command = counted
+            return conn
+
+        pool.get_connection = counted_connection
         store = RedisStore(
             redis_server.url, async_client=client, prefix=f"a{uuid.uuid4().hex[:6]}"
         )
@@ -112,6 +124,39 @@ def test_async_events_use_the_asyncio_client_and_never_block_the_loop(
     assert sorted(values) == list(range(30))
     assert used_async  # loads and commits went through the asyncio client
     assert ticks > 30  # the loop kept running while events waited on Redis
+
+
+def test_scripts_the_server_forgot_are_loaded_again_on_both_clients(
+    redis_server: RedisServer,
+) -> None:
+    """A server restarted without its script cache (or ``SCRIPT FLUSH``) answers
+    ``NOSCRIPT``: the store loads the script on the same connection and sends it again,
+    on the blocking client and on an asyncio one, and a connection the store keeps
+    after an error reply stays usable. Fails if either path gave the error to the
+    caller, or applied an event twice."""
+
+    async def main() -> list[int]:
+        client = aioredis.Redis.from_url(redis_server.url)
+        store = RedisStore(
+            redis_server.url, async_client=client, prefix=f"nos{uuid.uuid4().hex[:6]}"
+        )
+        engine = StateEngine(store, app="shop")
+        log: SessionState[list[int]] = engine.session_state("log", [])
+        sid = engine.open_session()
+        for i in range(3):
+            redis.Redis.from_url(redis_server.url).script_flush()
+            async with engine.aevent(sid) as ev:
+                ev[log].append(i)
+            redis.Redis.from_url(redis_server.url).script_flush()
+            with engine.event(sid) as ev:
+                ev[log].append(10 + i)
+        values = log.get(sid)
+        engine.shutdown()
+        store.close()
+        await client.aclose()
+        return values
+
+    assert asyncio.run(main()) == [0, 10, 1, 11, 2, 12]
 
 
 # -- the scripts as the server sees them ---------------------------------------------
