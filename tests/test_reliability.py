@@ -574,6 +574,13 @@ def test_a_damaged_index_stops_only_what_would_write_to_it(
     count = engine.session_state("count", 0)
     note = engine.session_state("note", "", ttl=30)
     sid = engine.open_session()
+    # A session whose value has a deadline of its own, written while the index is whole.
+    ns: Any = engine.store.namespace(engine.app)
+    other = engine.open_session()
+    now = engine.clock()
+    version = ns.commit(
+        other, version=0, writes={"note": b'"x"'}, ttl_deadlines={"note": now + 30}, now=now
+    )
     client.delete(P + "dl")
     client.set(P + "dl", "a string")
     with engine.event(sid) as ev:  # no slide, no value deadline: no index written
@@ -587,6 +594,11 @@ def test_a_damaged_index_stops_only_what_would_write_to_it(
         ev[count] = 2
     assert client.hgetall(P + "s:" + sid) == before  # not even the lease was taken
     assert client.get(P + "dl") == b"a string"
+    # A commit taking away a value's deadline would remove its index entry: refused.
+    kept = client.hgetall(P + "s:" + other)
+    with pytest.raises(StoreUnavailable, match="holds another type"):
+        ns.commit(other, version=version, writes={"note": b'"y"'}, ttl_deadlines={}, now=now)
+    assert client.hgetall(P + "s:" + other) == kept
 
 
 def test_a_version_too_large_to_count_on_is_damage_not_a_torn_write(

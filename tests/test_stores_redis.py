@@ -17,7 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from statekit import SessionState, StateEngine
-from statekit.exceptions import CodecError, SessionCorrupt, StoreConflict
+from statekit.exceptions import CodecError, SessionCorrupt, StoreConflict, StoreUnavailable
 from statekit.stores import Loaded, Store, StoreNamespace
 from statekit.stores._redis_staged import settle, staged_commit
 from statekit.stores.base import CommitPart
@@ -70,13 +70,13 @@ def test_async_events_use_the_asyncio_client_and_never_block_the_loop(
     async def main() -> tuple[list[int], int, bool]:
         client = aioredis.Redis.from_url(redis_server.url)
         pool: Any = client.connection_pool
-        get_connection = pool.get_connection
+        get_available_connection = pool.get_available_connection
         sent = 0
         counting: set[int] = set()
 
-        async def counted_connection(*args: Any) -> Any:
-            # Count what is sent on the client's connections (the store keeps some).
-            conn = await get_connection(*args)
+        def counted_connection() -> Any:
+            # Count what is sent on the connections of the client's pool.
+            conn = get_available_connection()
             if id(conn) not in counting:
                 counting.add(id(conn))
                 send = conn.send_packed_command
@@ -89,7 +89,7 @@ def test_async_events_use_the_asyncio_client_and_never_block_the_loop(
                 conn.send_packed_command = counted
             return conn
 
-        pool.get_connection = counted_connection
+        pool.get_available_connection = counted_connection
         store = RedisStore(
             redis_server.url, async_client=client, prefix=f"a{uuid.uuid4().hex[:6]}"
         )
@@ -124,6 +124,103 @@ def test_async_events_use_the_asyncio_client_and_never_block_the_loop(
     assert sorted(values) == list(range(30))
     assert used_async  # loads and commits went through the asyncio client
     assert ticks > 30  # the loop kept running while events waited on Redis
+
+
+def test_async_calls_keep_no_connection_of_the_clients_pool(redis_server: RedisServer) -> None:
+    """The store sends on connections of the app's asyncio client and gives each back
+    after its reply: a burst of events on a client bounded to 4 connections leaves
+    them all to the app; stores opened and closed over one client, or given a
+    client that is then dropped, leave no connection open; a single-connection
+    client keeps its one connection. Fails if the store kept connections between
+    calls (they were kept, once, and starved the app's pool)."""
+    server = redis.Redis.from_url(redis_server.url)
+    prefix = f"keep{uuid.uuid4().hex[:6]}"
+
+    def open_connections(name: str) -> int:
+        return sum(1 for c in server.client_list() if c.get("name") == name)
+
+    async def burst() -> None:
+        client = aioredis.Redis.from_url(redis_server.url, max_connections=4, client_name="b")
+        store = RedisStore(redis_server.url, async_client=client, prefix=prefix)
+        engine = StateEngine(store, app="shop")
+        count = engine.session_state("count", 0)
+        sids = [engine.open_session() for _ in range(4)]
+
+        async def bump(sid: str) -> None:
+            async with engine.aevent(sid) as ev:
+                ev[count] += 1
+
+        await asyncio.gather(*(bump(sid) for sid in sids))
+        assert [count.get(sid) for sid in sids] == [1, 1, 1, 1]
+        assert await asyncio.gather(*(client.ping() for _ in range(4))) == [True] * 4
+        engine.shutdown()
+        store.close()
+        await client.aclose()
+
+    async def stores_over_one_client() -> None:
+        client = aioredis.Redis.from_url(redis_server.url, client_name="s")
+        for _ in range(10):
+            store = RedisStore(redis_server.url, async_client=client, prefix=prefix)
+            engine = StateEngine(store, app="shop")
+            count = engine.session_state("count", 0)
+            sid = engine.open_session()
+            async with engine.aevent(sid) as ev:
+                ev[count] = 1
+            engine.shutdown()
+            store.close()
+        assert open_connections("s") == 1  # one, kept by the client's own pool
+        await client.aclose()
+
+    async def single_connection() -> None:
+        client = aioredis.Redis.from_url(
+            redis_server.url, single_connection_client=True, client_name="one"
+        )
+        store = RedisStore(redis_server.url, async_client=client, prefix=prefix)
+        engine = StateEngine(store, app="shop")
+        count = engine.session_state("count", 0)
+        sid = engine.open_session()
+        for _ in range(3):
+            async with engine.aevent(sid) as ev:
+                ev[count] += 1
+        assert count.get(sid) == 3
+        assert open_connections("one") == 1
+        engine.shutdown()
+        store.close()
+        await client.aclose()
+
+    asyncio.run(burst())
+    asyncio.run(stores_over_one_client())
+    asyncio.run(single_connection())
+
+
+def test_an_async_write_that_could_not_connect_is_known_not_applied() -> None:
+    """A write whose connection could not be made never left: StoreUnavailable says
+    so (``outcome_unknown`` false), on the asyncio path as on the blocking one. Fails
+    if a failure to connect were taken for a lost reply."""
+    server = RedisServer().start()
+    try:
+
+        async def main() -> StoreUnavailable:
+            client = aioredis.Redis.from_url(server.url)
+            store = RedisStore(server.url, async_client=client, prefix="down")
+            engine = StateEngine(store, app="shop")
+            total = engine.global_state("total", 0)
+            await total.aincrement()
+            await client.connection_pool.disconnect()
+            server.stop()
+            try:
+                with pytest.raises(StoreUnavailable) as info:
+                    await total.aincrement()
+                return info.value
+            finally:
+                engine.shutdown()
+                store.close()
+                await client.aclose()
+
+        failure = asyncio.run(main())
+        assert not failure.outcome_unknown
+    finally:
+        server.stop()
 
 
 def test_scripts_the_server_forgot_are_loaded_again_on_both_clients(

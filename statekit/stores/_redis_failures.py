@@ -37,9 +37,20 @@ __all__ = [
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
 
 
+#: The mark of a failure the store itself knows came before anything was sent.
+_NOT_SENT = "_statekit_not_sent"
+
+
+def not_sent(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as raised before the request left (see :func:`before_send`)."""
+    setattr(exc, _NOT_SENT, True)
+    return exc
+
+
 def before_send(exc: BaseException) -> bool:
     """Whether a connection failure happened while the client was still getting a
-    connection for the request, so that nothing of it was sent.
+    connection for the request, so that nothing of it was sent (or the store marked
+    it so, with :func:`not_sent`).
 
     redis-py's ``Redis`` takes a connection from its pool (connecting it if needed)
     before sending anything and before its own retries begin; a failure there is raised
@@ -48,6 +59,8 @@ def before_send(exc: BaseException) -> bool:
     unknown. A cluster client takes connections inside its retry loop, so with one the
     outcome is always unknown. When in doubt, this answers False (unknown).
     """
+    if getattr(exc, _NOT_SENT, False):
+        return True
     tb: TracebackType | None = exc.__traceback__
     found = False
     while tb is not None:

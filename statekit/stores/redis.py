@@ -39,6 +39,7 @@ from typing import Any
 try:
     import redis
     import redis.asyncio as aioredis
+    import redis.asyncio.sentinel
     from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("RedisStore needs the redis package: pip install 'statekit[redis]'") from exc
@@ -48,7 +49,7 @@ from statekit._codec import Codec, JSONCodec
 from statekit.exceptions import StoreUnavailable
 
 from ._redis_clients import is_cluster, make_client
-from ._redis_failures import UNAVAILABLE, Attempts, read_failure, safe_url
+from ._redis_failures import UNAVAILABLE, Attempts, not_sent, read_failure, safe_url
 from ._redis_layout import MAX_BUCKETS
 from ._redis_namespace import RedisNamespace
 from ._redis_scripts import TEXTS
@@ -58,6 +59,8 @@ __all__ = ["RedisStore"]
 logger = logging.getLogger("statekit")
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+#: The asyncio pools whose connections the store takes without their readiness poll.
+_PLAIN_POOLS = (aioredis.ConnectionPool, redis.asyncio.sentinel.SentinelConnectionPool)
 #: What a script call that gets no answer calls when its request may have been applied.
 Lost = Callable[[], object] | None
 
@@ -256,8 +259,6 @@ class RedisStore:
             or (plain.connection is None and getattr(plain.connection_pool, "cache", None) is None)
             else None
         )
-        #: The same for an asyncio client's sends (see _adirect), by its pool.
-        self._astacks: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
         _fork.after_fork_in_child(self)
         self.socket_timeout = socket_timeout
         self._handles: weakref.WeakSet[RedisNamespace] = weakref.WeakSet()
@@ -423,7 +424,7 @@ class RedisStore:
         self, client: Any, script: str, keys: list[Any], args: list[Any], applies: bool, lost: Lost
     ) -> Any:
         """:meth:`run` on ``client``, an asyncio client."""
-        direct = not self.cluster and client.connection is None
+        direct = not self.cluster and not getattr(client, "single_connection_client", False)
         for attempt in Attempts(self._label, applies=applies, lost=lost):
             with attempt:
                 if direct:
@@ -434,20 +435,27 @@ class RedisStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _adirect(self, client: Any, command: tuple[Any, ...], script: Script) -> Any:
-        """:meth:`_direct` on an asyncio client of one server (one that is not a
-        single-connection client): the command is sent on a connection the store keeps
-        from the client's pool, without ``execute_command``'s per-call costs (the
-        pool's lock, events and metrics, about a third of an awaited call on a near
-        server). Failures are handled as there: an error reply gives the connection
-        back to the store's stack, any other failure disconnects it and gives it back
-        to its pool; the pool's retry policy (``conn.retry``) applies."""
+        """:meth:`_direct` on an asyncio client of one server (not a single-connection
+        client): the command is sent on a connection of the client's pool, given back
+        after the reply, without the rest of ``execute_command``'s per-call work
+        (events, metrics, the generic reply callbacks) and, from a plain or Sentinel
+        pool, without the readiness poll of its ``get_connection`` (a connection that
+        went stale is found by the send, and sent again under the pool's retry
+        policy, ``conn.retry``). Any failure but an error reply (read whole)
+        disconnects the connection. The store keeps no connection between calls."""
         pool = client.connection_pool
-        conns = self._astacks.get(pool)
-        if conns is None:
-            conns = self._astacks.setdefault(pool, [])
-        try:
-            conn = conns.pop()
-        except IndexError:
+        if type(pool) in _PLAIN_POOLS:
+            try:
+                conn = pool.get_available_connection()  # the pool's bound holds
+            except RedisError as exc:
+                raise not_sent(exc) from None
+            if not conn.is_connected:
+                try:
+                    await conn.connect()
+                except BaseException as exc:
+                    await pool.release(conn)
+                    raise not_sent(exc) from None
+        else:  # a blocking pool waits for a connection in its own way
             conn = await pool.get_connection()
         try:
             packed = [_pack(conn, command)]
@@ -460,20 +468,18 @@ class RedisStore:
                 await conn.disconnect()
 
             try:
-                reply = await conn.retry.call_with_retry(exchange, drop)
+                return await conn.retry.call_with_retry(exchange, drop)
             except NoScriptError:  # not run: load it on the same connection, then send
                 await conn.send_command("SCRIPT", "LOAD", script.text, check_health=False)
                 await conn.read_response()
-                reply = await conn.retry.call_with_retry(exchange, drop)
+                return await conn.retry.call_with_retry(exchange, drop)
         except ResponseError:
-            conns.append(conn)  # an error reply, read whole
-            raise
+            raise  # an error reply, read whole: the connection is fine
         except BaseException:
             await conn.disconnect()
-            await pool.release(conn)
             raise
-        conns.append(conn)
-        return reply
+        finally:
+            await pool.release(conn)
 
     def read(self, fn: Callable[[], Any], *, damaged: Callable[[], Exception]) -> Any:
         """Run plain commands (reads), mapping failures to StoreUnavailable, and an
@@ -542,7 +548,6 @@ class RedisStore:
                 self,
             )
         self.async_client = None
-        self._astacks = weakref.WeakKeyDictionary()
         if self._stacks is not None:  # the parent's sockets: the pools make new ones
             self._stacks = {}
 
