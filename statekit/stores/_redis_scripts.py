@@ -53,9 +53,9 @@ remembered reply back, for a request whose answer never came.
 use, are checked before anything is written: a session with a damaged field is
 answered ``{'corrupt', field}``, one whose key holds another type ``{'wrongtype'}``,
 and left in place; a script that would write to a damaged index stops before it
-writes anything (``{'damaged', key}``); a member of an index that names nothing (or is not one
-statekit writes) is removed and reported, so that one bad entry never stops reaping or
-opening sessions.
+writes anything (``{'damaged', key}``); a member of an index that names nothing (or
+is not one statekit writes) is removed and reported, so that one bad entry never stops
+reaping or opening sessions.
 """
 
 from __future__ import annotations

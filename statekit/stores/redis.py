@@ -60,7 +60,7 @@ logger = logging.getLogger("statekit")
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 #: The asyncio pools whose connections the store takes without their readiness poll.
-_PLAIN_POOLS = (aioredis.ConnectionPool, redis.asyncio.sentinel.SentinelConnectionPool)
+_PLAIN_POOLS = (aioredis.ConnectionPool, aioredis.sentinel.SentinelConnectionPool)
 #: What a script call that gets no answer calls when its request may have been applied.
 Lost = Callable[[], object] | None
 
@@ -424,14 +424,14 @@ class RedisStore:
         self, client: Any, script: str, keys: list[Any], args: list[Any], applies: bool, lost: Lost
     ) -> Any:
         """:meth:`run` on ``client``, an asyncio client."""
+        code = SCRIPTS[script]
         direct = not self.cluster and not getattr(client, "single_connection_client", False)
         for attempt in Attempts(self._label, applies=applies, lost=lost):
             with attempt:
                 if direct:
-                    code = SCRIPTS[script]
                     command = ("EVALSHA", code.sha, len(keys), *keys, *args)
                     return await self._adirect(client, command, code)
-                return await SCRIPTS[script].on_asyncio(client, keys, args)
+                return await code.on_asyncio(client, keys, args)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _adirect(self, client: Any, command: tuple[Any, ...], script: Script) -> Any:
