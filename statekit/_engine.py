@@ -386,6 +386,8 @@ class StateEngine(Declarations):
         # The rest of the id is checked on entering: by the store's lookup (the memory
         # store finds only ids it issued; a miss then says what is wrong with the id)
         # or, on other stores, before anything is sent.
+        if browser is not None and browser.__class__ is dict and not browser:
+            browser = None  # no tokens: the same event as without them (made on first use)
         if user is not None:
             user_record(user)  # raises, saying what is wrong with it
         elif browser is None and not bind and not renew:

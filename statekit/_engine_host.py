@@ -66,6 +66,8 @@ class EngineHost:
         self.check_writable = core.check_writable
         self.check_usable = core.check_usable
         self.listen = remote.listen
+        # A store of this process may read a session's values in one call.
+        self._peek_inline = None if core.shared else getattr(core.ns, "peek_inline", None)
 
     def watched(self, active: bool) -> None:
         """Route events through the watches while one is open (``active``), so that
@@ -271,7 +273,15 @@ class EngineHost:
     # -- values: each written once as steps, driven blocking or awaited -------------
 
     def peek(self, sid: str, state: SessionState[T]) -> T:
-        value: T = drive(self._core.peek_steps(sid, state), self._ns)
+        core = self._core
+        inline = self._peek_inline
+        if inline is not None and sid.__class__ is str and not core.shut:
+            now = core.clock()
+            values = inline(sid, now, now + core.idle_ttl)
+            if values is not None:  # the common case on the memory store, inline
+                stored = values.get(state.name, MISSING)
+                return state.new_value() if stored is MISSING else self.open_value(state, stored)
+        value: T = drive(core.peek_steps(sid, state), self._ns)
         return value
 
     def peek_user(self, user: str | None, state: SessionState[T]) -> T:

@@ -111,6 +111,21 @@ class TestIdleExpiry:
         clock.advance(50)
         assert engine.exists(sid)
 
+    def test_peek_past_the_idle_deadline_says_the_session_ended(
+        self, engine: StateEngine, clock: FakeClock
+    ) -> None:
+        # Fails if a read outside an event answered from a session whose deadline
+        # passed but that no reaping removed yet.
+        ended: list[str] = []
+        engine.on_close(lambda sid, reason: ended.append(reason.value))
+        state = engine.session_state("s", "x")
+        sid = engine.open_session()
+        clock.advance(61)
+        with pytest.raises(SessionExpired) as info:
+            state.get(sid)
+        assert info.value.reason == "idle"
+        assert ended == ["idle"]
+
     def test_exists_does_not_count_as_use(self, engine: StateEngine, clock: FakeClock) -> None:
         sid = engine.open_session()
         clock.advance(50)
@@ -249,6 +264,19 @@ class TestCapacity:
         with pytest.raises(SessionExpired) as info, engine.event(b):
             pass
         assert info.value.reason == "evicted"
+
+    def test_a_read_outside_an_event_makes_its_session_the_most_recently_used(
+        self, clock: FakeClock
+    ) -> None:
+        # Fails if the read slid the session's deadline without moving it to the end of
+        # the capacity order: the session read last would then be the one evicted.
+        engine = StateEngine(clock=clock, capacity=2)
+        state = engine.session_state("v", 0)
+        a, b = engine.open_session(), engine.open_session()
+        assert state.get(a) == 0  # b is now the least recently used
+        engine.open_session()
+        assert engine.exists(a)
+        assert not engine.exists(b)
 
 
 class TestValueTtl:

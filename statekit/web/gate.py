@@ -598,8 +598,8 @@ class VisitEvent:
         ev = self._event
         assert ev is not None
         ev.__exit__(exc_type, exc, tb)
-        if exc_type is None:
-            self._visit.keep(ev.result)
+        if exc_type is None and ev.browser is not None and ev.browser.out:
+            self._visit.keep(ev.result)  # (made only when it has tokens to keep)
 
     async def __aenter__(self) -> Event:
         visit = self._visit
@@ -618,5 +618,5 @@ class VisitEvent:
         ev = self._event
         assert ev is not None
         await ev.__aexit__(exc_type, exc, tb)
-        if exc_type is None:
+        if exc_type is None and ev.browser is not None and ev.browser.out:
             self._visit.keep(ev.result)
