@@ -52,3 +52,29 @@ def test_tombstones_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     ns.reap(now=2, limit=10)
     assert ns.load_session("s0", now=3, touch_until=None) is None
     assert isinstance(ns.load_session("s4", now=3, touch_until=None), Gone)
+
+
+@pytest.mark.parametrize("ending", ["evicted at capacity", "past its grace"])
+def test_a_closed_session_is_heard_ended_once_by_another_engine(ending: str) -> None:
+    # Fails if the store, removing a session closed before, notices its end again:
+    # engine B's hook would then run a second time (as "evicted" or "closed").
+    from statekit import StateEngine
+    from statekit.testing import FakeClock
+
+    clock = FakeClock()
+    store = MemoryStore()
+    a = StateEngine(store, app="shop", clock=clock, capacity=2, closed_ttl=60)
+    b = StateEngine(store, app="shop", clock=clock, capacity=2, closed_ttl=60)
+    heard: list[tuple[str, str, str]] = []
+    a.on_close(lambda sid, reason: heard.append(("A", sid, reason.value)))
+    b.on_close(lambda sid, reason: heard.append(("B", sid, reason.value)))
+    sid = a.open_session()
+    a.open_session()
+    a.close_session(sid)
+    assert sorted(heard) == [("A", sid, "closed"), ("B", sid, "closed")]
+    if ending == "evicted at capacity":
+        a.open_session()  # the closed session goes first
+    else:
+        clock.advance(61)
+    assert not a.exists(sid)
+    assert sorted(heard) == [("A", sid, "closed"), ("B", sid, "closed")]

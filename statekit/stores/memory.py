@@ -173,10 +173,12 @@ class _MemoryNamespace(MemoryGlobals):
                     logger.exception("store notice subscriber raised")
 
     def _ended_notices(self, ended: Iterable[Ended]) -> list[Notice]:
+        """The notices of ended sessions: not of single values, nor of a session that
+        was closed before (its close was noticed then)."""
         return [
             Notice(kind="ended", sid=e.sid, reason=e.reason, origin=self.origin)
             for e in ended
-            if e.state is None
+            if e.state is None and not e.was_closed
         ]
 
     def release(self, sid: str, *, lease: str) -> None:
@@ -584,7 +586,7 @@ class _MemoryNamespace(MemoryGlobals):
                     rec = self._open.get(sid) or self._closed.get(sid) or self._users[sid]
                     out.append(self._claim_value(rec, name, best))
         if out and self._subscribers:
-            self._publish(self._ended_notices(e for e in out if not e.was_closed))
+            self._publish(self._ended_notices(out))
         return tuple(out)
 
     def _claim_values(self, rec: Record, now: float) -> tuple[Ended, ...]:
