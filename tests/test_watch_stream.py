@@ -22,12 +22,18 @@ async def app(scope: Any, receive: Any, send: Any) -> None:  # the app's own rou
 class Request:
     """One request to the middleware: what it sent back, and a way to hang up."""
 
-    def __init__(self, middleware: StateKitMiddleware, query: str, headers: dict[str, str]):
+    def __init__(
+        self,
+        middleware: StateKitMiddleware,
+        query: str,
+        headers: dict[str, str],
+        method: str = "GET",
+    ):
         self.sent: list[dict[str, Any]] = []
         self._gone = asyncio.Event()
         scope = {
             "type": "http",
-            "method": "GET",
+            "method": method,
             "path": "/statekit/watch",
             "query_string": query.encode(),
             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
@@ -177,6 +183,23 @@ def test_a_stream_is_refused_to_another_site_and_without_a_session(
         request = Request(StateKitMiddleware(app, StateEngine()), query, headers)
         await asyncio.wait_for(request.task, 5)
         assert request.status == status
+
+    run(scenario)
+
+
+def test_head_is_refused_rather_than_streamed() -> None:
+    """A HEAD answer has no body, so a stream to one would never end: the connection
+    (and its keep-alive requests) and the watch would stay open. Fails if a HEAD opens
+    a stream: the request then does not finish."""
+
+    async def scenario() -> None:
+        engine = StateEngine()
+        sid = engine.open_session()
+        request = Request(StateKitMiddleware(app, engine), f"statekit_session={sid}", SAME, "HEAD")
+        await asyncio.wait_for(request.task, 5)
+        assert request.status == 405
+        assert dict(request.sent[0]["headers"])[b"allow"] == b"GET"
+        assert request.body == b""
 
     run(scenario)
 

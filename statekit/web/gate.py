@@ -240,7 +240,9 @@ class SessionGate:
         if endpoint is None:
             return None, None
         wanted = "GET" if endpoint in ("script", "watch") else "POST"
-        allowed = ("GET", "HEAD") if wanted == "GET" else ("POST",)
+        # A change stream never ends by itself: HEAD, whose answer has no body, would
+        # keep the connection and the watch open for nothing.
+        allowed = ("GET", "HEAD") if endpoint == "script" else (wanted,)
         if method.upper() not in allowed:
             return endpoint, json_answer(
                 405,

@@ -157,7 +157,7 @@ def browser_tokens(value: str | bytes | None) -> dict[str, str]:
         return {}
     try:
         raw = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep, say '[[[['
         return {}
     if not isinstance(raw, dict):
         return {}
