@@ -456,6 +456,75 @@ def test_an_error_about_another_session_is_the_apps_own(shop: Shop) -> None:
     assert (ended.status_code, ended.headers["X-Statekit-Session-Ended"]) == (409, "unknown")
 
 
+def test_a_blueprints_own_handler_does_not_hide_an_ended_session(shop: Shop) -> None:
+    """Flask tries a blueprint's error handlers before the app's, for any of an
+    error's classes: an API blueprint answering every ``Exception`` itself would tell
+    the page nothing of its ended session. Fails if statekit's answer comes from an app
+    error handler only (the blueprint's 500 wins then)."""
+    from flask import Blueprint
+
+    app = make_app(shop)
+    api = Blueprint("api", __name__, url_prefix="/bp")
+
+    @api.errorhandler(Exception)
+    def anything(exc: Exception) -> tuple[dict[str, str], int]:
+        return {"detail": "the blueprint's"}, 500
+
+    @api.post("/cart")
+    def add() -> dict[str, Any]:
+        with visit().event() as ev:
+            return shop.add(ev, ITEMS[0])
+
+    @api.get("/other/<sid>")
+    def other(sid: str) -> dict[str, Any]:
+        with shop.engine.event(sid) as ev:
+            return {"cart": ev[shop.cart]}
+
+    app.register_blueprint(api)
+    client = app.test_client()
+    sid = open_tab(client)
+    assert client.post("/bp/cart", headers=tab(sid)).status_code == 200
+    ended = client.post("/bp/cart", headers=tab("u" * 32))
+    assert (ended.status_code, ended.headers["X-Statekit-Session-Ended"]) == (
+        409,
+        "unknown",
+    )
+    # Another session a view looked up: the blueprint's own handler, as without statekit.
+    looked_up = client.get("/bp/other/" + "z" * 32, headers=tab(open_tab(client)))
+    assert (looked_up.status_code, looked_up.get_json()) == (500, {"detail": "the blueprint's"})
+
+
+def test_a_registry_object_of_a_closed_session_is_409_closed(shop: Shop) -> None:
+    """An event in a closed session's grace that reads a registry finds its objects
+    removed (``SessionNotInitialized``, closed): the page's session has ended. Fails if
+    Flask answers it 500, as it did, while ASGI and Django answered 409."""
+    app = make_app(shop)
+    carts = shop.engine.registry("connections", lambda sid: object())
+
+    @app.post("/api/connection")
+    def connection() -> dict[str, Any]:
+        with visit().event() as ev:
+            ev[carts]
+            return {}
+
+    client = app.test_client()
+    sid = open_tab(client)
+    carts.open(sid)
+    assert client.post("/api/connection", headers=tab(sid)).status_code == 200
+    shop.engine.close_session(sid)
+    ended = client.post("/api/connection", headers=tab(sid))
+    assert (ended.status_code, ended.headers["X-Statekit-Session-Ended"]) == (409, "closed")
+
+
+def test_options_on_statekits_endpoints_is_405_with_allow(app: Flask) -> None:
+    """Fails if Flask answers OPTIONS itself (200, with every method in Allow)."""
+    client = app.test_client()
+    answer = client.options("/statekit/open")
+    assert (answer.status_code, answer.headers["Allow"]) == (405, "POST")
+    answer = client.options("/statekit/statekit.js")
+    assert (answer.status_code, answer.headers["Allow"]) == (405, "GET, HEAD")
+
+
 def test_misuse_is_refused_saying_what_to_do(shop: Shop) -> None:
     """visit() outside a request, or on an app without the extension; an extension
     without an engine, or twice on one app."""

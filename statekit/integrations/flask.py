@@ -30,10 +30,12 @@ What the extension does:
 - after each request, adds the visit's headers (new browser tokens, the fallback
   cookie with ``Cache-Control: private, no-store``) to the response;
 - answers :class:`~statekit.SessionNotFound` (and its kinds) about the request's own
-  session with ``409`` and ``X-Statekit-Session-Ended``, :class:`~statekit.SessionBusy`
-  and :class:`~statekit.StoreUnavailable` with ``503`` and ``Retry-After``, as
-  :func:`statekit.web.answer_for` says (an error about another session a view looked
-  up goes to the app's own error handlers);
+  session, and :class:`~statekit.SessionNotInitialized` in a session that was closed,
+  with ``409`` and ``X-Statekit-Session-Ended``, :class:`~statekit.SessionBusy` and
+  :class:`~statekit.StoreUnavailable` with ``503`` and ``Retry-After``, as
+  :func:`statekit.web.answer_for` says, before the app's and its blueprints' own error
+  handlers (which Flask would otherwise try first for a blueprint's views); an error
+  about another session a view looked up goes to those handlers;
 - shuts the engine down once when the process exits (``atexit``; Flask has no
   shutdown of its own). An engine shut down before then is left alone, and the
   extension holds it weakly for this: an app thrown away is not kept alive.
@@ -50,7 +52,12 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
 
 from statekit import StateEngine
-from statekit.exceptions import SessionBusy, SessionNotFound, StoreUnavailable
+from statekit.exceptions import (
+    SessionBusy,
+    SessionNotFound,
+    SessionNotInitialized,
+    StoreUnavailable,
+)
 from statekit.web import PREFIX, Answer, SessionGate, Visit, shut_down_at_exit
 
 __all__ = ["StateKit", "visit"]
@@ -60,6 +67,8 @@ EXTENSION = "statekit"
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 #: The most of a close beacon's body read (an id is 32 characters).
 _CLOSE_BODY_MAX = 1024
+#: The errors answered for the page when they are about the request's own session.
+_ANSWERED = (SessionNotFound, SessionNotInitialized, SessionBusy, StoreUnavailable)
 
 
 class StateKit:
@@ -142,8 +151,7 @@ class StateKit:
         app.extensions[EXTENSION] = gate
         app.register_blueprint(_blueprint(gate))
         app.after_request(_add_headers)
-        for error in (SessionNotFound, SessionBusy, StoreUnavailable):
-            app.register_error_handler(error, _answer_error)
+        _answer_own_errors_first(app)
         if self.shutdown:
             shut_down_at_exit(engine)
         return gate
@@ -208,7 +216,8 @@ def _blueprint(gate: SessionGate) -> Blueprint:
             f"/{name}",
             endpoint=name.replace(".", "_"),
             view_func=_serve(gate, path),
-            methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+            methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            provide_automatic_options=False,  # OPTIONS too: 405, with the gate's Allow
         )
     return blueprint
 
@@ -238,25 +247,21 @@ def _add_headers(response: Response) -> Response:
     return response
 
 
-def _answer_error(error: Exception) -> Response | Any:
-    answer = visit().answer(error)
-    if answer is not None:
-        return _response(answer)
-    # Not about this request's session (a view looked up another one): the app's own
-    # handler for it, as if statekit had none, else Flask's unhandled error.
-    handler = _app_handler(error)
-    if handler is None:
-        raise error
-    return current_app.ensure_sync(handler)(error)
+def _answer_own_errors_first(app: Flask) -> None:
+    """Answer statekit's errors about the request's own session (and a busy or
+    unreachable store) before Flask looks for the app's handlers: Flask tries a
+    blueprint's handlers, for any of an error's classes, before the app's, so a
+    blueprint's ``errorhandler(Exception)`` (or ``KeyError``, which
+    :class:`~statekit.SessionNotFound` is) would otherwise answer an ended session
+    itself and the page would never be told. Any other error, and one about another
+    session a view looked up, goes on to Flask's own handling."""
+    handle = app.handle_user_exception
 
+    def handle_user_exception(error: Exception) -> Any:
+        if isinstance(error, _ANSWERED):
+            answer = visit().answer(error)
+            if answer is not None:
+                return _response(answer)
+        return handle(error)
 
-def _app_handler(error: Exception) -> Callable[[Exception], Any] | None:
-    """The app's error handler for ``error`` other than statekit's, found as Flask
-    finds one (the request's blueprints, then the app; by the error's classes)."""
-    for scope in (*request.blueprints, None):
-        handlers = current_app.error_handler_spec.get(scope, {}).get(None, {})
-        for cls in type(error).__mro__:
-            handler = handlers.get(cls)
-            if handler is not None and handler is not _answer_error:
-                return handler
-    return None
+    app.handle_user_exception = handle_user_exception  # type: ignore[method-assign,assignment]
