@@ -621,6 +621,44 @@ def test_raw_asgi_a_websocket_gets_a_visit_and_passes_through(engine: StateEngin
     assert wire.sent == [{"type": "websocket.close"}]
 
 
+def test_a_websocket_handshake_never_opens_a_cookie_session(engine: StateEngine) -> None:
+    """A handshake whose Accept names HTML is still no page load: its cookie could never
+    reach the browser, and every handshake would open a session past the limits put on
+    ``/statekit/open``. Fails if the handshake counts as a GET page load."""
+    opened: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        with contextlib.suppress(SessionNotFound):
+            opened.append(await visit_of(scope).asession())
+        await send({"type": "websocket.close"})
+
+    middleware = StateKitMiddleware(app, engine)
+    scope = {"type": "websocket", "path": "/ws", "headers": [(b"accept", b"text/html")]}
+    for _ in range(3):
+        asyncio.run(middleware(dict(scope), Wire().receive, Wire().send))
+    assert opened == []
+    assert engine.session_count() == 0
+
+
+def test_the_cookie_response_has_one_cache_control_statekits(engine: StateEngine) -> None:
+    """A response that sets the session cookie must not be kept by a shared cache: its
+    ``Cache-Control`` replaces the app's (as the Flask and Django integrations do).
+    Fails if both are sent: a cache reading the first would store the cookie."""
+
+    async def page(request: Request) -> Response:
+        await visit_of(request).asession()
+        return HTMLResponse("<p>hi</p>", headers={"Cache-Control": "public, max-age=600"})
+
+    app = Starlette(routes=[Route("/", page)])
+    app.add_middleware(StateKitMiddleware, engine=engine)
+    with TestClient(app) as client:
+        answer = client.get("/", headers=PAGE_LOAD)
+        assert "set-cookie" in answer.headers
+        assert answer.headers.get_list("cache-control") == ["private, no-store"]
+        again = client.get("/", headers=PAGE_LOAD)  # no cookie set: the app's own stays
+        assert again.headers.get_list("cache-control") == ["public, max-age=600"]
+
+
 def test_streaming_response_gets_the_headers_of_events_before_it_starts(
     engine: StateEngine,
 ) -> None:

@@ -247,7 +247,9 @@ class StateKitMiddleware:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "websocket":
-            self._add_visit(scope, "GET")
+            # Not "GET": a handshake is never a page load (whatever its Accept header),
+            # so it never opens a cookie session.
+            self._add_visit(scope, "WEBSOCKET")
             await self.app(scope, receive, send)
         elif kind == "lifespan" and self.shutdown:
             await self._lifespan(scope, receive, send)
@@ -296,16 +298,13 @@ class StateKitMiddleware:
                 started = True
                 extra = visit.response_headers()
                 if extra:
-                    message = {
-                        **message,
-                        "headers": [
-                            *message.get("headers", ()),
-                            *(
-                                (k.lower().encode("latin-1"), v.encode("latin-1"))
-                                for k, v in extra
-                            ),
-                        ],
-                    }
+                    added = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra]
+                    own = message.get("headers", ())
+                    if any(name == b"cache-control" for name, _ in added):
+                        # One Cache-Control: statekit's (a response that sets the
+                        # session cookie is private) replaces the app's.
+                        own = [(n, v) for n, v in own if bytes(n).lower() != b"cache-control"]
+                    message = {**message, "headers": [*own, *added]}
             await send(message)
 
         try:
