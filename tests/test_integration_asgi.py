@@ -389,6 +389,36 @@ def test_fastapi_dependency_gives_the_visit_and_reads_a_forms_field(
         assert c.post("/add", json={web.SESSION_FIELD: sid}).status_code == 409  # not a form
 
 
+def test_fastapi_a_plain_def_handler_reads_the_cookie_or_says_missing(
+    engine: StateEngine,
+) -> None:
+    """FastAPI runs a plain ``def`` handler in a thread, where the visit cannot read a
+    form: a request that is no form has none to read, so its session is the cookie's,
+    or it is answered ``409 missing``. Fails if every POST without the header gets a
+    form reader (it raised UsageError: a 500)."""
+    cart: SessionState[list[str]] = engine.session_state("cart", [])
+    app = FastAPI()
+    install(app, engine)
+
+    @app.get("/")
+    def page(visit: CurrentVisit) -> HTMLResponse:
+        with visit.event() as ev:
+            return HTMLResponse(f"<p>{len(ev[cart])} items</p>")
+
+    @app.post("/api/cart")
+    def add(visit: CurrentVisit) -> dict[str, Any]:
+        with visit.event() as ev:
+            ev[cart].append("milk")
+            return {"cart": ev[cart]}
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.get("/", headers=PAGE_LOAD).status_code == 200  # the cookie session
+        assert c.post("/api/cart", json={}).json() == {"cart": ["milk"]}
+        c.cookies.clear()
+        missing = c.post("/api/cart", json={})
+        assert (missing.status_code, missing.headers[web.ENDED_HEADER]) == (409, "missing")
+
+
 def test_fastapi_answers_an_ended_session_409(engine: StateEngine, clock: FakeClock) -> None:
     with TestClient(fastapi_app(engine)) as c:
         sid = open_session(c)

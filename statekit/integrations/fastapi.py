@@ -36,6 +36,8 @@ __all__ = ["CurrentVisit", "statekit_visit"]
 
 #: The largest urlencoded form read for its session field (a page's forms are small).
 _MAX_FORM_BYTES = 1024 * 1024
+#: The bodies that may carry the session in a field.
+_FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 async def statekit_visit(request: Request) -> web.Visit:
@@ -63,9 +65,15 @@ async def statekit_visit(request: Request) -> web.Visit:
                 ...
     """
     visit = visit_of(request)
-    if visit.wants_form and request.method == "POST":
+    if visit.wants_form and request.method == "POST" and _form_kind(request) in _FORMS:
+        # Only a form may name its session in a field: any other body is never read
+        # for it (and a plain ``def`` handler's visit then needs no async read).
         visit.read_form_with(functools.partial(_form, request))
     return visit
+
+
+def _form_kind(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 async def _form(request: Request) -> Mapping[str, Any] | None:
@@ -78,8 +86,8 @@ async def _form(request: Request) -> Mapping[str, Any] | None:
     Starlette's parser (python-multipart), over a copy of the request whose files are
     closed at once. A form FastAPI already parsed for the handler's ``Form`` fields is
     used as it is; a body the handler consumed as a stream reads as no form."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind not in ("application/x-www-form-urlencoded", "multipart/form-data"):
+    kind = _form_kind(request)
+    if kind not in _FORMS:
         return None
     length = request.headers.get("content-length", "")
     if not length.isdigit() or int(length) > _MAX_FORM_BYTES:
