@@ -291,9 +291,11 @@ class EngineStats:
 
     Attributes:
         sessions: live sessions: those the store holds (open, or closed within their
-            grace), of every process.
+            grace), of every process; users' records count too, as in
+            :meth:`~statekit.StateEngine.session_count`.
         held: sessions that events of this process hold or wait for (on the memory
-            store, of every engine of the app); 0 when no event is open.
+            store, of every engine of the app); 0 when no event is open. An event
+            opened with ``user=`` holds two: its session and its user's record.
         waiting: events waiting for a session another event holds.
         events: events that entered their session.
         ended: sessions this engine removed from the store, by reason (every

@@ -77,6 +77,7 @@ class Sessions:
     def exists(self, sid: str) -> Steps[bool]:
         """Whether ``sid`` is live, without touching it (damaged data: not live)."""
         core = self._core
+        core.check_usable()  # after a shutdown, "no" would read as "it ended"
         try:
             check_sid(sid)
             outcome = yield from ask(LoadSession(sid, core.clock(), None))
@@ -87,4 +88,5 @@ class Sessions:
 
     def count(self) -> Steps[int]:
         """How many sessions (open or closed) the store holds."""
+        self._core.check_usable()
         return (yield from ask(SessionCount()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from statekit import (
     SessionExpired,
     SessionNotFound,
     SessionState,
+    SQLiteStore,
     StateEngine,
     UsageError,
 )
@@ -379,6 +381,23 @@ class TestShutdown:
             engine.open_session()
         with pytest.raises(EngineClosed), engine.event(a):
             pass
+
+    @pytest.mark.parametrize("store", ["memory", "sqlite"])
+    def test_after_shutdown_even_the_questions_raise(
+        self, store: str, tmp_path: pathlib.Path
+    ) -> None:
+        # Fails if exists() or session_count() answer after a shutdown: on the memory
+        # store "no" and 0, which a host reads as "the session ended"; on SQLite the
+        # live answers of a store the engine no longer serves.
+        engine = StateEngine(SQLiteStore(tmp_path / "s.db") if store == "sqlite" else None)
+        sid = engine.open_session()
+        engine.shutdown()
+        for ask in (lambda: engine.exists(sid), engine.session_count, engine.stats):
+            with pytest.raises(EngineClosed):
+                ask()
+        for aask in (lambda: engine.aexists(sid), engine.asession_count, engine.astats):
+            with pytest.raises(EngineClosed):
+                asyncio.run(aask())
 
     def test_context_manager_shuts_down(self) -> None:
         with StateEngine() as engine:
