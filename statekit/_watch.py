@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from typing_extensions import Self
 
 from ._checks import USER_PREFIX
-from ._copying import copy_value
+from ._copying import open_value, stored_form
 from ._core import Core
 from ._states import GlobalState
 from .exceptions import UsageError, WrongEngine
@@ -118,8 +118,10 @@ class Watch:
 
     def push(self, sid: str | None, state: str, value: Any, scope: str) -> None:
         """Queue a change (any thread): never waits, takes no lock; the oldest change
-        goes when the watch is full. ``value`` is copied when the change is read (the
-        writer's own copy: nothing else changes it)."""
+        goes when the watch is full. ``value`` is the value's snapshot
+        (:func:`~statekit._copying.stored_form`, which nothing changes: the host may go
+        on changing the object it committed), opened into a copy of its own when the
+        change is read."""
         if self._closed:
             return
         self._items.append((self._number(), sid, state, value, scope))
@@ -180,7 +182,17 @@ class Watch:
         """The oldest queued change, copied; how many were dropped before it."""
         number, sid, state, value, scope = self._items.popleft()
         missed, self._last = number - self._last - 1, number
-        return StateChange(sid, state, copy_value(value), missed, scope)
+        return StateChange(sid, state, open_value(value), missed, scope)
+
+
+def _snapshot(value: Any) -> tuple[Any] | None:
+    """The snapshot a watch queues of a committed value, taken now (in a 1-tuple), or
+    None (logged) for a value that cannot be copied, which no store commits."""
+    try:
+        return (stored_form(value),)
+    except Exception:
+        logger.exception("a watched value could not be copied: its change is not streamed")
+        return None
 
 
 def _settle(waiter: asyncio.Future[None]) -> None:
@@ -283,14 +295,18 @@ class Watchers:
             return
         user = sid.startswith(USER_PREFIX)
         shown, scope = (None, "user") if user else (sid, "session")
+        frozen = [(name, snapshot) for name, value in changes if (snapshot := _snapshot(value))]
         for watch in tuple(watches):
-            for name, value in changes:
+            for name, (value,) in frozen:
                 watch.push(shown, name, value, scope)
 
     def global_changed(self, name: str, value: Any) -> None:
         """Give each watch of global ``name`` its new value."""
-        for watch in list(self._globals.get(name, ())):
-            watch.push(None, name, value, "global")
+        watches = list(self._globals.get(name, ()))
+        snapshot = _snapshot(value) if watches else None
+        if snapshot:
+            for watch in watches:
+                watch.push(None, name, snapshot[0], "global")
 
     def _on_notice(self, notice: Notice) -> None:
         """A global written elsewhere (in the store's notification thread): its watches

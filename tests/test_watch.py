@@ -67,6 +67,44 @@ def test_a_watch_sees_each_change_of_its_session_and_globals() -> None:
     asyncio.run(scenario())
 
 
+def test_a_watch_streams_what_was_committed_not_what_the_host_did_after() -> None:
+    """The host keeps the objects it read or assigned in an event (and a global's new
+    value it set) and may go on changing them: the watch must stream the values as
+    committed. Fails if a watch queues the host's own objects (copied only when read):
+    the changes made after the commit then reach the stream, never the store."""
+
+    async def scenario() -> None:
+        engine = StateEngine()
+        cart: SessionState[list[str]] = engine.session_state("cart", [])
+        note: SessionState[dict[str, str]] = engine.session_state("note", {})
+        saved = engine.user_state("saved", [])
+        board = engine.global_state("board", [])
+        sid = engine.open_session()
+        async with engine.watch(sid, user="alice", globals=[board]) as watch:
+            async with engine.aevent(sid, user="alice") as ev:
+                items = ev[cart]
+                items.append("apple")
+                data = {"text": "hello"}
+                ev[note] = data
+                kept = ev[saved]
+                kept.append("pear")
+            posted = ["hi"]
+            await board.aset(posted)
+            items.append("NOT COMMITTED")
+            data["text"] = "NOT COMMITTED"
+            kept.append("NOT COMMITTED")
+            posted.append("NOT COMMITTED")
+            seen = {change.state: change.value for change in await take(watch, 4)}
+        assert seen == {
+            "cart": ["apple"],
+            "note": {"text": "hello"},
+            "saved": ["pear"],
+            "board": ["hi"],
+        }
+
+    asyncio.run(scenario())
+
+
 def test_changes_made_by_a_listener_are_streamed_too() -> None:
     """A change listener's own writes (in its own event) reach the watch with the
     value committed. Fails if only the outer event's states are streamed."""
