@@ -16,6 +16,7 @@ import pytest
 from statekit import (
     ChangeLoopError,
     Event,
+    GlobalState,
     MemoryStore,
     SessionState,
     StateChange,
@@ -77,8 +78,8 @@ def test_a_watch_streams_what_was_committed_not_what_the_host_did_after() -> Non
         engine = StateEngine()
         cart: SessionState[list[str]] = engine.session_state("cart", [])
         note: SessionState[dict[str, str]] = engine.session_state("note", {})
-        saved = engine.user_state("saved", [])
-        board = engine.global_state("board", [])
+        saved: SessionState[list[str]] = engine.user_state("saved", [])
+        board: GlobalState[list[str]] = engine.global_state("board", [])
         sid = engine.open_session()
         async with engine.watch(sid, user="alice", globals=[board]) as watch:
             async with engine.aevent(sid, user="alice") as ev:
