@@ -84,7 +84,7 @@ class Committer:
                     sid=ev.sid,
                     version=ev.loaded.version,
                     writes=writes,
-                    ttl_deadlines=self._core.ttl_deadlines(ev.now, writes),
+                    ttl_deadlines=self._core.written_deadlines(ev.now, writes),
                     now=ev.now,
                     lease=lease,
                     release=releasing,
@@ -116,7 +116,7 @@ class Committer:
             sid=part.sid,
             version=part.loaded.version,
             writes=user_writes,
-            ttl_deadlines=core.ttl_deadlines(ev.now, user_writes),
+            ttl_deadlines=core.written_deadlines(ev.now, user_writes),
             lease=part.lease,
             release=part.lease is not None and releasing,
         )
@@ -131,7 +131,7 @@ class Committer:
                 sid=ev.sid,
                 version=ev.loaded.version,
                 writes=writes,
-                ttl_deadlines=core.ttl_deadlines(ev.now, writes),
+                ttl_deadlines=core.written_deadlines(ev.now, writes),
                 lease=lease,
                 release=lease is not None and releasing,
             )
@@ -231,7 +231,10 @@ class Committer:
         sub = Event(ev.engine, ev.host, ev.sid, BrowserIO(browser.tokens, browser.bind))
         sub.started = True
         sub.now = ev.now
-        touch = ev.now + (ev.idle_ttl or core.idle_ttl)
+        # The session is used now: its idle deadline slides from now (ev.now may be
+        # long past, and an earlier deadline would sit behind later ones in the store's
+        # order).
+        touch = core.now_since(ev.now) + (ev.idle_ttl or core.idle_ttl)
         outcome = yield from ask(LoadSession(sid=ev.sid, now=ev.now, touch_until=touch))
         sub.loaded = core.loaded_or_raise(ev.sid, ev.now, outcome, ev.pending)
         sub.closed = sub.loaded.closed

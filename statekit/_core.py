@@ -356,8 +356,22 @@ class Core:
         value = state.new_value() if isinstance(state, SessionState) else state.default
         return value, self.values.store(state.name, value), problem
 
+    def now_since(self, since: float) -> float:
+        """The clock now, for an event that entered at ``since`` (never earlier than
+        that; ``since`` if the clock raises)."""
+        try:
+            return max(since, self.clock())
+        except Exception:
+            return since
+
+    def written_deadlines(self, since: float, writes: Mapping[str, Any]) -> dict[str, float]:
+        """:meth:`ttl_deadlines` of values an event that entered at ``since`` writes
+        now (a value's ttl runs from its write, the commit)."""
+        return self.ttl_deadlines(self.now_since(since), writes) if self.ttl_states else {}
+
     def ttl_deadlines(self, now: float, writes: Mapping[str, Any]) -> dict[str, float]:
-        """When the written values of states with a ttl of their own expire."""
+        """When the written values of states with a ttl of their own expire: ``now``
+        is when they are written (the commit)."""
         ttls = self.ttl_states
         return {name: now + ttls[name] for name in writes if name in ttls} if ttls else {}
 

@@ -217,6 +217,8 @@ class LatchEntry:
         except Exception:  # a measure only: the session is given back all the same
             hold = 0.0
         self._holds[self._number() & _MASK] = hold
+        # A value's ttl runs from its write, the commit, not from the event's start.
+        written = ev.now + hold if hold > 0 else ev.now
         try:
             if ev.user_part is not None and not failed:  # writes to its user, perhaps
                 self._leave_with_listeners(ev, None)
@@ -239,7 +241,7 @@ class LatchEntry:
                 self._leave(
                     entered,
                     writes,
-                    self._ttl_states and core.ttl_deadlines(ev.now, writes),
+                    self._ttl_states and core.ttl_deadlines(written, writes),
                     ev.now,
                 )
             except SessionNotFound:

@@ -128,6 +128,35 @@ class TestIdleExpiry:
         assert info.value.reason == "idle"
         assert ended == ["idle"]
 
+    def test_a_listener_round_slides_the_deadline_from_now_and_reaping_agrees(
+        self, clock: FakeClock
+    ) -> None:
+        # A listener round of a slow event loads the session again. Fails if that slid
+        # its deadline from the event's start: the session then sat behind one used
+        # later, and reaping missed it while a look ended it.
+        engine = StateEngine(clock=clock, idle_ttl=100)
+        count = engine.session_state("count", 0)
+        size = engine.session_state("size", 0)
+        ended: list[str] = []
+        engine.on_close(lambda sid, reason: ended.append(sid))
+
+        @count.on_change
+        def follow(ev: Event, value: int) -> None:
+            ev[size] = value
+
+        s, x = engine.open_session(), engine.open_session()
+        with engine.event(s) as ev:  # enters at 0
+            ev[count] += 1
+            clock.advance(5)
+            count.get(x)  # x used at 5
+        clock.advance(96)  # 101
+        assert engine.reap() == 0
+        assert engine.exists(s)
+        assert ended == []
+        clock.advance(5)  # 106: both past their deadline (105)
+        assert engine.reap() == 2
+        assert sorted(ended) == sorted([s, x])
+
     def test_exists_does_not_count_as_use(self, engine: StateEngine, clock: FakeClock) -> None:
         sid = engine.open_session()
         clock.advance(50)
@@ -326,6 +355,31 @@ class TestValueTtl:
             assert ev[token] == 1
         clock.advance(4)
         assert token.get(sid) == 0
+
+    def test_a_values_ttl_runs_from_its_commit_and_reaping_agrees_with_reads(
+        self, clock: FakeClock
+    ) -> None:
+        # A slow event commits after a quick one that entered later. Fails if the slow
+        # one's value expires from its event's start: queued behind the quick one's
+        # later deadline, reaping then missed it while a read removed it.
+        engine = StateEngine(clock=clock, idle_ttl=3600)
+        deleted: list[str] = []
+        token = engine.session_state(
+            "token", "", ttl=10, on_delete=lambda value, reason: deleted.append(value)
+        )
+        a, b = engine.open_session(), engine.open_session()
+        with engine.event(a) as slow:  # enters at 0
+            slow[token] = "a"
+            clock.advance(5)
+            with engine.event(b) as quick:  # enters and commits at 5
+                quick[token] = "b"
+        # Both written at 5: both expire at 15.
+        clock.advance(5.5)
+        assert engine.reap() == 0
+        assert (token.get(a), token.get(b), deleted) == ("a", "b", [])
+        clock.advance(5)
+        assert engine.reap() == 2
+        assert sorted(deleted) == ["a", "b"]
 
 
 class TestCallbacks:

@@ -66,10 +66,15 @@ class Record(Latch):
             if held is None:
                 held = self.value_deadlines = {}
             for name, deadline in ttl_deadlines.items():
-                held[name] = deadline
                 queue = queues.get(name)
                 if queue is None:
                     queue = queues[name] = OrderedDict()
+                elif queue:
+                    # Kept in deadline order (reaping looks at the front only): a commit
+                    # whose clock was read before another's (threads racing for the
+                    # lock) expires with the one before it.
+                    deadline = max(deadline, queue[next(reversed(queue))])
+                held[name] = deadline
                 queue[self.sid] = deadline
                 queue.move_to_end(self.sid)
         self.version += 1

@@ -259,8 +259,10 @@ class _MemoryNamespace(MemoryGlobals):
         if rec.value_deadlines:
             expired.extend(self._claim_values(rec, now))
         if not rec.closed and touch_until is not None:
-            rec.deadline = touch_until
-            rec.order.move_to_end(rec.sid)
+            order = rec.order  # kept in deadline order: never slid behind a later one
+            last = order[next(reversed(order))]
+            rec.deadline = max(touch_until, last.deadline) if last is not rec else touch_until
+            order.move_to_end(rec.sid)
         return None
 
     # -- events: the session's lock and its load or commit in one critical section ---
