@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Coroutine, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -241,3 +248,84 @@ def test_a_value_json_cannot_carry_is_left_out_not_the_stream() -> None:
         "value": {"$tuple": [1, 2]},
         "missed": 3,
     }
+
+
+def test_a_server_given_a_graceful_timeout_stops_with_streams_open(tmp_path: Path) -> None:
+    """uvicorn waits for open responses before it runs the app's shutdown, and a change
+    stream is open until its page goes away: with ``--timeout-graceful-shutdown`` (as
+    the docs say to run it) the server cuts the streams after that time, then the
+    engine shuts down and its sessions end with reason ``shutdown``. Fails if a stream
+    outlives the cut (the server does not exit) or the engine's shutdown never runs."""
+    port = _free_port()
+    log = tmp_path / "ended.log"
+    log.touch()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(Path(__file__).parent),
+            "_stream_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--timeout-graceful-shutdown",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        env={**os.environ, "STATEKIT_TEST_LOG": str(log)},
+        start_new_session=True,
+    )
+    stream: socket.socket | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, "uvicorn exited at start"
+            assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
+            try:
+                opened = _http(
+                    port,
+                    b"POST /statekit/open HTTP/1.1\r\nhost: x\r\n"
+                    b"content-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                break
+            except OSError:
+                time.sleep(0.1)
+        sid = json.loads(opened.split(b"\r\n\r\n", 1)[1])["sid"]
+        stream = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stream.sendall(
+            f"GET /statekit/watch?statekit_session={sid} HTTP/1.1\r\nhost: x\r\n\r\n".encode()
+        )
+        received = b""
+        while b"retry: 3000" not in received:
+            chunk = stream.recv(4096)
+            assert chunk, "the stream closed before it began"
+            received += chunk
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=20)  # raises TimeoutExpired if a stream holds it
+        assert log.read_text().split() == ["shutdown"]
+    finally:
+        if stream is not None:
+            stream.close()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _http(port: int, request: bytes) -> bytes:
+    """One request on a connection of its own; the whole answer (the server closes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
