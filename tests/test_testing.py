@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from statekit.testing import FakeClock
@@ -16,3 +18,15 @@ def test_fake_clock_moves_only_when_told() -> None:
 def test_fake_clock_refuses_to_go_back() -> None:
     with pytest.raises(ValueError, match="non-negative"):
         FakeClock().advance(-1)
+
+
+@pytest.mark.parametrize("step", [math.nan, math.inf])
+def test_fake_clock_refuses_a_step_that_is_not_finite(step: float) -> None:
+    # Fails if advance(nan) is taken: every later reading is then nan, and no
+    # lifetime ever passes in the test.
+    clock = FakeClock(10)
+    with pytest.raises(ValueError, match="finite"):
+        clock.advance(step)
+    assert clock() == 10
+    with pytest.raises(ValueError, match="finite"):
+        FakeClock(math.nan)

@@ -288,6 +288,82 @@ def test_a_plain_form_sends_only_its_hidden_field_and_ends_the_page() -> None:
     assert tab.post("/api/visit").json()["cart"] == []  # the new page's new session
 
 
+def test_a_redirect_is_resolved_as_a_browser_resolves_it() -> None:
+    """A relative ``Location`` is resolved against the page that answered it, an
+    absolute one on the app's own host is followed on the app, and one to another site
+    is refused (a Browser talks to one app). Fails if ``done`` from ``/cart/add`` is
+    sent as ``done``, or another site's ``/login`` is fetched from the app."""
+    server = ShopServer()
+    pages: dict[str, tuple[int, dict[str, str], bytes]] = {
+        "/cart/add": (303, {"Location": "done"}, b""),
+        "/cart/done": (200, {"Content-Type": "text/html"}, b"<p>done</p>"),
+        "/home": (302, {"Location": "http://localhost/cart/done?x=1"}, b""),
+        "/cart/done?x=1": (200, {"Content-Type": "text/html"}, b"<p>done, x</p>"),
+        "/away": (302, {"Location": "https://accounts.example.com/login"}, b""),
+    }
+
+    def transport(method: str, url: str, headers: dict[str, str], body: bytes) -> TransportAnswer:
+        return pages[url] if url in pages else server(method, url, headers, body)
+
+    tab = Browser(transport).open("/")
+    page = tab.submit("/cart/add", {"item": "Milk"})
+    assert (page.status, tab.path, page.text) == (200, "/cart/done", "<p>done</p>")
+    assert tab.go("/home").text == "<p>done, x</p>"
+    assert tab.path == "/cart/done?x=1"
+    with pytest.raises(BrowserError, match="another site"):
+        tab.go("/away")
+
+
+def test_a_forms_redirect_over_a_starlette_test_client_is_the_tabs_new_page() -> None:
+    """The Starlette/FastAPI test client follows redirects by itself unless told not
+    to: the Browser must see the redirect, so that the tab's page is the one it led to
+    and a reload loads that page. Fails if the client followed it (the tab stayed on
+    the form's action, and a reload sent a GET to it: 405)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, RedirectResponse, Response
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from statekit.integrations.asgi import StateKitMiddleware, visit_of
+
+    engine = StateEngine()
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse("<form method=post action=/form/cart></form>")
+
+    async def form_cart(request: Request) -> Response:
+        visit = visit_of(request)
+        visit.read_form_with(request.form)
+        async with visit.aevent():
+            pass
+        return RedirectResponse("/", status_code=303)
+
+    app = Starlette(routes=[Route("/", page), Route("/form/cart", form_cart, methods=["POST"])])
+    app.add_middleware(StateKitMiddleware, engine=engine)
+    with TestClient(app) as client:
+        tab = Browser(client).open("/")
+        page_after = tab.submit("/form/cart", {"item": "milk"})
+        assert (page_after.status, tab.path) == (200, "/")
+        tab.reload()
+        assert tab.path == "/"
+
+
+def test_a_django_answers_cookies_are_among_its_headers() -> None:
+    """Django keeps the cookies a response sets apart from its headers: the Browser's
+    Response has them as ``Set-Cookie`` headers, as over the other clients. Fails if a
+    Django answer's cookies are left out."""
+    import os
+
+    os.environ.setdefault("STATEKIT_SECRETS", EXAMPLE_SECRET)
+    sys.path.insert(0, str(ROOT / "docs" / "examples"))
+    importlib.import_module("django_shop")  # configures Django; its page sets csrftoken
+    from django.test import Client
+
+    tab = Browser(Client(SERVER_NAME="localhost")).open("/")
+    assert any(value.startswith("csrftoken=") for value in tab.page.headers.get_all("Set-Cookie"))
+
+
 def test_only_managed_keys_are_sent_and_kept() -> None:
     """Browser(keys=[...]) behaves as StateKit.start({keys}): other keys the app sets
     are not stored, stored ones not sent; null removes a key."""

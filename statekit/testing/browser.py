@@ -8,7 +8,7 @@ import contextlib
 import json as _json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 from typing_extensions import Self
 
@@ -96,7 +96,9 @@ def _django_transport(generic: Callable[..., Any]) -> Transport:
             content = b"".join(response.streaming_content)
         else:
             content = response.content
-        return response.status_code, list(response.headers.items()), content
+        # Django keeps the cookies a response sets apart from its headers.
+        cookies = [("Set-Cookie", morsel.OutputString()) for morsel in response.cookies.values()]
+        return response.status_code, [*response.headers.items(), *cookies], content
 
     return send
 
@@ -114,12 +116,37 @@ def _werkzeug_transport(opener: Callable[..., Any]) -> Transport:
 
 def _httpx_transport(request: Callable[..., Any]) -> Transport:
     def send(method: str, url: str, headers: dict[str, str], body: bytes) -> TransportAnswer:
-        response = request(method, url, headers=headers, content=body)
+        # Redirects come back to the browser, as from the other clients: it follows a
+        # page's itself (its address is then the last one).
+        response = request(method, url, headers=headers, content=body, follow_redirects=False)
         multi = getattr(response.headers, "multi_items", None)
         pairs = multi() if callable(multi) else list(response.headers.items())
         return response.status_code, pairs, response.content
 
     return send
+
+
+#: The hosts test clients give the app they drive: a redirect to an absolute URL on one
+#: of them stays on the app.
+_LOCAL_HOSTS = frozenset({"testserver", "localhost", "127.0.0.1", "[::1]"})
+
+
+def _followed(current: str, location: str, page: Response) -> str:
+    """Where a redirect from ``current`` to ``location`` leads, resolved as a browser
+    resolves it (``done`` from ``/cart/add`` is ``/cart/done``), as a path on the app.
+
+    Raises:
+        BrowserError: the redirect leads to another site, which a Browser (that talks to
+            one app) cannot follow.
+    """
+    parts = urlsplit(urljoin(current, location))
+    if parts.netloc and parts.hostname not in _LOCAL_HOSTS and parts.netloc not in _LOCAL_HOSTS:
+        raise BrowserError(
+            f"the page {current} redirected to another site ({location}): a Browser talks "
+            "to one app; check the redirect's target in the test instead",
+            page,
+        )
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 class Headers(Mapping[str, str]):
@@ -366,12 +393,7 @@ class Tab:
             location = page.headers.get("Location")
             if page.status not in REDIRECTS or not location:
                 break
-            parts = urlsplit(location)
-            url = (
-                parts.path + (f"?{parts.query}" if parts.query else "")
-                if parts.netloc
-                else location
-            )
+            url = _followed(url, location, page)
             if page.status in (307, 308):
                 page = self.browser.send(method, url, headers, body)
             else:

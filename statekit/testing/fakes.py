@@ -3,6 +3,7 @@ store that refuses what a shared store could not write."""
 
 from __future__ import annotations
 
+import math
 import threading
 
 from statekit._codec import Codec, JSONCodec
@@ -33,6 +34,8 @@ class FakeClock:
     """
 
     def __init__(self, start: float = 1_000.0) -> None:
+        if not math.isfinite(start):
+            raise ValueError(f"FakeClock needs a finite start, got {start!r}")
         self._now = float(start)
         self._lock = threading.Lock()
 
@@ -47,11 +50,11 @@ class FakeClock:
 
         Raises:
             ValueError: if ``seconds`` is negative (clocks used for lifetimes never
-                go back).
+                go back) or not finite (a NaN step would stop every lifetime for good).
         """
-        if seconds < 0:
+        if not seconds >= 0 or not math.isfinite(seconds):
             raise ValueError(
-                f"FakeClock.advance() needs a non-negative number of seconds, "
+                f"FakeClock.advance() needs a finite, non-negative number of seconds, "
                 f"got {seconds!r}; a lifetime clock never goes back"
             )
         with self._lock:
