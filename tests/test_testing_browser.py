@@ -360,8 +360,9 @@ def test_a_django_answers_cookies_are_among_its_headers() -> None:
     importlib.import_module("django_shop")  # configures Django; its page sets csrftoken
     from django.test import Client
 
-    tab = Browser(Client(SERVER_NAME="localhost")).open("/")
-    assert any(value.startswith("csrftoken=") for value in tab.page.headers.get_all("Set-Cookie"))
+    page = Browser(Client(SERVER_NAME="localhost")).open("/").page
+    assert page is not None
+    assert any(value.startswith("csrftoken=") for value in page.headers.get_all("Set-Cookie"))
 
 
 def test_only_managed_keys_are_sent_and_kept() -> None:
