@@ -123,7 +123,12 @@ class KeptLeases:
         self._wanted.clear()
 
     def __len__(self) -> int:
-        return len(self._kept)
+        """How many leases this engine keeps now: those that lapsed are forgotten (and
+        the values they held with them)."""
+        now = self._core.clock()
+        with self._lock:
+            self._drop_lapsed(now)
+            return len(self._kept)
 
     def take(self, sid: str, now: float) -> tuple[Kept | None, str | None]:
         """Take the session's kept lease, if any: ``(kept, token)`` when the event

@@ -470,3 +470,25 @@ def test_lease_keep_is_checked(
     )
     with pytest.raises(InvalidDeclaration, match=fault):
         StateEngine(made, lease_ttl=30, lease_keep=keep)
+
+
+def test_stats_count_only_the_leases_kept_now(redis_server: RedisServer) -> None:
+    """A kept lease that lapsed is no longer kept: the count (and the Prometheus gauge
+    made from it) drops, and the values it held are let go. Fails if lapsed leases are
+    counted until 10,000 pile up."""
+    clock = FakeClock(1_000_000.0)
+    engine = StateEngine(
+        RedisStore(redis_server.url, prefix=prefix()),
+        app="kept",
+        clock=clock,
+        lease_ttl=5,
+        lease_keep=1,
+    )
+    count = engine.session_state("count", 0)
+    for sid in [engine.open_session() for _ in range(5)]:
+        with engine.event(sid) as ev:
+            ev[count] += 1
+    assert engine.stats().kept == 5
+    clock.advance(2)  # every kept lease lapsed
+    assert engine.stats().kept == 0
+    engine.shutdown()

@@ -672,12 +672,28 @@ def test_a_key_of_another_type_is_reported_as_damaged(
     assert client.get(P + "s:" + broken) == b"a string"  # left for an operator
 
 
-@pytest.mark.parametrize("field", ["_d", "_v", "t:note", "_lu"])
+@pytest.mark.parametrize(
+    ("field", "junk"),
+    [
+        ("_d", "not a number"),
+        ("_d", "nan"),
+        ("_d", "inf"),
+        ("_v", "not a number"),
+        ("_v", "-5"),
+        ("_v", "9" * 16),
+        ("t:note", "not a number"),
+        ("t:note", "nan"),
+        ("_lu", "not a number"),
+        ("_lu", "inf"),
+    ],
+)
 def test_a_damaged_session_says_so_naming_it_and_is_left_in_place(
-    redis_engine: StateEngine, field: str
+    redis_engine: StateEngine, field: str, junk: str
 ) -> None:
     """A junk deadline used to give a raw ValueError on state.get and 'unavailable,
-    retry when it is back' on events, although the server was up."""
+    retry when it is back' on events, although the server was up. Lua reads 'nan' and
+    'inf' as numbers: a session with such a deadline was served for ever; and a read
+    outside an event took a version the scripts refuse (negative, past 15 digits)."""
     engine = redis_engine
     client, P = keys_of(engine)
     note = engine.session_state("note", "", ttl=30)
@@ -686,7 +702,7 @@ def test_a_damaged_session_says_so_naming_it_and_is_left_in_place(
         ev[note] = "x"
     if field == "_lu":
         client.hset(P + "s:" + sid, "_l", "someone-else")
-    client.hset(P + "s:" + sid, field, "not a number")
+    client.hset(P + "s:" + sid, field, junk)
     before = client.hgetall(P + "s:" + sid)
     with pytest.raises(SessionCorrupt, match="damaged") as info, engine.event(sid):
         pass
@@ -697,6 +713,25 @@ def test_a_damaged_session_says_so_naming_it_and_is_left_in_place(
             note.get(sid)
     assert client.hgetall(P + "s:" + sid) == before  # left in place, unchanged
     assert not engine.exists(sid)  # not a session anyone can use
+
+
+def test_a_deadline_that_is_not_a_number_never_stops_reaping(
+    redis_engine: StateEngine, clock: FakeClock
+) -> None:
+    """A session whose deadline reads 'nan' was indexed again at that deadline by
+    every reap, which Redis refused: every reap() then failed ('unavailable'), and no
+    other session of the app was reaped again. Fails if reaping stops at it."""
+    engine = redis_engine
+    client, P = keys_of(engine)
+    ended: list[str] = []
+    engine.on_close(lambda sid, reason: ended.append(sid))
+    damaged, good = engine.open_session(), engine.open_session()
+    client.hset(P + "s:" + damaged, "_d", "nan")
+    clock.advance(61)
+    assert engine.reap() == 1
+    assert ended == [good]
+    with pytest.raises(SessionCorrupt), engine.event(damaged):
+        pass
 
 
 def test_a_global_with_a_damaged_version_is_never_incremented(redis_engine: StateEngine) -> None:

@@ -562,6 +562,46 @@ def test_urls_and_settings_of_no_known_form_are_refused_saying_what_to_use() -> 
         RedisStore(wait_replicas=-1)
     with pytest.raises(ValueError, match="async_client"):
         RedisStore(async_client=aioredis.cluster.RedisCluster(host="127.0.0.1", port=1))
+    for timeout in (-1, 0, "5", True, float("nan")):
+        with pytest.raises(ValueError, match="socket_timeout"):
+            RedisStore(socket_timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="asyncio"):  # a blocking client where async goes
+        RedisStore(async_client=redis.Redis())  # type: ignore[arg-type]
+
+
+def test_a_client_that_decodes_responses_is_refused() -> None:
+    """statekit stores bytes: a client that decodes replies into text would read every
+    stored value back as damaged, and the state's default would replace it at the next
+    commit. Fails if such a client (blocking or asyncio) is accepted."""
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisStore(client=redis.Redis(decode_responses=True))
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisStore(async_client=aioredis.Redis(decode_responses=True))
+    store = RedisStore()
+    with pytest.raises(ValueError, match="decode_responses"):
+        store.async_client = aioredis.Redis(decode_responses=True)
+    assert store.async_client is None
+    store.close()
+
+
+def test_close_gives_back_the_connections_of_the_callers_pool(redis_server: RedisServer) -> None:
+    """A store on the app's own client keeps connections of its pool between calls:
+    closed, it gives them back, and the app's client (a bounded pool here) goes on.
+    Fails if they stay checked out (the third store's open then waits and fails)."""
+    pool = redis.BlockingConnectionPool.from_url(redis_server.url, max_connections=2, timeout=2)
+    client = redis.Redis(connection_pool=pool)
+    try:
+        for _ in range(3):
+            store = RedisStore(client=client, prefix=f"cl{uuid.uuid4().hex[:6]}")
+            engine = StateEngine(store, app="shop")
+            count = engine.session_state("count", 0)
+            with engine.event(engine.open_session()) as ev:
+                ev[count] += 1
+            engine.shutdown()
+            store.close()
+            assert client.ping()  # the app's own client still has its connections
+    finally:
+        pool.disconnect()
 
 
 def test_a_write_no_replica_confirms_stands_but_says_it_may_be_lost(

@@ -84,6 +84,24 @@ def test_two_sessions_of_one_user_share_its_values(
         assert cart2.get("alice") == ["apple", "pear"]
 
 
+def test_at_capacity_an_events_users_record_never_evicts_its_own_session(
+    engines: Any,
+) -> None:
+    """An event of one tab for three users in turn, at capacity 3: each user's record
+    is made at capacity, evicting the least recently used, which is never the session
+    the event holds (it was just used). Fails on a store whose order of use skipped the
+    event's load (Redis skipped moving a session whose deadline moved by under a
+    second): the event then evicted its own session and failed."""
+    engine = engines(capacity=3)
+    plan = engine.user_state("plan", "free")
+    sid = engine.open_session()
+    for user in ("alice", "bob", "carol"):
+        with engine.event(sid, user=user) as ev:
+            ev[plan] = "pro"
+    assert engine.exists(sid)
+    assert plan.get("carol") == "pro"
+
+
 def test_an_event_writes_its_session_and_its_user_together_or_not_at_all(
     engines: Any,
 ) -> None:

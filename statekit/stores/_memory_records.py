@@ -81,6 +81,23 @@ class Record(Latch):
         return self.version
 
 
+def eviction_victim(*queues: OrderedDict[str, Record]) -> Record:
+    """The record to evict at capacity: from the first of ``queues`` (closed sessions,
+    open ones, users' records) with one, its least recently used that no event holds,
+    so that an event never loses its own session to an open it causes (its user's
+    record, made at capacity); the least recently used at all when events hold them
+    all. At least one queue has a record."""
+    first = None
+    for queue in queues:
+        for rec in queue.values():
+            if rec.owner is None:
+                return rec
+            if first is None:
+                first = rec
+    assert first is not None
+    return first
+
+
 class UserRecord(Record):
     """A user's record (``engine.user_state``): a record of another class, so that the
     engine's fastest path, which checks the class of what it entered, never takes one

@@ -26,6 +26,14 @@ local function ask_keeper(sid)
     cjson.encode({k = 'wanted', s = sid, o = ORIGIN}))
 end
 
+-- A stored field read as a number: a finite one, or nil (damaged; Lua's tonumber also
+-- reads 'nan' and 'inf', which no deadline statekit writes can be).
+local function number(text)
+  local n = tonumber(text)
+  if n and n == n and n > -math.huge and n < math.huge then return n end
+  return nil
+end
+
 -- Whether text is a version statekit wrote: digits that HINCRBY can still add to.
 local function is_version(text)
   return text ~= nil and #text <= 15 and string.find(text, '^%d+$') ~= nil

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import os
 import random
 import time
@@ -376,9 +377,13 @@ class RedisNamespace:
         )
         try:
             fast = (
-                deadline is not None
-                and float(deadline) > now
-                and (value_deadline is None or float(value_deadline) > now)
+                # as the scripts check them: a version of at most 15 digits, finite times
+                version is not None
+                and len(version) <= 15
+                and version.isdigit()
+                and deadline is not None
+                and now < float(deadline) < math.inf
+                and (value_deadline is None or now < float(value_deadline) < math.inf)
                 and (
                     replies.text(closed) == "1"
                     or touch_until is None

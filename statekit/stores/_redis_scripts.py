@@ -156,7 +156,7 @@ end
 -- The first damaged field of a session's version and deadline, or nil.
 local function damaged(version, deadline)
   if not is_version(version) then return '_v' end
-  if not tonumber(deadline) then return '_d' end
+  if not number(deadline) then return '_d' end
   return nil
 end
 
@@ -190,7 +190,7 @@ local function evict(victims, slots, now)
     else
       local reason = 'evicted'
       local at = now
-      local deadline = tonumber(meta[2])
+      local deadline = number(meta[2])
       if deadline and deadline <= tonumber(now) then
         at = meta[2]
         if meta[1] == '1' then reason = 'closed' else reason = 'idle' end
@@ -308,7 +308,7 @@ local meta = {fields._v, fields._c, fields._d, fields._l, fields._lu}
 if not meta[3] then return missing(GONE) end
 local bad = damaged(meta[1], meta[3])
 if bad then return {'corrupt', bad} end
-if meta[4] and not tonumber(meta[5]) then return {'corrupt', '_lu'} end
+if meta[4] and not number(meta[5]) then return {'corrupt', '_lu'} end
 local deadline = tonumber(meta[3])
 if deadline <= now then
   local bad_index = damaged_index()
@@ -320,7 +320,7 @@ local any_due = false
 for i = 1, #h, 2 do
   local f = h[i]
   if string.sub(f, 1, 2) == 't:' then
-    local at = tonumber(h[i + 1])
+    local at = number(h[i + 1])
     if not at then return {'corrupt', f} end
     if at <= now then
       due[string.sub(f, 3)] = h[i + 1]
@@ -333,11 +333,19 @@ if ARGV[5] ~= '' and meta[4] and meta[4] ~= ARGV[5] and tonumber(meta[5]) > now 
   return {'busy', meta[5]}
 end
 -- Claiming a value or sliding the deadline writes to the indexes: checked first.
-if any_due or slides(meta[2], deadline, ARGV[3], ARGV[4]) then
+local sliding = slides(meta[2], deadline, ARGV[3], ARGV[4])
+if any_due or sliding then
   local bad_index = damaged_index()
   if bad_index then return bad_index end
 end
 if ARGV[5] ~= '' then
+  if not sliding and meta[2] ~= '1' then
+    -- An event takes it: the most recently used session now, also when its deadline
+    -- does not slide, so that an open at capacity (its own user's record, say) never
+    -- takes it for the least recently used. (A key of another type: nothing written.)
+    local moved = redis.pcall('ZADD', LRU, 'GT', ARGV[3], SID)
+    if type(moved) == 'table' and moved.err then return {'damaged', LRU} end
+  end
   redis.call('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
 end
 local values = {}
@@ -382,7 +390,7 @@ if deadline <= now then return expired(SID, KEY, GONE, meta) end
 local values = {}
 local expired = {}
 if meta[5] then
-  local at = tonumber(meta[5])
+  local at = number(meta[5])
   if not at then return {'corrupt', 't:' .. name} end
   if at <= now then
     expired[1] = claim_value(KEY, SID, name, meta[5])
@@ -429,7 +437,7 @@ end
 local keep_until, touch_until, keep_now, backstop =
   string.match(ARGV[5], '^k (%S+) (%S+) (%S+) (%S+)$')
 local slide = false
-if keep_until and meta[2] == ARGV[4] and meta[4] ~= '1' and tonumber(meta[3]) then
+if keep_until and meta[2] == ARGV[4] and meta[4] ~= '1' and number(meta[3]) then
   local wanted = tonumber(touch_until)
   slide = wanted - tonumber(meta[3]) >= math.min(1, (wanted - tonumber(keep_now)) / 10)
   if slide then
@@ -550,11 +558,11 @@ for i = first, #ARGV do
     if key and not name and is_hash(key) then
       session = redis.call('HMGET', key, '_c', '_d')
     end
-    if session and tonumber(session[2]) and tonumber(session[2]) <= now then
+    if session and number(session[2]) and number(session[2]) <= now then
       local reason = 'idle'
       if session[1] == '1' then reason = 'closed' end
       out[#out + 1] = claim(sid, key, KEYS[slot + 1], reason, at)
-    elseif session and tonumber(session[2]) then
+    elseif session and number(session[2]) then
       -- The index is behind the session's own deadline, which rules: index it anew.
       redis.call('ZADD', DL, session[2], member)
       junk[#junk + 1] = member
@@ -563,7 +571,7 @@ for i = first, #ARGV do
       -- Only a value whose own deadline is due: an entry naming a live value
       -- without one is junk, not an order to delete it.
       if is_hash(key) then
-        local due = tonumber(redis.call('HGET', key, 't:' .. name))
+        local due = number(redis.call('HGET', key, 't:' .. name))
         if due and due <= now then item = claim_value(key, sid, name, at) end
       end
       if item then

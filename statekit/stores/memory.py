@@ -35,7 +35,7 @@ from statekit._codec import Codec
 from statekit._locks import AsyncWaiter, await_turn, wait_turn
 from statekit.exceptions import SessionExpired, SessionNotFound, StoreConflict
 
-from ._memory_records import AppState, MemoryGlobals, Queued, Record, UserRecord
+from ._memory_records import AppState, MemoryGlobals, Queued, Record, UserRecord, eviction_victim
 from .base import (
     Busy,
     CommitPart,
@@ -199,9 +199,7 @@ class _MemoryNamespace(MemoryGlobals):
             while self._open or self._closed or self._users:
                 if len(self._open) + len(self._closed) + len(self._users) < capacity:
                     break
-                # Closed sessions first, then open ones, then users' records.
-                queue = self._closed or self._open or self._users
-                victim = next(iter(queue.values()))
+                victim = eviction_victim(self._closed, self._open, self._users)
                 if victim.deadline <= now:
                     reason = DeleteReason.CLOSED if victim.closed else DeleteReason.IDLE
                     at = victim.deadline

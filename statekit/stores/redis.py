@@ -39,6 +39,7 @@ from typing import Any
 try:
     import redis
     import redis.asyncio as aioredis
+    import redis.asyncio.cluster as aiocluster
     import redis.asyncio.sentinel
     from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -63,6 +64,21 @@ _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _PLAIN_POOLS = (aioredis.ConnectionPool, aioredis.sentinel.SentinelConnectionPool)
 #: What a script call that gets no answer calls when its request may have been applied.
 Lost = Callable[[], object] | None
+
+
+def _decodes(client: Any) -> bool:
+    """Whether a redis-py client (blocking or asyncio, one server's or a cluster's)
+    decodes responses into text."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if kwargs is None:  # a cluster client: its nodes' settings
+        kwargs = getattr(getattr(client, "nodes_manager", None), "connection_kwargs", None)
+    if isinstance(kwargs, dict) and kwargs.get("decode_responses"):
+        return True
+    encoder = getattr(client, "get_encoder", None)
+    try:
+        return bool(encoder is not None and encoder().decode_responses)
+    except Exception:
+        return False
 
 
 def _pack(conn: Any, command: tuple[Any, ...]) -> bytes:
@@ -205,6 +221,21 @@ class RedisStore:
             raise ValueError(
                 f"RedisStore's client must be a redis.Redis or a redis.cluster.RedisCluster, "
                 f"got {type(client).__name__}"
+            )
+        if client is not None and _decodes(client):
+            raise ValueError(
+                "RedisStore's client decodes responses (decode_responses=True): statekit "
+                "stores bytes, which it would read back as text and lose; give it a client "
+                "made without decode_responses"
+            )
+        if (
+            isinstance(socket_timeout, bool)
+            or not isinstance(socket_timeout, (int, float))
+            or not 0 < socket_timeout <= 3600
+        ):
+            raise ValueError(
+                f"socket_timeout must be a number of seconds above 0 and at most 3600, got "
+                f"{socket_timeout!r}"
             )
         if isinstance(request_ttl, bool) or not isinstance(request_ttl, (int, float)):
             raise ValueError(f"request_ttl must be a number of seconds, got {request_ttl!r}")
@@ -522,6 +553,18 @@ class RedisStore:
 
     @async_client.setter
     def async_client(self, client: Any) -> None:
+        asyncio_clients = (aioredis.Redis, aiocluster.RedisCluster)
+        if client is not None and not isinstance(client, asyncio_clients):
+            raise ValueError(
+                "RedisStore's async_client must be a redis.asyncio.Redis or a "
+                f"redis.asyncio.cluster.RedisCluster, got {type(client).__name__} (a blocking "
+                "client goes in client=)"
+            )
+        if client is not None and _decodes(client):
+            raise ValueError(
+                "RedisStore's async_client decodes responses (decode_responses=True): give "
+                "it a client made without decode_responses"
+            )
         if client is not None and is_cluster(client) != self.cluster:
             want = (
                 "a redis.asyncio.cluster.RedisCluster"
@@ -552,9 +595,16 @@ class RedisStore:
             self._stacks = {}
 
     def close(self) -> None:
-        """Stop notice listeners and close the connection pool."""
+        """Stop notice listeners, give back the connections the store kept to their
+        pools (a client of the caller's stays usable, with all of its connections),
+        and close the client the store made."""
         for handle in list(self._handles):
             handle.shutdown()
+        stacks, self._stacks = self._stacks, ({} if self._stacks is not None else None)
+        for pool, conns in (stacks or {}).items():
+            for conn in conns:
+                with contextlib.suppress(Exception):
+                    pool.release(conn)
         self.client.close()
         pool = getattr(self.client, "connection_pool", None)  # a cluster client has none
         manager = getattr(pool, "sentinel_manager", None)
