@@ -94,6 +94,12 @@ class Watch:
         self._number = itertools.count().__next__
         self._last = -1  # the number of the last change read
         self._closed = False
+        #: Why the watch ended, once it did because its session did: the reason's value
+        #: (``"closed"``, ``"idle"``, ``"evicted"``, ``"shutdown"`` on a memory store),
+        #: or ``"unknown"`` for a session that was not live when the watch began; None
+        #: while it runs, and when it ended otherwise (closed by its consumer, or the
+        #: engine shut down over a shared store, where the session lives on).
+        self.ended: str | None = None
         self._lock = threading.Lock()
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -130,12 +136,14 @@ class Watch:
             if waiter is not None:
                 self._wake(waiter)
 
-    def close(self) -> None:
-        """End the watch (any thread): iteration stops once the queue is read."""
+    def close(self, ended: str | None = None) -> None:
+        """End the watch (any thread): iteration stops once the queue is read.
+        ``ended``: why, when its session ended (see :attr:`ended`)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self.ended = ended
             waiter, self._waiter = self._waiter, None
         self._hub.remove(self)
         if waiter is not None:
@@ -165,8 +173,8 @@ class Watch:
             except BaseException:
                 self._check = check  # cancelled (say): checked on the next read
                 raise
-            if not live:
-                self.close()  # an unknown, ended or closed session: nothing will come
+            if not live:  # an unknown, ended or closed session: nothing will come
+                self.close("unknown")
         while True:
             if self._items:
                 return self._take()
@@ -325,10 +333,12 @@ class Watchers:
     def _ended(self, sid: str, reason: DeleteReason) -> None:
         """A session ended (closed too: its page is gone): its watches end."""
         for watch in list(self._sessions.get(sid, ())):
-            watch.close()
+            watch.close(reason.value)
 
     def close_all(self) -> None:
-        """End every watch (at shutdown)."""
+        """End every watch (at shutdown): over a store of this process its sessions end
+        (``ended`` is ``"shutdown"``); over a shared one they live on."""
+        ended = None if self._core.shared else DeleteReason.SHUTDOWN.value
         with self._lock:
             watches = {
                 watch
@@ -337,4 +347,4 @@ class Watchers:
                 for watch in each
             }
         for watch in watches:
-            watch.close()
+            watch.close(ended)

@@ -291,6 +291,82 @@ def test_one_kit_per_page_and_reopen_closes_the_live_session(page: Page, site: S
     assert closed == [sid]
 
 
+def test_the_script_loaded_twice_keeps_one_kit(page: Page, site: Site) -> None:
+    # Fails if a second copy of the script (a base template's and a widget's) replaces
+    # StateKit: the page then has two kits, two sessions, and splits its state.
+    sid = started(page)
+    page.evaluate("""() => new Promise((loaded) => {
+      const again = document.createElement("script");
+      again.src = "/statekit/statekit.js";
+      again.onload = loaded;
+      document.body.appendChild(again);
+    })""")
+    again = page.evaluate("StateKit.start().then((other) => [other === kit, other.sid])")
+    assert again == [True, sid]
+    assert len(site.to("/statekit/open")) == 1
+
+
+def test_an_ended_answer_about_a_session_the_tab_left_ends_nothing(page: Page, site: Site) -> None:
+    # Two requests in flight when the session ends: the first answer's listener reopens
+    # (as the docs suggest), and the second, stale answer arrives once the tab has its
+    # new session. Fails if that answer marks the new, live session ended: the listener
+    # then reopens again without closing it (it is never closed).
+    held: list[Route] = []
+    site.handlers["/api/slow"] = lambda route, sent: held.append(route)
+    started(page, "{}")
+    page.evaluate("""() => {
+      window.endedEvents = [];
+      addEventListener("statekit:ended", (e) => {
+        endedEvents.push(e.detail.reason);
+        e.detail.kit.reopen();
+      });
+      window.first = kit.fetch("/api/slow");
+      window.second = kit.fetch("/api/slow");
+    }""")
+    page.wait_for_function("true")
+    for _ in range(100):
+        if len(held) == 2:
+            break
+        page.wait_for_timeout(20)
+    ended = {"X-Statekit-Session-Ended": "idle"}
+    held[0].fulfill(status=409, headers=ended, body="{}")
+    page.wait_for_function("kit.sid === 'sid-2' && kit.ended === null")
+    held[1].fulfill(status=409, headers=ended, body="{}")
+    page.evaluate("second")
+    assert page.evaluate("[kit.sid, kit.ended, endedEvents]") == ["sid-2", None, ["idle"]]
+    assert site.opened == 2
+
+
+def test_a_stream_that_ends_with_its_session_tells_the_page(page: Page, site: Site) -> None:
+    # Fails if the stream's end (its session ended: the reason comes with it) leaves
+    # the page unaware (kit.ended unset, no statekit:ended), or a refused stream leaves
+    # kit.stream set to a dead EventSource.
+    watches = 0
+
+    def watch(route: Route, sent: Sent) -> None:
+        nonlocal watches
+        watches += 1
+        if watches == 1:
+            body = 'retry: 3000\n\nevent: end\ndata: {"reason": "idle"}\n\n'
+            route.fulfill(body=body, content_type="text/event-stream")
+        else:
+            route.fulfill(status=409, body="{}", content_type="application/json")
+
+    site.handlers["/statekit/watch"] = watch
+    started(page, "{}")
+    page.evaluate("""() => {
+      window.endedEvents = [];
+      addEventListener("statekit:ended", (e) => endedEvents.push(e.detail.reason));
+      kit.watch();
+    }""")
+    page.wait_for_function("kit.ended === 'idle' && kit.stream === null")
+    assert page.evaluate("endedEvents") == ["idle"]
+    page.evaluate("kit.reopen()")  # the stream follows the new session: refused this time
+    page.wait_for_function("kit.sid === 'sid-2'")
+    page.wait_for_function("kit.stream === null")
+    assert page.evaluate("[kit.ended, endedEvents]") == [None, ["idle"]]
+
+
 WORKER = """importScripts("/statekit/statekit.js");
 StateKit.start().then(
   (kit) => kit.fetch("/api/worker").then(() => postMessage(kit.sid)),

@@ -117,7 +117,7 @@ def test_a_tab_streams_its_own_changes_and_the_chosen_globals() -> None:
         assert request.events() == [
             ("change", {"scope": "session", "state": "cart", "value": ["apple"], "missed": 0}),
             ("change", {"scope": "global", "state": "visitors", "value": 1, "missed": 0}),
-            ("end", {}),
+            ("end", {"reason": "closed"}),
         ]
         assert sid not in request.body.decode()  # the id is the tab's secret
         assert request.sent[-1]["more_body"] is False
@@ -149,7 +149,7 @@ def test_a_tab_of_a_signed_in_user_streams_the_users_changes() -> None:
         await asyncio.wait_for(request.task, 5)
         assert request.events() == [
             ("change", {"scope": "user", "state": "cart", "value": ["apple"], "missed": 0}),
-            ("end", {}),
+            ("end", {"reason": "closed"}),
         ]
 
     run(scenario)
@@ -194,6 +194,31 @@ def test_a_stream_is_refused_to_another_site_and_without_a_session(
     run(scenario)
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_at_shutdown_a_stream_says_its_session_ended_only_if_it_did(
+    store: str, tmp_path: Path
+) -> None:
+    """An engine shutting down over a store of its process ends its sessions: the
+    stream ends with ``end`` and reason ``shutdown``, so the page knows. Over a shared
+    store the session lives on: the stream just ends, and the page's EventSource
+    reconnects (to the next server). Fails if a shared store's stream told the page
+    its session ended (it would open a new one, losing the tab's state)."""
+    from statekit import SQLiteStore
+
+    async def scenario() -> None:
+        engine = StateEngine(SQLiteStore(tmp_path / "s.db") if store == "sqlite" else None)
+        sid = engine.open_session()
+        request = Request(StateKitMiddleware(app, engine), f"statekit_session={sid}", SAME)
+        await request.until(lambda: bool(request.sent))
+        await engine.ashutdown()
+        await asyncio.wait_for(request.task, 5)
+        expected = [("end", {"reason": "shutdown"})] if store == "memory" else []
+        assert request.events() == expected
+        assert request.sent[-1]["more_body"] is False
+
+    run(scenario)
+
+
 def test_head_is_refused_rather_than_streamed() -> None:
     """A HEAD answer has no body, so a stream to one would never end: the connection
     (and its keep-alive requests) and the watch would stay open. Fails if a HEAD opens
@@ -219,7 +244,7 @@ def test_an_unknown_session_ends_at_once(sid: str) -> None:
         middleware = StateKitMiddleware(app, StateEngine())
         request = Request(middleware, f"statekit_session={sid}", SAME)
         await asyncio.wait_for(request.task, 5)
-        assert request.events() == [("end", {})]
+        assert request.events() == [("end", {"reason": "unknown"})]
 
     run(scenario)
 

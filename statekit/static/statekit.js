@@ -29,7 +29,9 @@
  *   page comes back from the back/forward cache (pageshow, persisted), opens a new
  *   session;
  * - when an answer from this origin says the session ended (X-Statekit-Session-Ended),
- *   sets kit.ended and dispatches "statekit:ended" on window (detail {reason, kit});
+ *   sets kit.ended and dispatches "statekit:ended" on window (detail {reason, kit}),
+ *   unless the request named another session than the tab's now (one sent before the
+ *   tab reopened its session);
  *   kit.reopen() closes the tab's session if it is live and opens a new one, and every
  *   opened session dispatches "statekit:opened" (detail {sid, kit});
  * - kit.url(path) gives a URL of this origin naming the session in the query
@@ -40,13 +42,18 @@
  *   (detail {scope, state, value, missed, kit}) and written into the page's elements
  *   marked data-statekit-state="<name>" (a text, a number or a boolean, as text); the
  *   stream follows the session when it is reopened, kit.unwatch() closes it, and
- *   kit.stream is its EventSource (or null).
+ *   kit.stream is its EventSource (or null once it ended or was refused); a stream that
+ *   ends because its session ended ("end" with a reason) dispatches "statekit:ended";
+ * - loaded twice on one page, it keeps the first StateKit (one kit, one session).
  *
  * StateKit.create({keys}) is the token half alone (no session), for pages whose
  * server keeps the session itself.
  */
 (function (global) {
   "use strict";
+
+  /* Loaded twice on one page (a base template and a widget, say): one kit all the same. */
+  if (global.StateKit) return;
 
   var SEND = "X-Statekit-Browser";
   var RECEIVE = "X-Statekit-Browser-Set";
@@ -240,14 +247,21 @@
       return out;
     };
 
-    /* Read an answer's statekit headers; getHeader(name) -> string or null. */
-    function answered(getHeader) {
+    /* Read an answer's statekit headers; getHeader(name) -> string or null. sentWith:
+     * the session the request named (undefined: not known). An answer saying that
+     * another session than the tab's now ended (a request sent before the tab reopened
+     * its session) ends nothing: the tab's live session is not marked ended. */
+    function answered(getHeader, sentWith) {
       browser.absorbValue(getHeader(RECEIVE));
       var reason = getHeader(ENDED);
-      if (reason) {
-        kit.ended = reason;
-        fire("statekit:ended", { reason: reason, kit: kit });
-      }
+      if (!reason || opening) return;
+      if (sentWith !== undefined && (sentWith || null) !== kit.sid) return;
+      ended(reason);
+    }
+
+    function ended(reason) {
+      kit.ended = reason;
+      fire("statekit:ended", { reason: reason, kit: kit });
     }
 
     function fillForms(root) {
@@ -269,16 +283,18 @@
       }
       if (!sameOrigin(request.url)) return global.fetch(request);
       var ready = opening ? opening : Promise.resolve(kit);
+      var sentWith;
       return ready
         .then(function () {
           addHeaders(request, appHeaders(options), kit.headers());
+          sentWith = kit.sid;
           return global.fetch(request);
         })
         .then(function (response) {
           if (!response.url || sameOrigin(response.url)) {
             answered(function (name) {
               return response.headers.get(name);
-            });
+            }, sentWith);
           }
           return response;
         });
@@ -359,6 +375,7 @@
       if (stream) stream.close();
       stream = kit.stream = null;
       if (!watching || !kit.sid || typeof global.EventSource !== "function") return;
+      var watched = kit.sid;
       var source = (stream = kit.stream = new global.EventSource(kit.url(prefix + "/watch")));
       source.addEventListener("change", function (event) {
         var change;
@@ -371,9 +388,22 @@
         show(change);
         fire("statekit:change", change);
       });
-      source.addEventListener("end", function () {
+      /* The stream ended for good: its session ended (the reason comes with it, unless
+       * the tab opened another since), or the server refused it (no session of its: a
+       * refused EventSource closes by itself). */
+      source.addEventListener("end", function (event) {
         source.close();
         if (stream === source) stream = kit.stream = null;
+        var reason = null;
+        try {
+          reason = JSON.parse(event.data).reason || null;
+        } catch (error) {
+          reason = null;
+        }
+        if (reason && watched === kit.sid && !opening) ended(reason);
+      });
+      source.addEventListener("error", function () {
+        if (source.readyState === 2 && stream === source) stream = kit.stream = null;
       });
     }
 
@@ -470,9 +500,11 @@
         if (!xhr || !xhr.getResponseHeader) return;
         var where = xhr.responseURL || (detail.pathInfo && detail.pathInfo.requestPath);
         if (where && !sameOrigin(where)) return;
+        var config = detail.requestConfig;
+        var sent = config && config.headers ? config.headers[SESSION] : undefined;
         answered(function (name) {
           return xhr.getResponseHeader(name);
-        });
+        }, sent);
       });
     }
 

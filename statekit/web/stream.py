@@ -15,8 +15,12 @@ own types as they are, ``{"$tuple": [...]}`` and the like for the rest); ``scope
 for the stream's request) or ``"global"``; ``missed`` says how many changes before this one were
 dropped because the page read too slowly. The session's id is never sent. A comment
 line every 15 s keeps proxies from closing an idle stream; when the stream ends (the
-session ended, the engine shut down) a last ``event: end`` is sent, and the page
-should not reconnect.
+session ended, the engine shut down over a store of its process) a last ``event:
+end`` is sent, with why (``data: {"reason": "idle"}``: a reason of
+``X-Statekit-Session-Ended``, or ``"unknown"`` for a session that was not live), and the
+page should not reconnect; it learns its session ended. A stream that ends otherwise
+(the engine shut down over a shared store, where the session lives on) just ends, and
+the page's ``EventSource`` reconnects.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ STREAM_HEADERS = {
 }
 
 _CODEC = JSONCodec()
-_END = b"event: end\ndata: {}\n\n"
 
 
 def change_event(change: StateChange) -> bytes | None:
@@ -74,7 +77,9 @@ async def server_sent_events(
                 yield b": idle\n\n"
                 continue
             except StopAsyncIteration:
-                yield _END
+                if watch.ended is not None:
+                    reason = json.dumps({"reason": watch.ended})
+                    yield f"event: end\ndata: {reason}\n\n".encode()
                 return
             event = change_event(change)
             if event is not None:
