@@ -63,7 +63,7 @@ class NoticeFeed:
         key = next(self._keys)
         with self._lock:
             self._subscribers[key] = callback
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # (a loop that died)
                 self._start()
 
         def unsubscribe() -> None:

@@ -35,6 +35,7 @@ from statekit.exceptions import (
 )
 
 from ._notices import NoticeFeed
+from ._sqlite_schema import SCHEMA, identity
 from .base import (
     Busy,
     CommitPart,
@@ -53,43 +54,6 @@ __all__ = ["SQLiteStore"]
 #: How long notices and tombstones are kept, in seconds of the engine's clock.
 NOTICE_HORIZON = 120.0
 TOMBSTONE_HORIZON = 86_400.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sk_sessions (
-    app TEXT NOT NULL, sid TEXT NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0,
-    closed INTEGER NOT NULL DEFAULT 0,
-    deadline REAL NOT NULL,
-    touched REAL NOT NULL,
-    lease TEXT, lease_until REAL,
-    PRIMARY KEY (app, sid)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS sk_sessions_deadline ON sk_sessions (app, deadline);
-CREATE INDEX IF NOT EXISTS sk_sessions_lru ON sk_sessions (app, closed DESC, touched);
-CREATE TABLE IF NOT EXISTS sk_values (
-    app TEXT NOT NULL, sid TEXT NOT NULL, name TEXT NOT NULL,
-    value BLOB NOT NULL, deadline REAL,
-    PRIMARY KEY (app, sid, name)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS sk_values_deadline ON sk_values (app, deadline)
-    WHERE deadline IS NOT NULL;
-CREATE TABLE IF NOT EXISTS sk_counts (app TEXT PRIMARY KEY, sessions INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS sk_gone (
-    app TEXT NOT NULL, sid TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL,
-    PRIMARY KEY (app, sid)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS sk_gone_at ON sk_gone (app, at);
-CREATE TABLE IF NOT EXISTS sk_globals (
-    app TEXT NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL, version INTEGER NOT NULL,
-    PRIMARY KEY (app, name)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sk_notices (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    app TEXT NOT NULL, origin TEXT NOT NULL, kind TEXT NOT NULL, sid TEXT NOT NULL,
-    names TEXT NOT NULL DEFAULT '', reason TEXT, at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS sk_notices_app ON sk_notices (app, seq);
-"""
 
 
 class SQLiteStore:
@@ -119,16 +83,26 @@ class SQLiteStore:
         timeout: float = 10.0,
         poll_interval: float = 0.1,
     ) -> None:
+        for name, seconds in (("timeout", timeout), ("poll_interval", poll_interval)):
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+                raise ValueError(f"{name} must be a number of seconds, got {seconds!r}")
+            if not 0 < seconds <= 3600:  # (nan too)
+                raise ValueError(f"{name} must be above 0 and at most 3600 s, got {seconds}")
         self.path = os.fspath(path)
         self.codec: Codec = JSONCodec() if codec is None else codec
         self.timeout = timeout
         self.poll_interval = poll_interval
+        # The database file's (device, inode) once its tables are there, and where it is
+        # (whatever the working directory becomes).
+        self._file: tuple[int, int] | None = None
+        self._absolute = os.path.abspath(self.path)
         self._local = threading.local()
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._closed = False
         try:
-            self._connection().executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+            self._connection().executescript(SCHEMA)
+            self._file = identity(self._absolute)
+        except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(self._label(), str(exc)) from exc
 
     def __repr__(self) -> str:
@@ -148,8 +122,15 @@ class SQLiteStore:
         if held is not None and held.pid == os.getpid():
             return held.db
         try:
+            # Once the schema is there, only that file: a missing one is an error, not a
+            # new empty database beside the one other processes use.
+            where = self.path if self._file is None else Path(self._absolute).as_uri() + "?mode=rw"
             db = sqlite3.connect(
-                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+                where,
+                timeout=self.timeout,
+                isolation_level=None,
+                check_same_thread=False,
+                uri=self._file is not None,
             )
             # Switching to WAL takes a lock that SQLite's busy wait does not cover: when
             # many processes open the file at once, only ask if it is not WAL yet.
@@ -174,6 +155,7 @@ class SQLiteStore:
             raise StoreUnavailable(self._label(), "the store was shut down")
         db = self._connection()
         try:
+            self._same_file()
             if durable:
                 db.execute("PRAGMA synchronous=FULL")
             db.execute("BEGIN IMMEDIATE")
@@ -198,9 +180,20 @@ class SQLiteStore:
         if self._closed:
             raise StoreUnavailable(self._label(), "the store was shut down")
         try:
+            self._same_file()
             return self._connection().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise StoreUnavailable(self._label(), str(exc)) from exc
+
+    def _same_file(self) -> None:
+        """Raise when the database file was removed or replaced: a connection opened
+        before would go on using the old one, which no other process sees (its writes
+        acknowledged, then lost)."""
+        if identity(self._absolute) != self._file:
+            raise sqlite3.OperationalError(
+                f"the database file {self.path} was removed or replaced; restore it, or "
+                "restart the processes that use it"
+            )
 
     def close(self) -> None:
         """Close every connection this store opened. The store cannot be used after."""
@@ -219,6 +212,10 @@ class _Connection:
         self.pid = os.getpid()
 
 
+_VICTIM = (
+    "SELECT sid, closed, deadline FROM sk_sessions WHERE app=? {} "
+    "ORDER BY closed DESC, touched LIMIT 1"
+)
 _SESSION_ROW = "SELECT version, closed, deadline, lease, lease_until FROM sk_sessions "
 
 
@@ -316,11 +313,14 @@ class _SQLiteNamespace:
             if row is None:
                 db.execute("INSERT INTO sk_counts (app, sessions) VALUES (?, 0)", (self._app,))
             while count >= capacity:
-                victim = db.execute(
-                    "SELECT sid, closed, deadline FROM sk_sessions WHERE app=? "
-                    "ORDER BY closed DESC, touched LIMIT 1",
-                    (self._app,),
-                ).fetchone()
+                # The least recently used that no event holds, if there is one.
+                victim = (
+                    db.execute(
+                        _VICTIM.format("AND (lease_until IS NULL OR lease_until <= ?)"),
+                        (self._app, now),
+                    ).fetchone()
+                    or db.execute(_VICTIM.format(""), (self._app,)).fetchone()
+                )
                 if victim is None:
                     break
                 victim_sid, closed, victim_deadline = victim
@@ -603,23 +603,26 @@ class _SQLiteNamespace:
         ready: threading.Event,
         deliver: Callable[[Notice], None],
     ) -> None:
-        """Read new notices every ``poll_interval``; ``resync`` after a gap."""
+        """Read new notices every ``poll_interval``; ``resync`` after a gap (a first
+        read that fails counts as one: the loop goes on, and starts from there)."""
+        last = "SELECT COALESCE(MAX(seq), 0) FROM sk_notices WHERE app=?"
+        cursor: int | None = None
         try:
-            rows = self._store.read(
-                "SELECT COALESCE(MAX(seq), 0) FROM sk_notices WHERE app=?", (self._app,)
-            )
-            cursor = int(rows[0][0])
-        finally:
-            ready.set()
-        lost = False
+            cursor, lost = int(self._store.read(last, (self._app,))[0][0]), False
+        except Exception:
+            lost = True
+        ready.set()
         last_ok = time.monotonic()
         while not stop.wait(self._store.poll_interval):
             try:
-                rows = self._store.read(
-                    "SELECT seq, origin, kind, sid, names, reason FROM sk_notices "
-                    "WHERE app=? AND seq > ? ORDER BY seq",
-                    (self._app, cursor),
-                )
+                if cursor is None:  # from now on (what came before: a resync)
+                    cursor, rows = int(self._store.read(last, (self._app,))[0][0]), []
+                else:
+                    rows = self._store.read(
+                        "SELECT seq, origin, kind, sid, names, reason FROM sk_notices "
+                        "WHERE app=? AND seq > ? ORDER BY seq",
+                        (self._app, cursor),
+                    )
             except Exception:
                 lost = True
                 continue

@@ -1,0 +1,53 @@
+"""The SQLite store's tables, and how it knows its database file."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["SCHEMA", "identity"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sk_sessions (
+    app TEXT NOT NULL, sid TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    closed INTEGER NOT NULL DEFAULT 0,
+    deadline REAL NOT NULL,
+    touched REAL NOT NULL,
+    lease TEXT, lease_until REAL,
+    PRIMARY KEY (app, sid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sk_sessions_deadline ON sk_sessions (app, deadline);
+CREATE INDEX IF NOT EXISTS sk_sessions_lru ON sk_sessions (app, closed DESC, touched);
+CREATE TABLE IF NOT EXISTS sk_values (
+    app TEXT NOT NULL, sid TEXT NOT NULL, name TEXT NOT NULL,
+    value BLOB NOT NULL, deadline REAL,
+    PRIMARY KEY (app, sid, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sk_values_deadline ON sk_values (app, deadline)
+    WHERE deadline IS NOT NULL;
+CREATE TABLE IF NOT EXISTS sk_counts (app TEXT PRIMARY KEY, sessions INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sk_gone (
+    app TEXT NOT NULL, sid TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (app, sid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sk_gone_at ON sk_gone (app, at);
+CREATE TABLE IF NOT EXISTS sk_globals (
+    app TEXT NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL, version INTEGER NOT NULL,
+    PRIMARY KEY (app, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sk_notices (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    app TEXT NOT NULL, origin TEXT NOT NULL, kind TEXT NOT NULL, sid TEXT NOT NULL,
+    names TEXT NOT NULL DEFAULT '', reason TEXT, at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sk_notices_app ON sk_notices (app, seq);
+"""
+
+
+def identity(path: str) -> tuple[int, int] | None:
+    """The file's (device, inode), or None when it is not there."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
