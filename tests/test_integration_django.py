@@ -402,6 +402,35 @@ def test_two_tabs_have_independent_carts(client: Client) -> None:
     assert (shown["cart"], shown["cart_size"]) == (["Cereal"], 1)
 
 
+def test_a_shared_cache_never_serves_one_sessions_page_to_another(shop: Shop) -> None:
+    """Behind Django's cache middleware (a CDN does the same), a page made from a
+    session must not be served to another browser or tab: the answer varies with the
+    cookie or the session header that named its session. Fails if it says nothing of
+    it (browser B was served browser A's cart, tab B tab A's)."""
+    caches = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    cache_first = "django.middleware.cache.UpdateCacheMiddleware"
+    with project(
+        shop,
+        cache_first,
+        "django.middleware.cache.FetchFromCacheMiddleware",
+        CACHES=caches,
+        CACHE_MIDDLEWARE_SECONDS=600,
+    ):
+        a = Client(HTTP_ACCEPT="text/html")
+        assert a.get("/page").status_code == 200  # opens A's cookie session
+        again = a.get("/page")
+        assert "Cookie" in again["Vary"]
+        b = Client(HTTP_ACCEPT="text/html")
+        answer_b = b.get("/page")
+        assert answer_b.content == b"<p>load 1, cart []</p>"  # its own, not A's
+        tabs = Client()
+        one, two = open_tab(tabs), open_tab(tabs)
+        post(tabs, "/api/cart", {"item": "Milk"}, headers=tab(one))
+        shown_one = tabs.get("/api/show", headers=tab(one))
+        assert "X-Statekit-Session" in shown_one["Vary"]
+        assert tabs.get("/api/show", headers=tab(two)).json()["cart"] == []
+
+
 def test_closing_a_tab_ends_only_its_own_session(
     shop: Shop, client: Client, clock: FakeClock
 ) -> None:

@@ -305,12 +305,15 @@ def test_aserve_answers_as_serve(gate: web.SessionGate, engine: StateEngine) -> 
 
 
 def test_a_header_session_is_taken_as_sent(gate: web.SessionGate, engine: StateEngine) -> None:
+    # (and the answer says it varies with it: fails if a cache could serve one tab's
+    # answer to another)
     """The tab's id is used as is (the event checks it), on a page load too: no cookie
     session is opened for a request statekit.js sent."""
     visit = gate.visit("POST", {"X-Statekit-Session": "tab"}, cookies={"statekit_session": "c"})
     assert visit.session() == "tab"
     assert asyncio.run(visit.asession()) == "tab"
-    assert visit.response_headers() == []
+    # The answer depends on the tab's session: no cache may give it to another tab.
+    assert visit.response_headers() == [("Vary", "X-Statekit-Session, X-Statekit-Browser")]
     assert not visit.wants_form
     assert engine.session_count() == 0
 
@@ -361,7 +364,8 @@ def test_a_page_load_opens_a_cookie_session_once(
     assert "Path=/" in cookie
     kept = gate.visit("GET", PAGE_LOAD, cookies={"statekit_session": sid})
     assert kept.session() == sid
-    assert kept.response_headers() == []  # the same session: no new cookie
+    # The same session: no new cookie; the answer varies with the cookie.
+    assert kept.response_headers() == [("Vary", "Cookie")]
     assert engine.session_count() == 1
 
 
@@ -431,8 +435,9 @@ def test_events_carry_the_pages_tokens_in_and_the_new_ones_out(
     with visit.event() as ev:
         ev[name] = "ann"
         ev[cart].append("milk")
-    [(header, value)] = visit.response_headers()
+    [(header, value), vary] = visit.response_headers()
     assert header == web.BROWSER_SET_HEADER
+    assert vary == ("Vary", "X-Statekit-Session, X-Statekit-Browser")
     tokens = json.loads(value)
     later = gate.visit(
         "POST", {"X-Statekit-Session": sid, "X-Statekit-Browser": json.dumps(tokens)}
@@ -443,7 +448,9 @@ def test_events_carry_the_pages_tokens_in_and_the_new_ones_out(
             return ev[name], ev[cart]
 
     assert asyncio.run(read()) == ("ann", ["milk"])
-    assert later.response_headers() == []  # nothing new to send
+    assert later.response_headers() == [
+        ("Vary", "X-Statekit-Session, X-Statekit-Browser")
+    ]  # no new tokens
     assert dict(later.tokens) == tokens
 
 
@@ -687,7 +694,7 @@ def test_over_https_the_fallback_cookie_is_host_prefixed(
     assert "Domain" not in cookie
     kept = gate.visit("GET", PAGE_LOAD, cookies={"__Host-statekit_session": sid}, secure=True)
     assert kept.session() == sid
-    assert kept.response_headers() == []
+    assert kept.response_headers() == [("Vary", "Cookie")]
     plain = gate.visit("GET", PAGE_LOAD, cookies={"statekit_session": sid}, secure=True)
     assert plain.session() != sid  # an unprefixed cookie is not read over HTTPS
     assert engine.session_count() == 2

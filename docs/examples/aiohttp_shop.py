@@ -4,7 +4,7 @@ aiohttp integration, and needs none. The adapter uses only statekit's public API
 :class:`~statekit.web.Visit` per request, an :class:`~statekit.web.Answer` sent as it
 is. The same few lines fit any host (Litestar, Quart, a websocket server).
 
-Run it (``pip install aiohttp 'statekit[browser]'``)::
+Run it (``pip install 'aiohttp>=3.14' 'statekit[browser]'``)::
 
     python docs/examples/aiohttp_shop.py --port 8000
 """

@@ -9,6 +9,7 @@ or with several workers on Redis (each worker makes its own engine at import; wi
 ``--preload`` the master makes it and the workers inherit it: both work)::
 
     export STATEKIT_REDIS_URL=redis://127.0.0.1:6379/0
+    export STATEKIT_SECRETS=...   # one secret for every worker, 32+ characters
     gunicorn -w 2 --chdir docs/examples django_shop:application
 
 Each tab of a browser has its own cart (statekit.js opens a session per tab), the visit

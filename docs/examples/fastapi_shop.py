@@ -8,6 +8,7 @@ Run it (``pip install 'statekit[fastapi,web]'``)::
 or with several workers on Redis (each worker makes its own engine at import)::
 
     export STATEKIT_REDIS_URL=redis://127.0.0.1:6379/0
+    export STATEKIT_SECRETS=...   # one secret for every worker, 32+ characters
     uvicorn --app-dir docs/examples fastapi_shop:app --workers 2
 
 Each tab of a browser has its own cart (statekit.js opens a session per tab), the visit

@@ -69,6 +69,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.utils.cache import patch_vary_headers
 from django.utils.module_loading import import_string
 
 from statekit import StateEngine
@@ -141,6 +142,8 @@ class StateKitMiddleware:
         for name, value in made.response_headers():
             if name.lower() == "set-cookie":
                 response.cookies.load(value)  # Django sends response.cookies itself
+            elif name.lower() == "vary":
+                patch_vary_headers(response, [part.strip() for part in value.split(",")])
             else:  # one value: Cache-Control replaces a view's (a cookie is private)
                 response[name] = value
         return response

@@ -242,6 +242,8 @@ def _add_headers(response: Response) -> Response:
         for name, value in made.response_headers():
             if name.lower() == "set-cookie":
                 response.headers.add(name, value)  # next to the app's own cookies
+            elif name.lower() == "vary":
+                response.vary.update(part.strip() for part in value.split(","))
             else:  # one value: Cache-Control replaces a view's (a cookie is private)
                 response.headers[name] = value
     return response

@@ -25,6 +25,7 @@ from statekit.exceptions import (
     UsageError,
 )
 from statekit.web.wire import (
+    BROWSER_HEADER,
     BROWSER_SET_HEADER,
     CLOSE_PATH,
     OPEN_PATH,
@@ -401,6 +402,7 @@ class Visit:
         self._sent: dict[str, str | None] = {}
         self._cookie: str | None = None
         self._checked = False
+        self._used = False  # the session was asked for: the response depends on it
         self._form: FormSource = None
 
     def __repr__(self) -> str:
@@ -500,6 +502,7 @@ class Visit:
         )
 
     def _named(self) -> str:
+        self._used = True
         if self._sid is None:
             raise SessionNotFound(
                 None,
@@ -531,12 +534,22 @@ class Visit:
     # -- the response ------------------------------------------------------------------
 
     def response_headers(self) -> list[tuple[str, str]]:
-        """The headers to add to the response: new browser tokens, and the fallback
-        cookie when this request opened its session."""
+        """The headers to add to the response: new browser tokens; ``Vary`` on what
+        named the session, when the handler used it (add it to the response's own
+        ``Vary``: a cache must not serve one session's page to another); and the
+        fallback cookie, with ``Cache-Control: private, no-store``, when this request
+        opened its session."""
         out: list[tuple[str, str]] = []
         value = browser_set_value(self._sent)
         if value is not None:
             out.append((BROWSER_SET_HEADER, value))
+        # A response made from a session must not be served to another session by a
+        # cache: it varies with what named the session (added to the app's own Vary).
+        if self._used and self._cookie is None:
+            if self.incoming.source == "cookie":
+                out.append(("Vary", "Cookie"))
+            elif self.incoming.source == "header":
+                out.append(("Vary", f"{SESSION_HEADER}, {BROWSER_HEADER}"))
         if self._cookie is not None:
             out.append(("Set-Cookie", self._cookie))
             # A response that sets a session cookie is this browser's alone.
