@@ -92,8 +92,7 @@ class SQLiteStore:
         self.codec: Codec = JSONCodec() if codec is None else codec
         self.timeout = timeout
         self.poll_interval = poll_interval
-        # The database file's (device, inode) once its tables are there, and where it is
-        # (whatever the working directory becomes).
+        # The database file's (device, inode) once its tables are there, and its path.
         self._file: tuple[int, int] | None = None
         self._absolute = os.path.abspath(self.path)
         self._local = threading.local()
@@ -186,9 +185,8 @@ class SQLiteStore:
             raise StoreUnavailable(self._label(), str(exc)) from exc
 
     def _same_file(self) -> None:
-        """Raise when the database file was removed or replaced: a connection opened
-        before would go on using the old one, which no other process sees (its writes
-        acknowledged, then lost)."""
+        """Raise when the database file was removed or replaced (a connection opened
+        before would go on using the old one, which no other process sees)."""
         if identity(self._absolute) != self._file:
             raise sqlite3.OperationalError(
                 f"the database file {self.path} was removed or replaced; restore it, or "
