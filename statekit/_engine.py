@@ -338,7 +338,7 @@ class StateEngine(Declarations):
             sessions=sessions,
             held=held,
             waiting=waiting,
-            kept=0 if self._kept is None else len(self._kept),
+            kept=0 if self._kept is None else self._kept.count(),
             **self._core.meter.read(),
         )
 

@@ -217,8 +217,6 @@ class LatchEntry:
         except Exception:  # a measure only: the session is given back all the same
             hold = 0.0
         self._holds[self._number() & _MASK] = hold
-        # A value's ttl runs from its write, the commit, not from the event's start.
-        written = ev.now + hold if hold > 0 else ev.now
         try:
             if ev.user_part is not None and not failed:  # writes to its user, perhaps
                 self._leave_with_listeners(ev, None)
@@ -241,7 +239,8 @@ class LatchEntry:
                 self._leave(
                     entered,
                     writes,
-                    self._ttl_states and core.ttl_deadlines(written, writes),
+                    # (a value's ttl runs from its write: the commit, now)
+                    self._ttl_states and core.ttl_deadlines(ev.now + max(hold, 0.0), writes),
                     ev.now,
                 )
             except SessionNotFound:

@@ -122,7 +122,7 @@ class KeptLeases:
         self._kept.clear()
         self._wanted.clear()
 
-    def __len__(self) -> int:
+    def count(self) -> int:
         """How many leases this engine keeps now: those that lapsed are forgotten (and
         the values they held with them)."""
         now = self._core.clock()

@@ -193,14 +193,18 @@ class Watch:
         return StateChange(sid, state, open_value(value), missed, scope)
 
 
-def _snapshot(value: Any) -> tuple[Any] | None:
-    """The snapshot a watch queues of a committed value, taken now (in a 1-tuple), or
-    None (logged) for a value that cannot be copied, which no store commits."""
+#: What :func:`_snapshot` gives for a value it cannot copy.
+_UNCOPYABLE: Any = object()
+
+
+def _snapshot(value: Any) -> Any:
+    """The snapshot a watch queues of a committed value, taken now, or ``_UNCOPYABLE``
+    (logged) for a value that cannot be copied, which no store commits."""
     try:
-        return (stored_form(value),)
+        return stored_form(value)
     except Exception:
         logger.exception("a watched value could not be copied: its change is not streamed")
-        return None
+        return _UNCOPYABLE
 
 
 def _settle(waiter: asyncio.Future[None]) -> None:
@@ -303,18 +307,19 @@ class Watchers:
             return
         user = sid.startswith(USER_PREFIX)
         shown, scope = (None, "user") if user else (sid, "session")
-        frozen = [(name, snapshot) for name, value in changes if (snapshot := _snapshot(value))]
+        frozen = [(name, _snapshot(value)) for name, value in changes]
+        frozen = [(name, value) for name, value in frozen if value is not _UNCOPYABLE]
         for watch in tuple(watches):
-            for name, (value,) in frozen:
+            for name, value in frozen:
                 watch.push(shown, name, value, scope)
 
     def global_changed(self, name: str, value: Any) -> None:
         """Give each watch of global ``name`` its new value."""
         watches = list(self._globals.get(name, ()))
-        snapshot = _snapshot(value) if watches else None
-        if snapshot:
+        snapshot = _snapshot(value) if watches else _UNCOPYABLE
+        if snapshot is not _UNCOPYABLE:
             for watch in watches:
-                watch.push(None, name, snapshot[0], "global")
+                watch.push(None, name, snapshot, "global")
 
     def _on_notice(self, notice: Notice) -> None:
         """A global written elsewhere (in the store's notification thread): its watches

@@ -69,11 +69,11 @@ class Record(Latch):
                 queue = queues.get(name)
                 if queue is None:
                     queue = queues[name] = OrderedDict()
-                elif queue:
+                elif queue and (last := next(reversed(queue))) != self.sid:
                     # Kept in deadline order (reaping looks at the front only): a commit
                     # whose clock was read before another's (threads racing for the
                     # lock) expires with the one before it.
-                    deadline = max(deadline, queue[next(reversed(queue))])
+                    deadline = max(deadline, queue[last])
                 held[name] = deadline
                 queue[self.sid] = deadline
                 queue.move_to_end(self.sid)

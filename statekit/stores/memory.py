@@ -173,8 +173,7 @@ class _MemoryNamespace(MemoryGlobals):
                     logger.exception("store notice subscriber raised")
 
     def _ended_notices(self, ended: Iterable[Ended]) -> list[Notice]:
-        """The notices of ended sessions: not of single values, nor of a session that
-        was closed before (its close was noticed then)."""
+        """Notices of ended sessions (not of values, nor of one noticed at its close)."""
         return [
             Notice(kind="ended", sid=e.sid, reason=e.reason, origin=self.origin)
             for e in ended
@@ -222,13 +221,10 @@ class _MemoryNamespace(MemoryGlobals):
     def _loaded(self, sid: str, now: float, touch_until: float | None) -> Loaded | Gone | None:
         expired: list[Ended] = []
         with self._lock:
-            rec = self._open.get(sid)
-            if rec is not None and rec.deadline > now and not rec.value_deadlines:
-                if touch_until is not None:  # the common case, inline
-                    rec.deadline = touch_until
-                    self._open.move_to_end(sid)
+            rec = self._open_touched(sid, now, touch_until)
+            if rec is not None:  # the common case, inline
                 return Loaded(sid=sid, version=rec.version, closed=False, values=rec.values)
-            rec = rec or self._closed.get(sid) or self._users.get(sid)
+            rec = self._open.get(sid) or self._closed.get(sid) or self._users.get(sid)
             if rec is None:
                 return self._gone_answer(sid)
             gone = self._load(rec, expired, now, touch_until)
@@ -465,19 +461,25 @@ class _MemoryNamespace(MemoryGlobals):
         return self._loaded(sid, now, touch_until)
 
     def peek_inline(self, sid: str, now: float, touch_until: float) -> Mapping[str, Any] | None:
-        """:meth:`peek`'s common case, for the engine's read outside an event: the
-        values of an open session before its deadline with no value ttl due, touched;
-        else None (nothing done: the caller calls :meth:`peek`)."""
+        """:meth:`peek`'s common case, for the engine's read outside an event (see
+        :meth:`_open_touched`): the session's values, or None (then :meth:`peek`)."""
         self._lock.acquire()
         try:
-            rec = self._open.get(sid)
-            if rec is None or rec.deadline <= now or rec.value_deadlines:
-                return None
-            rec.deadline = touch_until
-            self._open.move_to_end(sid)
-            return rec.values
+            rec = self._open_touched(sid, now, touch_until)
+            return None if rec is None else rec.values
         finally:
             self._lock.release()
+
+    def _open_touched(self, sid: str, now: float, touch_until: float | None) -> Record | None:
+        """Under the lock: open session ``sid``'s record, touched (``touch_until`` not
+        None), if live with no value ttl due; else None, nothing done."""
+        rec = self._open.get(sid)
+        if rec is None or rec.deadline <= now or rec.value_deadlines:
+            return None
+        if touch_until is not None:
+            rec.deadline = touch_until
+            self._open.move_to_end(sid)
+        return rec
 
     def commit(
         self,
