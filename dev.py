@@ -3,6 +3,7 @@
 
     python3 dev.py demo    serve the demo web app on 127.0.0.1 and print its address
     python3 dev.py test    run every check: ruff, mypy --strict, pytest with coverage
+                           (in parallel; -n 0 runs the tests in one process)
     python3 dev.py bench   run the benchmarks (optional)
     python3 dev.py docs    build the docs site into site/ (--serve: serve it on 127.0.0.1)
 
@@ -122,13 +123,30 @@ def ensure_test_programs() -> None:
     )
 
 
+def test_workers() -> int:
+    """How many pytest processes run the tests: one more than the machine's cores (most
+    tests wait on Redis servers, browsers and subprocesses rather than compute), at
+    most 4 (each starts private Redis servers of its own); ``STATEKIT_TEST_WORKERS``
+    overrides it."""
+    chosen = os.environ.get("STATEKIT_TEST_WORKERS", "")
+    if chosen:
+        if not chosen.isdigit():
+            sys.exit(f"STATEKIT_TEST_WORKERS must be a whole number, got {chosen!r}")
+        return int(chosen)
+    return min(4, (os.cpu_count() or 1) + 1)
+
+
 def test(args: list[str]) -> None:
     ensure_env()
     ensure_test_programs()
     run(PY, "-m", "ruff", "check", ".")
     run(PY, "-m", "ruff", "format", "--check", ".")
     run(PY, "-m", "mypy")
-    run(PY, "-m", "pytest", "--cov", "--cov-report=term", *args)
+    # The tests run in parallel (pytest-xdist), each worker taking the next test when
+    # it is free; "-n 0" runs them in this process (as --pdb needs).
+    own = any(a.startswith(("-n", "--numprocesses")) or a in ("--pdb", "no:xdist") for a in args)
+    workers = [] if own else ["-n", str(test_workers()), "--dist", "worksteal"]
+    run(PY, "-m", "pytest", *workers, "--cov", "--cov-report=term", *args)
 
 
 def bench(args: list[str]) -> None:
