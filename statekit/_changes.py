@@ -250,6 +250,10 @@ def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
         image = image_of(after)
         if image is not None and image[0] == stored.blob:
             return SAME, image
+        # Another class, or a builtin container of another length, is a change: told
+        # without opening the image (most events add or remove items).
+        if type(after) is not stored.kind or (stored.size >= 0 and _size(after) != stored.size):
+            return CHANGED, image
         return walk(stored.open(), after), image
     if stored is after:
         return SAME, None
@@ -259,6 +263,10 @@ def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
         if same is not None:
             return (SAME if same else CHANGED), None
     return walk(stored, after), None
+
+
+def _size(value: Any) -> int:
+    return len(value)
 
 
 def walk(before: Any, after: Any) -> Change:

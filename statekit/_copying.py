@@ -201,10 +201,15 @@ class Sealed:
     (stores that leave it use their own codec); nothing from a client is unpickled.
     """
 
-    __slots__ = ("blob",)
+    __slots__ = ("blob", "kind", "size")
 
-    def __init__(self, blob: bytes) -> None:
+    def __init__(self, blob: bytes, value: Any) -> None:
         self.blob = blob
+        #: The value's class, and its length when it is a builtin container (else
+        #: -1): enough to tell most changes (an item added or removed) without
+        #: opening the image (see ``_changes.judge``).
+        self.kind: type = type(value)
+        self.size = len(value) if self.kind in _CONTAINERS else -1
 
     def __repr__(self) -> str:
         return f"<Sealed value, {len(self.blob)} bytes>"
@@ -228,13 +233,13 @@ def stored_form(value: Any, image: Image | None = None) -> Any:
     if image is not None:
         blob, custom = image
         if not custom:
-            return Sealed(blob)
+            return Sealed(blob, value)
         try:  # a user-defined __reduce__ may pickle fine and fail to unpickle
             _unpickle(blob)
         except Exception:
             pass
         else:
-            return Sealed(blob)
+            return Sealed(blob, value)
     return copy_value(value)
 
 

@@ -305,6 +305,35 @@ class TestSnapshots:
         assert compare(deep.get(sid), nest(100_000, 2)) is Change.SAME
 
 
+def test_an_item_added_or_a_class_changed_is_judged_without_opening_the_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The common event adds or removes an item: its verdict needs only the stored
+    # value's class and length. Fails if judge() opens (unpickles) the stored image
+    # for such a change, which an event on a large value pays for in full.
+    from statekit._changes import judge
+    from statekit._copying import Sealed, stored_form
+
+    def refuse(self: Sealed) -> Any:
+        raise AssertionError("the stored image was opened")
+
+    for before, after in (
+        (["milk"], ["milk", "eggs"]),
+        ({"a": [1]}, {}),
+        ({1, 2}, {1, 2, 3}),
+        ([1, 2], (1, 2)),
+        ([1, 2], Point(1, [2])),
+    ):
+        stored = stored_form(before)
+        assert type(stored) is Sealed
+        with monkeypatch.context() as patch:
+            patch.setattr(Sealed, "open", refuse)
+            assert judge(stored, after)[0] is Change.CHANGED
+    # A change that keeps the length is still found by the exact walk.
+    assert judge(stored_form(["milk"]), ["eggs"])[0] is Change.CHANGED
+    assert judge(stored_form({"a": 1, "b": 2}), {"b": 2, "a": 1})[0] is Change.SAME
+
+
 def test_nan_members_and_keys_match_across_copies() -> None:
     from statekit._copying import open_value, stored_form
 

@@ -169,6 +169,19 @@ def test_any_single_mutation_anywhere_is_a_change(value: Any, data: st.DataObjec
 
 
 @PROPS
+@given(values, values)
+def test_judging_a_stored_value_agrees_with_the_exact_walk(before: Any, after: Any) -> None:
+    # judge() tells some changes from the stored value's class and length alone,
+    # without opening its image; it must still answer what compare() answers, for any
+    # pair (values of other classes, containers of other lengths, equal ones rebuilt).
+    # Fails if a shortcut calls a change what the exact walk calls the same, or the
+    # other way round.
+    stored = stored_form(before)
+    for other in (after, rebuilt(before)):
+        assert judge(stored, other)[0] is compare(before, other)
+
+
+@PROPS
 @given(values)
 def test_copy_value_equals_deepcopy(value: Any) -> None:
     copied = copy_value(value)

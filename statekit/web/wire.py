@@ -74,6 +74,10 @@ BROWSER_HEADER = "X-Statekit-Browser"
 BROWSER_SET_HEADER = "X-Statekit-Browser-Set"
 ENDED_HEADER = "X-Statekit-Session-Ended"
 
+# The headers' names as ASGI servers and LowerHeaders give them.
+_SESSION_KEY = SESSION_HEADER.lower()
+_BROWSER_KEY = BROWSER_HEADER.lower()
+
 #: The largest header value read for browser tokens (a page's tokens are small).
 _MAX_TOKENS_BYTES = 256 * 1024
 
@@ -128,17 +132,22 @@ def read_request(
             only: in any other request the id belongs in the header).
     """
     lowered = _lower(headers)
-    tokens = browser_tokens(lowered.get(BROWSER_HEADER.lower()))
-    form = form if isinstance(form, Mapping) else None
-    query = query if isinstance(query, Mapping) else None
-    for source, value in (
-        ("header", lowered.get(SESSION_HEADER.lower())),
-        ("field", (form or {}).get(SESSION_FIELD)),
-        ("query", (query or {}).get(SESSION_QUERY)),
-        ("cookie", (cookies or {}).get(SESSION_COOKIE)),
-    ):
+    tokens = browser_tokens(lowered.get(_BROWSER_KEY))
+    value = lowered.get(_SESSION_KEY)
+    if isinstance(value, str) and value:
+        return Incoming(sid=value, source="header", tokens=tokens)
+    if isinstance(form, Mapping):
+        value = form.get(SESSION_FIELD)
         if isinstance(value, str) and value:
-            return Incoming(sid=value, source=source, tokens=tokens)  # type: ignore[arg-type]
+            return Incoming(sid=value, source="field", tokens=tokens)
+    if isinstance(query, Mapping):
+        value = query.get(SESSION_QUERY)
+        if isinstance(value, str) and value:
+            return Incoming(sid=value, source="query", tokens=tokens)
+    if cookies:
+        value = cookies.get(SESSION_COOKIE)
+        if isinstance(value, str) and value:
+            return Incoming(sid=value, source="cookie", tokens=tokens)
     return Incoming(sid=None, source=None, tokens=tokens)
 
 
@@ -179,7 +188,7 @@ def is_page_load(method: str, headers: Mapping[str, str]) -> bool:
     return (
         method.upper() == "GET"
         and "text/html" in str(lowered.get("accept", ""))
-        and SESSION_HEADER.lower() not in lowered
+        and _SESSION_KEY not in lowered
     )
 
 
