@@ -363,3 +363,146 @@ def test_the_loop_keeps_running_while_every_twin_waits_on_a_slow_redis(
         assert elapsed >= DELAY, f"{name} took {elapsed:.3f}s: it did not wait for the server"
         assert ticks >= 10, f"the loop ticked {ticks} times during {name} ({elapsed:.3f}s)"
         assert longest < DELAY, f"the loop stood still {longest:.3f}s during {name}"
+
+
+# -- a store call, once sent, runs to its end ---------------------------------------
+
+
+def _salvaged() -> tuple[list[Any], Callable[[Any, Any], None]]:
+    got: list[Any] = []
+    return got, lambda step, answer: got.append((step, answer))
+
+
+async def _to_the_end_of(call: Awaitable[str], salvage: Callable[[Any, Any], None]) -> str:
+    """What the engine does with a sent store call (``call``, of step "step")."""
+    from statekit._steps import _to_the_end
+
+    step: Any = "step"
+    return await _to_the_end(call, step, salvage)  # type: ignore[arg-type]
+
+
+def test_a_store_call_outlives_one_cancellation_of_its_task() -> None:
+    """The engine awaits a sent store call with ``_to_the_end``: a cancelled task
+    (a client that went away) keeps waiting for the call's answer, hands it to
+    ``salvage``, then takes the cancellation. Fails if the cancellation reaches the
+    call (its future would be cancelled: a commit's outcome left unknown while the
+    session is given to the next event)."""
+
+    async def main() -> None:
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def call() -> str:
+            return await reply
+
+        got, salvage = _salvaged()
+        task = asyncio.create_task(_to_the_end_of(call(), salvage))
+        await asyncio.sleep(0)
+        task.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not task.done()
+        assert not reply.cancelled()
+        reply.set_result("committed")
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert got == [("step", "committed")]
+
+    asyncio.run(main())
+
+
+def test_a_second_cancellation_reaches_the_store_call() -> None:
+    """A task cancelled again while it waits for its call (a server that stops after
+    its grace period) stops waiting: the call sees the cancellation. Fails if the
+    second one is ignored too."""
+
+    async def main() -> None:
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        seen: list[str] = []
+
+        async def call() -> str:
+            try:
+                return await reply
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+
+        got, salvage = _salvaged()
+        task = asyncio.create_task(_to_the_end_of(call(), salvage))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert seen == ["cancelled"]
+        assert reply.cancelled()
+        assert got == []
+
+    asyncio.run(main())
+
+
+def test_a_store_call_that_only_yields_to_the_loop_also_runs_to_its_end() -> None:
+    """A call that gives the loop a turn (``asyncio.sleep(0)``) rather than waiting on
+    a future, cancelled meanwhile, still runs to its end; one not cancelled returns
+    its answer or raises its error as a plain ``await``. Fails if a cancellation at a
+    bare turn of the loop cuts the call short."""
+
+    async def main() -> None:
+        steps: list[int] = []
+
+        async def call() -> str:
+            for n in range(5):
+                steps.append(n)
+                await asyncio.sleep(0)
+            return "done"
+
+        got, salvage = _salvaged()
+        task = asyncio.create_task(_to_the_end_of(call(), salvage))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert steps == [0, 1, 2, 3, 4]
+        assert got == [("step", "done")]
+
+        assert await _to_the_end_of(call(), salvage) == "done"
+
+        async def failing() -> str:
+            await asyncio.sleep(0)
+            raise StoreUnavailable("redis", "down")
+
+        with pytest.raises(StoreUnavailable):
+            await _to_the_end_of(failing(), salvage)
+        assert len(got) == 1
+
+    asyncio.run(main())
+
+
+def test_async_calls_leave_the_clients_socket_timeout_as_it_was(redis_server: RedisServer) -> None:
+    """The store sends a small command without redis-py's send timeout (which costs a
+    task per call before Python 3.12) by clearing the connection's ``socket_timeout``
+    for the send alone. Fails if a send, small or large (past 32 KiB, which keeps the
+    timeout), leaves a connection of the app's pool without its timeout."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=7.0)
+    store = RedisStore(redis_server.url, prefix=f"st{uuid.uuid4().hex[:6]}")
+    store.async_client = client
+    engine = StateEngine(store, app="shop")
+    note = engine.session_state("note", "")
+
+    async def main() -> list[float | None]:
+        sid = await engine.aopen_session()
+        for text in ("small", "x" * 100_000, "small again"):
+            async with engine.aevent(sid) as ev:
+                ev[note] = text
+        async with engine.aevent(sid) as ev:
+            assert ev[note] == "small again"
+        pool = client.connection_pool
+        timeouts = [conn.socket_timeout for conn in pool._available_connections]
+        await client.aclose()
+        return timeouts
+
+    timeouts = asyncio.run(main())
+    assert timeouts
+    assert all(timeout == 7.0 for timeout in timeouts)
+    engine.shutdown()
+    store.close()

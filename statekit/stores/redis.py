@@ -101,6 +101,29 @@ def _pack(conn: Any, command: tuple[Any, ...]) -> bytes:
     return b"".join(parts)
 
 
+#: The largest command sent without redis-py's send timeout (see :func:`_asend`): half
+#: the high-water mark of an asyncio transport's write buffer.
+_QUIET_SEND = 32 * 1024
+
+
+async def _asend(conn: Any, packed: list[bytes]) -> None:
+    """Send a packed command on an asyncio connection the store holds alone. With a
+    socket timeout, redis-py sends inside ``asyncio.wait_for``, a task of its own
+    before Python 3.12: two more turns of the event loop per call. A command smaller
+    than the transport's high-water mark, written to a connected socket with nothing
+    pending (the previous reply was read), never waits, so no timeout can fire: it is
+    sent as redis-py sends without one. Larger ones keep the timeout."""
+    timeout = conn.socket_timeout
+    if not timeout or not conn.is_connected or sum(map(len, packed)) > _QUIET_SEND:
+        await conn.send_packed_command(packed, check_health=False)
+        return
+    conn.socket_timeout = None
+    try:
+        await conn.send_packed_command(packed, check_health=False)
+    finally:
+        conn.socket_timeout = timeout
+
+
 class Script:
     """One script: its constant text and digest, run on any client (blocking or
     asyncio) with ``EVALSHA``, and loaded into a server's script cache the first time
@@ -492,7 +515,7 @@ class RedisStore:
             packed = [_pack(conn, command)]
 
             async def exchange() -> Any:
-                await conn.send_packed_command(packed, check_health=False)
+                await _asend(conn, packed)
                 return await conn.read_response()
 
             async def drop(_: Exception) -> None:
