@@ -383,21 +383,6 @@ class Visit:
         cross_site: whether another site's page sent it (its form field is ignored).
     """
 
-    __slots__ = (
-        "_checked",
-        "_cookie",
-        "_form",
-        "_secure",
-        "_sent",
-        "_sid",
-        "_tokens",
-        "_used",
-        "cross_site",
-        "gate",
-        "incoming",
-        "page_load",
-    )
-
     def __init__(
         self,
         gate: SessionGate,
