@@ -29,8 +29,26 @@ _COLLECT_AFTER = {"redis_cluster", "redis_sentinel"}
 
 
 @pytest.fixture(autouse=True)
-def _collect_dropped_connections(request: pytest.FixtureRequest) -> Iterator[None]:
+def _collect_dropped_connections(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    # Redis stores a test made and left open are closed after it: the garbage
+    # collector would find their sockets open during whichever test runs then (with
+    # tests in parallel, any), and fail that one with a ResourceWarning.
+    made: list[RedisStore] = []
+    init = RedisStore.__init__
+
+    def tracked(self: RedisStore, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(RedisStore, "__init__", tracked)
     yield
+    for store in made:
+        try:
+            store.close()
+        except Exception:  # a store a test broke on purpose
+            pass
     if _COLLECT_AFTER.intersection(request.fixturenames):
         gc.collect()
 
