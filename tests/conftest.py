@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import uuid
@@ -45,10 +46,8 @@ def _collect_dropped_connections(
     monkeypatch.setattr(RedisStore, "__init__", tracked)
     yield
     for store in made:
-        try:
+        with contextlib.suppress(Exception):  # a store a test broke on purpose
             store.close()
-        except Exception:  # a store a test broke on purpose
-            pass
     if _COLLECT_AFTER.intersection(request.fixturenames):
         gc.collect()
 
