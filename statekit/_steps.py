@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import Any, Generic, TypeAlias, TypeVar
@@ -394,82 +393,20 @@ async def adrive(
         return value
 
 
-def _to_the_end(
+async def _to_the_end(
     call: Coroutine[Any, Any, R],
     step: StoreCall[R],
     salvage: Callable[[StoreCall[Any], Any], object],
-) -> _ToTheEnd[R]:
+) -> R:
     """Await a store call that, once sent, finishes even if the awaiting task is
     cancelled: the task waits for it (keeping the session's lock meanwhile), then takes
     the cancellation. Otherwise a cancelled commit could land after the lock was given
     to the next event. The call and what it answered go to ``salvage`` (a load may
-    have removed expired entries, a close ended a session: their callbacks are due).
-    A second cancellation meanwhile interrupts the call."""
-    return _ToTheEnd(call, step, salvage)
-
-
-class _ToTheEnd(Generic[R]):
-    """What :func:`_to_the_end` gives: the call runs in the awaiting task itself, not
-    in a task of its own under ``asyncio.shield`` (which costs a task and three more
-    turns of the event loop per store call). For each future the call waits on, the
-    task waits on a stand-in that the future settles: a cancellation of the task
-    cancels the stand-in only, and the call's own future (a reply being read, a worker
-    thread) goes on."""
-
-    __slots__ = ("call", "salvage", "step")
-
-    def __init__(
-        self,
-        call: Coroutine[Any, Any, R],
-        step: StoreCall[R],
-        salvage: Callable[[StoreCall[Any], Any], object],
-    ) -> None:
-        self.call = call
-        self.step = step
-        self.salvage = salvage
-
-    def __await__(self) -> Generator[Any, None, R]:
-        call = self.call
-        cancelled: BaseException | None = None
-        interrupt: BaseException | None = None
-        while True:
-            try:
-                waited = call.send(None) if interrupt is None else call.throw(interrupt)
-            except StopIteration as stop:
-                if cancelled is None:
-                    answer: R = stop.value
-                    return answer
-                with contextlib.suppress(Exception):
-                    self.salvage(self.step, stop.value)
-                raise cancelled from None
-            except BaseException:
-                if cancelled is None:
-                    raise
-                raise cancelled from None
-            interrupt = None
-            if waited is None:  # a bare yield: one turn of the loop
-                try:
-                    yield None
-                except asyncio.CancelledError as exc:
-                    if cancelled is not None:
-                        interrupt = exc  # a second cancellation: the call sees it
-                    else:
-                        cancelled = exc
-                continue
-            while not waited.done():
-                stand_in = waited.get_loop().create_future()
-                settle = functools.partial(_settle, stand_in)
-                waited.add_done_callback(settle)
-                try:
-                    yield from stand_in.__await__()
-                except asyncio.CancelledError as exc:
-                    waited.remove_done_callback(settle)
-                    if cancelled is not None:
-                        waited.cancel()  # a second cancellation: the call sees it
-                        break
-                    cancelled = exc
-
-
-def _settle(stand_in: asyncio.Future[None], _: object) -> None:
-    if not stand_in.done():
-        stand_in.set_result(None)
+    have removed expired entries, a close ended a session: their callbacks are due)."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            salvage(step, await task)
+        raise

@@ -506,3 +506,51 @@ def test_async_calls_leave_the_clients_socket_timeout_as_it_was(redis_server: Re
     assert all(timeout == 7.0 for timeout in timeouts)
     engine.shutdown()
     store.close()
+
+
+def test_an_awaited_call_to_a_silent_server_times_out_as_its_client_says() -> None:
+    """The asyncio client's ``socket_timeout`` cancels its read from within the
+    awaiting task; the engine's wait for a sent call must not take that for the
+    task's own cancellation. Fails if an event on a server that stopped answering
+    waits past the timeout (for good, or until the server answers and then raises a
+    CancelledError nobody asked for) rather than raising StoreUnavailable."""
+    import os
+    import signal
+    import time
+
+    server = RedisServer().start()
+    process = server.process
+    assert process is not None
+    try:
+        client = aioredis.Redis.from_url(server.url, socket_timeout=0.5)
+        store = RedisStore(server.url, prefix=f"sl{uuid.uuid4().hex[:6]}")
+        store.async_client = client
+        engine = StateEngine(store, app="shop")
+        note = engine.session_state("note", "")
+
+        async def event(sid: str) -> None:
+            async with engine.aevent(sid) as ev:
+                ev[note] = "x"
+
+        async def main() -> tuple[str, float]:
+            sid = await engine.aopen_session()
+            await event(sid)
+            os.kill(process.pid, signal.SIGSTOP)
+            start = time.perf_counter()
+            task = asyncio.create_task(event(sid))
+            done, _ = await asyncio.wait({task}, timeout=4.0)
+            os.kill(process.pid, signal.SIGCONT)
+            if not done:
+                await asyncio.wait({task})
+            outcome = "pending" if not done else type(task.exception()).__name__
+            elapsed = time.perf_counter() - start
+            await client.aclose()
+            return outcome, elapsed
+
+        outcome, elapsed = asyncio.run(main())
+        assert outcome == "StoreUnavailable"
+        assert elapsed < 4.0
+        engine.shutdown()
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        server.stop()
