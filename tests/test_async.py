@@ -554,3 +554,65 @@ def test_an_awaited_call_to_a_silent_server_times_out_as_its_client_says() -> No
     finally:
         os.kill(process.pid, signal.SIGCONT)
         server.stop()
+
+
+# -- the Redis store finishes a call its task's cancellation interrupted ------------
+
+
+def test_a_redis_call_interrupted_by_a_cancellation_is_made_again_and_handed_on() -> None:
+    """``finish`` runs an operation's calls in the awaiting task; a cancellation
+    interrupts the call on its way, which is made again (a script under the same
+    request id: applied once), the operation runs to its end, and its result comes
+    with the cancellation. A second cancellation ends it at once. Fails if the
+    interrupted call is not made again, the operation stops half way, or the result
+    is lost."""
+    from statekit.stores._redis_calls import Pause, Plan, Read, finish
+    from statekit.stores.base import CancelledAfterSending
+
+    async def main() -> None:
+        made: list[str] = []
+        gate = asyncio.Event()
+        stall_all = False
+
+        async def acall(call: Any) -> Any:
+            name = call.script if isinstance(call, Plan) else "read"
+            made.append(name)
+            if name == "COMMIT" and (made.count("COMMIT") == 1 or stall_all):
+                await gate.wait()  # the first send: its reply never comes
+            return call.answer(name) if isinstance(call, Plan) else "value"
+
+        def ops() -> Any:
+            first = yield Read(command=lambda client: None, damaged=Exception)
+            yield Pause(0.0)
+            second = yield Plan("COMMIT", [], [], lambda reply: reply)
+            third = yield Plan("RELEASE", [], [], lambda reply: reply)
+            return (first, second, third)
+
+        for operation, expected in (
+            (Plan("COMMIT", [], [], lambda reply: ("done", reply)), ("done", "COMMIT")),
+            (ops(), ("value", "COMMIT", "RELEASE")),
+        ):
+            made.clear()
+            task = asyncio.create_task(finish(operation, acall))
+            while made.count("COMMIT") < 1:
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(CancelledAfterSending) as caught:
+                await task
+            assert caught.value.answer == expected
+            assert made.count("COMMIT") == 2  # sent again
+
+        made.clear()
+        stall_all = True  # the call made again waits too
+        task = asyncio.create_task(finish(Plan("COMMIT", [], [], lambda r: r), acall))
+        while not made:
+            await asyncio.sleep(0)
+        task.cancel()
+        while made.count("COMMIT") < 2:
+            await asyncio.sleep(0)
+        task.cancel()  # the second one, while it is sent again
+        with pytest.raises(asyncio.CancelledError) as stopped:
+            await task
+        assert not isinstance(stopped.value, CancelledAfterSending)
+
+    asyncio.run(main())

@@ -488,3 +488,54 @@ def test_an_async_event_cancelled_while_its_commit_is_read_waits_for_it(
     engine.shutdown()
     store.close()
     proxy.close()
+
+
+def test_a_timeout_around_an_awaited_event_is_still_a_timeout(redis_server: RedisServer) -> None:
+    """The store finishes a call a cancellation interrupted, then re-raises the task's
+    own cancellation, so that ``asyncio.wait_for`` (or ``asyncio.timeout``) around an
+    event still ends in TimeoutError, and the session is not left held. Fails if the
+    cancellation comes out as another exception, or the store's finishing is lost."""
+    import redis.asyncio as aioredis
+
+    from statekit.stores.redis import SCRIPTS
+
+    with redis.Redis.from_url(redis_server.url) as direct:  # no NOSCRIPT round trips
+        for script in SCRIPTS.values():
+            direct.script_load(script.text)
+    sent = threading.Event()
+    proxy = ReplyDropper(("127.0.0.1", redis_server.port), _commit_sent(sent), delay=0.5)
+    store = RedisStore(redis_server.url, prefix=f"ct{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=5)
+    x = engine.session_state("x", 0)
+    sid = engine.open_session()
+
+    async def main() -> None:
+        client = store.async_client = aioredis.Redis.from_url(proxy.url)
+        await client.ping()  # a connection in the pool: the event's calls time alone
+
+        async def event() -> None:
+            async with engine.aevent(sid) as ev:
+                ev[x] = 1
+
+        async def bounded() -> None:  # the load takes 0.5 s, the commit too
+            timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+            if timeout is None:
+                await asyncio.wait_for(event(), 0.75)
+                return
+            async with timeout(0.75):  # converts only the task's own CancelledError
+                await event()
+
+        with pytest.raises(asyncio.TimeoutError):
+            await bounded()
+        assert sent.is_set()
+        store.async_client = None
+        await client.aclose()
+
+    asyncio.run(main())
+    assert x.get(sid) == 1  # the commit, sent before the timeout, landed once
+    with engine.event(sid) as ev:  # and the session is free
+        ev[x] += 1
+    assert x.get(sid) == 2
+    engine.shutdown()
+    store.close()
+    proxy.close()
