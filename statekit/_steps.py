@@ -35,7 +35,6 @@ import attrs
 from .stores.base import (
     AsyncStoreNamespace,
     Busy,
-    CancelledAfterSending,
     CommitPart,
     Ended,
     Gone,
@@ -370,11 +369,8 @@ async def adrive(
     exception a call raises is thrown into the steps, as :func:`drive` does.
 
     A call that was sent finishes even if the task is cancelled meanwhile (see
-    :func:`_to_the_end`, or, for a namespace that finishes its calls itself,
-    :class:`~statekit.stores.base.CancelledAfterSending`); ``salvage`` receives the call
-    and what it answered then.
+    :func:`_to_the_end`); ``salvage`` receives the call and what it answered then.
     """
-    finishes = getattr(async_ns, "finishes_cancelled_calls", False) is True
     try:
         call = steps.send(None)
         while True:
@@ -383,15 +379,7 @@ async def adrive(
                     await asyncio.sleep(call.seconds)
                     answer = None
                 elif async_ns is not None and (coro := call.arun(async_ns)) is not None:
-                    if finishes:  # in this task: the namespace finishes what it sent
-                        try:
-                            answer = await coro
-                        except CancelledAfterSending as sent:
-                            with contextlib.suppress(Exception):
-                                salvage(call, sent.answer)
-                            raise sent.cancellation from None
-                    else:
-                        answer = await _to_the_end(coro, call, salvage)
+                    answer = await _to_the_end(coro, call, salvage)
                 elif shared:
                     answer = await _to_the_end(asyncio.to_thread(call.run, ns), call, salvage)
                 else:

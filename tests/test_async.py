@@ -556,63 +556,43 @@ def test_an_awaited_call_to_a_silent_server_times_out_as_its_client_says() -> No
         server.stop()
 
 
-# -- the Redis store finishes a call its task's cancellation interrupted ------------
+def test_a_cancelled_awaited_event_is_never_run_to_its_end_as_if_not_cancelled(
+    redis_server: RedisServer,
+) -> None:
+    """An awaited event cancelled at any turn of the loop ends in CancelledError (its
+    sent calls finished first). On Python 3.11 and before, redis-py's send through
+    ``asyncio.wait_for`` (a client with ``socket_timeout``; a script over 32 KiB) drops
+    a cancellation that arrives as the send completes: each store call runs in a task
+    of its own, out of the cancellation's reach, for that. Fails if a cancellation is
+    lost there (the event runs to its end and commits as if nobody had cancelled it)."""
+    store = RedisStore(redis_server.url, prefix=f"cl{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", lease_ttl=10, lease_wait=5)
+    note = engine.session_state("note", "")
+    sid = engine.open_session()
 
+    async def event() -> None:
+        async with engine.aevent(sid) as ev:
+            ev[note] = "x" * 40_000  # a commit sent with the client's send timeout
 
-def test_a_redis_call_interrupted_by_a_cancellation_is_made_again_and_handed_on() -> None:
-    """``finish`` runs an operation's calls in the awaiting task; a cancellation
-    interrupts the call on its way, which is made again (a script under the same
-    request id: applied once), the operation runs to its end, and its result comes
-    with the cancellation. A second cancellation ends it at once. Fails if the
-    interrupted call is not made again, the operation stops half way, or the result
-    is lost."""
-    from statekit.stores._redis_calls import Pause, Plan, Read, finish
-    from statekit.stores.base import CancelledAfterSending
-
-    async def main() -> None:
-        made: list[str] = []
-        gate = asyncio.Event()
-        stall_all = False
-
-        async def acall(call: Any) -> Any:
-            name = call.script if isinstance(call, Plan) else "read"
-            made.append(name)
-            if name == "COMMIT" and (made.count("COMMIT") == 1 or stall_all):
-                await gate.wait()  # the first send: its reply never comes
-            return call.answer(name) if isinstance(call, Plan) else "value"
-
-        def ops() -> Any:
-            first = yield Read(command=lambda client: None, damaged=Exception)
-            yield Pause(0.0)
-            second = yield Plan("COMMIT", [], [], lambda reply: reply)
-            third = yield Plan("RELEASE", [], [], lambda reply: reply)
-            return (first, second, third)
-
-        for operation, expected in (
-            (Plan("COMMIT", [], [], lambda reply: ("done", reply)), ("done", "COMMIT")),
-            (ops(), ("value", "COMMIT", "RELEASE")),
-        ):
-            made.clear()
-            task = asyncio.create_task(finish(operation, acall))
-            while made.count("COMMIT") < 1:
+    async def main() -> list[int]:
+        client = store.async_client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5)
+        await client.ping()
+        lost = []
+        for turns in range(40):
+            task = asyncio.create_task(event())
+            for _ in range(turns):
                 await asyncio.sleep(0)
+            if task.done():
+                continue
             task.cancel()
-            with pytest.raises(CancelledAfterSending) as caught:
+            try:
                 await task
-            assert caught.value.answer == expected
-            assert made.count("COMMIT") == 2  # sent again
+            except asyncio.CancelledError:
+                continue
+            lost.append(turns)
+        store.async_client = None
+        await client.aclose()
+        return lost
 
-        made.clear()
-        stall_all = True  # the call made again waits too
-        task = asyncio.create_task(finish(Plan("COMMIT", [], [], lambda r: r), acall))
-        while not made:
-            await asyncio.sleep(0)
-        task.cancel()
-        while made.count("COMMIT") < 2:
-            await asyncio.sleep(0)
-        task.cancel()  # the second one, while it is sent again
-        with pytest.raises(asyncio.CancelledError) as stopped:
-            await task
-        assert not isinstance(stopped.value, CancelledAfterSending)
-
-    asyncio.run(main())
+    assert asyncio.run(main()) == []
+    engine.shutdown()

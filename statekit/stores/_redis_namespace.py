@@ -26,7 +26,7 @@ from statekit.exceptions import CodecError, SessionCorrupt, StoreUnavailable
 
 from . import _redis_replies as replies
 from . import _redis_spread as spread_ops
-from ._redis_calls import Call, Ops, Pause, Plan, Read, finish, in_a_thread, raw
+from ._redis_calls import Call, Ops, Pause, Plan, Read, raw
 from ._redis_claims import CLAIM_TTL, LostClaims
 from ._redis_failures import DamagedKey
 from ._redis_joint import joint_plan
@@ -100,10 +100,6 @@ def _hmget(key: str, fields: tuple[str, ...], client: Any) -> Any:
 
 class RedisNamespace:
     """One application's state in a :class:`RedisStore`. Thread-safe."""
-
-    #: Its async calls finish a call their task's cancellation interrupted (see
-    #: ``_redis_calls.finish``), so the engine awaits them in the task itself.
-    finishes_cancelled_calls = True
 
     __slots__ = (
         "P",
@@ -236,7 +232,7 @@ class RedisNamespace:
         client in a worker thread."""
         client = self._store.async_client
         if client is None or self._store.wait_replicas:
-            return await in_a_thread(self._drive, operation)
+            return await asyncio.to_thread(self._drive, operation)
         if self._store.cluster:
             # An asyncio cluster client that has not yet read the cluster's layout
             # sends a script to any node (redis-py 8 routes keyed commands only once
@@ -244,7 +240,21 @@ class RedisNamespace:
             # disconnect connections others are opening. Reading it first, once
             # (a no-op after), routes every call by its keys from the start.
             await client.initialize()
-        return await finish(operation, functools.partial(self._acall, client))
+        if isinstance(operation, Plan):
+            reply = await self._arun(client, operation.script, operation.keys, operation.args)
+            return operation.answer(reply)
+        try:
+            call = operation.send(None)
+            while True:
+                try:
+                    answer = await self._acall(client, call)
+                except BaseException as exc:
+                    call = operation.throw(exc)
+                else:
+                    call = operation.send(answer)
+        except StopIteration as stop:
+            result: _T = stop.value
+            return result
 
     async def _acall(self, client: Any, call: Call) -> Any:
         if isinstance(call, Plan):

@@ -24,7 +24,6 @@ clock; the store never reads a clock itself.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -37,7 +36,6 @@ from statekit.exceptions import StateError
 __all__ = [
     "AsyncStoreNamespace",
     "Busy",
-    "CancelledAfterSending",
     "CommitPart",
     "DeleteReason",
     "Ended",
@@ -67,22 +65,6 @@ class SessionIdTaken(StateError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
-
-
-class CancelledAfterSending(asyncio.CancelledError):
-    """Raised by an async call of a namespace that finishes its calls when cancelled
-    (``finishes_cancelled_calls = True``, see :class:`AsyncStoreNamespace`): the task
-    was cancelled while the call was on its way, and the namespace made sure of its
-    outcome (a Redis script sent again under its request id is answered with its first
-    outcome, applied once). ``answer`` is what the call answered; the engine hands it
-    on (the callbacks of what it removed are due) and then raises ``cancellation``,
-    the task's own CancelledError, so that a timeout around the event still sees its
-    cancellation."""
-
-    def __init__(self, answer: Any, cancellation: asyncio.CancelledError) -> None:
-        super().__init__()
-        self.answer = answer
-        self.cancellation = cancellation
 
 
 class DeleteReason(str, enum.Enum):
@@ -424,15 +406,7 @@ class AsyncStoreNamespace(Protocol):
     The engine's async methods use these when the namespace has them all; on another
     shared store they run the blocking methods in a worker thread, and on a store of
     this process (which does no I/O) they call them directly. Each method is as its
-    blocking namesake without the ``a``.
-
-    A call whose task is cancelled once it was sent must still finish (a commit that
-    landed after the session was given to the next event would be lost work, or worse).
-    The engine runs each call in a task of its own for that, unless the namespace has
-    ``finishes_cancelled_calls = True``: its calls then run in the awaiting task, and
-    one that a cancellation interrupted makes sure of its outcome before it raises
-    :class:`CancelledAfterSending` (a second cancellation meanwhile: a plain
-    CancelledError)."""
+    blocking namesake without the ``a``."""
 
     async def acreate_session(
         self, sid: str, *, now: float, deadline: float, capacity: int
