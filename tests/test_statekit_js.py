@@ -465,3 +465,30 @@ def test_shop_page_buttons_wait_for_the_kit(page: Page, site: Site) -> None:
     site.release()
     page.wait_for_selector("body[data-ready=yes]")
     assert page.is_enabled("[data-item=Milk]")
+
+
+def test_a_stream_that_dropped_and_came_back_tells_the_page(page: Page, site: Site) -> None:
+    # Fails if a stream that dropped (the server's answer ended without "end") and
+    # reconnected by itself leaves the page unaware that changes made meanwhile were
+    # not replayed (no statekit:reconnected), or if the first opening already says so.
+    watches = 0
+
+    def watch(route: Route, sent: Sent) -> None:
+        nonlocal watches
+        watches += 1
+        change = {"scope": "session", "state": "n", "value": watches, "missed": 0}
+        body = f"retry: 50\n\nevent: change\ndata: {json.dumps(change)}\n\n"
+        route.fulfill(body=body, content_type="text/event-stream")
+
+    site.handlers["/statekit/watch"] = watch
+    started(page, "{}")
+    page.evaluate("""() => {
+      window.seen = [];
+      addEventListener("statekit:change", (e) => seen.push("change " + e.detail.value));
+      addEventListener("statekit:reconnected", (e) => seen.push("reconnected"));
+      kit.watch();
+    }""")
+    page.wait_for_function("seen.filter((s) => s === 'reconnected').length >= 2")
+    seen = page.evaluate("seen")
+    assert seen[:3] == ["change 1", "reconnected", "change 2"]
+    page.evaluate("kit.unwatch()")

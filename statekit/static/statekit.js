@@ -44,6 +44,8 @@
  *   stream follows the session when it is reopened, kit.unwatch() closes it, and
  *   kit.stream is its EventSource (or null once it ended or was refused); a stream that
  *   ends because its session ended ("end" with a reason) dispatches "statekit:ended";
+ *   one that dropped and reconnected dispatches "statekit:reconnected" (detail {kit}):
+ *   changes made while it was down are not replayed, so read afresh what the page shows;
  * - loaded twice on one page, it keeps the first StateKit (one kit, one session).
  *
  * StateKit.create({keys}) is the token half alone (no session), for pages whose
@@ -402,8 +404,21 @@
         }
         if (reason && watched === kit.sid && !opening) ended(reason);
       });
+      /* A stream that dropped (a server restarting, a proxy's timeout) reconnects by
+       * itself; the changes made meanwhile are not replayed, so the page is told it
+       * may have missed some ("statekit:reconnected"): read afresh what it shows. */
+      var dropped = false;
+      source.addEventListener("open", function () {
+        if (!dropped || stream !== source) return;
+        dropped = false;
+        fire("statekit:reconnected", { kit: kit });
+      });
       source.addEventListener("error", function () {
-        if (source.readyState === 2 && stream === source) stream = kit.stream = null;
+        if (source.readyState === 2) {
+          if (stream === source) stream = kit.stream = null;
+        } else {
+          dropped = true;
+        }
       });
     }
 
