@@ -396,6 +396,7 @@ addEventListener("statekit:change", (event) => {
     $("account-cart").textContent = JSON.stringify(event.detail.value);
   }
 });
+addEventListener("statekit:reconnected", () => load());  // what changed meanwhile
 addEventListener("statekit:ended", (event) => {
   $("ended-text").textContent = "This tab's session has ended (" + event.detail.reason +
     "): the server no longer knows it. Reload the page to start a new one.";
