@@ -445,6 +445,26 @@ def _commit_sent(seen: threading.Event) -> Callable[[bytes], bool]:
     return look
 
 
+def _slow_replies(
+    redis_server: RedisServer, delay: float
+) -> tuple[threading.Event, ReplyDropper, RedisStore, StateEngine, SessionState[int], str]:
+    """A session of an engine whose store's replies come through a proxy that holds
+    each one ``delay`` seconds (for the asyncio client the test sets), with the scripts
+    already in the server's cache (no NOSCRIPT round trips), and an event that tells
+    when a commit is sent."""
+    from statekit.stores.redis import SCRIPTS
+
+    with redis.Redis.from_url(redis_server.url) as direct:
+        for script in SCRIPTS.values():
+            direct.script_load(script.text)
+    sent = threading.Event()
+    proxy = ReplyDropper(("127.0.0.1", redis_server.port), _commit_sent(sent), delay=delay)
+    store = RedisStore(redis_server.url, prefix=f"sr{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=5)
+    x = engine.session_state("x", 0)
+    return sent, proxy, store, engine, x, engine.open_session()
+
+
 def test_an_async_event_cancelled_while_its_commit_is_read_waits_for_it(
     redis_server: RedisServer,
 ) -> None:
@@ -456,12 +476,7 @@ def test_an_async_event_cancelled_while_its_commit_is_read_waits_for_it(
     swallowed (the task ends normally)."""
     import redis.asyncio as aioredis
 
-    sent = threading.Event()
-    proxy = ReplyDropper(("127.0.0.1", redis_server.port), _commit_sent(sent), delay=0.6)
-    store = RedisStore(redis_server.url, prefix=f"cc{uuid.uuid4().hex[:6]}")
-    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=5)
-    x = engine.session_state("x", 0)
-    sid = engine.open_session()
+    sent, proxy, store, engine, x, sid = _slow_replies(redis_server, 0.6)
 
     async def main() -> None:
         client = store.async_client = aioredis.Redis.from_url(proxy.url)
@@ -491,23 +506,14 @@ def test_an_async_event_cancelled_while_its_commit_is_read_waits_for_it(
 
 
 def test_a_timeout_around_an_awaited_event_is_still_a_timeout(redis_server: RedisServer) -> None:
-    """The store finishes a call a cancellation interrupted, then re-raises the task's
-    own cancellation, so that ``asyncio.wait_for`` (or ``asyncio.timeout``) around an
-    event still ends in TimeoutError, and the session is not left held. Fails if the
-    cancellation comes out as another exception, or the store's finishing is lost."""
+    """A timeout around an event that expires while its commit is on its way: the
+    commit finishes (the task waits for it), and the timeout then raises TimeoutError,
+    as it would around any call; the session is not left held. Fails if the
+    cancellation comes out as another exception (a timeout's own cancellation must
+    reach it as it was), or the commit is abandoned half way."""
     import redis.asyncio as aioredis
 
-    from statekit.stores.redis import SCRIPTS
-
-    with redis.Redis.from_url(redis_server.url) as direct:  # no NOSCRIPT round trips
-        for script in SCRIPTS.values():
-            direct.script_load(script.text)
-    sent = threading.Event()
-    proxy = ReplyDropper(("127.0.0.1", redis_server.port), _commit_sent(sent), delay=0.5)
-    store = RedisStore(redis_server.url, prefix=f"ct{uuid.uuid4().hex[:6]}")
-    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=5)
-    x = engine.session_state("x", 0)
-    sid = engine.open_session()
+    sent, proxy, store, engine, x, sid = _slow_replies(redis_server, 0.5)
 
     async def main() -> None:
         client = store.async_client = aioredis.Redis.from_url(proxy.url)
