@@ -130,7 +130,7 @@ def test_workers() -> int:
     overrides it."""
     chosen = os.environ.get("STATEKIT_TEST_WORKERS", "")
     if chosen:
-        if not chosen.isdigit():
+        if not (chosen.isascii() and chosen.isdigit()):
             sys.exit(f"STATEKIT_TEST_WORKERS must be a whole number, got {chosen!r}")
         return int(chosen)
     return min(4, (os.cpu_count() or 1) + 1)
@@ -144,7 +144,10 @@ def test(args: list[str]) -> None:
     run(PY, "-m", "mypy")
     # The tests run in parallel (pytest-xdist), each worker taking the next test when
     # it is free; "-n 0" runs them in this process (as --pdb needs).
-    own = any(a.startswith(("-n", "--numprocesses")) or a in ("--pdb", "no:xdist") for a in args)
+    own = any(
+        a.startswith(("-n", "--numprocesses", "--pdb")) or a == "--trace" or "no:xdist" in a
+        for a in args
+    )
     workers = [] if own else ["-n", str(test_workers()), "--dist", "worksteal"]
     run(PY, "-m", "pytest", *workers, "--cov", "--cov-report=term", *args)
 

@@ -251,8 +251,12 @@ def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
         if image is not None and image[0] == stored.blob:
             return SAME, image
         # Another class, or a builtin container of another length, is a change: told
-        # without opening the image (most events add or remove items).
-        if type(after) is not stored.kind or (stored.size >= 0 and _size(after) != stored.size):
+        # without opening the image (most events add or remove items), for an image
+        # of builtin types alone (kind None otherwise: the walk decides).
+        kind = stored.kind
+        if kind is not None and (
+            type(after) is not kind or (stored.size >= 0 and _size(after) != stored.size)
+        ):
             return CHANGED, image
         return walk(stored.open(), after), image
     if stored is after:

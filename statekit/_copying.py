@@ -203,12 +203,15 @@ class Sealed:
 
     __slots__ = ("blob", "kind", "size")
 
-    def __init__(self, blob: bytes, value: Any) -> None:
+    def __init__(self, blob: bytes, value: Any, *, custom: bool = False) -> None:
         self.blob = blob
         #: The value's class, and its length when it is a builtin container (else
         #: -1): enough to tell most changes (an item added or removed) without
-        #: opening the image (see ``_changes.judge``).
-        self.kind: type = type(value)
+        #: opening the image (see ``_changes.judge``). Kept only for an image of
+        #: builtin types alone (``custom`` False), which opens as the same class and
+        #: length; user classes may open as others (a ``__reduce__`` of their own, a
+        #: set whose members' hash changed, a class defined anew): None, -1.
+        self.kind: type | None = None if custom else type(value)
         self.size = len(value) if self.kind in _CONTAINERS else -1
 
     def __repr__(self) -> str:
@@ -239,7 +242,7 @@ def stored_form(value: Any, image: Image | None = None) -> Any:
         except Exception:
             pass
         else:
-            return Sealed(blob, value)
+            return Sealed(blob, value, custom=True)
     return copy_value(value)
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import uuid
@@ -39,6 +40,7 @@ def _collect_dropped_connections(
     made: list[RedisStore] = []
     init = RedisStore.__init__
 
+    @functools.wraps(init)
     def tracked(self: RedisStore, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         made.append(self)

@@ -334,6 +334,44 @@ def test_an_item_added_or_a_class_changed_is_judged_without_opening_the_image(
     assert judge(stored_form({"a": 1, "b": 2}), {"b": 2, "a": 1})[0] is Change.SAME
 
 
+class _ReducesToDict:
+    """Pickles as a plain dict (a ``__reduce__`` of its own)."""
+
+    def __init__(self, data: dict[str, int]) -> None:
+        self.data = data
+
+    def __reduce__(self) -> Any:
+        return (dict, (self.data,))
+
+
+class _Key:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __hash__(self) -> int:
+        return hash(self.x)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Key) and other.x == self.x
+
+
+def test_a_value_that_opens_as_another_class_or_length_is_judged_by_the_walk() -> None:
+    # The class-and-length shortcut holds for images of builtin types alone. A user
+    # class may open as another class (its own __reduce__) or length (a set whose
+    # members' hash changed since they went in): an event that reads such a value and
+    # leaves it as it opened changes nothing. Fails if the shortcut calls it changed
+    # (listeners would fire, and the store be written, for a read-only event).
+    from statekit._changes import judge
+    from statekit._copying import open_value, stored_form
+
+    one, two = _Key(1), _Key(2)
+    members = {one, two}
+    two.x = 1  # two equal members: the set opens with one
+    for value in (_ReducesToDict({"b": 1, "a": 2}), members):
+        stored = stored_form(value)
+        assert judge(stored, open_value(stored))[0] is Change.SAME
+
+
 def test_nan_members_and_keys_match_across_copies() -> None:
     from statekit._copying import open_value, stored_form
 

@@ -492,3 +492,33 @@ def test_a_stream_that_dropped_and_came_back_tells_the_page(page: Page, site: Si
     seen = page.evaluate("seen")
     assert seen[:3] == ["change 1", "reconnected", "change 2"]
     page.evaluate("kit.unwatch()")
+
+
+def test_a_stream_whose_first_connection_failed_is_not_said_to_be_back(
+    page: Page, site: Site
+) -> None:
+    # Fails if a stream whose very first request failed (the server not reachable yet)
+    # says statekit:reconnected when it first opens: nothing was missed.
+    watches = 0
+
+    def watch(route: Route, sent: Sent) -> None:
+        nonlocal watches
+        watches += 1
+        if watches == 1:
+            route.abort()
+        else:
+            route.fulfill(body="retry: 60000\n\n: idle\n\n", content_type="text/event-stream")
+
+    site.handlers["/statekit/watch"] = watch
+    started(page, "{}")
+    page.evaluate("""() => {
+      window.seen = [];
+      window.opens = 0;
+      addEventListener("statekit:reconnected", () => seen.push("reconnected"));
+      kit.watch();
+      kit.stream.addEventListener("open", () => opens++);
+    }""")
+    page.wait_for_function("opens === 1", timeout=WAIT_MS)
+    assert watches == 2
+    assert page.evaluate("seen") == []
+    page.evaluate("kit.unwatch()")

@@ -407,17 +407,19 @@
       /* A stream that dropped (a server restarting, a proxy's timeout) reconnects by
        * itself; the changes made meanwhile are not replayed, so the page is told it
        * may have missed some ("statekit:reconnected"): read afresh what it shows. */
+      var opened = false;
       var dropped = false;
       source.addEventListener("open", function () {
-        if (!dropped || stream !== source) return;
+        var back = opened && dropped && stream === source;
+        opened = true;
         dropped = false;
-        fire("statekit:reconnected", { kit: kit });
+        if (back) fire("statekit:reconnected", { kit: kit });
       });
       source.addEventListener("error", function () {
         if (source.readyState === 2) {
           if (stream === source) stream = kit.stream = null;
-        } else {
-          dropped = true;
+        } else if (opened) {
+          dropped = true; /* (a first connection that failed is no drop) */
         }
       });
     }
