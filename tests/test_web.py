@@ -87,6 +87,16 @@ def test_a_value_that_is_not_a_nonempty_string_reads_as_absent(bad: Any) -> None
     assert (incoming.sid, incoming.source) == ("c", "cookie")
 
 
+@pytest.mark.parametrize("bad", [["statekit_session=c"], "statekit_session=c", 5], ids=repr)
+def test_cookies_or_a_form_that_are_not_mappings_read_as_absent(bad: Any) -> None:
+    """read_request never raises: cookies or a form handed over as something else than
+    a mapping (a framework's raw cookie header, a list) are not read. Fails if it
+    raises (an AttributeError on ``.get``) or reads an id out of them."""
+    incoming = web.read_request({}, cookies=bad, form=bad, query=bad)
+    assert (incoming.sid, incoming.source) == (None, None)
+    assert web.read_request({"x-statekit-session": "h"}, cookies=bad).sid == "h"
+
+
 @pytest.mark.parametrize(
     "value",
     [

@@ -144,7 +144,7 @@ def read_request(
         value = query.get(SESSION_QUERY)
         if isinstance(value, str) and value:
             return Incoming(sid=value, source="query", tokens=tokens)
-    if cookies:
+    if isinstance(cookies, Mapping):
         value = cookies.get(SESSION_COOKIE)
         if isinstance(value, str) and value:
             return Incoming(sid=value, source="cookie", tokens=tokens)
