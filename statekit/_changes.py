@@ -34,8 +34,8 @@ import pickle
 import types
 import uuid
 import weakref
-from collections.abc import Iterator
-from typing import Any, Final
+from collections.abc import Iterator, Sized
+from typing import Any, Final, cast
 
 from ._copying import IMMUTABLE_ATOMS, Image, Sealed, image_of, seal
 
@@ -255,7 +255,8 @@ def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
         # of builtin types alone (kind None otherwise: the walk decides).
         kind = stored.kind
         if kind is not None and (
-            type(after) is not kind or (stored.size >= 0 and _size(after) != stored.size)
+            type(after) is not kind
+            or (stored.size >= 0 and len(cast(Sized, after)) != stored.size)
         ):
             return CHANGED, image
         return walk(stored.open(), after), image
@@ -267,10 +268,6 @@ def judge(stored: Any, after: Any) -> tuple[Change, Image | None]:
         if same is not None:
             return (SAME if same else CHANGED), None
     return walk(stored, after), None
-
-
-def _size(value: Any) -> int:
-    return len(value)
 
 
 def walk(before: Any, after: Any) -> Change:

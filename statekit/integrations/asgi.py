@@ -118,12 +118,10 @@ def _headers(raw: Iterable[tuple[bytes, bytes]]) -> web.LowerHeaders:
             total += len(name_b) + len(value_b)
             if total > _MAX_HEADER_BYTES:
                 break
-            if name_b.__class__ is bytes and value_b.__class__ is bytes:  # as servers send
-                name = name_b.decode("latin-1").lower()
-                value = value_b.decode("latin-1")
-            else:
-                name = bytes(name_b).decode("latin-1").lower()
-                value = bytes(value_b).decode("latin-1")
+            if name_b.__class__ is not bytes or value_b.__class__ is not bytes:
+                name_b, value_b = bytes(name_b), bytes(value_b)  # (servers send bytes)
+            name = name_b.decode("latin-1").lower()
+            value = value_b.decode("latin-1")
         except (TypeError, ValueError):
             continue
         if name in out:

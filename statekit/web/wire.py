@@ -133,22 +133,24 @@ def read_request(
     """
     lowered = _lower(headers)
     tokens = browser_tokens(lowered.get(_BROWSER_KEY))
-    value = lowered.get(_SESSION_KEY)
-    if isinstance(value, str) and value:
-        return Incoming(sid=value, source="header", tokens=tokens)
-    if isinstance(form, Mapping):
-        value = form.get(SESSION_FIELD)
-        if isinstance(value, str) and value:
-            return Incoming(sid=value, source="field", tokens=tokens)
-    if isinstance(query, Mapping):
-        value = query.get(SESSION_QUERY)
-        if isinstance(value, str) and value:
-            return Incoming(sid=value, source="query", tokens=tokens)
-    if isinstance(cookies, Mapping):
-        value = cookies.get(SESSION_COOKIE)
-        if isinstance(value, str) and value:
-            return Incoming(sid=value, source="cookie", tokens=tokens)
+    if sid := _id_in(lowered, _SESSION_KEY):
+        return Incoming(sid=sid, source="header", tokens=tokens)
+    if sid := _id_in(form, SESSION_FIELD):
+        return Incoming(sid=sid, source="field", tokens=tokens)
+    if sid := _id_in(query, SESSION_QUERY):
+        return Incoming(sid=sid, source="query", tokens=tokens)
+    if sid := _id_in(cookies, SESSION_COOKIE):
+        return Incoming(sid=sid, source="cookie", tokens=tokens)
     return Incoming(sid=None, source=None, tokens=tokens)
+
+
+def _id_in(source: object, key: str) -> str | None:
+    """The session id under ``key`` in a mapping: a non-empty string, else None (so is
+    anything in what is not a mapping)."""
+    if not isinstance(source, Mapping):
+        return None
+    value = source.get(key)
+    return value if isinstance(value, str) and value else None
 
 
 def browser_tokens(value: str | bytes | None) -> dict[str, str]:
