@@ -173,9 +173,11 @@ def test_the_site_in_chromium(
         page.goto(served + "reference/statekit/")
         page.wait_for_selector('[id="statekit.StateEngine"]')
         assert "user_idle_ttl" in (page.text_content('[id="statekit.StateEngine"] ~ div') or "")
-        page.goto(served)
+        # The search index loads in a worker after the page: typed before it is there
+        # (as happened with the tests in parallel on two cores), the query waits for it.
+        page.goto(served, wait_until="networkidle")
         page.fill("input[data-md-component=search-query]", "expiry")
-        page.wait_for_selector(".md-search-result__item")
+        page.wait_for_selector(".md-search-result__item", timeout=3 * WAIT_MS)
         found = page.text_content(".md-search-result__list") or ""
         assert "expir" in found.lower()
         assert errors == []
