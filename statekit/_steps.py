@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeAlias, TypeVar
 
 import attrs
 
+from .stores._finish import answer_of
 from .stores.base import (
     AsyncStoreNamespace,
     Busy,
@@ -368,9 +369,12 @@ async def adrive(
     shared store, a direct call for a store of this process (which does no I/O). An
     exception a call raises is thrown into the steps, as :func:`drive` does.
 
-    A call that was sent finishes even if the task is cancelled meanwhile (see
-    :func:`_to_the_end`); ``salvage`` receives the call and what it answered then.
+    A call that was sent finishes even if the task is cancelled meanwhile, and the
+    task then takes the cancellation: in the task itself, when the namespace's calls
+    do so (``finishes_sent_calls``, see ``stores._finish``), else in a task of their
+    own (:func:`_to_the_end`). ``salvage`` receives the call and what it answered.
     """
+    finishes = getattr(async_ns, "finishes_sent_calls", False)
     try:
         call = steps.send(None)
         while True:
@@ -379,7 +383,10 @@ async def adrive(
                     await asyncio.sleep(call.seconds)
                     answer = None
                 elif async_ns is not None and (coro := call.arun(async_ns)) is not None:
-                    answer = await _to_the_end(coro, call, salvage)
+                    if finishes:
+                        answer = await _finished(coro, call, salvage)
+                    else:
+                        answer = await _to_the_end(coro, call, salvage)
                 elif shared:
                     answer = await _to_the_end(asyncio.to_thread(call.run, ns), call, salvage)
                 else:
@@ -391,6 +398,23 @@ async def adrive(
     except StopIteration as stop:
         value: R = stop.value
         return value
+
+
+async def _finished(
+    call: Coroutine[Any, Any, R],
+    step: StoreCall[R],
+    salvage: Callable[[StoreCall[Any], Any], object],
+) -> R:
+    """Await a store call that finishes what it sent by itself (see ``stores._finish``):
+    a cancellation it absorbed comes after, with the call's answer for ``salvage``."""
+    try:
+        return await call
+    except asyncio.CancelledError as cancelled:
+        finished, answer = answer_of(cancelled)
+        if finished:
+            with contextlib.suppress(BaseException):
+                salvage(step, answer)
+        raise
 
 
 async def _to_the_end(

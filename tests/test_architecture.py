@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_codec",),
     ("_browser",),
     ("_locks",),
+    ("stores._finish",),
     ("stores.base",),
     ("stores._notices",),
     ("stores._redis*",),  # the Redis store's own modules may use each other

@@ -26,6 +26,7 @@ from statekit.exceptions import CodecError, SessionCorrupt, StoreUnavailable
 
 from . import _redis_replies as replies
 from . import _redis_spread as spread_ops
+from ._finish import finish, finishing, sent
 from ._redis_calls import Call, Ops, Pause, Plan, Read, raw
 from ._redis_claims import CLAIM_TTL, LostClaims
 from ._redis_failures import DamagedKey
@@ -85,11 +86,12 @@ def _blocking(
 def _awaiting(
     operation: _Operation[_P, _T],
 ) -> Callable[Concatenate[RedisNamespace, _P], Coroutine[Any, Any, _T]]:
-    """The operation, awaited (see :meth:`RedisNamespace._adrive`)."""
+    """The operation, awaited (see :meth:`RedisNamespace._adrive`): once it sent a
+    call, it finishes even if its task is cancelled meanwhile (see ``_finish``)."""
 
     @functools.wraps(operation)
     async def run(self: RedisNamespace, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await self._adrive(operation(self, *args, **kwargs))
+        return await finishing(self._adrive(operation(self, *args, **kwargs)))
 
     return run
 
@@ -113,6 +115,8 @@ class RedisNamespace:
         "channel",
         "origin",
     )
+
+    finishes_sent_calls = True  #: awaited calls finish what they sent (``_finish``)
 
     def __init__(self, store: RedisStore, app: str) -> None:
         self._store = store
@@ -232,7 +236,8 @@ class RedisNamespace:
         client in a worker thread."""
         client = self._store.async_client
         if client is None or self._store.wait_replicas:
-            return await asyncio.to_thread(self._drive, operation)
+            sent()  # a thread is not stopped by a cancellation
+            return await finish(asyncio.to_thread(self._drive, operation))
         if self._store.cluster:
             # An asyncio cluster client that has not yet read the cluster's layout
             # sends a script to any node (redis-py 8 routes keyed commands only once
@@ -243,6 +248,10 @@ class RedisNamespace:
         if isinstance(operation, Plan):
             reply = await self._arun(client, operation.script, operation.keys, operation.args)
             return operation.answer(reply)
+        sent()  # several calls: in a task of its own from the start (see ``_finish``)
+        return await finish(self._aops(client, operation))
+
+    async def _aops(self, client: Any, operation: Ops[_T]) -> _T:
         try:
             call = operation.send(None)
             while True:
@@ -629,7 +638,7 @@ class RedisNamespace:
         """:meth:`shutdown`, the notice thread stopped in a worker thread (it waits for
         the thread) and the replies read back on the asyncio client."""
         await asyncio.to_thread(self._feeds.stop)
-        return await self._adrive(self._made_good())
+        return await finishing(self._adrive(self._made_good()))
 
     def _made_good(self) -> Ops[tuple[Ended, ...]]:
         if not self._claims:

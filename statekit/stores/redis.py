@@ -41,7 +41,12 @@ try:
     import redis.asyncio as aioredis
     import redis.asyncio.cluster as aiocluster
     import redis.asyncio.sentinel
-    from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+    from redis.exceptions import (
+        NoScriptError,
+        RedisClusterException,
+        RedisError,
+        ResponseError,
+    )
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("RedisStore needs the redis package: pip install 'statekit[redis]'") from exc
 
@@ -49,19 +54,19 @@ from statekit import _fork
 from statekit._codec import Codec, JSONCodec
 from statekit.exceptions import StoreUnavailable
 
+from ._finish import finish, sent
 from ._redis_clients import is_cluster, make_client
-from ._redis_failures import UNAVAILABLE, Attempts, not_sent, read_failure, safe_url
+from ._redis_failures import UNAVAILABLE, Attempts, read_failure, safe_url
 from ._redis_layout import MAX_BUCKETS
 from ._redis_namespace import RedisNamespace
 from ._redis_scripts import TEXTS
+from ._redis_wire import adirect, pack
 
 __all__ = ["RedisStore"]
 
 logger = logging.getLogger("statekit")
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-#: The asyncio pools whose connections the store takes without their readiness poll.
-_PLAIN_POOLS = (aioredis.ConnectionPool, aioredis.sentinel.SentinelConnectionPool)
 #: What a script call that gets no answer calls when its request may have been applied.
 Lost = Callable[[], object] | None
 
@@ -79,49 +84,6 @@ def _decodes(client: Any) -> bool:
         return bool(encoder is not None and encoder().decode_responses)
     except Exception:
         return False
-
-
-def _pack(conn: Any, command: tuple[Any, ...]) -> bytes:
-    """``command`` as the Redis protocol sends it, in one piece: what the connection's
-    ``pack_command`` makes of it, at a third of its cost for the bytes, strings and
-    whole numbers the store sends (anything else is the connection encoder's)."""
-    encoding = conn.encoder.encoding
-    parts = [b"*%d\r\n" % len(command)]
-    for arg in command:
-        kind = type(arg)
-        if kind is bytes:
-            data = arg
-        elif kind is str:
-            data = arg.encode(encoding)
-        elif kind is int:
-            data = b"%d" % arg
-        else:
-            data = conn.encoder.encode(arg)
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-#: The largest command sent without redis-py's send timeout (see :func:`_asend`): half
-#: the high-water mark of an asyncio transport's write buffer.
-_QUIET_SEND = 32 * 1024
-
-
-async def _asend(conn: Any, packed: list[bytes]) -> None:
-    """Send a packed command on an asyncio connection the store holds alone. With a
-    socket timeout, redis-py sends inside ``asyncio.wait_for``, a task of its own
-    before Python 3.12: two more turns of the event loop per call. A command smaller
-    than the transport's high-water mark, written to a connected socket with nothing
-    pending (the previous reply was read), never waits, so no timeout can fire: it is
-    sent as redis-py sends without one. Larger ones keep the timeout."""
-    timeout = conn.socket_timeout
-    if not timeout or not conn.is_connected or sum(map(len, packed)) > _QUIET_SEND:
-        await conn.send_packed_command(packed, check_health=False)
-        return
-    conn.socket_timeout = None
-    try:
-        await conn.send_packed_command(packed, check_health=False)
-    finally:
-        conn.socket_timeout = timeout
 
 
 class Script:
@@ -385,7 +347,7 @@ class RedisStore:
         except IndexError:
             conn = pool.get_connection()
         try:
-            packed = [_pack(conn, command)]
+            packed = [pack(conn, command)]
 
             def exchange() -> Any:
                 conn.send_packed_command(packed)
@@ -477,63 +439,19 @@ class RedisStore:
     async def arun(
         self, client: Any, script: str, keys: list[Any], args: list[Any], applies: bool, lost: Lost
     ) -> Any:
-        """:meth:`run` on ``client``, an asyncio client."""
+        """:meth:`run` on ``client``, an asyncio client. Inside a store operation (see
+        ``_finish``), a call that was sent finishes even if the task is cancelled
+        meanwhile."""
         code = SCRIPTS[script]
         direct = not self.cluster and not getattr(client, "single_connection_client", False)
         for attempt in Attempts(self._label, applies=applies, lost=lost):
             with attempt:
                 if direct:
                     command = ("EVALSHA", code.sha, len(keys), *keys, *args)
-                    return await self._adirect(client, command, code)
-                return await code.on_asyncio(client, keys, args)
+                    return await adirect(client, command, code)
+                sent()
+                return await finish(code.on_asyncio(client, keys, args))
         raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _adirect(self, client: Any, command: tuple[Any, ...], script: Script) -> Any:
-        """:meth:`_direct` on an asyncio client of one server (not a single-connection
-        client): the command is sent on a connection of the client's pool, given back
-        after the reply, without the rest of ``execute_command``'s per-call work
-        (events, metrics, the generic reply callbacks) and, from a plain or Sentinel
-        pool, without the readiness poll of its ``get_connection`` (a connection that
-        went stale is found by the send, and sent again under the pool's retry
-        policy, ``conn.retry``). Any failure but an error reply (read whole)
-        disconnects the connection. The store keeps no connection between calls."""
-        pool = client.connection_pool
-        if type(pool) in _PLAIN_POOLS:
-            try:
-                conn = pool.get_available_connection()  # the pool's bound holds
-            except RedisError as exc:
-                raise not_sent(exc) from None
-            if not conn.is_connected:
-                try:
-                    await conn.connect()
-                except BaseException as exc:
-                    await pool.release(conn)
-                    raise not_sent(exc) from None
-        else:  # a blocking pool waits for a connection in its own way
-            conn = await pool.get_connection()
-        try:
-            packed = [_pack(conn, command)]
-
-            async def exchange() -> Any:
-                await _asend(conn, packed)
-                return await conn.read_response()
-
-            async def drop(_: Exception) -> None:
-                await conn.disconnect()
-
-            try:
-                return await conn.retry.call_with_retry(exchange, drop)
-            except NoScriptError:  # not run: load it on the same connection, then send
-                await conn.send_command("SCRIPT", "LOAD", script.text, check_health=False)
-                await conn.read_response()
-                return await conn.retry.call_with_retry(exchange, drop)
-        except ResponseError:
-            raise  # an error reply, read whole: the connection is fine
-        except BaseException:
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
 
     def read(self, fn: Callable[[], Any], *, damaged: Callable[[], Exception]) -> Any:
         """Run plain commands (reads), mapping failures to StoreUnavailable, and an

@@ -1,0 +1,134 @@
+"""Awaited store operations that finish what they sent, whatever cancels their task.
+
+A store call that has left for the server may be applied there, whether or not the
+client reads the reply. If the awaiting task is cancelled then and the call is simply
+dropped, a commit may land after the session was given to the next event, and a load
+may hold a lease nobody will give back. So an awaited operation, once it has sent
+something, runs to its end in spite of a cancellation, and the task takes the
+cancellation afterwards.
+
+**Without a task per call.** The store's common case (one script, on a connection that
+is ready) runs in the awaiting task itself: the command is written without yielding to
+the event loop, and the reply is read with a read that may be interrupted and started
+again (the client library's parsers keep what they read). A cancellation that arrives
+meanwhile is *absorbed*: noted, and the read goes on. Anything else that waits after
+the send (a reconnection, a retry, another call of the same operation) runs in a task
+of its own (:func:`finish`), which the cancellation does not reach. A second
+cancellation is not absorbed: it interrupts the operation, as it would a task.
+
+**The answer.** :func:`finishing` wraps a whole operation: when it absorbed a
+cancellation, it raises :class:`asyncio.CancelledError` once the operation is over (a
+plain one, with the first absorbed one's message, so that ``asyncio.timeout`` and task
+groups treat it as their own), carrying the operation's answer for the engine to
+handle what the call did (a commit landed, a load removed expired values: see
+:func:`answer_of`). The cancellation wins over an error the operation ended with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable
+from typing import Any, Final, TypeVar
+
+__all__ = ["absorb", "answer_of", "finish", "finishing", "sent"]
+
+_T = TypeVar("_T")
+
+#: The attribute of a ``CancelledError`` that carries an operation's answer.
+_ANSWER = "_statekit_answer"
+
+
+class _Operation:
+    """What one awaited operation did so far: sent a call, absorbed a cancellation
+    (the first one absorbed, or None)."""
+
+    __slots__ = ("cancelled", "sent")
+
+    def __init__(self) -> None:
+        self.sent = False
+        self.cancelled: asyncio.CancelledError | None = None
+
+    def cancellation(self) -> asyncio.CancelledError:
+        """A new ``CancelledError`` with the first absorbed one's message."""
+        assert self.cancelled is not None
+        return asyncio.CancelledError(*self.cancelled.args)
+
+
+_CURRENT: Final[contextvars.ContextVar[_Operation | None]] = contextvars.ContextVar(
+    "statekit_store_operation", default=None
+)
+
+
+async def finishing(awaitable: Awaitable[_T]) -> _T:
+    """Await one store operation (see the module's docstring): its answer, or, when
+    a cancellation arrived after it sent something, a ``CancelledError`` once it is
+    over, carrying the answer (none when the operation failed)."""
+    state = _Operation()
+    token = _CURRENT.set(state)
+    try:
+        answer = await awaitable
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        if state.cancelled is not None:
+            raise state.cancellation() from exc
+        raise
+    finally:
+        _CURRENT.reset(token)
+    if state.cancelled is not None:
+        cancelled = state.cancellation()
+        setattr(cancelled, _ANSWER, answer)
+        raise cancelled
+    return answer
+
+
+def sent() -> bool:
+    """Note that the current operation sends a call now; whether one runs (outside
+    :func:`finishing`, nothing finishes what was sent, and nothing is absorbed)."""
+    state = _CURRENT.get()
+    if state is None:
+        return False
+    state.sent = True
+    return True
+
+
+def absorb(cancelled: asyncio.CancelledError) -> None:
+    """Note a cancellation that the current operation absorbs, for it to raise once
+    over. Raise it at once outside an operation, before the operation sent anything,
+    and when it is the second one: a task cancelled again (a server stopping after its
+    grace period) stops waiting, and what it sent is left to its fate."""
+    state = _CURRENT.get()
+    if state is None or not state.sent or state.cancelled is not None:
+        raise cancelled
+    state.cancelled = cancelled
+
+
+async def finish(awaitable: Awaitable[_T]) -> _T:
+    """Await ``awaitable`` to its end in a task of its own, absorbing cancellations of
+    the awaiting task: for what waits after a send. Outside :func:`finishing`, or
+    before the operation sent anything, it is awaited as is."""
+    state = _CURRENT.get()
+    if state is None or not state.sent:
+        return await awaitable
+    task: asyncio.Future[_T] = asyncio.ensure_future(awaitable)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if task.done():  # the task itself was cancelled (the loop is closing)
+                raise
+            if state.cancelled is not None:  # the second one reaches the call
+                task.cancel()
+                raise
+            state.cancelled = exc
+
+
+def answer_of(cancelled: asyncio.CancelledError) -> tuple[bool, Any]:
+    """Whether ``cancelled`` carries the answer of an operation that finished before
+    the cancellation took effect, and the answer (which it no longer holds)."""
+    try:
+        answer = cancelled.__dict__.pop(_ANSWER)
+    except KeyError:
+        return False, None
+    return True, answer

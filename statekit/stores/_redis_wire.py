@@ -1,0 +1,182 @@
+"""The Redis protocol on connections the Redis store drives itself, bypassing the
+per-call work of redis-py's ``execute_command``: commands packed in one piece, and
+awaited calls that finish what they sent in the awaiting task (see ``_finish``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._finish import absorb, finish, sent
+from ._redis_failures import not_sent
+
+__all__ = ["adirect", "pack"]
+
+#: The asyncio pools whose connections the store takes without their readiness poll.
+_PLAIN_POOLS = (aioredis.ConnectionPool, aioredis.sentinel.SentinelConnectionPool)
+
+
+def pack(conn: Any, command: tuple[Any, ...]) -> bytes:
+    """``command`` as the Redis protocol sends it, in one piece: what the connection's
+    ``pack_command`` makes of it, at a third of its cost for the bytes, strings and
+    whole numbers the store sends (anything else is the connection encoder's)."""
+    encoding = conn.encoder.encoding
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        kind = type(arg)
+        if kind is bytes:
+            data = arg
+        elif kind is str:
+            data = arg.encode(encoding)
+        elif kind is int:
+            data = b"%d" % arg
+        else:
+            data = conn.encoder.encode(arg)
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+#: The largest command sent without redis-py's send timeout (see :func:`_asend`): half
+#: the high-water mark of an asyncio transport's write buffer.
+_QUIET_SEND = 32 * 1024
+
+
+async def _asend(conn: Any, packed: list[bytes]) -> None:
+    """Send a packed command on an asyncio connection the store holds alone. With a
+    socket timeout, redis-py sends inside ``asyncio.wait_for``, a task of its own
+    before Python 3.12: two more turns of the event loop per call. A command smaller
+    than the transport's high-water mark, written to a connected socket with nothing
+    pending (the previous reply was read), never waits, so no timeout can fire: it is
+    sent as redis-py sends without one. Larger ones keep the timeout."""
+    timeout = conn.socket_timeout
+    if not timeout or not conn.is_connected or sum(map(len, packed)) > _QUIET_SEND:
+        await conn.send_packed_command(packed, check_health=False)
+        return
+    conn.socket_timeout = None
+    try:
+        await conn.send_packed_command(packed, check_health=False)
+    finally:
+        conn.socket_timeout = timeout
+
+
+_READ_TIMED_OUT = "Timeout reading a reply (socket_timeout)"
+
+
+async def _exchange(conn: Any, packed: list[bytes]) -> Any:
+    """Send a packed command of at most ``_QUIET_SEND`` bytes on a connected asyncio
+    connection, and read its reply, in the awaiting task. The send does not yield to
+    the event loop; a cancellation during the read is absorbed (``_finish``), and the
+    read goes on (redis-py's parsers keep what they read) until the reply, a failure,
+    the connection's ``socket_timeout`` after the send or a second cancellation."""
+    loop = asyncio.get_running_loop()
+    timeout = conn.socket_timeout
+    deadline = None if timeout is None else loop.time() + timeout
+    try:
+        await _asend(conn, packed)
+    except asyncio.CancelledError as exc:  # a closing connection yields once
+        absorb(exc)
+    try:
+        return await conn.read_response(disconnect_on_error=False)
+    except asyncio.CancelledError as exc:
+        absorb(exc)
+    # Once more, for what is left of the timeout (a second cancellation is raised).
+    wait = math.inf if deadline is None else deadline - loop.time()
+    if wait <= 0:
+        raise RedisTimeoutError(_READ_TIMED_OUT)
+    reply = await conn.read_response(disconnect_on_error=False, timeout=wait)
+    # With a timeout of its own, a read that times out answers None.
+    if reply is None and deadline is not None and loop.time() >= deadline:
+        raise RedisTimeoutError(_READ_TIMED_OUT)
+    return reply
+
+
+async def _exchanges(conn: Any, packed: list[bytes], script: Any, failed: Exception | None) -> Any:
+    """Send a packed command and read its reply under the connection's retry policy;
+    ``failed``: how a first send, already made, failed. A script the server does not
+    know is loaded on the same connection, and the command sent again."""
+
+    async def exchange() -> Any:
+        nonlocal failed
+        if failed is not None:
+            exc, failed = failed, None
+            raise exc
+        await _asend(conn, packed)
+        return await conn.read_response()
+
+    async def drop(_: Exception) -> None:
+        await conn.disconnect()
+
+    try:
+        return await conn.retry.call_with_retry(exchange, drop)
+    except NoScriptError:  # not run: load it on the same connection, then send
+        if script is None:
+            raise
+        await conn.send_command("SCRIPT", "LOAD", script.text, check_health=False)
+        await conn.read_response()
+        return await conn.retry.call_with_retry(exchange, drop)
+
+
+async def _give_back(pool: Any, conn: Any) -> None:
+    """Give ``conn`` back to its pool. The pool's lock may make the task wait: a
+    cancellation there, once the call was sent, is absorbed and the connection given
+    back in a task of its own."""
+    try:
+        await pool.release(conn)
+    except asyncio.CancelledError as exc:
+        absorb(exc)
+        with contextlib.suppress(KeyError):  # the first release got past its removal
+            await finish(pool.release(conn))
+
+
+async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
+    """``RedisStore._direct`` on an asyncio client of one server (not a single-connection
+    client): the command is sent on a connection of the client's pool, given back
+    after the reply, without the rest of ``execute_command``'s per-call work
+    (events, metrics, the generic reply callbacks) and, from a plain or Sentinel
+    pool, without the readiness poll of its ``get_connection`` (a connection that
+    went stale is found by the send, and sent again under the pool's retry
+    policy, ``conn.retry``). Any failure but an error reply (read whole)
+    disconnects the connection. The store keeps no connection between calls.
+
+    A command of at most ``_QUIET_SEND`` bytes on a connected connection is sent
+    and its reply read in the awaiting task (:func:`_exchange`); anything more (a
+    failure, its retries, a script to load) runs in a task of its own once the
+    command may have left (``finish``)."""
+    pool = client.connection_pool
+    if type(pool) in _PLAIN_POOLS:
+        try:
+            conn = pool.get_available_connection()  # the pool's bound holds
+        except RedisError as exc:
+            raise not_sent(exc) from None
+        if not conn.is_connected:
+            try:
+                await finish(conn.connect())
+            except BaseException as exc:
+                await finish(pool.release(conn))
+                raise not_sent(exc) from None
+    else:  # a blocking pool waits for a connection in its own way
+        conn = await finish(pool.get_connection())
+    try:
+        packed = [pack(conn, command)]
+        failed: Exception | None = None
+        if conn.is_connected and len(packed[0]) <= _QUIET_SEND and sent():
+            try:
+                return await _exchange(conn, packed)
+            except Exception as exc:  # handled as the retry policy's first failure
+                failed = exc
+        else:
+            sent()
+        return await finish(_exchanges(conn, packed, script, failed))
+    except ResponseError:
+        raise  # an error reply, read whole: the connection is fine
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await _give_back(pool, conn)
