@@ -1,0 +1,244 @@
+"""Awaited store calls that finish what they sent, whatever cancels their task: the
+rules of ``stores._finish`` on their own, and the Redis store's calls that follow
+them in the awaiting task, without a task of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
+
+from statekit import StateEngine
+from statekit.stores._finish import absorb, answer_of, finish, finishing, sent
+from statekit.stores.redis import RedisStore
+from statekit.testing import RedisServer
+
+# -- the rules ------------------------------------------------------------------------
+
+
+async def _sent_call(reply: asyncio.Future[str], reads: list[str]) -> str:
+    """A call that sends, then waits for its reply, absorbing a cancellation once (as
+    the Redis store's read does) and reading again."""
+    sent()
+    try:
+        reads.append("read")
+        return await asyncio.shield(reply)
+    except asyncio.CancelledError as exc:
+        absorb(exc)
+    reads.append("read again")
+    return await asyncio.shield(reply)
+
+
+def test_a_cancellation_absorbed_after_the_send_comes_after_the_answer() -> None:
+    """The task cancelled while a sent call waits for its reply goes on reading it,
+    then raises a plain CancelledError (with the canceller's message) that carries the
+    answer. Fails if the cancellation cuts the read short, is lost, or comes without
+    the answer."""
+
+    async def main() -> None:
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        reads: list[str] = []
+        task = asyncio.create_task(finishing(_sent_call(reply, reads)))
+        await asyncio.sleep(0)
+        task.cancel("client gone")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not task.done() and reads == ["read", "read again"]
+        reply.set_result("committed")
+        with pytest.raises(asyncio.CancelledError) as raised:
+            await task
+        assert type(raised.value) is asyncio.CancelledError
+        assert raised.value.args == ("client gone",)
+        assert answer_of(raised.value) == (True, "committed")
+        assert answer_of(raised.value) == (False, None)  # handed over once
+
+    asyncio.run(main())
+
+
+def test_a_second_cancellation_interrupts_the_call() -> None:
+    """A task cancelled again while it finishes (a server stopping after its grace
+    period) stops waiting. Fails if the second cancellation is absorbed too."""
+
+    async def main() -> None:
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        reads: list[str] = []
+        task = asyncio.create_task(finishing(_sent_call(reply, reads)))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError) as raised:
+            await task
+        assert answer_of(raised.value) == (False, None)
+        assert reads == ["read", "read again"]
+
+    asyncio.run(main())
+
+
+def test_nothing_is_absorbed_before_the_send_or_outside_an_operation() -> None:
+    """A cancellation before the operation sent anything, or in a call made outside
+    any operation, is raised at once. Fails if either waits for a reply."""
+
+    async def unsent(reply: asyncio.Future[str]) -> str:
+        try:
+            return await asyncio.shield(reply)
+        except asyncio.CancelledError as exc:
+            absorb(exc)
+            raise AssertionError("absorbed") from None
+
+    async def main() -> None:
+        for call in (lambda r: finishing(unsent(r)), lambda r: _sent_call(r, [])):
+            reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(call(reply))
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+
+
+def test_a_timeout_around_a_finishing_call_is_a_timeout() -> None:
+    """``asyncio.timeout`` takes the cancellation raised after the answer for its own
+    and raises TimeoutError. Fails if that cancellation is of another class (the
+    timeout would let it through as a CancelledError)."""
+
+    async def main() -> None:
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.05, reply.set_result, "done")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await finishing(_sent_call(reply, []))
+
+    asyncio.run(main())
+
+
+def test_what_waits_after_the_send_runs_in_a_task_the_cancellation_does_not_reach() -> None:
+    """``finish`` runs what waits after a send (a retry, a reconnection) in a task of
+    its own, to its end, and the operation raises the cancellation after. Fails if
+    the cancellation reaches that work."""
+
+    async def main() -> None:
+        steps: list[int] = []
+
+        async def retry() -> str:
+            for n in range(5):
+                steps.append(n)
+                await asyncio.sleep(0)
+            return "sent again"
+
+        async def operation() -> str:
+            sent()
+            return await finish(retry())
+
+        task = asyncio.create_task(finishing(operation()))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError) as raised:
+            await task
+        assert steps == [0, 1, 2, 3, 4]
+        assert answer_of(raised.value) == (True, "sent again")
+
+    asyncio.run(main())
+
+
+# -- the Redis store ------------------------------------------------------------------
+
+
+def test_an_awaited_event_on_redis_starts_no_task_per_store_call(
+    redis_server: RedisServer,
+) -> None:
+    """An awaited event's load and commit run in the event's own task: a task per call
+    costs two more turns of the event loop, a large share of a call to a near server.
+    Fails if either runs in a task of its own."""
+    store = RedisStore(redis_server.url, prefix=f"nt{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop")
+    count = engine.session_state("count", 0)
+    made: list[str] = []
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        made.append(getattr(coro, "__qualname__", repr(coro)))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async def main() -> int:
+        client = store.async_client = aioredis.Redis.from_url(redis_server.url)
+        sid = await engine.aopen_session()
+        async with engine.aevent(sid) as ev:
+            ev[count] += 1
+        asyncio.get_running_loop().set_task_factory(counting)
+        async with engine.aevent(sid) as ev:
+            ev[count] += 1
+        asyncio.get_running_loop().set_task_factory(None)
+        async with engine.aevent(sid) as ev:
+            value = ev[count]
+        store.async_client = None
+        await client.aclose()
+        return value
+
+    assert asyncio.run(main()) == 2
+    assert made == []
+    engine.shutdown()
+    store.close()
+
+
+@pytest.mark.parametrize("parser", [_AsyncHiredisParser, _AsyncRESP2Parser])
+def test_an_awaited_event_cancelled_at_any_turn_leaves_its_session_and_client_sound(
+    redis_server: RedisServer, parser: Any
+) -> None:
+    """An awaited event cancelled at each turn of the loop in turn (before, during
+    and after its load and its commit) ends in CancelledError; its increment lands
+    once or not at all; its lease is given back, so the next event takes the
+    session at once; every connection is back in the pool, and the next call reads
+    its own reply, with either of redis-py's reply parsers (each must take up a read
+    cut short by the cancellation where it stopped). Fails if a cancellation is lost,
+    an increment lands twice, a lease is left held, a connection leaks, or a reply is
+    read by the wrong call."""
+    store = RedisStore(redis_server.url, prefix=f"ct{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=2)
+    count = engine.session_state("count", 0)
+    sid = engine.open_session()
+
+    async def event() -> None:
+        async with engine.aevent(sid) as ev:
+            ev[count] += 1
+
+    async def main() -> list[str]:
+        client = store.async_client = aioredis.Redis.from_url(
+            redis_server.url, parser_class=parser
+        )
+        pool = client.connection_pool
+        faults: list[str] = []
+        value = 0
+        for turns in range(30):
+            task = asyncio.create_task(event())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            cancelled = not task.done() and task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not cancelled:
+                    faults.append(f"turn {turns}: cancelled though not asked")
+            else:
+                if cancelled:
+                    faults.append(f"turn {turns}: the cancellation was lost")
+            async with asyncio.timeout(1.5), engine.aevent(sid) as ev:
+                now = ev[count]
+            if now - value not in (0, 1):
+                faults.append(f"turn {turns}: the count went from {value} to {now}")
+            value = now
+            if pool._in_use_connections:
+                faults.append(f"turn {turns}: {len(pool._in_use_connections)} connections out")
+            if await client.echo(f"turn {turns}") != f"turn {turns}".encode():
+                faults.append(f"turn {turns}: a reply read by the wrong call")
+        store.async_client = None
+        await client.aclose()
+        return faults
+
+    assert asyncio.run(main()) == []
+    engine.shutdown()
+    store.close()
