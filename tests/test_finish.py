@@ -5,6 +5,7 @@ them in the awaiting task, without a task of their own."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from typing import Any
 
@@ -249,5 +250,131 @@ def test_an_awaited_event_cancelled_at_any_turn_leaves_its_session_and_client_so
         return faults
 
     assert asyncio.run(main()) == []
+    engine.shutdown()
+    store.close()
+
+
+def test_a_call_that_ends_as_its_task_is_cancelled_still_hands_over_its_answer() -> None:
+    """``finish``'s task may end just before the awaiting task is cancelled (before it
+    resumes): the answer is still handed over with the cancellation. Fails if a task
+    done is taken for one cancelled and the answer dropped (a commit's callbacks
+    would be lost)."""
+
+    async def main() -> list[tuple[bool, Any]]:
+        answers = []
+        for turns in range(3):
+            reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+            async def call(reply: asyncio.Future[str] = reply) -> str:
+                return await reply
+
+            async def operation() -> str:
+                sent()
+                return await finish(call())
+
+            task = asyncio.create_task(finishing(operation()))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            reply.set_result("committed")
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            assert task.cancel()
+            with pytest.raises(asyncio.CancelledError) as raised:
+                await task
+            answers.append(answer_of(raised.value))
+        return answers
+
+    assert asyncio.run(main()) == [(True, "committed")] * 3
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="before 3.11 each call has a task")
+def test_an_event_cancelled_while_its_connection_connects_is_cancelled(
+    redis_server: RedisServer,
+) -> None:
+    """An awaited event cancelled while the client connects a connection for its load
+    (the client's HELLO and CLIENT SETINFO go through ``asyncio.wait_for`` when it has
+    a ``socket_timeout``, which before Python 3.12 drops a cancellation arriving as it
+    completes) ends in CancelledError and commits nothing. Fails if the cancellation
+    is lost there and the event runs on and commits."""
+    store = RedisStore(redis_server.url, prefix=f"cc{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=2)
+    count = engine.session_state("count", 0)
+    sid = engine.open_session()
+
+    async def event() -> None:
+        async with engine.aevent(sid) as ev:
+            ev[count] += 1
+
+    async def main() -> tuple[list[int], int, int]:
+        client = store.async_client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5)
+        lost, cancelled = [], 0
+        for turns in range(30):
+            await client.connection_pool.disconnect()
+            task = asyncio.create_task(event())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            if task.done():
+                continue
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                cancelled += 1
+            else:
+                lost.append(turns)
+        async with engine.aevent(sid) as ev:
+            value = ev[count]
+        store.async_client = None
+        await client.aclose()
+        return lost, cancelled, value
+
+    lost, cancelled, value = asyncio.run(main())
+    assert lost == []
+    assert cancelled >= 10  # the connection's handshake takes several turns
+    assert value <= 30 - cancelled
+    engine.shutdown()
+    store.close()
+
+
+def test_a_connection_given_back_as_a_second_cancellation_comes_is_not_lost(
+    redis_server: RedisServer,
+) -> None:
+    """A cancelled event gives its connection back while another task holds the
+    pool's lock, and is cancelled again: the connection still goes back to the pool.
+    Fails if it stays counted as in use for good (a bounded pool would run out)."""
+    store = RedisStore(redis_server.url, prefix=f"gb{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=2)
+    count = engine.session_state("count", 0)
+    sid = engine.open_session()
+
+    async def event() -> None:
+        async with engine.aevent(sid) as ev:
+            ev[count] += 1
+
+    async def main() -> tuple[int, int, int]:
+        client = store.async_client = aioredis.Redis.from_url(redis_server.url)
+        pool = client.connection_pool
+        await event()  # a connection in the pool
+        await pool._lock.acquire()  # another task holds the pool's lock
+        task = asyncio.create_task(event())
+        await asyncio.sleep(0.1)  # the load answered; giving its connection back waits
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        pool._lock.release()
+        await asyncio.sleep(0.1)
+        in_use = len(pool._in_use_connections)
+        async with engine.aevent(sid) as ev:
+            value = ev[count]
+        after = len(pool._in_use_connections)
+        store.async_client = None
+        await client.aclose()
+        return in_use, after, value
+
+    in_use, after, value = asyncio.run(main())
+    assert (in_use, after) == (0, 0)
+    assert value in (1, 2)
     engine.shutdown()
     store.close()

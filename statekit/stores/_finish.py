@@ -28,12 +28,28 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 from collections.abc import Awaitable
 from typing import Any, Final, TypeVar
 
-__all__ = ["absorb", "answer_of", "finish", "finishing", "sent"]
+__all__ = [
+    "IN_THE_TASK",
+    "absorb",
+    "answer_of",
+    "check_unsent",
+    "finish",
+    "finishing",
+    "sent",
+    "unsent",
+    "unsent_mark",
+]
 
 _T = TypeVar("_T")
+
+#: Whether a sent call can finish in the awaiting task: Python 3.11 counts the
+#: cancellations asked of a task, which tells one that redis-py's ``asyncio.wait_for``
+#: dropped (:func:`check_unsent`); before, each call runs in a task of its own.
+IN_THE_TASK = sys.version_info >= (3, 11)
 
 #: The attribute of a ``CancelledError`` that carries an operation's answer.
 _ANSWER = "_statekit_answer"
@@ -116,12 +132,46 @@ async def finish(awaitable: Awaitable[_T]) -> _T:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError as exc:
-            if task.done():  # the task itself was cancelled (the loop is closing)
+            if task.cancelled():  # the task itself was cancelled (the loop is closing)
                 raise
             if state.cancelled is not None:  # the second one reaches the call
                 task.cancel()
                 raise
-            state.cancelled = exc
+            state.cancelled = exc  # (a task already done answers the next await)
+
+
+def unsent_mark() -> int | None:
+    """Before a step that precedes the operation's first send (taking and connecting a
+    connection): the cancellations asked of the task so far, for :func:`check_unsent`;
+    None once the operation sent something (what follows runs in :func:`finish`), and
+    before Python 3.11 (no count; the engine runs each call in a task of its own)."""
+    state = _CURRENT.get()
+    if state is not None and state.sent:
+        return None
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return None if cancelling is None else int(cancelling())
+
+
+def check_unsent(mark: int | None) -> None:
+    """Raise a cancellation asked since ``mark`` (see :func:`unsent_mark`) that never
+    reached the task: before Python 3.12, ``asyncio.wait_for`` (which redis-py sends
+    through when a connection has a timeout, as while connecting) drops one that
+    arrives as it completes."""
+    if mark is None:
+        return
+    cancelling: Any = getattr(asyncio.current_task(), "cancelling", None)
+    if cancelling is not None and cancelling() > mark:
+        raise asyncio.CancelledError
+
+
+async def unsent(awaitable: Awaitable[_T]) -> _T:
+    """Await a step before the operation's first send (a cluster client reading the
+    cluster's slots), raising a cancellation it dropped (see :func:`check_unsent`)."""
+    mark = unsent_mark()
+    result = await awaitable
+    check_unsent(mark)
+    return result
 
 
 def answer_of(cancelled: asyncio.CancelledError) -> tuple[bool, Any]:

@@ -26,7 +26,7 @@ from statekit.exceptions import CodecError, SessionCorrupt, StoreUnavailable
 
 from . import _redis_replies as replies
 from . import _redis_spread as spread_ops
-from ._finish import finish, finishing, sent
+from ._finish import IN_THE_TASK, finish, finishing, sent, unsent
 from ._redis_calls import Call, Ops, Pause, Plan, Read, raw
 from ._redis_claims import CLAIM_TTL, LostClaims
 from ._redis_failures import DamagedKey
@@ -116,7 +116,7 @@ class RedisNamespace:
         "origin",
     )
 
-    finishes_sent_calls = True  #: awaited calls finish what they sent (``_finish``)
+    finishes_sent_calls = IN_THE_TASK  #: awaited calls finish what they sent (``_finish``)
 
     def __init__(self, store: RedisStore, app: str) -> None:
         self._store = store
@@ -244,7 +244,7 @@ class RedisNamespace:
             # it knows a node), and tasks recovering from the MOVED replies together
             # disconnect connections others are opening. Reading it first, once
             # (a no-op after), routes every call by its keys from the start.
-            await client.initialize()
+            await unsent(client.initialize())
         if isinstance(operation, Plan):
             reply = await self._arun(client, operation.script, operation.keys, operation.args)
             return operation.answer(reply)

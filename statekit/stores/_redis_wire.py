@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ._finish import absorb, finish, sent
+from ._finish import absorb, check_unsent, finish, sent, unsent_mark
 from ._redis_failures import not_sent
 
 __all__ = ["adirect", "pack"]
@@ -123,15 +123,25 @@ async def _exchanges(conn: Any, packed: list[bytes], script: Any, failed: Except
 
 
 async def _give_back(pool: Any, conn: Any) -> None:
-    """Give ``conn`` back to its pool. The pool's lock may make the task wait: a
-    cancellation there, once the call was sent, is absorbed and the connection given
-    back in a task of its own."""
+    """Give ``conn`` back to its pool. The pool's lock may make the task wait: if it is
+    cancelled there, the connection is given back by a task of its own, and the
+    cancellation absorbed once the call was sent (else raised)."""
     try:
         await pool.release(conn)
     except asyncio.CancelledError as exc:
+        again = asyncio.ensure_future(_give_back_again(pool, conn))
+        _GIVING_BACK.add(again)
+        again.add_done_callback(_GIVING_BACK.discard)
         absorb(exc)
-        with contextlib.suppress(KeyError):  # the first release got past its removal
-            await finish(pool.release(conn))
+
+
+#: Connections being given back after a cancellation (a task needs a reference).
+_GIVING_BACK: set[asyncio.Future[None]] = set()
+
+
+async def _give_back_again(pool: Any, conn: Any) -> None:
+    with contextlib.suppress(KeyError):  # the first release got past its removal
+        await pool.release(conn)
 
 
 async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
@@ -149,6 +159,7 @@ async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
     failure, its retries, a script to load) runs in a task of its own once the
     command may have left (``finish``)."""
     pool = client.connection_pool
+    mark = unsent_mark()
     if type(pool) in _PLAIN_POOLS:
         try:
             conn = pool.get_available_connection()  # the pool's bound holds
@@ -162,6 +173,11 @@ async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
                 raise not_sent(exc) from None
     else:  # a blocking pool waits for a connection in its own way
         conn = await finish(pool.get_connection())
+    try:
+        check_unsent(mark)
+    except asyncio.CancelledError as exc:
+        await finish(pool.release(conn))
+        raise not_sent(exc) from None
     try:
         packed = [pack(conn, command)]
         failed: Exception | None = None
