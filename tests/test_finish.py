@@ -305,15 +305,16 @@ def test_an_event_cancelled_while_its_connection_connects_is_cancelled(
         async with engine.aevent(sid) as ev:
             ev[count] += 1
 
-    async def main() -> tuple[list[int], int, int]:
+    async def main() -> tuple[list[int], int, int, int]:
         client = store.async_client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5)
-        lost, cancelled = [], 0
+        lost, done, cancelled = [], 0, 0
         for turns in range(30):
             await client.connection_pool.disconnect()
             task = asyncio.create_task(event())
             for _ in range(turns):
                 await asyncio.sleep(0)
             if task.done():
+                done += 1
                 continue
             task.cancel()
             try:
@@ -326,12 +327,13 @@ def test_an_event_cancelled_while_its_connection_connects_is_cancelled(
             value = ev[count]
         store.async_client = None
         await client.aclose()
-        return lost, cancelled, value
+        return lost, done, cancelled, value
 
-    lost, cancelled, value = asyncio.run(main())
+    lost, done, cancelled, value = asyncio.run(main())
     assert lost == []
     assert cancelled >= 10  # the connection's handshake takes several turns
-    assert value <= 30 - cancelled
+    # Each event done landed; a cancelled one whose commit was sent may have landed.
+    assert done <= value <= done + cancelled
     engine.shutdown()
     store.close()
 
