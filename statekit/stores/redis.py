@@ -23,7 +23,8 @@ The parts: ``_redis_scripts`` (the Lua), ``_redis_layout`` (the keys and buckets
 ``_redis_spread`` (operations over every bucket),
 ``_redis_replies`` (reading script replies), ``_redis_failures`` (what a failure
 means), ``_redis_claims`` (removals whose reply was lost), ``_redis_notices``
-(pub/sub).
+(pub/sub), ``_redis_wire`` (the protocol on the connections it drives; awaited calls
+that finish what they sent, with ``_finish``).
 """
 
 from __future__ import annotations
