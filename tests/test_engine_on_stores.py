@@ -227,6 +227,54 @@ class TestSemantics:
             pass
         assert engine.stats().held == 0
 
+    def test_at_capacity_an_open_passes_over_a_session_an_event_holds(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        """A long event (a streamed answer, say) holds its session, which becomes the
+        least recently used while other tabs are busy; an open at capacity evicts one
+        of those rather than the held one, and the long event commits. Fails on a
+        store that evicts the held session (Redis did: the event's commit then failed
+        with SessionExpired and its work was lost)."""
+        engine = engine_on(make_store, clock, capacity=3)
+        note = engine.session_state("note", "")
+        evicted: list[str] = []
+        note.on_delete(lambda value, reason: evicted.append(value))
+        long, *others = [engine.open_session() for _ in range(3)]
+        with engine.event(long) as ev:
+            for n, sid in enumerate(others):
+                clock.advance(2)
+                with engine.event(sid) as other:
+                    other[note] = f"tab {n}"
+            clock.advance(2)
+            opened = engine.open_session()  # at capacity: one must go
+            ev[note] = "long answer"
+        assert note.get(long) == "long answer"
+        assert engine.exists(opened)
+        assert evicted == ["tab 0"]  # the least recently used of those not held
+        assert engine.session_count() == 3
+
+    def test_at_capacity_with_every_session_held_an_open_still_makes_room(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        """When events hold every session, an open at capacity evicts the least
+        recently used all the same (a page load is not refused), and that event's
+        commit fails with SessionExpired. Fails if the open gives up, evicts the
+        session used last, or leaves the app over capacity."""
+        engine = engine_on(make_store, clock, capacity=2)
+        note = engine.session_state("note", "")
+        first, second = engine.open_session(), engine.open_session()
+        with pytest.raises(SessionExpired), engine.event(first) as held:
+            clock.advance(2)
+            with engine.event(second) as later:
+                clock.advance(2)
+                opened = engine.open_session()
+                later[note] = "kept"
+            held[note] = "lost"
+        assert not engine.exists(first)
+        assert note.get(second) == "kept"
+        assert engine.exists(opened)
+        assert engine.session_count() == 2
+
     def test_lease_wait_bounds_the_whole_wait_of_an_event(
         self, make_store: StoreFactory, clock: FakeClock
     ) -> None:

@@ -170,6 +170,15 @@ local function declared(at, first, last)
   return slots
 end
 
+-- Whether an event holds the session at key now: a lease that has not lapsed, and is
+-- not one kept between events (see COMMIT). A key of another type: not held.
+local function in_event(key, now)
+  local m = redis.pcall('HMGET', key, '_l', '_lu', '_lk')
+  if m.err or not m[1] then return false end
+  local until_ = number(m[2])
+  return until_ ~= nil and until_ > tonumber(now) and m[3] ~= m[1]
+end
+
 -- Claim each of victims (ids, their keys declared from slots) still in a capacity
 -- order, as evicted (or as idle or closed when its own deadline is past at now);
 -- drop an entry that names no session. Returns {evicted, junk}.
@@ -241,11 +250,23 @@ if need > 0 then
   -- The sessions to evict: among the candidates this call declared (the oldest,
   -- closed ones first, when the caller read them), those still indexed. Another
   -- process may have evicted some meanwhile: the next candidates serve instead.
+  -- Sessions events hold are passed over while others can go (then taken, oldest
+  -- first: an event's load made its session the most recently used, so only one held
+  -- longer than the others are used is among the candidates).
+  local held = {}
   for i = 7, #ARGV do
     if #victims >= need then break end
     if redis.call('ZSCORE', CLOSED, ARGV[i]) or redis.call('ZSCORE', LRU, ARGV[i]) then
-      victims[#victims + 1] = ARGV[i]
+      if in_event(KEYS[slots[ARGV[i]]], ARGV[3]) then
+        held[#held + 1] = ARGV[i]
+      else
+        victims[#victims + 1] = ARGV[i]
+      end
     end
+  end
+  for _, sid in ipairs(held) do
+    if #victims >= need then break end
+    victims[#victims + 1] = sid
   end
   if #victims < need then
     -- Too few left: name the oldest again, with room to spare for the next try.
@@ -272,22 +293,30 @@ return remember({'ok', evicted, junk, redis.call('ZCARD', LRU) + redis.call('ZCA
 )
 
 # KEYS: dl, request, lru, closed, then the hash and tombstone of each victim.
-# ARGV: (1), now, then the ids of sessions to evict (the caller chose them, the oldest
-#       of every bucket, when the app's sessions are spread over several).
-# Returns {'ok', evicted, junk} as CREATE does; a victim no longer in a capacity order
+# ARGV: (1), now, 'free'|'any', then the ids of sessions to evict (the caller chose
+#       them, the oldest of every bucket, when the app's sessions are spread over
+#       several).
+# Returns {'ok', evicted, junk, held} as CREATE does, and with 'free' the victims
+# passed over because an event holds them; a victim no longer in a capacity order
 # (another process took it) is passed over.
 EVICT = (
     _CLAIMING
     + r"""
 local victims = {}
-for i = 3, #ARGV do
+local held = {}
+local slots = declared(5, 4, #ARGV)
+for i = 4, #ARGV do
   if redis.call('ZSCORE', CLOSED, ARGV[i]) or redis.call('ZSCORE', LRU, ARGV[i]) then
-    victims[#victims + 1] = ARGV[i]
+    if ARGV[3] == 'free' and in_event(KEYS[slots[ARGV[i]]], ARGV[2]) then
+      held[#held + 1] = ARGV[i]
+    else
+      victims[#victims + 1] = ARGV[i]
+    end
   end
 end
-local evicted, junk = evict(victims, declared(5, 3, #ARGV), ARGV[2])
-if #evicted > 0 then return remember_claims({'ok', evicted, junk}) end
-return {'ok', evicted, junk}
+local evicted, junk = evict(victims, slots, ARGV[2])
+if #evicted > 0 then return remember_claims({'ok', evicted, junk, held}) end
+return {'ok', evicted, junk, held}
 """
 )
 

@@ -151,25 +151,31 @@ def may_be_full(size: int, capacity: int, buckets: int) -> bool:
 def evict_over(ns: RedisNamespace, *, now: float, capacity: int, sid: str) -> Ops[list[Ended]]:
     """After session ``sid`` was stored: evict the oldest sessions of every bucket
     (closed first, then least recently used; never ``sid``) until the app is back at
-    ``capacity`` (see Capacity over several buckets above)."""
+    ``capacity`` (see Capacity over several buckets above). A session an event holds
+    is passed over while others can go: the next round looks past it, and the last
+    takes the oldest of what is left, held or not."""
     buckets = ns.layout.buckets
     evicted: list[Ended] = []
-    for _ in range(_EVICT_ROUNDS):
+    me = sid.encode()
+    passed: set[bytes] = set()  # held by events when last looked at
+    for round_ in range(_EVICT_ROUNDS):
         need = (yield from count(ns)) - capacity
         if need <= 0:
             break
+        last = round_ == _EVICT_ROUNDS - 1
         keys = [key for bucket in buckets for key in (bucket.closed, bucket.lru)]
-        calls = [("zrange", (key, 0, need, False, True)) for key in keys]
+        calls = [("zrange", (key, 0, need + len(passed), False, True)) for key in keys]
         found = _checked(ns, keys, (yield _read(ns, keys, calls)))
-        # Closed sessions first (by close time), then open ones (by last use).
+        # Closed sessions first (by close time), then open ones (by last use); the held
+        # ones after them in the last round, else not at all.
         oldest = sorted(
-            (j % 2, score, j // 2, member)
+            (member in passed, j % 2, score, j // 2, member)
             for j, rows in enumerate(found)
             for member, score in rows
-            if member != sid.encode()
+            if member != me and (last or member not in passed)
         )
         chosen: dict[int, list[Any]] = {}
-        for _, _, k, member in oldest[:need]:
+        for _, _, _, k, member in oldest[:need]:
             chosen.setdefault(k, []).append(member)
         if not chosen:
             break
@@ -177,8 +183,10 @@ def evict_over(ns: RedisNamespace, *, now: float, capacity: int, sid: str) -> Op
         for k, victims in chosen.items():
             bucket = buckets[k]
             keys = [*ns.claiming_keys(bucket), *ns.pairs(bucket, victims)]
-            args = [bucket.settings, replies.num(now), *victims]
-            gone, junk = replies.created((yield Plan("EVICT", keys, args, raw)))
+            args = [bucket.settings, replies.num(now), "any" if last else "free", *victims]
+            reply = yield Plan("EVICT", keys, args, raw)
+            gone, junk = replies.created(reply)
+            passed.update(reply[3])
             evicted.extend(gone)
             took += len(gone) + len(junk)
             if junk:
