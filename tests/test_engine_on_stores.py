@@ -253,6 +253,58 @@ class TestSemantics:
         assert evicted == ["tab 0"]  # the least recently used of those not held
         assert engine.session_count() == 3
 
+    def test_opens_at_capacity_pass_over_every_held_session_while_others_can_go(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        """Three long events hold the three oldest sessions; three opens in a row at
+        capacity evict the three others, oldest first, and never a held one. Fails if
+        an open takes a held session while an unheld one is left (Redis did: a handle
+        kept the candidates of its last eviction, held ones among them, and on a
+        cluster the last round took the third held session)."""
+        engine = engine_on(make_store, clock, capacity=6)
+        note = engine.session_state("note", "")
+        evicted: list[str] = []
+        note.on_delete(lambda value, reason: evicted.append(value))
+        sids = [engine.open_session() for _ in range(6)]
+        with contextlib.ExitStack() as stack:
+            held = [stack.enter_context(engine.event(sid)) for sid in sids[:3]]
+            for n, sid in enumerate(sids[3:]):
+                clock.advance(2)
+                with engine.event(sid) as other:
+                    other[note] = f"free {n}"
+            for _ in range(3):
+                clock.advance(2)
+                engine.open_session()
+            for n, ev in enumerate(held):
+                ev[note] = f"long {n}"
+        assert evicted == ["free 0", "free 1", "free 2"]
+        assert [note.get(sid) for sid in sids[:3]] == ["long 0", "long 1", "long 2"]
+        assert engine.session_count() == 6
+
+    def test_a_long_event_outlives_opens_that_cycle_every_other_session(
+        self, make_store: StoreFactory, clock: FakeClock
+    ) -> None:
+        """While a long event runs, opens at capacity (each session used once) evict
+        every other session in turn, and never the held one. Fails if an open takes
+        the held session while one opened since can go (Redis did: its handle kept the
+        candidates of its last eviction, and when only the held one was left among
+        them it took that rather than looking again)."""
+        engine = engine_on(make_store, clock, capacity=3)
+        note = engine.session_state("note", "")
+        long, *others = [engine.open_session() for _ in range(3)]
+        for sid in (long, *others):
+            clock.advance(1)
+            with engine.event(sid) as ev:
+                ev[note] = "first"
+        with engine.event(long) as ev:
+            for n in range(4):
+                clock.advance(1)
+                with engine.event(engine.open_session()) as new:
+                    new[note] = f"new {n}"
+            ev[note] = "long answer"
+        assert note.get(long) == "long answer"
+        assert engine.session_count() == 3
+
     def test_at_capacity_with_every_session_held_an_open_still_makes_room(
         self, make_store: StoreFactory, clock: FakeClock
     ) -> None:

@@ -492,3 +492,34 @@ def test_stats_count_only_the_leases_kept_now(redis_server: RedisServer) -> None
     clock.advance(2)  # every kept lease lapsed
     assert engine.stats().kept == 0
     engine.shutdown()
+
+
+def test_an_event_loaded_on_its_kept_token_is_held_at_capacity(
+    redis_server: RedisServer,
+) -> None:
+    """A kept lease too short to use is loaded again with its token: the event then
+    holds the session, and an open at capacity passes it over for a session that is
+    only kept. Fails if the loaded event still looks like a kept lease (the store then
+    took it, oldest, and the event's commit failed with SessionExpired)."""
+    clock = FakeClock()
+    store = RedisStore(redis_server.url, prefix=prefix())
+    engine = StateEngine(
+        store, app="shop", clock=clock, idle_ttl=600, capacity=3, lease_keep=5, warn_hold=1000
+    )
+    note = engine.session_state("note", "")
+    first, *others = [engine.open_session() for _ in range(3)]
+    with engine.event(first) as ev:
+        ev[note] = "kept"
+    clock.advance(3)  # 2 s of the kept lease left: the next event loads
+    with engine.event(first) as ev:
+        clock.advance(1)
+        for sid in others:  # kept leases of their own, used after the load
+            with engine.event(sid) as other:
+                other[note] = "other"
+        clock.advance(1)
+        engine.open_session()
+        ev[note] = "long"
+    assert note.get(first) == "long"
+    assert sum(engine.exists(sid) for sid in others) == 1
+    engine.shutdown()
+    store.close()

@@ -322,7 +322,8 @@ class RedisNamespace:
         candidates = [] if spread else self._candidates
         for attempt in range(_EVICT_TRIES + 1):
             room = capacity if attempt < _EVICT_TRIES and not spread else _NO_LIMIT
-            args = [bucket.settings, sid, *tail, room, backstop, *candidates]
+            mode = "prefer" if attempt else "free"  # then: named by the script just now
+            args = [bucket.settings, sid, *tail, room, backstop, mode, *candidates]
             keys = [*first, bucket.P + "s:" + sid, *self.pairs(bucket, candidates)]
             reply = yield Plan("CREATE", keys, args, raw)
             if replies.text(reply[0]) != "full":

@@ -170,13 +170,16 @@ local function declared(at, first, last)
   return slots
 end
 
--- Whether an event holds the session at key now: a lease that has not lapsed, and is
--- not one kept between events (see COMMIT). A key of another type: not held.
-local function in_event(key, now)
+-- How firmly a lease holds the session at key at now: 0 not at all (none, lapsed, or
+-- a key of another type), 1 a lease kept between events (an event of its engine may
+-- run on it without a load, unseen here), 2 an event's lease.
+local function hold(key, now)
   local m = redis.pcall('HMGET', key, '_l', '_lu', '_lk')
-  if m.err or not m[1] then return false end
+  if m.err or not m[1] then return 0 end
   local until_ = number(m[2])
-  return until_ ~= nil and until_ > tonumber(now) and m[3] ~= m[1]
+  if until_ == nil or until_ <= tonumber(now) then return 0 end
+  if m[3] == m[1] then return 1 end
+  return 2
 end
 
 -- Claim each of victims (ids, their keys declared from slots) still in a capacity
@@ -230,7 +233,8 @@ _CLAIMING = _APP + _CLAIMS + ONCE + _INDEXES
 _CLAIMING_LAZILY = _APP + _CLAIMS + ONCE + _INDEX_CHECK
 
 # KEYS: dl, request, lru, closed, session, then the hash and tombstone of each victim.
-# ARGV: (1), sid, now, deadline, capacity, backstop_ms, then the victims' ids.
+# ARGV: (1), sid, now, deadline, capacity, backstop_ms, 'free'|'prefer', then the
+#       victims' ids.
 # Returns {'ok', evicted, junk, size}: the sessions evicted, index entries that named
 # nothing, and the sessions the bucket holds now; {'taken'}; or {'full', candidates}
 # (nothing written) when too few of the declared candidates are left to evict: the
@@ -245,28 +249,34 @@ if redis.call('EXISTS', KEY) == 1 then
 end
 local need = redis.call('ZCARD', LRU) + redis.call('ZCARD', CLOSED) - tonumber(ARGV[5]) + 1
 local victims = {}
-local slots = declared(6, 7, #ARGV)
+local slots = declared(6, 8, #ARGV)
 if need > 0 then
   -- The sessions to evict: among the candidates this call declared (the oldest,
   -- closed ones first, when the caller read them), those still indexed. Another
   -- process may have evicted some meanwhile: the next candidates serve instead.
-  -- Sessions events hold are passed over while others can go (then taken, oldest
-  -- first: an event's load made its session the most recently used, so only one held
-  -- longer than the others are used is among the candidates).
-  local held = {}
-  for i = 7, #ARGV do
+  -- Sessions held by a lease are passed over; with 'prefer' (candidates just named by
+  -- the script, so the oldest of all) they are taken when too few others are left
+  -- (kept leases first, each kind oldest first), else the script names the oldest
+  -- again.
+  local held = {{}, {}}
+  for i = 8, #ARGV do
     if #victims >= need then break end
     if redis.call('ZSCORE', CLOSED, ARGV[i]) or redis.call('ZSCORE', LRU, ARGV[i]) then
-      if in_event(KEYS[slots[ARGV[i]]], ARGV[3]) then
-        held[#held + 1] = ARGV[i]
+      local level = hold(KEYS[slots[ARGV[i]]], ARGV[3])
+      if level > 0 then
+        held[level][#held[level] + 1] = ARGV[i]
       else
         victims[#victims + 1] = ARGV[i]
       end
     end
   end
-  for _, sid in ipairs(held) do
-    if #victims >= need then break end
-    victims[#victims + 1] = sid
+  if ARGV[7] == 'prefer' then  -- kept leases first, then events'
+    for level = 1, 2 do
+      for _, sid in ipairs(held[level]) do
+        if #victims >= need then break end
+        victims[#victims + 1] = sid
+      end
+    end
   end
   if #victims < need then
     -- Too few left: name the oldest again, with room to spare for the next try.
@@ -293,30 +303,34 @@ return remember({'ok', evicted, junk, redis.call('ZCARD', LRU) + redis.call('ZCA
 )
 
 # KEYS: dl, request, lru, closed, then the hash and tombstone of each victim.
-# ARGV: (1), now, 'free'|'any', then the ids of sessions to evict (the caller chose
-#       them, the oldest of every bucket, when the app's sessions are spread over
-#       several).
-# Returns {'ok', evicted, junk, held} as CREATE does, and with 'free' the victims
-# passed over because an event holds them; a victim no longer in a capacity order
-# (another process took it) is passed over.
+# ARGV: (1), now, 'free'|'any', the most to evict, then the ids of sessions to evict,
+#       oldest first (the caller chose them among the oldest of every bucket, when the
+#       app's sessions are spread over several).
+# Returns {'ok', evicted, junk, kept, held} as CREATE does, and with 'free' the victims
+# passed over because a kept lease or an event's holds them; a victim no longer in a
+# capacity order (another process took it) is passed over.
 EVICT = (
     _CLAIMING
     + r"""
 local victims = {}
-local held = {}
-local slots = declared(5, 4, #ARGV)
-for i = 4, #ARGV do
+local held = {{}, {}}
+local slots = declared(5, 5, #ARGV)
+for i = 5, #ARGV do
+  if #victims >= tonumber(ARGV[4]) then break end
   if redis.call('ZSCORE', CLOSED, ARGV[i]) or redis.call('ZSCORE', LRU, ARGV[i]) then
-    if ARGV[3] == 'free' and in_event(KEYS[slots[ARGV[i]]], ARGV[2]) then
-      held[#held + 1] = ARGV[i]
+    local level = 0
+    if ARGV[3] == 'free' then level = hold(KEYS[slots[ARGV[i]]], ARGV[2]) end
+    if level > 0 then
+      held[level][#held[level] + 1] = ARGV[i]
     else
       victims[#victims + 1] = ARGV[i]
     end
   end
 end
 local evicted, junk = evict(victims, slots, ARGV[2])
-if #evicted > 0 then return remember_claims({'ok', evicted, junk, held}) end
-return {'ok', evicted, junk, held}
+local reply = {'ok', evicted, junk, held[1], held[2]}
+if #evicted > 0 then return remember_claims(reply) end
+return reply
 """
 )
 
@@ -376,6 +390,9 @@ if ARGV[5] ~= '' then
     if type(moved) == 'table' and moved.err then return {'damaged', LRU} end
   end
   redis.call('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
+  -- An event's lease now, not a kept one (its engine loads with the kept token when
+  -- the kept lease is too short to use): an open at capacity passes it over.
+  if fields._lk then redis.call('HDEL', KEY, '_lk') end
 end
 local values = {}
 local expired = {}

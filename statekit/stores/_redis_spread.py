@@ -47,6 +47,8 @@ BUDGET_PER_ENTRY = 4
 BUDGET_MIN = 2048
 #: Rounds of counting and evicting an open makes when other opens took its victims.
 _EVICT_ROUNDS = 3
+#: Candidates an eviction looks at beyond those it needs, to pass over held ones.
+_WINDOW = 32
 
 
 def _batch(calls: list[tuple[str, tuple[Any, ...]]], client: Any) -> Any:
@@ -151,46 +153,72 @@ def may_be_full(size: int, capacity: int, buckets: int) -> bool:
 def evict_over(ns: RedisNamespace, *, now: float, capacity: int, sid: str) -> Ops[list[Ended]]:
     """After session ``sid`` was stored: evict the oldest sessions of every bucket
     (closed first, then least recently used; never ``sid``) until the app is back at
-    ``capacity`` (see Capacity over several buckets above). A session an event holds
-    is passed over while others can go: the next round looks past it, and the last
-    takes the oldest of what is left, held or not."""
+    ``capacity`` (see Capacity over several buckets above). Sessions a lease holds are
+    passed over, and the next oldest of a window of ``need + 32`` taken instead; when
+    the last round finds too few others, it takes held ones: kept leases, then events',
+    each oldest first."""
     buckets = ns.layout.buckets
     evicted: list[Ended] = []
     me = sid.encode()
-    passed: set[bytes] = set()  # held by events when last looked at
+    # Passed over: how firmly held (1 a kept lease, 2 an event's), open?, age, bucket.
+    held: dict[bytes, tuple[int, int, float, int]] = {}
     for round_ in range(_EVICT_ROUNDS):
         need = (yield from count(ns)) - capacity
         if need <= 0:
             break
-        last = round_ == _EVICT_ROUNDS - 1
         keys = [key for bucket in buckets for key in (bucket.closed, bucket.lru)]
-        calls = [("zrange", (key, 0, need + len(passed), False, True)) for key in keys]
+        reach = need + _WINDOW + len(held)
+        calls = [("zrange", (key, 0, reach, False, True)) for key in keys]
         found = _checked(ns, keys, (yield _read(ns, keys, calls)))
-        # Closed sessions first (by close time), then open ones (by last use); the held
-        # ones after them in the last round, else not at all.
+        # Closed sessions first (by close time), then open ones (by last use).
         oldest = sorted(
-            (member in passed, j % 2, score, j // 2, member)
+            (j % 2, score, j // 2, member)
             for j, rows in enumerate(found)
             for member, score in rows
-            if member != me and (last or member not in passed)
-        )
-        chosen: dict[int, list[Any]] = {}
-        for _, _, _, k, member in oldest[:need]:
-            chosen.setdefault(k, []).append(member)
-        if not chosen:
-            break
+            if member != me and member not in held
+        )[:reach]
+        where = {member: (is_open, score, k) for is_open, score, k, member in oldest}
         took = 0
-        for k, victims in chosen.items():
-            bucket = buckets[k]
-            keys = [*ns.claiming_keys(bucket), *ns.pairs(bucket, victims)]
-            args = [bucket.settings, replies.num(now), "any" if last else "free", *victims]
-            reply = yield Plan("EVICT", keys, args, raw)
-            gone, junk = replies.created(reply)
-            passed.update(reply[3])
-            evicted.extend(gone)
-            took += len(gone) + len(junk)
-            if junk:
-                replies.warn_junk(ns.store, bucket.P + "lru", junk)
-        if took >= need:
+        for k, victims in _by_bucket(oldest):
+            if took >= need:
+                break
+            reply = yield _evict(ns, buckets[k], now, "free", need - took, victims)
+            for level in (1, 2):
+                held.update((member, (level, *where[member])) for member in reply[2 + level])
+            took += _tally(ns, buckets[k], reply, evicted)
+        # The last round, or none but held ones left: those, for what is still needed.
+        if took < need and held and (not oldest or round_ == _EVICT_ROUNDS - 1):
+            ranked = sorted((*rank, member) for member, rank in held.items())
+            for k, victims in _by_bucket([entry[1:] for entry in ranked]):
+                if took >= need:
+                    break
+                reply = yield _evict(ns, buckets[k], now, "any", need - took, victims)
+                took += _tally(ns, buckets[k], reply, evicted)
+        if took >= need or not oldest:
             break
     return evicted
+
+
+def _by_bucket(ranked: list[tuple[int, float, int, bytes]]) -> list[tuple[int, list[bytes]]]:
+    """Members ranked oldest first (``(open?, score, bucket, member)``), grouped by
+    bucket, the bucket of the oldest first."""
+    groups: dict[int, list[bytes]] = {}
+    for _, _, k, member in ranked:
+        groups.setdefault(k, []).append(member)
+    return list(groups.items())
+
+
+def _evict(
+    ns: RedisNamespace, bucket: Bucket, now: float, mode: str, most: int, victims: list[bytes]
+) -> Plan[Any]:
+    keys = [*ns.claiming_keys(bucket), *ns.pairs(bucket, victims)]
+    return Plan("EVICT", keys, [bucket.settings, replies.num(now), mode, most, *victims], raw)
+
+
+def _tally(ns: RedisNamespace, bucket: Bucket, reply: list[Any], evicted: list[Ended]) -> int:
+    """Add what an EVICT reply evicted to ``evicted``; how many entries it took."""
+    gone, junk = replies.created(reply)
+    evicted.extend(gone)
+    if junk:
+        replies.warn_junk(ns.store, bucket.P + "lru", junk)
+    return len(gone) + len(junk)
