@@ -388,7 +388,8 @@ async def adrive(
                     else:
                         answer = await _to_the_end(coro, call, salvage)
                 elif shared:
-                    answer = await _to_the_end(asyncio.to_thread(call.run, ns), call, salvage)
+                    thread = asyncio.to_thread(call.run, ns)
+                    answer = await _to_the_end(thread, call, salvage, stoppable=False)
                 else:
                     answer = call.run(ns)
             except BaseException as exc:
@@ -421,16 +422,28 @@ async def _to_the_end(
     call: Coroutine[Any, Any, R],
     step: StoreCall[R],
     salvage: Callable[[StoreCall[Any], Any], object],
+    *,
+    stoppable: bool = True,
 ) -> R:
     """Await a store call that, once sent, finishes even if the awaiting task is
     cancelled: the task waits for it (keeping the session's lock meanwhile), then takes
     the cancellation. Otherwise a cancelled commit could land after the lock was given
     to the next event. The call and what it answered go to ``salvage`` (a load may
-    have removed expired entries, a close ended a session: their callbacks are due)."""
+    have removed expired entries, a close ended a session: their callbacks are due).
+    A second cancellation stops the wait, unless the call is not ``stoppable`` (one a
+    worker thread runs: the thread goes on, and a lease it takes must not be given
+    back before it did)."""
     task = asyncio.ensure_future(call)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            salvage(step, await task)
+        while not task.done():
+            try:
+                await (asyncio.shield(task) if not stoppable else task)
+            except asyncio.CancelledError:
+                if stoppable:
+                    break
+        if task.done() and not task.cancelled() and task.exception() is None:
+            with contextlib.suppress(BaseException):
+                salvage(step, task.result())
         raise

@@ -5,6 +5,7 @@ them in the awaiting task, without a task of their own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import uuid
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
 
-from statekit import StateEngine
+from statekit import SessionBusy, StateEngine
 from statekit.stores._finish import absorb, answer_of, finish, finishing, sent
 from statekit.stores.redis import RedisStore
 from statekit.testing import RedisServer
@@ -378,5 +379,181 @@ def test_a_connection_given_back_as_a_second_cancellation_comes_is_not_lost(
     in_use, after, value = asyncio.run(main())
     assert (in_use, after) == (0, 0)
     assert value in (1, 2)
+    engine.shutdown()
+    store.close()
+
+
+def _cancel_at(task: asyncio.Task[Any], turns: int, then: int | None = None) -> None:
+    """Cancel ``task`` after exactly ``turns`` turns of the loop, and again ``then``
+    turns later."""
+    loop = asyncio.get_running_loop()
+
+    def hop(left: int, again: int | None) -> None:
+        if task.done():
+            return
+        if left:
+            loop.call_soon(hop, left - 1, again)
+            return
+        task.cancel()
+        if again is not None:
+            loop.call_soon(hop, again, None)
+
+    loop.call_soon(hop, turns, then)
+
+
+def test_a_call_done_as_a_second_cancellation_comes_still_hands_over_its_answer() -> None:
+    """The second cancellation reaches the awaiting task after the call's own task
+    ended: its answer is handed over with the cancellation. Fails if the answer is
+    dropped (the sessions an open evicted would never get their callbacks)."""
+
+    async def main() -> tuple[bool, Any]:
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def call() -> str:
+            return await reply
+
+        async def operation() -> str:
+            sent()
+            return await finish(call())
+
+        task = asyncio.create_task(finishing(operation()))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        task.cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        reply.set_result("evicted: s1, s2")
+        await asyncio.sleep(0)  # the call's task ends; the awaiting one has not resumed
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError) as raised:
+            await task
+        return answer_of(raised.value)
+
+    assert asyncio.run(main()) == (True, "evicted: s1, s2")
+
+
+def test_opens_at_capacity_cancelled_twice_still_run_every_eviction_callback(
+    redis_server: RedisServer,
+) -> None:
+    """Opens at capacity cancelled twice at each turn of the loop in turn: a second
+    cancellation interrupts an eviction that may have been applied, and the next reap
+    reads its reply back, so that every evicted session's close hooks run once. Fails
+    if an interrupted eviction is forgotten (its sessions gone without their hooks)."""
+    store = RedisStore(redis_server.url, prefix=f"ev{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", capacity=3)
+    closed: list[str] = []
+    engine.on_close(lambda sid, reason: closed.append(sid))
+
+    async def main() -> list[str]:
+        client = store.async_client = aioredis.Redis.from_url(redis_server.url)
+        opened: list[str] = []
+        for turns in range(40):
+            sids = {sid.decode() for sid in await _sessions(client, store.prefix)}
+            task = asyncio.create_task(engine.aopen_session())
+            _cancel_at(task, turns, 1)
+            with contextlib.suppress(asyncio.CancelledError):
+                opened.append(await task)
+            opened.extend(sids - set(opened))
+        await engine.areap()
+        live = {sid.decode() for sid in await _sessions(client, store.prefix)}
+        store.async_client = None
+        await client.aclose()
+        return [sid for sid in set(opened) - live if closed.count(sid) != 1]
+
+    assert asyncio.run(main()) == []
+    engine.shutdown()
+    store.close()
+
+
+async def _sessions(client: Any, prefix: str) -> list[bytes]:
+    """The ids of the sessions stored under ``prefix``."""
+    keys = [key async for key in client.scan_iter(match=f"{prefix}:*:s:*")]
+    return [key.rsplit(b":s:", 1)[1] for key in keys]
+
+
+def test_an_event_in_a_worker_thread_cancelled_twice_leaves_no_lease_behind(
+    redis_server: RedisServer,
+) -> None:
+    """Without an asyncio client the store's calls run in a worker thread, which a
+    cancellation cannot stop: an event cancelled twice as it loads waits for the
+    thread before giving the lease back, so another process gets the session at once.
+    Fails if the lease is given back first and the late load takes it again (the
+    session then stays held for the whole lease_ttl)."""
+    prefix = f"wt{uuid.uuid4().hex[:6]}"
+    store, other = (
+        RedisStore(redis_server.url, prefix=prefix),
+        RedisStore(redis_server.url, prefix=prefix),
+    )
+    first = StateEngine(store, app="shop", lease_ttl=30, lease_wait=1)
+    second = StateEngine(other, app="shop", lease_ttl=30, lease_wait=1)
+    count = first.session_state("count", 0)
+    second.session_state("count", 0)
+    sid = first.open_session()
+
+    async def event() -> None:
+        async with first.aevent(sid) as ev:
+            ev[count] += 1
+
+    async def main() -> None:
+        for turns in range(4):
+            task = asyncio.create_task(event())
+            _cancel_at(task, turns, 0)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    busy = []
+    for _ in range(5):
+        asyncio.run(main())
+        try:
+            with second.event(sid):
+                pass
+        except SessionBusy:
+            busy.append(True)
+    assert busy == []
+    first.shutdown()
+    second.shutdown()
+    store.close()
+    other.close()
+
+
+def test_a_connection_given_back_before_the_send_as_a_second_cancellation_comes_is_not_lost(
+    redis_server: RedisServer,
+) -> None:
+    """An event cancelled while its connection connects gives the connection back;
+    cancelled again while the pool's lock is busy, the connection still goes back.
+    Fails if it stays counted as in use for good."""
+    store = RedisStore(redis_server.url, prefix=f"cb{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=2)
+    count = engine.session_state("count", 0)
+    sid = engine.open_session()
+
+    async def event() -> None:
+        async with engine.aevent(sid) as ev:
+            ev[count] += 1
+
+    async def main() -> list[int]:
+        client = store.async_client = aioredis.Redis.from_url(redis_server.url)
+        pool = client.connection_pool
+        leaked = []
+        for turns in range(8):
+            await pool.disconnect()  # the next call connects
+            task = asyncio.create_task(event())
+            _cancel_at(task, turns)
+            await asyncio.sleep(0)
+            await pool._lock.acquire()  # another task holds the pool's lock
+            await asyncio.sleep(0.05)
+            task.cancel()
+            pool._lock.release()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.05)
+            if pool._in_use_connections:
+                leaked.append(turns)
+                pool._in_use_connections.clear()
+        store.async_client = None
+        await client.aclose()
+        return leaked
+
+    assert asyncio.run(main()) == []
     engine.shutdown()
     store.close()

@@ -120,10 +120,12 @@ def absorb(cancelled: asyncio.CancelledError) -> None:
     state.cancelled = cancelled
 
 
-async def finish(awaitable: Awaitable[_T]) -> _T:
+async def finish(awaitable: Awaitable[_T], *, stoppable: bool = True) -> _T:
     """Await ``awaitable`` to its end in a task of its own, absorbing cancellations of
     the awaiting task: for what waits after a send. Outside :func:`finishing`, or
-    before the operation sent anything, it is awaited as is."""
+    before the operation sent anything, it is awaited as is. A second cancellation
+    stops it, unless it is not ``stoppable`` (a worker thread runs on whatever the
+    task does: it is waited for, so that nothing the engine does next races it)."""
     state = _CURRENT.get()
     if state is None or not state.sent:
         return await awaitable
@@ -134,10 +136,12 @@ async def finish(awaitable: Awaitable[_T]) -> _T:
         except asyncio.CancelledError as exc:
             if task.cancelled():  # the task itself was cancelled (the loop is closing)
                 raise
-            if state.cancelled is not None:  # the second one reaches the call
-                task.cancel()
-                raise
-            state.cancelled = exc  # (a task already done answers the next await)
+            if state.cancelled is None or not stoppable or task.done():
+                # Absorbed (a task already done answers the next await at once).
+                state.cancelled = state.cancelled or exc
+                continue
+            task.cancel()  # the second one reaches the call
+            raise
 
 
 def unsent_mark() -> int | None:

@@ -9,6 +9,7 @@ that says what happened.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
@@ -198,4 +199,9 @@ class Attempts:
             raise unavailable(self._store, exc, unknown=self._applies and self._sent) from exc
         if isinstance(exc, RedisError):
             raise StoreUnavailable(self._store, f"{type(exc).__name__}: {exc}") from exc
+        # A call a second cancellation interrupted may have been applied: what it
+        # claimed is read back by the next reap, as after a lost reply.
+        lost = self._lost
+        if lost is not None and isinstance(exc, asyncio.CancelledError) and not before_send(exc):
+            lost()
         return False

@@ -3,7 +3,7 @@ layout of keys and arguments they assume)."""
 
 from __future__ import annotations
 
-__all__ = ["APP", "INDEXES", "INDEX_CHECK", "PUT_VALUES", "SESSION"]
+__all__ = ["APP", "CLAIMS", "INDEXES", "INDEX_CHECK", "PUT_VALUES", "SESSION"]
 
 # The start of the six scripts about an application's sessions (see Layout).
 APP = r"""
@@ -47,6 +47,162 @@ local function missing(gone)
   return {'gone', redis.call('GET', gone)}
 end
 """
+
+# Then, in the five that may claim sessions or values (all but COMMIT): the capacity
+# orders and what claims them.
+CLAIMS = r"""
+local LRU, CLOSED = KEYS[3], KEYS[4]
+INDEXES = {DL, LRU, CLOSED}
+
+-- Whether key holds a hash (a session statekit wrote), not another type.
+local function is_hash(key)
+  return redis.call('TYPE', key).ok == 'hash'
+end
+
+-- Remove a whole session; return {sid, reason, at, closed, {name, value, ...}}.
+local function claim(sid, key, gone, reason, at)
+  local h = redis.call('HGETALL', key)
+  local closed = '0'
+  local vals = {}
+  local lease, kept
+  for i = 1, #h, 2 do
+    local f = h[i]
+    local prefix = string.sub(f, 1, 2)
+    if f == '_c' then
+      closed = h[i + 1]
+    elseif f == '_l' then
+      lease = h[i + 1]
+    elseif f == '_lk' then
+      kept = h[i + 1]
+    elseif prefix == 'v:' then
+      vals[#vals + 1] = string.sub(f, 3)
+      vals[#vals + 1] = h[i + 1]
+    elseif prefix == 't:' then
+      redis.call('ZREM', DL, 'v\0' .. sid .. '\0' .. string.sub(f, 3))
+    end
+  end
+  redis.call('DEL', key)
+  redis.call('ZREM', DL, 's\0' .. sid)
+  redis.call('ZREM', LRU, sid)
+  redis.call('ZREM', CLOSED, sid)
+  redis.call('SET', gone, reason .. '\0' .. at, 'EX', TOMBSTONE)
+  if kept and kept == lease then ask_keeper(sid) end
+  if closed ~= '1' then
+    notice('ended', sid, reason, nil)
+  end
+  return {sid, reason, at, closed, vals}
+end
+
+-- Whether a touch slides an open session's deadline to new_deadline ('' = a look, not
+-- a use). A touch that would move it by less than a second (or a tenth of the idle
+-- ttl, if that is shorter) is skipped: it saves four writes on busy sessions and
+-- changes an expiry by little.
+local function slides(closed, deadline, now, new_deadline)
+  if closed == '1' or new_deadline == '' then
+    return false
+  end
+  local wanted = tonumber(new_deadline)
+  return wanted - deadline >= math.min(1, (wanted - tonumber(now)) / 10)
+end
+
+-- Slide the deadline, if the touch slides it (and index it).
+local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
+  if not slides(closed, deadline, now, new_deadline) then
+    return
+  end
+  redis.call('HSET', key, '_d', new_deadline)
+  redis.call('PEXPIRE', key, backstop_ms)
+  redis.call('ZADD', DL, new_deadline, 's\0' .. sid)
+  redis.call('ZADD', LRU, now, sid)
+end
+
+-- Remove one value past its ttl; return {sid, 'ttl', at, name, value}, or nil when the
+-- value is no longer there (its session was claimed first).
+local function claim_value(key, sid, name, at)
+  local value = redis.call('HGET', key, 'v:' .. name)
+  redis.call('ZREM', DL, 'v\0' .. sid .. '\0' .. name)
+  redis.call('HDEL', key, 'v:' .. name, 't:' .. name)
+  if not value then
+    return nil
+  end
+  return {sid, 'ttl', at, name, value}
+end
+
+-- The first damaged field of a session's version and deadline, or nil.
+local function damaged(version, deadline)
+  if not is_version(version) then return '_v' end
+  if not number(deadline) then return '_d' end
+  return nil
+end
+
+-- Where the keys of the sessions named by ARGV[first..last] are declared: the index
+-- in KEYS of each one's hash (its tombstone follows), from KEYS[at] on.
+local function declared(at, first, last)
+  local slots = {}
+  for i = first, last do
+    slots[ARGV[i]] = at + 2 * (i - first)
+  end
+  return slots
+end
+
+-- How firmly a lease holds the session at key at now: 0 not at all (none, lapsed, or
+-- a key of another type), 1 a lease kept between events (an event of its engine may
+-- run on it without a load, unseen here), 2 an event's lease.
+local function hold(key, now)
+  local m = redis.pcall('HMGET', key, '_l', '_lu', '_lk')
+  if m.err or not m[1] then return 0 end
+  local until_ = number(m[2])
+  if until_ == nil or until_ <= tonumber(now) then return 0 end
+  if m[3] == m[1] then return 1 end
+  return 2
+end
+
+-- Claim each of victims (ids, their keys declared from slots) still in a capacity
+-- order, as evicted (or as idle or closed when its own deadline is past at now);
+-- drop an entry that names no session. Returns {evicted, junk}.
+local function evict(victims, slots, now)
+  local evicted = {}
+  local junk = {}
+  for _, victim in ipairs(victims) do
+    local key = KEYS[slots[victim]]
+    local meta = {}
+    if is_hash(key) then
+      meta = redis.call('HMGET', key, '_c', '_d')
+    end
+    if not meta[2] then
+      -- No session behind this entry: drop it, it holds no place.
+      redis.call('ZREM', LRU, victim)
+      redis.call('ZREM', CLOSED, victim)
+      junk[#junk + 1] = victim
+    else
+      local reason = 'evicted'
+      local at = now
+      local deadline = number(meta[2])
+      if deadline and deadline <= tonumber(now) then
+        at = meta[2]
+        if meta[1] == '1' then reason = 'closed' else reason = 'idle' end
+      end
+      evicted[#evicted + 1] = claim(victim, key, KEYS[slots[victim] + 1], reason, at)
+    end
+  end
+  return evicted, junk
+end
+
+-- A reply that only carries what a load or a reap claimed (not the caller's own
+-- write) is kept for a shorter while: it holds deleted values.
+local function remember_claims(reply)
+  redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', CLAIM_MS)
+  return reply
+end
+
+-- Claim a session a load or a peek found past its deadline (meta: _v, _c, _d).
+local function expired(sid, key, gone, meta)
+  local reason = 'idle'
+  if meta[2] == '1' then reason = 'closed' end
+  return remember_claims({'expired', claim(sid, key, gone, reason, meta[3])})
+end
+"""
+
 
 # After ONCE: a damaged index is found before anything is written (Redis does not undo
 # a failing script). ``damaged_index()`` answers {'damaged', key} for the first of

@@ -237,7 +237,7 @@ class RedisNamespace:
         client = self._store.async_client
         if client is None or self._store.wait_replicas:
             sent()  # a thread is not stopped by a cancellation
-            return await finish(asyncio.to_thread(self._drive, operation))
+            return await finish(asyncio.to_thread(self._drive, operation), stoppable=False)
         if self._store.cluster:
             # An asyncio cluster client that has not yet read the cluster's layout
             # sends a script to any node (redis-py 8 routes keyed commands only once

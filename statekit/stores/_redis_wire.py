@@ -169,15 +169,17 @@ async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
             try:
                 await finish(conn.connect())
             except BaseException as exc:
-                await finish(pool.release(conn))
-                raise not_sent(exc) from None
+                not_sent(exc)
+                await _give_back(pool, conn)
+                raise
     else:  # a blocking pool waits for a connection in its own way
         conn = await finish(pool.get_connection())
     try:
         check_unsent(mark)
     except asyncio.CancelledError as exc:
-        await finish(pool.release(conn))
-        raise not_sent(exc) from None
+        not_sent(exc)
+        await _give_back(pool, conn)
+        raise
     try:
         packed = [pack(conn, command)]
         failed: Exception | None = None
