@@ -6,7 +6,9 @@ Every contender talks to private nodes on 127.0.0.1, through the same client lib
 and reply parser. A statekit read is ``state.get(sid)`` (one round trip: a plain
 ``HMGET`` of the session's hash); a write is one commit (one round trip); a one-state
 event is load-and-lease then commit-and-release (two round trips), compared with a raw
-GET then SET of one key. Each pair's ratio is printed under its group.
+GET then SET of one key; on the one server, the same event awaited (``engine.aevent``
+on the store's asyncio client) against ``redis.asyncio`` GET then SET. Each pair's
+ratio is printed under its group.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ READ, WRITE, EVENT, KEPT = (
     "statekit event, lease kept",
 )
 RAW_GET, RAW_SET, RAW_GET_SET = "raw redis-py GET", "raw redis-py SET", "raw redis-py GET + SET"
+RAW_AWAITED, AWAITED = "raw redis.asyncio GET + SET", "statekit awaited one-state event"
 TARGETS = [
     Target(READ, RAW_GET, "within", 1.2),
     Target(WRITE, RAW_SET, "within", 1.2),
     Target(EVENT, RAW_GET_SET, "within", 1.3),
     Target(KEPT, RAW_GET_SET, "within", 1.0),  # the stretch: one round trip
+    Target(AWAITED, RAW_AWAITED, "within", 1.3),  # the event's target, awaited
 ]
 
 
@@ -116,6 +120,43 @@ def redis_contenders(url: str, raw: Any) -> dict[str, Callable[[int], object]]:
     }
 
 
+def awaited_contenders(url: str) -> dict[str, Callable[[int], object]]:
+    """An awaited one-state event (``engine.aevent`` on the store's asyncio client)
+    against raw ``redis.asyncio`` GET then SET, both on one event loop of their own."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from statekit.stores.redis import RedisStore
+
+    loop = asyncio.new_event_loop()
+    raw = aioredis.Redis.from_url(url)
+    store = RedisStore(
+        url, prefix=f"a{uuid.uuid4().hex[:6]}", async_client=aioredis.Redis.from_url(url)
+    )
+    engine = StateEngine(store, app="bench")
+    counter: SessionState[int] = engine.session_state("counter", 0)
+    sids = [engine.open_session() for _ in range(100)]
+    keys = [f"awaited:{sid}" for sid in sids]
+
+    async def raw_pairs(ops: int) -> None:
+        for key, i in zip(itertools.cycle(keys), range(ops), strict=False):
+            await raw.get(key)
+            await raw.set(key, str(i).encode())
+
+    async def events(ops: int) -> None:
+        for sid, i in zip(itertools.cycle(sids), range(ops), strict=False):
+            async with engine.aevent(sid) as ev:
+                ev[counter] = i
+
+    loop.run_until_complete(raw_pairs(len(keys)))
+    loop.run_until_complete(events(len(sids)))
+    return {
+        RAW_AWAITED: lambda ops: loop.run_until_complete(raw_pairs(ops)),
+        AWAITED: lambda ops: loop.run_until_complete(events(ops)),
+    }
+
+
 def sqlite_contenders(folder: Path) -> dict[str, Callable[[int], object]]:
     engine = StateEngine(SQLiteStore(folder / "bench.db"), app="bench")
     counter: SessionState[int] = engine.session_state("counter", 0)
@@ -141,7 +182,10 @@ def run(quick: bool = False) -> list[tuple[str, list[Measure]]]:
     server = RedisServer().start()
     try:
         single = best_per_op(
-            redis_contenders(server.url, redis.Redis.from_url(server.url)),
+            {
+                **redis_contenders(server.url, redis.Redis.from_url(server.url)),
+                **awaited_contenders(server.url),
+            },
             ops=ops,
             rounds=rounds,
             statistic="median",
