@@ -228,13 +228,9 @@ if any_due or sliding then
   if bad_index then return bad_index end
 end
 if ARGV[5] ~= '' then
-  if not sliding and meta[2] ~= '1' then
-    -- An event takes it: the most recently used session now, also when its deadline
-    -- does not slide, so that an open at capacity (its own user's record, say) never
-    -- takes it for the least recently used. (A key of another type: nothing written.)
-    local moved = redis.pcall('ZADD', LRU, 'GT', ARGV[3], SID)
-    if type(moved) == 'table' and moved.err then return {'damaged', LRU} end
-  end
+  -- The lease makes an open at capacity (of its own user's record, say) pass the
+  -- session over while the event holds it; its place in the capacity order moves with
+  -- its deadline only (touch below), by a second or more.
   redis.call('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
   -- An event's lease now, not a kept one (its engine loads with the kept token when
   -- the kept lease is too short to use): an open at capacity passes it over.
