@@ -255,6 +255,16 @@ def test_an_awaited_event_cancelled_at_any_turn_leaves_its_session_and_client_so
     store.close()
 
 
+async def _finished_after_send(reply: asyncio.Future[str]) -> str:
+    """An operation that sends, then waits for ``reply`` in ``finish``'s task."""
+
+    async def call() -> str:
+        return await reply
+
+    sent()
+    return await finish(call())
+
+
 def test_a_call_that_ends_as_its_task_is_cancelled_still_hands_over_its_answer() -> None:
     """``finish``'s task may end just before the awaiting task is cancelled (before it
     resumes): the answer is still handed over with the cancellation. Fails if a task
@@ -265,15 +275,7 @@ def test_a_call_that_ends_as_its_task_is_cancelled_still_hands_over_its_answer()
         answers = []
         for turns in range(3):
             reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-            async def call(reply: asyncio.Future[str] = reply) -> str:
-                return await reply
-
-            async def operation() -> str:
-                sent()
-                return await finish(call())
-
-            task = asyncio.create_task(finishing(operation()))
+            task = asyncio.create_task(finishing(_finished_after_send(reply)))
             for _ in range(3):
                 await asyncio.sleep(0)
             reply.set_result("committed")
@@ -408,15 +410,7 @@ def test_a_call_done_as_a_second_cancellation_comes_still_hands_over_its_answer(
 
     async def main() -> tuple[bool, Any]:
         reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        async def call() -> str:
-            return await reply
-
-        async def operation() -> str:
-            sent()
-            return await finish(call())
-
-        task = asyncio.create_task(finishing(operation()))
+        task = asyncio.create_task(finishing(_finished_after_send(reply)))
         for _ in range(3):
             await asyncio.sleep(0)
         task.cancel()

@@ -157,6 +157,26 @@ local function hold(key, now)
   return 2
 end
 
+-- The candidates ARGV[first..] (ids, their keys declared from slots) still in a
+-- capacity order: at most most victims, in order, and (when free, passing them over)
+-- those a lease holds, by how firmly ({kept leases, events'}; see hold).
+local function pick(first, slots, most, now, free)
+  local victims, held = {}, {{}, {}}
+  for i = first, #ARGV do
+    if #victims >= most then break end
+    if redis.call('ZSCORE', CLOSED, ARGV[i]) or redis.call('ZSCORE', LRU, ARGV[i]) then
+      local level = 0
+      if free then level = hold(KEYS[slots[ARGV[i]]], now) end
+      if level > 0 then
+        held[level][#held[level] + 1] = ARGV[i]
+      else
+        victims[#victims + 1] = ARGV[i]
+      end
+    end
+  end
+  return victims, held
+end
+
 -- Claim each of victims (ids, their keys declared from slots) still in a capacity
 -- order, as evicted (or as idle or closed when its own deadline is past at now);
 -- drop an entry that names no session. Returns {evicted, junk}.

@@ -104,18 +104,8 @@ if need > 0 then
   -- the script, so the oldest of all) they are taken when too few others are left
   -- (kept leases first, each kind oldest first), else the script names the oldest
   -- again.
-  local held = {{}, {}}
-  for i = 8, #ARGV do
-    if #victims >= need then break end
-    if redis.call('ZSCORE', CLOSED, ARGV[i]) or redis.call('ZSCORE', LRU, ARGV[i]) then
-      local level = hold(KEYS[slots[ARGV[i]]], ARGV[3])
-      if level > 0 then
-        held[level][#held[level] + 1] = ARGV[i]
-      else
-        victims[#victims + 1] = ARGV[i]
-      end
-    end
-  end
+  local held
+  victims, held = pick(8, slots, need, ARGV[3], true)
   if ARGV[7] == 'prefer' then  -- kept leases first, then events'
     for level = 1, 2 do
       for _, sid in ipairs(held[level]) do
@@ -158,21 +148,8 @@ return remember({'ok', evicted, junk, redis.call('ZCARD', LRU) + redis.call('ZCA
 EVICT = (
     _CLAIMING
     + r"""
-local victims = {}
-local held = {{}, {}}
 local slots = declared(5, 5, #ARGV)
-for i = 5, #ARGV do
-  if #victims >= tonumber(ARGV[4]) then break end
-  if redis.call('ZSCORE', CLOSED, ARGV[i]) or redis.call('ZSCORE', LRU, ARGV[i]) then
-    local level = 0
-    if ARGV[3] == 'free' then level = hold(KEYS[slots[ARGV[i]]], ARGV[2]) end
-    if level > 0 then
-      held[level][#held[level] + 1] = ARGV[i]
-    else
-      victims[#victims + 1] = ARGV[i]
-    end
-  end
-end
+local victims, held = pick(5, slots, tonumber(ARGV[4]), ARGV[2], ARGV[3] == 'free')
 local evicted, junk = evict(victims, slots, ARGV[2])
 local reply = {'ok', evicted, junk, held[1], held[2]}
 if #evicted > 0 then return remember_claims(reply) end
