@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -330,3 +330,107 @@ def test_an_asyncio_client_made_before_a_fork_is_not_shared_with_the_child(
     assert note.get(sid) == "parent"
     engine.shutdown()
     store.close()
+
+
+def _child_outcome(work: Callable[[], object]) -> str:
+    """Fork; run ``work`` in the child; what happened there ("ok" or the error)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            work()
+            os.write(write, b"ok")
+        except BaseException as exc:
+            os.write(write, f"{type(exc).__name__}: {exc}".encode()[:500])
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        deadline = time.monotonic() + WAIT
+        got = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([read], [], [], 0.5)
+            chunk = os.read(read, 4096) if ready else b""
+            if ready and not chunk:
+                break
+            got += chunk
+        return got.decode() or "no answer"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
+def test_a_fork_while_a_thread_writes_to_sqlite_leaves_the_child_able_to_write(
+    tmp_path: Path,
+) -> None:
+    """A thread of the parent is inside a write transaction when another thread forks
+    (a reaper, an event of another request, under gunicorn --preload): the fork waits
+    for the transaction, and the child's events write. Fails if the child inherits
+    SQLite's record of the parent's write lock (every write there then fails with
+    "database is locked")."""
+    store = SQLiteStore(tmp_path / "fork.db", timeout=2)
+    engine = StateEngine(store, app="shop")
+    note = engine.session_state("note", "")
+    sid = engine.open_session()
+    inside, done = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with store.transaction() as db:
+            db.execute("SELECT 1")
+            inside.set()
+            time.sleep(0.3)  # the fork comes meanwhile
+        done.set()
+
+    def in_child() -> None:
+        with engine.event(sid) as ev:
+            ev[note] = "child"
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert inside.wait(WAIT)
+        assert not done.is_set()  # the fork below starts inside the transaction
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+            outcome = _child_outcome(in_child)
+    finally:
+        writer.join(WAIT)
+    assert outcome == "ok"
+    assert note.get(sid) == "child"
+    engine.shutdown()
+    store.close()
+
+
+def test_a_fork_waits_for_a_gate_only_so_long_and_never_for_its_own_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fork waits for work in flight in other threads at most the gate's patience,
+    then forks all the same (saying so); work of the forking thread itself never
+    holds it up. Fails if a fork hangs behind a stuck thread or behind itself."""
+    from statekit._fork import ForkGate
+
+    gate = ForkGate("a test's work", patience=0.2)
+    inside, release = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        with gate:
+            inside.set()
+            release.wait(WAIT)
+
+    worker = threading.Thread(target=stuck)
+    worker.start()
+    assert inside.wait(WAIT)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            started = time.monotonic()
+            with gate:  # the forking thread's own work: not waited for
+                assert _child_outcome(lambda: None) == "ok"
+            waited = time.monotonic() - started
+    finally:
+        release.set()
+        worker.join(WAIT)
+    assert 0.2 <= waited < WAIT
+    assert "forking while a test's work is in flight" in caplog.text
+    with gate:  # open again in the parent
+        pass

@@ -8,8 +8,9 @@ of events are synced to disk (``synchronous=FULL``); touches and leases, which o
 move deadlines, are not (a crash forgets at most the last few touches).
 
 Each thread of each process gets its own connection; a forked child opens new ones
-and names itself anew in the notices it writes.
-Notices for other processes go to a table that subscribers poll.
+and names itself anew in the notices it writes; a fork waits for the write transactions
+in flight (a child forked inside one would never write). Notices for other processes
+go to a table that subscribers poll.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class SQLiteStore:
         self._local = threading.local()
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._closed = False
+        self._writes = _fork.ForkGate(f"a write of {self._label()}", patience=timeout)
         try:
             self._connection().executescript(SCHEMA)
             self._file = identity(self._absolute)
@@ -153,26 +155,27 @@ class SQLiteStore:
         if self._closed:
             raise StoreUnavailable(self._label(), "the store was shut down")
         db = self._connection()
-        try:
-            self._same_file()
-            if durable:
-                db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(self._label(), str(exc)) from exc
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
+        with self._writes:
+            try:
+                self._same_file()
+                if durable:
+                    db.execute("PRAGMA synchronous=FULL")
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
                 raise StoreUnavailable(self._label(), str(exc)) from exc
-            raise
-        finally:
-            if durable:
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
-                    db.execute("PRAGMA synchronous=NORMAL")
+                    db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreUnavailable(self._label(), str(exc)) from exc
+                raise
+            finally:
+                if durable:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("PRAGMA synchronous=NORMAL")
 
     def read(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         """Run one query outside a write transaction."""
@@ -185,8 +188,7 @@ class SQLiteStore:
             raise StoreUnavailable(self._label(), str(exc)) from exc
 
     def _same_file(self) -> None:
-        """Raise when the database file was removed or replaced (a connection opened
-        before would go on using the old one, which no other process sees)."""
+        """Raise when the database file was removed or replaced (see ``_connection``)."""
         if identity(self._absolute) != self._file:
             raise sqlite3.OperationalError(
                 f"the database file {self.path} was removed or replaced; restore it, or "
@@ -228,8 +230,7 @@ class _SQLiteNamespace:
         _fork.after_fork_in_child(self)
 
     def _after_fork(self) -> None:
-        """A child of a fork is a handle of its own: it must see its parent's notices,
-        and its parent its own."""
+        """A child of a fork is a handle of its own (see the module's docstring)."""
         self.origin = f"sqlite-{uuid.uuid4().hex[:12]}"
 
     # -- helpers (inside a transaction) ------------------------------------------
