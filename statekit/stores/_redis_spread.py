@@ -200,12 +200,16 @@ def evict_over(ns: RedisNamespace, *, now: float, capacity: int, sid: str) -> Op
 
 
 def _by_bucket(ranked: list[tuple[int, float, int, bytes]]) -> list[tuple[int, list[bytes]]]:
-    """Members ranked oldest first (``(open?, score, bucket, member)``), grouped by
-    bucket, the bucket of the oldest first."""
-    groups: dict[int, list[bytes]] = {}
+    """Members ranked oldest first (``(open?, score, bucket, member)``), in runs of one
+    bucket each, in that order: each run's script takes the oldest first, and a later
+    run is asked only for what the earlier ones did not take."""
+    runs: list[tuple[int, list[bytes]]] = []
     for _, _, k, member in ranked:
-        groups.setdefault(k, []).append(member)
-    return list(groups.items())
+        if runs and runs[-1][0] == k:
+            runs[-1][1].append(member)
+        else:
+            runs.append((k, [member]))
+    return runs
 
 
 def _evict(
