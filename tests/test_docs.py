@@ -175,13 +175,17 @@ def test_the_site_in_chromium(
         page.wait_for_selector('[id="statekit.StateEngine"]')
         assert "user_idle_ttl" in (page.text_content('[id="statekit.StateEngine"] ~ div') or "")
         # The search index loads in a worker after the page; a query typed before it is
-        # ready is not searched again (seen on a busy machine): type it until it is.
+        # ready is not searched again (seen on a busy machine, where a query set at once
+        # was not searched either): let the page's fetches settle, then type the query
+        # key by key until results show.
         page.goto(served)
+        page.wait_for_load_state("networkidle")
         search = page.locator("input[data-md-component=search-query]")
         results = page.locator(".md-search-result__item").first
         for _ in range(6):
+            search.click()
             search.fill("")
-            search.fill("expiry")
+            search.press_sequentially("expiry", delay=20)
             try:
                 results.wait_for(timeout=WAIT_MS / 2)
                 break
