@@ -75,23 +75,35 @@ def free_lock(lock: Any) -> None:
 
 class ForkGate:
     """Work a fork must not split: run it as ``with gate:`` (from any threads at
-    once). A fork waits until none is in flight in other threads (at most
-    ``patience`` seconds, then forks all the same and logs it), and holds new work
-    back meanwhile; in the child, the gate is empty and open."""
+    once). A fork waits until none is in flight in other threads (at most until a
+    deadline, then forks all the same and logs it), and holds new work of other
+    threads back meanwhile; in the child, the gate is empty and open.
 
-    def __init__(self, name: str, patience: float) -> None:
+    The forking thread is never held back (fork hooks registered before statekit was
+    imported run while the gate is closed), nor is a thread already inside; a fork
+    from inside the gate waits for nobody (another thread may be waiting there for
+    what the forking one holds)."""
+
+    def __init__(self, name: str) -> None:
         self._name = name
-        self._patience = patience
-        self._cond = threading.Condition()
-        self._inside: collections.Counter[int] = collections.Counter()  # by thread
-        self._forking = False
+        self._reset()
         _gates.add(self)
 
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition()
+        self._inside: collections.Counter[int] = collections.Counter()  # by thread
+        self._forking = 0  # forks under way (two threads may fork at once)
+        self._forkers: collections.Counter[int] = collections.Counter()
+
     def __enter__(self) -> None:
+        if self._pid != os.getpid():  # a child whose own reset has not run yet
+            self._reset()
+        me = threading.get_ident()
         with self._cond:
-            while self._forking:
+            while self._forking and not self._forkers[me] and not self._inside[me]:
                 self._cond.wait()
-            self._inside[threading.get_ident()] += 1
+            self._inside[me] += 1
 
     def __exit__(
         self,
@@ -99,60 +111,78 @@ class ForkGate:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        me = threading.get_ident()
         with self._cond:
-            me = threading.get_ident()
             self._inside[me] -= 1
             if not self._inside[me]:
                 del self._inside[me]
-            self._cond.notify_all()
+            if self._forking:
+                self._cond.notify_all()
 
-    def before_fork(self) -> None:
-        """In the forking thread: hold new work back, and wait for other threads'."""
+    def before_fork(self, deadline: float) -> None:
+        """In the forking thread: hold other threads' new work back, and wait for
+        their work in flight until ``deadline`` (``time.monotonic()``)."""
         me = threading.get_ident()
-        deadline = time.monotonic() + self._patience
         with self._cond:
-            self._forking = True
+            self._forking += 1
+            self._forkers[me] += 1
+            if self._inside[me]:
+                return
             while any(thread != me for thread in self._inside):
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if deadline <= time.monotonic():
                     logger.warning(
-                        "statekit: forking while %s is in flight in another thread after "
-                        "waiting %.1f s: it may not work in the child",
+                        "statekit: forking while %s is in flight in another thread: it may "
+                        "not work in the child",
                         self._name,
-                        self._patience,
                     )
                     return
-                self._cond.wait(left)
+                self._cond.wait(deadline - time.monotonic())
 
     def after_fork_in_parent(self) -> None:
-        """Let the work held back go on."""
+        """Let the work held back go on, once no other fork is under way."""
+        me = threading.get_ident()
         with self._cond:
-            self._forking = False
+            self._forking -= 1
+            self._forkers[me] -= 1
+            if not self._forkers[me]:
+                del self._forkers[me]
             self._cond.notify_all()
 
     def after_fork_in_child(self) -> None:
-        """Open and empty: the other threads' work is the parent's."""
-        self._cond = threading.Condition()
-        me = threading.get_ident()
-        self._inside = collections.Counter({me: self._inside[me]} if self._inside[me] else {})
-        self._forking = False
+        """Open and empty: the other threads' work is the parent's (the forking
+        thread's own, if it forked inside, goes on in the child)."""
+        own = self._inside[threading.get_ident()]
+        self._reset()
+        if own:
+            self._inside[threading.get_ident()] = own
 
 
 _gates: weakref.WeakSet[ForkGate] = weakref.WeakSet()
+#: The longest a fork waits for the work of other threads, over all gates.
+FORK_PATIENCE = 10.0
+
+
+def _each_gate() -> list[ForkGate]:
+    while True:
+        try:
+            return list(_gates)
+        except RuntimeError:  # a gate made meanwhile in another thread
+            continue
 
 
 def _before() -> None:
-    for gate in list(_gates):
-        gate.before_fork()
+    deadline = time.monotonic() + FORK_PATIENCE
+    for gate in _each_gate():
+        gate.before_fork(deadline)
 
 
 def _after_in_parent() -> None:
-    for gate in list(_gates):
+    for gate in _each_gate():
         gate.after_fork_in_parent()
 
 
 def _in_child() -> None:
-    for gate in list(_gates):
+    for gate in _each_gate():
         gate.after_fork_in_child()
     phases = ((list(_resets), "_after_fork"), (list(_restarts), "_restart_after_fork"))
     for objects, method in phases:

@@ -401,15 +401,45 @@ def test_a_fork_while_a_thread_writes_to_sqlite_leaves_the_child_able_to_write(
     store.close()
 
 
-def test_a_fork_waits_for_a_gate_only_so_long_and_never_for_its_own_thread(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """A fork waits for work in flight in other threads at most the gate's patience,
-    then forks all the same (saying so); work of the forking thread itself never
-    holds it up. Fails if a fork hangs behind a stuck thread or behind itself."""
+def test_two_threads_forking_at_once_keep_the_gate_closed_until_both_forked() -> None:
+    """While two forks are under way, work of other threads waits until both are
+    done; the forking threads and hooks that run during a fork pass. Fails if the
+    first fork to end opens the gate while the second still waits for it (the
+    second then split a transaction)."""
     from statekit._fork import ForkGate
 
-    gate = ForkGate("a test's work", patience=0.2)
+    gate = ForkGate("a test's work")
+    deadline = time.monotonic() + WAIT
+    entered = threading.Event()
+
+    def other() -> None:
+        with gate:
+            entered.set()
+
+    gate.before_fork(deadline)  # this thread forks...
+    with gate:  # ...and may pass (a fork hook of its own, say)
+        pass
+    gate.before_fork(deadline)  # ...and forks again, before the first fork ended
+    worker = threading.Thread(target=other)
+    worker.start()
+    gate.after_fork_in_parent()  # the first fork ends
+    assert not entered.wait(0.2)  # the second is still under way: held back
+    gate.after_fork_in_parent()
+    assert entered.wait(WAIT)
+    worker.join(WAIT)
+
+
+def test_a_fork_waits_for_a_gate_only_so_long_and_never_for_its_own_thread(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork waits for work in flight in other threads at most FORK_PATIENCE, then
+    forks all the same (saying so); a fork from inside the gate waits for nobody (the
+    other thread may be waiting for what the forking one holds). Fails if a fork hangs
+    behind a stuck thread or behind itself."""
+    from statekit import _fork
+
+    monkeypatch.setattr(_fork, "FORK_PATIENCE", 0.2)
+    gate = _fork.ForkGate("a test's work")
     inside, release = threading.Event(), threading.Event()
 
     def stuck() -> None:
@@ -424,13 +454,17 @@ def test_a_fork_waits_for_a_gate_only_so_long_and_never_for_its_own_thread(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             started = time.monotonic()
-            with gate:  # the forking thread's own work: not waited for
-                assert _child_outcome(lambda: None) == "ok"
+            assert _child_outcome(lambda: None) == "ok"
             waited = time.monotonic() - started
+            with gate:  # forking from inside: no wait
+                started = time.monotonic()
+                assert _child_outcome(lambda: None) == "ok"
+                inside_wait = time.monotonic() - started
     finally:
         release.set()
         worker.join(WAIT)
     assert 0.2 <= waited < WAIT
+    assert inside_wait < 0.2
     assert "forking while a test's work is in flight" in caplog.text
     with gate:  # open again in the parent
         pass

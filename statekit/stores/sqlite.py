@@ -99,7 +99,7 @@ class SQLiteStore:
         self._local = threading.local()
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._closed = False
-        self._writes = _fork.ForkGate(f"a write of {self._label()}", patience=timeout)
+        self._writes = _fork.ForkGate(f"a write of {self._label()}")
         try:
             self._connection().executescript(SCHEMA)
             self._file = identity(self._absolute)
