@@ -93,15 +93,15 @@ class SQLiteStore:
         self.codec: Codec = JSONCodec() if codec is None else codec
         self.timeout = timeout
         self.poll_interval = poll_interval
-        # The database file's (device, inode) once its tables are there, and its path.
-        self._file: tuple[int, int] | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode), once it has the tables
         self._absolute = os.path.abspath(self.path)
         self._local = threading.local()
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._closed = False
         self._writes = _fork.ForkGate(f"a write of {self._label()}")
         try:
-            self._connection().executescript(SCHEMA)
+            with self._writes:  # the tables (and WAL mode), written once
+                self._connection().executescript(SCHEMA)
             self._file = identity(self._absolute)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(self._label(), str(exc)) from exc
@@ -198,8 +198,8 @@ class SQLiteStore:
     def close(self) -> None:
         """Close every connection this store opened. The store cannot be used after."""
         self._closed = True
-        for held in list(self._connections):
-            if held.pid == os.getpid():
+        with self._writes:  # the last connection to close checkpoints the log
+            for held in [held for held in self._connections if held.pid == os.getpid()]:
                 with contextlib.suppress(sqlite3.Error):
                     held.db.close()
 
