@@ -418,6 +418,20 @@ async def _finished(
         raise
 
 
+async def _answered(call: Coroutine[Any, Any, R]) -> R:
+    """``call``'s answer, also when it finished its operation under a cancellation of
+    its own task and then raised it, answer attached (see ``stores._finish``): the task
+    running it ends with the answer, for :func:`_to_the_end` to salvage."""
+    try:
+        return await call
+    except asyncio.CancelledError as cancelled:
+        finished, answer = answer_of(cancelled)
+        if not finished:
+            raise
+        value: R = answer
+        return value
+
+
 async def _to_the_end(
     call: Coroutine[Any, Any, R],
     step: StoreCall[R],
@@ -433,7 +447,7 @@ async def _to_the_end(
     A second cancellation stops the wait, unless the call is not ``stoppable`` (one a
     worker thread runs: the thread goes on, and a lease it takes must not be given
     back before it did)."""
-    task = asyncio.ensure_future(call)
+    task = asyncio.ensure_future(_answered(call))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -551,3 +552,36 @@ def test_a_connection_given_back_before_the_send_as_a_second_cancellation_comes_
     assert asyncio.run(main()) == []
     engine.shutdown()
     store.close()
+
+
+def test_a_call_in_a_thread_cancelled_twice_still_hands_over_its_answer() -> None:
+    """Where the engine runs each awaited call in a task of its own (Python 3.10), a
+    call in a worker thread cancelled twice is waited for, and its answer (a lease
+    granted, values claimed) still reaches ``salvage``. Fails if the answer, which the
+    operation raises attached to the cancellation, is dropped."""
+    from statekit._steps import _to_the_end
+
+    async def main() -> list[Any]:
+        got: list[Any] = []
+
+        def load() -> str:  # the blocking call, in a worker thread
+            time.sleep(0.2)
+            return "leased"
+
+        async def operation() -> str:
+            sent()
+            return await finish(asyncio.to_thread(load), stoppable=False)
+
+        step: Any = "load"
+        task = asyncio.create_task(
+            _to_the_end(finishing(operation()), step, lambda s, a: got.append((s, a)))
+        )
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return got
+
+    assert asyncio.run(main()) == [("load", "leased")]
