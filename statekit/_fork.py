@@ -81,8 +81,8 @@ class ForkGate:
 
     The forking thread is never held back (fork hooks registered before statekit was
     imported run while the gate is closed), nor is a thread already inside; a fork
-    from inside the gate waits for nobody (another thread may be waiting there for
-    what the forking one holds)."""
+    from inside the gate does not wait for it (another thread may be waiting there
+    for what the forking one holds), only for the other gates."""
 
     def __init__(self, name: str) -> None:
         self._name = name

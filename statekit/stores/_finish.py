@@ -1,4 +1,5 @@
-"""Awaited store operations that finish what they sent, whatever cancels their task.
+"""Awaited store operations that, once they sent something, finish in spite of a
+first cancellation of their task.
 
 A store call that has left for the server may be applied there, whether or not the
 client reads the reply. If the awaiting task is cancelled then and the call is simply
@@ -14,7 +15,9 @@ again (the client library's parsers keep what they read). A cancellation that ar
 meanwhile is *absorbed*: noted, and the read goes on. Anything else that waits after
 the send (a reconnection, a retry, another call of the same operation) runs in a task
 of its own (:func:`finish`), which the cancellation does not reach. A second
-cancellation is not absorbed: it interrupts the operation, as it would a task.
+cancellation is not absorbed: it interrupts the operation, as it would a task, except
+while a worker thread runs the call (``stoppable=False``): nothing stops the thread,
+so it is waited for.
 
 **The answer.** :func:`finishing` wraps a whole operation: when it absorbed a
 cancellation, it raises :class:`asyncio.CancelledError` once the operation is over (a

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 __all__ = ["APP", "CLAIMS", "INDEXES", "INDEX_CHECK", "PUT_VALUES", "SESSION"]
 
-# The start of the six scripts about an application's sessions (see Layout).
+# The start of the scripts about an application's sessions (the seven of _redis_scripts,
+# see Layout, and the staged commit's).
 APP = r"""
 local DL, REQ = KEYS[1], KEYS[2]
 local INDEXES = {DL}
@@ -48,7 +49,7 @@ local function missing(gone)
 end
 """
 
-# Then, in the five that may claim sessions or values (all but COMMIT): the capacity
+# Then, in the six that may claim sessions or values (all but COMMIT): the capacity
 # orders and what claims them.
 CLAIMS = r"""
 local LRU, CLOSED = KEYS[3], KEYS[4]

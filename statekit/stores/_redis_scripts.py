@@ -142,9 +142,9 @@ return remember({'ok', evicted, junk, redis.call('ZCARD', LRU) + redis.call('ZCA
 # ARGV: (1), now, 'free'|'any', the most to evict, then the ids of sessions to evict,
 #       oldest first (the caller chose them among the oldest of every bucket, when the
 #       app's sessions are spread over several).
-# Returns {'ok', evicted, junk, kept, held} as CREATE does, and with 'free' the victims
-# passed over because a kept lease or an event's holds them; a victim no longer in a
-# capacity order (another process took it) is passed over.
+# Returns {'ok', evicted, junk} as CREATE does, then, with 'free', the ids passed over
+# because a lease holds them: kept leases', then events' (both empty with 'any'); a
+# victim no longer in a capacity order (another process took it) is passed over.
 EVICT = (
     _CLAIMING
     + r"""
@@ -207,7 +207,8 @@ end
 if ARGV[5] ~= '' then
   -- The lease makes an open at capacity (of its own user's record, say) pass the
   -- session over while the event holds it; its place in the capacity order moves with
-  -- its deadline only (touch below), by a second or more.
+  -- its deadline only (touch below), by a second or more (a tenth of the idle ttl, if
+  -- that is shorter).
   redis.call('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
   -- An event's lease now, not a kept one (its engine loads with the kept token when
   -- the kept lease is too short to use): an open at capacity passes it over.
