@@ -9,6 +9,7 @@ import contextlib
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -158,6 +159,33 @@ def test_what_waits_after_the_send_runs_in_a_task_the_cancellation_does_not_reac
 # -- the Redis store ------------------------------------------------------------------
 
 
+class Counted:
+    """A Redis store, an engine on it (leases of 30 s, waits of 2 s), a session, and
+    awaited events that add 1 to its count or read it."""
+
+    def __init__(self, url: str) -> None:
+        self.store = RedisStore(url, prefix=f"fn{uuid.uuid4().hex[:6]}")
+        self.engine = StateEngine(self.store, app="shop", lease_ttl=30, lease_wait=2)
+        self.count = self.engine.session_state("count", 0)
+        self.sid = self.engine.open_session()
+
+    async def event(self) -> None:
+        async with self.engine.aevent(self.sid) as ev:
+            ev[self.count] += 1
+
+    async def read(self) -> int:
+        async with self.engine.aevent(self.sid) as ev:
+            return ev[self.count]
+
+
+@pytest.fixture
+def counted(redis_server: RedisServer) -> Iterator[Counted]:
+    made = Counted(redis_server.url)
+    yield made
+    made.engine.shutdown()
+    made.store.close()
+
+
 def test_an_awaited_event_on_redis_starts_no_task_per_store_call(
     redis_server: RedisServer,
 ) -> None:
@@ -196,7 +224,7 @@ def test_an_awaited_event_on_redis_starts_no_task_per_store_call(
 
 @pytest.mark.parametrize("parser", [_AsyncHiredisParser, _AsyncRESP2Parser])
 def test_an_awaited_event_cancelled_at_any_turn_leaves_its_session_and_client_sound(
-    redis_server: RedisServer, parser: Any
+    redis_server: RedisServer, counted: Counted, parser: Any
 ) -> None:
     """An awaited event cancelled at each turn of the loop in turn (before, during
     and after its load and its commit) ends in CancelledError; its increment lands
@@ -206,18 +234,7 @@ def test_an_awaited_event_cancelled_at_any_turn_leaves_its_session_and_client_so
     cut short by the cancellation where it stopped). Fails if a cancellation is lost,
     an increment lands twice, a lease is left held, a connection leaks, or a reply is
     read by the wrong call."""
-    store = RedisStore(redis_server.url, prefix=f"ct{uuid.uuid4().hex[:6]}")
-    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=2)
-    count = engine.session_state("count", 0)
-    sid = engine.open_session()
-
-    async def event() -> None:
-        async with engine.aevent(sid) as ev:
-            ev[count] += 1
-
-    async def read() -> int:
-        async with engine.aevent(sid) as ev:
-            return ev[count]
+    store, event, read = counted.store, counted.event, counted.read
 
     async def main() -> list[str]:
         client = store.async_client = aioredis.Redis.from_url(
@@ -252,8 +269,6 @@ def test_an_awaited_event_cancelled_at_any_turn_leaves_its_session_and_client_so
         return faults
 
     assert asyncio.run(main()) == []
-    engine.shutdown()
-    store.close()
 
 
 async def _finished_after_send(reply: asyncio.Future[str]) -> str:
@@ -293,21 +308,15 @@ def test_a_call_that_ends_as_its_task_is_cancelled_still_hands_over_its_answer()
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="before 3.11 each call has a task")
 def test_an_event_cancelled_while_its_connection_connects_is_cancelled(
-    redis_server: RedisServer,
+    redis_server: RedisServer, counted: Counted
 ) -> None:
     """An awaited event cancelled while the client connects a connection for its load
     (the client's HELLO and CLIENT SETINFO go through ``asyncio.wait_for`` when it has
     a ``socket_timeout``, which before Python 3.12 drops a cancellation arriving as it
     completes) ends in CancelledError and commits nothing. Fails if the cancellation
     is lost there and the event runs on and commits."""
-    store = RedisStore(redis_server.url, prefix=f"cc{uuid.uuid4().hex[:6]}")
-    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=2)
-    count = engine.session_state("count", 0)
-    sid = engine.open_session()
-
-    async def event() -> None:
-        async with engine.aevent(sid) as ev:
-            ev[count] += 1
+    store, engine, count, sid = counted.store, counted.engine, counted.count, counted.sid
+    event = counted.event
 
     async def main() -> tuple[list[int], int, int, int]:
         client = store.async_client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5)
@@ -338,24 +347,16 @@ def test_an_event_cancelled_while_its_connection_connects_is_cancelled(
     assert cancelled >= 10  # the connection's handshake takes several turns
     # Each event done landed; a cancelled one whose commit was sent may have landed.
     assert done <= value <= done + cancelled
-    engine.shutdown()
-    store.close()
 
 
 def test_a_connection_given_back_as_a_second_cancellation_comes_is_not_lost(
-    redis_server: RedisServer,
+    redis_server: RedisServer, counted: Counted
 ) -> None:
     """A cancelled event gives its connection back while another task holds the
     pool's lock, and is cancelled again: the connection still goes back to the pool.
     Fails if it stays counted as in use for good (a bounded pool would run out)."""
-    store = RedisStore(redis_server.url, prefix=f"gb{uuid.uuid4().hex[:6]}")
-    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=2)
-    count = engine.session_state("count", 0)
-    sid = engine.open_session()
-
-    async def event() -> None:
-        async with engine.aevent(sid) as ev:
-            ev[count] += 1
+    store, engine, count, sid = counted.store, counted.engine, counted.count, counted.sid
+    event = counted.event
 
     async def main() -> tuple[int, int, int]:
         client = store.async_client = aioredis.Redis.from_url(redis_server.url)
@@ -382,8 +383,6 @@ def test_a_connection_given_back_as_a_second_cancellation_comes_is_not_lost(
     in_use, after, value = asyncio.run(main())
     assert (in_use, after) == (0, 0)
     assert value in (1, 2)
-    engine.shutdown()
-    store.close()
 
 
 def _cancel_at(task: asyncio.Task[Any], turns: int, then: int | None = None) -> None:
@@ -512,19 +511,12 @@ def test_an_event_in_a_worker_thread_cancelled_twice_leaves_no_lease_behind(
 
 
 def test_a_connection_given_back_before_the_send_as_a_second_cancellation_comes_is_not_lost(
-    redis_server: RedisServer,
+    redis_server: RedisServer, counted: Counted
 ) -> None:
     """An event cancelled while its connection connects gives the connection back;
     cancelled again while the pool's lock is busy, the connection still goes back.
     Fails if it stays counted as in use for good."""
-    store = RedisStore(redis_server.url, prefix=f"cb{uuid.uuid4().hex[:6]}")
-    engine = StateEngine(store, app="shop", lease_ttl=30, lease_wait=2)
-    count = engine.session_state("count", 0)
-    sid = engine.open_session()
-
-    async def event() -> None:
-        async with engine.aevent(sid) as ev:
-            ev[count] += 1
+    store, event = counted.store, counted.event
 
     async def main() -> list[int]:
         client = store.async_client = aioredis.Redis.from_url(redis_server.url)
@@ -550,8 +542,6 @@ def test_a_connection_given_back_before_the_send_as_a_second_cancellation_comes_
         return leaked
 
     assert asyncio.run(main()) == []
-    engine.shutdown()
-    store.close()
 
 
 def test_a_call_in_a_thread_cancelled_twice_still_hands_over_its_answer() -> None:

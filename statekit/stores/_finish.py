@@ -153,11 +153,7 @@ def unsent_mark() -> int | None:
     None once the operation sent something (what follows runs in :func:`finish`), and
     before Python 3.11 (no count; the engine runs each call in a task of its own)."""
     state = _CURRENT.get()
-    if state is not None and state.sent:
-        return None
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return None if cancelling is None else int(cancelling())
+    return None if state is not None and state.sent else _cancellations()
 
 
 def check_unsent(mark: int | None) -> None:
@@ -165,11 +161,15 @@ def check_unsent(mark: int | None) -> None:
     reached the task: before Python 3.12, ``asyncio.wait_for`` (which redis-py sends
     through when a connection has a timeout, as while connecting) drops one that
     arrives as it completes."""
-    if mark is None:
-        return
-    cancelling: Any = getattr(asyncio.current_task(), "cancelling", None)
-    if cancelling is not None and cancelling() > mark:
+    if mark is not None and (_cancellations() or 0) > mark:
         raise asyncio.CancelledError
+
+
+def _cancellations() -> int | None:
+    """The cancellations asked of the current task (``Task.cancelling()``, Python
+    3.11+), or None."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return None if cancelling is None else int(cancelling())
 
 
 async def unsent(awaitable: Awaitable[_T]) -> _T:

@@ -178,22 +178,12 @@ def evict_over(ns: RedisNamespace, *, now: float, capacity: int, sid: str) -> Op
             if member != me and member not in held
         )[:reach]
         where = {member: (is_open, score, k) for is_open, score, k, member in oldest}
-        took = 0
-        for k, victims in _by_bucket(oldest):
-            if took >= need:
-                break
-            reply = yield _evict(ns, buckets[k], now, "free", need - took, victims)
-            for level in (1, 2):
-                held.update((member, (level, *where[member])) for member in reply[2 + level])
-            took += _tally(ns, buckets[k], reply, evicted)
+        took, passed = yield from _evict_runs(ns, oldest, now, "free", need, evicted)
+        held.update((member, (level, *where[member])) for level, member in passed)
         # The last round, or none but held ones left: those, for what is still needed.
         if took < need and held and (not oldest or round_ == _EVICT_ROUNDS - 1):
-            ranked = sorted((*rank, member) for member, rank in held.items())
-            for k, victims in _by_bucket([entry[1:] for entry in ranked]):
-                if took >= need:
-                    break
-                reply = yield _evict(ns, buckets[k], now, "any", need - took, victims)
-                took += _tally(ns, buckets[k], reply, evicted)
+            ranked = [entry[1:] for entry in sorted((*rank, m) for m, rank in held.items())]
+            took += (yield from _evict_runs(ns, ranked, now, "any", need - took, evicted))[0]
         if took >= need or not oldest:
             break
     return evicted
@@ -212,17 +202,32 @@ def _by_bucket(ranked: list[tuple[int, float, int, bytes]]) -> list[tuple[int, l
     return runs
 
 
-def _evict(
-    ns: RedisNamespace, bucket: Bucket, now: float, mode: str, most: int, victims: list[bytes]
-) -> Plan[Any]:
-    keys = [*ns.claiming_keys(bucket), *ns.pairs(bucket, victims)]
-    return Plan("EVICT", keys, [bucket.settings, replies.num(now), mode, most, *victims], raw)
-
-
-def _tally(ns: RedisNamespace, bucket: Bucket, reply: list[Any], evicted: list[Ended]) -> int:
-    """Add what an EVICT reply evicted to ``evicted``; how many entries it took."""
-    gone, junk = replies.created(reply)
-    evicted.extend(gone)
-    if junk:
-        replies.warn_junk(ns.store, bucket.P + "lru", junk)
-    return len(gone) + len(junk)
+def _evict_runs(
+    ns: RedisNamespace,
+    ranked: list[tuple[int, float, int, bytes]],
+    now: float,
+    mode: str,
+    need: int,
+    evicted: list[Ended],
+) -> Ops[tuple[int, list[tuple[int, bytes]]]]:
+    """Evict from ``ranked`` (oldest first), run by run of one bucket, until ``need``
+    entries are taken (``mode`` as ``EVICT``'s), adding what went to ``evicted``: how
+    many entries were taken, and the members passed over, with how firmly a lease
+    holds each (1 a kept lease, 2 an event's)."""
+    buckets = ns.layout.buckets
+    took = 0
+    passed: list[tuple[int, bytes]] = []
+    for k, victims in _by_bucket(ranked):
+        if took >= need:
+            break
+        bucket = buckets[k]
+        keys = [*ns.claiming_keys(bucket), *ns.pairs(bucket, victims)]
+        args = [bucket.settings, replies.num(now), mode, need - took, *victims]
+        reply = yield Plan("EVICT", keys, args, raw)
+        passed += [(level, member) for level in (1, 2) for member in reply[2 + level]]
+        gone, junk = replies.created(reply)
+        evicted.extend(gone)
+        took += len(gone) + len(junk)
+        if junk:
+            replies.warn_junk(ns.store, bucket.P + "lru", junk)
+    return took, passed

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import Awaitable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -144,6 +145,23 @@ async def _give_back_again(pool: Any, conn: Any) -> None:
         await pool.release(conn)
 
 
+async def _before_send(
+    pool: Any, conn: Any, mark: int | None, step: Awaitable[object] | None = None
+) -> None:
+    """Await ``step`` (connecting ``conn``), then raise a cancellation that redis-py's
+    ``asyncio.wait_for`` dropped since ``mark`` (``_finish.check_unsent``). On any
+    failure ``conn`` goes back to its pool, and the failure is marked as one that came
+    before the send."""
+    try:
+        if step is not None:
+            await finish(step)
+        check_unsent(mark)
+    except BaseException as exc:
+        not_sent(exc)
+        await _give_back(pool, conn)
+        raise
+
+
 async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
     """``RedisStore._direct`` on an asyncio client of one server (not a single-connection
     client): the command is sent on a connection of the client's pool, given back
@@ -159,27 +177,17 @@ async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
     failure, its retries, a script to load) runs in a task of its own once the
     command may have left (``finish``)."""
     pool = client.connection_pool
-    mark = unsent_mark()
     if type(pool) in _PLAIN_POOLS:
         try:
             conn = pool.get_available_connection()  # the pool's bound holds
         except RedisError as exc:
             raise not_sent(exc) from None
         if not conn.is_connected:
-            try:
-                await finish(conn.connect())
-            except BaseException as exc:
-                not_sent(exc)
-                await _give_back(pool, conn)
-                raise
+            await _before_send(pool, conn, unsent_mark(), conn.connect())
     else:  # a blocking pool waits for a connection in its own way
+        mark = unsent_mark()
         conn = await finish(pool.get_connection())
-    try:
-        check_unsent(mark)
-    except asyncio.CancelledError as exc:
-        not_sent(exc)
-        await _give_back(pool, conn)
-        raise
+        await _before_send(pool, conn, mark)
     try:
         packed = [pack(conn, command)]
         failed: Exception | None = None

@@ -42,12 +42,7 @@ try:
     import redis.asyncio as aioredis
     import redis.asyncio.cluster as aiocluster
     import redis.asyncio.sentinel
-    from redis.exceptions import (
-        NoScriptError,
-        RedisClusterException,
-        RedisError,
-        ResponseError,
-    )
+    from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("RedisStore needs the redis package: pip install 'statekit[redis]'") from exc
 
