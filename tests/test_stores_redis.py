@@ -702,3 +702,42 @@ def test_a_sentinel_failover_raises_store_unavailable_then_the_engine_carries_on
     finally:
         engine.shutdown()
         store.close()
+
+
+# -- the packing of commands ---------------------------------------------------------
+
+
+_ARGUMENTS = [
+    ("EVALSHA", "ab" * 20, 6, "p:{b}:s:id", b"\x00\xff bytes", "é 雪 text", -3, 2**70, 1.5),
+    ("SET", "k", memoryview(b"view"), 1796140638.508412, 0),
+]
+
+
+@pytest.mark.parametrize("command", _ARGUMENTS)
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_a_command_is_packed_with_the_connections_encoding(
+    command: tuple[Any, ...], encoding: str
+) -> None:
+    """The store packs its commands itself (in C by hiredis where that encodes as the
+    connection does, else in Python): each argument as the connection's encoder
+    makes it, whatever its type. Fails if a path drops or re-encodes an argument
+    (latin-1 text packed as UTF-8, as redis-py's own hiredis packing does)."""
+    from statekit.stores._redis_wire import pack
+
+    if encoding == "latin-1":
+        command = tuple(a.replace("雪", "") if isinstance(a, str) else a for a in command)
+    conn: Any = redis.Connection(encoding=encoding)  # type: ignore[no-untyped-call]
+    expected = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        data = bytes(conn.encoder.encode(arg))
+        expected.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    assert pack(conn, command) == b"".join(expected)
+
+
+def test_an_argument_redis_py_refuses_is_refused() -> None:
+    """A type neither hiredis nor the encoder packs (a bool) is refused by redis-py's
+    encoder, as ``execute_command`` refuses it, never sent as something else."""
+    from statekit.stores._redis_wire import pack
+
+    with pytest.raises(redis.DataError):
+        pack(redis.Connection(), ("SET", "k", True))  # type: ignore[no-untyped-call]

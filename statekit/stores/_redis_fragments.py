@@ -106,15 +106,19 @@ local function slides(closed, deadline, now, new_deadline)
   return wanted - deadline >= math.min(1, (wanted - tonumber(now)) / 10)
 end
 
--- Slide the deadline, if the touch slides it (and index it).
-local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
-  if not slides(closed, deadline, now, new_deadline) then
-    return
-  end
+-- Slide the deadline to new_deadline (and index it).
+local function slide(key, sid, now, new_deadline, backstop_ms)
   redis.call('HSET', key, '_d', new_deadline)
   redis.call('PEXPIRE', key, backstop_ms)
   redis.call('ZADD', DL, new_deadline, 's\0' .. sid)
   redis.call('ZADD', LRU, now, sid)
+end
+
+-- Slide the deadline, if the touch slides it.
+local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
+  if slides(closed, deadline, now, new_deadline) then
+    slide(key, sid, now, new_deadline, backstop_ms)
+  end
 end
 
 -- Remove one value past its ttl; return {sid, 'ttl', at, name, value}, or nil when the

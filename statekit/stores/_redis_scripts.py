@@ -166,41 +166,52 @@ LOAD = (
 local now = tonumber(ARGV[3])
 local h = redis.pcall('HGETALL', KEY)
 if h.err then return {'wrongtype'} end
+-- One pass over the hash, by the first two bytes of each field's name: the session's
+-- own fields ('_'), its values ('v:') and their deadlines ('t:'), noting those due
+-- and the first damaged one (answered below, after what outranks it).
 local fields = {}
-for i = 1, #h, 2 do
-  fields[h[i]] = h[i + 1]
-end
-local meta = {fields._v, fields._c, fields._d, fields._l, fields._lu}
-if not meta[3] then return missing(GONE) end
-local bad = damaged(meta[1], meta[3])
-if bad then return {'corrupt', bad} end
-if meta[4] and not number(meta[5]) then return {'corrupt', '_lu'} end
-local deadline = tonumber(meta[3])
-if deadline <= now then
-  local bad_index = damaged_index()
-  if bad_index then return bad_index end
-  return expired(SID, KEY, GONE, meta)
-end
-local due = {}
-local any_due = false
+local values = {}
+local due = nil
+local bad_ttl = nil
 for i = 1, #h, 2 do
   local f = h[i]
-  if string.sub(f, 1, 2) == 't:' then
-    local at = number(h[i + 1])
-    if not at then return {'corrupt', f} end
-    if at <= now then
-      due[string.sub(f, 3)] = h[i + 1]
-      any_due = true
+  local first, second = string.byte(f, 1, 2)
+  if first == 95 then  -- '_'
+    fields[f] = h[i + 1]
+  elseif second == 58 then  -- ':'
+    if first == 118 then  -- 'v'
+      values[#values + 1] = string.sub(f, 3)
+      values[#values + 1] = h[i + 1]
+    elseif first == 116 then  -- 't'
+      local at = number(h[i + 1])
+      if not at then
+        bad_ttl = bad_ttl or f
+      elseif at <= now then
+        due = due or {}
+        due[string.sub(f, 3)] = h[i + 1]
+      end
     end
   end
 end
-if ARGV[5] ~= '' and meta[4] and meta[4] ~= ARGV[5] and tonumber(meta[5]) > now then
-  if fields._lk == meta[4] then ask_keeper(SID) end
-  return {'busy', meta[5]}
+local version, closed, deadline_text, lease = fields._v, fields._c, fields._d, fields._l
+if not deadline_text then return missing(GONE) end
+local bad = damaged(version, deadline_text)
+if bad then return {'corrupt', bad} end
+if lease and not number(fields._lu) then return {'corrupt', '_lu'} end
+local deadline = tonumber(deadline_text)
+if deadline <= now then
+  local bad_index = damaged_index()
+  if bad_index then return bad_index end
+  return expired(SID, KEY, GONE, {version, closed, deadline_text})
+end
+if bad_ttl then return {'corrupt', bad_ttl} end
+if ARGV[5] ~= '' and lease and lease ~= ARGV[5] and tonumber(fields._lu) > now then
+  if fields._lk == lease then ask_keeper(SID) end
+  return {'busy', fields._lu}
 end
 -- Claiming a value or sliding the deadline writes to the indexes: checked first.
-local sliding = slides(meta[2], deadline, ARGV[3], ARGV[4])
-if any_due or sliding then
+local sliding = slides(closed, deadline, ARGV[3], ARGV[4])
+if due or sliding then
   local bad_index = damaged_index()
   if bad_index then return bad_index end
 end
@@ -214,26 +225,26 @@ if ARGV[5] ~= '' then
   -- the kept lease is too short to use): an open at capacity passes it over.
   if fields._lk then redis.call('HDEL', KEY, '_lk') end
 end
-local values = {}
-local expired = {}
-for i = 1, #h, 2 do
-  local f = h[i]
-  if string.sub(f, 1, 2) == 'v:' then
-    local name = string.sub(f, 3)
-    if not due[name] then
-      values[#values + 1] = name
-      values[#values + 1] = h[i + 1]
+local claimed = {}
+if due then
+  -- Values past their ttl are claimed, not loaded.
+  local kept = {}
+  for j = 1, #values, 2 do
+    if not due[values[j]] then
+      kept[#kept + 1] = values[j]
+      kept[#kept + 1] = values[j + 1]
     end
   end
+  values = kept
+  for name, at in pairs(due) do
+    -- nil (and only the stray deadline removed) when the value is not there
+    claimed[#claimed + 1] = claim_value(KEY, SID, name, at)
+  end
 end
-for name, at in pairs(due) do
-  -- nil (and only the stray deadline removed) when the value is not there
-  expired[#expired + 1] = claim_value(KEY, SID, name, at)
-end
-touch(KEY, SID, meta[2], deadline, ARGV[3], ARGV[4], ARGV[7])
-local reply = {'ok', meta[1], meta[2] or '0', values, expired}
+if sliding then slide(KEY, SID, ARGV[3], ARGV[4], ARGV[7]) end
+local reply = {'ok', version, closed or '0', values, claimed}
 if fields._tx then reply[6] = fields._tx end  -- a user's record, with a commit staged
-if #expired > 0 then return remember_claims(reply) end
+if #claimed > 0 then return remember_claims(reply) end
 return reply
 """
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,7 +23,7 @@ __all__ = ["adirect", "pack"]
 _PLAIN_POOLS = (aioredis.ConnectionPool, aioredis.sentinel.SentinelConnectionPool)
 
 
-def pack(conn: Any, command: tuple[Any, ...]) -> bytes:
+def _pack_in_python(conn: Any, command: tuple[Any, ...]) -> bytes:
     """``command`` as the Redis protocol sends it, in one piece: what the connection's
     ``pack_command`` makes of it, at a third of its cost for the bytes, strings and
     whole numbers the store sends (anything else is the connection encoder's)."""
@@ -41,6 +41,31 @@ def pack(conn: Any, command: tuple[Any, ...]) -> bytes:
             data = conn.encoder.encode(arg)
         parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+_pack_in_c: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _pack_in_c
+except ImportError:  # pragma: no cover - hiredis comes with the redis extra
+    _pack_in_c = None
+
+_UTF8 = frozenset({"utf-8", "utf8", "UTF-8", "UTF8"})
+_STRICT = "strict"
+
+
+def pack(conn: Any, command: tuple[Any, ...]) -> bytes:
+    """``command`` as the Redis protocol sends it, in one piece, as the connection's
+    ``pack_command`` would make it: by hiredis (a third of the time of the same work
+    in Python) when the connection encodes text as strict UTF-8, as hiredis does, and
+    every argument is text, bytes or a number; else in Python, with the connection's
+    encoder for anything but text, bytes and whole numbers."""
+    encoder = conn.encoder
+    if _pack_in_c is not None and encoder.encoding in _UTF8 and encoder.encoding_errors == _STRICT:
+        try:
+            return _pack_in_c(command)
+        except TypeError:  # an argument of another type: the encoder's to refuse or read
+            pass
+    return _pack_in_python(conn, command)
 
 
 #: The largest command sent without redis-py's send timeout (see :func:`_asend`): half
