@@ -715,6 +715,34 @@ def test_a_damaged_session_says_so_naming_it_and_is_left_in_place(
     assert not engine.exists(sid)  # not a session anyone can use
 
 
+def test_a_damaged_value_deadline_does_not_outrank_a_session_past_its_own(
+    redis_engine: StateEngine, clock: FakeClock
+) -> None:
+    """A load reads the whole session in one pass and meets a damaged value deadline
+    before it knows whether the session is still alive: a session past its idle
+    deadline still ends as idle (its hook runs, once), not as damaged and left in
+    place; a live one with the same field says it is damaged. Fails if the damaged
+    field is answered as soon as the pass meets it."""
+    engine = redis_engine
+    client, P = keys_of(engine)
+    ended: list[tuple[str, DeleteReason]] = []
+    engine.on_close(lambda sid, reason: ended.append((sid, reason)))
+    note = engine.session_state("note", "", ttl=30)
+    old, live = engine.open_session(), engine.open_session()
+    for sid in (old, live):
+        with engine.event(sid) as ev:
+            ev[note] = "x"
+        client.hset(P + "s:" + sid, "t:note", "junk")
+    clock.advance(61)
+    client.hset(P + "s:" + live, "_d", str(clock() + 60))
+    with pytest.raises(SessionNotFound) as info, engine.event(old):
+        pass
+    assert not isinstance(info.value, SessionCorrupt)
+    assert ended == [(old, DeleteReason.IDLE)]
+    with pytest.raises(SessionCorrupt, match="damaged"), engine.event(live):
+        pass
+
+
 def test_a_deadline_that_is_not_a_number_never_stops_reaping(
     redis_engine: StateEngine, clock: FakeClock
 ) -> None:
