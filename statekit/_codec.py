@@ -56,6 +56,7 @@ __all__ = [
     "SignedPickleCodec",
     "StoredEnum",
     "StoredObject",
+    "encode_with",
     "locate_unencodable",
 ]
 
@@ -73,6 +74,16 @@ class Codec(Protocol):
     def decode(self, data: bytes) -> Any:
         """The value for ``data``. Raises :class:`CodecError` if ``data`` is invalid."""
         ...
+
+
+def encode_with(codec: Codec, value: Any) -> bytes:
+    """``codec.encode(value)``, a bytes-like answer (a ``memoryview`` or
+    ``bytearray``, which a codec of the app's may give) made ``bytes``: stores compare
+    and send bytes, and a strided view would be sent as its underlying buffer."""
+    data: Any = codec.encode(value)
+    if data.__class__ is memoryview or data.__class__ is bytearray:
+        return bytes(data)
+    return data  # type: ignore[no-any-return]
 
 
 def _class_path(cls: type) -> str:

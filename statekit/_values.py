@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from typing_extensions import override
 
 from ._changes import CHANGED, EXACT_ATOMS, SAME, Change, judge, walk
-from ._codec import Codec
+from ._codec import Codec, encode_with
 from ._copying import open_value, stored_form
 from .exceptions import CodecError, StateNotCopyable, ValueNotStorable
 
@@ -177,7 +177,7 @@ class EncodedValues:
 
     def store(self, name: str, value: Any) -> Any:
         try:
-            data = self.codec.encode(value)
+            data = encode_with(self.codec, value)
         except CodecError as exc:
             raise not_storable(name, self.store_name, exc) from exc
         if self.versions:

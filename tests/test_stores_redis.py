@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import uuid
@@ -741,3 +742,37 @@ def test_an_argument_redis_py_refuses_is_refused() -> None:
 
     with pytest.raises(redis.DataError):
         pack(redis.Connection(), ("SET", "k", True))  # type: ignore[no-untyped-call]
+
+
+def test_a_codec_that_answers_a_strided_view_stores_the_views_bytes(
+    redis_server: RedisServer,
+) -> None:
+    """A codec of the app's may answer a ``memoryview``: the store writes the bytes
+    the view shows. Fails if a strided view went out as its underlying buffer (the
+    C packer reads a view's buffer whole), which stored another value silently."""
+
+    class Strided:
+        name = "strided"
+
+        def encode(self, value: Any) -> Any:
+            return memoryview(b"".join(bytes([c, 0x21]) for c in json.dumps(value).encode()))[::2]
+
+        def decode(self, data: bytes) -> Any:
+            return json.loads(bytes(data))
+
+    store = RedisStore(redis_server.url, prefix=f"v{uuid.uuid4().hex[:6]}", codec=Strided())
+    engine = StateEngine(store, app="shop")
+    cart = engine.session_state("cart", ["none"])
+    total = engine.global_state("total", 0.5)
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[cart] = ["milk", "eggs"]
+    total.increment(1.25)  # a float: read, add and compare-and-set
+    reader = RedisStore(redis_server.url, prefix=store.prefix, codec=Strided())
+    other = StateEngine(reader, app="shop")
+    assert other.session_state("cart", ["none"]).get(sid) == ["milk", "eggs"]
+    assert other.global_state("total", 0.5).get() == 1.75
+    engine.shutdown()
+    other.shutdown()
+    store.close()
+    reader.close()

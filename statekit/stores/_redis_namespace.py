@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from statekit import _fork
 from statekit._checks import USER_PREFIX
-from statekit._codec import JSONCodec
+from statekit._codec import JSONCodec, encode_with
 from statekit.exceptions import CodecError, SessionCorrupt, StoreUnavailable
 
 from . import _redis_replies as replies
@@ -600,7 +600,9 @@ class RedisNamespace:
             current = default if found is None else codec.decode(found[0])
             total = current + amount
             version = None if found is None else found[1]
-            swapped = yield self._global_cas(name, version=version, value=codec.encode(total))
+            swapped = yield self._global_cas(
+                name, version=version, value=encode_with(codec, total)
+            )
             if swapped is not None:
                 return total
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from statekit import _fork
-from statekit._codec import Codec, JSONCodec
+from statekit._codec import Codec, JSONCodec, encode_with
 from statekit.exceptions import (
     SessionExpired,
     SessionNotFound,
@@ -586,7 +586,7 @@ class _SQLiteNamespace:
             db.execute(
                 "INSERT OR REPLACE INTO sk_globals (app, name, value, version) "
                 "VALUES (?, ?, ?, ?)",
-                (self._app, name, codec.encode(value), version + 1),
+                (self._app, name, encode_with(codec, value), version + 1),
             )
             self._notice(db, "global", "", time.time(), names=(name,))
         return value
