@@ -33,6 +33,7 @@ from ._steps import (
     Shutdown,
     Steps,
     StoreCall,
+    acall,
     adrive,
     ask,
     drive,
@@ -186,6 +187,13 @@ class Core:
         thread."""
         return await adrive(
             steps, self.ns, async_ns=self.async_ns, shared=self.shared, salvage=self.salvage_call
+        )
+
+    async def acall(self, call: StoreCall[R]) -> R:
+        """One store call without blocking the event loop, as :meth:`adrive` runs each
+        (for the engine's direct calls, outside steps)."""
+        return await acall(
+            call, self.ns, async_ns=self.async_ns, shared=self.shared, salvage=self.salvage_call
         )
 
     # -- loads -------------------------------------------------------------------------

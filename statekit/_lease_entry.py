@@ -161,7 +161,19 @@ class LeaseEntry:
                 self._use_kept(ev, kept)
             else:
                 token = self._lease_token(ev, reuse)
-                outcome = await self._core.adrive(self._load_steps(ev, started, token))
+                # As enter: the first try is a direct call, the steps poll while busy.
+                core = self._core
+                ev.now = now = core.clock()
+                outcome = await core.acall(
+                    LoadSession(
+                        sid=ev.sid,
+                        now=now,
+                        touch_until=now + (ev.idle_ttl or core.idle_ttl),
+                        lease=Lease(token=token, until=now + core.settings.lease_ttl),
+                    )
+                )
+                if isinstance(outcome, Busy):
+                    outcome = await core.adrive(self._load_steps(ev, started, token, busy=True))
                 self._loaded(ev, outcome)
         except BaseException as exc:
             self._not_entered(ev, held, exc, in_task=True)
@@ -334,7 +346,10 @@ class LeaseEntry:
         hold, lost = self._held(ev)
         loop_error: ChangeLoopError | None = None
         try:
-            loop_error = await self._core.adrive(self._leave_steps(ev, failed or lost))
+            if failed or lost or ev.lease is None:
+                loop_error = await self._core.adrive(self._leave_steps(ev, failed or lost))
+            else:
+                loop_error = await self._acommit_and_release(ev)
         finally:
             self._locks.release(ev.sid)
             self._core.run_ended(ev.pending)
@@ -427,6 +442,54 @@ class LeaseEntry:
         ev.hand_out(tokens)
         ev.changed = changed  # no round: the result is made when asked for
         return None
+
+    async def _acommit_and_release(self, ev: EventState) -> ChangeLoopError | None:
+        """:meth:`_commit_and_release`, awaited: an event that writes with no listener
+        due and no lease to keep commits and gives its lease back in one direct call;
+        any other leaves by its steps."""
+        core = self._core
+        if ev.user_part is not None or self.kept is not None:
+            return await core.adrive(self._leave_steps(ev, False))
+        try:
+            collected = writes, tokens, changed = ev.collect()
+        except BaseException:
+            await self._agive_back(ev)
+            raise
+        if not writes or not no_listeners(changed):
+            return await core.adrive(self._leave_steps(ev, False, collected))
+        try:
+            await core.acall(
+                Commit(
+                    sid=ev.sid,
+                    version=ev.loaded.version,
+                    writes=writes,
+                    ttl_deadlines=core.written_deadlines(ev.now, writes),
+                    now=ev.now,
+                    lease=ev.lease,
+                    release=True,
+                )
+            )
+        except BaseException as exc:
+            try:
+                if isinstance(exc, StoreConflict):
+                    error = self._conflict(ev, exc)
+                    if error is not exc:
+                        raise error from exc
+                raise
+            finally:
+                await self._agive_back(ev)  # (a no-op if the commit gave it back)
+        ev.lease = None  # given back with the commit
+        ev.hand_out(tokens)
+        ev.changed = changed  # no round: the result is made when asked for
+        return None
+
+    async def _agive_back(self, ev: EventState) -> None:
+        """:meth:`_give_back`, awaited."""
+        if ev.lease is not None:
+            try:
+                await self._core.acall(Release(sid=ev.sid, lease=ev.lease))
+            except BaseException as exc:
+                self._release_failed(ev, exc)
 
     def _keep_steps(self, ev: EventState, collected: Collected, kept: KeptLeases) -> Steps[None]:
         """Leave an event that ended well with its lease kept for the session's next

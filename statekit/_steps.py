@@ -63,6 +63,7 @@ __all__ = [
     "Sleep",
     "Steps",
     "StoreCall",
+    "acall",
     "adrive",
     "ask",
     "drive",
@@ -374,7 +375,6 @@ async def adrive(
     do so (``finishes_sent_calls``, see ``stores._finish``), else in a task of their
     own (:func:`_to_the_end`). ``salvage`` receives the call and what it answered.
     """
-    finishes = getattr(async_ns, "finishes_sent_calls", False)
     try:
         call = steps.send(None)
         while True:
@@ -382,16 +382,10 @@ async def adrive(
                 if isinstance(call, Sleep):
                     await asyncio.sleep(call.seconds)
                     answer = None
-                elif async_ns is not None and (coro := call.arun(async_ns)) is not None:
-                    if finishes:
-                        answer = await _finished(coro, call, salvage)
-                    else:
-                        answer = await _to_the_end(coro, call, salvage)
-                elif shared:
-                    thread = asyncio.to_thread(call.run, ns)
-                    answer = await _to_the_end(thread, call, salvage, stoppable=False)
                 else:
-                    answer = call.run(ns)
+                    answer = await acall(
+                        call, ns, async_ns=async_ns, shared=shared, salvage=salvage
+                    )
             except BaseException as exc:
                 call = steps.throw(exc)
             else:
@@ -399,6 +393,26 @@ async def adrive(
     except StopIteration as stop:
         value: R = stop.value
         return value
+
+
+async def acall(
+    call: StoreCall[R],
+    ns: StoreNamespace,
+    *,
+    async_ns: AsyncStoreNamespace | None,
+    shared: bool,
+    salvage: Callable[[StoreCall[Any], Any], object],
+) -> R:
+    """One store call as :func:`adrive` runs each (the engine's direct calls, outside
+    steps, take the same way)."""
+    if async_ns is not None and (coro := call.arun(async_ns)) is not None:
+        if getattr(async_ns, "finishes_sent_calls", False):
+            return await _finished(coro, call, salvage)
+        return await _to_the_end(coro, call, salvage)
+    if shared:
+        thread = asyncio.to_thread(call.run, ns)
+        return await _to_the_end(thread, call, salvage, stoppable=False)
+    return call.run(ns)
 
 
 async def _finished(
