@@ -29,6 +29,7 @@ from ._core import Core
 from ._events import Collected, EventState
 from ._locks import current_owner
 from ._metrics import WINDOW
+from ._renewal import TOUCH
 from ._steps import drive
 from .exceptions import (
     SessionBusy,
@@ -116,10 +117,14 @@ class LatchEntry:
         return self._ns.occupancy()
 
     def extend(self, ev: EventState) -> None:
-        """Nothing to renew: the session's lock is this process's and never lapses."""
+        """No lease to renew (the session's lock is this process's and never lapses),
+        but, as a renewal does, slide the session's idle deadline: it is in use."""
+        now = self._clock()
+        self._ns.peek(ev.sid, TOUCH, now=now, touch_until=now + (ev.idle_ttl or self._idle_ttl))
 
     async def aextend(self, ev: EventState) -> None:
-        """As :meth:`extend`."""
+        """As :meth:`extend` (the memory store does no I/O)."""
+        self.extend(ev)
 
     def enter(self, ev: EventState) -> None:
         core = self._core

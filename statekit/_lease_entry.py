@@ -32,8 +32,8 @@ from ._events import Collected, EventState
 from ._kept import Kept, KeptLeases
 from ._locks import SessionLocks
 from ._remote import Remote
-from ._renewal import Renewer
-from ._steps import Commit, LoadSession, Release, Renew, Sleep, Steps, ask, drive
+from ._renewal import TOUCH, Renewer
+from ._steps import Commit, LoadSession, Peek, Release, Renew, Sleep, Steps, ask, drive
 from .exceptions import ChangeLoopError, LeaseLost, SessionBusy, StoreConflict
 from .stores.base import Busy, GivenBack, Gone, Lease, Loaded
 
@@ -402,6 +402,8 @@ class LeaseEntry:
         held = yield from ask(Renew(ev.sid, token, now + core.settings.lease_ttl))
         if not held:
             raise self._lost(ev, now - ev.now)
+        # In use, not idle: the idle deadline runs from now (see _renewal.TOUCH).
+        yield from ask(Peek(ev.sid, TOUCH, now, now + (ev.idle_ttl or core.idle_ttl)))
         ev.lease_until = now + core.settings.lease_ttl
         self._meter.count("renewals")
 

@@ -9,6 +9,10 @@ end raises :class:`~statekit.LeaseLost` instead of committing. A renewal that fa
 (the store cannot be reached) is logged and tried again at the next round, while the
 lease still runs.
 
+Each renewal also slides the session's idle deadline, as a read does: a session an
+event renews is in use, and its idle ttl runs again from the last renewal, so that a
+handler that works longer than the idle ttl still finds its session when it commits.
+
 Renewal keeps a *running* handler's session; a handler that hangs keeps it too, for as
 long as its event is open. That is why it is asked for per event, not on by default.
 
@@ -25,7 +29,12 @@ from ._core import Core
 from ._events import EventState
 from .exceptions import redact
 
-__all__ = ["Renewer"]
+__all__ = ["TOUCH", "Renewer"]
+
+#: The state name a renewal peeks at to slide its session's idle deadline (a peek
+#: slides it as a read does; no state has this name, so nothing is read or claimed).
+#: Without it, an event that ran longer than the idle ttl found its session ended.
+TOUCH = "\x00renewal"
 
 logger = logging.getLogger("statekit")
 
@@ -98,6 +107,9 @@ class Renewer:
         try:
             now = core.clock()
             held = core.ns.renew(ev.sid, lease=token, until=now + core.settings.lease_ttl)
+            if held:  # in use, not idle: its idle deadline runs from now (see TOUCH)
+                idle = ev.idle_ttl or core.idle_ttl
+                core.ns.peek(ev.sid, TOUCH, now=now, touch_until=now + idle)
         except Exception as exc:
             logger.warning(
                 "could not renew the lease of an event of session %s (tried again in %.3gs): %s",

@@ -4,7 +4,8 @@ fenced by its token as commits are; once another event took the session, the lon
 event fails with LeaseLost and never writes.
 
 On the memory store sessions are held by a lock of this process, which never lapses:
-extend() does nothing there and a long event always commits. "Another process" is a
+extend() only slides the idle deadline there (as every renewal does: a session in use
+is not idle). "Another process" is a
 second engine on the same store (its own locks and leases); it tries the session from
 a thread of its own, with a short ``lease_wait``.
 """
@@ -31,13 +32,22 @@ from .conftest import StoreFactory, declared
 LEASE_TTL = 30.0
 
 
-def engines(make_store: StoreFactory, clock: Any, lease_ttl: float = LEASE_TTL) -> Any:
+def engines(
+    make_store: StoreFactory, clock: Any, lease_ttl: float = LEASE_TTL, idle_ttl: float = 3600
+) -> Any:
     """Two engines of one app on one store: "this process" and "another process"."""
     store = make_store()
-    ours = StateEngine(store, app="long", clock=clock, lease_ttl=lease_ttl, lease_wait=5)
+    ours = StateEngine(
+        store, app="long", clock=clock, lease_ttl=lease_ttl, lease_wait=5, idle_ttl=idle_ttl
+    )
     # The rival gives up at once (a real-time wait: the fake clock stands still).
     theirs = StateEngine(
-        make_store(), app="long", clock=clock, lease_ttl=lease_ttl, lease_wait=0.05
+        make_store(),
+        app="long",
+        clock=clock,
+        lease_ttl=lease_ttl,
+        lease_wait=0.05,
+        idle_ttl=idle_ttl,
     )
     return store, ours, theirs
 
@@ -121,6 +131,34 @@ def test_two_minutes_of_work_with_extend_commits(make_store: StoreFactory) -> No
             assert rival(theirs, sid, f"rival {step}") == "busy"
             ev[declared(ours, "log")] = f"step {step}"
     assert ev.result.changed == {"log"}
+    with theirs.event(sid) as ev:
+        assert ev[declared(theirs, "log")] == "step 5"
+    ours.shutdown()
+    theirs.shutdown()
+
+
+def test_work_longer_than_the_idle_ttl_keeps_its_session_by_renewing(
+    make_store: StoreFactory,
+) -> None:
+    """Two minutes of work with ``idle_ttl=60``, renewing every 20 s, while another
+    process tries the session and reaps: a session an event renews is in use, not
+    idle, so nobody ends it, the work commits, and the next event finds it within the
+    idle ttl of the last renewal. Fails if the idle deadline stayed where the load put
+    it (the rival's load or its reap ended the session as idle under the event, whose
+    commit then failed, or the next event found it ended)."""
+    clock = FakeClock()
+    _store, ours, theirs = engines(make_store, clock, idle_ttl=60)
+    declare(ours, theirs)
+    sid = ours.open_session()
+    with ours.event(sid) as ev:
+        for step in range(6):
+            clock.advance(20)
+            ev.extend()
+            assert rival(theirs, sid, f"rival {step}") == "busy"
+            theirs.reap()
+            ev[declared(ours, "log")] = f"step {step}"
+    clock.advance(30)
+    theirs.reap()
     with theirs.event(sid) as ev:
         assert ev[declared(theirs, "log")] == "step 5"
     ours.shutdown()
@@ -218,8 +256,13 @@ def test_automatic_renewal_keeps_a_long_event(make_store: StoreFactory, way: str
     renewer does not renew (the rival gets in after 1.5 s and the commit raises
     LeaseLost). Bounded: about 3 s per store; nothing is timed."""
     ttl = 1.5
-    ours = StateEngine(make_store(), app="auto", lease_ttl=ttl, lease_wait=5)
-    theirs = StateEngine(make_store(), app="auto", lease_ttl=ttl, lease_wait=0.05)
+    store = make_store()
+    # On a shared store, an idle ttl shorter than the work: each renewal slides it (the
+    # session is in use). The memory store renews nothing (its lock never lapses): a
+    # long event there stays in use by calling extend(), tested above.
+    idle = 3600 if kind(store) == "MemoryStore" else 2
+    ours = StateEngine(store, app="auto", lease_ttl=ttl, lease_wait=5, idle_ttl=idle)
+    theirs = StateEngine(make_store(), app="auto", lease_ttl=ttl, lease_wait=0.05, idle_ttl=idle)
     declare(ours, theirs)
     sid = ours.open_session()
     tries: list[str] = []

@@ -599,10 +599,8 @@ class RedisNamespace:
             found = yield from self._global_get(name)
             current = default if found is None else codec.decode(found[0])
             total = current + amount
-            version = None if found is None else found[1]
-            swapped = yield self._global_cas(
-                name, version=version, value=encode_with(codec, total)
-            )
+            value, version = encode_with(codec, total), None if found is None else found[1]
+            swapped = yield self._global_cas(name, version=version, value=value)
             if swapped is not None:
                 return total
 
