@@ -221,6 +221,8 @@ class LatchEntry:
             hold = self._clock() - ev.now
         except Exception:  # a measure only: the session is given back all the same
             hold = 0.0
+        if hold < 0.0:  # a clock that stepped back: no negative hold in the figures
+            hold = 0.0
         self._holds[self._number() & _MASK] = hold
         try:
             if ev.user_part is not None and not failed:  # writes to its user, perhaps

@@ -184,6 +184,7 @@ class EventState:
         "lease",
         "lease_until",
         "loaded",
+        "lost",
         "now",
         "pending",
         "problems",
@@ -204,6 +205,7 @@ class EventState:
         self.browser = browser
         self.active = False
         self.started = False
+        self.lost = False  # its lost lease or conflict was counted (once per event)
         self.loaded: SessionData = NOT_LOADED
         self.closed = False
         self.work: dict[Changeable, Any] = {}

@@ -337,8 +337,12 @@ class LeaseEntry:
             return 0.0
 
     def _lost(self, ev: EventState, held: float) -> LeaseLost:
-        self._meter.count("conflicts")
-        self._meter.count("leases_lost")
+        """The error of an event whose lease another event took; counted once per
+        event, however many of its calls (renewals, its commit) find it lost."""
+        if not ev.lost:
+            ev.lost = True
+            self._meter.count("conflicts")
+            self._meter.count("leases_lost")
         return LeaseLost(ev.sid, held)
 
     async def aleave(self, ev: EventState, failed: bool) -> None:
@@ -572,7 +576,9 @@ class LeaseEntry:
         """What a commit refused (``exc``) raises: under a lease no other event
         commits, so the lease was lost."""
         if isinstance(exc, LeaseLost) or ev.lease is None:
-            self._meter.count("conflicts")
+            if not ev.lost:
+                ev.lost = True
+                self._meter.count("conflicts")
             return exc
         return self._lost(ev, self._hold(ev))
 

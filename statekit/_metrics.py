@@ -131,7 +131,9 @@ class _Limiter:
     def allow(self, now: float) -> int | None:
         """How many were held back since the last one let through, if this one may be;
         else None (it is counted)."""
-        if now < self.next_at:
+        # (A clock that stepped back further than WARN_EVERY does not hold warnings
+        # back until it has caught up.)
+        if now < self.next_at and self.next_at - now <= WARN_EVERY:
             self.held_back += 1
             return None
         held_back, self.held_back = self.held_back, 0

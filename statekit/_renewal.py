@@ -92,7 +92,8 @@ class Renewer:
             thread.join(timeout=5)
 
     def _run(self) -> None:
-        interval = self._core.settings.lease_ttl / 3
+        # (bounded: a wait past threading.TIMEOUT_MAX raised and stopped the thread)
+        interval = min(self._core.settings.lease_ttl / 3, threading.TIMEOUT_MAX)
         while not self._stop.wait(interval):
             with self._lock:
                 events = list(self._events.items())

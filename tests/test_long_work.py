@@ -357,3 +357,19 @@ def test_long_work_on_a_redis_cluster(redis_cluster: RedisCluster) -> None:
         theirs.shutdown()
         for store in stores:
             store.close()
+
+
+def test_renewal_with_a_lease_longer_than_a_thread_can_wait(tmp_path: Any) -> None:
+    """lease_ttl=1e11 is accepted, and the renewer waited lease_ttl / 3 at a time:
+    past threading.TIMEOUT_MAX, so its thread died of an OverflowError at its first
+    wait (pytest reports the thread's exception; the event then went unrenewed)."""
+    from statekit import SQLiteStore
+
+    engine = StateEngine(SQLiteStore(tmp_path / "long.db"), lease_ttl=1e11)
+    note = engine.session_state("note", "")
+    sid = engine.open_session()
+    with engine.event(sid, renew=True) as ev:
+        time.sleep(0.05)  # the renewer's thread is started and waits
+        ev[note] = "done"
+    assert note.get(sid) == "done"
+    engine.shutdown()

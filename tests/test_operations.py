@@ -151,7 +151,8 @@ def test_renewals_conflicts_and_lost_leases(make_store: StoreFactory) -> None:
     """On a shared store ev.extend() counts a renewal, and an event whose lease lapsed
     and was taken counts as a conflict and a lost lease; on the memory store neither
     happens (sessions are held by a lock of this process). Fails if a renewal or a
-    LeaseLost goes uncounted."""
+    LeaseLost goes uncounted, or if one event is counted once per call that found its
+    lease lost (two renewals and its commit counted 3)."""
     clock = FakeClock()
     engine = make_engine(make_store, clock)
     rival = make_engine(make_store, clock)
@@ -167,6 +168,9 @@ def test_renewals_conflicts_and_lost_leases(make_store: StoreFactory) -> None:
             clock.advance(31)
             with rival.event(sid) as theirs:
                 theirs[declared(rival, "note")] = "taken"
+            for _ in range(2):  # each renewal finds it lost: still one event lost
+                with pytest.raises(LeaseLost):
+                    ev.extend()
             ev[note] = "too late"
     stats = engine.stats()
     assert stats.renewals == (1 if shared else 0)
@@ -454,4 +458,28 @@ def test_the_operations_page_names_every_figure_and_metric() -> None:
         if not sample.name.endswith("_created")
     }
     assert documented == exported
+    engine.shutdown()
+
+
+def test_a_clock_that_steps_back_neither_silences_warnings_nor_holds_less_than_nothing(
+    statekit_log: pytest.LogCaptureFixture,
+) -> None:
+    """A wall clock that steps back (an NTP correction) used to hold every slow-event
+    warning back until it caught up again (an hour here), and an event across the step
+    counted a negative hold on the memory store. Fails if the second slow event goes
+    unlogged or if the hold figures go below zero."""
+    now = [10_000.0]
+    engine = StateEngine(clock=lambda: now[0], warn_hold=1)
+    sid = engine.open_session()
+    with engine.event(sid):
+        now[0] += 2  # slow: logged
+    now[0] -= 3600  # the clock steps back an hour
+    with engine.event(sid):
+        now[0] -= 5  # and back again, inside an event
+    with engine.event(sid):
+        now[0] += 2  # slow again
+    assert len(said(statekit_log, "an event held session")) == 2
+    hold = engine.stats().lease_hold
+    assert hold.p50 >= 0
+    assert hold.p99 >= 0
     engine.shutdown()
