@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 
 from . import _fork
 from ._core import Core
@@ -67,8 +68,13 @@ class Renewer:
         with self._lock:
             self._events[id(ev)] = ev
             if self._thread is None and not self._stop.is_set():
+                # (bounded: a wait past threading.TIMEOUT_MAX raised and stopped it)
+                interval = min(self._core.settings.lease_ttl / 3, threading.TIMEOUT_MAX)
                 self._thread = threading.Thread(
-                    target=self._run, name=f"statekit-renew-{self._core.app}", daemon=True
+                    target=_run,
+                    args=(weakref.ref(self), self._stop, interval),
+                    name=f"statekit-renew-{self._core.app}",
+                    daemon=True,
                 )
                 self._thread.start()
 
@@ -91,14 +97,12 @@ class Renewer:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
 
-    def _run(self) -> None:
-        # (bounded: a wait past threading.TIMEOUT_MAX raised and stopped the thread)
-        interval = min(self._core.settings.lease_ttl / 3, threading.TIMEOUT_MAX)
-        while not self._stop.wait(interval):
-            with self._lock:
-                events = list(self._events.items())
-            for key, ev in events:
-                self._renew(key, ev)
+    def round(self) -> None:
+        """Renew every event's lease once (the thread's work, every interval)."""
+        with self._lock:
+            events = list(self._events.items())
+        for key, ev in events:
+            self._renew(key, ev)
 
     def _renew(self, key: int, ev: EventState) -> None:
         core = self._core
@@ -133,3 +137,15 @@ class Renewer:
             redact(ev.sid),
             now - ev.now,
         )
+
+
+def _run(renewer: weakref.ref[Renewer], stop: threading.Event, interval: float) -> None:
+    """The renewer's thread: a round every ``interval`` seconds until ``stop``, or
+    until its engine is gone (an engine dropped without ``shutdown()``: the thread
+    holds it only weakly, and ends at its next wake)."""
+    while not stop.wait(interval):
+        alive = renewer()
+        if alive is None:
+            return
+        alive.round()
+        del alive

@@ -373,3 +373,32 @@ def test_renewal_with_a_lease_longer_than_a_thread_can_wait(tmp_path: Any) -> No
         ev[note] = "done"
     assert note.get(sid) == "done"
     engine.shutdown()
+
+
+def test_an_engine_dropped_without_shutdown_leaves_no_renewal_thread(tmp_path: Any) -> None:
+    """The renewer's thread held its engine: an engine dropped without shutdown()
+    after one renew=True event left a thread that woke for ever, keeping its store.
+    Fails if the thread outlives its engine (it ends at its next wake)."""
+    import gc
+
+    from statekit import SQLiteStore
+
+    name = f"statekit-renew-dropped{uuid.uuid4().hex[:6]}"
+    engine = StateEngine(
+        SQLiteStore(tmp_path / "d.db"), app=name[len("statekit-renew-") :], lease_ttl=0.3
+    )
+    note = engine.session_state("note", "")
+    sid = engine.open_session()
+    with engine.event(sid, renew=True) as ev:
+        ev[note] = "done"
+
+    def running() -> bool:
+        return any(thread.name == name for thread in threading.enumerate())
+
+    assert running()
+    del engine, note, ev
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not running()
