@@ -268,8 +268,8 @@ class EventState:
                         if type(old) is not type(work) or old != work:
                             writes[state.name] = work
                             changed.append(state)
-                            if work.__class__ is str:  # the one atom that may be large
-                                host.meter.sized(self.sid, state.name, work)
+                            if work.__class__ is str or work.__class__ is bytes:
+                                host.meter.sized(self.sid, state.name, work)  # may be large
                             continue
                     else:
                         verdict, stored = values.judge(state.name, old, work)

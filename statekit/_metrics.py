@@ -81,8 +81,9 @@ class ValueSize:
 
     Attributes:
         state: the session state's name.
-        size: bytes: the codec's encoding on SQLite and Redis, the sealed image on the
-            memory store (a value kept as a private deep copy is not sized there).
+        size: bytes: the codec's encoding on SQLite and Redis; on the memory store a
+            string's UTF-8 length, a bytes value's length, or the sealed image's (a
+            value kept as a private deep copy is not sized there).
     """
 
     state: str
@@ -90,11 +91,15 @@ class ValueSize:
 
 
 def stored_size(stored: Any) -> int | None:
-    """How many bytes a stored form takes, when it is bytes (a codec's), a sealed image
-    or a string; None for an object whose size is not known without walking it."""
+    """How many bytes a stored form takes, when it is bytes (a codec's, or a bytes
+    value the memory store keeps as it is), a sealed image or a string (its UTF-8
+    length, as a codec would write it); None for an object whose size is not known
+    without walking it."""
     cls = stored.__class__
-    if cls is bytes or cls is str:
+    if cls is bytes:
         return len(stored)
+    if cls is str:
+        return len(stored) if stored.isascii() else len(stored.encode("utf-8", "surrogatepass"))
     if cls is Sealed:
         return len(stored.blob)
     return None

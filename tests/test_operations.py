@@ -483,3 +483,25 @@ def test_a_clock_that_steps_back_neither_silences_warnings_nor_holds_less_than_n
     assert hold.p50 >= 0
     assert hold.p99 >= 0
     engine.shutdown()
+
+
+def test_large_bytes_and_text_are_sized_in_bytes_on_every_store(
+    make_store: StoreFactory, statekit_log: pytest.LogCaptureFixture
+) -> None:
+    """A 5 MB bytes value went unsized on the memory store (no figure, no warning),
+    and text was sized by its characters: 900,000 three-byte characters counted as
+    900,000, under a 1 MB warn_size, where a codec writes 2.7 MB. Fails if either
+    goes unwarned, or if a store sizes the text below its UTF-8 length."""
+    engine = make_engine(make_store, FakeClock(), warn_size=1_000_000)
+    upload = engine.session_state("upload", b"")
+    text = engine.session_state("text", "")
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[upload] = b"x" * 5_000_000
+    with engine.event(sid) as ev:
+        ev[text] = "\u4e2d" * 900_000
+    sizes = {value.state: value.size for value in engine.stats().largest}
+    assert sizes["upload"] >= 5_000_000
+    assert sizes["text"] >= 2_700_000
+    assert len(said(statekit_log, "state 'upload' wrote a value of")) == 1
+    engine.shutdown()
