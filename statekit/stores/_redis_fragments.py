@@ -3,7 +3,7 @@ layout of keys and arguments they assume)."""
 
 from __future__ import annotations
 
-__all__ = ["APP", "CLAIMS", "INDEXES", "INDEX_CHECK", "PUT_VALUES", "SESSION"]
+__all__ = ["APP", "CAPACITY", "CLAIMS", "INDEXES", "INDEX_CHECK", "PUT_VALUES", "SESSION"]
 
 # The start of the scripts about an application's sessions (the seven of _redis_scripts,
 # see Layout, and the staged commit's).
@@ -54,11 +54,6 @@ end
 CLAIMS = r"""
 local LRU, CLOSED = KEYS[3], KEYS[4]
 INDEXES = {DL, LRU, CLOSED}
-
--- Whether key holds a hash (a session statekit wrote), not another type.
-local function is_hash(key)
-  return redis.call('TYPE', key).ok == 'hash'
-end
 
 -- Remove a whole session; return {sid, reason, at, closed, {name, value, ...}}.
 local function claim(sid, key, gone, reason, at)
@@ -140,6 +135,29 @@ local function damaged(version, deadline)
   return nil
 end
 
+-- A reply that only carries what a load or a reap claimed (not the caller's own
+-- write) is kept for a shorter while: it holds deleted values.
+local function remember_claims(reply)
+  redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', CLAIM_MS)
+  return reply
+end
+
+-- Claim a session a load or a peek found past its deadline (meta: _v, _c, _d).
+local function expired(sid, key, gone, meta)
+  local reason = 'idle'
+  if meta[2] == '1' then reason = 'closed' end
+  return remember_claims({'expired', claim(sid, key, gone, reason, meta[3])})
+end
+"""
+
+# Then, in the scripts that evict or reap (CREATE, EVICT, REAP): what finds and claims
+# sessions of keys found on the way (see "Keys found on the way" in the scripts).
+CAPACITY = r"""
+-- Whether key holds a hash (a session statekit wrote), not another type.
+local function is_hash(key)
+  return redis.call('TYPE', key).ok == 'hash'
+end
+
 -- Where the keys of the sessions named by ARGV[first..last] are declared: the index
 -- in KEYS of each one's hash (its tombstone follows), from KEYS[at] on.
 local function declared(at, first, last)
@@ -211,20 +229,6 @@ local function evict(victims, slots, now)
     end
   end
   return evicted, junk
-end
-
--- A reply that only carries what a load or a reap claimed (not the caller's own
--- write) is kept for a shorter while: it holds deleted values.
-local function remember_claims(reply)
-  redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', CLAIM_MS)
-  return reply
-end
-
--- Claim a session a load or a peek found past its deadline (meta: _v, _c, _d).
-local function expired(sid, key, gone, meta)
-  local reason = 'idle'
-  if meta[2] == '1' then reason = 'closed' end
-  return remember_claims({'expired', claim(sid, key, gone, reason, meta[3])})
 end
 """
 

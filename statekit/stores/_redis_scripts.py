@@ -61,6 +61,7 @@ reaping or opening sessions.
 from __future__ import annotations
 
 from ._redis_fragments import APP as _APP
+from ._redis_fragments import CAPACITY as _CAPACITY
 from ._redis_fragments import CLAIMS as _CLAIMS
 from ._redis_fragments import INDEX_CHECK as _INDEX_CHECK
 from ._redis_fragments import INDEXES as _INDEXES
@@ -75,6 +76,8 @@ from ._redis_staged import APPLY, DECIDE, DISCARD, RESOLVE, STAGE
 __all__ = ["TEXTS"]
 
 _CLAIMING = _APP + _CLAIMS + ONCE + _INDEXES
+# CREATE, EVICT and REAP also find and claim sessions of keys found on the way.
+_EVICTING = _APP + _CLAIMS + _CAPACITY + ONCE + _INDEXES
 # LOAD checks the indexes only before it writes to one (see INDEX_CHECK).
 _CLAIMING_LAZILY = _APP + _CLAIMS + ONCE + _INDEX_CHECK
 
@@ -87,7 +90,7 @@ _CLAIMING_LAZILY = _APP + _CLAIMS + ONCE + _INDEX_CHECK
 # oldest sessions, a few more than needed, which the caller declares when it asks
 # again.
 CREATE = (
-    _CLAIMING
+    _EVICTING
     + r"""
 local KEY, SID = KEYS[5], ARGV[2]
 if redis.call('EXISTS', KEY) == 1 then
@@ -146,7 +149,7 @@ return remember({'ok', evicted, junk, redis.call('ZCARD', LRU) + redis.call('ZCA
 # because a lease holds them: kept leases', then events' (both empty with 'any'); a
 # victim no longer in a capacity order (another process took it) is passed over.
 EVICT = (
-    _CLAIMING
+    _EVICTING
     + r"""
 local slots = declared(5, 5, #ARGV)
 local victims, held = pick(5, slots, tonumber(ARGV[4]), ARGV[2], ARGV[3] == 'free')
@@ -404,7 +407,7 @@ return remember({'closed'})
 # deadline), so one bad member never stops the others. Junk is not remembered:
 # removing it again is harmless.
 REAP = (
-    _CLAIMING
+    _EVICTING
     + r"""
 local now = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
