@@ -29,7 +29,7 @@ from ._core import Core
 from ._events import Collected, EventState
 from ._locks import current_owner
 from ._metrics import WINDOW
-from ._renewal import TOUCH
+from ._renewal import TOUCH, touched
 from ._steps import drive
 from .exceptions import (
     SessionBusy,
@@ -120,7 +120,9 @@ class LatchEntry:
         """No lease to renew (the session's lock is this process's and never lapses),
         but, as a renewal does, slide the session's idle deadline: it is in use."""
         now = self._clock()
-        self._ns.peek(ev.sid, TOUCH, now=now, touch_until=now + (ev.idle_ttl or self._idle_ttl))
+        idle = ev.idle_ttl or self._idle_ttl
+        # What that read removed has its callbacks run as the event ends.
+        ev.pending.extend(touched(self._ns.peek(ev.sid, TOUCH, now=now, touch_until=now + idle)))
 
     async def aextend(self, ev: EventState) -> None:
         """As :meth:`extend` (the memory store does no I/O)."""

@@ -562,7 +562,9 @@ class Event(EventState):
         On a shared store this renews the event's lease, fenced by its token as the
         commit is: once another event took the session (the lease lapsed before this
         call), it cannot be renewed. On the memory store, whose sessions are held by
-        a lock of this process and never lapse, it does nothing.
+        a lock of this process and never lapse, there is no lease to renew. On every
+        store it also slides the session's idle deadline, as a read does: a session
+        an event renews is in use, not idle.
 
         Raises:
             LeaseLost: the lease lapsed and another event took the session; nothing

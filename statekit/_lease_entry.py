@@ -32,7 +32,7 @@ from ._events import Collected, EventState
 from ._kept import Kept, KeptLeases
 from ._locks import SessionLocks
 from ._remote import Remote
-from ._renewal import TOUCH, Renewer
+from ._renewal import TOUCH, Renewer, touched
 from ._steps import Commit, LoadSession, Peek, Release, Renew, Sleep, Steps, ask, drive
 from .exceptions import ChangeLoopError, LeaseLost, SessionBusy, StoreConflict
 from .stores.base import Busy, GivenBack, Gone, Lease, Loaded
@@ -406,10 +406,12 @@ class LeaseEntry:
         held = yield from ask(Renew(ev.sid, token, now + core.settings.lease_ttl))
         if not held:
             raise self._lost(ev, now - ev.now)
-        # In use, not idle: the idle deadline runs from now (see _renewal.TOUCH).
-        yield from ask(Peek(ev.sid, TOUCH, now, now + (ev.idle_ttl or core.idle_ttl)))
         ev.lease_until = now + core.settings.lease_ttl
         self._meter.count("renewals")
+        # In use, not idle: the idle deadline runs from now (see _renewal.TOUCH); what
+        # that read removed has its callbacks run as the event ends.
+        answer = yield from ask(Peek(ev.sid, TOUCH, now, now + (ev.idle_ttl or core.idle_ttl)))
+        ev.pending.extend(touched(answer))
 
     def _commit_and_release(self, ev: EventState) -> ChangeLoopError | None:
         """:meth:`_leave_steps` of a block that did not fail, with the store's blocking

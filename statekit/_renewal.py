@@ -16,7 +16,8 @@ handler that works longer than the idle ttl still finds its session when it comm
 Renewal keeps a *running* handler's session; a handler that hangs keeps it too, for as
 long as its event is open. That is why it is asked for per event, not on by default.
 
-Thread-safe. No user code runs here.
+Thread-safe. No user code runs here, but for the callbacks of what a renewal's touch
+removed after its event ended (see ``Renewer._touch``).
 """
 
 from __future__ import annotations
@@ -29,13 +30,25 @@ from . import _fork
 from ._core import Core
 from ._events import EventState
 from .exceptions import redact
+from .stores.base import Ended, Gone, Loaded
 
-__all__ = ["TOUCH", "Renewer"]
+__all__ = ["TOUCH", "Renewer", "touched"]
 
 #: The state name a renewal peeks at to slide its session's idle deadline (a peek
 #: slides it as a read does; no state has this name, so nothing is read or claimed).
 #: Without it, an event that ran longer than the idle ttl found its session ended.
 TOUCH = "\x00renewal"
+
+
+def touched(answer: object) -> list[Ended]:
+    """What the peek of a renewal's touch removed: values found past their ttl, or the
+    session, found past its deadline (their callbacks are the caller's to run)."""
+    if isinstance(answer, Loaded):
+        return list(answer.expired)
+    if isinstance(answer, Gone) and answer.ended is not None:
+        return [answer.ended]
+    return []
+
 
 logger = logging.getLogger("statekit")
 
@@ -97,6 +110,32 @@ class Renewer:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
 
+    def _touch(self, key: int, ev: EventState, now: float) -> None:
+        """Slide the session's idle deadline (see TOUCH). What that read removed (values
+        past their ttl, or the session, found past its deadline) is the event's to
+        run the callbacks of as it ends; if it ended meanwhile, they run here."""
+        core = self._core
+        try:
+            answer = core.ns.peek(
+                ev.sid, TOUCH, now=now, touch_until=now + (ev.idle_ttl or core.idle_ttl)
+            )
+        except Exception as exc:
+            logger.warning(
+                "renewed the lease of an event of session %s, but could not slide its idle "
+                "deadline (tried again in %.3gs): %s",
+                redact(ev.sid),
+                core.settings.lease_ttl / 3,
+                exc,
+            )
+            return
+        removed = touched(answer)
+        if removed:
+            with self._lock:
+                if key in self._events:
+                    ev.pending.extend(removed)
+                    return
+            core.run_ended(removed)
+
     def round(self) -> None:
         """Renew every event's lease once (the thread's work, every interval)."""
         with self._lock:
@@ -112,9 +151,6 @@ class Renewer:
         try:
             now = core.clock()
             held = core.ns.renew(ev.sid, lease=token, until=now + core.settings.lease_ttl)
-            if held:  # in use, not idle: its idle deadline runs from now (see TOUCH)
-                idle = ev.idle_ttl or core.idle_ttl
-                core.ns.peek(ev.sid, TOUCH, now=now, touch_until=now + idle)
         except Exception as exc:
             logger.warning(
                 "could not renew the lease of an event of session %s (tried again in %.3gs): %s",
@@ -123,6 +159,8 @@ class Renewer:
                 exc,
             )
             return
+        if held:
+            self._touch(key, ev, now)
         with self._lock:
             if key not in self._events:  # the event ended meanwhile: not its answer
                 return

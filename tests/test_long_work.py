@@ -22,7 +22,14 @@ from typing import Any
 
 import pytest
 
-from statekit import LeaseLost, SessionBusy, StateEngine, StoreConflict, UsageError
+from statekit import (
+    LeaseLost,
+    SessionBusy,
+    SessionNotFound,
+    StateEngine,
+    StoreConflict,
+    UsageError,
+)
 from statekit.stores import Busy, Lease, Store
 from statekit.stores.redis import RedisStore
 from statekit.testing import FakeClock, RedisCluster
@@ -402,3 +409,55 @@ def test_an_engine_dropped_without_shutdown_leaves_no_renewal_thread(tmp_path: A
     while running() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not running()
+
+
+def test_what_a_renewal_finds_past_its_time_has_its_callbacks_run_once(
+    make_store: StoreFactory,
+) -> None:
+    """A renewal slides the idle deadline with a read, and a read removes what it
+    finds past its time: a value past its ttl (memory, SQLite), or the session past
+    its idle deadline. Their callbacks run once, as the event ends. Fails if that
+    read's answer is dropped (the value's on_delete and the session's on_close never
+    ran, and no reap could find them again)."""
+    clock = FakeClock()
+    engine = StateEngine(make_store(), clock=clock, idle_ttl=60, lease_ttl=30)
+    dropped: list[Any] = []
+    closed: list[Any] = []
+    token = engine.session_state("token", "", ttl=30, on_delete=lambda v, r: dropped.append(v))
+    count = engine.session_state("count", 0)
+    engine.on_close(lambda sid, reason: closed.append(reason))
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[token] = "t"
+    with engine.event(sid) as ev:
+        clock.advance(40)  # the value's ttl passes during the event
+        ev.extend()
+    engine.reap()
+    assert dropped == ["t"]
+    with pytest.raises(SessionNotFound), engine.event(sid) as ev:
+        clock.advance(61)  # and then the session's idle ttl, before a renewal
+        ev.extend()
+        ev[count] = 1
+    engine.reap()
+    assert [reason.value for reason in closed] == ["idle"]
+    assert engine.stats().ended.get("idle") == 1
+    engine.shutdown()
+
+
+def test_what_the_renewer_finds_past_its_time_has_its_callbacks_run_once(tmp_path: Any) -> None:
+    """As above, with the engine's own renewer (renew=True, real time, SQLite, whose
+    touch removes a value past its ttl): the value's on_delete runs once, as the
+    event ends. Bounded: about 0.8 s."""
+    from statekit import SQLiteStore
+
+    engine = StateEngine(SQLiteStore(tmp_path / "r.db"), lease_ttl=0.6, idle_ttl=60)
+    dropped: list[Any] = []
+    token = engine.session_state("token", "", ttl=0.3, on_delete=lambda v, r: dropped.append(v))
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[token] = "t"
+    with engine.event(sid, renew=True):
+        time.sleep(0.8)  # the value's ttl passes; the renewer touches every 0.2 s
+    engine.reap()
+    assert dropped == ["t"]
+    engine.shutdown()
