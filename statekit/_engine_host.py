@@ -121,6 +121,7 @@ class EngineHost:
         except BaseException:
             self._entry.leave(ev, True)
             raise
+        self.meter.user_waited(ev)
 
     async def aenter_user(self, ev: EventState) -> None:
         await self.aenter(ev)
@@ -129,6 +130,7 @@ class EngineHost:
         except BaseException:
             await self._entry.aleave(ev, True)
             raise
+        self.meter.user_waited(ev)
 
     def leave_user(self, ev: EventState, failed: bool) -> None:
         part = ev.user_part

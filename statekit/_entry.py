@@ -152,7 +152,7 @@ class LatchEntry:
                 entered = self._after_wait(ev, entered, waited)
         self._entered(ev, entered)
         if ev.now > now:
-            self._meter.waited(ev.now - now)
+            self._meter.wait_of(ev, ev.now - now)
 
     async def aenter(self, ev: EventState) -> None:
         core = self._core
@@ -169,7 +169,7 @@ class LatchEntry:
                 entered = self._after_wait(ev, entered, waited)
         self._entered(ev, entered)
         if ev.now > now:
-            self._meter.waited(ev.now - now)
+            self._meter.wait_of(ev, ev.now - now)
 
     @contextlib.contextmanager
     def _giving_back(self, turn: Turn, owner: object) -> Iterator[None]:

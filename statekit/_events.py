@@ -193,6 +193,7 @@ class EventState:
         "user",
         "user_part",
         "user_writes",
+        "waited",
         "work",
     )
 
@@ -206,6 +207,7 @@ class EventState:
         self.active = False
         self.started = False
         self.lost = False  # its lost lease or conflict was counted (once per event)
+        self.waited = 0.0  # a user's event: how long it waited (one sample, see waits)
         self.loaded: SessionData = NOT_LOADED
         self.closed = False
         self.work: dict[Changeable, Any] = {}

@@ -130,14 +130,14 @@ class LeaseEntry:
             raise
         ev.active = True
         if ev.now > asked:
-            self._meter.waited(ev.now - asked)
+            self._meter.wait_of(ev, ev.now - asked)
         if ev.renew:
             self.renewer.add(ev)
 
     def _entered(self, ev: EventState, asked: float) -> None:
         ev.active = True
         if ev.now > asked:
-            self._meter.waited(ev.now - asked)
+            self._meter.wait_of(ev, ev.now - asked)
         if ev.renew:
             self.renewer.add(ev)
 

@@ -197,6 +197,23 @@ class Meter:
         """An event waited ``wait`` seconds (more than 0) for its session."""
         self._waits.append((_count(self._events), wait))
 
+    def wait_of(self, ev: Any, wait: float) -> None:
+        """``ev`` waited ``wait`` seconds (more than 0) to enter: one sample, or, for an
+        event of a user or its hold on the user's record, kept on the event (the two
+        make one sample: see :meth:`user_waited`)."""
+        if ev.user is None and ev.idle_ttl is None:
+            self._waits.append((_count(self._events), wait))
+        else:
+            ev.waited = wait
+
+    def user_waited(self, ev: Any) -> None:
+        """An event of a user entered its session and its user's record: how long it
+        waited for both, as one sample."""
+        part = ev.user_part
+        wait = ev.waited + (part.waited if part is not None else 0.0)
+        if wait > 0.0:
+            self._waits.append((_count(self._events), wait))
+
     def count(self, what: str) -> None:
         """One more of ``what``: ``conflicts``, ``busy``, ``renewals``, ``kept_events``,
         ``leases_lost``."""

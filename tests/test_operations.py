@@ -505,3 +505,44 @@ def test_large_bytes_and_text_are_sized_in_bytes_on_every_store(
     assert sizes["text"] >= 2_700_000
     assert len(said(statekit_log, "state 'upload' wrote a value of")) == 1
     engine.shutdown()
+
+
+def test_an_event_of_a_user_that_waits_twice_is_one_wait(make_store: StoreFactory) -> None:
+    """An event of a user waits for its session, then for its user's record: 1 s and
+    2 s here, one wait of 3 s. They were two samples, and the window of the latest
+    events then dropped one of the other events' zero waits: three events that waited
+    0, 0 and 3 s read p50=1. Fails unless the figures are those of [0, 0, 3]."""
+    clock = FakeClock()
+    engine = make_engine(make_store, clock)
+    engine.user_state("plan", "free")
+    sid_a, sid_b = engine.open_session(), engine.open_session()
+    release_a, release_u = threading.Event(), threading.Event()
+
+    def hold(sid: str, release: threading.Event, **kwargs: Any) -> None:
+        with engine.event(sid, **kwargs):
+            release.wait(30)
+
+    holder_a = threading.Thread(target=hold, args=(sid_a, release_a))
+    holder_u = threading.Thread(target=hold, args=(sid_b, release_u), kwargs={"user": "u1"})
+    holder_a.start()
+    holder_u.start()
+    within(10, lambda: engine.stats().held >= 2)
+
+    def waiter() -> None:
+        with engine.event(sid_a, user="u1"):
+            pass
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    within(10, lambda: engine.stats().waiting >= 1)
+    clock.advance(1)  # for its session
+    release_a.set()
+    holder_a.join(timeout=30)
+    within(10, lambda: engine.stats().waiting >= 1)
+    clock.advance(2)  # then for its user's record
+    release_u.set()
+    holder_u.join(timeout=30)
+    thread.join(timeout=30)
+    wait = engine.stats().lease_wait
+    assert (wait.p50, wait.p99, wait.samples) == (0.0, 3.0, 3)
+    engine.shutdown()
