@@ -29,7 +29,7 @@ from ._core import Core
 from ._events import Collected, EventState
 from ._locks import current_owner
 from ._metrics import WINDOW
-from ._renewal import TOUCH, touched
+from ._renewal import TOUCH, Renewer, touched
 from ._steps import drive
 from .exceptions import (
     SessionBusy,
@@ -97,6 +97,7 @@ class LatchEntry:
     def __init__(self, core: Core, ns: EnteringNamespace, committer: Committer) -> None:
         self._core = core
         self._ns = ns
+        self._renewer: Renewer | None = None
         self._record = ns.entered_type
         self._committer = committer
         # Bound once, for the fastest path.
@@ -144,6 +145,8 @@ class LatchEntry:
         if type(entered) is self._record and not entered.closed:  # type: ignore[union-attr]
             ev.loaded = entered  # type: ignore[assignment]
             ev.active = True
+            if ev.renew:
+                self._renewing().add(ev)
             return
         ns = self._ns
         if isinstance(entered, Turn):
@@ -153,6 +156,8 @@ class LatchEntry:
         self._entered(ev, entered)
         if ev.now > now:
             self._meter.wait_of(ev, ev.now - now)
+        if ev.renew:
+            self._renewing().add(ev)
 
     async def aenter(self, ev: EventState) -> None:
         core = self._core
@@ -170,6 +175,8 @@ class LatchEntry:
         self._entered(ev, entered)
         if ev.now > now:
             self._meter.wait_of(ev, ev.now - now)
+        if ev.renew:
+            self._renewing().add(ev)
 
     @contextlib.contextmanager
     def _giving_back(self, turn: Turn, owner: object) -> Iterator[None]:
@@ -212,12 +219,22 @@ class LatchEntry:
         ev.closed = ev.loaded.closed  # as entered: the record may be closed meanwhile
         ev.active = True
 
+    def _renewing(self) -> Renewer:
+        """The thread that slides the idle deadline of renew=True events' sessions
+        (no lease to renew here; made with the first such event)."""
+        if self._renewer is None:
+            self._renewer = Renewer(self._core)
+            self._core.add_hook("shutdown", self._renewer.stop)
+        return self._renewer
+
     def leave(self, ev: EventState, failed: bool) -> None:
         # Commit and give the session back in one call, unless a listener is due
         # (listener events then run first, under the session's lock).
         core = self._core
         ns = self._ns
         ev.active = False
+        if ev.renew and self._renewer is not None:
+            self._renewer.remove(ev)
         entered = ev.loaded
         try:
             hold = self._clock() - ev.now
@@ -276,6 +293,8 @@ class LatchEntry:
         """Give back a session held with nothing to write, and count no event (an
         event's hold on its user's record, whose writes went with the event's)."""
         ev.active = False
+        if ev.renew and self._renewer is not None:
+            self._renewer.remove(ev)
         try:
             self._ns.release_entered(ev.loaded)
         finally:

@@ -1,5 +1,7 @@
 """Automatic lease renewal, for events that asked for it
-(``engine.event(sid, renew=True)``) on a store other processes share.
+(``engine.event(sid, renew=True)``) on a store other processes share; on the memory
+store, which has no leases, the same thread only slides the idle deadline of such
+events' sessions.
 
 One daemon thread per engine, started with the first such event, renews the lease of
 every such event every ``lease_ttl / 3`` seconds (real time), each to the engine's
@@ -147,6 +149,11 @@ class Renewer:
         core = self._core
         token = ev.lease
         if token is None:
+            if core.shared:  # given back already: nothing held to renew
+                return
+            # The memory store: no lease (the session's lock never lapses), but the
+            # session is in use all the same: only its idle deadline slides.
+            self._touch(key, ev, core.clock())
             return
         try:
             now = core.clock()
