@@ -403,6 +403,24 @@ def test_prometheus_serves_several_engines_and_leaves_out_ended_ones() -> None:
     blog.shutdown()
 
 
+def test_prometheus_refuses_a_second_engine_of_one_app_on_one_registry() -> None:
+    """Two engines of one app (a setup lifetimes.md describes) on one registry gave
+    duplicate series, which break the exposition format and lose one engine's
+    figures. The second registration is refused, naming the app; once the first is
+    shut down, another takes its place. Fails if the duplicate is accepted."""
+    registry = CollectorRegistry()
+    first, second = StateEngine(app="shop"), StateEngine(app="shop")
+    prometheus.register(first, registry)
+    with pytest.raises(ValueError, match="app 'shop' reports its metrics on this registry"):
+        prometheus.register(second, registry)
+    assert generate_latest(registry).count(b'statekit_events_total{app="shop"}') == 1
+    first.shutdown()
+    prometheus.register(second, registry)
+    second.open_session()
+    assert scrape(registry, "statekit_sessions", app="shop") == 1
+    second.shutdown()
+
+
 class Unreachable(MemoryStore):
     """A store that cannot count its sessions, as an unreachable one."""
 

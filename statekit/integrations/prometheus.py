@@ -84,8 +84,21 @@ class StatekitCollector(Collector):
         self._lock = threading.Lock()
 
     def add(self, engine: StateEngine) -> None:
-        """Report ``engine``'s figures from the next scrape on."""
+        """Report ``engine``'s figures from the next scrape on.
+
+        Raises:
+            ValueError: another engine of the same app, not shut down, reports here
+                already: its series and this one's would carry the same labels.
+        """
         with self._lock:
+            for other in self._engines:
+                if other is not engine and other.app == engine.app and not other.closed:
+                    raise ValueError(
+                        f"an engine of app {engine.app!r} reports its metrics on this "
+                        "registry already, and metrics are labelled by app only: two "
+                        "engines of one app would report the same series twice. Register "
+                        "one engine per app (or give each engine an app of its own)"
+                    )
             self._engines.add(engine)
 
     def describe(self) -> Iterator[Metric]:
@@ -177,11 +190,15 @@ _collectors_lock = threading.Lock()
 def register(engine: StateEngine, registry: CollectorRegistry | None = None) -> StatekitCollector:
     """Report ``engine``'s figures on ``registry`` (prometheus_client's default
     registry if omitted), labelled with its ``app``. Several engines may be registered
-    on one registry (one collector serves them); registering one twice does nothing
-    more.
+    on one registry (one collector serves them), one per app; registering one twice
+    does nothing more.
 
     Returns:
         the registry's :class:`StatekitCollector`.
+
+    Raises:
+        ValueError: another engine of the same app, not shut down, is registered on
+            ``registry`` already (their series would carry the same labels).
     """
     target = REGISTRY if registry is None else registry
     with _collectors_lock:
