@@ -119,6 +119,7 @@ class EngineHost:
         try:
             self._users.enter_part(ev)
         except BaseException:
+            self.meter.user_waited(ev)  # (its wait for the session, at least)
             self._entry.leave(ev, True)
             raise
         self.meter.user_waited(ev)
@@ -128,6 +129,7 @@ class EngineHost:
         try:
             await self._users.aenter_part(ev)
         except BaseException:
+            self.meter.user_waited(ev)  # (its wait for the session, at least)
             await self._entry.aleave(ev, True)
             raise
         self.meter.user_waited(ev)

@@ -4,7 +4,8 @@ store, which has no leases, the same thread only slides the idle deadline of suc
 events' sessions.
 
 One daemon thread per engine, started with the first such event, renews the lease of
-every such event every ``lease_ttl / 3`` seconds (real time), each to the engine's
+every such event every ``lease_ttl / 3`` seconds (real time; ``idle_ttl / 3`` if that
+is shorter), each to the engine's
 clock plus ``lease_ttl``, fenced by the lease's token as a commit is. A renewal the
 store refuses means another event took the session: the event is marked lost, and its
 end raises :class:`~statekit.LeaseLost` instead of committing. A renewal that fails
@@ -83,8 +84,13 @@ class Renewer:
         with self._lock:
             self._events[id(ev)] = ev
             if self._thread is None and not self._stop.is_set():
-                # (bounded: a wait past threading.TIMEOUT_MAX raised and stopped it)
-                interval = min(self._core.settings.lease_ttl / 3, threading.TIMEOUT_MAX)
+                # A third of the lease, or of the idle ttl if shorter (each round also
+                # slides the idle deadline); bounded: a wait past threading.TIMEOUT_MAX
+                # raised and stopped the thread.
+                core = self._core
+                interval = min(
+                    min(core.settings.lease_ttl, core.idle_ttl) / 3, threading.TIMEOUT_MAX
+                )
                 self._thread = threading.Thread(
                     target=_run,
                     args=(weakref.ref(self), self._stop, interval),

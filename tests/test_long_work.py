@@ -459,3 +459,35 @@ def test_what_the_renewer_finds_past_its_time_has_its_callbacks_run_once(tmp_pat
     engine.reap()
     assert dropped == ["t"]
     engine.shutdown()
+
+
+def test_renewal_keeps_a_session_whose_idle_ttl_is_shorter_than_a_third_of_the_lease(
+    make_store: StoreFactory,
+) -> None:
+    """renew=True with idle_ttl=0.5 and the default lease_ttl (30 s): the renewer woke
+    every lease_ttl / 3 = 10 s, so a handler working 1.2 s while another thread reaped
+    lost its session (SessionExpired, its on_close run under the event). It now wakes
+    every third of the shorter of the two. Bounded: about 1.2 s per store."""
+    engine = StateEngine(make_store(), idle_ttl=0.5)
+    count = engine.session_state("count", 0)
+    closed: list[str] = []
+    engine.on_close(lambda sid, reason: closed.append(sid))
+    sid = engine.open_session()
+    stop = threading.Event()
+
+    def reaper() -> None:
+        while not stop.wait(0.05):
+            engine.reap()
+
+    thread = threading.Thread(target=reaper)
+    thread.start()
+    try:
+        with engine.event(sid, renew=True) as ev:
+            time.sleep(1.2)
+            ev[count] = 1
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert count.get(sid) == 1
+    assert closed == []
+    engine.shutdown()

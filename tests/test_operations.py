@@ -564,3 +564,48 @@ def test_an_event_of_a_user_that_waits_twice_is_one_wait(make_store: StoreFactor
     wait = engine.stats().lease_wait
     assert (wait.p50, wait.p99, wait.samples) == (0.0, 3.0, 3)
     engine.shutdown()
+
+
+def test_an_event_of_a_user_that_cannot_take_its_record_still_counts_its_wait(
+    clock: FakeClock,
+) -> None:
+    """An event of a user waited 2 s for its session, then gave up on its user's
+    record (SessionBusy): its wait for the session was kept on the event for one
+    sample with the record's, and dropped when the record was not taken. Fails
+    unless lease_wait still shows the 2 s."""
+    engine = StateEngine(clock=clock, lease_wait=3)  # (a real-time bound on the wait)
+    engine.user_state("plan", "free")
+    sid_a, sid_b = engine.open_session(), engine.open_session()
+    release_a, release_u = threading.Event(), threading.Event()
+
+    def hold(sid: str, release: threading.Event, **kwargs: Any) -> None:
+        with engine.event(sid, **kwargs):
+            release.wait(30)
+
+    holder_a = threading.Thread(target=hold, args=(sid_a, release_a))
+    holder_u = threading.Thread(target=hold, args=(sid_b, release_u), kwargs={"user": "u1"})
+    holder_a.start()
+    holder_u.start()
+    within(10, lambda: engine.stats().held >= 2)
+    outcome: list[str] = []
+
+    def waiter() -> None:
+        quick = engine.event(sid_a, user="u1")
+        try:
+            with quick:
+                pass
+        except SessionBusy:
+            outcome.append("busy")
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    within(10, lambda: engine.stats().waiting >= 1)
+    clock.advance(2)  # for its session
+    release_a.set()
+    holder_a.join(timeout=30)
+    thread.join(timeout=60)  # then it gives up on the user's record (lease_wait)
+    release_u.set()
+    holder_u.join(timeout=30)
+    assert outcome == ["busy"]
+    assert engine.stats().lease_wait.p99 == 2.0
+    engine.shutdown()
