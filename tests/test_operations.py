@@ -536,15 +536,18 @@ def test_an_event_of_a_user_that_waits_twice_is_one_wait(make_store: StoreFactor
     sid_a, sid_b = engine.open_session(), engine.open_session()
     release_a, release_u = threading.Event(), threading.Event()
 
+    inside: list[str] = []
+
     def hold(sid: str, release: threading.Event, **kwargs: Any) -> None:
         with engine.event(sid, **kwargs):
+            inside.append(sid)
             release.wait(30)
 
     holder_a = threading.Thread(target=hold, args=(sid_a, release_a))
     holder_u = threading.Thread(target=hold, args=(sid_b, release_u), kwargs={"user": "u1"})
     holder_a.start()
     holder_u.start()
-    within(10, lambda: engine.stats().held >= 2)
+    within(10, lambda: len(inside) == 2)  # both hold what they hold, before the waiter
 
     def waiter() -> None:
         with engine.event(sid_a, user="u1"):
@@ -578,15 +581,18 @@ def test_an_event_of_a_user_that_cannot_take_its_record_still_counts_its_wait(
     sid_a, sid_b = engine.open_session(), engine.open_session()
     release_a, release_u = threading.Event(), threading.Event()
 
+    inside: list[str] = []
+
     def hold(sid: str, release: threading.Event, **kwargs: Any) -> None:
         with engine.event(sid, **kwargs):
+            inside.append(sid)
             release.wait(30)
 
     holder_a = threading.Thread(target=hold, args=(sid_a, release_a))
     holder_u = threading.Thread(target=hold, args=(sid_b, release_u), kwargs={"user": "u1"})
     holder_a.start()
     holder_u.start()
-    within(10, lambda: engine.stats().held >= 2)
+    within(10, lambda: len(inside) == 2)  # both hold what they hold, before the waiter
     outcome: list[str] = []
 
     def waiter() -> None:
