@@ -29,7 +29,7 @@ from ._core import Core
 from ._events import Collected, EventState
 from ._locks import current_owner
 from ._metrics import WINDOW
-from ._renewal import TOUCH, Renewer, touched
+from ._renewal import Renewer, touch, touched
 from ._steps import drive
 from .exceptions import (
     SessionBusy,
@@ -120,10 +120,8 @@ class LatchEntry:
     def extend(self, ev: EventState) -> None:
         """No lease to renew (the session's lock is this process's and never lapses),
         but, as a renewal does, slide the session's idle deadline: it is in use."""
-        now = self._clock()
-        idle = ev.idle_ttl or self._idle_ttl
-        # What that read removed has its callbacks run as the event ends.
-        ev.pending.extend(touched(self._ns.peek(ev.sid, TOUCH, now=now, touch_until=now + idle)))
+        # What the touch removed has its callbacks run as the event ends.
+        ev.pending.extend(touched(touch(self._core, ev, self._clock()).run(self._ns)))
 
     async def aextend(self, ev: EventState) -> None:
         """As :meth:`extend` (the memory store does no I/O)."""

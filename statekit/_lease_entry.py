@@ -32,8 +32,8 @@ from ._events import Collected, EventState
 from ._kept import Kept, KeptLeases
 from ._locks import SessionLocks
 from ._remote import Remote
-from ._renewal import TOUCH, Renewer, touched
-from ._steps import Commit, LoadSession, Peek, Release, Renew, Sleep, Steps, ask, drive
+from ._renewal import Renewer, touch, touched
+from ._steps import Commit, LoadSession, Release, Renew, Sleep, Steps, ask, drive
 from .exceptions import ChangeLoopError, LeaseLost, SessionBusy, StoreConflict
 from .stores.base import Busy, GivenBack, Gone, Lease, Loaded
 
@@ -339,11 +339,16 @@ class LeaseEntry:
     def _lost(self, ev: EventState, held: float) -> LeaseLost:
         """The error of an event whose lease another event took; counted once per
         event, however many of its calls (renewals, its commit) find it lost."""
+        self._count_conflict(ev, lease_lost=True)
+        return LeaseLost(ev.sid, held)
+
+    def _count_conflict(self, ev: EventState, *, lease_lost: bool) -> None:
+        """Count ``ev``'s refused commit or lost lease, once per event."""
         if not ev.lost:
             ev.lost = True
             self._meter.count("conflicts")
-            self._meter.count("leases_lost")
-        return LeaseLost(ev.sid, held)
+            if lease_lost:
+                self._meter.count("leases_lost")
 
     async def aleave(self, ev: EventState, failed: bool) -> None:
         ev.active = False
@@ -408,10 +413,8 @@ class LeaseEntry:
             raise self._lost(ev, now - ev.now)
         ev.lease_until = now + core.settings.lease_ttl
         self._meter.count("renewals")
-        # In use, not idle: the idle deadline runs from now (see _renewal.TOUCH); what
-        # that read removed has its callbacks run as the event ends.
-        answer = yield from ask(Peek(ev.sid, TOUCH, now, now + (ev.idle_ttl or core.idle_ttl)))
-        ev.pending.extend(touched(answer))
+        # What the touch removed has its callbacks run as the event ends.
+        ev.pending.extend(touched((yield from ask(touch(core, ev, now)))))
 
     def _commit_and_release(self, ev: EventState) -> ChangeLoopError | None:
         """:meth:`_leave_steps` of a block that did not fail, with the store's blocking
@@ -578,9 +581,7 @@ class LeaseEntry:
         """What a commit refused (``exc``) raises: under a lease no other event
         commits, so the lease was lost."""
         if isinstance(exc, LeaseLost) or ev.lease is None:
-            if not ev.lost:
-                ev.lost = True
-                self._meter.count("conflicts")
+            self._count_conflict(ev, lease_lost=False)
             return exc
         return self._lost(ev, self._hold(ev))
 

@@ -32,15 +32,22 @@ import weakref
 from . import _fork
 from ._core import Core
 from ._events import EventState
+from ._steps import Peek
 from .exceptions import redact
 from .stores.base import Ended, Gone, Loaded
 
-__all__ = ["TOUCH", "Renewer", "touched"]
+__all__ = ["TOUCH", "Renewer", "touch", "touched"]
 
 #: The state name a renewal peeks at to slide its session's idle deadline (a peek
 #: slides it as a read does; no state has this name, so nothing is read or claimed).
 #: Without it, an event that ran longer than the idle ttl found its session ended.
 TOUCH = "\x00renewal"
+
+
+def touch(core: Core, ev: EventState, now: float) -> Peek:
+    """The read that slides the idle deadline of ``ev``'s session from ``now``: a
+    session an event renews is in use, not idle (its answer goes to :func:`touched`)."""
+    return Peek(ev.sid, TOUCH, now, now + (ev.idle_ttl or core.idle_ttl))
 
 
 def touched(answer: object) -> list[Ended]:
@@ -61,6 +68,10 @@ class Renewer:
 
     def __init__(self, core: Core) -> None:
         self._core = core
+        #: Seconds between rounds: a third of the lease, or of the idle ttl if shorter
+        #: (each round also slides the idle deadline); bounded, as a wait past
+        #: threading.TIMEOUT_MAX raised and stopped the thread.
+        self.interval = min(min(core.settings.lease_ttl, core.idle_ttl) / 3, threading.TIMEOUT_MAX)
         self._lock = threading.Lock()
         # Events being renewed, and those whose lease was found lost.
         self._events: dict[int, EventState] = {}
@@ -84,16 +95,9 @@ class Renewer:
         with self._lock:
             self._events[id(ev)] = ev
             if self._thread is None and not self._stop.is_set():
-                # A third of the lease, or of the idle ttl if shorter (each round also
-                # slides the idle deadline); bounded: a wait past threading.TIMEOUT_MAX
-                # raised and stopped the thread.
-                core = self._core
-                interval = min(
-                    min(core.settings.lease_ttl, core.idle_ttl) / 3, threading.TIMEOUT_MAX
-                )
                 self._thread = threading.Thread(
                     target=_run,
-                    args=(weakref.ref(self), self._stop, interval),
+                    args=(weakref.ref(self), self._stop, self.interval),
                     name=f"statekit-renew-{self._core.app}",
                     daemon=True,
                 )
@@ -124,15 +128,13 @@ class Renewer:
         run the callbacks of as it ends; if it ended meanwhile, they run here."""
         core = self._core
         try:
-            answer = core.ns.peek(
-                ev.sid, TOUCH, now=now, touch_until=now + (ev.idle_ttl or core.idle_ttl)
-            )
+            answer = touch(core, ev, now).run(core.ns)
         except Exception as exc:
             logger.warning(
-                "renewed the lease of an event of session %s, but could not slide its idle "
-                "deadline (tried again in %.3gs): %s",
+                "could not slide the idle deadline of session %s, which an event renews "
+                "(tried again in %.3gs): %s",
                 redact(ev.sid),
-                core.settings.lease_ttl / 3,
+                self.interval,
                 exc,
             )
             return
@@ -168,7 +170,7 @@ class Renewer:
             logger.warning(
                 "could not renew the lease of an event of session %s (tried again in %.3gs): %s",
                 redact(ev.sid),
-                core.settings.lease_ttl / 3,
+                self.interval,
                 exc,
             )
             return

@@ -525,6 +525,36 @@ def test_large_bytes_and_text_are_sized_in_bytes_on_every_store(
     engine.shutdown()
 
 
+def holders(
+    engine: StateEngine, sid_a: str, sid_b: str
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Two threads: one holds session ``sid_a``, the other ``sid_b`` and user u1's
+    record, each until its ``let go`` (returned, in that order) is called, which also
+    waits for it to end. Returns once both hold what they hold."""
+    inside: list[str] = []
+
+    def start(sid: str, **kwargs: Any) -> Callable[[], None]:
+        release = threading.Event()
+
+        def hold() -> None:
+            with engine.event(sid, **kwargs):
+                inside.append(sid)
+                release.wait(30)
+
+        thread = threading.Thread(target=hold)
+        thread.start()
+
+        def let_go() -> None:
+            release.set()
+            thread.join(timeout=30)
+
+        return let_go
+
+    let_go = start(sid_a), start(sid_b, user="u1")
+    within(10, lambda: len(inside) == 2)
+    return let_go
+
+
 def test_an_event_of_a_user_that_waits_twice_is_one_wait(make_store: StoreFactory) -> None:
     """An event of a user waits for its session, then for its user's record: 1 s and
     2 s here, one wait of 3 s. They were two samples, and the window of the latest
@@ -534,20 +564,7 @@ def test_an_event_of_a_user_that_waits_twice_is_one_wait(make_store: StoreFactor
     engine = make_engine(make_store, clock)
     engine.user_state("plan", "free")
     sid_a, sid_b = engine.open_session(), engine.open_session()
-    release_a, release_u = threading.Event(), threading.Event()
-
-    inside: list[str] = []
-
-    def hold(sid: str, release: threading.Event, **kwargs: Any) -> None:
-        with engine.event(sid, **kwargs):
-            inside.append(sid)
-            release.wait(30)
-
-    holder_a = threading.Thread(target=hold, args=(sid_a, release_a))
-    holder_u = threading.Thread(target=hold, args=(sid_b, release_u), kwargs={"user": "u1"})
-    holder_a.start()
-    holder_u.start()
-    within(10, lambda: len(inside) == 2)  # both hold what they hold, before the waiter
+    let_go_a, let_go_u = holders(engine, sid_a, sid_b)
 
     def waiter() -> None:
         with engine.event(sid_a, user="u1"):
@@ -557,12 +574,10 @@ def test_an_event_of_a_user_that_waits_twice_is_one_wait(make_store: StoreFactor
     thread.start()
     within(10, lambda: engine.stats().waiting >= 1)
     clock.advance(1)  # for its session
-    release_a.set()
-    holder_a.join(timeout=30)
+    let_go_a()
     within(10, lambda: engine.stats().waiting >= 1)
     clock.advance(2)  # then for its user's record
-    release_u.set()
-    holder_u.join(timeout=30)
+    let_go_u()
     thread.join(timeout=30)
     wait = engine.stats().lease_wait
     assert (wait.p50, wait.p99, wait.samples) == (0.0, 3.0, 3)
@@ -579,20 +594,7 @@ def test_an_event_of_a_user_that_cannot_take_its_record_still_counts_its_wait(
     engine = StateEngine(clock=clock, lease_wait=3)  # (a real-time bound on the wait)
     engine.user_state("plan", "free")
     sid_a, sid_b = engine.open_session(), engine.open_session()
-    release_a, release_u = threading.Event(), threading.Event()
-
-    inside: list[str] = []
-
-    def hold(sid: str, release: threading.Event, **kwargs: Any) -> None:
-        with engine.event(sid, **kwargs):
-            inside.append(sid)
-            release.wait(30)
-
-    holder_a = threading.Thread(target=hold, args=(sid_a, release_a))
-    holder_u = threading.Thread(target=hold, args=(sid_b, release_u), kwargs={"user": "u1"})
-    holder_a.start()
-    holder_u.start()
-    within(10, lambda: len(inside) == 2)  # both hold what they hold, before the waiter
+    let_go_a, let_go_u = holders(engine, sid_a, sid_b)
     outcome: list[str] = []
 
     def waiter() -> None:
@@ -607,11 +609,9 @@ def test_an_event_of_a_user_that_cannot_take_its_record_still_counts_its_wait(
     thread.start()
     within(10, lambda: engine.stats().waiting >= 1)
     clock.advance(2)  # for its session
-    release_a.set()
-    holder_a.join(timeout=30)
+    let_go_a()
     thread.join(timeout=60)  # then it gives up on the user's record (lease_wait)
-    release_u.set()
-    holder_u.join(timeout=30)
+    let_go_u()
     assert outcome == ["busy"]
     assert engine.stats().lease_wait.p99 == 2.0
     engine.shutdown()

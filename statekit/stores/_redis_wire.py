@@ -50,7 +50,6 @@ except ImportError:  # pragma: no cover - hiredis comes with the redis extra
     _pack_in_c = None
 
 _UTF8 = frozenset({"utf-8", "utf8", "UTF-8", "UTF8"})
-_STRICT = "strict"
 
 
 def pack(conn: Any, command: tuple[Any, ...]) -> bytes:
@@ -60,7 +59,8 @@ def pack(conn: Any, command: tuple[Any, ...]) -> bytes:
     every argument is text, bytes or a number; else in Python, with the connection's
     encoder for anything but text, bytes and whole numbers."""
     encoder = conn.encoder
-    if _pack_in_c is not None and encoder.encoding in _UTF8 and encoder.encoding_errors == _STRICT:
+    utf8 = encoder.encoding in _UTF8 and encoder.encoding_errors == "strict"
+    if utf8 and _pack_in_c is not None:
         try:
             return _pack_in_c(command)
         except TypeError:  # an argument of another type: the encoder's to refuse or read
