@@ -5,7 +5,10 @@ event per request (add an item to the tab's cart, answer its size), four ways:
 - **statekit, memory**: ``StateKitMiddleware`` and an event on the request's visit;
 - **raw redis-py GET + SET**: the handler reads the cart's JSON from Redis, adds the
   item and writes it back (asyncio client);
-- **statekit, Redis**: as on memory, on a ``RedisStore`` with its asyncio client.
+- **statekit, Redis**: as on memory, on a ``RedisStore`` with its asyncio client;
+- **statekit, Redis, lease_keep**: the same with ``lease_keep=5``, as an app whose tabs
+  come back to the same worker runs it (one worker, sticky sessions): an event on a
+  lease the worker kept skips its load (one round trip).
 
 Each is measured twice, in the same run: called in-process as an ASGI app (no
 network: the framework's and statekit's own cost), and served by uvicorn on 127.0.0.1
@@ -35,16 +38,18 @@ from ._timing import Measure, Target
 
 TITLE = "a request in a web app (Starlette)"
 BASELINE = "bare handler"
-VARIANTS = ["bare", "memory", "raw-redis", "redis"]
+VARIANTS = ["bare", "memory", "raw-redis", "redis", "redis-kept"]
 NAMES = {
     "bare": "bare handler",
     "memory": "statekit, memory",
     "raw-redis": "raw redis-py GET + SET",
     "redis": "statekit, Redis",
+    "redis-kept": "statekit, Redis, lease_keep",
 }
 TARGETS = [
     Target(NAMES["memory"], NAMES["bare"], "within", 1.05),
     Target(NAMES["redis"], NAMES["raw-redis"], "adds", 1.3, base=NAMES["bare"]),
+    Target(NAMES["redis-kept"], NAMES["raw-redis"], "adds", 1.3, base=NAMES["bare"]),
 ]
 ITEM_LIMIT = 20
 CONNECTIONS = 8
@@ -99,7 +104,7 @@ def make_app(variant: str) -> Any:
 
         store = RedisStore(url, prefix=f"web{uuid.uuid4().hex[:6]}")
         store.async_client = aioredis.Redis.from_url(url)
-        engine = StateEngine(store)
+        engine = StateEngine(store, lease_keep=5 if variant == "redis-kept" else 0)
     cart_state: SessionState[list[str]] = engine.session_state("cart", [])
 
     async def with_statekit(request: Request) -> JSONResponse:
@@ -131,6 +136,10 @@ def app_raw_redis() -> Any:
 
 def app_redis() -> Any:
     return make_app("redis")
+
+
+def app_redis_kept() -> Any:
+    return make_app("redis-kept")
 
 
 # -- in-process: the ASGI app called directly ---------------------------------------
@@ -349,7 +358,7 @@ def plot(inproc: list[Measure], loopback: list[Measure]) -> None:
     from .scaling import RESULTS
 
     names = [NAMES[v] for v in VARIANTS]
-    figure, axes = pyplot.subplots(figsize=(7.2, 4))
+    figure, axes = pyplot.subplots(figsize=(8.4, 4.2))
     width = 0.38
     for offset, (label, measures) in enumerate(
         (("in-process ASGI", inproc), ("uvicorn on 127.0.0.1", loopback))
@@ -357,7 +366,7 @@ def plot(inproc: list[Measure], loopback: list[Measure]) -> None:
         times = {m.name: (m.per_op or 0.0) * 1e6 for m in measures}
         xs = [i + (offset - 0.5) * width for i in range(len(names))]
         axes.bar(xs, [times[name] for name in names], width, label=label)
-    axes.set_xticks(range(len(names)), names, rotation=12)
+    axes.set_xticks(range(len(names)), names, rotation=15, ha="right")
     axes.set_ylabel("µs per request")
     axes.set_title("A cart request in a Starlette app")
     axes.grid(True, axis="y", alpha=0.3)

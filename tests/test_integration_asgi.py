@@ -629,10 +629,74 @@ def test_raw_asgi_hostile_headers_read_as_absent(engine: StateEngine) -> None:
     assert seen[0].incoming.source == "cookie"
     assert seen[0].tokens == {}  # the joined header is not a JSON object
 
-    huge = [(b"x-filler", b"y" * 600_000), (b"x-statekit-session", b"late")]
+    # The bound counts what a visit decodes: a huge header it does not read is passed
+    # over, one it reads stops the reading.
+    unread = [(b"x-filler", b"y" * 600_000), (b"x-statekit-session", b"after")]
+    huge = [(b"cookie", b"y" * 600_000), (b"x-statekit-session", b"late")]
+    for headers in (unread, huge):
+        wire = Wire()
+        asyncio.run(middleware(http_scope("/x", headers=headers), wire.receive, wire.send))
+    assert seen[1].incoming.sid == "after"
+    assert seen[2].incoming.sid is None  # past the bound, not read
+
+
+_BROWSER = [
+    (b"host", b"shop.example.com"),
+    (b"connection", b"keep-alive"),
+    (b"user-agent", b"Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0.0.0"),
+    (b"sec-ch-ua-platform", b'"Linux"'),
+    (b"accept-language", b"en-US,en;q=0.9"),
+    (b"cookie", b"_ga=GA1.1.1; theme=dark"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        # statekit.js: the header names the session and carries the tokens
+        ("POST", [(b"x-statekit-session", b"s1"), (b"x-statekit-browser", b'{"k": "t"}')]),
+        # a page load: only the cookie names it (a second Cookie header, as HTTP/2 sends)
+        ("GET", [(b"accept", b"text/html"), (b"cookie", b"statekit_session=from-cookie")]),
+        # another site's page, told by Sec-Fetch-Site, then by Origin against Host
+        ("POST", [(b"sec-fetch-site", b"cross-site"), (b"origin", b"https://shop.example.com")]),
+        ("POST", [(b"origin", b"https://evil.example")]),
+        ("POST", [(b"origin", b"https://shop.example.com")]),
+        ("GET", [(b"sec-fetch-site", b"none"), (b"accept", b"text/html,*/*")]),
+        # names not in lower case, a bytearray
+        ("GET", [(b"Accept", b"text/html"), (bytearray(b"X-Statekit-Browser"), b'{"k": "u"}')]),
+    ],
+)
+def test_raw_asgi_a_visit_reads_a_browsers_request_as_from_all_its_headers(
+    engine: StateEngine, method: str, extra: list[tuple[bytes, bytes]]
+) -> None:
+    """The middleware decodes only the headers a visit reads (a browser sends twenty):
+    its visit is the one made from every header. Fails if a header a visit reads is
+    left out of ``web.VISIT_HEADERS``, or a request's odd names are read otherwise."""
+    seen: list[web.Visit] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(visit_of(scope))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    raw = [*_BROWSER, *extra]
     wire = Wire()
-    asyncio.run(middleware(http_scope("/x", headers=huge), wire.receive, wire.send))
-    assert seen[1].incoming.sid is None  # past the bound, not read
+    scope = http_scope("/x", method=method, headers=raw)
+    asyncio.run(StateKitMiddleware(app, engine)(scope, wire.receive, wire.send))
+
+    every: dict[str, str] = {}
+    for name, value in raw:
+        key, text = bytes(name).decode().lower(), value.decode()
+        every[key] = f"{every[key]}; {text}" if key in every else text
+    cookies = dict(pair.split("=", 1) for pair in every["cookie"].split("; "))
+    expected = web.SessionGate(engine).visit(method, every, cookies=cookies)
+    got = seen[0]
+    assert (got.incoming, got.page_load, got.cross_site, got.tokens) == (
+        expected.incoming,
+        expected.page_load,
+        expected.cross_site,
+        expected.tokens,
+    )
 
 
 def test_raw_asgi_a_websocket_gets_a_visit_and_passes_through(engine: StateEngine) -> None:

@@ -107,19 +107,36 @@ def visit_of(request_or_scope: Any) -> web.Visit:
     return visit
 
 
-def _headers(raw: Iterable[tuple[bytes, bytes]]) -> web.LowerHeaders:
+#: The names of the headers a visit reads, as ASGI servers send them.
+_VISIT_NAMES = frozenset(name.encode("latin-1") for name in web.VISIT_HEADERS)
+_SESSION_NAME = web.SESSION_HEADER.lower()
+
+
+def _headers(
+    raw: Iterable[tuple[bytes, bytes]], only: frozenset[bytes] | None = None
+) -> web.LowerHeaders:
     """The request's headers as one string per name (lower case): repeated headers
-    joined as HTTP joins them (``; `` for cookies). Bounded; never raises."""
+    joined as HTTP joins them (``; `` for cookies); with ``only``, just those names (a
+    visit decodes the few it reads, not a browser's twenty). Bounded; never raises."""
+    if only is not None and raw.__class__ in (list, tuple):
+        fast = _picked(raw, only)
+        if fast is not None:
+            return fast
     out = web.LowerHeaders()
     total = 0
     for pair in raw:
         try:
             name_b, value_b = pair
+            if name_b.__class__ is not bytes or value_b.__class__ is not bytes:
+                # (servers send bytes; a memoryview refuses what is not bytes-like)
+                name_b, value_b = bytes(memoryview(name_b)), bytes(memoryview(value_b))
+            if only is not None and name_b not in only:
+                name_b = name_b.lower()
+                if name_b not in only:
+                    continue
             total += len(name_b) + len(value_b)
             if total > _MAX_HEADER_BYTES:
                 break
-            if name_b.__class__ is not bytes or value_b.__class__ is not bytes:
-                name_b, value_b = bytes(name_b), bytes(value_b)  # (servers send bytes)
             name = name_b.decode("latin-1").lower()
             value = value_b.decode("latin-1")
         except (TypeError, ValueError):
@@ -128,6 +145,26 @@ def _headers(raw: Iterable[tuple[bytes, bytes]]) -> web.LowerHeaders:
             out[name] += ("; " if name == "cookie" else ", ") + value
         else:
             out[name] = value
+    return out
+
+
+def _picked(
+    raw: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...], only: frozenset[bytes]
+) -> web.LowerHeaders | None:
+    """:func:`_headers` of the names in ``only``, the quick way, for a server's list of
+    lower-case bytes pairs without a repeated name (every request, nearly); else None,
+    and the careful loop reads it."""
+    try:
+        picked = [pair for pair in raw if pair[0] in only]
+        out = web.LowerHeaders()
+        size = 0
+        for name, value in picked:
+            out[name.decode("latin-1")] = value.decode("latin-1")
+            size += len(value)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+        return None
+    if len(out) != len(picked) or size > _MAX_HEADER_BYTES:
+        return None  # a repeated name (joined), or more than is read
     return out
 
 
@@ -263,12 +300,14 @@ class StateKitMiddleware:
     def _add_visit(self, scope: Scope, method: str) -> web.Visit:
         """Make the request's visit and keep it in the request's own scope and state
         (not in copies: what the app writes there is seen by the middleware around it)."""
-        headers = _headers(scope.get("headers") or ())
+        headers = _headers(scope.get("headers") or (), _VISIT_NAMES)
         websocket = scope.get("type") == "websocket"
+        # A session named in the header wins over the cookie: not parsed then.
+        named = headers.get(_SESSION_NAME)
         visit = self.gate.visit(
             method,
             headers,
-            cookies=_cookies(headers.get("cookie")),
+            cookies=None if named else _cookies(headers.get("cookie")),
             query=_query(scope.get("query_string")) if websocket else None,
             secure=scope.get("scheme") in ("https", "wss"),
         )

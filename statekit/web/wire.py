@@ -36,6 +36,7 @@ __all__ = [
     "SESSION_FIELD",
     "SESSION_HEADER",
     "SESSION_QUERY",
+    "VISIT_HEADERS",
     "WATCH_PATH",
     "Answer",
     "Incoming",
@@ -77,6 +78,13 @@ ENDED_HEADER = "X-Statekit-Session-Ended"
 # The headers' names as ASGI servers and LowerHeaders give them.
 _SESSION_KEY = SESSION_HEADER.lower()
 _BROWSER_KEY = BROWSER_HEADER.lower()
+
+#: Every header a visit reads (:func:`read_request`, :func:`is_page_load`,
+#: :func:`is_cross_site`, and the cookie), lower case: an integration that decodes a
+#: request's headers itself need decode only these.
+VISIT_HEADERS = frozenset(
+    {_SESSION_KEY, _BROWSER_KEY, "accept", "cookie", "host", "origin", "sec-fetch-site"}
+)
 
 #: The largest header value read for browser tokens (a page's tokens are small).
 _MAX_TOKENS_BYTES = 256 * 1024
