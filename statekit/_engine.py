@@ -323,13 +323,15 @@ class StateEngine(Declarations):
     def stats(self) -> EngineStats:
         """What the engine can tell about itself now (see :class:`EngineStats`). Asks
         the store for its session count (one store call; the rest is this process's):
-        async code awaits :meth:`astats`."""
-        sessions = drive(self._sessions.count(), self._ns)
+        async code awaits :meth:`astats`. It answers after :meth:`shutdown` too, with
+        the figures the engine ended with (``ended["shutdown"]``: the sessions its
+        shutdown ended)."""
+        sessions = drive(self._sessions.count(after_shutdown=True), self._ns)
         return self._stats(sessions)
 
     async def astats(self) -> EngineStats:
         """:meth:`stats` without blocking the event loop."""
-        sessions = await self._core.adrive(self._sessions.count())
+        sessions = await self._core.adrive(self._sessions.count(after_shutdown=True))
         return self._stats(sessions)
 
     def _stats(self, sessions: int) -> EngineStats:
@@ -508,7 +510,8 @@ class StateEngine(Declarations):
         return await self._core.adrive(self._core.reap_steps(limit))
 
     def shutdown(self) -> None:
-        """Stop the engine: later calls raise :class:`EngineClosed`.
+        """Stop the engine: later calls raise :class:`EngineClosed` (but :meth:`stats`,
+        which tells the figures it ended with).
 
         With a store that dies with the process (the memory store), when this is the
         last engine using the app's data, every session ends now and every deletion

@@ -162,15 +162,20 @@ class Meter:
         self.warn_hold: float = math.inf if warn_hold is None else warn_hold
         self.warn_size: float = math.inf if warn_size is None else warn_size
         self._lock = threading.Lock()
-        # The hot path, no lock: events[next(number) & MASK] = hold.
+        # The hot path, no lock: events[next(number) & MASK] = hold. Events' own
+        # figures count from the event numbered ``_first`` (0, or the fork's).
         self._events = itertools.count()
+        self._first = 0
         #: The ring of the latest holds, written at each event's number masked.
         self.holds = [0.0] * WINDOW
         #: Draws the next event's number.
         self.number = self._events.__next__
         # The waits of events that waited, with the number of events before them.
         self._waits: deque[tuple[int, float]] = deque(maxlen=WINDOW)
-        # Under the lock.
+        self._zero()
+
+    def _zero(self) -> None:
+        """The counts at zero (under the lock, but for a new or forked meter)."""
         self._counts = {
             "conflicts": 0,
             "busy": 0,
@@ -184,8 +189,15 @@ class Meter:
         self._large = _Limiter()
 
     def after_fork(self) -> None:
-        """In a forked child: the lock freed (its figures are the parent's until then)."""
+        """In a forked child: the lock freed, and every figure at zero. A child's figures
+        are its own from the fork on, so that the sum over a server's workers counts
+        what the parent did before forking once, not once per worker. (The ring and the
+        numbering stay the same objects: events' entries hold them.)"""
         self._lock = threading.Lock()
+        self._first = _count(self._events)
+        self.holds[:] = [0.0] * WINDOW
+        self._waits.clear()
+        self._zero()
 
     # -- counting ------------------------------------------------------------------
 
@@ -281,11 +293,14 @@ class Meter:
 
     def read(self) -> dict[str, Any]:
         """The figures now, as :class:`~statekit.EngineStats` fields."""
-        waited, holds = list(self._waits), list(self.holds)
-        events = _count(self._events)
+        waited, ring = list(self._waits), list(self.holds)
+        first, drawn = self._first, _count(self._events)
+        events = drawn - first
         latest = min(events, WINDOW)
+        holds = ring if latest == WINDOW else [ring[(first + i) & _MASK] for i in range(latest)]
         # The waits of the latest events: those noted, and 0 for the others.
-        waits = [wait for number, wait in waited if number >= events - WINDOW]
+        since = max(first, drawn - WINDOW)
+        waits = [wait for number, wait in waited if number >= since]
         waits += [0.0] * (latest - len(waits))
         with self._lock:
             counts = dict(self._counts)
@@ -296,7 +311,7 @@ class Meter:
             **counts,
             "ended": ended,
             "lease_wait": _timings(waits),
-            "lease_hold": _timings(holds[:latest]),
+            "lease_hold": _timings(holds),
             "largest": tuple(ValueSize(state=n, size=s) for n, s in largest[:LARGEST]),
         }
 

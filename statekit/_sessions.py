@@ -86,7 +86,9 @@ class Sessions:
         core.salvage(outcome)
         return isinstance(outcome, Loaded)
 
-    def count(self) -> Steps[int]:
-        """How many sessions (open or closed) the store holds."""
-        self._core.check_usable()
+    def count(self, *, after_shutdown: bool = False) -> Steps[int]:
+        """How many sessions (open or closed) the store holds (``after_shutdown``: also
+        once the engine was shut down, for its last figures)."""
+        if not after_shutdown:
+            self._core.check_usable()
         return (yield from ask(SessionCount()))

@@ -23,7 +23,7 @@ from statekit import StateEngine
 from statekit.stores import Store
 from statekit.stores.redis import RedisStore
 from statekit.stores.sqlite import SQLiteStore
-from statekit.testing import RedisServer
+from statekit.testing import FakeClock, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Bounds every wait: a child, a worker, a notice.
@@ -468,3 +468,48 @@ def test_a_fork_waits_for_a_gate_only_so_long_and_never_for_its_own_thread(
     assert "forking while a test's work is in flight" in caplog.text
     with gate:  # open again in the parent
         pass
+
+
+def test_a_forked_childs_figures_start_at_zero_and_count_its_own_events() -> None:
+    """A server's workers each export their engine's figures, summed over workers: a
+    child that started with what its parent did before forking (events, holds, sizes,
+    ended sessions) would add the parent's figures once per worker. The parent's own
+    figures are unchanged by the fork."""
+    clock = FakeClock()
+    engine = StateEngine(clock=clock, closed_ttl=1)
+    note = engine.session_state("note", "")
+    sids = [engine.open_session() for _ in range(3)]
+    for sid in sids:
+        with engine.event(sid) as ev:
+            ev[note] = "x" * 100
+    engine.close_session(sids[0])
+    clock.advance(2)
+    assert engine.reap() == 1
+    before = engine.stats()
+    assert (before.events, before.ended["closed"], before.lease_hold.samples) == (3, 1, 3)
+    read, write = os.pipe()
+    pid = fork_quietly()
+    if pid == 0:
+        os.close(read)
+        at_fork = engine.stats()
+        with engine.event(sids[1]) as ev:
+            ev[note] = "yz"
+        after = engine.stats()
+        figures = [
+            at_fork.events,
+            at_fork.ended["closed"],
+            at_fork.lease_hold.samples,
+            len(at_fork.largest),
+            after.events,
+            after.lease_hold.samples,
+            after.largest[0].size,
+        ]
+        os.write(write, " ".join(map(str, figures)).encode())
+        os._exit(0)
+    os.close(write)
+    assert exit_code_of(pid) == 0
+    got = read_lines(read, time.monotonic() + WAIT)
+    os.close(read)
+    # Without the reset: 3 1 3 1 4 4 100 (the parent's figures, its 100-character value).
+    assert got == ["0", "0", "0", "0", "1", "1", "2"]
+    assert engine.stats().events == 3  # the parent's, untouched

@@ -662,8 +662,10 @@ _BROWSER = [
         ("POST", [(b"origin", b"https://evil.example")]),
         ("POST", [(b"origin", b"https://shop.example.com")]),
         ("GET", [(b"sec-fetch-site", b"none"), (b"accept", b"text/html,*/*")]),
-        # names not in lower case, a bytearray
-        ("GET", [(b"Accept", b"text/html"), (bytearray(b"X-Statekit-Browser"), b'{"k": "u"}')]),
+        # names not in lower case (ASGI allows them), a bytearray
+        ("POST", [(b"Origin", b"https://evil.example"), (b"X-Statekit-Session", b"s2")]),
+        ("GET", [(b"Accept", b"text/html"), (b"Cookie", b"statekit_session=c1")]),
+        ("GET", [(b"accept", b"text/html"), (bytearray(b"X-Statekit-Browser"), b'{"k": "u"}')]),
     ],
 )
 def test_raw_asgi_a_visit_reads_a_browsers_request_as_from_all_its_headers(

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from statekit import (
     DeleteReason,
+    EngineClosed,
     EngineStats,
     InvalidDeclaration,
     LeaseLost,
@@ -178,6 +179,29 @@ def test_renewals_conflicts_and_lost_leases(make_store: StoreFactory) -> None:
     assert rival.stats().conflicts == 0
     engine.shutdown()
     rival.shutdown()
+
+
+def test_the_figures_an_engine_ended_with_are_read_after_its_shutdown(
+    make_store: StoreFactory,
+) -> None:
+    """``stats()`` answers after a shutdown, with the figures the engine ended with: on
+    the memory store, ``ended["shutdown"]`` counts the sessions the shutdown ended (a
+    host logs them at exit); a shared store keeps its sessions (they outlive the
+    process), and its count is still read. Fails if stats() raises after shutdown (the
+    shutdown figure could never be read) or the figures are lost."""
+    engine = make_engine(make_store, FakeClock())
+    sids = [engine.open_session() for _ in range(3)]
+    with engine.event(sids[0]):
+        pass
+    engine.shutdown()
+    stats = engine.stats()
+    shared = engine.store.shared
+    assert stats.ended["shutdown"] == (0 if shared else 3)
+    assert stats.sessions == (3 if shared else 0)
+    assert (stats.events, stats.lease_hold.samples) == (1, 1)
+    assert asyncio.run(engine.astats()) == stats
+    with pytest.raises(EngineClosed):
+        engine.session_count()  # every other call is refused, as before
 
 
 def test_sessions_ended_by_reason(make_store: StoreFactory) -> None:

@@ -152,20 +152,23 @@ def _picked(
     raw: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...], only: frozenset[bytes]
 ) -> web.LowerHeaders | None:
     """:func:`_headers` of the names in ``only``, the quick way, for a server's list of
-    lower-case bytes pairs without a repeated name (every request, nearly); else None,
-    and the careful loop reads it."""
+    bytes pairs with lower-case names (as servers should send them) and no repeated
+    name: every request, nearly. Anything else (a name in another case, a repeated
+    one, a pair of other types, more than the bound) answers None, and the careful
+    loop reads it."""
     try:
-        picked = [pair for pair in raw if pair[0] in only]
+        # A name not in lower case is picked too, to be refused below.
+        picked = [pair for pair in raw if pair[0] in only or not pair[0].islower()]
         out = web.LowerHeaders()
         size = 0
         for name, value in picked:
+            size += len(name) + len(value)
+            if size > _MAX_HEADER_BYTES or name not in only:
+                return None
             out[name.decode("latin-1")] = value.decode("latin-1")
-            size += len(value)
     except (TypeError, ValueError, IndexError, KeyError, AttributeError):
         return None
-    if len(out) != len(picked) or size > _MAX_HEADER_BYTES:
-        return None  # a repeated name (joined), or more than is read
-    return out
+    return out if len(out) == len(picked) else None  # else a repeated name: joined
 
 
 def _query(raw: object) -> dict[str, str]:
