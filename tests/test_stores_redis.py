@@ -194,6 +194,75 @@ def test_async_calls_keep_no_connection_of_the_clients_pool(redis_server: RedisS
     asyncio.run(single_connection())
 
 
+def test_a_connection_goes_back_through_the_pools_release_when_it_has_work_to_do(
+    redis_server: RedisServer,
+) -> None:
+    """The store gives a connection back straight to the free list of the asyncio
+    client's pool (as ``get_available_connection`` took it), unless the pool's release
+    has work to do: a re-auth pending (a streaming credential provider's new token), a
+    reconnect asked (maintenance notifications), or the pool's lock held (a re-auth of
+    every connection iterating its lists). Fails if the quick way skipped any of them:
+    the token would never be sent, the connection never reconnected, or the lists
+    changed under the task holding the lock."""
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        pool = client.connection_pool
+        store = RedisStore(
+            redis_server.url, async_client=client, prefix=f"gb{uuid.uuid4().hex[:6]}"
+        )
+        engine = StateEngine(store, app="shop")
+        count = engine.session_state("count", 0)
+        sid = engine.open_session()
+
+        async def bump() -> None:
+            async with engine.aevent(sid) as ev:
+                ev[count] += 1
+
+        await bump()
+        (conn,) = pool._available_connections
+        assert not pool._in_use_connections  # given back, the quick way
+
+        reauthed: list[object] = []
+
+        async def re_auth() -> None:
+            reauthed.append(conn._re_auth_token)
+            conn._re_auth_token = None
+
+        conn.re_auth = re_auth  # type: ignore[method-assign]
+        conn._re_auth_token = "token"
+        await bump()
+        assert reauthed == ["token"]  # once: the load's give-back ran the release
+
+        disconnects = 0
+        real_disconnect = conn.disconnect
+
+        async def disconnect(*args: Any, **kwargs: Any) -> None:
+            nonlocal disconnects
+            disconnects += 1
+            await real_disconnect(*args, **kwargs)
+
+        conn.should_reconnect = lambda: True  # type: ignore[method-assign]
+        conn.disconnect = disconnect  # type: ignore[method-assign]
+        await bump()
+        assert disconnects >= 2  # each give-back, by the release
+        del conn.should_reconnect
+
+        await pool._lock.acquire()
+        event = asyncio.ensure_future(bump())
+        await asyncio.sleep(0.2)
+        assert not event.done()  # waits for the lock, in the pool's release
+        pool._lock.release()
+        await event
+        assert not pool._in_use_connections
+        assert count.get(sid) == 4
+        engine.shutdown()
+        store.close()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_an_async_write_that_could_not_connect_is_known_not_applied() -> None:
     """A write whose connection could not be made never left: StoreUnavailable says
     so (``outcome_unknown`` false), on the asyncio path as on the blocking one. Fails

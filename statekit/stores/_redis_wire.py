@@ -148,10 +148,36 @@ async def _exchanges(conn: Any, packed: list[bytes], script: Any, failed: Except
         return await conn.retry.call_with_retry(exchange, drop)
 
 
+def _put_back(pool: Any, conn: Any) -> bool:
+    """Give ``conn`` back to a plain pool as ``get_available_connection`` took it: to
+    its free list, without the pool's release event and connection-state metrics
+    (none were recorded when it was taken), when nothing else is due (no re-auth
+    pending, no reconnect asked, the pool's lock free). False: the pool's own release
+    must give it back. Redis-py's pool attributes, read where they are, else False."""
+    try:
+        if (
+            pool.__class__ not in _PLAIN_POOLS
+            or pool._lock.locked()
+            or conn._re_auth_token is not None
+            or conn.should_reconnect()
+        ):
+            return False
+        in_use, free = pool._in_use_connections, pool._available_connections
+    except AttributeError:  # another redis-py's pool: its release gives it back
+        return False
+    if conn not in in_use:
+        return False
+    in_use.remove(conn)
+    free.append(conn)
+    return True
+
+
 async def _give_back(pool: Any, conn: Any) -> None:
     """Give ``conn`` back to its pool. The pool's lock may make the task wait: if it is
     cancelled there, the connection is given back by a task of its own, and the
     cancellation absorbed once the call was sent (else raised)."""
+    if _put_back(pool, conn):
+        return
     try:
         await pool.release(conn)
     except asyncio.CancelledError as exc:
