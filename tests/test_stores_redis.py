@@ -220,7 +220,8 @@ def test_a_connection_goes_back_through_the_pools_release_when_it_has_work_to_do
                 ev[count] += 1
 
         await bump()
-        (conn,) = pool._available_connections
+        conn: Any = pool._available_connections[0]
+        assert len(pool._available_connections) == 1
         assert not pool._in_use_connections  # given back, the quick way
 
         reauthed: list[object] = []
@@ -229,7 +230,7 @@ def test_a_connection_goes_back_through_the_pools_release_when_it_has_work_to_do
             reauthed.append(conn._re_auth_token)
             conn._re_auth_token = None
 
-        conn.re_auth = re_auth  # type: ignore[method-assign]
+        conn.re_auth = re_auth
         conn._re_auth_token = "token"
         await bump()
         assert reauthed == ["token"]  # once: the load's give-back ran the release
@@ -242,8 +243,8 @@ def test_a_connection_goes_back_through_the_pools_release_when_it_has_work_to_do
             disconnects += 1
             await real_disconnect(*args, **kwargs)
 
-        conn.should_reconnect = lambda: True  # type: ignore[method-assign]
-        conn.disconnect = disconnect  # type: ignore[method-assign]
+        conn.should_reconnect = lambda: True
+        conn.disconnect = disconnect
         await bump()
         assert disconnects >= 2  # each give-back, by the release
         del conn.should_reconnect
