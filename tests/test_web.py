@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -739,3 +739,67 @@ def test_a_visit_answers_only_errors_about_its_own_session(
     down = visit.answer(StoreUnavailable("redis", "refused"))
     assert down is not None
     assert down.status == 503  # the store is everyone's
+
+
+_REQUEST = {
+    "Host": "shop.example.com",
+    "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0.0.0",
+    "Accept": "text/html,*/*",
+    "Accept-Language": "en-US,en;q=0.9",
+    "Origin": "https://evil.example",
+    "Sec-Fetch-Site": "cross-site",
+    "X-Statekit-Browser": '{"k": "t"}',
+    "Cookie": "theme=dark; statekit_session=from-cookie",
+}
+
+
+def _django_headers(headers: dict[str, str]) -> Any:
+    from django.http.request import HttpHeaders  # (made without Django's settings)
+
+    return HttpHeaders({"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()})
+
+
+def _werkzeug_headers(headers: dict[str, str]) -> Any:
+    from werkzeug.datastructures import EnvironHeaders
+
+    return EnvironHeaders({"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()})
+
+
+@pytest.mark.parametrize("kind", ["dict", "django", "werkzeug"])
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_visit_headers_read_what_a_visit_reads_from_any_mapping(
+    engine: StateEngine, kind: str, method: str
+) -> None:
+    """``web.visit_headers`` (and the gate, given any mapping) keep the seven headers a
+    visit reads: the visit is the one made from every header lower-cased. Fails if a
+    name is missed in one of the ways (a title-case dict read in one pass; Django's
+    and Werkzeug's case-insensitive headers looked up), so that a cross-site page, a
+    page load, a cookie session or the tokens went unseen."""
+    gate = web.SessionGate(engine)
+    cookies = {"theme": "dark", "statekit_session": "from-cookie"}
+    expected = gate.visit(method, {k.lower(): v for k, v in _REQUEST.items()}, cookies=cookies)
+    assert expected.cross_site
+    assert expected.incoming.source == "cookie"
+    make: dict[str, Callable[[dict[str, str]], Any]] = {
+        "dict": dict,
+        "django": _django_headers,
+        "werkzeug": _werkzeug_headers,
+    }
+    source = make[kind](_REQUEST)
+    headers = web.visit_headers(source, any_case=kind != "dict")
+    assert set(headers) == {
+        "host",
+        "accept",
+        "origin",
+        "sec-fetch-site",
+        "x-statekit-browser",
+        "cookie",
+    }
+    for given in (headers, source) if kind == "dict" else (headers,):
+        got = gate.visit(method, given, cookies=cookies)
+        assert (got.incoming, got.page_load, got.cross_site, got.tokens) == (
+            expected.incoming,
+            expected.page_load,
+            expected.cross_site,
+            expected.tokens,
+        )

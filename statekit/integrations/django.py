@@ -73,7 +73,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.module_loading import import_string
 
 from statekit import StateEngine
-from statekit.web import PREFIX, Answer, SessionGate, Visit, shut_down_at_exit
+from statekit.web import PREFIX, Answer, SessionGate, Visit, shut_down_at_exit, visit_headers
 
 __all__ = ["StateKitMiddleware", "engine_from_settings", "visit_of"]
 
@@ -132,7 +132,7 @@ class StateKitMiddleware:
 
         made = self.gate.visit(
             method,
-            request.headers,
+            visit_headers(request.headers, any_case=True),
             cookies=request.COOKIES,  # the gate reads gate.cookie_name_for(secure)
             form=form,
             secure=request.is_secure(),

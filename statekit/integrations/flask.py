@@ -47,7 +47,7 @@ Thread-safe: one extension serves every thread of the app.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
 
@@ -58,7 +58,7 @@ from statekit.exceptions import (
     SessionNotInitialized,
     StoreUnavailable,
 )
-from statekit.web import PREFIX, Answer, SessionGate, Visit, shut_down_at_exit
+from statekit.web import PREFIX, Answer, SessionGate, Visit, shut_down_at_exit, visit_headers
 
 __all__ = ["StateKit", "visit"]
 
@@ -193,7 +193,8 @@ def visit() -> Visit:
         )
     made = gate.visit(
         request.method,
-        dict(request.headers),
+        # Werkzeug's Headers: a Mapping's get and items, a name found in any case
+        visit_headers(cast("Mapping[str, str]", request.headers), any_case=True),
         cookies=request.cookies,  # the gate reads gate.cookie_name_for(secure)
         form=_form,
         secure=request.is_secure,

@@ -64,6 +64,7 @@ from statekit.web.wire import (
     read_request,
     script,
     script_answer,
+    visit_headers,
 )
 
 __all__ = [
@@ -101,4 +102,5 @@ __all__ = [
     "script_answer",
     "server_sent_events",
     "shut_down_at_exit",
+    "visit_headers",
 ]

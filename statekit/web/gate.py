@@ -45,6 +45,7 @@ from statekit.web.wire import (
     opened,
     read_request,
     script_answer,
+    visit_headers,
 )
 
 __all__ = ["FormSource", "SessionGate", "Visit", "VisitEvent"]
@@ -318,6 +319,7 @@ class SessionGate:
                 and named ``__Host-<cookie_name>``).
         """
         name = self.cookie_name_for(secure)
+        headers = visit_headers(headers)  # lower case once, for the three readers
         incoming = read_request(
             headers,
             cookies=_only(cookies, name) if self.cookie else {},

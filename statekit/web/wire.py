@@ -51,6 +51,7 @@ __all__ = [
     "read_request",
     "script",
     "script_answer",
+    "visit_headers",
 ]
 
 #: Where an integration serves the page's endpoints, by default.
@@ -118,6 +119,33 @@ def _lower(mapping: Mapping[str, str]) -> Mapping[str, str]:
     if mapping.__class__ is LowerHeaders:
         return mapping
     return {str(k).lower(): v for k, v in mapping.items()}
+
+
+def visit_headers(headers: Mapping[str, str], *, any_case: bool = False) -> LowerHeaders:
+    """The headers a visit reads (:data:`VISIT_HEADERS`) of a request's, lower case, in
+    one pass (the readers then use them as they are): what an integration hands
+    :meth:`SessionGate.visit <statekit.web.SessionGate.visit>`, which makes them itself
+    from any other mapping.
+
+    Args:
+        headers: the request's headers.
+        any_case: the mapping finds a name in any case (Django's ``request.headers``,
+            Werkzeug's): the seven are looked up rather than every header read.
+    """
+    if headers.__class__ is LowerHeaders:
+        return headers
+    out = LowerHeaders()
+    if any_case:
+        for name in VISIT_HEADERS:
+            value = headers.get(name)
+            if value is not None:
+                out[name] = value
+        return out
+    for key, value in headers.items():
+        name = str(key).lower()
+        if name in VISIT_HEADERS:
+            out[name] = value
+    return out
 
 
 def read_request(
