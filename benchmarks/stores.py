@@ -120,20 +120,27 @@ def redis_contenders(url: str, raw: Any) -> dict[str, Callable[[int], object]]:
     }
 
 
-def awaited_contenders(url: str) -> dict[str, Callable[[int], object]]:
+def awaited_contenders(url: str, cluster_url: str = "") -> dict[str, Callable[[int], object]]:
     """An awaited one-state event (``engine.aevent`` on the store's asyncio client)
-    against raw ``redis.asyncio`` GET then SET, both on one event loop of their own."""
+    against raw ``redis.asyncio`` GET then SET, both on one event loop of their own;
+    with ``cluster_url`` (the cluster's nodes, ``url`` the store's), on
+    ``redis.asyncio.cluster.RedisCluster`` clients."""
     import asyncio
 
     import redis.asyncio as aioredis
+    import redis.asyncio.cluster as aiocluster
 
     from statekit.stores.redis import RedisStore
 
     loop = asyncio.new_event_loop()
-    raw = aioredis.Redis.from_url(url)
-    store = RedisStore(
-        url, prefix=f"a{uuid.uuid4().hex[:6]}", async_client=aioredis.Redis.from_url(url)
-    )
+
+    def client() -> Any:
+        if cluster_url:
+            return aiocluster.RedisCluster.from_url(cluster_url)
+        return aioredis.Redis.from_url(url)
+
+    raw = client()
+    store = RedisStore(url, prefix=f"a{uuid.uuid4().hex[:6]}", async_client=client())
     engine = StateEngine(store, app="bench")
     counter: SessionState[int] = engine.session_state("counter", 0)
     # Past Redis's 128-member small encoding of the app's capacity order, as the other
@@ -196,11 +203,12 @@ def run(quick: bool = False) -> list[tuple[str, list[Measure]]]:
         server.stop()
     with RedisCluster() as cluster:
         port = cluster.masters()[0]
+        store_url = f"redis+cluster://127.0.0.1:{port}"
         clustered = best_per_op(
-            redis_contenders(
-                f"redis+cluster://127.0.0.1:{port}",
-                redis.cluster.RedisCluster.from_url(cluster.url),
-            ),
+            {
+                **redis_contenders(store_url, redis.cluster.RedisCluster.from_url(cluster.url)),
+                **awaited_contenders(store_url, cluster.url),
+            },
             ops=ops,
             rounds=rounds,
             statistic="median",

@@ -382,6 +382,128 @@ def test_a_master_killed_mid_run_raises_store_unavailable_then_the_engine_recove
         store.close()
 
 
+def test_awaited_events_follow_a_slot_the_client_places_wrong_and_free_every_connection(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Awaited events send their scripts straight to the master the asyncio cluster
+    client knows for the session's slot. When that is wrong (the slot moved: here the
+    client's map is made wrong on purpose), the master answers MOVED, and the call is
+    sent again through the cluster client, which follows the redirection and learns
+    the slot: every event commits once. A burst of events leaves every node's
+    connections free. Fails if a redirection escaped as an error, an event were
+    applied twice or lost, or a connection stayed taken."""
+    url = cluster_url(redis_cluster)
+
+    async def scenario() -> None:
+        client = aiocluster.RedisCluster.from_url(redis_cluster.url)
+        store = RedisStore(url, async_client=client, prefix=f"mv{uuid.uuid4().hex[:6]}")
+        engine = StateEngine(store, app="shop")
+        n: SessionState[int] = engine.session_state("n", 0)
+        try:
+            await _wrong_slot(client, store, engine, n)
+        finally:
+            await engine.ashutdown()
+            store.close()
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+async def _wrong_slot(
+    client: Any, store: RedisStore, engine: StateEngine, n: SessionState[int]
+) -> None:
+    """The events of the test above, on a slot the client places wrong."""
+    sids = [await engine.aopen_session() for _ in range(8)]
+
+    async def bump(sid: str) -> None:
+        async with engine.aevent(sid) as ev:
+            ev[n] += 1
+
+    through_client = 0  # scripts sent through the cluster client's own path
+    real = client.execute_command
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal through_client
+        through_client += args[0] == "EVALSHA"
+        return await real(*args, **kwargs)
+
+    client.execute_command = counting
+    await asyncio.gather(*(bump(sid) for sid in sids))
+    first = through_client  # the client's first calls learn the slots
+    key = store.namespace("shop").layout.of(sids[0]).P + "s:" + sids[0]
+    slot = client.keyslot(key)
+    right = client.nodes_manager.slots_cache[slot]
+    wrong = next(node for node in client.get_primaries() if node is not right[0])
+    client.nodes_manager.slots_cache[slot] = [wrong]
+    for _ in range(3):
+        await bump(sids[0])
+    assert client.nodes_manager.slots_cache[slot][0].name == right[0].name  # learnt
+    redirected = through_client
+    assert redirected > first  # the MOVED call went through the cluster client
+    await asyncio.gather(*(bump(sid) for sid in sids for _ in range(5)))
+    assert through_client == redirected  # and every other straight to its master
+    assert [await n.aget(sid) for sid in sids] == [9] + [6] * 7
+    for node in client.get_nodes():
+        assert set(node._free) == set(node._connections), node.name
+
+
+def test_an_awaited_event_on_a_killed_master_raises_store_unavailable_then_recovers(
+    redis_cluster: RedisCluster,
+) -> None:
+    """SIGKILL the master of a session between awaited events: the next one raises
+    StoreUnavailable, and once the replica is promoted the same engine and asyncio
+    client carry on, every acknowledged event stored. Fails if another error escapes
+    or the engine needs a restart."""
+    url = cluster_url(redis_cluster)
+
+    async def scenario() -> None:
+        client = aiocluster.RedisCluster.from_url(redis_cluster.url, socket_timeout=1.0)
+        store = RedisStore(
+            url, async_client=client, prefix=f"ak{uuid.uuid4().hex[:6]}", socket_timeout=1.0
+        )
+        engine = StateEngine(store, app="shop")
+        n: SessionState[int] = engine.session_state("n", 0)
+        try:
+            await _kill_between_events(redis_cluster, store, engine, n)
+        finally:
+            await engine.ashutdown()
+            store.close()
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+async def _kill_between_events(
+    redis_cluster: RedisCluster, store: RedisStore, engine: StateEngine, n: SessionState[int]
+) -> None:
+    """The events of the test above, around the kill of their session's master."""
+    sid = await engine.aopen_session()
+    for _ in range(5):
+        async with engine.aevent(sid) as ev:
+            ev[n] += 1
+    port = _master_of(store, sid)
+    redis_cluster.kill(port)
+    try:
+        with pytest.raises(StoreUnavailable):
+            async with engine.aevent(sid) as ev:
+                ev[n] += 1
+        await asyncio.to_thread(redis_cluster.wait_for_failover, port)
+        acked, deadline = 0, time.monotonic() + 60
+        while acked < 5:
+            assert time.monotonic() < deadline, "the engine never recovered"
+            try:
+                async with engine.aevent(sid) as ev:
+                    ev[n] += 1
+                acked += 1
+            except StoreUnavailable:
+                await asyncio.sleep(0.1)
+    finally:
+        redis_cluster.restore()
+    # Replication is asynchronous: the events before the kill may be lost with
+    # their master, those acknowledged after the failover may not.
+    assert await n.aget(sid) >= acked
+
+
 def test_notices_of_one_busy_master_keep_up(redis_cluster: RedisCluster) -> None:
     """200 commits of one session (one bucket, one master) reach another handle's
     subscriber as 200 notices within 10 s. Fails if the receiver waits on the quiet

@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ._finish import absorb, check_unsent, finish, sent, unsent_mark
 from ._redis_failures import not_sent
 
-__all__ = ["adirect", "pack"]
+__all__ = ["adirect", "anode", "pack"]
 
 #: The asyncio pools whose connections the store takes without their readiness poll.
 _PLAIN_POOLS = (aioredis.ConnectionPool, aioredis.sentinel.SentinelConnectionPool)
@@ -257,3 +257,47 @@ async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
         raise
     finally:
         await _give_back(pool, conn)
+
+
+async def anode(client: Any, command: tuple[Any, ...], script: Any, key: Any) -> Any:
+    """:func:`adirect` on a cluster's asyncio client: the command is sent on a
+    connection of the master serving ``key``'s slot, as the client knows it (taken
+    from that node's free connections and given back after the reply), without the
+    cluster client's per-call work (the slot of every key, its Python packing, a task
+    for each read). A plain error reply is raised as it is; any other failure (a slot
+    that moved, a master that failed, a script the server does not know, a command
+    too large to send without the client's send timeout) is raised for the caller to
+    send the command through the cluster client, which follows redirections, learns
+    the slots again and loads scripts: sending it again is safe, every write being
+    idempotent."""
+    node = client.get_node_from_key(key)
+    conn = node.acquire_connection()
+    try:
+        if conn.should_reconnect() or not conn.is_connected:
+            mark = unsent_mark()
+            try:
+                if conn.should_reconnect():
+                    await finish(conn.disconnect())
+                await finish(conn.connect())
+                check_unsent(mark)
+            except BaseException as exc:
+                not_sent(exc)
+                raise
+        packed = [pack(conn, command)]
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        node.release(conn)
+        raise
+    if len(packed[0]) > _QUIET_SEND:
+        node.release(conn)
+        raise not_sent(RedisError("a large command: sent through the cluster client"))
+    sent()
+    try:
+        return await _exchange(conn, packed)
+    except ResponseError:
+        raise  # an error reply, read whole: the connection is fine
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        node.release(conn)

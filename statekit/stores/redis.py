@@ -56,7 +56,7 @@ from ._redis_failures import UNAVAILABLE, Attempts, read_failure, safe_url
 from ._redis_layout import MAX_BUCKETS
 from ._redis_namespace import RedisNamespace
 from ._redis_scripts import TEXTS
-from ._redis_wire import adirect, pack
+from ._redis_wire import adirect, anode, pack
 
 __all__ = ["RedisStore"]
 
@@ -442,9 +442,17 @@ class RedisStore:
         direct = not self.cluster and not getattr(client, "single_connection_client", False)
         for attempt in Attempts(self._label, applies=applies, lost=lost):
             with attempt:
+                command = ("EVALSHA", code.sha, len(keys), *keys, *args)
                 if direct:
-                    command = ("EVALSHA", code.sha, len(keys), *keys, *args)
                     return await adirect(client, command, code)
+                if self.cluster:
+                    try:
+                        return await anode(client, command, code, keys[0])
+                    except (RedisError, RedisClusterException, OSError) as exc:
+                        if type(exc) is ResponseError:
+                            raise
+                    # As on the blocking path (_evalsha): the cluster client's own
+                    # path follows redirections and learns the slots again.
                 sent()
                 return await finish(code.on_asyncio(client, keys, args))
         raise AssertionError("unreachable")  # pragma: no cover
