@@ -484,6 +484,25 @@ class RedisStore:
         except (*UNAVAILABLE, RedisError) as exc:
             raise read_failure(self._label, exc, damaged) from exc
 
+    async def aread_command(
+        self, client: Any, command: tuple[Any, ...], *, damaged: Callable[[], Exception]
+    ) -> Any:
+        """:meth:`read_command` on ``client``, an asyncio client: sent as scripts are
+        (see :meth:`arun`), through the client's own path only where that is needed."""
+        try:
+            if self.cluster:
+                try:
+                    return await anode(client, command, None, command[1])
+                except (RedisError, RedisClusterException, OSError) as exc:
+                    if type(exc) is ResponseError:
+                        raise
+                # A slot that moved, a master that failed: as in arun.
+            elif not getattr(client, "single_connection_client", False):
+                return await adirect(client, command, None)
+            return await client.execute_command(*command)
+        except (*UNAVAILABLE, RedisError) as exc:
+            raise read_failure(self._label, exc, damaged) from exc
+
     @property
     def async_client(self) -> Any:
         """The ``redis.asyncio`` client async calls are sent on, or ``None`` (worker
