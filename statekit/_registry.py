@@ -99,6 +99,7 @@ class SessionRegistry(Generic[T]):
         "_host",
         "_lock",
         "_objects",
+        "_resync_due",
         "_shut",
         "_tasks",
         "engine",
@@ -134,6 +135,8 @@ class SessionRegistry(Generic[T]):
         self._objects: dict[str, tuple[T, asyncio.AbstractEventLoop | None]] = {}
         self._flights: dict[str, _Flight] = {}
         self._shut = False
+        # A resync could not reach the store: the next ended session runs it again.
+        self._resync_due = False
         self._tasks: set[asyncio.Task[None]] = set()
         host.declare_registry(
             self, ended=self._session_ended, shutdown=self._engine_shutdown, resync=self._resync
@@ -352,6 +355,8 @@ class SessionRegistry(Generic[T]):
                 flight.ended = reason
         if entry is not None:
             self._run_cleanup(sid, *entry)
+        if self._resync_due:  # the store answers notices again: check what was missed
+            self._resync()
 
     def _engine_shutdown(self) -> None:
         """The engine shut down: clean up every object left, refuse new ones."""
@@ -363,14 +368,21 @@ class SessionRegistry(Generic[T]):
             self._run_cleanup(sid, obj, loop)
 
     def _resync(self) -> None:
-        """Notices may have been lost: clean up objects of sessions no longer open."""
+        """Notices may have been lost: clean up objects of sessions no longer open. A
+        store that cannot be reached stops the check (each session would wait for it);
+        it runs again at the next session that ends, here or in a notice."""
         with self._lock:
+            self._resync_due = False
             sids = list(self._objects)
         for sid in sids:
             try:
                 still_open = self._host.is_open(sid)
             except Exception:
-                logger.exception("registry %r could not check its sessions", self.name)
+                logger.exception(
+                    "registry %r could not check its sessions (checked again when a session ends)",
+                    self.name,
+                )
+                self._resync_due = True
                 return
             if not still_open:
                 with self._lock:

@@ -73,9 +73,15 @@ def test_an_engine_made_before_fork_works_in_the_child(where: tuple[str, str, st
     engine = StateEngine(store_at(kind, place, prefix), app="forked")
     note = engine.session_state("note", "")
     reader, writer = os.pipe()
+    # What this process's cleanups finished (the child's copy is its own). The child
+    # waits for this, not for the object to leave the registry: the registry takes an
+    # object out of its table first and runs its cleanup after, so a child exiting as
+    # soon as the marker is gone could end before the cleanup's line is written.
+    cleaned: list[str] = []
 
     def cleanup(obj: str) -> None:
         os.write(writer, f"{os.getpid()}:{obj}\n".encode())
+        cleaned.append(obj)
 
     # Declaring the registry starts the parent's notice thread.
     objects = engine.registry("conn", lambda sid: sid, cleanup)
@@ -94,9 +100,9 @@ def test_an_engine_made_before_fork_works_in_the_child(where: tuple[str, str, st
             objects.open(marker)
             os.write(writer, b"ready\n")
             deadline = time.monotonic() + WAIT
-            while marker in objects and time.monotonic() < deadline:
+            while marker not in cleaned and time.monotonic() < deadline:
                 time.sleep(0.01)
-            code = 0 if marker not in objects else 2
+            code = 0 if marker in cleaned and marker not in objects else 2
         finally:
             os._exit(code)
     seen: list[str] = []

@@ -952,6 +952,34 @@ class TestProcessLocal:
         assert sid in registry  # kept until the store answers
         assert ledger.cleaned == {}
 
+    def test_a_resync_the_store_failed_runs_again_when_a_session_ends(
+        self, clock: FakeClock
+    ) -> None:
+        """A session that ended while notices were lost, and the resync that should
+        have found it failing (the store unreachable): when the store answers again
+        and another session ends, the check runs again and cleans up the object of the
+        one missed. Fails if the failed resync was given up for good (the object would
+        live as long as the process)."""
+        store = Switchboard()
+        worker_a = StateEngine(store, app="shop", clock=clock)
+        worker_b = StateEngine(store, app="shop", clock=clock)
+        ledger = Ledger()
+        registry = worker_b.registry("things", ledger.factory, ledger.cleanup)
+        gone, kept, later = (worker_a.open_session() for _ in range(3))
+        obj_gone, obj_kept = registry.open(gone), registry.open(kept)
+        store.paused = True  # worker b misses the close
+        worker_a.close_session(gone)
+        store.paused = False
+        store.failing = True
+        store.send(Notice(kind="resync", sid="", origin="test"))
+        assert ledger.cleaned == {}
+        store.failing = False
+        worker_a.close_session(later)  # its notice reaches worker b
+        assert ledger.cleaned == {obj_gone.serial: 1}
+        assert registry.get(kept) is obj_kept
+        worker_a.shutdown()
+        worker_b.shutdown()
+
 
 # -- memory ----------------------------------------------------------------------
 
