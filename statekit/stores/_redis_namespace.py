@@ -269,10 +269,7 @@ class RedisNamespace:
         if isinstance(call, Plan):
             return call.answer(await self._arun(client, call.script, call.keys, call.args))
         if isinstance(call, Read):
-            if call.plain is not None:
-                return await self._store.aread_command(client, call.plain, damaged=call.damaged)
-            command = call.command
-            return await self._store.aread(lambda: command(client), damaged=call.damaged)
+            return await self._store.aread(client, call)
         await asyncio.sleep(call.seconds)
         return None
 

@@ -34,7 +34,7 @@ import hashlib
 import logging
 import re
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -51,6 +51,7 @@ from statekit._codec import Codec, JSONCodec
 from statekit.exceptions import StoreUnavailable
 
 from ._finish import finish, sent
+from ._redis_calls import Read
 from ._redis_clients import is_cluster, make_client
 from ._redis_failures import UNAVAILABLE, Attempts, read_failure, safe_url
 from ._redis_layout import MAX_BUCKETS
@@ -475,33 +476,25 @@ class RedisStore:
         except (*UNAVAILABLE, RedisError) as exc:
             raise read_failure(self._label, exc, damaged) from exc
 
-    async def aread(
-        self, fn: Callable[[], Awaitable[Any]], *, damaged: Callable[[], Exception]
-    ) -> Any:
-        """:meth:`read` on the asyncio client: ``fn()`` sends the commands."""
+    async def aread(self, client: Any, call: Read) -> Any:
+        """:meth:`read` on ``client``, an asyncio client. A read of one command (a peek's
+        ``HMGET``) is sent as scripts are (see :meth:`arun`), through the client's own
+        path only where that is needed; others, by ``call.command(client)``."""
         try:
-            return await fn()
-        except (*UNAVAILABLE, RedisError) as exc:
-            raise read_failure(self._label, exc, damaged) from exc
-
-    async def aread_command(
-        self, client: Any, command: tuple[Any, ...], *, damaged: Callable[[], Exception]
-    ) -> Any:
-        """:meth:`read_command` on ``client``, an asyncio client: sent as scripts are
-        (see :meth:`arun`), through the client's own path only where that is needed."""
-        try:
+            if call.plain is None:
+                return await call.command(client)
             if self.cluster:
                 try:
-                    return await anode(client, command, None, command[1])
+                    return await anode(client, call.plain, None, call.plain[1])
                 except (RedisError, RedisClusterException, OSError) as exc:
                     if type(exc) is ResponseError:
                         raise
                 # A slot that moved, a master that failed: as in arun.
             elif not getattr(client, "single_connection_client", False):
-                return await adirect(client, command, None)
-            return await client.execute_command(*command)
+                return await adirect(client, call.plain, None)
+            return await client.execute_command(*call.plain)
         except (*UNAVAILABLE, RedisError) as exc:
-            raise read_failure(self._label, exc, damaged) from exc
+            raise read_failure(self._label, exc, call.damaged) from exc
 
     @property
     def async_client(self) -> Any:
