@@ -109,3 +109,43 @@ def test_a_notice_thread_whose_first_read_fails_goes_on(
     assert sid in ended
     elsewhere.shutdown()
     here.shutdown()
+
+
+def test_a_store_opened_while_another_connection_writes_waits_for_it(tmp_path: Path) -> None:
+    """Switching a file to WAL takes a lock SQLite's busy wait does not cover: the
+    store failed at once, whatever its timeout, when it was opened while another
+    connection wrote (as when several workers open a new database together). It now
+    waits, as a busy write does; past its timeout it is unavailable, said once. Fails
+    if the open raises while the write is shorter than the timeout."""
+    import sqlite3
+
+    path = tmp_path / "busy.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (x)")
+
+    def hold(seconds: float) -> threading.Thread:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO t VALUES (1)")
+        thread = threading.Timer(seconds, lambda: writer.execute("COMMIT"))
+        thread.start()
+        return thread
+
+    held = hold(0.3)
+    store = SQLiteStore(path, timeout=5)  # waits for the write, then opens
+    held.join()
+    engine = StateEngine(store)
+    assert engine.exists(engine.open_session())
+    engine.shutdown()
+    store.close()
+
+    writer.close()
+    writer = sqlite3.connect(tmp_path / "other.db", isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (x)")
+    held = hold(1.0)
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            SQLiteStore(tmp_path / "other.db", timeout=0.2)
+    finally:
+        held.join()
+        writer.close()
+    assert str(raised.value).count("is unavailable") == 1, str(raised.value)

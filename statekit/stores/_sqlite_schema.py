@@ -1,10 +1,13 @@
-"""The SQLite store's tables, and how it knows its database file."""
+"""The SQLite store's tables, how it knows its database file, and the switch of a
+file to WAL."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 
-__all__ = ["SCHEMA", "identity"]
+__all__ = ["SCHEMA", "identity", "to_wal"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sk_sessions (
@@ -51,3 +54,27 @@ def identity(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return found.st_dev, found.st_ino
+
+
+def to_wal(db: sqlite3.Connection, timeout: float) -> None:
+    """Put the file in WAL mode, if it is not yet. The switch takes a lock that
+    SQLite's busy wait does not cover: it fails at once while another connection
+    writes, or while several processes open a new file together, so it is asked again,
+    with growing pauses, for up to ``timeout`` seconds (as a busy write would wait).
+
+    Raises:
+        sqlite3.OperationalError: still locked after ``timeout``, or any other error.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        try:
+            if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            left = deadline - time.monotonic()
+            if "locked" not in str(exc) or left <= 0:
+                raise
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)

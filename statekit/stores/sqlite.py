@@ -36,7 +36,7 @@ from statekit.exceptions import (
 )
 
 from ._notices import NoticeFeed
-from ._sqlite_schema import SCHEMA, identity
+from ._sqlite_schema import SCHEMA, identity, to_wal
 from .base import (
     Busy,
     CommitPart,
@@ -103,6 +103,8 @@ class SQLiteStore:
             with self._writes:  # the tables (and WAL mode), written once
                 self._connection().executescript(SCHEMA)
             self._file = identity(self._absolute)
+        except StoreUnavailable:
+            raise  # said already (it is an OSError too)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(self._label(), str(exc)) from exc
 
@@ -133,10 +135,7 @@ class SQLiteStore:
                 check_same_thread=False,
                 uri=self._file is not None,
             )
-            # Switching to WAL takes a lock that SQLite's busy wait does not cover: when
-            # many processes open the file at once, only ask if it is not WAL yet.
-            if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                db.execute("PRAGMA journal_mode=WAL")
+            to_wal(db, self.timeout)
             db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             raise StoreUnavailable(self._label(), str(exc)) from exc
