@@ -28,6 +28,8 @@ class ReplyDropper:
         drop: called with the bytes of each request read from a client; True drops the
             reply to it. None: no reply is dropped.
         delay: seconds each reply is held before it is passed on.
+        answer: called with each request read from a client; bytes answer it in the
+            server's place (the request is not passed on). None: the server answers.
     """
 
     def __init__(
@@ -36,9 +38,11 @@ class ReplyDropper:
         drop: Callable[[bytes], bool] | None = None,
         *,
         delay: float = 0.0,
+        answer: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
         self.target = target
         self.drop = drop or (lambda request: False)
+        self.answer = answer or (lambda request: None)
         self.delay = delay
         self.dropped = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -88,6 +92,10 @@ class ReplyDropper:
                     if not data:
                         return
                     if sock is client:
+                        instead = self.answer(data)
+                        if instead is not None:
+                            client.sendall(instead)
+                            continue
                         doomed = doomed or self.drop(data)
                         server.sendall(data)
                     elif doomed:

@@ -545,3 +545,87 @@ def test_a_timeout_around_an_awaited_event_is_still_a_timeout(redis_server: Redi
     engine.shutdown()
     store.close()
     proxy.close()
+
+
+_BUSY = b"-BUSY Redis is busy running a script. You can only call SCRIPT KILL\r\n"
+
+
+@pytest.mark.parametrize(
+    ("path", "retries"),
+    [("blocking", 3), ("blocking", 0), ("awaited", 3), ("awaited", 0)],
+)
+def test_an_error_reply_to_a_resent_commit_says_its_outcome_is_unknown(
+    redis_server: RedisServer, path: str, retries: int
+) -> None:
+    """A commit is applied but its reply lost with the connection; the resend (by the
+    client's retry policy, or statekit's own when the client does not retry) is
+    answered with an error reply (BUSY here: another client's long script; READONLY
+    or CLUSTERDOWN in a failover). The error says nothing of the first send, which was
+    applied: the event must raise StoreUnavailable with ``outcome_unknown``. Fails if
+    it says nothing was written (the app would write again, or tell its user the cart
+    did not change when it did)."""
+    arm = {"drop": 0, "busy": 0}
+
+    def drop(request: bytes) -> bool:
+        if arm["drop"] and b"EVALSHA" in request:
+            arm["drop"] -= 1
+            return True
+        return False
+
+    def answer(request: bytes) -> bytes | None:
+        if arm["busy"] and not arm["drop"] and b"EVALSHA" in request:
+            arm["busy"] -= 1
+            return _BUSY
+        return None
+
+    proxy = ReplyDropper(("127.0.0.1", redis_server.port), drop, answer=answer)
+    prefix = f"busy{uuid.uuid4().hex[:6]}"
+    try:
+        if path == "blocking":
+            client = redis.Redis.from_url(proxy.url, retry=Retry(NoBackoff(), retries))
+            store = RedisStore(proxy.url, client=client, prefix=prefix)
+        else:
+            import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry as AsyncRetry
+
+            aclient = aioredis.Redis.from_url(proxy.url, retry=AsyncRetry(NoBackoff(), retries))
+            store = RedisStore(proxy.url, async_client=aclient, prefix=prefix)
+        engine = StateEngine(store, app="shop")
+        count: SessionState[int] = engine.session_state("count", 0)
+        sid = engine.open_session()
+
+        def event(armed: bool) -> None:
+            with engine.event(sid) as ev:
+                ev[count] += 1
+                if armed:
+                    arm.update(drop=1, busy=1)
+
+        async def awaited(armed: bool) -> None:
+            async with engine.aevent(sid) as ev:
+                ev[count] += 1
+                if armed:
+                    arm.update(drop=1, busy=1)
+
+        async def both() -> StoreUnavailable:
+            await awaited(False)
+            with pytest.raises(StoreUnavailable) as raised:
+                await awaited(True)
+            await aclient.aclose()
+            return raised.value
+
+        if path == "blocking":
+            event(False)  # the server knows the scripts: the dropped commit is applied
+            with pytest.raises(StoreUnavailable) as raised:
+                event(True)
+            error = raised.value
+        else:
+            error = asyncio.run(both())
+        assert error.outcome_unknown, error
+        assert proxy.dropped == 1
+        assert arm == {"drop": 0, "busy": 0}  # the resend met the error reply
+        reader = StateEngine(RedisStore(redis_server.url, prefix=prefix), app="shop")
+        assert reader.session_state("count", 0).get(sid) == 2  # it was applied
+        reader.shutdown()
+        engine.shutdown()
+    finally:
+        proxy.close()

@@ -201,9 +201,10 @@ def test_a_connection_goes_back_through_the_pools_release_when_it_has_work_to_do
     client's pool (as ``get_available_connection`` took it), unless the pool's release
     has work to do: a re-auth pending (a streaming credential provider's new token), a
     reconnect asked (maintenance notifications), or the pool's lock held (a re-auth of
-    every connection iterating its lists). Fails if the quick way skipped any of them:
-    the token would never be sent, the connection never reconnected, or the lists
-    changed under the task holding the lock."""
+    every connection, talking on the free ones); nor does it take a connection while
+    that lock is held. Fails if the quick way skipped any of them: the token would
+    never be sent, the connection never reconnected, or a connection taken (or its
+    lists changed) under the task holding the lock."""
 
     async def scenario() -> None:
         client = aioredis.Redis.from_url(redis_server.url)
@@ -252,7 +253,9 @@ def test_a_connection_goes_back_through_the_pools_release_when_it_has_work_to_do
         await pool._lock.acquire()
         event = asyncio.ensure_future(bump())
         await asyncio.sleep(0.2)
-        assert not event.done()  # waits for the lock, in the pool's release
+        assert not event.done()  # waits for the lock
+        # ... before taking a connection: redis-py talks on the free ones under it
+        assert not pool._in_use_connections
         pool._lock.release()
         await event
         assert not pool._in_use_connections

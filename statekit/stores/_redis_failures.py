@@ -26,6 +26,7 @@ __all__ = [
     "UNAVAILABLE",
     "Attempts",
     "DamagedKey",
+    "after_lost",
     "before_send",
     "default_retry",
     "is_damage",
@@ -45,6 +46,19 @@ _NOT_SENT = "_statekit_not_sent"
 def not_sent(exc: BaseException) -> BaseException:
     """Mark ``exc`` as raised before the request left (see :func:`before_send`)."""
     setattr(exc, _NOT_SENT, True)
+    return exc
+
+
+#: The mark of an error reply to a request sent again after an earlier send of it was
+#: lost (see :func:`after_lost`).
+_AFTER_LOST = "_statekit_after_lost"
+
+
+def after_lost(exc: BaseException) -> BaseException:
+    """Mark ``exc``, an error reply, as the answer to a request sent again after an
+    earlier send of it may have been applied (its reply lost with the connection): the
+    error says nothing of that first send, so the outcome is unknown."""
+    setattr(exc, _AFTER_LOST, True)
     return exc
 
 
@@ -155,8 +169,9 @@ class Attempts:
     raises :class:`~statekit.StoreUnavailable`, saying ``outcome_unknown`` when the
     request applies the caller's own write (``applies``) and may have been applied;
     when it may have been applied at all, ``lost()`` is called first (for claims to be
-    made good later). An error reply of the server raises StoreUnavailable too
-    (nothing was applied). Not thread-safe: one per call.
+    made good later). An error reply of the server raises StoreUnavailable too:
+    nothing was applied, unless an earlier send of the request was lost (then as
+    above). Not thread-safe: one per call.
     """
 
     __slots__ = ("_applies", "_left", "_lost", "_sent", "_store")
@@ -198,7 +213,16 @@ class Attempts:
                 self._lost()
             raise unavailable(self._store, exc, unknown=self._applies and self._sent) from exc
         if isinstance(exc, RedisError):
-            raise StoreUnavailable(self._store, f"{type(exc).__name__}: {exc}") from exc
+            # An error reply: not applied, unless an earlier send of the request was
+            # lost (this attempt's, or one before it), which may have been.
+            maybe = self._sent or getattr(exc, _AFTER_LOST, False)
+            if maybe and self._lost is not None:
+                self._lost()
+            raise StoreUnavailable(
+                self._store,
+                f"{type(exc).__name__}: {exc}",
+                outcome_unknown=self._applies and maybe,
+            ) from exc
         # A call a second cancellation interrupted may have been applied: what it
         # claimed is read back by the next reap, as after a lost reply.
         lost = self._lost

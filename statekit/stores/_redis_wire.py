@@ -15,7 +15,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._finish import absorb, check_unsent, finish, sent, unsent_mark
-from ._redis_failures import not_sent
+from ._redis_failures import after_lost, not_sent
 
 __all__ = ["adirect", "anode", "pack"]
 
@@ -135,17 +135,26 @@ async def _exchanges(conn: Any, packed: list[bytes], script: Any, failed: Except
         await _asend(conn, packed)
         return await conn.read_response()
 
+    lost = failed is not None  # a send of the request that may have been applied
+
     async def drop(_: Exception) -> None:
+        nonlocal lost
+        lost = True
         await conn.disconnect()
 
     try:
-        return await conn.retry.call_with_retry(exchange, drop)
-    except NoScriptError:  # not run: load it on the same connection, then send
-        if script is None:
-            raise
-        await conn.send_command("SCRIPT", "LOAD", script.text, check_health=False)
-        await conn.read_response()
-        return await conn.retry.call_with_retry(exchange, drop)
+        try:
+            return await conn.retry.call_with_retry(exchange, drop)
+        except NoScriptError:  # not run: load it on the same connection, then send
+            if script is None:
+                raise
+            await conn.send_command("SCRIPT", "LOAD", script.text, check_health=False)
+            await conn.read_response()
+            return await conn.retry.call_with_retry(exchange, drop)
+    except ResponseError as exc:
+        if lost:
+            after_lost(exc)
+        raise
 
 
 def _put_back(pool: Any, conn: Any) -> bool:
@@ -172,11 +181,12 @@ def _put_back(pool: Any, conn: Any) -> bool:
     return True
 
 
-async def _give_back(pool: Any, conn: Any) -> None:
-    """Give ``conn`` back to its pool. The pool's lock may make the task wait: if it is
-    cancelled there, the connection is given back by a task of its own, and the
-    cancellation absorbed once the call was sent (else raised)."""
-    if _put_back(pool, conn):
+async def _give_back(pool: Any, conn: Any, quick: bool) -> None:
+    """Give ``conn`` back to its pool (``quick``: as it was taken, by
+    ``get_available_connection``, when :func:`_put_back` may). The pool's lock may make
+    the task wait: if it is cancelled there, the connection is given back by a task of
+    its own, and the cancellation absorbed once the call was sent (else raised)."""
+    if quick and _put_back(pool, conn):
         return
     try:
         await pool.release(conn)
@@ -197,7 +207,7 @@ async def _give_back_again(pool: Any, conn: Any) -> None:
 
 
 async def _before_send(
-    pool: Any, conn: Any, mark: int | None, step: Awaitable[object] | None = None
+    pool: Any, conn: Any, quick: bool, mark: int | None, step: Awaitable[object] | None = None
 ) -> None:
     """Await ``step`` (connecting ``conn``), then raise a cancellation that redis-py's
     ``asyncio.wait_for`` dropped since ``mark`` (``_finish.check_unsent``). On any
@@ -209,7 +219,7 @@ async def _before_send(
         check_unsent(mark)
     except BaseException as exc:
         not_sent(exc)
-        await _give_back(pool, conn)
+        await _give_back(pool, conn, quick)
         raise
 
 
@@ -228,17 +238,20 @@ async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
     failure, its retries, a script to load) runs in a task of its own once the
     command may have left (``finish``)."""
     pool = client.connection_pool
-    if type(pool) in _PLAIN_POOLS:
+    # Quickly, unless the pool's lock is held: redis-py holds it while it talks on the
+    # free connections itself (a re-auth of each, a maintenance notification's move).
+    quick = type(pool) in _PLAIN_POOLS and not pool._lock.locked()
+    if quick:
         try:
             conn = pool.get_available_connection()  # the pool's bound holds
         except RedisError as exc:
             raise not_sent(exc) from None
         if not conn.is_connected:
-            await _before_send(pool, conn, unsent_mark(), conn.connect())
-    else:  # a blocking pool waits for a connection in its own way
+            await _before_send(pool, conn, quick, unsent_mark(), conn.connect())
+    else:  # a blocking pool (or a held lock) waits for a connection in its own way
         mark = unsent_mark()
         conn = await finish(pool.get_connection())
-        await _before_send(pool, conn, mark)
+        await _before_send(pool, conn, quick, mark)
     try:
         packed = [pack(conn, command)]
         failed: Exception | None = None
@@ -256,7 +269,7 @@ async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
         await conn.disconnect(nowait=True)
         raise
     finally:
-        await _give_back(pool, conn)
+        await _give_back(pool, conn, quick)
 
 
 async def anode(client: Any, command: tuple[Any, ...], script: Any, key: Any) -> Any:

@@ -53,7 +53,14 @@ from statekit.exceptions import StoreUnavailable
 from ._finish import finish, sent
 from ._redis_calls import Read
 from ._redis_clients import is_cluster, make_client
-from ._redis_failures import UNAVAILABLE, Attempts, read_failure, safe_url
+from ._redis_failures import (
+    UNAVAILABLE,
+    Attempts,
+    after_lost,
+    before_send,
+    read_failure,
+    safe_url,
+)
 from ._redis_layout import MAX_BUCKETS
 from ._redis_namespace import RedisNamespace
 from ._redis_scripts import TEXTS
@@ -350,15 +357,24 @@ class RedisStore:
                 conn.send_packed_command(packed)
                 return conn.read_response()
 
+            lost = False  # a send that may have been applied, its reply lost
+
+            def drop(_: Exception) -> None:
+                nonlocal lost
+                lost = True
+                conn.disconnect()
+
             try:
-                reply = conn.retry.call_with_retry(exchange, lambda _: conn.disconnect())
+                reply = conn.retry.call_with_retry(exchange, drop)
             except NoScriptError:
                 if script is None:
                     raise
                 conn.send_command("SCRIPT", "LOAD", script.text)
                 conn.read_response()
-                reply = conn.retry.call_with_retry(exchange, lambda _: conn.disconnect())
+                reply = conn.retry.call_with_retry(exchange, drop)
         except RedisError as exc:
+            if isinstance(exc, ResponseError) and lost:
+                after_lost(exc)
             if not isinstance(exc, ResponseError):
                 conn.disconnect()
                 pool.release(conn)
@@ -389,10 +405,16 @@ class RedisStore:
         except (RedisError, RedisClusterException, OSError) as exc:
             if type(exc) is ResponseError:
                 raise
+            maybe_applied = not before_send(exc)
         # A slot that moved, a master that failed or cannot be reached: the cluster
         # client's own path follows redirections and learns the slots again (sending
         # again is safe: every write is idempotent).
-        return script(self.client, keys, args)
+        try:
+            return script(self.client, keys, args)
+        except ResponseError as exc:
+            if maybe_applied:
+                after_lost(exc)
+            raise
 
     def _plain(self, command: tuple[Any, ...]) -> Any:
         if not self.cluster:
@@ -446,16 +468,23 @@ class RedisStore:
                 command = ("EVALSHA", code.sha, len(keys), *keys, *args)
                 if direct:
                     return await adirect(client, command, code)
+                maybe_applied = False
                 if self.cluster:
                     try:
                         return await anode(client, command, code, keys[0])
                     except (RedisError, RedisClusterException, OSError) as exc:
                         if type(exc) is ResponseError:
                             raise
+                        maybe_applied = not before_send(exc)
                     # As on the blocking path (_evalsha): the cluster client's own
                     # path follows redirections and learns the slots again.
                 sent()
-                return await finish(code.on_asyncio(client, keys, args))
+                try:
+                    return await finish(code.on_asyncio(client, keys, args))
+                except ResponseError as exc:
+                    if maybe_applied:
+                        after_lost(exc)
+                    raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def read(self, fn: Callable[[], Any], *, damaged: Callable[[], Exception]) -> Any:
