@@ -16,6 +16,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -519,3 +520,60 @@ def test_a_forked_childs_figures_start_at_zero_and_count_its_own_events() -> Non
     # Without the reset: 3 1 3 1 4 4 100 (the parent's figures, its 100-character value).
     assert got == ["0", "0", "0", "0", "1", "1", "2"]
     assert engine.stats().events == 3  # the parent's, untouched
+
+
+@pytest.mark.parametrize("deployment", ["one server", "cluster"])
+def test_a_fork_while_a_thread_holds_the_redis_clients_pool_lock_leaves_the_child_working(
+    request: pytest.FixtureRequest, deployment: str
+) -> None:
+    """redis-py's pool notices a fork at its next use and resets itself under its own
+    lock. A fork while another thread of the parent held that lock (taking or giving
+    back a connection: a request thread, the notice thread reconnecting) copied it
+    held into the child, where no thread would ever release it: the child's first
+    store call hung. Fails if the child does not answer within the bound."""
+    if deployment == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        url = "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in cluster.startup_nodes)
+    else:
+        url = request.getfixturevalue("redis_server").url
+    store = RedisStore(url, prefix=f"fl{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop")
+    sid = engine.open_session()
+    client: Any = store.client
+    if deployment == "cluster":  # the pool of the master holding the session
+        key = store.namespace("shop").layout.of(sid).P + "s:" + sid
+        pool = client.get_redis_connection(client.get_node_from_key(key)).connection_pool
+    else:
+        pool = client.connection_pool
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with pool._lock:
+            held.set()
+            release.wait(WAIT)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(WAIT)
+    pid = fork_quietly()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if engine.exists(sid) else 2
+        finally:
+            os._exit(code)
+    release.set()
+    thread.join()
+    deadline = time.monotonic() + WAIT
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the child's first store call hung on the pool's lock")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    engine.shutdown()
+    store.close()

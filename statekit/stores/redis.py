@@ -579,6 +579,23 @@ class RedisStore:
         self.async_client = None
         if self._stacks is not None:  # the parent's sockets: the pools make new ones
             self._stacks = {}
+        # redis-py's pools reset themselves at their next use under their own locks,
+        # which a thread of the parent may have held at the fork (taking or giving
+        # back a connection): the child's first call would wait for it forever.
+        # (A cluster client's, and its map of the nodes', too.)
+        client = self.client
+        if self.cluster:
+            nodes = client.get_nodes()
+            manager = client.nodes_manager
+            held = [client, manager, getattr(manager, "read_load_balancer", None)]
+            held += [n.redis_connection.connection_pool for n in nodes if n.redis_connection]
+        else:
+            held = [client.connection_pool]
+        for owner in held:
+            for name in ("_lock", "_fork_lock", "_initialization_lock"):  # redis-py's
+                lock = getattr(owner, name, None)
+                if lock is not None:
+                    _fork.free_lock(lock)
 
     def close(self) -> None:
         """Stop notice listeners, give back the connections the store kept to their
