@@ -100,6 +100,7 @@ class SessionRegistry(Generic[T]):
         "_lock",
         "_objects",
         "_resync_due",
+        "_resync_failing",
         "_shut",
         "_tasks",
         "engine",
@@ -137,6 +138,7 @@ class SessionRegistry(Generic[T]):
         self._shut = False
         # A resync could not reach the store: the next ended session runs it again.
         self._resync_due = False
+        self._resync_failing = False  # (logged once per failing spell)
         self._tasks: set[asyncio.Task[None]] = set()
         host.declare_registry(
             self, ended=self._session_ended, shutdown=self._engine_shutdown, resync=self._resync
@@ -355,8 +357,13 @@ class SessionRegistry(Generic[T]):
                 flight.ended = reason
         if entry is not None:
             self._run_cleanup(sid, *entry)
-        if self._resync_due:  # the store answers notices again: check what was missed
-            self._resync()
+        with self._lock:
+            due, self._resync_due = self._resync_due, False
+        if due:  # the store answers again: check what was missed, in a thread of its own
+            # (not this one: an event loop's, or a request's, would wait for the store)
+            threading.Thread(
+                target=self._resync, name=f"statekit-resync-{self.name}", daemon=True
+            ).start()
 
     def _engine_shutdown(self) -> None:
         """The engine shut down: clean up every object left, refuse new ones."""
@@ -373,22 +380,26 @@ class SessionRegistry(Generic[T]):
         it runs again at the next session that ends, here or in a notice."""
         with self._lock:
             self._resync_due = False
-            sids = list(self._objects)
+            sids = [] if self._shut else list(self._objects)
         for sid in sids:
             try:
                 still_open = self._host.is_open(sid)
             except Exception:
-                logger.exception(
+                # Once per failing spell (each ended session tries again meanwhile).
+                log = logger.debug if self._resync_failing else logger.exception
+                log(
                     "registry %r could not check its sessions (checked again when a session ends)",
                     self.name,
                 )
-                self._resync_due = True
+                with self._lock:
+                    self._resync_due = self._resync_failing = True
                 return
             if not still_open:
                 with self._lock:
                     entry = self._objects.pop(sid, None)
                 if entry is not None:
                     self._run_cleanup(sid, *entry)
+        self._resync_failing = False
 
     # -- running cleanups ------------------------------------------------------
 

@@ -745,3 +745,49 @@ def test_slots_resharded_while_events_run_lose_no_acknowledged_write(
         redis_cluster.restore()
         engine.shutdown()
         store.close()
+
+
+@pytest.mark.parametrize("path", ["blocking", "awaited"])
+def test_a_commit_every_master_refuses_says_nothing_was_written(
+    redis_cluster: RedisCluster, path: str
+) -> None:
+    """A commit refused with an error reply (OOM: the masters at ``maxmemory``) on its
+    direct send, and again through the cluster client: nothing was applied, and the
+    event says so. Fails if a refusal on the direct send were taken for a send that may
+    have been applied."""
+    url = cluster_url(redis_cluster)
+    masters = [redis.Redis(port=port) for port in redis_cluster.masters()]
+
+    async def awaited(engine: StateEngine, sid: str, n: SessionState[int]) -> StoreUnavailable:
+        with pytest.raises(StoreUnavailable) as raised:
+            async with engine.aevent(sid) as ev:
+                ev[n] += 1
+                for master in masters:
+                    master.config_set("maxmemory", 1)
+        return raised.value
+
+    client = aiocluster.RedisCluster.from_url(redis_cluster.url) if path == "awaited" else None
+    store = RedisStore(url, async_client=client, prefix=f"om{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop")
+    n: SessionState[int] = engine.session_state("n", 0)
+    sid = engine.open_session()
+    with engine.event(sid) as ev:
+        ev[n] += 1
+    try:
+        if path == "blocking":
+            with pytest.raises(StoreUnavailable) as raised, engine.event(sid) as ev:
+                ev[n] += 1
+                for master in masters:
+                    master.config_set("maxmemory", 1)
+            error = raised.value
+        else:
+            error = asyncio.run(awaited(engine, sid, n))
+    finally:
+        for master in masters:
+            master.config_set("maxmemory", 0)
+    assert not error.outcome_unknown, error
+    assert n.get(sid) == 1
+    engine.shutdown()
+    store.close()
+    for master in masters:
+        master.close()

@@ -629,3 +629,61 @@ def test_an_error_reply_to_a_resent_commit_says_its_outcome_is_unknown(
         engine.shutdown()
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("path", ["blocking", "awaited"])
+def test_an_error_reply_to_the_first_send_says_nothing_was_written(
+    redis_server: RedisServer, path: str
+) -> None:
+    """The commit's only send is refused with an error reply (BUSY): nothing was
+    applied, and the event says so (``outcome_unknown`` false). Fails if a refusal
+    were taken for a lost send (the app would be told to check state that never
+    changed, and a claim made up for at the next reap)."""
+    arm = {"busy": 0}
+
+    def answer(request: bytes) -> bytes | None:
+        if arm["busy"] and b"EVALSHA" in request:
+            arm["busy"] -= 1
+            return _BUSY
+        return None
+
+    proxy = ReplyDropper(("127.0.0.1", redis_server.port), answer=answer)
+    prefix = f"first{uuid.uuid4().hex[:6]}"
+    try:
+        import redis.asyncio as aioredis
+
+        aclient = aioredis.Redis.from_url(proxy.url) if path == "awaited" else None
+        store = RedisStore(proxy.url, async_client=aclient, prefix=prefix)
+        engine = StateEngine(store, app="shop")
+        count: SessionState[int] = engine.session_state("count", 0)
+        sid = engine.open_session()
+
+        async def awaited(armed: bool) -> None:
+            async with engine.aevent(sid) as ev:
+                ev[count] += 1
+                if armed:
+                    arm["busy"] = 1
+
+        async def both() -> StoreUnavailable:
+            await awaited(False)
+            with pytest.raises(StoreUnavailable) as raised:
+                await awaited(True)
+            assert aclient is not None
+            await aclient.aclose()
+            return raised.value
+
+        if path == "blocking":
+            with engine.event(sid) as ev:
+                ev[count] += 1
+            with pytest.raises(StoreUnavailable) as raised, engine.event(sid) as ev:
+                ev[count] += 1
+                arm["busy"] = 1
+            error = raised.value
+        else:
+            error = asyncio.run(both())
+        assert not error.outcome_unknown, error
+        assert arm == {"busy": 0}
+        assert count.get(sid) == 1  # refused: only the first event's write
+        engine.shutdown()
+    finally:
+        proxy.close()

@@ -13,6 +13,7 @@ import itertools
 import logging
 import random
 import threading
+import time
 import tracemalloc
 import weakref
 from collections.abc import Callable, Iterator
@@ -959,12 +960,18 @@ class TestProcessLocal:
         have found it failing (the store unreachable): when the store answers again
         and another session ends, the check runs again and cleans up the object of the
         one missed. Fails if the failed resync was given up for good (the object would
-        live as long as the process)."""
+        live as long as the process), or ran on the thread that ended the session."""
         store = Switchboard()
         worker_a = StateEngine(store, app="shop", clock=clock)
         worker_b = StateEngine(store, app="shop", clock=clock)
         ledger = Ledger()
-        registry = worker_b.registry("things", ledger.factory, ledger.cleanup)
+        threads: list[threading.Thread] = []
+
+        def cleanup(obj: Any) -> None:
+            threads.append(threading.current_thread())
+            ledger.cleanup(obj)
+
+        registry = worker_b.registry("things", ledger.factory, cleanup)
         gone, kept, later = (worker_a.open_session() for _ in range(3))
         obj_gone, obj_kept = registry.open(gone), registry.open(kept)
         store.paused = True  # worker b misses the close
@@ -975,8 +982,16 @@ class TestProcessLocal:
         assert ledger.cleaned == {}
         store.failing = False
         worker_a.close_session(later)  # its notice reaches worker b
+        deadline = time.monotonic() + 10
+        while obj_gone.serial not in ledger.cleaned:
+            assert time.monotonic() < deadline, "the resync never ran again"
+            time.sleep(0.01)
         assert ledger.cleaned == {obj_gone.serial: 1}
         assert registry.get(kept) is obj_kept
+        # Not on the thread that ended the session (here the caller's own: the notice
+        # is delivered at once; an event loop's, in an async app), which would wait
+        # for a look at every session.
+        assert threads[-1] is not threading.current_thread()
         worker_a.shutdown()
         worker_b.shutdown()
 

@@ -133,6 +133,8 @@ def test_a_store_opened_while_another_connection_writes_waits_for_it(tmp_path: P
     held = hold(0.3)
     store = SQLiteStore(path, timeout=5)  # waits for the write, then opens
     held.join()
+    # Its writes wait the whole timeout again (the open waited in shorter turns).
+    assert store._connection().execute("PRAGMA busy_timeout").fetchone()[0] == 5000
     engine = StateEngine(store)
     assert engine.exists(engine.open_session())
     engine.shutdown()

@@ -30,6 +30,7 @@ __all__ = [
     "before_send",
     "default_retry",
     "is_damage",
+    "maybe_applied",
     "read_failure",
     "safe_url",
     "unavailable",
@@ -52,6 +53,15 @@ def not_sent(exc: BaseException) -> BaseException:
 #: The mark of an error reply to a request sent again after an earlier send of it was
 #: lost (see :func:`after_lost`).
 _AFTER_LOST = "_statekit_after_lost"
+
+
+def maybe_applied(exc: BaseException) -> bool:
+    """Whether the request ``exc`` failed may have been applied: a failure after it may
+    have left (see :func:`before_send`), or an error reply marked :func:`after_lost`
+    (any other error reply refused it)."""
+    if isinstance(exc, ResponseError):
+        return bool(getattr(exc, _AFTER_LOST, False))
+    return not before_send(exc)
 
 
 def after_lost(exc: BaseException) -> BaseException:

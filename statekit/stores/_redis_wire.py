@@ -135,7 +135,8 @@ async def _exchanges(conn: Any, packed: list[bytes], script: Any, failed: Except
         await _asend(conn, packed)
         return await conn.read_response()
 
-    lost = failed is not None  # a send of the request that may have been applied
+    # A first send that failed without an error reply may have been applied.
+    lost = failed is not None and not isinstance(failed, ResponseError)
 
     async def drop(_: Exception) -> None:
         nonlocal lost

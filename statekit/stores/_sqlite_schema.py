@@ -67,14 +67,21 @@ def to_wal(db: sqlite3.Connection, timeout: float) -> None:
     """
     deadline = time.monotonic() + timeout
     pause = 0.002
-    while True:
-        try:
-            if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                db.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
+    try:
+        while True:
             left = deadline - time.monotonic()
-            if "locked" not in str(exc) or left <= 0:
-                raise
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, 0.05)
+            # SQLite's own wait (reading the mode) within what is left, not a whole
+            # timeout each time round.
+            db.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
+            try:
+                if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                left = deadline - time.monotonic()
+                if "locked" not in str(exc) or left <= 0:
+                    raise
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.05)
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")

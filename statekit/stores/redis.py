@@ -57,7 +57,7 @@ from ._redis_failures import (
     UNAVAILABLE,
     Attempts,
     after_lost,
-    before_send,
+    maybe_applied,
     read_failure,
     safe_url,
 )
@@ -405,14 +405,14 @@ class RedisStore:
         except (RedisError, RedisClusterException, OSError) as exc:
             if type(exc) is ResponseError:
                 raise
-            maybe_applied = not before_send(exc)
+            applied = maybe_applied(exc)
         # A slot that moved, a master that failed or cannot be reached: the cluster
         # client's own path follows redirections and learns the slots again (sending
         # again is safe: every write is idempotent).
         try:
             return script(self.client, keys, args)
         except ResponseError as exc:
-            if maybe_applied:
+            if applied:
                 after_lost(exc)
             raise
 
@@ -468,21 +468,21 @@ class RedisStore:
                 command = ("EVALSHA", code.sha, len(keys), *keys, *args)
                 if direct:
                     return await adirect(client, command, code)
-                maybe_applied = False
+                applied = False
                 if self.cluster:
                     try:
                         return await anode(client, command, code, keys[0])
                     except (RedisError, RedisClusterException, OSError) as exc:
                         if type(exc) is ResponseError:
                             raise
-                        maybe_applied = not before_send(exc)
+                        applied = maybe_applied(exc)
                     # As on the blocking path (_evalsha): the cluster client's own
                     # path follows redirections and learns the slots again.
                 sent()
                 try:
                     return await finish(code.on_asyncio(client, keys, args))
                 except ResponseError as exc:
-                    if maybe_applied:
+                    if applied:
                         after_lost(exc)
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
