@@ -759,11 +759,15 @@ def test_a_commit_every_master_refuses_says_nothing_was_written(
     masters = [redis.Redis(port=port) for port in redis_cluster.masters()]
 
     async def awaited(engine: StateEngine, sid: str, n: SessionState[int]) -> StoreUnavailable:
-        with pytest.raises(StoreUnavailable) as raised:
-            async with engine.aevent(sid) as ev:
-                ev[n] += 1
-                for master in masters:
-                    master.config_set("maxmemory", 1)
+        assert client is not None
+        try:
+            with pytest.raises(StoreUnavailable) as raised:
+                async with engine.aevent(sid) as ev:
+                    ev[n] += 1
+                    for master in masters:
+                        master.config_set("maxmemory", 1)
+        finally:
+            await client.aclose()  # (it belongs to this loop)
         return raised.value
 
     client = aiocluster.RedisCluster.from_url(redis_cluster.url) if path == "awaited" else None

@@ -625,8 +625,11 @@ def test_an_error_reply_to_a_resent_commit_says_its_outcome_is_unknown(
         assert arm == {"drop": 0, "busy": 0}  # the resend met the error reply
         reader = StateEngine(RedisStore(redis_server.url, prefix=prefix), app="shop")
         assert reader.session_state("count", 0).get(sid) == 2  # it was applied
-        reader.shutdown()
-        engine.shutdown()
+        for each in (reader, engine):
+            each.shutdown()
+            each.store.close()  # type: ignore[attr-defined]
+        if path == "blocking":
+            client.close()
     finally:
         proxy.close()
 
@@ -685,5 +688,6 @@ def test_an_error_reply_to_the_first_send_says_nothing_was_written(
         assert arm == {"busy": 0}
         assert count.get(sid) == 1  # refused: only the first event's write
         engine.shutdown()
+        store.close()
     finally:
         proxy.close()
