@@ -151,3 +151,12 @@ def test_a_store_opened_while_another_connection_writes_waits_for_it(tmp_path: P
         held.join()
         writer.close()
     assert str(raised.value).count("is unavailable") == 1, str(raised.value)
+
+
+@pytest.mark.parametrize("path", [":memory:", "file:x?mode=memory&cache=shared"])
+def test_an_in_memory_database_is_refused_with_what_to_use(path: str) -> None:
+    """``:memory:`` gave each of the store's threads (each has its own connection) an
+    empty database of its own: another thread's call failed with "no such table".
+    Refused at once, naming MemoryStore. Fails if it is accepted."""
+    with pytest.raises(ValueError, match="MemoryStore"):
+        SQLiteStore(path)

@@ -7,7 +7,7 @@ import os
 import sqlite3
 import time
 
-__all__ = ["SCHEMA", "identity", "to_wal"]
+__all__ = ["SCHEMA", "file_path", "identity", "to_wal"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sk_sessions (
@@ -85,3 +85,20 @@ def to_wal(db: sqlite3.Connection, timeout: float) -> None:
                 pause = min(pause * 2, 0.05)
     finally:
         db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+
+
+def file_path(path: str | os.PathLike[str]) -> str:
+    """The database's path, which must name a file: every thread (and process) of the
+    store opens it. An in-memory database would be one empty database per thread.
+
+    Raises:
+        ValueError: ``path`` is ``":memory:"`` or an in-memory URI.
+    """
+    text = os.fspath(path)
+    if text == ":memory:" or (text.startswith("file:") and "mode=memory" in text):
+        raise ValueError(
+            f"SQLiteStore needs a database file every thread and process opens; {text!r} "
+            "would give each thread an empty database of its own: use MemoryStore() for "
+            "state kept in this process, or a file path"
+        )
+    return text

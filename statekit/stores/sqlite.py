@@ -36,7 +36,7 @@ from statekit.exceptions import (
 )
 
 from ._notices import NoticeFeed
-from ._sqlite_schema import SCHEMA, identity, to_wal
+from ._sqlite_schema import SCHEMA, file_path, identity, to_wal
 from .base import (
     Busy,
     CommitPart,
@@ -68,8 +68,9 @@ class SQLiteStore:
         poll_interval: seconds between two looks for other processes' notices, while
             some engine listens for them.
 
-    Thread-safe and process-safe. Do not put the file on a network file system: SQLite's
-    locking is not reliable there.
+    Thread-safe and process-safe (``ValueError`` for ``":memory:"``, which would be one
+    empty database per thread: use :class:`~statekit.MemoryStore`). Do not put the
+    file on a network file system: SQLite's locking is not reliable there.
     """
 
     shared = True
@@ -89,7 +90,7 @@ class SQLiteStore:
                 raise ValueError(f"{name} must be a number of seconds, got {seconds!r}")
             if not 0 < seconds <= 3600:  # (nan too)
                 raise ValueError(f"{name} must be above 0 and at most 3600 s, got {seconds}")
-        self.path = os.fspath(path)
+        self.path = file_path(path)
         self.codec: Codec = JSONCodec() if codec is None else codec
         self.timeout = timeout
         self.poll_interval = poll_interval
