@@ -355,10 +355,9 @@ class SessionRegistry(Generic[T]):
             flight = self._flights.get(sid)
             if flight is not None:
                 flight.ended = reason
+            due, self._resync_due = self._resync_due, False
         if entry is not None:
             self._run_cleanup(sid, *entry)
-        with self._lock:
-            due, self._resync_due = self._resync_due, False
         if due:  # the store answers again: check what was missed, in a thread of its own
             # (not this one: an event loop's, or a request's, would wait for the store)
             threading.Thread(

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("stores.base",),
     ("stores._notices",),
     ("stores._redis*",),  # the Redis store's own modules may use each other
-    ("stores._memory_records", "stores._sqlite_schema"),
+    ("stores._memory_records", "stores._sqlite_file"),
     ("stores.memory", "stores.sqlite", "stores.redis"),
     ("stores",),
     ("_values", "_metrics"),

@@ -159,18 +159,14 @@ async def _exchanges(conn: Any, packed: list[bytes], script: Any, failed: Except
 
 
 def _put_back(pool: Any, conn: Any) -> bool:
-    """Give ``conn`` back to a plain pool as ``get_available_connection`` took it: to
+    """Give ``conn`` back to a plain pool (see ``_PLAIN_POOLS``) as
+    ``get_available_connection`` took it: to
     its free list, without the pool's release event and connection-state metrics
     (none were recorded when it was taken), when nothing else is due (no re-auth
     pending, no reconnect asked, the pool's lock free). False: the pool's own release
     must give it back. Redis-py's pool attributes, read where they are, else False."""
     try:
-        if (
-            pool.__class__ not in _PLAIN_POOLS
-            or pool._lock.locked()
-            or conn._re_auth_token is not None
-            or conn.should_reconnect()
-        ):
+        if pool._lock.locked() or conn._re_auth_token is not None or conn.should_reconnect():
             return False
         in_use, free = pool._in_use_connections, pool._available_connections
     except AttributeError:  # another redis-py's pool: its release gives it back

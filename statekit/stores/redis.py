@@ -34,7 +34,7 @@ import hashlib
 import logging
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 try:
@@ -468,24 +468,41 @@ class RedisStore:
                 command = ("EVALSHA", code.sha, len(keys), *keys, *args)
                 if direct:
                     return await adirect(client, command, code)
-                applied = False
                 if self.cluster:
-                    try:
-                        return await anode(client, command, code, keys[0])
-                    except (RedisError, RedisClusterException, OSError) as exc:
-                        if type(exc) is ResponseError:
-                            raise
-                        applied = maybe_applied(exc)
-                    # As on the blocking path (_evalsha): the cluster client's own
-                    # path follows redirections and learns the slots again.
+                    return await self._on_cluster(
+                        client, command, code, keys[0], lambda: code.on_asyncio(client, keys, args)
+                    )
                 sent()
-                try:
-                    return await finish(code.on_asyncio(client, keys, args))
-                except ResponseError as exc:
-                    if applied:
-                        after_lost(exc)
-                    raise
+                return await finish(code.on_asyncio(client, keys, args))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _on_cluster(
+        self,
+        client: Any,
+        command: tuple[Any, ...],
+        script: Script | None,
+        key: Any,
+        fallback: Callable[[], Awaitable[Any]],
+    ) -> Any:
+        """``command`` straight to the master of ``key``'s slot (``anode``); after a
+        redirection or any failure but a plain error reply, through the cluster client
+        (``fallback()``), which follows redirections and learns the slots again, as on
+        the blocking path (:meth:`_evalsha`; sending again is safe: every write is
+        idempotent). An error reply there, after a direct send that may have been
+        applied, is marked so (``after_lost``)."""
+        try:
+            return await anode(client, command, script, key)
+        except (RedisError, RedisClusterException, OSError) as exc:
+            if type(exc) is ResponseError:
+                raise
+            applied = maybe_applied(exc)
+        sent()
+        try:
+            return await finish(fallback())
+        except ResponseError as exc:
+            if applied:
+                after_lost(exc)
+            raise
 
     def read(self, fn: Callable[[], Any], *, damaged: Callable[[], Exception]) -> Any:
         """Run plain commands (reads), mapping failures to StoreUnavailable, and an
@@ -510,18 +527,16 @@ class RedisStore:
         ``HMGET``) is sent as scripts are (see :meth:`arun`), through the client's own
         path only where that is needed; others, by ``call.command(client)``."""
         try:
-            if call.plain is None:
+            plain = call.plain
+            if plain is None:
                 return await call.command(client)
             if self.cluster:
-                try:
-                    return await anode(client, call.plain, None, call.plain[1])
-                except (RedisError, RedisClusterException, OSError) as exc:
-                    if type(exc) is ResponseError:
-                        raise
-                # A slot that moved, a master that failed: as in arun.
-            elif not getattr(client, "single_connection_client", False):
-                return await adirect(client, call.plain, None)
-            return await client.execute_command(*call.plain)
+                return await self._on_cluster(
+                    client, plain, None, plain[1], lambda: client.execute_command(*plain)
+                )
+            if not getattr(client, "single_connection_client", False):
+                return await adirect(client, plain, None)
+            return await client.execute_command(*plain)
         except (*UNAVAILABLE, RedisError) as exc:
             raise read_failure(self._label, exc, call.damaged) from exc
 

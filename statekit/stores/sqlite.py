@@ -36,7 +36,7 @@ from statekit.exceptions import (
 )
 
 from ._notices import NoticeFeed
-from ._sqlite_schema import SCHEMA, file_path, identity, to_wal
+from ._sqlite_file import SCHEMA, file_path, identity, to_wal
 from .base import (
     Busy,
     CommitPart,

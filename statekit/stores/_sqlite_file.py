@@ -1,5 +1,5 @@
-"""The SQLite store's tables, how it knows its database file, and the switch of a
-file to WAL."""
+"""The SQLite store's database file: the path it may be (a file, not in memory), its
+tables, how the store knows the file, and its switch to WAL."""
 
 from __future__ import annotations
 
