@@ -183,6 +183,30 @@ def sqlite_contenders(folder: Path) -> dict[str, Callable[[int], object]]:
     return {"SQLite one-state event": event, "SQLite read (state.get)": read}
 
 
+def replicated(
+    masters: list[int], contenders: dict[str, Callable[[int], object]], *, ops: int
+) -> list[Measure]:
+    """What a raw GET + SET and a statekit one-state event send the replicas (and the
+    AOF), in bytes per operation: the growth of the masters' replication offsets."""
+
+    def offsets() -> int:
+        import redis
+
+        total = 0
+        for port in masters:
+            with redis.Redis(port=port) as node:
+                total += int(node.info("replication")["master_repl_offset"])
+        return total
+
+    out = []
+    for name in (RAW_GET_SET, EVENT):
+        before = offsets()
+        contenders[name](ops)
+        per_op = (offsets() - before) / ops
+        out.append(Measure(name=f"replicated: {name}", per_op=per_op, unit="bytes"))
+    return out
+
+
 def run(quick: bool = False) -> list[tuple[str, list[Measure]]]:
     import redis
     import redis.cluster
@@ -204,15 +228,14 @@ def run(quick: bool = False) -> list[tuple[str, list[Measure]]]:
     with RedisCluster() as cluster:
         port = cluster.masters()[0]
         store_url = f"redis+cluster://127.0.0.1:{port}"
+        contenders = redis_contenders(store_url, redis.cluster.RedisCluster.from_url(cluster.url))
         clustered = best_per_op(
-            {
-                **redis_contenders(store_url, redis.cluster.RedisCluster.from_url(cluster.url)),
-                **awaited_contenders(store_url, cluster.url),
-            },
+            {**contenders, **awaited_contenders(store_url, cluster.url)},
             ops=ops,
             rounds=rounds,
             statistic="median",
         )
+        clustered += replicated(cluster.masters(), contenders, ops=ops)
     with tempfile.TemporaryDirectory() as folder:
         sqlite_measures = best_per_op(
             sqlite_contenders(Path(folder)),

@@ -3,7 +3,28 @@ layout of keys and arguments they assume)."""
 
 from __future__ import annotations
 
-__all__ = ["APP", "CAPACITY", "CLAIMS", "INDEXES", "INDEX_CHECK", "PUT_VALUES", "SESSION"]
+__all__ = [
+    "APP",
+    "CAPACITY",
+    "CLAIMS",
+    "INDEXES",
+    "INDEX_CHECK",
+    "LEASE_WRITE",
+    "PUT_VALUES",
+    "SESSION",
+]
+
+# Leases live on the master only (see "Leases" in ``_redis_scripts``): every write of a
+# lease's fields (``_l``, ``_lu``, ``_lk``) goes through ``lease_write``, which keeps it
+# out of replication and the AOF. So a load that takes a lease sends its replicas
+# nothing, and a commit sends them one HSET.
+LEASE_WRITE = r"""
+local function lease_write(...)
+  redis.set_repl(redis.REPL_NONE)
+  redis.call(...)
+  redis.set_repl(redis.REPL_ALL)
+end
+"""
 
 # The start of the scripts about an application's sessions (the seven of _redis_scripts,
 # see Layout, and the staged commit's).

@@ -5,21 +5,29 @@ given back nor renewed."""
 
 from __future__ import annotations
 
+from ._redis_fragments import LEASE_WRITE
+
 __all__ = ["RELEASE", "RENEW"]
 
 # KEYS: session.  ARGV: lease.  Idempotent by nature: no request key.
-RELEASE = r"""
+RELEASE = (
+    LEASE_WRITE
+    + r"""
 if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HGET', KEYS[1], '_l') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], '_l', '_lu', '_lk')
+  lease_write('HDEL', KEYS[1], '_l', '_lu', '_lk')
 end
 return 1
 """
+)
 
 # KEYS: session. ARGV: lease token, new lease end.
-RENEW = r"""
+RENEW = (
+    LEASE_WRITE
+    + r"""
 if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HGET', KEYS[1], '_l') == ARGV[1] then
-  redis.call('HSET', KEYS[1], '_lu', ARGV[2])
+  lease_write('HSET', KEYS[1], '_lu', ARGV[2])
   return 1
 end
 return 0
 """
+)

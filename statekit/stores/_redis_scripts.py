@@ -47,7 +47,21 @@ sent again (by a client that retries after a lost connection, or by the store it
 is answered with the first outcome and applied once. A script remembers its reply
 when running it again would not give the same answer: a commit, an open, a close, a
 global write, and any load, peek or reap that claimed something. ``REPLAY`` reads a
-remembered reply back, for a request whose answer never came.
+remembered reply back, for a request whose answer never came. A commit's reply is
+remembered on its master only; its outcome also travels to the replicas with its write,
+in the session's hash (``_q``, the request ids of the session's last four commits, each
+with the version it made): a commit sent again after a failover or a restart lost its
+request key still gets its first outcome, unless four other commits of that session
+came in between.
+
+**Leases** live on the master only: every write of a lease's fields goes through
+``lease_write`` (``redis.set_repl(redis.REPL_NONE)``), so it is neither replicated nor
+written to the AOF. A load sends its replicas nothing, and a commit sends them one
+``HSET``, not a ``MULTI`` of four commands (each replicated command costs the master
+and its replica work of their own). A failover or a restart frees every session: an
+event that held a lease through it has its commit refused (its lease is not there), so
+nothing is written twice. A replica that copied its master whole (a full resync)
+holds the leases of that moment until they end (``lease_ttl`` at most).
 
 **Damaged data.** Fields the scripts read as numbers, and the types of the keys they
 use, are checked before anything is written: a session with a damaged field is
@@ -65,6 +79,7 @@ from ._redis_fragments import CAPACITY as _CAPACITY
 from ._redis_fragments import CLAIMS as _CLAIMS
 from ._redis_fragments import INDEX_CHECK as _INDEX_CHECK
 from ._redis_fragments import INDEXES as _INDEXES
+from ._redis_fragments import LEASE_WRITE as _LEASE_WRITE
 from ._redis_fragments import PUT_VALUES as _PUT_VALUES
 from ._redis_fragments import SESSION as _SESSION
 from ._redis_global_scripts import GLOBAL_ADD, GLOBAL_CAS
@@ -165,6 +180,7 @@ return reply
 LOAD = (
     _CLAIMING_LAZILY
     + _SESSION
+    + _LEASE_WRITE
     + r"""
 local now = tonumber(ARGV[3])
 local h = redis.pcall('HGETALL', KEY)
@@ -223,10 +239,10 @@ if ARGV[5] ~= '' then
   -- session over while the event holds it; its place in the capacity order moves with
   -- its deadline only (touch below), by a second or more (a tenth of the idle ttl, if
   -- that is shorter).
-  redis.call('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
+  lease_write('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
   -- An event's lease now, not a kept one (its engine loads with the kept token when
   -- the kept lease is too short to use): an open at capacity passes it over.
-  if fields._lk then redis.call('HDEL', KEY, '_lk') end
+  if fields._lk then lease_write('HDEL', KEY, '_lk') end
 end
 local claimed = {}
 if due then
@@ -290,16 +306,23 @@ return reply
 #       tombstone).
 # ARGV: (1), sid, version, lease|'', release '1'|'0'|'k <lease end> <deadline> <now>
 #       <backstop_ms>', then name, value, deadline|'' for each write.
+# Its reply is remembered twice (see "Idempotent writes"): under its request key, on
+# this master only; and in the session's hash, written with the values (``_q``: the
+# request ids of its last RECENT commits, each with the version it made, and ':g' when
+# the commit gave a kept lease back: ``<id>:<version>[:g] ...``, newest first).
 COMMIT = (
     _APP
     + ONCE
     + _INDEX_CHECK
     + _SESSION
     + _PUT_VALUES
+    + _LEASE_WRITE
     + r"""
--- The session's version, lease, deadline and closed mark, then (for up to 200 values)
--- the deadline of each value written, if it has one.
-local asked = {'_v', '_l', '_d', '_c'}
+local RECENT = 4
+local RID = string.match(REQ, 'q:(%x+)$')
+-- The session's version, lease, deadline, closed mark and recent commits, then (for
+-- up to 200 values) the deadline of each value written, if it has one.
+local asked = {'_v', '_l', '_d', '_c', '_q'}
 local read_ttls = #ARGV - 5 <= 600
 if read_ttls then
   for j = 6, #ARGV, 3 do asked[#asked + 1] = 't:' .. ARGV[j] end
@@ -307,6 +330,13 @@ end
 local meta = redis.pcall('HMGET', KEY, unpack(asked))
 if meta.err then return {'wrongtype'} end
 if not meta[1] then return missing(GONE) end
+-- Sent again, and applied already (its request key was lost with a master that
+-- failed over, or with a restart): its first outcome.
+if RID and meta[5] then
+  local made, flag = string.match(' ' .. meta[5], ' ' .. RID .. ':(%d+)(:?g?)')
+  if made and flag == ':g' then return {'ok', made, 'given back'} end
+  if made then return {'ok', made} end
+end
 if not is_version(meta[1]) then return {'corrupt', '_v'} end
 if meta[1] ~= ARGV[3] or (ARGV[4] ~= '' and meta[2] ~= ARGV[4]) then
   return {'conflict', meta[1]}
@@ -331,7 +361,7 @@ local had = nil
 local indexes = slide or not read_ttls
 if read_ttls then
   had = {}
-  local k = 5
+  local k = 6
   for j = 6, #ARGV, 3 do
     if meta[k] then
       had[ARGV[j]] = true
@@ -345,15 +375,19 @@ if indexes then
   local bad_index = damaged_index()
   if bad_index then return bad_index end
 end
--- The values, their deadlines and the next version in one HSET (put_values).
+-- The values, their deadlines, the next version and this commit's place among the
+-- recent ones in one HSET (put_values): the one write its replicas get.
 local version = string.format('%d', tonumber(meta[1]) + 1)
-local sets = {'_v', version}
 -- A session closed meanwhile is not kept: its lease is given back (and the reply
 -- says so), so that the next event loads it and sees it closed.
 local given_back = keep_until and meta[4] == '1'
-if keep_until and not given_back then
-  sets[3], sets[4], sets[5], sets[6] = '_lu', keep_until, '_lk', ARGV[4]
+local recent = {}
+if RID then recent[1] = RID .. ':' .. version .. (given_back and ':g' or '') end
+for entry in string.gmatch(meta[5] or '', '%S+') do
+  if #recent >= RECENT then break end
+  recent[#recent + 1] = entry
 end
+local sets = {'_v', version, '_q', table.concat(recent, ' ')}
 if slide then
   sets[#sets + 1] = '_d'
   sets[#sets + 1] = touch_until
@@ -362,12 +396,19 @@ if slide then
   redis.call('ZADD', KEYS[3], keep_now, SID)
 end
 local names = put_values(KEY, DL, SID, ARGV, 6, #ARGV, sets, had)
-if ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) then
-  redis.call('HDEL', KEY, '_l', '_lu', '_lk')
+if keep_until and not given_back then
+  lease_write('HSET', KEY, '_lu', keep_until, '_lk', ARGV[4])
+elseif ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) then
+  lease_write('HDEL', KEY, '_l', '_lu', '_lk')
 end
 notice('changed', SID, nil, names)
-if given_back then return remember({'ok', version, 'given back'}) end
-return remember({'ok', version})
+local reply = {'ok', version}
+if given_back then reply[3] = 'given back' end
+-- Remembered here only: the recent commits above are what a replica knows of it.
+redis.set_repl(redis.REPL_NONE)
+redis.call('SET', REQ, cmsgpack.pack(reply), 'PX', REQUEST_MS)
+redis.set_repl(redis.REPL_ALL)
+return reply
 """
 )
 
