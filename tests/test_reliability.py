@@ -601,6 +601,57 @@ def test_a_damaged_index_stops_only_what_would_write_to_it(
     assert client.hgetall(P + "s:" + other) == kept
 
 
+def test_a_slide_refused_by_a_damaged_capacity_order_writes_nothing(
+    redis_engine: StateEngine, clock: FakeClock
+) -> None:
+    """A load that slides its session's deadline writes the deadline index first, then
+    the capacity order: with the order damaged, the index entry is put back and
+    nothing else is written (not the session's deadline, not the lease). Fails if the
+    index kept the new deadline, or the hash changed."""
+    engine = redis_engine
+    client, P = keys_of(engine)
+    count = engine.session_state("count", 0)
+    sid = engine.open_session()
+    member = f"s\0{sid}"
+    indexed = client.zscore(P + "dl", member)
+    client.delete(P + "lru")
+    client.set(P + "lru", "a string")
+    clock.advance(20)  # the next load slides the session's deadline
+    before = client.hgetall(P + "s:" + sid)
+    refused = pytest.raises(StoreUnavailable, match=f"the key '{P}lru' holds another type")
+    with refused, engine.event(sid) as ev:
+        ev[count] = 1
+    assert client.hgetall(P + "s:" + sid) == before
+    assert client.zscore(P + "dl", member) == indexed
+    client.delete(P + "lru")  # the operator repairs it
+    with engine.event(sid) as ev:
+        ev[count] = 1
+    assert client.zscore(P + "dl", member) > indexed  # slid now
+    assert client.zscore(P + "lru", sid) is not None
+
+
+def test_a_slide_moves_the_keys_ttl_when_its_backstop_would_run_short(
+    redis_engine: StateEngine, clock: FakeClock
+) -> None:
+    """A slide moves the session key's TTL (a backstop a day past the deadline) only
+    when less than half a day of it would be left past the new deadline: an engine
+    with a longer idle ttl (a setting changed in a rollout) must move it, or the key
+    would vanish before the session's deadline. Fails if the TTL is never moved."""
+    engine = redis_engine  # idle_ttl=60
+    client, P = keys_of(engine)
+    sid = engine.open_session()
+    key = P + "s:" + sid
+    assert client.pttl(key) < (60 + 86_400) * 1000 + 5_000
+    longer = StateEngine(engine.store, app=engine.app, clock=clock, idle_ttl=2 * 86_400)
+    try:
+        clock.advance(20)
+        with longer.event(sid):
+            pass
+        assert client.pttl(key) > (2 * 86_400 + 43_200) * 1000
+    finally:
+        longer.shutdown()
+
+
 def test_a_version_too_large_to_count_on_is_damage_not_a_torn_write(
     redis_engine: StateEngine,
 ) -> None:

@@ -112,7 +112,7 @@ end
 
 -- Whether a touch slides an open session's deadline to new_deadline ('' = a look, not
 -- a use). A touch that would move it by less than a second (or a tenth of the idle
--- ttl, if that is shorter) is skipped: it saves four writes on busy sessions and
+-- ttl, if that is shorter) is skipped: it saves three writes on busy sessions and
 -- changes an expiry by little.
 local function slides(closed, deadline, now, new_deadline)
   if closed == '1' or new_deadline == '' then
@@ -122,18 +122,37 @@ local function slides(closed, deadline, now, new_deadline)
   return wanted - deadline >= math.min(1, (wanted - tonumber(now)) / 10)
 end
 
--- Slide the deadline to new_deadline (and index it).
-local function slide(key, sid, now, new_deadline, backstop_ms)
-  redis.call('HSET', key, '_d', new_deadline)
-  redis.call('PEXPIRE', key, backstop_ms)
-  redis.call('ZADD', DL, new_deadline, 's\0' .. sid)
-  redis.call('ZADD', LRU, now, sid)
+-- Whether a write answered an error (a key of another type), not a result.
+local function refused(result)
+  return type(result) == 'table' and result.err ~= nil
 end
 
--- Slide the deadline, if the touch slides it.
+-- Slide the deadline from old_deadline to new_deadline (and index it); nil, or
+-- {'damaged', index} with nothing written when an index holds another type: the
+-- indexes are written first, and a refusal of the second puts the first back (a type
+-- check before each would be a server call of its own on most events). The key's TTL
+-- (backstop_ms: the new deadline's distance plus a margin) moves only when less than
+-- half the margin is left of it, so that most slides write three times, not four.
+local function slide(key, sid, now, new_deadline, backstop_ms, old_deadline)
+  local member = 's\0' .. sid
+  if refused(redis.pcall('ZADD', DL, new_deadline, member)) then return {'damaged', DL} end
+  if refused(redis.pcall('ZADD', LRU, now, sid)) then
+    redis.call('ZADD', DL, old_deadline, member)
+    return {'damaged', LRU}
+  end
+  redis.call('HSET', key, '_d', new_deadline)
+  local ttl = tonumber(backstop_ms)
+  local margin = ttl - (tonumber(new_deadline) - tonumber(now)) * 1000
+  if redis.call('PTTL', key) < ttl - margin / 2 then
+    redis.call('PEXPIRE', key, backstop_ms)
+  end
+  return nil
+end
+
+-- Slide the deadline, if the touch slides it (after the indexes were checked).
 local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
   if slides(closed, deadline, now, new_deadline) then
-    slide(key, sid, now, new_deadline, backstop_ms)
+    slide(key, sid, now, new_deadline, backstop_ms, deadline)
   end
 end
 
@@ -259,7 +278,8 @@ end
 # INDEXES that holds another type than a sorted set, else nil. INDEX_CHECK defines it;
 # INDEXES also runs it at once, for the scripts that write to an index on most calls.
 # LOAD and COMMIT run it only before they write to one, which most of their calls do
-# not (a type check per index is a server call of its own).
+# not (a type check per index is a server call of its own); a load that only slides
+# its session's deadline checks none: ``slide`` finds a damaged index by its refusal.
 INDEX_CHECK = r"""
 local function damaged_index()
   for _, index in ipairs(INDEXES) do

@@ -228,10 +228,14 @@ if ARGV[5] ~= '' and lease and lease ~= ARGV[5] and tonumber(fields._lu) > now t
   if fields._lk == lease then ask_keeper(SID) end
   return {'busy', fields._lu}
 end
--- Claiming a value or sliding the deadline writes to the indexes: checked first.
-local sliding = slides(closed, deadline, ARGV[3], ARGV[4])
-if due or sliding then
+-- Claiming a value writes to the indexes: checked first. Sliding the deadline writes
+-- to them first (see slide), before the lease is taken.
+if due then
   local bad_index = damaged_index()
+  if bad_index then return bad_index end
+end
+if slides(closed, deadline, ARGV[3], ARGV[4]) then
+  local bad_index = slide(KEY, SID, ARGV[3], ARGV[4], ARGV[7], deadline_text)
   if bad_index then return bad_index end
 end
 if ARGV[5] ~= '' then
@@ -260,7 +264,6 @@ if due then
     claimed[#claimed + 1] = claim_value(KEY, SID, name, at)
   end
 end
-if sliding then slide(KEY, SID, ARGV[3], ARGV[4], ARGV[7]) end
 local reply = {'ok', version, closed or '0', values, claimed}
 if fields._tx then reply[6] = fields._tx end  -- a user's record, with a commit staged
 if #claimed > 0 then return remember_claims(reply) end
