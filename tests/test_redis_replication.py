@@ -1,14 +1,16 @@
-"""What a Redis store's replicas get: leases stay on the master (a load sends its
-replicas nothing, a commit one write), and a commit's outcome travels with its write,
-so that a commit sent again where its remembered reply is gone (a master that failed
-over, a restart) still gets its first outcome.
+"""What a Redis store's replicas get: an event's lease stays on the master (a load sends
+its replicas nothing), a commit sends them one write, which carries its outcome and the
+lease's new state (kept, or given back), so that a promoted replica keeps a kept lease
+and answers a commit sent again with its first outcome.
 
 The tests run on the shared Sentinel set-up's master and its replica, and wait for
-the replica (``WAIT``) before reading it, so that what it lacks was never sent.
+the replica (``WAIT``) before reading it, so that what it lacks was never sent; the
+failover test runs on a master and replica of its own.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,11 +18,15 @@ from typing import Any
 import pytest
 import redis
 
-from statekit import SessionState, StateEngine
+from statekit import LeaseLost, SessionBusy, SessionState, StateEngine
 from statekit.stores.redis import RedisStore
-from statekit.testing import RedisSentinel
+from statekit.testing import RedisSentinel, RedisServer
 
-LEASE_FIELDS = (b"_l", b"_lu", b"_lk")
+from ._proxy import ReplyDropper
+
+LEASE_FIELDS = ("_l", "_lu", "_lk")
+GIVEN_BACK = [b"", b"0", b""]  # a commit empties the fields: its replicas learn of it
+COMMITS = ("_q0", "_q1", "_q2", "_q3")
 
 
 @pytest.fixture
@@ -45,11 +51,17 @@ def session_key(master: redis.Redis, prefix: str, sid: str) -> bytes:
     return bytes(key)
 
 
-def test_a_lease_is_on_the_master_only(nodes: tuple[redis.Redis, redis.Redis]) -> None:
+def store_on(master: redis.Redis, prefix: str) -> RedisStore:
+    kwargs = master.connection_pool.connection_kwargs
+    return RedisStore(f"redis://{kwargs['host']}:{kwargs['port']}", prefix=prefix)
+
+
+def test_an_events_lease_is_on_the_master_only(nodes: tuple[redis.Redis, redis.Redis]) -> None:
     """During an event the master holds its lease and the replica, in sync, does not;
-    after the commit the replica has the values and version but no lease field, and
-    the commit's request key is on the master only. Fails if a load's or a commit's
-    lease write, or the remembered reply, is replicated."""
+    the commit that gives it back reaches the replica with the values, and the
+    commit's request key stays on the master. Fails if a load's lease, or the
+    remembered reply, is replicated, or if the commit's write does not carry the
+    lease's end."""
     master, replica = nodes
     prefix = f"rep{uuid.uuid4().hex[:6]}"
     store = store_on(master, prefix)
@@ -65,10 +77,8 @@ def test_a_lease_is_on_the_master_only(nodes: tuple[redis.Redis, redis.Redis]) -
             assert replica.hmget(key, *LEASE_FIELDS) == [None, None, None]
             assert replica.exists(key)  # the session itself is replicated
         synced(master)
-        assert master.hmget(key, *LEASE_FIELDS) == [None, None, None]  # given back
-        on_replica = replica.hgetall(key)
-        assert not set(LEASE_FIELDS) & set(on_replica)
-        assert on_replica[b"_v"] == master.hget(key, "_v")
+        assert master.hmget(key, *LEASE_FIELDS) == GIVEN_BACK
+        assert replica.hgetall(key) == master.hgetall(key)
         # Remembered replies: the open's (replicated) and the commit's (here only).
         requests = list(master.scan_iter(match=f"{prefix}*q:*", count=1000))
         assert len(requests) == 2
@@ -78,10 +88,13 @@ def test_a_lease_is_on_the_master_only(nodes: tuple[redis.Redis, redis.Redis]) -
         store.close()
 
 
-def test_a_kept_lease_is_on_the_master_only(nodes: tuple[redis.Redis, redis.Redis]) -> None:
-    """An engine keeping its leases between events (``lease_keep``) marks the kept one
-    on the master; the replica never sees it. Fails if the keeping commit's lease
-    fields are replicated with its values."""
+def test_a_kept_lease_and_its_end_reach_the_replica(
+    nodes: tuple[redis.Redis, redis.Redis],
+) -> None:
+    """An engine keeping its leases between events (``lease_keep``) marks the kept lease
+    in the commit's write, which the replica gets; giving it back (at shutdown) reaches
+    the replica too. Fails if a promoted replica could not know the lease is kept, or
+    would keep it after it was given back."""
     master, replica = nodes
     prefix = f"rep{uuid.uuid4().hex[:6]}"
     store = store_on(master, prefix)
@@ -89,19 +102,72 @@ def test_a_kept_lease_is_on_the_master_only(nodes: tuple[redis.Redis, redis.Redi
     count = engine.session_state("count", 0)
     sid = engine.open_session()
     key = session_key(master, prefix, sid)
+    for _ in range(3):
+        with engine.event(sid) as ev:
+            ev[count] += 1
+    synced(master)
+    kept = master.hmget(key, *LEASE_FIELDS)
+    assert kept[0] is not None
+    assert kept[2] == kept[0]  # kept
+    assert replica.hmget(key, *LEASE_FIELDS) == kept
+    engine.shutdown()  # gives its kept leases back
+    store.close()
+    synced(master)
+    assert master.hmget(key, *LEASE_FIELDS) == [None, None, None]
+    assert replica.hmget(key, *LEASE_FIELDS) == [None, None, None]
+
+
+def test_a_kept_lease_still_holds_after_a_failover(tmp_path: Any) -> None:
+    """A master dies after an engine kept its session's lease; its replica is promoted.
+    Another engine's event must not take the session from under the keeper: it asks
+    the keeper and waits, and the keeper's next event sees what the other wrote, never
+    a stale copy. Fails (the other's event runs at once, and the keeper's next event
+    reads its old copy) if the kept lease is not on the replica."""
+    master, replica = RedisServer().start(), RedisServer().start()
+    proxy = None
     try:
-        for _ in range(3):
-            with engine.event(sid) as ev:
-                ev[count] += 1
-        synced(master)
-        kept = master.hmget(key, *LEASE_FIELDS)
-        assert kept[0] is not None
-        assert kept[2] == kept[0]
-        assert replica.hmget(key, *LEASE_FIELDS) == [None, None, None]
-        assert count.get(sid) == 3
+        to_replica = redis.Redis(port=replica.port)
+        to_replica.replicaof("127.0.0.1", master.port)
+        deadline = time.monotonic() + 10
+        while to_replica.info("replication")["master_link_status"] != "up":
+            assert time.monotonic() < deadline, "the replica did not sync"
+            time.sleep(0.05)
+        proxy = ReplyDropper(("127.0.0.1", master.port))
+        keeper_store, other_store = (
+            RedisStore(proxy.url, prefix="k"),
+            RedisStore(proxy.url, prefix="k"),
+        )
+        keeper = StateEngine(keeper_store, app="a", lease_keep=20, lease_wait=10)
+        other = StateEngine(other_store, app="a", lease_wait=10)
+        count = keeper.session_state("count", 0)
+        other_count = other.session_state("count", 0)
+        sid = keeper.open_session()
+        with keeper.event(sid) as ev:
+            ev[count] += 1
+        assert redis.Redis(port=master.port).wait(1, 5000) == 1
+        # The failover: the replica promoted, clients led to it, the master gone.
+        to_replica.replicaof("NO", "ONE")
+        proxy.target = ("127.0.0.1", replica.port)
+        master.stop()
+        asked = time.monotonic()
+        while True:
+            try:
+                with other.event(sid) as ev:
+                    ev[other_count] += 100
+                break
+            except (SessionBusy, LeaseLost):
+                assert time.monotonic() - asked < 30, "the keeper never gave the lease up"
+        with keeper.event(sid) as ev:
+            assert ev[count] == 101  # not the kept copy's 1
+        keeper.shutdown()
+        other.shutdown()
+        keeper_store.close()
+        other_store.close()
     finally:
-        engine.shutdown()
-        store.close()
+        if proxy is not None:
+            proxy.close()
+        master.stop()
+        replica.stop()
 
 
 def resend_commits(monkeypatch: pytest.MonkeyPatch, master: redis.Redis) -> list[Any]:
@@ -123,11 +189,6 @@ def resend_commits(monkeypatch: pytest.MonkeyPatch, master: redis.Redis) -> list
     return replies
 
 
-def store_on(master: redis.Redis, prefix: str) -> RedisStore:
-    kwargs = master.connection_pool.connection_kwargs
-    return RedisStore(f"redis://{kwargs['host']}:{kwargs['port']}", prefix=prefix)
-
-
 def test_a_commit_sent_again_after_its_request_key_is_gone_gets_its_first_outcome(
     nodes: tuple[redis.Redis, redis.Redis], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -142,16 +203,22 @@ def test_a_commit_sent_again_after_its_request_key_is_gone_gets_its_first_outcom
     engine = StateEngine(store, app="shop")
     count = engine.session_state("count", 0)
     sid = engine.open_session()
+    key = session_key(master, prefix, sid)
     try:
         for _ in range(6):
             with engine.event(sid) as ev:
                 ev[count] += 1
         assert count.get(sid) == 6
         assert [int(reply[1]) for reply in resent] == [1, 2, 3, 4, 5, 6]
-        # The hash keeps the last four commits' outcomes, newest first.
-        recent = master.hget(session_key(master, prefix, sid), "_q")
-        assert isinstance(recent, bytes)
-        assert [entry.split(b":")[1] for entry in recent.split()] == [b"6", b"5", b"4", b"3"]
+        # The hash keeps the last four commits' outcomes, version v in _q<v % 4>.
+        outcomes = master.hmget(key, *COMMITS)
+        versions = []
+        for outcome in outcomes:
+            assert isinstance(outcome, bytes)
+            versions.append(int(outcome.split(b":")[1]))
+        assert versions == [4, 5, 6, 3]
+        # Each in a field small enough for the compact encoding of a small hash.
+        assert master.object("encoding", key) == b"listpack"
     finally:
         engine.shutdown()
         store.close()
@@ -163,7 +230,7 @@ def test_a_lease_given_back_is_said_again_when_sent_again(
     """An event on a kept lease whose session was closed meanwhile (by a process whose
     request to give the lease up has not come yet) commits and gives the lease back,
     and its reply says so; sent again with its request key gone, it says so again.
-    Fails if the recent commits forget the mark: the engine would go on keeping a
+    Fails if the commit's outcome forgets the mark: the engine would go on keeping a
     lease it no longer holds."""
     master, _ = nodes
     prefix = f"rep{uuid.uuid4().hex[:6]}"
@@ -181,7 +248,7 @@ def test_a_lease_given_back_is_said_again_when_sent_again(
         with engine.event(sid) as ev:  # on the kept lease: no load
             ev[note] = "late"
         assert [reply[2] for reply in resent] == [b"given back"]
-        assert master.hmget(key, *LEASE_FIELDS) == [None, None, None]
+        assert master.hmget(key, *LEASE_FIELDS) == GIVEN_BACK
     finally:
         engine.shutdown()
         store.close()

@@ -14,10 +14,10 @@ __all__ = [
     "SESSION",
 ]
 
-# Leases live on the master only (see "Leases" in ``_redis_scripts``): every write of a
-# lease's fields (``_l``, ``_lu``, ``_lk``) goes through ``lease_write``, which keeps it
-# out of replication and the AOF. So a load that takes a lease sends its replicas
-# nothing, and a commit sends them one HSET.
+# An event's lease lives on the master only (see "Leases" in ``_redis_scripts``): taking
+# it, renewing it and giving back one the replicas never saw go through ``lease_write``,
+# which keeps the write out of replication and the AOF. A kept lease, and the end of
+# every lease a commit gives back, travel in the commit's own HSET.
 LEASE_WRITE = r"""
 local function lease_write(...)
   redis.set_repl(redis.REPL_NONE)
@@ -34,18 +34,34 @@ local INDEXES = {DL}
 local REQUEST_MS, CLAIM_MS, TOMBSTONE, ORIGIN, PUBLISH, CHANNEL =
   string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%S+) (%S+) (.+)$')
 
+-- Notices go to the master's subscribers (statekit's listeners subscribe there, and
+-- resync after a failover), not through replication and the AOF, where a script's
+-- PUBLISH would otherwise go on one server. (A cluster's SPUBLISH reaches the shard's
+-- replicas by the cluster bus, whatever this says.)
+local function publish(channel, message)
+  redis.set_repl(redis.REPL_NONE)
+  redis.call(PUBLISH, channel, message)
+  redis.set_repl(redis.REPL_ALL)
+end
+
 local function notice(kind, sid, reason, names)
   local msg = {k = kind, s = sid, o = ORIGIN}
   if reason then msg.r = reason end
   if names then msg.n = names end
-  redis.call(PUBLISH, CHANNEL, cjson.encode(msg))
+  publish(CHANNEL, cjson.encode(msg))
 end
 
 -- Ask the engine keeping a session's lease between events (see COMMIT) to give it up,
 -- on the bucket's channel 'wanted' (its notice channel's name, 'notices' replaced).
 local function ask_keeper(sid)
-  redis.call(PUBLISH, string.sub(CHANNEL, 1, -8) .. 'wanted',
-    cjson.encode({k = 'wanted', s = sid, o = ORIGIN}))
+  local message = cjson.encode({k = 'wanted', s = sid, o = ORIGIN})
+  publish(string.sub(CHANNEL, 1, -8) .. 'wanted', message)
+end
+
+-- Whether a session's lease fields hold a kept lease: a token in both (a lease given
+-- back by a commit leaves them empty).
+local function is_kept(lease, kept)
+  return kept ~= nil and kept ~= '' and kept == lease
 end
 
 -- A stored field read as a number: a finite one, or nil (damaged; Lua's tonumber also
@@ -103,7 +119,7 @@ local function claim(sid, key, gone, reason, at)
   redis.call('ZREM', LRU, sid)
   redis.call('ZREM', CLOSED, sid)
   redis.call('SET', gone, reason .. '\0' .. at, 'EX', TOMBSTONE)
-  if kept and kept == lease then ask_keeper(sid) end
+  if is_kept(lease, kept) then ask_keeper(sid) end
   if closed ~= '1' then
     notice('ended', sid, reason, nil)
   end
@@ -213,7 +229,7 @@ end
 -- run on it without a load, unseen here), 2 an event's lease.
 local function hold(key, now)
   local m = redis.pcall('HMGET', key, '_l', '_lu', '_lk')
-  if m.err or not m[1] then return 0 end
+  if m.err or not m[1] or m[1] == '' then return 0 end
   local until_ = number(m[2])
   if until_ == nil or until_ <= tonumber(now) then return 0 end
   if m[3] == m[1] then return 1 end

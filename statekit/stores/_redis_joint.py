@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import _redis_replies as replies
 from ._redis_calls import Plan
 from ._redis_failures import DamagedKey
-from ._redis_fragments import LEASE_WRITE, PUT_VALUES
+from ._redis_fragments import PUT_VALUES
 from ._redis_layout import Layout
 from ._redis_requests import ONCE
 from .base import CommitPart
@@ -42,7 +42,6 @@ local REQUEST_MS, _, _, ORIGIN, PUBLISH =
 """
     + ONCE
     + PUT_VALUES
-    + LEASE_WRITE
     + r"""
 local parts = {}
 local at = 2
@@ -86,7 +85,7 @@ for _, part in ipairs(parts) do
       {'_v', version})
   end
   if part.lease ~= '' and part.release == '1' then
-    lease_write('HDEL', part.key, '_l', '_lu', '_lk')
+    redis.call('HDEL', part.key, '_l', '_lu', '_lk')
   end
   if #names > 0 then
     redis.call(PUBLISH, part.channel, cjson.encode({k = 'changed', s = part.sid, o = ORIGIN,

@@ -9,12 +9,19 @@ from ._redis_fragments import LEASE_WRITE
 
 __all__ = ["RELEASE", "RENEW"]
 
-# KEYS: session.  ARGV: lease.  Idempotent by nature: no request key.
+# KEYS: session.  ARGV: lease.  Idempotent by nature: no request key. An event's lease
+# is given back on the master only (its replicas never saw it); a kept one, which they
+# know, is given back on them too.
 RELEASE = (
     LEASE_WRITE
     + r"""
-if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HGET', KEYS[1], '_l') == ARGV[1] then
-  lease_write('HDEL', KEYS[1], '_l', '_lu', '_lk')
+if redis.call('TYPE', KEYS[1]).ok == 'hash' then
+  local held = redis.call('HMGET', KEYS[1], '_l', '_lk')
+  if held[1] == ARGV[1] and held[2] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], '_l', '_lu', '_lk')
+  elseif held[1] == ARGV[1] then
+    lease_write('HDEL', KEYS[1], '_l', '_lu', '_lk')
+  end
 end
 return 1
 """

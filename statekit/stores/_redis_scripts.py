@@ -49,19 +49,27 @@ when running it again would not give the same answer: a commit, an open, a close
 global write, and any load, peek or reap that claimed something. ``REPLAY`` reads a
 remembered reply back, for a request whose answer never came. A commit's reply is
 remembered on its master only; its outcome also travels to the replicas with its write,
-in the session's hash (``_q``, the request ids of the session's last four commits, each
-with the version it made): a commit sent again after a failover or a restart lost its
+in the session's hash (``_q0`` to ``_q3``: the last four commits' request ids, each with
+the version it made): a commit sent again after a failover or a restart lost its
 request key still gets its first outcome, unless four other commits of that session
 came in between.
 
-**Leases** live on the master only: every write of a lease's fields goes through
-``lease_write`` (``redis.set_repl(redis.REPL_NONE)``), so it is neither replicated nor
-written to the AOF. A load sends its replicas nothing, and a commit sends them one
-``HSET``, not a ``MULTI`` of four commands (each replicated command costs the master
-and its replica work of their own). A failover or a restart frees every session: an
-event that held a lease through it has its commit refused (its lease is not there), so
-nothing is written twice. A replica that copied its master whole (a full resync)
-holds the leases of that moment until they end (``lease_ttl`` at most).
+**What replicas get.** A commit sends them one ``HSET`` (values, version, its outcome,
+and the lease's new state), where it sent a ``MULTI`` of four commands; a load sends
+them nothing. Each replicated command costs the master and each replica work of their
+own, and the AOF grows with the same stream. So an event's lease (taken by a load,
+renewed, or given back without a commit when the replicas never saw it) is written
+with ``lease_write`` (``redis.set_repl(redis.REPL_NONE)``): on the master only. A kept
+lease, and the end of any lease a commit gives back (its fields emptied, not deleted),
+are in the commit's ``HSET``; giving a kept lease back without a commit is replicated
+too. So a promoted replica knows every kept lease (its keeper stays the only one
+using the session), and no event's lease: an event that held one through a failover
+has its commit refused (``LeaseLost``), nothing written twice. Notices (``PUBLISH``)
+go to the master's subscribers only. Left as they are: a replica that copied its
+master whole (a full resync), or an AOF rewritten while an event held its lease, holds
+that lease until it ends (``lease_ttl`` at most) if it is promoted or restarted before
+the session's next commit; and a master demoted to a replica keeps the request keys
+of its last commits (they expire once it is a master again, or at a full resync).
 
 **Damaged data.** Fields the scripts read as numbers, and the types of the keys they
 use, are checked before anything is written: a session with a damaged field is
@@ -213,6 +221,7 @@ for i = 1, #h, 2 do
   end
 end
 local version, closed, deadline_text, lease = fields._v, fields._c, fields._d, fields._l
+if lease == '' then lease = nil end  -- given back by a commit
 if not deadline_text then return missing(GONE) end
 local bad = damaged(version, deadline_text)
 if bad then return {'corrupt', bad} end
@@ -246,7 +255,7 @@ if ARGV[5] ~= '' then
   lease_write('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
   -- An event's lease now, not a kept one (its engine loads with the kept token when
   -- the kept lease is too short to use): an open at capacity passes it over.
-  if fields._lk then lease_write('HDEL', KEY, '_lk') end
+  if fields._lk and fields._lk ~= '' then lease_write('HDEL', KEY, '_lk') end
 end
 local claimed = {}
 if due then
@@ -310,22 +319,21 @@ return reply
 # ARGV: (1), sid, version, lease|'', release '1'|'0'|'k <lease end> <deadline> <now>
 #       <backstop_ms>', then name, value, deadline|'' for each write.
 # Its reply is remembered twice (see "Idempotent writes"): under its request key, on
-# this master only; and in the session's hash, written with the values (``_q``: the
-# request ids of its last RECENT commits, each with the version it made, and ':g' when
-# the commit gave a kept lease back: ``<id>:<version>[:g] ...``, newest first).
+# this master only; and in the session's hash, with the values: ``_q<version % 4>`` is
+# ``<request id>:<version>[:g]`` (':g' when it gave a kept lease back), so the hash
+# holds the last four commits' outcomes, each in a field short enough for Redis's
+# compact encoding of small hashes.
 COMMIT = (
     _APP
     + ONCE
     + _INDEX_CHECK
     + _SESSION
     + _PUT_VALUES
-    + _LEASE_WRITE
     + r"""
-local RECENT = 4
 local RID = string.match(REQ, 'q:(%x+)$')
--- The session's version, lease, deadline, closed mark and recent commits, then (for
--- up to 200 values) the deadline of each value written, if it has one.
-local asked = {'_v', '_l', '_d', '_c', '_q'}
+-- The session's version, lease, deadline, closed mark and last four commits, then
+-- (for up to 200 values) the deadline of each value written, if it has one.
+local asked = {'_v', '_l', '_d', '_c', '_q0', '_q1', '_q2', '_q3'}
 local read_ttls = #ARGV - 5 <= 600
 if read_ttls then
   for j = 6, #ARGV, 3 do asked[#asked + 1] = 't:' .. ARGV[j] end
@@ -335,10 +343,12 @@ if meta.err then return {'wrongtype'} end
 if not meta[1] then return missing(GONE) end
 -- Sent again, and applied already (its request key was lost with a master that
 -- failed over, or with a restart): its first outcome.
-if RID and meta[5] then
-  local made, flag = string.match(' ' .. meta[5], ' ' .. RID .. ':(%d+)(:?g?)')
-  if made and flag == ':g' then return {'ok', made, 'given back'} end
-  if made then return {'ok', made} end
+if RID then
+  for i = 5, 8 do
+    local made, flag = string.match(meta[i] or '', '^' .. RID .. ':(%d+)(:?g?)$')
+    if made and flag == ':g' then return {'ok', made, 'given back'} end
+    if made then return {'ok', made} end
+  end
 end
 if not is_version(meta[1]) then return {'corrupt', '_v'} end
 if meta[1] ~= ARGV[3] or (ARGV[4] ~= '' and meta[2] ~= ARGV[4]) then
@@ -364,7 +374,7 @@ local had = nil
 local indexes = slide or not read_ttls
 if read_ttls then
   had = {}
-  local k = 6
+  local k = 9
   for j = 6, #ARGV, 3 do
     if meta[k] then
       had[ARGV[j]] = true
@@ -378,19 +388,27 @@ if indexes then
   local bad_index = damaged_index()
   if bad_index then return bad_index end
 end
--- The values, their deadlines, the next version and this commit's place among the
--- recent ones in one HSET (put_values): the one write its replicas get.
+-- The values, their deadlines, the next version, this commit's outcome and the lease's
+-- new state in one HSET (put_values): the one write its replicas get.
 local version = string.format('%d', tonumber(meta[1]) + 1)
 -- A session closed meanwhile is not kept: its lease is given back (and the reply
 -- says so), so that the next event loads it and sees it closed.
 local given_back = keep_until and meta[4] == '1'
-local recent = {}
-if RID then recent[1] = RID .. ':' .. version .. (given_back and ':g' or '') end
-for entry in string.gmatch(meta[5] or '', '%S+') do
-  if #recent >= RECENT then break end
-  recent[#recent + 1] = entry
+local sets = {'_v', version}
+if RID then
+  sets[3] = '_q' .. (tonumber(version) % 4)
+  sets[4] = RID .. ':' .. version .. (given_back and ':g' or '')
 end
-local sets = {'_v', version, '_q', table.concat(recent, ' ')}
+if keep_until and not given_back then
+  -- Kept: the replicas know it, so that a promoted one keeps it too.
+  for _, v in ipairs({'_l', ARGV[4], '_lu', keep_until, '_lk', ARGV[4]}) do
+    sets[#sets + 1] = v
+  end
+elseif ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) then
+  -- Given back: emptied rather than deleted, so that the end of a kept lease reaches
+  -- the replicas in this same write.
+  for _, v in ipairs({'_l', '', '_lu', '0', '_lk', ''}) do sets[#sets + 1] = v end
+end
 if slide then
   sets[#sets + 1] = '_d'
   sets[#sets + 1] = touch_until
@@ -399,11 +417,6 @@ if slide then
   redis.call('ZADD', KEYS[3], keep_now, SID)
 end
 local names = put_values(KEY, DL, SID, ARGV, 6, #ARGV, sets, had)
-if keep_until and not given_back then
-  lease_write('HSET', KEY, '_lu', keep_until, '_lk', ARGV[4])
-elseif ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) then
-  lease_write('HDEL', KEY, '_l', '_lu', '_lk')
-end
 notice('changed', SID, nil, names)
 local reply = {'ok', version}
 if given_back then reply[3] = 'given back' end
@@ -436,7 +449,7 @@ redis.call('ZADD', DL, ARGV[4], 's\0' .. SID)
 redis.call('ZREM', LRU, SID)
 redis.call('ZADD', CLOSED, ARGV[3], SID)
 notice('ended', SID, 'closed', nil)
-if meta[5] and meta[5] == meta[4] then ask_keeper(SID) end
+if is_kept(meta[4], meta[5]) then ask_keeper(SID) end
 return remember({'closed'})
 """
 )

@@ -37,7 +37,7 @@ from statekit.exceptions import SessionCorrupt, StoreUnavailable
 
 from . import _redis_replies as replies
 from ._redis_calls import Ops, Plan, Read, raw
-from ._redis_fragments import APP, INDEXES, LEASE_WRITE, PUT_VALUES, SESSION
+from ._redis_fragments import APP, INDEXES, PUT_VALUES, SESSION
 from ._redis_requests import ONCE
 from .base import Busy, CommitPart, Gone, Loaded
 
@@ -95,7 +95,6 @@ DECIDE = (
     + INDEXES
     + SESSION
     + PUT_VALUES
-    + LEASE_WRITE
     + r"""
 local meta = redis.pcall('HMGET', KEY, '_v', '_l')
 if meta.err then return {'wrongtype'} end
@@ -112,7 +111,7 @@ end
 local version = string.format('%d', tonumber(meta[1]) + 1)
 local names = put_values(KEY, DL, SID, ARGV, 7, #ARGV, {'_v', version})
 if ARGV[4] ~= '' and ARGV[5] == '1' then
-  lease_write('HDEL', KEY, '_l', '_lu', '_lk')
+  redis.call('HDEL', KEY, '_l', '_lu', '_lk')
 end
 notice('changed', SID, nil, names)
 return remember({'ok', version})
@@ -126,12 +125,11 @@ return remember({'ok', version})
 # that settled it) or discarded already; the lease is given back either way.
 APPLY = (
     PUT_VALUES
-    + LEASE_WRITE
     + r"""
 local h = redis.pcall('HMGET', KEYS[1], '_tx', '_txw', '_v', '_l')
 if h.err then return {'wrongtype'} end
 if ARGV[3] ~= '' and h[4] == ARGV[3] then
-  lease_write('HDEL', KEYS[1], '_l', '_lu', '_lk')
+  redis.call('HDEL', KEYS[1], '_l', '_lu', '_lk')
 end
 if h[1] ~= ARGV[1] then return {'done', h[3]} end
 local kind = redis.call('TYPE', KEYS[2]).ok
