@@ -149,6 +149,8 @@ class EventState:
             could not be read or migrated), why; or None.
         lease: on a shared store, the lease held (its token), if any.
         lease_until: when that lease lapses (engine clock), as last written.
+        on_kept: whether the event runs on a lease this engine kept (no load): the
+            store marks the lease kept, so that other processes ask for it.
         deadline: the session's deadline as the event's load (or the commit before,
             for an event on a kept lease) slid it.
         renew: whether the engine renews the lease while the event runs (a class
@@ -186,6 +188,7 @@ class EventState:
         "loaded",
         "lost",
         "now",
+        "on_kept",
         "pending",
         "problems",
         "sid",
@@ -219,6 +222,7 @@ class EventState:
         self.problems: dict[str, str] | None = None
         self.lease: str | None = None
         self.lease_until = 0.0
+        self.on_kept = False
         self.deadline = 0.0
         self.changed: list[Changeable] | None = None
         self.done: EventResult | None = None

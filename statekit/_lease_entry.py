@@ -185,6 +185,7 @@ class LeaseEntry:
         self._meter.count("kept_events")
         ev.lease = kept.token
         ev.lease_until = kept.until
+        ev.on_kept = True
         ev.deadline = kept.deadline
         ev.loaded = loaded = kept.loaded
         ev.closed = loaded.closed
@@ -540,9 +541,12 @@ class LeaseEntry:
                 )
         elif ev.closed:  # a closed session's next event loads it: not kept
             entry = None
-        elif ev.lease_until - now <= kept.keep:  # (an event on a kept lease)
+        elif ev.on_kept and ev.lease_until - now <= kept.keep:
+            # Still kept: the store marks it so. (An event that loaded holds a lease the
+            # store does not mark kept: other processes would wait for it without
+            # asking, and a promoted replica would not have it. It is given back.)
             entry = Kept(token=token, loaded=ev.loaded, until=ev.lease_until, deadline=ev.deadline)
-        else:  # a lease kept longer than lease_keep: given back by the caller
+        else:  # given back by the caller
             entry = None
         if entry is not None and kept.put(ev.sid, entry):
             ev.lease = None  # kept: not given back

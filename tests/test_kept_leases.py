@@ -526,3 +526,32 @@ def test_an_event_loaded_on_its_kept_token_is_held_at_capacity(
     assert sum(engine.exists(sid) for sid in others) == 1
     engine.shutdown()
     store.close()
+
+
+def test_an_event_that_loaded_and_only_read_gives_its_lease_back(
+    redis_server: RedisServer,
+) -> None:
+    """With ``lease_keep`` as long as ``lease_ttl`` (allowed), an event that loaded and
+    wrote nothing holds a lease the store never marked kept: it is given back, so that
+    another process's event runs at once. Fails (the other waits, never asking, and
+    raises SessionBusy) if the engine kept it without the store's mark."""
+    where = prefix()
+    clock = FakeClock(2_000_000_000.0)
+    keeper_store = RedisStore(redis_server.url, prefix=where)
+    other_store = RedisStore(redis_server.url, prefix=where)
+    keeper = StateEngine(keeper_store, app="kept", clock=clock, lease_ttl=10, lease_keep=10)
+    other = StateEngine(other_store, app="kept", clock=clock, lease_ttl=10, lease_wait=0.3)
+    count = keeper.session_state("count", 0)
+    other_count = other.session_state("count", 0)
+    sid = keeper.open_session()
+    with other.event(sid) as ev:
+        ev[other_count] = 1
+    with keeper.event(sid) as ev:  # loads, reads
+        assert ev[count] == 1
+    assert lease_of(keeper_store, sid) == [None, None, None]
+    with other.event(sid) as ev:  # not SessionBusy
+        ev[other_count] += 1
+    with keeper.event(sid) as ev:
+        assert ev[count] == 2
+    keeper.shutdown()
+    other.shutdown()

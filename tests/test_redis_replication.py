@@ -117,6 +117,41 @@ def test_a_kept_lease_and_its_end_reach_the_replica(
     assert replica.hmget(key, *LEASE_FIELDS) == [None, None, None]
 
 
+def test_a_kept_lease_turned_into_an_events_lease_ends_on_the_replica(
+    nodes: tuple[redis.Redis, redis.Redis],
+) -> None:
+    """A keeper whose kept copy cannot serve the next event (a value with a ttl of its
+    own) loads with its kept token, and the event only reads: the lease is then an
+    event's, given back on the master alone. The replica must not go on holding the
+    kept lease: promoted, it would make every other process wait for a keeper that no
+    longer keeps it. Fails if the load ends the kept lease on the master only."""
+    master, replica = nodes
+    prefix = f"rep{uuid.uuid4().hex[:6]}"
+    store = store_on(master, prefix)
+    engine = StateEngine(store, app="shop", lease_keep=8)
+    count = engine.session_state("count", 0)
+    token = engine.session_state("token", "", ttl=300)
+    sid = engine.open_session()
+    key = session_key(master, prefix, sid)
+    try:
+        with engine.event(sid) as ev:
+            ev[token] = "x"
+            ev[count] += 1
+        synced(master)
+        kept = replica.hmget(key, *LEASE_FIELDS)
+        assert kept[0] is not None
+        assert kept[2] == kept[0]  # kept, and the replica knows it
+        with engine.event(sid) as ev:  # loads with the kept token; reads only
+            assert ev[count] == 1
+        synced(master)
+        on_replica = replica.hmget(key, *LEASE_FIELDS)
+        assert on_replica[2] in (None, b"")  # no kept lease left there
+        assert master.hmget(key, *LEASE_FIELDS) == [None, None, None]
+    finally:
+        engine.shutdown()
+        store.close()
+
+
 def test_a_kept_lease_still_holds_after_a_failover(tmp_path: Any) -> None:
     """A master dies after an engine kept its session's lease; its replica is promoted.
     Another engine's event must not take the session from under the keeper: it asks

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from statekit import (
     BrowserKeys,
@@ -34,6 +35,7 @@ from statekit import (
 )
 from statekit.exceptions import SessionCorrupt
 from statekit.stores import MemoryStore, Notice, Store
+from statekit.stores._redis_failures import DamagedKey
 from statekit.stores._redis_namespace import BUDGET_MIN
 from statekit.stores.redis import RedisStore
 from statekit.stores.sqlite import SQLiteStore
@@ -628,6 +630,48 @@ def test_a_slide_refused_by_a_damaged_capacity_order_writes_nothing(
         ev[count] = 1
     assert client.zscore(P + "dl", member) > indexed  # slid now
     assert client.zscore(P + "lru", sid) is not None
+
+
+def test_a_slide_the_server_refuses_for_memory_says_so_not_damage() -> None:
+    """A load whose slide the server refuses for its own reasons (out of memory under
+    ``noeviction``; the same path takes a demoted master's READONLY) raises what the
+    server said, with nothing written, and works again once the server does. Fails if
+    every refusal reads as a damaged index (DamagedKey, telling an operator to delete
+    the deadline index, and hiding a READONLY from the client, which would then never
+    follow a failover)."""
+    server = RedisServer().start()
+    try:
+        client = redis.Redis(port=server.port)
+        clock = FakeClock()
+        store = RedisStore(server.url, prefix="oom")
+        engine = StateEngine(store, app="shop", clock=clock, idle_ttl=60)
+        count = engine.session_state("count", 0)
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[count] = 1
+        P = store.namespace("shop").P
+        before = client.hgetall(P + "s:" + sid)
+        indexed = client.zscore(P + "dl", f"s\0{sid}")
+        clock.advance(20)  # the next load slides the session's deadline
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", client.info("memory")["used_memory"] - 100_000)
+        try:
+            refused = pytest.raises(StoreUnavailable, match="OutOfMemoryError")
+            with refused as raised, engine.event(sid):
+                pass
+            assert not isinstance(raised.value, DamagedKey)
+            assert client.hgetall(P + "s:" + sid) == before
+            assert client.zscore(P + "dl", f"s\0{sid}") == indexed
+        finally:
+            client.config_set("maxmemory", 0)
+        with engine.event(sid) as ev:
+            ev[count] += 1
+        assert count.get(sid) == 2
+        engine.shutdown()
+        store.close()
+        client.close()
+    finally:
+        server.stop()
 
 
 def test_a_slide_moves_the_keys_ttl_when_its_backstop_would_run_short(

@@ -138,23 +138,29 @@ local function slides(closed, deadline, now, new_deadline)
   return wanted - deadline >= math.min(1, (wanted - tonumber(now)) / 10)
 end
 
--- Whether a write answered an error (a key of another type), not a result.
-local function refused(result)
-  return type(result) == 'table' and result.err ~= nil
+-- What a write to the index at key answered, when it refused: {'damaged', key} for a
+-- key of another type, else the server's own error (a master demoted to a replica,
+-- out of memory, too few replicas), returned as it is for the client to act on.
+local function refusal(result, key)
+  if type(result) ~= 'table' or result.err == nil then return nil end
+  if string.sub(result.err, 1, 9) == 'WRONGTYPE' then return {'damaged', key} end
+  return result
 end
 
--- Slide the deadline from old_deadline to new_deadline (and index it); nil, or
--- {'damaged', index} with nothing written when an index holds another type: the
--- indexes are written first, and a refusal of the second puts the first back (a type
--- check before each would be a server call of its own on most events). The key's TTL
--- (backstop_ms: the new deadline's distance plus a margin) moves only when less than
--- half the margin is left of it, so that most slides write three times, not four.
+-- Slide the deadline from old_deadline to new_deadline (and index it); nil, or (with
+-- nothing written) what refused it (see refusal): the indexes are written first, and
+-- a refusal of the second puts the first back (a type check before each would be a
+-- server call of its own on most events). The key's TTL (backstop_ms: the new
+-- deadline's distance plus a margin) moves only when less than half the margin is left
+-- of it, so that most slides write three times, not four.
 local function slide(key, sid, now, new_deadline, backstop_ms, old_deadline)
   local member = 's\0' .. sid
-  if refused(redis.pcall('ZADD', DL, new_deadline, member)) then return {'damaged', DL} end
-  if refused(redis.pcall('ZADD', LRU, now, sid)) then
+  local refused = refusal(redis.pcall('ZADD', DL, new_deadline, member), DL)
+  if refused then return refused end
+  refused = refusal(redis.pcall('ZADD', LRU, now, sid), LRU)
+  if refused then
     redis.call('ZADD', DL, old_deadline, member)
-    return {'damaged', LRU}
+    return refused
   end
   redis.call('HSET', key, '_d', new_deadline)
   local ttl = tonumber(backstop_ms)
@@ -165,11 +171,13 @@ local function slide(key, sid, now, new_deadline, backstop_ms, old_deadline)
   return nil
 end
 
--- Slide the deadline, if the touch slides it (after the indexes were checked).
+-- Slide the deadline, if the touch slides it (after the indexes were checked); nil,
+-- or the server's refusal (see slide).
 local function touch(key, sid, closed, deadline, now, new_deadline, backstop_ms)
   if slides(closed, deadline, now, new_deadline) then
-    slide(key, sid, now, new_deadline, backstop_ms, deadline)
+    return slide(key, sid, now, new_deadline, backstop_ms, deadline)
   end
+  return nil
 end
 
 -- Remove one value past its ttl; return {sid, 'ttl', at, name, value}, or nil when the

@@ -61,8 +61,8 @@ own, and the AOF grows with the same stream. So an event's lease (taken by a loa
 renewed, or given back without a commit when the replicas never saw it) is written
 with ``lease_write`` (``redis.set_repl(redis.REPL_NONE)``): on the master only. A kept
 lease, and the end of any lease a commit gives back (its fields emptied, not deleted),
-are in the commit's ``HSET``; giving a kept lease back without a commit is replicated
-too. So a promoted replica knows every kept lease (its keeper stays the only one
+are in the commit's ``HSET``; ending a kept lease otherwise (a load that turns it into
+an event's, or giving it back without a commit) is replicated too. So a promoted replica knows every kept lease (its keeper stays the only one
 using the session), and no event's lease: an event that held one through a failover
 has its commit refused (``LeaseLost``), nothing written twice. Notices (``PUBLISH``)
 go to the master's subscribers only. Left as they are: a replica that copied its
@@ -252,10 +252,13 @@ if ARGV[5] ~= '' then
   -- session over while the event holds it; its place in the capacity order moves with
   -- its deadline only (touch below), by a second or more (a tenth of the idle ttl, if
   -- that is shorter).
-  lease_write('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
   -- An event's lease now, not a kept one (its engine loads with the kept token when
-  -- the kept lease is too short to use): an open at capacity passes it over.
-  if fields._lk and fields._lk ~= '' then lease_write('HDEL', KEY, '_lk') end
+  -- the kept lease is too short to use, another once it lapsed): an open at capacity
+  -- passes it over. The replicas knew the kept lease: they learn of its end.
+  if fields._lk and fields._lk ~= '' then
+    redis.call('HSET', KEY, '_l', '', '_lu', '0', '_lk', '')
+  end
+  lease_write('HSET', KEY, '_l', ARGV[5], '_lu', ARGV[6])
 end
 local claimed = {}
 if due then
@@ -307,7 +310,8 @@ end
 if meta[4] and not expired[1] then
   values = {name, meta[4]}
 end
-touch(KEY, SID, meta[2], deadline, ARGV[3], ARGV[4], ARGV[6])
+local refused = touch(KEY, SID, meta[2], deadline, ARGV[3], ARGV[4], ARGV[6])
+if refused then return refused end
 local reply = {'ok', meta[1], meta[2] or '0', values, expired}
 if expired[1] then return remember_claims(reply) end
 return reply
