@@ -187,7 +187,10 @@ def replicated(
     masters: list[int], contenders: dict[str, Callable[[int], object]], *, ops: int
 ) -> list[Measure]:
     """What a raw GET + SET and a statekit one-state event send the replicas (and the
-    AOF), in bytes per operation: the growth of the masters' replication offsets."""
+    AOF), in bytes per operation: the growth of the masters' replication offsets, over
+    ``ops`` operations run right after as many others on the same sessions (so that no
+    session's deadline slides: a slide, at most once a second per session, sends its
+    own write)."""
 
     def offsets() -> int:
         import redis
@@ -200,6 +203,7 @@ def replicated(
 
     out = []
     for name in (RAW_GET_SET, EVENT):
+        contenders[name](ops)
         before = offsets()
         contenders[name](ops)
         per_op = (offsets() - before) / ops
