@@ -62,9 +62,10 @@ renewed, or given back without a commit when the replicas never saw it) is writt
 with ``lease_write`` (``redis.set_repl(redis.REPL_NONE)``): on the master only. A kept
 lease, and the end of any lease a commit gives back (its fields emptied, not deleted),
 are in the commit's ``HSET``; ending a kept lease otherwise (a load that turns it into
-an event's, or giving it back without a commit) is replicated too. So a promoted replica knows every kept lease (its keeper stays the only one
-using the session), and no event's lease: an event that held one through a failover
-has its commit refused (``LeaseLost``), nothing written twice. Notices (``PUBLISH``)
+an event's, or giving it back without a commit) is replicated too. So a promoted
+replica knows every kept lease (its keeper stays the only one using the session), and
+no event's lease: an event that held one through a failover has its commit refused
+(``LeaseLost``), nothing written twice. Notices (``PUBLISH``)
 go to the master's subscribers only. Left as they are: a replica that copied its
 master whole (a full resync), or an AOF rewritten while an event held its lease, holds
 that lease until it ends (``lease_ttl`` at most) if it is promoted or restarted before
