@@ -20,7 +20,7 @@ import redis
 
 from statekit import LeaseLost, SessionBusy, SessionState, StateEngine
 from statekit.stores.redis import RedisStore
-from statekit.testing import RedisSentinel, RedisServer
+from statekit.testing import FakeClock, RedisSentinel, RedisServer
 
 from ._proxy import ReplyDropper
 
@@ -203,6 +203,55 @@ def test_a_kept_lease_still_holds_after_a_failover(tmp_path: Any) -> None:
             proxy.close()
         master.stop()
         replica.stop()
+
+
+def test_a_switch_over_behind_one_address_is_followed() -> None:
+    """A store on one address that leads to whichever server is master (a virtual IP,
+    a proxy, a DNS name): after a switch-over its pooled connections still reach the
+    demoted master, which refuses writes (READONLY). The store's client reconnects and
+    sends again, so the events go on, on the new master. Fails if READONLY is raised
+    to the app on every call made on an old connection."""
+    old, new = RedisServer().start(), RedisServer().start()
+    proxy = None
+    try:
+        to_old, to_new = redis.Redis(port=old.port), redis.Redis(port=new.port)
+        to_new.replicaof("127.0.0.1", old.port)
+        deadline = time.monotonic() + 10
+        while to_new.info("replication")["master_link_status"] != "up":
+            assert time.monotonic() < deadline, "the replica did not sync"
+            time.sleep(0.05)
+        proxy = ReplyDropper(("127.0.0.1", old.port))
+        clock = FakeClock()
+        store = RedisStore(proxy.url, prefix="p")
+        engine = StateEngine(store, app="a", clock=clock, idle_ttl=60)
+        count = engine.session_state("count", 0)
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[count] = 1
+        assert to_old.wait(1, 5000) == 1
+        # The switch-over: roles swapped, the address now leads to the new master.
+        to_new.replicaof("NO", "ONE")
+        to_old.replicaof("127.0.0.1", new.port)
+        proxy.target = ("127.0.0.1", new.port)
+        while to_old.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline + 10, "the old master did not follow"
+            time.sleep(0.05)
+        for step in range(6):
+            clock.advance(20 if step % 2 == 0 else 0)  # loads that slide, and not
+            with engine.event(sid) as ev:
+                ev[count] += 1
+        assert count.get(sid) == 7
+        key = f"p:{{a}}:s:{sid}"
+        assert to_new.hget(key, "v:count") is not None
+        engine.shutdown()
+        store.close()
+        to_old.close()
+        to_new.close()
+    finally:
+        if proxy is not None:
+            proxy.close()
+        old.stop()
+        new.stop()
 
 
 def resend_commits(monkeypatch: pytest.MonkeyPatch, master: redis.Redis) -> list[Any]:

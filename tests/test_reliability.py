@@ -635,10 +635,11 @@ def test_a_slide_refused_by_a_damaged_capacity_order_writes_nothing(
 def test_a_slide_the_server_refuses_for_memory_says_so_not_damage() -> None:
     """A load whose slide the server refuses for its own reasons (out of memory under
     ``noeviction``; the same path takes a demoted master's READONLY) raises what the
-    server said, with nothing written, and works again once the server does. Fails if
-    every refusal reads as a damaged index (DamagedKey, telling an operator to delete
-    the deadline index, and hiding a READONLY from the client, which would then never
-    follow a failover)."""
+    server said, with nothing written, and works again once the server does; a read
+    outside an event is still answered. Fails if every refusal reads as a damaged index
+    (DamagedKey, telling an operator to delete the deadline index, and hiding a
+    READONLY from a Sentinel client, which follows a failover on it), or if the read
+    fails too."""
     server = RedisServer().start()
     try:
         client = redis.Redis(port=server.port)
@@ -656,6 +657,9 @@ def test_a_slide_the_server_refuses_for_memory_says_so_not_damage() -> None:
         client.config_set("maxmemory-policy", "noeviction")
         client.config_set("maxmemory", client.info("memory")["used_memory"] - 100_000)
         try:
+            # A read outside an event is answered all the same (Redis serves reads),
+            # without its slide; the event, which must write, is refused.
+            assert count.get(sid) == 1
             refused = pytest.raises(StoreUnavailable, match="OutOfMemoryError")
             with refused as raised, engine.event(sid):
                 pass

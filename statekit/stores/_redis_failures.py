@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import ReadOnlyError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -124,11 +124,16 @@ def read_failure(store: str, exc: BaseException, damaged: Callable[[], Exception
 
 
 def default_retry() -> Retry:
-    """Three quick retries after a lost connection: harmless, every write being
-    idempotent, and they carry a request over a server restart or a failover. Not after
-    a timeout: a server too slow to answer is not asked again."""
+    """Three quick retries after a lost connection, or a refusal by a master demoted to a
+    replica (``READONLY``, on a connection made before a switch-over, to an address
+    that now leads to the new master: the retry reconnects): harmless, every write
+    being idempotent (and ``READONLY`` refusing before anything is written), and they
+    carry a request over a server restart or a failover. Not after a timeout: a server
+    too slow to answer is not asked again."""
     return Retry(
-        EqualJitterBackoff(cap=0.5, base=0.01), 3, supported_errors=(RedisConnectionError,)
+        EqualJitterBackoff(cap=0.5, base=0.01),
+        3,
+        supported_errors=(RedisConnectionError, ReadOnlyError),
     )
 
 

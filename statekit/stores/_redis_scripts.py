@@ -311,8 +311,13 @@ end
 if meta[4] and not expired[1] then
   values = {name, meta[4]}
 end
+-- A read is answered even when the server refuses its slide for reasons of its own
+-- (out of memory, too few replicas: nothing was written then), as Redis serves reads;
+-- but a master demoted to a replica says so, for the client to follow the failover.
 local refused = touch(KEY, SID, meta[2], deadline, ARGV[3], ARGV[4], ARGV[6])
-if refused then return refused end
+if refused and refused.err and string.sub(refused.err, 1, 8) == 'READONLY' then
+  return refused
+end
 local reply = {'ok', meta[1], meta[2] or '0', values, expired}
 if expired[1] then return remember_claims(reply) end
 return reply
