@@ -625,6 +625,12 @@ def test_a_slide_refused_by_a_damaged_capacity_order_writes_nothing(
         ev[count] = 1
     assert client.hgetall(P + "s:" + sid) == before
     assert client.zscore(P + "dl", member) == indexed
+    client.zrem(P + "dl", member)  # not indexed (a bug, a hand's edit): left so
+    again = pytest.raises(StoreUnavailable, match=f"the key '{P}lru' holds another type")
+    with again, engine.event(sid) as ev:
+        ev[count] = 1
+    assert client.zscore(P + "dl", member) is None
+    client.zadd(P + "dl", {member: indexed})
     client.delete(P + "lru")  # the operator repairs it
     with engine.event(sid) as ev:
         ev[count] = 1

@@ -155,11 +155,16 @@ end
 -- of it, so that most slides write three times, not four.
 local function slide(key, sid, now, new_deadline, backstop_ms, old_deadline)
   local member = 's\0' .. sid
-  local refused = refusal(redis.pcall('ZADD', DL, new_deadline, member), DL)
+  local added = redis.pcall('ZADD', DL, new_deadline, member)
+  local refused = refusal(added, DL)
   if refused then return refused end
   refused = refusal(redis.pcall('ZADD', LRU, now, sid), LRU)
   if refused then
-    redis.call('ZADD', DL, old_deadline, member)
+    if added == 1 then  -- it was not indexed: as it was
+      redis.call('ZREM', DL, member)
+    else
+      redis.call('ZADD', DL, old_deadline, member)
+    end
     return refused
   end
   redis.call('HSET', key, '_d', new_deadline)
