@@ -354,10 +354,14 @@ if not meta[1] then return missing(GONE) end
 -- Sent again, and applied already (its request key was lost with a master that
 -- failed over, or with a restart): its first outcome.
 if RID then
+  local mine = RID .. ':'
   for i = 5, 8 do
-    local made, flag = string.match(meta[i] or '', '^' .. RID .. ':(%d+)(:?g?)$')
-    if made and flag == ':g' then return {'ok', made, 'given back'} end
-    if made then return {'ok', made} end
+    local entry = meta[i]
+    if entry and string.sub(entry, 1, #mine) == mine then
+      local made, flag = string.match(entry, '^%x+:(%d+)(:?g?)$')
+      if made and flag == ':g' then return {'ok', made, 'given back'} end
+      if made then return {'ok', made} end
+    end
   end
 end
 if not is_version(meta[1]) then return {'corrupt', '_v'} end
