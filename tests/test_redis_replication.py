@@ -10,6 +10,8 @@ failover test runs on a master and replica of its own.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,8 +19,9 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
-from statekit import LeaseLost, SessionBusy, SessionState, StateEngine
+from statekit import LeaseLost, SessionBusy, SessionState, StateEngine, StoreUnavailable
 from statekit.stores.redis import RedisStore
 from statekit.testing import FakeClock, RedisSentinel, RedisServer
 
@@ -205,12 +208,16 @@ def test_a_kept_lease_still_holds_after_a_failover(tmp_path: Any) -> None:
         replica.stop()
 
 
-def test_a_switch_over_behind_one_address_is_followed() -> None:
+@pytest.mark.parametrize("path", ["blocking", "awaited", "wait_replicas"])
+def test_a_switch_over_behind_one_address_is_followed(path: str) -> None:
     """A store on one address that leads to whichever server is master (a virtual IP,
     a proxy, a DNS name): after a switch-over its pooled connections still reach the
-    demoted master, which refuses writes (READONLY). The store's client reconnects and
-    sends again, so the events go on, on the new master. Fails if READONLY is raised
-    to the app on every call made on an old connection."""
+    demoted master, which refuses writes (READONLY, before writing anything). The
+    store drops such a connection and the next call connects again: the blocking
+    client made from the URL at once (it sends again), an asyncio client of the app's
+    own and a write with ``wait_replicas`` after one refusal, which says nothing was
+    written. Fails if READONLY is raised on every call made on an old connection, or
+    said to have perhaps been applied."""
     old, new = RedisServer().start(), RedisServer().start()
     proxy = None
     try:
@@ -222,12 +229,30 @@ def test_a_switch_over_behind_one_address_is_followed() -> None:
             time.sleep(0.05)
         proxy = ReplyDropper(("127.0.0.1", old.port))
         clock = FakeClock()
-        store = RedisStore(proxy.url, prefix="p")
+        store = RedisStore(
+            proxy.url,
+            prefix="p",
+            async_client=aioredis.Redis.from_url(proxy.url) if path == "awaited" else None,
+            wait_replicas=1 if path == "wait_replicas" else 0,
+        )
         engine = StateEngine(store, app="a", clock=clock, idle_ttl=60)
         count = engine.session_state("count", 0)
+
+        async def add() -> None:
+            async with engine.aevent(sid) as ev:
+                ev[count] += 1
+
+        loop = asyncio.new_event_loop()  # the asyncio client's connections are this loop's
+
+        def event() -> None:
+            if path == "awaited":
+                loop.run_until_complete(add())
+            else:
+                with engine.event(sid) as ev:
+                    ev[count] += 1
+
         sid = engine.open_session()
-        with engine.event(sid) as ev:
-            ev[count] = 1
+        event()
         assert to_old.wait(1, 5000) == 1
         # The switch-over: roles swapped, the address now leads to the new master.
         to_new.replicaof("NO", "ONE")
@@ -236,14 +261,25 @@ def test_a_switch_over_behind_one_address_is_followed() -> None:
         while to_old.info("replication").get("master_link_status") != "up":
             assert time.monotonic() < deadline + 10, "the old master did not follow"
             time.sleep(0.05)
+        refusals: list[StoreUnavailable] = []
+        done = 1
         for step in range(6):
             clock.advance(20 if step % 2 == 0 else 0)  # loads that slide, and not
-            with engine.event(sid) as ev:
-                ev[count] += 1
-        assert count.get(sid) == 7
-        key = f"p:{{a}}:s:{sid}"
-        assert to_new.hget(key, "v:count") is not None
+            try:
+                event()
+                done += 1
+            except StoreUnavailable as exc:
+                refusals.append(exc)
+        assert len(refusals) <= (0 if path == "blocking" else 1)
+        # (with wait_replicas, the WAIT's own refusal: "cannot be used with replica")
+        assert all("ReadOnlyError" in str(exc) or "replica" in str(exc) for exc in refusals)
+        assert not any(exc.outcome_unknown for exc in refusals)
+        assert count.get(sid) == done
+        assert to_new.hget(f"p:{{a}}:s:{sid}", "v:count") == str(done).encode()
         engine.shutdown()
+        if path == "awaited":
+            loop.run_until_complete(store.async_client.aclose())
+        loop.close()
         store.close()
         to_old.close()
         to_new.close()
@@ -252,6 +288,60 @@ def test_a_switch_over_behind_one_address_is_followed() -> None:
             proxy.close()
         old.stop()
         new.stop()
+
+
+def test_a_url_leading_to_a_replica_is_refused_with_nothing_written(
+    nodes: tuple[redis.Redis, redis.Redis],
+) -> None:
+    """A store pointed at a replica by mistake: its writes are refused (READONLY), and
+    the error says nothing was written, at once (the retries find the same replica).
+    Fails if the retried refusal reads as a lost reply (outcome unknown)."""
+    _, replica = nodes
+    kwargs = replica.connection_pool.connection_kwargs
+    store = RedisStore(f"redis://{kwargs['host']}:{kwargs['port']}", prefix="wrong")
+    engine = StateEngine(store, app="shop")
+    try:
+        with pytest.raises(StoreUnavailable, match="ReadOnlyError") as raised:
+            engine.open_session()
+        assert not raised.value.outcome_unknown
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+def test_notices_reach_a_listener_on_a_demoted_master(
+    nodes: tuple[redis.Redis, redis.Redis],
+) -> None:
+    """A listener still subscribed to a master demoted behind the address it knows
+    (nothing tells it to move) must go on hearing notices: they are replicated, so its
+    server, now a replica, passes them on. Checked on a replica directly: a commit's
+    and a global's notices reach its subscribers. Fails if notices are master-only."""
+    master, replica = nodes
+    prefix = f"rep{uuid.uuid4().hex[:6]}"
+    store = store_on(master, prefix)
+    engine = StateEngine(store, app="shop")
+    count = engine.session_state("count", 0)
+    hits = engine.global_state("hits", 0)
+    listener = replica.pubsub()  # type: ignore[no-untyped-call]
+    try:
+        listener.psubscribe(f"{prefix}*")
+        assert listener.get_message(timeout=5)["type"] == "psubscribe"
+        sid = engine.open_session()
+        with engine.event(sid) as ev:
+            ev[count] += 1
+        hits.increment()
+        heard: list[str] = []
+        deadline = time.monotonic() + 5
+        while len(heard) < 2 and time.monotonic() < deadline:
+            message = listener.get_message(timeout=0.5)
+            if message is not None and message["type"] == "pmessage":
+                heard.append(json.loads(message["data"])["k"])
+        assert "changed" in heard
+        assert "global" in heard
+    finally:
+        listener.close()
+        engine.shutdown()
+        store.close()
 
 
 def resend_commits(monkeypatch: pytest.MonkeyPatch, master: redis.Redis) -> list[Any]:

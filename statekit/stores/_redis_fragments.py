@@ -34,14 +34,11 @@ local INDEXES = {DL}
 local REQUEST_MS, CLAIM_MS, TOMBSTONE, ORIGIN, PUBLISH, CHANNEL =
   string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%S+) (%S+) (.+)$')
 
--- Notices go to the master's subscribers (statekit's listeners subscribe there, and
--- resync after a failover), not through replication and the AOF, where a script's
--- PUBLISH would otherwise go on one server. (A cluster's SPUBLISH reaches the shard's
--- replicas by the cluster bus, whatever this says.)
+-- Notices go through replication too (on one server; a cluster's SPUBLISH reaches the
+-- shard's replicas by the cluster bus): a listener still subscribed to a master demoted
+-- behind the address it knows (a virtual IP, a proxy) hears them all the same.
 local function publish(channel, message)
-  redis.set_repl(redis.REPL_NONE)
   redis.call(PUBLISH, channel, message)
-  redis.set_repl(redis.REPL_ALL)
 end
 
 local function notice(kind, sid, reason, names)

@@ -22,11 +22,8 @@ local REQUEST_MS, ORIGIN, NAME, CHANNEL = string.match(ARGV[1], '^(%d+) (%S+) (%
     + r"""
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'hash' and kind ~= 'none' then return {'wrongtype'} end
--- To the master's subscribers only (see publish in the session scripts' APP).
 local function changed()
-  redis.set_repl(redis.REPL_NONE)
   redis.call('PUBLISH', CHANNEL, cjson.encode({k = 'global', s = '', n = {NAME}, o = ORIGIN}))
-  redis.set_repl(redis.REPL_ALL)
 end
 """
 )

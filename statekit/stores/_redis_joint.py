@@ -87,11 +87,9 @@ for _, part in ipairs(parts) do
   if part.lease ~= '' and part.release == '1' then
     redis.call('HDEL', part.key, '_l', '_lu', '_lk')
   end
-  if #names > 0 then  -- to the master's subscribers only (see publish in APP)
-    redis.set_repl(redis.REPL_NONE)
+  if #names > 0 then
     redis.call(PUBLISH, part.channel, cjson.encode({k = 'changed', s = part.sid, o = ORIGIN,
       n = names}))
-    redis.set_repl(redis.REPL_ALL)
   end
   reply[#reply + 1] = version
 end

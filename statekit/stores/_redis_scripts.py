@@ -65,12 +65,14 @@ are in the commit's ``HSET``; ending a kept lease otherwise (a load that turns i
 an event's, or giving it back without a commit) is replicated too. So a promoted
 replica knows every kept lease (its keeper stays the only one using the session), and
 no event's lease: an event that held one through a failover has its commit refused
-(``LeaseLost``), nothing written twice. Notices (``PUBLISH``)
-go to the master's subscribers only. Left as they are: a replica that copied its
-master whole (a full resync), or an AOF rewritten while an event held its lease, holds
-that lease until it ends (``lease_ttl`` at most) if it is promoted or restarted before
-the session's next commit; and a master demoted to a replica keeps the request keys
-of its last commits (they expire once it is a master again, or at a full resync).
+(``LeaseLost``), nothing written twice. Notices stay replicated (on one server a
+commit's write is then a ``MULTI`` of its ``HSET`` and ``PUBLISH``): a listener still
+subscribed to a master demoted behind the address it knows hears them. Left as they
+are: a replica that copied its master whole (a full resync), or an AOF rewritten while
+an event held its lease, holds that lease until it ends (``lease_ttl`` at most) if it
+is promoted or restarted before the session's next commit; and a master demoted to a
+replica keeps the request keys of its last commits (they expire once it is a master
+again, or at a full resync).
 
 **Damaged data.** Fields the scripts read as numbers, and the types of the keys they
 use, are checked before anything is written: a session with a damaged field is

@@ -138,11 +138,9 @@ local version = string.format('%d', tonumber(h[3]) + 1)
 local writes = cmsgpack.unpack(h[2])
 local names = put_values(KEYS[1], KEYS[2], ARGV[2], writes, 1, #writes, {'_v', version})
 redis.call('HDEL', KEYS[1], '_tx', '_txm', '_txw')
-if #names > 0 then  -- to the master's subscribers only (see publish in APP)
-  redis.set_repl(redis.REPL_NONE)
+if #names > 0 then
   redis.call(ARGV[5], ARGV[6], cjson.encode({k = 'changed', s = ARGV[2], o = ARGV[4],
     n = names}))
-  redis.set_repl(redis.REPL_ALL)
 end
 return {'ok', version}
 """

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._finish import absorb, check_unsent, finish, sent, unsent_mark
@@ -138,9 +138,10 @@ async def _exchanges(conn: Any, packed: list[bytes], script: Any, failed: Except
     # A first send that failed without an error reply may have been applied.
     lost = failed is not None and not isinstance(failed, ResponseError)
 
-    async def drop(_: Exception) -> None:
+    async def drop(error: Exception) -> None:
         nonlocal lost
-        lost = True
+        # (an error reply retried, a demoted master's READONLY: refused, unsent)
+        lost = lost or not isinstance(error, ResponseError)
         await conn.disconnect()
 
     try:
@@ -220,6 +221,22 @@ async def _before_send(
         raise
 
 
+def forget_demoted(pool: Any, conns: list[Any] | None = None) -> None:
+    """After a ``READONLY`` (a master demoted to a replica): the connections the store
+    keeps for ``pool`` (``conns``) and the pool's idle ones lead there too. They are
+    closed, so that the next calls connect again (to the new master, behind an address
+    that follows it) rather than be refused by the demoted one, or read from it."""
+    while conns:
+        try:
+            conn = conns.pop()
+        except IndexError:  # (another thread took the last one)
+            break
+        conn.disconnect()
+        pool.release(conn)
+    with contextlib.suppress(Exception):
+        pool.disconnect(inuse_connections=False)
+
+
 async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
     """``RedisStore._direct`` on an asyncio client of one server (not a single-connection
     client): the command is sent on a connection of the client's pool, given back
@@ -260,6 +277,11 @@ async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
         else:
             sent()
         return await finish(_exchanges(conn, packed, script, failed))
+    except ReadOnlyError:  # a demoted master: the next calls connect again (see _direct)
+        await conn.disconnect(nowait=True)
+        with contextlib.suppress(Exception):
+            await pool.disconnect(inuse_connections=False)
+        raise
     except ResponseError:
         raise  # an error reply, read whole: the connection is fine
     except BaseException:
@@ -304,6 +326,9 @@ async def anode(client: Any, command: tuple[Any, ...], script: Any, key: Any) ->
     sent()
     try:
         return await _exchange(conn, packed)
+    except ReadOnlyError:  # a demoted master: the next call connects again (see _direct)
+        await conn.disconnect(nowait=True)
+        raise
     except ResponseError:
         raise  # an error reply, read whole: the connection is fine
     except BaseException:

@@ -42,7 +42,13 @@ try:
     import redis.asyncio as aioredis
     import redis.asyncio.cluster as aiocluster
     import redis.asyncio.sentinel
-    from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+    from redis.exceptions import (
+        NoScriptError,
+        ReadOnlyError,
+        RedisClusterException,
+        RedisError,
+        ResponseError,
+    )
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("RedisStore needs the redis package: pip install 'statekit[redis]'") from exc
 
@@ -64,7 +70,7 @@ from ._redis_failures import (
 from ._redis_layout import MAX_BUCKETS
 from ._redis_namespace import RedisNamespace
 from ._redis_scripts import TEXTS
-from ._redis_wire import adirect, anode, pack
+from ._redis_wire import adirect, anode, forget_demoted, pack
 
 __all__ = ["RedisStore"]
 
@@ -359,10 +365,13 @@ class RedisStore:
 
             lost = False  # a send that may have been applied, its reply lost
 
-            def drop(_: Exception) -> None:
+            def drop(error: Exception) -> None:
                 nonlocal lost
-                lost = True
+                # (an error reply retried, a demoted master's READONLY: refused, unsent)
+                lost = lost or not isinstance(error, ResponseError)
                 conn.disconnect()
+                if isinstance(error, ReadOnlyError):
+                    forget_demoted(pool, conns)
 
             try:
                 reply = conn.retry.call_with_retry(exchange, drop)
@@ -375,7 +384,9 @@ class RedisStore:
         except RedisError as exc:
             if isinstance(exc, ResponseError) and lost:
                 after_lost(exc)
-            if not isinstance(exc, ResponseError):
+            if not isinstance(exc, ResponseError) or isinstance(exc, ReadOnlyError):
+                if isinstance(exc, ReadOnlyError):  # whatever the client's retry policy
+                    forget_demoted(pool, conns)
                 conn.disconnect()
                 pool.release(conn)
             else:
@@ -444,6 +455,11 @@ class RedisStore:
                 if not isinstance(reply, NoScriptError):
                     break
                 client.script_load(script.text)
+            # A demoted master (its WAIT refused; the script too, or it found no lease
+            # there): nothing written, and the next call connects again.
+            if isinstance(reply, ReadOnlyError) or "replica" in str(acked):
+                pool = client.connection_pool
+                forget_demoted(pool, (self._stacks or {}).get(pool))
             if isinstance(reply, Exception):
                 raise reply
             if isinstance(acked, Exception):
