@@ -22,6 +22,7 @@ import redis
 import redis.asyncio as aioredis
 
 from statekit import LeaseLost, SessionBusy, SessionState, StateEngine, StoreUnavailable
+from statekit.stores._redis_wire import forget_demoted
 from statekit.stores.redis import RedisStore
 from statekit.testing import FakeClock, RedisSentinel, RedisServer
 
@@ -342,6 +343,35 @@ def test_notices_reach_a_listener_on_a_demoted_master(
         listener.close()
         engine.shutdown()
         store.close()
+
+
+def test_a_store_closed_during_a_call_gives_each_connection_back_once(
+    redis_server: RedisServer,
+) -> None:
+    """``close()`` gives the connections the store kept back to the caller's pool; a
+    call still in flight that then meets a demoted master forgets those it knows of.
+    Each must reach the pool once: twice, a blocking pool hands one socket to two of
+    the caller's threads. Fails if close() leaves them where the call still sees them."""
+    pool: Any = redis.BlockingConnectionPool.from_url(redis_server.url, max_connections=10)
+    client = redis.Redis(connection_pool=pool)
+    store = RedisStore(client=client, prefix=f"close{uuid.uuid4().hex[:6]}")
+    engine = StateEngine(store, app="shop")
+    sid = engine.open_session()
+    with engine.event(sid):
+        pass
+    stacks = store._stacks
+    assert stacks is not None
+    kept = stacks[pool]  # what a call in flight holds
+    assert kept
+    engine.shutdown()
+    store.close()
+    held = pool.get_connection()  # one of the caller's threads takes one
+    forget_demoted(pool, kept)  # that call, meeting a READONLY after the close
+    other = pool.get_connection()  # another of the caller's threads
+    assert other is not held  # not one socket for two threads
+    pool.release(other)
+    pool.release(held)
+    client.close()
 
 
 def resend_commits(monkeypatch: pytest.MonkeyPatch, master: redis.Redis) -> list[Any]:

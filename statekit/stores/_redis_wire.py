@@ -10,6 +10,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -225,7 +226,9 @@ def forget_demoted(pool: Any, conns: list[Any] | None = None) -> None:
     """After a ``READONLY`` (a master demoted to a replica): the connections the store
     keeps for ``pool`` (``conns``) and the pool's idle ones lead there too. They are
     closed, so that the next calls connect again (to the new master, behind an address
-    that follows it) rather than be refused by the demoted one, or read from it."""
+    that follows it) rather than be refused by the demoted one, or read from it. (Not
+    a blocking pool's idle ones: it closes them after letting go of its lock, when
+    another thread may have taken one. Each of those refuses once, then goes.)"""
     while conns:
         try:
             conn = conns.pop()
@@ -233,8 +236,9 @@ def forget_demoted(pool: Any, conns: list[Any] | None = None) -> None:
             break
         conn.disconnect()
         pool.release(conn)
-    with contextlib.suppress(Exception):
-        pool.disconnect(inuse_connections=False)
+    if not isinstance(pool, redis.BlockingConnectionPool):
+        with contextlib.suppress(Exception):
+            pool.disconnect(inuse_connections=False)  # (under its lock)
 
 
 async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
@@ -277,10 +281,10 @@ async def adirect(client: Any, command: tuple[Any, ...], script: Any) -> Any:
         else:
             sent()
         return await finish(_exchanges(conn, packed, script, failed))
-    except ReadOnlyError:  # a demoted master: the next calls connect again (see _direct)
+    except ReadOnlyError:  # a demoted master: the next call connects again (see _direct)
+        # (This connection only: the asyncio pool closes its idle ones in tasks of their
+        # own, after other tasks may have taken them. Each refuses once, then goes.)
         await conn.disconnect(nowait=True)
-        with contextlib.suppress(Exception):
-            await pool.disconnect(inuse_connections=False)
         raise
     except ResponseError:
         raise  # an error reply, read whole: the connection is fine

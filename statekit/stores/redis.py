@@ -636,9 +636,9 @@ class RedisStore:
             handle.shutdown()
         stacks, self._stacks = self._stacks, ({} if self._stacks is not None else None)
         for pool, conns in (stacks or {}).items():
-            for conn in conns:
+            while conns:  # (emptied: a call in flight must not give them back again)
                 with contextlib.suppress(Exception):
-                    pool.release(conn)
+                    pool.release(conns.pop())
         self.client.close()
         pool = getattr(self.client, "connection_pool", None)  # a cluster client has none
         manager = getattr(pool, "sentinel_manager", None)
