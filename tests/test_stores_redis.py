@@ -849,3 +849,24 @@ def test_a_codec_that_answers_a_strided_view_stores_the_views_bytes(
     other.shutdown()
     store.close()
     reader.close()
+
+
+def test_an_error_names_the_server_of_the_callers_own_client() -> None:
+    """A store given a client of the caller's names that client's server in its errors
+    (never a password). Fails if they name the default URL's server (127.0.0.1:6379),
+    sending an operator to the wrong one."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = redis.Redis(host="127.0.0.1", port=port, db=3, password="secret")
+    store = RedisStore(client=client, prefix="where")
+    assert repr(store) == f"RedisStore('redis://127.0.0.1:{port}/3')"
+    engine = StateEngine(store, app="shop")
+    try:
+        with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{port}/3") as raised:
+            engine.open_session()
+        assert "secret" not in str(raised.value)
+    finally:
+        engine.shutdown()
+        store.close()
+        client.close()

@@ -23,7 +23,7 @@ from redis.sentinel import Sentinel
 
 from ._redis_failures import default_retry
 
-__all__ = ["FORMS", "is_cluster", "make_client"]
+__all__ = ["FORMS", "address_of", "is_cluster", "make_client"]
 
 FORMS = (
     "redis://host:port/db, rediss://..., redis+cluster://host:port,host:port, "
@@ -46,6 +46,19 @@ def _hosts(netloc: str, url: str) -> list[tuple[str, int]]:
             )
         hosts.append((host.strip("[]"), int(port)))
     return hosts
+
+
+def address_of(client: Any) -> str:
+    """Where a caller's client leads, for messages (never its password): its server's
+    address and database, a socket's path, or the kind of client (a cluster's or a
+    Sentinel's, whose master changes)."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if isinstance(kwargs, dict) and "service_name" not in kwargs:
+        if "path" in kwargs:
+            return f"unix://{kwargs['path']}"
+        if "host" in kwargs:
+            return f"redis://{kwargs['host']}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+    return f"<{type(client).__module__}.{type(client).__name__}>"
 
 
 def make_client(url: str, *, socket_timeout: float, shown: str) -> Any:

@@ -58,7 +58,7 @@ from statekit.exceptions import StoreUnavailable
 
 from ._finish import finish, sent
 from ._redis_calls import Read
-from ._redis_clients import is_cluster, make_client
+from ._redis_clients import address_of, is_cluster, make_client
 from ._redis_failures import (
     UNAVAILABLE,
     Attempts,
@@ -240,7 +240,8 @@ class RedisStore:
         self.codec: Codec = JSONCodec() if codec is None else codec
         self.prefix = prefix
         self.url = url
-        self._label = f"RedisStore({safe_url(url)!r})" if url else "RedisStore(<client>)"
+        shown = safe_url(url or "") if client is None else address_of(client)
+        self._label = f"RedisStore({shown!r})"
         if not _PREFIX.fullmatch(prefix):
             raise ValueError(
                 f"Redis key prefix {prefix!r} is not valid: use 1 to 64 characters among "
@@ -252,7 +253,7 @@ class RedisStore:
         self.client: Any = (
             client
             if client is not None
-            else make_client(url or "", socket_timeout=socket_timeout, shown=safe_url(url or ""))
+            else make_client(url or "", socket_timeout=socket_timeout, shown=shown)
         )
         #: Whether the store talks to a Redis Cluster (notices are then sharded).
         self.cluster = is_cluster(self.client)
