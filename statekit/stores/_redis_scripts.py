@@ -55,14 +55,14 @@ request key still gets its first outcome, unless four other commits of that sess
 came in between.
 
 **What replicas get.** A commit sends them one ``HSET`` (values, version, its outcome,
-and the lease's new state), where it sent a ``MULTI`` of four commands; a load sends
+and a kept lease's new state), where it sent a ``MULTI`` of four commands; a load sends
 them nothing. Each replicated command costs the master and each replica work of their
 own, and the AOF grows with the same stream. So an event's lease (taken by a load,
-renewed, or given back without a commit when the replicas never saw it) is written
-with ``lease_write`` (``redis.set_repl(redis.REPL_NONE)``): on the master only. A kept
-lease, and the end of any lease a commit gives back (its fields emptied, not deleted),
-are in the commit's ``HSET``; ending a kept lease otherwise (a load that turns it into
-an event's, or giving it back without a commit) is replicated too. So a promoted
+renewed, given back) is written with ``lease_write`` (``redis.set_repl(
+redis.REPL_NONE)``): on the master only. A kept lease, and the end of a kept lease a
+commit gives back (its fields emptied, not deleted), are in the commit's ``HSET``;
+ending a kept lease otherwise (a load that turns it into an event's, or giving it back
+without a commit) is replicated too. So a promoted
 replica knows every kept lease (its keeper stays the only one using the session), and
 no event's lease: an event that held one through a failover has its commit refused
 (``LeaseLost``), nothing written twice. Notices stay replicated (on one server a
@@ -341,11 +341,12 @@ COMMIT = (
     + _INDEX_CHECK
     + _SESSION
     + _PUT_VALUES
+    + _LEASE_WRITE
     + r"""
-local RID = string.match(REQ, 'q:(%x+)$')
+local RID = string.sub(REQ, -16)  -- the request's id (see request() in the namespace)
 -- The session's version, lease, deadline, closed mark and last four commits, then
 -- (for up to 200 values) the deadline of each value written, if it has one.
-local asked = {'_v', '_l', '_d', '_c', '_q0', '_q1', '_q2', '_q3'}
+local asked = {'_v', '_l', '_d', '_c', '_q0', '_q1', '_q2', '_q3', '_lk'}
 local read_ttls = #ARGV - 5 <= 600
 if read_ttls then
   for j = 6, #ARGV, 3 do asked[#asked + 1] = 't:' .. ARGV[j] end
@@ -390,7 +391,7 @@ local had = nil
 local indexes = slide or not read_ttls
 if read_ttls then
   had = {}
-  local k = 9
+  local k = 10
   for j = 6, #ARGV, 3 do
     if meta[k] then
       had[ARGV[j]] = true
@@ -420,9 +421,10 @@ if keep_until and not given_back then
   for _, v in ipairs({'_l', ARGV[4], '_lu', keep_until, '_lk', ARGV[4]}) do
     sets[#sets + 1] = v
   end
-elseif ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) then
-  -- Given back: emptied rather than deleted, so that the end of a kept lease reaches
-  -- the replicas in this same write.
+elseif ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) and is_kept(meta[2], meta[9]) then
+  -- A kept lease given back: emptied rather than deleted, so that its end reaches the
+  -- replicas (which know it) in this same write. (An event's lease, which they never
+  -- saw, is given back on the master only, below.)
   for _, v in ipairs({'_l', '', '_lu', '0', '_lk', ''}) do sets[#sets + 1] = v end
 end
 if slide then
@@ -433,6 +435,9 @@ if slide then
   redis.call('ZADD', KEYS[3], keep_now, SID)
 end
 local names = put_values(KEY, DL, SID, ARGV, 6, #ARGV, sets, had)
+if ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) and not is_kept(meta[2], meta[9]) then
+  lease_write('HDEL', KEY, '_l', '_lu', '_lk')
+end
 notice('changed', SID, nil, names)
 local reply = {'ok', version}
 if given_back then reply[3] = 'given back' end
