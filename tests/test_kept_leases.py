@@ -59,8 +59,9 @@ def scripts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def lease_of(store: RedisStore, sid: str) -> list[bytes | None]:
     """The session's lease fields as stored (app ``kept``): token, end, kept token; a
-    lease given back reads ``[None, None, None]`` (a commit empties the fields, so that
-    replicas learn of it in the commit's write; a release deletes them)."""
+    lease given back reads ``[None, None, None]`` (a commit giving back a kept lease
+    empties the fields, so that replicas learn of it in the commit's write; other ways
+    of giving a lease back delete them)."""
     key = store.namespace("kept").layout.of(sid).P + "s:" + sid
     fields = list(store.client.hmget(key, "_l", "_lu", "_lk"))
     return [None, None, None] if fields == [b"", b"0", b""] else fields
