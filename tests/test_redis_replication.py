@@ -55,6 +55,15 @@ def session_key(master: redis.Redis, prefix: str, sid: str) -> bytes:
     return bytes(key)
 
 
+def follow(replica: redis.Redis, master_port: int) -> None:
+    """Make ``replica`` a replica of the server on ``master_port``; return once in sync."""
+    replica.replicaof("127.0.0.1", master_port)
+    deadline = time.monotonic() + 10
+    while replica.info("replication").get("master_link_status") != "up":
+        assert time.monotonic() < deadline, "the replica did not sync"
+        time.sleep(0.05)
+
+
 def store_on(master: redis.Redis, prefix: str) -> RedisStore:
     kwargs = master.connection_pool.connection_kwargs
     return RedisStore(f"redis://{kwargs['host']}:{kwargs['port']}", prefix=prefix)
@@ -165,11 +174,7 @@ def test_a_kept_lease_still_holds_after_a_failover(tmp_path: Any) -> None:
     proxy = None
     try:
         to_replica = redis.Redis(port=replica.port)
-        to_replica.replicaof("127.0.0.1", master.port)
-        deadline = time.monotonic() + 10
-        while to_replica.info("replication")["master_link_status"] != "up":
-            assert time.monotonic() < deadline, "the replica did not sync"
-            time.sleep(0.05)
+        follow(to_replica, master.port)
         proxy = ReplyDropper(("127.0.0.1", master.port))
         keeper_store, other_store = (
             RedisStore(proxy.url, prefix="k"),
@@ -222,11 +227,7 @@ def test_a_switch_over_behind_one_address_is_followed(path: str) -> None:
     proxy = None
     try:
         to_old, to_new = redis.Redis(port=old.port), redis.Redis(port=new.port)
-        to_new.replicaof("127.0.0.1", old.port)
-        deadline = time.monotonic() + 10
-        while to_new.info("replication")["master_link_status"] != "up":
-            assert time.monotonic() < deadline, "the replica did not sync"
-            time.sleep(0.05)
+        follow(to_new, old.port)
         proxy = ReplyDropper(("127.0.0.1", old.port))
         clock = FakeClock()
         store = RedisStore(
@@ -256,11 +257,8 @@ def test_a_switch_over_behind_one_address_is_followed(path: str) -> None:
         assert to_old.wait(1, 5000) == 1
         # The switch-over: roles swapped, the address now leads to the new master.
         to_new.replicaof("NO", "ONE")
-        to_old.replicaof("127.0.0.1", new.port)
         proxy.target = ("127.0.0.1", new.port)
-        while to_old.info("replication").get("master_link_status") != "up":
-            assert time.monotonic() < deadline + 10, "the old master did not follow"
-            time.sleep(0.05)
+        follow(to_old, new.port)
         refusals: list[StoreUnavailable] = []
         done = 1
         for step in range(6):

@@ -14,10 +14,10 @@ __all__ = [
     "SESSION",
 ]
 
-# An event's lease lives on the master only (see "Leases" in ``_redis_scripts``): taking
-# it, renewing it and giving back one the replicas never saw go through ``lease_write``,
-# which keeps the write out of replication and the AOF. A kept lease, and the end of
-# every lease a commit gives back, travel in the commit's own HSET.
+# An event's lease lives on the master only (see "What replicas get" in
+# ``_redis_scripts``): taking it, renewing it and giving it back go through
+# ``lease_write``, which keeps the write out of replication and the AOF. A kept lease,
+# and its end, travel in replicated writes.
 LEASE_WRITE = r"""
 local function lease_write(...)
   redis.set_repl(redis.REPL_NONE)
@@ -34,25 +34,20 @@ local INDEXES = {DL}
 local REQUEST_MS, CLAIM_MS, TOMBSTONE, ORIGIN, PUBLISH, CHANNEL =
   string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%S+) (%S+) (.+)$')
 
--- Notices go through replication too (on one server; a cluster's SPUBLISH reaches the
--- shard's replicas by the cluster bus): a listener still subscribed to a master demoted
--- behind the address it knows (a virtual IP, a proxy) hears them all the same.
-local function publish(channel, message)
-  redis.call(PUBLISH, channel, message)
-end
-
+-- (Replicated, as any command of a script: a listener still subscribed to a master
+-- demoted behind the address it knows hears it all the same.)
 local function notice(kind, sid, reason, names)
   local msg = {k = kind, s = sid, o = ORIGIN}
   if reason then msg.r = reason end
   if names then msg.n = names end
-  publish(CHANNEL, cjson.encode(msg))
+  redis.call(PUBLISH, CHANNEL, cjson.encode(msg))
 end
 
 -- Ask the engine keeping a session's lease between events (see COMMIT) to give it up,
 -- on the bucket's channel 'wanted' (its notice channel's name, 'notices' replaced).
 local function ask_keeper(sid)
-  local message = cjson.encode({k = 'wanted', s = sid, o = ORIGIN})
-  publish(string.sub(CHANNEL, 1, -8) .. 'wanted', message)
+  redis.call(PUBLISH, string.sub(CHANNEL, 1, -8) .. 'wanted',
+    cjson.encode({k = 'wanted', s = sid, o = ORIGIN}))
 end
 
 -- Whether a session's lease fields hold a kept lease: a token in both (a lease given

@@ -356,15 +356,13 @@ if meta.err then return {'wrongtype'} end
 if not meta[1] then return missing(GONE) end
 -- Sent again, and applied already (its request key was lost with a master that
 -- failed over, or with a restart): its first outcome.
-if RID then
-  local mine = RID .. ':'
-  for i = 5, 8 do
-    local entry = meta[i]
-    if entry and string.sub(entry, 1, #mine) == mine then
-      local made, flag = string.match(entry, '^%x+:(%d+)(:?g?)$')
-      if made and flag == ':g' then return {'ok', made, 'given back'} end
-      if made then return {'ok', made} end
-    end
+local mine = RID .. ':'
+for i = 5, 8 do
+  local entry = meta[i]
+  if entry and string.sub(entry, 1, #mine) == mine then
+    local made, flag = string.match(entry, '^%x+:(%d+)(:?g?)$')
+    if made and flag == ':g' then return {'ok', made, 'given back'} end
+    if made then return {'ok', made} end
   end
 end
 if not is_version(meta[1]) then return {'corrupt', '_v'} end
@@ -405,26 +403,25 @@ if indexes then
   local bad_index = damaged_index()
   if bad_index then return bad_index end
 end
--- The values, their deadlines, the next version, this commit's outcome and the lease's
--- new state in one HSET (put_values): the one write its replicas get.
+-- The values, their deadlines, the next version, this commit's outcome and a kept
+-- lease's new state in one HSET (put_values): the one write its replicas get.
 local version = string.format('%d', tonumber(meta[1]) + 1)
 -- A session closed meanwhile is not kept: its lease is given back (and the reply
 -- says so), so that the next event loads it and sees it closed.
 local given_back = keep_until and meta[4] == '1'
-local sets = {'_v', version}
-if RID then
-  sets[3] = '_q' .. (tonumber(version) % 4)
-  sets[4] = RID .. ':' .. version .. (given_back and ':g' or '')
-end
+local sets = {
+  '_v', version, '_q' .. (tonumber(version) % 4), mine .. version .. (given_back and ':g' or '')
+}
+-- The lease given back: an event's on the master only (below), a kept one (which the
+-- replicas know) in this write.
+local releasing = ARGV[4] ~= '' and (ARGV[5] == '1' or given_back)
+local was_kept = is_kept(meta[2], meta[9])
 if keep_until and not given_back then
   -- Kept: the replicas know it, so that a promoted one keeps it too.
   for _, v in ipairs({'_l', ARGV[4], '_lu', keep_until, '_lk', ARGV[4]}) do
     sets[#sets + 1] = v
   end
-elseif ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) and is_kept(meta[2], meta[9]) then
-  -- A kept lease given back: emptied rather than deleted, so that its end reaches the
-  -- replicas (which know it) in this same write. (An event's lease, which they never
-  -- saw, is given back on the master only, below.)
+elseif releasing and was_kept then  -- emptied rather than deleted: in this write
   for _, v in ipairs({'_l', '', '_lu', '0', '_lk', ''}) do sets[#sets + 1] = v end
 end
 if slide then
@@ -435,7 +432,7 @@ if slide then
   redis.call('ZADD', KEYS[3], keep_now, SID)
 end
 local names = put_values(KEY, DL, SID, ARGV, 6, #ARGV, sets, had)
-if ARGV[4] ~= '' and (ARGV[5] == '1' or given_back) and not is_kept(meta[2], meta[9]) then
+if releasing and not was_kept then
   lease_write('HDEL', KEY, '_l', '_lu', '_lk')
 end
 notice('changed', SID, nil, names)
